@@ -1,0 +1,45 @@
+"""The registry of architecture adapters, keyed by `config.model_type`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ArchAdapter, EmptyAttention, get_submodule, set_submodule
+from .bert import BERT
+from .distilbert import DISTILBERT
+from .vit import DEIT, VIT
+
+ADAPTERS: dict[str, ArchAdapter] = {t: a for a in (BERT, DISTILBERT, VIT, DEIT) for t in a.model_types}
+
+
+def get_adapter(model_or_config) -> ArchAdapter:
+    """The adapter for a model (or its config); a clear error names the supported types."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"Unsupported model_type {model_type!r}: optin-hf supports {sorted(ADAPTERS)}. "
+            "To add one, register an ArchAdapter for it in optin_hf/arch/."
+        )
+    return ADAPTERS[model_type]
+
+
+def check_model(model: nn.Module) -> ArchAdapter:
+    """Adapter for a model instance, checking it has the expected modules."""
+    adapter = get_adapter(model)
+    layer = adapter.layers_of(model)[0]
+    paths = [adapter.attn_core, adapter.ffn_up, adapter.ffn_down, adapter.feature]
+    if not isinstance(get_submodule(layer, adapter.attn_core), EmptyAttention):
+        paths += [adapter.query, adapter.attn_out]
+    for path in paths:
+        try:
+            get_submodule(layer, path)
+        except AttributeError as err:
+            raise ValueError(
+                f"{type(model).__name__} has no module {path!r} where the {adapter.model_types[0]} adapter "
+                "expects it; this transformers version may lay the model out differently."
+            ) from err
+    return adapter
+
+
+__all__ = ["ADAPTERS", "ArchAdapter", "EmptyAttention", "check_model", "get_adapter", "get_submodule", "set_submodule"]

@@ -1,0 +1,106 @@
+"""`ArchAdapter`: where one model family keeps its heads, FFN neurons and recorded features.
+
+Everything architecture-specific is data here (dotted module paths); the rest of optin-hf
+reads models only through an adapter, so adding a family means adding one adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_submodule(root, parent), name, module)
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    """Module paths of one architecture family.
+
+    `layers` is relative to `model.base_model`; the other paths are relative to one layer.
+    `attn_core` is the module that computes the heads; a layer that keeps no head gets it
+    replaced by `EmptyAttention`. When `attn_out` lies inside `attn_core`, the replacement
+    keeps that projection so the layer still adds its bias.
+    """
+
+    model_types: tuple[str, ...]
+    layers: str
+    attn_core: str
+    query: str
+    key: str
+    value: str
+    attn_out: str
+    ffn_up: str
+    ffn_down: str
+    feature: str
+    head_count_attrs: tuple[str, ...]
+    all_head_size_attr: str | None = None
+    patch_embedding: str | None = None
+    num_prefix_tokens: int = 1
+
+    @property
+    def is_vision(self) -> bool:
+        return self.patch_embedding is not None
+
+    @property
+    def out_inside_core(self) -> bool:
+        return self.attn_out.startswith(self.attn_core + ".")
+
+    def layers_of(self, model: nn.Module) -> nn.ModuleList:
+        return get_submodule(model.base_model, self.layers)
+
+    def num_heads(self, config) -> int:
+        return int(config.num_attention_heads)
+
+    def head_dim(self, config) -> int:
+        return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+    def intermediate_size(self, config) -> int:
+        return int(getattr(config, "intermediate_size", None) or config.hidden_dim)
+
+    def kept_heads(self, layer: nn.Module, config) -> int:
+        """Heads a (possibly slimmed) layer runs, read off its query projection."""
+        if isinstance(get_submodule(layer, self.attn_core), EmptyAttention):
+            return 0
+        return get_submodule(layer, self.query).out_features // self.head_dim(config)
+
+    def kept_neurons(self, layer: nn.Module) -> int:
+        return get_submodule(layer, self.ffn_up).out_features
+
+    def default_seq_len(self, config) -> int | None:
+        """Tokens per image for vision models (patches + prefix tokens); None for text."""
+        if not self.is_vision:
+            return None
+        return (config.image_size // config.patch_size) ** 2 + self.num_prefix_tokens
+
+    def patch_embedding_macs(self, model: nn.Module) -> int:
+        if self.patch_embedding is None:
+            return 0
+        conv = get_submodule(model.base_model, self.patch_embedding)
+        kernel = conv.weight[0].numel()  # in_channels * P * P
+        num_patches = (model.config.image_size // model.config.patch_size) ** 2
+        return num_patches * kernel * conv.out_channels
+
+
+class EmptyAttention(nn.Module):
+    """Stands in for the attention of a layer that keeps no head.
+
+    It returns what the layer's attention would with zero heads: nothing from the heads, so
+    only the output projection's bias (when that projection lives inside the attention).
+    """
+
+    def __init__(self, out_proj: nn.Linear | None):
+        super().__init__()
+        self.out_proj = out_proj
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
+        return (self.out_proj(empty) if self.out_proj is not None else empty), None

@@ -1,0 +1,68 @@
+"""The dense run: what every masked run is compared against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import ArchAdapter
+from .hooks import record_features
+
+
+@dataclass
+class DenseCapture:
+    """Reference outputs of the dense model on the calibration batches.
+
+    rows[b]: flat indices into batch b's [batch*tokens] of the MD token subset (real tokens
+    only, seeded, K in all). grams[z]: [K, K] cosine Gram of layer z's feature on that
+    subset. logits: [num_samples, num_labels], or None for a bare encoder.
+    """
+
+    rows: list[torch.Tensor]
+    grams: list[torch.Tensor]
+    logits: torch.Tensor | None
+
+
+def logits_of(output) -> torch.Tensor | None:
+    return getattr(output, "logits", None)
+
+
+def select_rows(feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows of a [batch, tokens, dim] feature picked by flat index."""
+    flat = feature.reshape(-1, feature.shape[-1]).index_select(0, rows).float()
+    return nn.functional.normalize(flat, dim=-1)
+
+
+def md_token_rows(batches: list[dict[str, torch.Tensor]], num_tokens: int, seed: int, tokens_per_example: int | None) -> list[torch.Tensor]:
+    """Seeded subset of `num_tokens` real (unpadded) token rows across all batches."""
+    valid = []
+    for batch in batches:
+        if "attention_mask" in batch:
+            valid.append(batch["attention_mask"].reshape(-1).bool())
+        else:
+            valid.append(torch.ones(batch["pixel_values"].shape[0] * tokens_per_example, dtype=torch.bool))
+    offsets = torch.tensor([0] + [len(v) for v in valid]).cumsum(0)
+    real = torch.cat(valid).nonzero().flatten()
+    generator = torch.Generator().manual_seed(seed)
+    chosen = real[torch.randperm(len(real), generator=generator)[:num_tokens]].sort().values
+    return [chosen[(chosen >= offsets[b]) & (chosen < offsets[b + 1])] - offsets[b] for b in range(len(batches))]
+
+
+@torch.no_grad()
+def capture_dense(
+    model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], md_tokens: int, seed: int
+) -> DenseCapture:
+    device = next(model.parameters()).device
+    rows = md_token_rows(batches, md_tokens, seed, adapter.default_seq_len(model.config))
+    per_layer: list[list[torch.Tensor]] = [[] for _ in adapter.layers_of(model)]
+    logits = []
+    with record_features(model, adapter) as features:
+        for batch, batch_rows in zip(batches, rows):
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            logits.append(logits_of(out))
+            for z, feature in enumerate(features):
+                per_layer[z].append(select_rows(feature, batch_rows.to(device)))
+    grams = [torch.cat(parts) @ torch.cat(parts).T for parts in per_layer]
+    return DenseCapture(rows, grams, torch.cat(logits).float() if logits[0] is not None else None)

@@ -1,0 +1,92 @@
+"""`OptinConfig`: every setting of one pruning run, serialisable as `optin_config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "optin_config.json"
+ENGINES = ("reference",)
+
+
+@dataclass
+class OptinConfig:
+    """Settings of an OPTIN pruning run.
+
+    `mac_constraint` is the fraction of the base MACs to keep (0.6 = a 40% FLOPs cut), as in
+    the paper. `faithful=True` reproduces the reference's undocumented extra weights (position
+    prior, last-layer and head decays); `faithful=False` scores with MD + balanced KL only.
+    `seq_len=None` counts MACs at the calibration data's average unpadded length.
+    """
+
+    mac_constraint: float = 0.6
+    prune_heads: bool = True
+    prune_neurons: bool = True
+    num_samples: int = 128
+    batch_size: int = 32
+    max_length: int = 128
+    temperature: float = 4.0
+    lambda_contribution: float = 10.0
+    md_tokens: int = 768
+    faithful: bool = True
+    importance: str = "optin"
+    seed: int = 0
+    seq_len: float | None = None
+    engine: str = "reference"
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .importance import CRITERIA
+
+        if not 0.0 < float(self.mac_constraint) <= 1.0:
+            raise ValueError(
+                f"mac_constraint={self.mac_constraint} is outside (0, 1]: it is the fraction of the base "
+                "MACs to keep, e.g. 0.6 for a 40% FLOPs reduction."
+            )
+        if not (self.prune_heads or self.prune_neurons):
+            raise ValueError("prune_heads and prune_neurons are both False: nothing would be pruned; enable one.")
+        for name in ("num_samples", "batch_size", "max_length", "md_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.temperature <= 0 or self.lambda_contribution <= 0:
+            raise ValueError("temperature and lambda_contribution must be positive.")
+        if self.importance not in CRITERIA:
+            raise ValueError(f"importance={self.importance!r} is unknown; choose one of {sorted(CRITERIA)}.")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r} is unknown; choose one of {list(ENGINES)}.")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise ValueError(f"seq_len={self.seq_len} must be positive (or None to measure it on the data).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "OptinConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown OptinConfig keys {unknown}; valid keys are {sorted(known)}.")
+        return cls(**values)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        path = Path(save_directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "OptinConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: is it a folder written by OptinPruner.save?")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        return cls.from_dict(values)

@@ -1,0 +1,104 @@
+"""Calibration data in any accepted form -> a list of padded batches of model inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+TEXT_COLUMNS = ("text", "sentence", "content", "sentence1", "question")
+
+
+def _examples_from_mapping(batch: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
+    """Split a dict of tensors (one example, or a batch along dim 0) into single examples."""
+    tensors = {k: torch.as_tensor(v) for k, v in batch.items() if k in MODEL_INPUTS}
+    if not tensors:
+        raise ValueError(f"A calibration item has none of the model inputs {list(MODEL_INPUTS)}; got {sorted(batch)}.")
+    batched = tensors["pixel_values"].dim() == 4 if "pixel_values" in tensors else next(iter(tensors.values())).dim() == 2
+    if not batched:
+        return [tensors]
+    n = next(iter(tensors.values())).shape[0]
+    return [{k: v[i] for k, v in tensors.items()} for i in range(n)]
+
+
+def _tokenize(texts: list, tokenizer, max_length: int) -> list[dict[str, torch.Tensor]]:
+    if tokenizer is None:
+        raise ValueError("Calibration data is text: pass a tokenizer (OptinPruner.compute_scores(model, data, tokenizer=...)).")
+    pairs = isinstance(texts[0], (tuple, list))
+    encoded = tokenizer(
+        [t[0] for t in texts] if pairs else list(texts),
+        [t[1] for t in texts] if pairs else None,
+        truncation=True,
+        max_length=max_length,
+    )
+    keys = [k for k in encoded if k in MODEL_INPUTS]
+    return [{k: torch.tensor(encoded[k][i]) for k in keys} for i in range(len(texts))]
+
+
+def _examples(data: Any, tokenizer, max_length: int) -> list[dict[str, torch.Tensor]]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        datasets = None
+    if datasets is not None and isinstance(data, datasets.Dataset):
+        columns = data.column_names
+        if not any(c in columns for c in MODEL_INPUTS):
+            text_cols = [c for c in TEXT_COLUMNS if c in columns]
+            if not text_cols:
+                raise ValueError(f"Dataset has neither model inputs {list(MODEL_INPUTS)} nor a text column {list(TEXT_COLUMNS)}: {columns}.")
+            pair = [c for c in ("sentence2", "question2", "hypothesis") if c in columns]
+            texts = list(zip(data[text_cols[0]], data[pair[0]])) if pair else list(data[text_cols[0]])
+            return _tokenize(texts, tokenizer, max_length)
+        return [_examples_from_mapping(row)[0] for row in data.with_format("torch")]
+    if isinstance(data, Mapping):
+        return _examples_from_mapping(data)
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"Calibration data of type {type(data).__name__} is not supported: pass a list of dicts of tensors, "
+            "a DataLoader, a datasets.Dataset, or a list of strings with a tokenizer."
+        )
+    items = list(data)
+    if items and isinstance(items[0], (str, tuple)):
+        return _tokenize(items, tokenizer, max_length)
+    return [ex for item in items for ex in _examples_from_mapping(item)]
+
+
+def _pad(values: list[torch.Tensor], key: str) -> torch.Tensor:
+    if key == "pixel_values":
+        return torch.stack(values)
+    length = max(v.shape[-1] for v in values)
+    out = torch.zeros(len(values), length, dtype=values[0].dtype)
+    for i, v in enumerate(values):
+        out[i, : v.shape[-1]] = v
+    return out
+
+
+def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Pad text examples to the longest in the batch (attention_mask marks the real tokens)."""
+    keys = examples[0].keys()
+    batch = {k: _pad([ex[k] for ex in examples], k) for k in keys}
+    if "input_ids" in batch and "attention_mask" not in batch:
+        batch["attention_mask"] = _pad([torch.ones_like(ex["input_ids"]) for ex in examples], "attention_mask")
+    return batch
+
+
+def prepare_calibration(
+    data: Any, tokenizer=None, *, num_samples: int, batch_size: int, max_length: int
+) -> list[dict[str, torch.Tensor]]:
+    """The first `num_samples` examples of `data`, as padded batches of at most `batch_size`."""
+    examples = _examples(data, tokenizer, max_length)[:num_samples] if data is not None else []
+    if not examples:
+        raise ValueError("The calibration data is empty: pass at least one example.")
+    if "input_ids" in examples[0]:
+        examples = [{k: v[..., :max_length] for k, v in ex.items()} for ex in examples]
+    return [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+
+def average_length(batches: list[dict[str, torch.Tensor]]) -> float | None:
+    """Mean unpadded token count of text batches; None for images (their length is fixed)."""
+    if "attention_mask" not in batches[0]:
+        return None
+    lengths = torch.cat([b["attention_mask"].sum(-1) for b in batches]).float()
+    return float(lengths.mean())

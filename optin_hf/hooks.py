@@ -1,0 +1,79 @@
+"""Forward hooks: mask heads and neurons without touching weights, and record MD features.
+
+transformers 5 has no `head_mask`, so a head is removed by zeroing its slice of the input of
+the attention output projection, and a neuron by zeroing its input to the FFN down
+projection. Both work the same with eager and sdpa attention.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .arch import ArchAdapter, get_submodule
+
+
+def _scale_input(mask: torch.Tensor, repeat: int):
+    """Pre-hook multiplying the last input dim by `mask` ([units] or [batch, units]) repeated per unit."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        m = mask.to(dtype=x.dtype, device=x.device).repeat_interleave(repeat, dim=-1)
+        if m.dim() == 2:  # one mask per batch row: broadcast over the token dims
+            m = m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
+        return (x * m, *args[1:])
+
+    return hook
+
+
+@contextmanager
+def apply_masks(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    head_mask: torch.Tensor | None = None,
+    neuron_mask: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Mask a dense model while the context is open.
+
+    head_mask: [num_layers, num_heads] (or [num_layers, batch, num_heads] to mask each batch
+    row differently); neuron_mask likewise with intermediate_size. Values are multipliers.
+    """
+    layers = adapter.layers_of(model)
+    head_dim = adapter.head_dim(model.config)
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            if head_mask is not None:
+                out = get_submodule(layer, adapter.attn_out)
+                handles.append(out.register_forward_pre_hook(_scale_input(head_mask[i], head_dim)))
+            if neuron_mask is not None:
+                down = get_submodule(layer, adapter.ffn_down)
+                handles.append(down.register_forward_pre_hook(_scale_input(neuron_mask[i], 1)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def record_features(model: nn.Module, adapter: ArchAdapter) -> Iterator[list]:
+    """Collect each layer's MD feature ([batch, tokens, hidden]) during forwards in the context."""
+    features: list = [None] * len(adapter.layers_of(model))
+    handles = []
+
+    def keep(i: int):
+        def hook(module, args, output):
+            features[i] = output
+
+        return hook
+
+    try:
+        for i, layer in enumerate(adapter.layers_of(model)):
+            handles.append(get_submodule(layer, adapter.feature).register_forward_hook(keep(i)))
+        yield features
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,33 @@
+"""OPTIN's trajectory score: how much removing one structure disturbs the later layers
+(manifold distillation) and the logits (KL)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch import ArchAdapter
+from ..capture import capture_dense
+from ..engine import reference_losses
+from ..losses import balance, faithful_weights
+from .scores import ImportanceScores
+
+
+class OptinImportance:
+    name = "optin"
+
+    def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config) -> ImportanceScores:
+        capture = capture_dense(model, adapter, batches, config.md_tokens, config.seed)
+        num_layers = len(adapter.layers_of(model))
+        units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
+        enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
+        scores = {}
+        for kind, count in units.items():
+            if not enabled[kind]:
+                scores[kind] = torch.zeros(num_layers, count)
+                continue
+            raw = reference_losses(model, adapter, batches, capture, kind, count, config.temperature)
+            scores[kind] = balance(raw.md, raw.kl, config.lambda_contribution)
+            if config.faithful:
+                scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
+        return ImportanceScores(scores["head"], scores["neuron"], self.name)

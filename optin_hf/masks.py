@@ -1,0 +1,91 @@
+"""`PruningMasks`: which heads and neurons a pruned model keeps, stored as safetensors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .arch import get_adapter
+
+MASKS_NAME = "optin_masks.safetensors"
+
+
+def load_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file with an error that says which artefact was broken."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid safetensors {what} file ({err}). Re-create or re-download it.") from err
+
+
+@dataclass
+class PruningMasks:
+    """Kept structures of a dense model.
+
+    head_mask: bool [num_layers, num_heads]; neuron_mask: bool [num_layers, intermediate_size].
+    """
+
+    head_mask: torch.Tensor
+    neuron_mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.head_mask = torch.as_tensor(self.head_mask).to(torch.bool).cpu()
+        self.neuron_mask = torch.as_tensor(self.neuron_mask).to(torch.bool).cpu()
+        if self.head_mask.dim() != 2 or self.neuron_mask.dim() != 2:
+            raise ValueError("head_mask and neuron_mask must be 2-D: [num_layers, num_heads] and [num_layers, intermediate_size].")
+        if self.head_mask.shape[0] != self.neuron_mask.shape[0]:
+            raise ValueError(
+                f"head_mask has {self.head_mask.shape[0]} layers but neuron_mask has {self.neuron_mask.shape[0]}."
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return self.head_mask.shape[0]
+
+    def heads_per_layer(self) -> list[int]:
+        return self.head_mask.sum(1).tolist()
+
+    def neurons_per_layer(self) -> list[int]:
+        return self.neuron_mask.sum(1).tolist()
+
+    @classmethod
+    def full(cls, config) -> "PruningMasks":
+        """Masks that keep everything of a dense model with this config."""
+        adapter = get_adapter(config)
+        layers = config.num_hidden_layers
+        return cls(
+            torch.ones(layers, adapter.num_heads(config), dtype=torch.bool),
+            torch.ones(layers, adapter.intermediate_size(config), dtype=torch.bool),
+        )
+
+    def check_fits(self, config) -> None:
+        """Raise if these masks were not made for a dense model with this config."""
+        expected = PruningMasks.full(config)
+        if self.head_mask.shape != expected.head_mask.shape or self.neuron_mask.shape != expected.neuron_mask.shape:
+            raise ValueError(
+                f"Masks do not fit this model: head_mask {tuple(self.head_mask.shape)} and neuron_mask "
+                f"{tuple(self.neuron_mask.shape)}, but the model needs {tuple(expected.head_mask.shape)} and "
+                f"{tuple(expected.neuron_mask.shape)}. Were they computed for another base model?"
+            )
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_file(
+            {"head_mask": self.head_mask.to(torch.uint8), "neuron_mask": self.neuron_mask.to(torch.uint8)},
+            str(path),
+            metadata={"format": "optin-masks-v1"},
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PruningMasks":
+        tensors = load_safetensors(path, "pruning masks")
+        missing = {"head_mask", "neuron_mask"} - set(tensors)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}: it is not an optin-hf masks file.")
+        return cls(tensors["head_mask"], tensors["neuron_mask"])

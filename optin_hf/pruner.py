@@ -1,0 +1,122 @@
+"""`OptinPruner`: calibrate, score, allocate, slim and save; the orchestration and only that."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocate import allocate
+from .arch import check_model
+from .checkpoint import atomic_directory
+from .config import OptinConfig
+from .data import average_length, prepare_calibration
+from .importance import CRITERIA, SCORES_NAME, ImportanceScores
+from .macs import count_macs, head_macs, neuron_macs
+from .masks import MASKS_NAME, PruningMasks
+from .slim import slim_model
+
+
+class OptinPruner:
+    """One-shot OPTIN pruning of a trained transformer under a MAC budget.
+
+    Example:
+        pruner = OptinPruner(OptinConfig(mac_constraint=0.6))
+        model = pruner.prune_model(model, texts, tokenizer=tokenizer)
+        pruner.save(model, "pruned")
+    """
+
+    def __init__(self, config: OptinConfig | None = None, **kwargs: Any):
+        if config is not None and kwargs:
+            raise ValueError("Pass either an OptinConfig or keyword settings, not both.")
+        self.config = config or OptinConfig(**kwargs)
+        self.scores: ImportanceScores | None = None
+        self.masks: PruningMasks | None = None
+        self.seq_len: float | None = self.config.seq_len
+        self.timings: dict[str, float] = {}
+
+    def _batches(self, model: nn.Module, data: Any, tokenizer) -> list[dict[str, torch.Tensor]]:
+        c = self.config
+        batches = prepare_calibration(data, tokenizer, num_samples=c.num_samples, batch_size=c.batch_size, max_length=c.max_length)
+        if self.config.seq_len is None:
+            self.seq_len = average_length(batches) or check_model(model).default_seq_len(model.config)
+        return batches
+
+    @staticmethod
+    def _check_dense(model: nn.Module) -> None:
+        if getattr(model.config, "optin", None):
+            raise ValueError("This model is already pruned (config.optin is set); prune the dense base model instead.")
+
+    def compute_scores(self, model: nn.Module, data: Any, tokenizer=None) -> ImportanceScores:
+        """Score every head and neuron of the dense `model` on calibration `data`."""
+        adapter = check_model(model)
+        self._check_dense(model)
+        batches = self._batches(model, data, tokenizer)
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                self.scores = CRITERIA[self.config.importance]()(model, adapter, batches, self.config)
+        finally:
+            model.train(was_training)
+        self.timings["scoring_s"] = time.perf_counter() - start
+        return self.scores
+
+    def compute_masks(
+        self, model: nn.Module, data: Any = None, scores: ImportanceScores | None = None, tokenizer=None
+    ) -> PruningMasks:
+        """Allocate the MAC budget; with `scores` given (or kept from before) nothing is re-scored."""
+        adapter = check_model(model)
+        self._check_dense(model)
+        if scores is None and self.scores is None:
+            scores = self.compute_scores(model, data, tokenizer)
+        elif scores is None:
+            scores = self.scores
+        elif data is not None and self.config.seq_len is None:
+            self._batches(model, data, tokenizer)
+        scores.check_fits(model.config)
+        self.scores = scores
+        if self.seq_len is None:
+            self.seq_len = adapter.default_seq_len(model.config)
+        if self.seq_len is None:
+            raise ValueError("The MAC sequence length is unknown: pass calibration data or set OptinConfig(seq_len=...).")
+        config = model.config
+        num_layers = scores.head_scores.shape[0]
+        hidden, head_dim = config.hidden_size, adapter.head_dim(config)
+        base = count_macs(model, self.seq_len)
+        self.masks = allocate(
+            scores.head_scores,
+            scores.neuron_scores,
+            torch.full((num_layers,), head_macs(self.seq_len, hidden, head_dim)),
+            torch.full((num_layers,), neuron_macs(self.seq_len, hidden)),
+            budget=self.config.mac_constraint * base,
+            fixed_macs=adapter.patch_embedding_macs(model),
+            prune_heads=self.config.prune_heads,
+            prune_neurons=self.config.prune_neurons,
+        )
+        return self.masks
+
+    def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:
+        """Slim `model` in place (scoring and allocating first unless `masks` are given)."""
+        check_model(model)
+        self._check_dense(model)
+        if masks is None:
+            masks = self.compute_masks(model, data, tokenizer=tokenizer)
+        masks.check_fits(model.config)
+        self.masks = masks
+        return slim_model(model, masks)
+
+    def save(self, model: nn.Module, save_dir: str | os.PathLike) -> None:
+        """Write the slim model, `optin_config.json` and the masks (and scores) atomically."""
+        if self.masks is None or not getattr(model.config, "optin", None):
+            raise ValueError("Nothing to save yet: call prune_model(model, ...) first.")
+        with atomic_directory(save_dir) as tmp:
+            model.save_pretrained(tmp)
+            self.config.save_pretrained(tmp)
+            self.masks.save(tmp / MASKS_NAME)
+            if self.scores is not None:
+                self.scores.save(tmp / SCORES_NAME)
