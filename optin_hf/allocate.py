@@ -28,6 +28,7 @@ def allocate(
     fixed_macs: float = 0.0,
     prune_heads: bool = True,
     prune_neurons: bool = True,
+    min_fill: float = 0.99,
 ) -> PruningMasks:
     """Keep the k best heads and fill the rest of the budget with the best neurons, for the k
     that maximises the summed importance kept (the OPTIN search; ranks are global, so layers
@@ -56,6 +57,11 @@ def allocate(
     k_range = fits.nonzero().flatten()
     n_fill = torch.searchsorted(n_cost, (room - h_cost[k_range]).clamp_min(0) + 1e-9, right=True) - 1
     total = h_score[k_range] + n_score[n_fill]
+    # Splits that leave more than (1 - min_fill) of the budget unused are dropped when any
+    # split fills it: a coarse head can otherwise leave a visible gap below the target.
+    filled = fixed + h_cost[k_range] + n_cost[n_fill] >= min_fill * budget
+    if filled.any():
+        total = torch.where(filled, total, torch.tensor(float("-inf"), dtype=total.dtype))
     best = int(total.argmax())
     k = int(k_range[best]) if prune_heads else head_scores.numel()
     n = int(n_fill[best]) if prune_neurons else neuron_scores.numel()

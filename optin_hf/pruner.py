@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from torch import nn
 
 from .allocate import allocate
@@ -28,6 +29,8 @@ class OptinPruner:
         model = pruner.prune_model(model, texts, tokenizer=tokenizer)
         pruner.save(model, "pruned")
     """
+
+    max_shard_size = "5GB"
 
     def __init__(self, config: OptinConfig | None = None, **kwargs: Any):
         if config is not None and kwargs:
@@ -115,7 +118,10 @@ class OptinPruner:
         if self.masks is None or not getattr(model.config, "optin", None):
             raise ValueError("Nothing to save yet: call prune_model(model, ...) first.")
         with atomic_directory(save_dir) as tmp:
-            model.save_pretrained(tmp)
+            # Our own key names: save_pretrained would rename keys to legacy checkpoint layouts.
+            model.config.architectures = [type(model).__name__]  # the task head to rebuild
+            model.config.save_pretrained(tmp)
+            save_torch_state_dict(model.state_dict(), tmp, max_shard_size=self.max_shard_size)
             self.config.save_pretrained(tmp)
             self.masks.save(tmp / MASKS_NAME)
             if self.scores is not None:

@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from optin_hf import OptinConfig
+
+
+def test_defaults_follow_the_paper():
+    c = OptinConfig()
+    assert (c.mac_constraint, c.temperature, c.lambda_contribution, c.md_tokens, c.num_samples) == (0.6, 4.0, 10.0, 768, 128)
+    assert c.importance == "optin" and c.faithful
+
+
+def test_round_trip_dict_and_json(tmp_path):
+    c = OptinConfig(mac_constraint=0.5, importance="magnitude", seq_len=30.5, faithful=False)
+    assert OptinConfig.from_dict(c.to_dict()) == c
+    path = c.save_pretrained(tmp_path)
+    assert path.name == "optin_config.json" and json.loads(path.read_text())["mac_constraint"] == 0.5
+    assert OptinConfig.from_pretrained(tmp_path) == c
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"importance": "nope"}, "importance='nope' is unknown"),
+        ({"prune_heads": False, "prune_neurons": False}, "nothing would be pruned"),
+        ({"batch_size": 0}, "batch_size=0 must be a positive"),
+        ({"engine": "warp"}, "engine='warp' is unknown"),
+    ],
+)
+def test_invalid_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OptinConfig(**kwargs)
+
+
+def test_unknown_keys_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="Unknown OptinConfig keys"):
+        OptinConfig.from_dict({"mac": 0.5})
+    with pytest.raises(FileNotFoundError, match="optin_config.json"):
+        OptinConfig.from_pretrained(tmp_path)

@@ -1,0 +1,153 @@
+import os
+
+import pytest
+import torch
+from tiny import ARCHS, batch, calibration, output, tiny_model
+
+from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, PruningMasks, count_macs
+from optin_hf.arch import get_adapter
+from optin_hf.hooks import apply_masks
+from optin_hf.losses import kl_loss
+
+
+@pytest.mark.parametrize("constraint", [0.8, 0.5])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_slim_macs_meet_budget_within_two_percent(arch, constraint):
+    model = tiny_model(arch)
+    pruner = OptinPruner(OptinConfig(mac_constraint=constraint, importance="magnitude"))
+    data = calibration(arch)
+    base = count_macs(model, pruner.compute_masks(model, data) and pruner.seq_len)
+    inputs = batch(arch)
+    with apply_masks(model, get_adapter(model), pruner.masks.head_mask.float(), pruner.masks.neuron_mask.float()):
+        masked = output(model, inputs)
+    pruner.prune_model(model, masks=pruner.masks)
+    macs = count_macs(model, pruner.seq_len)
+    assert 0.98 * constraint * base <= macs <= constraint * base
+    assert (output(model, inputs) - masked).abs().max() < 1e-4
+
+
+def test_seq_len_is_average_unpadded_length():
+    data = calibration("bert")
+    pruner = OptinPruner(OptinConfig(importance="random", num_samples=len(data)))
+    pruner.compute_masks(tiny_model("bert"), data)
+    assert pruner.seq_len == pytest.approx(sum(len(d["input_ids"]) for d in data) / len(data))
+
+
+def test_optin_scores_deterministic_for_fixed_seed():
+    data = calibration("bert", n=6)
+    config = OptinConfig(md_tokens=20, num_samples=6, batch_size=4)
+    a = OptinPruner(config).compute_scores(tiny_model("bert"), data)
+    b = OptinPruner(config).compute_scores(tiny_model("bert"), data)
+    assert torch.equal(a.head_scores, b.head_scores) and torch.equal(a.neuron_scores, b.neuron_scores)
+    c = OptinPruner(OptinConfig(md_tokens=20, num_samples=6, batch_size=4, seed=1)).compute_scores(tiny_model("bert"), data)
+    assert not torch.equal(a.neuron_scores, c.neuron_scores)  # the seed picks the MD token subset
+    assert (a.head_scores > 0).all() and a.head_scores.shape == (3, 4) and a.neuron_scores.shape == (3, 48)
+
+
+def train_tiny_classifier() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    """A tiny BERT that learns which of three marker tokens a sequence holds most of."""
+    model = tiny_model("bert")
+    model.train()
+    g = torch.Generator().manual_seed(0)
+
+    def sample(n):
+        ids = torch.randint(10, 120, (n, 12), generator=g)
+        labels = torch.randint(0, 3, (n,), generator=g)
+        for i in range(n):
+            pos = torch.randperm(12, generator=g)[:4]
+            ids[i, pos] = 5 + labels[i]
+        return ids, labels
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        ids, labels = sample(32)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    ids, labels = sample(64)
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits.argmax(-1) == labels).float().mean() > 0.9
+    return model, [{"input_ids": row} for row in ids[:32]]
+
+
+def test_top_scored_head_matters_more_than_bottom_on_trained_model():
+    model, data = train_tiny_classifier()
+    scores = OptinPruner(OptinConfig(faithful=False, prune_neurons=False, num_samples=32)).compute_scores(model, data)
+    flat = scores.head_scores.flatten()
+    adapter = get_adapter(model)
+    inputs = {"input_ids": torch.stack([d["input_ids"] for d in data])}
+    dense = output(model, inputs)
+
+    def kl_without(index: int) -> float:
+        mask = torch.ones(flat.numel())
+        mask[index] = 0
+        with apply_masks(model, adapter, head_mask=mask.view_as(scores.head_scores)):
+            return kl_loss(dense, output(model, inputs), 1.0).item()
+
+    assert kl_without(int(flat.argmax())) > kl_without(int(flat.argmin()))
+
+
+def test_compute_masks_reallocates_from_given_scores_without_data():
+    model = tiny_model("bert")
+    scores = ImportanceScores(torch.rand(3, 4), torch.rand(3, 48))
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.5, seq_len=10))
+    masks = pruner.compute_masks(model, scores=scores)
+    keep_more = OptinPruner(OptinConfig(mac_constraint=0.9, seq_len=10)).compute_masks(model, scores=scores)
+    assert masks.head_mask.sum() + masks.neuron_mask.sum() < keep_more.head_mask.sum() + keep_more.neuron_mask.sum()
+
+
+def test_save_then_from_pretrained_gives_identical_outputs(tmp_path, recwarn):
+    for arch in ("bert", "vit", "bert-encoder"):
+        model = tiny_model(arch, attn="sdpa")  # what a fresh load picks too
+        pruner = OptinPruner(OptinConfig(mac_constraint=0.5, importance="random", seq_len=12))
+        pruner.prune_model(model, calibration(arch if arch != "bert-encoder" else "bert"))
+        pruner.save(model, tmp_path / arch)
+        assert {"optin_config.json", "optin_masks.safetensors", "model.safetensors", "config.json"} <= set(os.listdir(tmp_path / arch))
+        loaded = AutoOptinModel.from_pretrained(tmp_path / arch)
+        assert type(loaded) is type(model)
+        assert torch.equal(output(loaded, batch(arch)), output(model, batch(arch)))
+        assert OptinConfig.from_pretrained(tmp_path / arch) == pruner.config
+        assert torch.equal(PruningMasks.load(tmp_path / arch / "optin_masks.safetensors").head_mask, pruner.masks.head_mask)
+    assert not [w for w in recwarn if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+
+
+def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
+    model = tiny_model("bert")
+    pruner = OptinPruner(OptinConfig(importance="random", seq_len=12))
+    pruner.prune_model(model, calibration("bert"))
+
+    def boom(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pruner.masks, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        pruner.save(model, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_inputs_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+        OptinConfig(mac_constraint=1.5)
+    with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+        OptinConfig(mac_constraint=0)
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        OptinPruner().compute_scores(tiny_model("bert"), [])
+    with pytest.raises(ValueError, match="do not fit"):
+        OptinPruner().prune_model(tiny_model("bert"), masks=PruningMasks(torch.ones(2, 4), torch.ones(2, 48)))
+    from transformers import GPT2Config, GPT2Model
+
+    with pytest.raises(ValueError, match=r"Unsupported model_type 'gpt2'.*bert.*vit"):
+        OptinPruner().compute_scores(GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2)), calibration("bert"))
+    with pytest.raises(ValueError, match="cannot be reached"):
+        OptinPruner(OptinConfig(mac_constraint=0.1, prune_neurons=False, importance="random")).compute_masks(
+            tiny_model("bert"), calibration("bert")
+        )
+    with pytest.raises(ValueError, match="already pruned"):
+        model = tiny_model("bert")
+        OptinPruner(OptinConfig(importance="random")).prune_model(model, calibration("bert"))
+        OptinPruner().prune_model(model, calibration("bert"))
+    with pytest.raises(ValueError, match="Nothing to save"):
+        OptinPruner().save(tiny_model("bert"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
