@@ -1,0 +1,64 @@
+import datasets
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast
+
+from optin_hf.data import average_length, prepare_calibration
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "dog", "ran"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A real fast word-level tokenizer built offline (no download)."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def flat(batches):
+    """Per-example (ids, length) regardless of how the batches were cut."""
+    out = []
+    for b in batches:
+        for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+            n = int(mask.sum())
+            out.append(ids[:n].tolist())
+    return out
+
+
+def test_all_accepted_forms_give_the_same_examples(tokenizer):
+    texts = ["the cat sat on the mat", "the dog ran", "cat", "the mat the mat the mat"]
+    kwargs = dict(num_samples=10, batch_size=3, max_length=5)
+    from_texts = prepare_calibration(texts, tokenizer, **kwargs)
+    encoded = [{"input_ids": torch.tensor(tokenizer(t, truncation=True, max_length=5)["input_ids"])} for t in texts]
+    from_dicts = prepare_calibration(encoded, **kwargs)
+    from_dataset = prepare_calibration(datasets.Dataset.from_dict({"text": texts, "label": [0, 1, 0, 1]}), tokenizer, **kwargs)
+    loader = DataLoader(encoded, batch_size=2, collate_fn=lambda items: {"input_ids": torch.nn.utils.rnn.pad_sequence([i["input_ids"] for i in items], batch_first=True)})
+    from_loader = prepare_calibration(loader, **kwargs)
+    expected = [tokenizer(t, truncation=True, max_length=5)["input_ids"] for t in texts]
+    assert flat(from_texts) == flat(from_dicts) == flat(from_dataset) == expected
+    assert [len(b["input_ids"]) for b in from_texts] == [3, 1]
+    # A padded DataLoader without attention_mask: pad id 0 counts as a token there.
+    assert [row[: len(e)] for row, e in zip(flat(from_loader), expected)] == expected
+
+
+def test_num_samples_truncation_and_average_length(tokenizer):
+    batches = prepare_calibration(["the cat", "the cat sat on the mat", "dog"], tokenizer, num_samples=2, batch_size=8, max_length=4)
+    assert batches[0]["input_ids"].shape == (2, 4)
+    assert average_length(batches) == pytest.approx((2 + 4) / 2)
+
+
+def test_images_and_errors(tokenizer):
+    images = [{"pixel_values": torch.randn(3, 8, 8)} for _ in range(5)]
+    batches = prepare_calibration(images, num_samples=4, batch_size=3, max_length=8)
+    assert [b["pixel_values"].shape[0] for b in batches] == [3, 1] and average_length(batches) is None
+    with pytest.raises(ValueError, match="empty"):
+        prepare_calibration([], num_samples=4, batch_size=2, max_length=8)
+    with pytest.raises(ValueError, match="pass a tokenizer"):
+        prepare_calibration(["the cat"], None, num_samples=4, batch_size=2, max_length=8)
+    with pytest.raises(TypeError, match="not supported"):
+        prepare_calibration(42, num_samples=4, batch_size=2, max_length=8)
+    with pytest.raises(ValueError, match="none of the model inputs"):
+        prepare_calibration([{"foo": torch.ones(3)}], num_samples=4, batch_size=2, max_length=8)
