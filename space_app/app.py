@@ -1,0 +1,473 @@
+"""OPTIN pruning demo: pick a classifier and a MAC budget, prune it, compare it with the dense model.
+
+`build_demo(models)` takes named loaders, so the Space embeds optin-hf's trained defaults and a
+test injects a tiny model. Scores are cached per model and calibration settings: moving the
+budget slider re-allocates and re-slims a fresh copy of the dense model without re-scoring.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset
+from PIL import Image
+from torch import nn
+
+from optin_hf import ImportanceScores, OptinConfig, OptinPruner, count_macs
+from optin_hf.arch import get_adapter
+from optin_hf.data import prepare_calibration
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
+
+DEFAULT_NAMES = ("digits-vit", "bbc-news", "tweet-sentiment")
+HUB_CHOICE = "Hub model id (below)"
+# Small enough for a free CPU Space; OptinConfig's own defaults are for offline runs.
+SPACE_SETTINGS = {"num_samples": 64, "batch_size": 32, "max_length": 128}
+LATENCY_RUNS = 5
+
+
+@dataclass
+class DemoTask:
+    """What the demo needs of a model; `optin_hf.defaults.DefaultTask` has the same fields.
+
+    processor: the tokenizer of a text model, None for images (datasets then hold `pixel_values`).
+    test: labelled held-out rows, or None when there are none (accuracy is then not shown).
+    """
+
+    model: nn.Module
+    processor: Any
+    calibration: Dataset
+    test: Dataset | None
+    label_names: list[str]
+    task: str
+
+
+Loader = Callable[[], DemoTask]
+
+
+@dataclass
+class CachedScores:
+    scores: ImportanceScores
+    seq_len: float
+    seconds: float
+
+
+@dataclass
+class PruneResult:
+    """One session's latest pruned model, kept for comparisons, download and push."""
+
+    task_key: tuple
+    pruner: OptinPruner
+    model: nn.Module
+
+
+def default_loaders() -> dict[str, Loader]:
+    """optin-hf's embedded defaults, imported on first use (the first load fine-tunes, 1-3 CPU minutes)."""
+
+    def loader(name: str) -> Loader:
+        def load() -> DemoTask:
+            try:
+                from optin_hf.defaults import load_default
+            except ImportError as err:
+                raise ValueError(f"The embedded defaults need optin_hf.defaults, which this install lacks ({err}).") from err
+            return load_default(name)
+
+        return load
+
+    return {name: loader(name) for name in DEFAULT_NAMES}
+
+
+# ---- data and measurements -------------------------------------------------------------------
+
+
+def _inputs(rows: dict[str, list], processor: Any, max_length: int) -> dict[str, torch.Tensor]:
+    """Model inputs for a batch of dataset rows (text is tokenized, images are already tensors)."""
+    if processor is None:
+        return {"pixel_values": torch.as_tensor(np.asarray(rows["pixel_values"]), dtype=torch.float32)}
+    return dict(processor(rows["text"], truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+
+
+@torch.no_grad()
+def _probabilities(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.eval()(**inputs).logits.softmax(-1)
+
+
+def accuracy(model: nn.Module, test: Dataset | None, processor: Any, max_length: int, batch_size: int = 32) -> float | None:
+    """Argmax accuracy on `test`; None without a labelled test set, so the page never invents one."""
+    if test is None or "label" not in test.column_names or len(test) == 0:
+        return None
+    correct = 0
+    for start in range(0, len(test), batch_size):
+        rows = test[start : start + batch_size]
+        predicted = _probabilities(model, _inputs(rows, processor, max_length)).argmax(-1)
+        correct += int((predicted == torch.as_tensor(rows["label"])).sum())
+    return correct / len(test)
+
+
+@torch.no_grad()
+def latency_ratio(dense: nn.Module, pruned: nn.Module, inputs: dict[str, torch.Tensor], runs: int = LATENCY_RUNS) -> float:
+    """pruned / dense median wall time on the same batch, timed in turns so a busy spell hits both alike."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for model in (dense, pruned):
+        model.eval()(**inputs)  # warm-up
+    for _ in range(runs):
+        for i, model in enumerate((dense, pruned)):
+            start = time.perf_counter()
+            model(**inputs)
+            times[i].append(time.perf_counter() - start)
+    return statistics.median(times[1]) / statistics.median(times[0])
+
+
+def results_table(dense: nn.Module, pruned: nn.Module, task: DemoTask, seq_len: float, max_length: int) -> pd.DataFrame:
+    """Dense vs pruned accuracy, MACs, parameters and latency, as the page shows them."""
+    acc = [accuracy(m, task.test, task.processor, max_length) for m in (dense, pruned)]
+    macs = [count_macs(m, seq_len) for m in (dense, pruned)]
+    params = [sum(p.numel() for p in m.parameters()) for m in (dense, pruned)]
+    batch = prepare_calibration(task.calibration, task.processor, num_samples=32, batch_size=32, max_length=max_length)[0]
+    ratio = latency_ratio(dense, pruned, batch)
+    n_test = len(task.test) if acc[0] is not None else 0
+    rows = [
+        [f"accuracy ({n_test} test examples)", *(f"{100 * a:.1f} %" if a is not None else "n/a" for a in acc),
+         f"{100 * (acc[1] - acc[0]):+.1f} pt" if acc[0] is not None else "n/a"],
+        [f"MACs per example ({seq_len:.0f} tokens)", _si(macs[0]), _si(macs[1]), f"{macs[1] / macs[0]:.2f}"],
+        ["parameters", _si(params[0]), _si(params[1]), f"{params[1] / params[0]:.2f}"],
+        [f"latency (batch of {len(next(iter(batch.values())))}, median of {LATENCY_RUNS})", "1.00", f"{ratio:.2f}",
+         f"{ratio:.2f}"],
+    ]
+    return pd.DataFrame(rows, columns=["", "dense", "pruned", "pruned / dense"])
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+def kept_chart(heads: list[int], neurons: list[int], num_heads: int, intermediate: int) -> plt.Figure:
+    """Heads and FFN neurons kept per layer, over the dense counts in grey."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), constrained_layout=True)
+    layers = np.arange(len(heads))
+    for ax, kept, total, what in ((axes[0], heads, num_heads, "attention heads"), (axes[1], neurons, intermediate, "FFN neurons")):
+        ax.bar(layers, [total] * len(layers), color="#dddddd", label="dense")
+        bars = ax.bar(layers, kept, color="#3b75af", label="kept")
+        ax.bar_label(bars, fontsize=8, padding=2)
+        ax.set_xticks(layers)
+        ax.set_ylim(0, total * 1.25)
+        ax.set_xlabel("layer")
+        ax.set_title(f"{what}: {sum(kept)} of {total * len(layers)} kept", fontsize=10)
+        ax.legend(loc="upper right", ncols=2, fontsize=8, frameon=False)
+    plt.close(fig)
+    return fig
+
+
+def digit_image(pixel_values: Any, size: int = 160) -> Image.Image:
+    """A model input image, min-max scaled and enlarged without smoothing so 8x8 digits stay crisp."""
+    array = np.asarray(pixel_values, dtype=np.float32)
+    array = array.transpose(1, 2, 0) if array.ndim == 3 else array
+    array = (array - array.min()) / max(float(array.max() - array.min()), 1e-6)
+    image = Image.fromarray((255 * array.squeeze()).astype(np.uint8))
+    return image.resize((size, size), Image.NEAREST)
+
+
+# ---- Hub models ------------------------------------------------------------------------------
+
+
+def hub_loader(model_id: str, texts: str, dataset_id: str, samples: int) -> Loader:
+    """A loader for any Hub text or image classifier that optin-hf supports (needs the network).
+
+    Calibration comes from the pasted texts (one per line) or the first `samples` rows of a
+    dataset's train split; accuracy is shown only when the dataset has a labelled test split.
+    """
+
+    def load() -> DemoTask:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(model_id)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"Could not load {model_id!r}: no such model on the Hub, or no network here.") from err
+        vision = get_adapter(config).is_vision
+        model, processor = _hub_model(model_id, vision)
+        if dataset_id.strip():
+            calibration, test = _hub_dataset(dataset_id.strip(), processor, vision, samples)
+        elif vision:
+            raise ValueError("An image model needs a dataset id (with an `image` column) to calibrate on.")
+        else:
+            lines = [line.strip() for line in texts.splitlines() if line.strip()]
+            if not lines:
+                raise ValueError("Give calibration texts (one per line) or a dataset id.")
+            calibration, test = Dataset.from_dict({"text": lines}), None
+        labels = [config.id2label[i] for i in sorted(config.id2label)]
+        return DemoTask(model, None if vision else processor, calibration, test, labels,
+                        "image-classification" if vision else "text-classification")
+
+    return load
+
+
+def _hub_model(model_id: str, vision: bool) -> tuple[nn.Module, Any]:
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    if vision:
+        return AutoModelForImageClassification.from_pretrained(model_id).eval(), AutoImageProcessor.from_pretrained(model_id)
+    return AutoModelForSequenceClassification.from_pretrained(model_id).eval(), AutoTokenizer.from_pretrained(model_id)
+
+
+def _hub_dataset(dataset_id: str, processor: Any, vision: bool, samples: int) -> tuple[Dataset, Dataset | None]:
+    from datasets import get_dataset_split_names, load_dataset
+
+    try:
+        splits = get_dataset_split_names(dataset_id)
+    except Exception as err:  # datasets raises many kinds for a missing or private id
+        raise ValueError(f"Could not open dataset {dataset_id!r}: no such dataset, or no network here.") from err
+    calibration = load_dataset(dataset_id, split=f"{splits[0]}[:{samples}]")
+    held_out = next((s for s in ("test", "validation") if s in splits), None)
+    test = load_dataset(dataset_id, split=f"{held_out}[:{samples}]") if held_out else None
+    if test is not None and "label" not in test.column_names:
+        test = None
+    if vision:
+        calibration, test = (None if d is None else _pixel_rows(d, processor) for d in (calibration, test))
+    return calibration, test
+
+
+def _pixel_rows(dataset: Dataset, processor: Any) -> Dataset:
+    column = next((c for c in ("image", "img") if c in dataset.column_names), None)
+    if column is None:
+        raise ValueError(f"The dataset has no `image` column: {dataset.column_names}.")
+    pixels = processor(images=[im.convert("RGB") for im in dataset[column]], return_tensors="np")["pixel_values"]
+    rows = {"pixel_values": list(pixels)}
+    if "label" in dataset.column_names:
+        rows["label"] = dataset["label"]
+    return Dataset.from_dict(rows)
+
+
+# ---- the app ---------------------------------------------------------------------------------
+
+
+class SpaceApp:
+    """The demo's state shared by all sessions: loaded models and their scores, kept in memory."""
+
+    def __init__(self, models: dict[str, Loader], settings: dict[str, Any], workdir: Path):
+        self.models = models
+        self.settings = settings
+        self.workdir = workdir
+        self.tasks: dict[tuple, DemoTask] = {}
+        self.scores: dict[tuple, CachedScores] = {}
+
+    def task(self, key: tuple, loader: Loader) -> DemoTask:
+        if key not in self.tasks:
+            self.tasks[key] = loader()
+        return self.tasks[key]
+
+    def cached_scores(self, key: tuple, task: DemoTask) -> tuple[CachedScores, bool]:
+        """(scores, reused): scoring runs once per model and calibration settings."""
+        score_key = (key, tuple(sorted(self.settings.items())))
+        if score_key in self.scores:
+            return self.scores[score_key], True
+        pruner = OptinPruner(OptinConfig(**self.settings))
+        start = time.perf_counter()
+        scores = pruner.compute_scores(task.model, task.calibration, tokenizer=task.processor)
+        self.scores[score_key] = CachedScores(scores, pruner.seq_len, time.perf_counter() - start)
+        return self.scores[score_key], False
+
+    def prune(self, key: tuple, task: DemoTask, budget: float) -> tuple[PruneResult, CachedScores, bool]:
+        """Allocate `budget` from the (cached) scores and slim a copy of the dense model."""
+        cached, reused = self.cached_scores(key, task)
+        pruner = OptinPruner(OptinConfig(**self.settings, mac_constraint=budget, seq_len=cached.seq_len))
+        model = copy.deepcopy(task.model)
+        masks = pruner.compute_masks(model, scores=cached.scores)
+        pruner.prune_model(model, masks=masks)
+        return PruneResult(key, pruner, model), cached, reused
+
+    def checkpoint_zip(self, result: PruneResult, name: str) -> Path:
+        """The pruned checkpoint as a zip under the app's temp folder (Gradio serves files from there)."""
+        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+        folder = Path(tempfile.mkdtemp(dir=self.workdir)) / f"{slug}-optin-{result.pruner.config.mac_constraint:.2f}"
+        result.pruner.save(result.model, folder)
+        return Path(shutil.make_archive(str(folder), "zip", folder))
+
+
+def _error(err: Exception) -> str:
+    """A one-line, readable message for the page (and a toast): never a traceback."""
+    message = str(err).strip() or type(err).__name__
+    gr.Warning(message)
+    return f"**Error:** {message}"
+
+
+def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any] | None = None) -> gr.Blocks:
+    """The Gradio page. `models`: named loaders (default: optin-hf's embedded defaults);
+    `settings`: OptinConfig fields other than the budget (default: SPACE_SETTINGS)."""
+    app = SpaceApp(models or default_loaders(), {**SPACE_SETTINGS, **(settings or {})},
+                   Path(tempfile.mkdtemp(prefix="optin-space-")))
+    max_length = app.settings["max_length"]
+    with gr.Blocks(title="OPTIN pruning") as demo:
+        gr.Markdown(
+            "# ✂️ OPTIN: prune a transformer in one shot\n"
+            "Retraining-free structured pruning ([OPTIN, ICLR 2024](https://arxiv.org/abs/2403.17921)) with "
+            "[optin-hf](https://github.com/): heads and FFN neurons are scored by how much removing them disturbs "
+            "later layers, the best are kept under a MAC budget, and the model is physically slimmed."
+        )
+        result_state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=2):
+                model_choice = gr.Dropdown([*app.models, HUB_CHOICE], value=next(iter(app.models)), label="Model",
+                                           elem_id="model")
+                budget = gr.Slider(0.2, 1.0, value=0.6, step=0.05, label="MAC budget (fraction of the dense MACs to keep)",
+                                   elem_id="budget")
+                prune_btn = gr.Button("Prune", variant="primary", elem_id="prune")
+            with gr.Column(scale=3):
+                with gr.Accordion("Any Hub text or image classifier (BERT, RoBERTa, DistilBERT, ViT, DeiT; needs network)",
+                                  open=False):
+                    hub_id = gr.Textbox(label="Hub model id", placeholder="e.g. textattack/bert-base-uncased-SST-2",
+                                        elem_id="hub_id")
+                    hub_texts = gr.Textbox(label="Calibration texts, one per line", lines=3, elem_id="hub_texts")
+                    hub_dataset = gr.Textbox(label="…or a dataset id (train split calibrates; test split, if labelled, "
+                                                   "measures accuracy)", elem_id="hub_dataset")
+                status = gr.Markdown("Pick a model and a budget, then press **Prune**.", elem_id="status")
+        with gr.Row():
+            table = gr.Dataframe(label="Dense vs pruned", elem_id="results", interactive=False)
+            chart = gr.Plot(label="Kept per layer", elem_id="chart")
+        gr.Markdown("### Compare predictions")
+        with gr.Row():
+            with gr.Column(visible=True) as text_box:
+                text = gr.Textbox(label="Text", lines=3, elem_id="inp")
+            with gr.Column(visible=False) as image_box:
+                example = gr.Slider(0, 1, value=0, step=1, label="Test image #", elem_id="example")
+                image = gr.Image(label="Input", height=180, width=180, interactive=False, elem_id="image")
+            compare_btn = gr.Button("Compare dense and pruned", elem_id="compare")
+        compare_msg = gr.Markdown("", elem_id="compare_msg")
+        with gr.Row():
+            dense_pred = gr.Label(num_top_classes=3, label="Dense prediction", elem_id="dense_pred")
+            pruned_pred = gr.Label(num_top_classes=3, label="Pruned prediction", elem_id="pruned_pred")
+        gr.Markdown("### Take the pruned model")
+        with gr.Row():
+            download_btn = gr.Button("Zip the pruned checkpoint", elem_id="zip")
+            download = gr.File(label="Pruned checkpoint (.zip)", elem_id="download")
+        with gr.Row():
+            repo_id = gr.Textbox(label="Hub repo id", placeholder="you/model-optin", elem_id="repo_id")
+            token = gr.Textbox(label="Hub write token", type="password", elem_id="token")
+            masks_only = gr.Checkbox(value=True, label="masks only (small; rebuilt from the base model)")
+            push_btn = gr.Button("Push to the Hub", elem_id="push")
+        push_msg = gr.Markdown("", elem_id="push_msg")
+
+        def on_prune(choice, fraction, model_id, texts, dataset_id, progress=gr.Progress(track_tqdm=True)):
+            try:
+                if choice == HUB_CHOICE:
+                    if not (model_id or "").strip():
+                        raise ValueError("Type a Hub model id, or pick an embedded model.")
+                    digest = hashlib.sha256(f"{texts}\n{dataset_id}".encode()).hexdigest()[:12]
+                    key, loader = ("hub", model_id.strip(), digest), hub_loader(model_id.strip(), texts or "", dataset_id or "",
+                                                                                 app.settings["num_samples"])
+                else:
+                    key, loader = ("named", choice), app.models[choice]
+                progress(0.0, desc=f"Loading {key[1]}")
+                task = app.task(key, loader)
+                progress(0.05, desc="Scoring heads and neurons (once per model)")
+                start = time.perf_counter()
+                result, cached, reused = app.prune(key, task, float(fraction))
+                slim_s = time.perf_counter() - start
+                progress(0.9, desc="Measuring dense and pruned")
+                frame = results_table(task.model, result.model, task, cached.seq_len, max_length)
+            except Exception as err:  # every failure becomes a message on the page
+                return {status: _error(err)}
+            config = task.model.config
+            adapter = get_adapter(config)
+            masks = result.pruner.masks
+            how = (f"♻️ **Scores reused** from the cache (scored once in {cached.seconds:.1f} s): re-allocated and "
+                   f"slimmed in {slim_s:.1f} s." if reused else
+                   f"Scored {masks.head_mask.numel()} heads and {masks.neuron_mask.numel()} neurons in "
+                   f"{cached.seconds:.1f} s; moving the slider now re-uses these scores.")
+            vision = task.processor is None
+            n_test = len(task.test) if task.test is not None else 0
+            return {
+                status: f"Pruned **{key[1]}** to {fraction:.2f} of its MACs. {how}",
+                table: frame,
+                chart: kept_chart(masks.heads_per_layer(), masks.neurons_per_layer(), adapter.num_heads(config),
+                                  adapter.intermediate_size(config)),
+                result_state: result,
+                text_box: gr.update(visible=not vision),
+                image_box: gr.update(visible=vision),
+                example: gr.update(maximum=max(n_test - 1, 0)),
+                download: None,
+            }
+
+        def on_compare(result, sentence, index):
+            try:
+                if result is None:
+                    raise ValueError("Prune a model first.")
+                task = app.tasks[result.task_key]
+                if task.processor is not None:
+                    if not (sentence or "").strip():
+                        raise ValueError("Type some text to compare the dense and pruned predictions.")
+                    inputs, shown = _inputs({"text": [sentence]}, task.processor, max_length), None
+                else:
+                    if task.test is None or len(task.test) == 0:
+                        raise ValueError("This model has no test images to pick from.")
+                    row = task.test[int(index)]
+                    inputs = {"pixel_values": torch.as_tensor(np.asarray(row["pixel_values"]), dtype=torch.float32)[None]}
+                    shown = digit_image(row["pixel_values"])
+                labels = [_label(dict(enumerate(task.label_names)), p) for p in
+                          (_probabilities(task.model, inputs)[0], _probabilities(result.model, inputs)[0])]
+            except Exception as err:
+                return {compare_msg: _error(err)}
+            same = max(labels[0], key=labels[0].get) == max(labels[1], key=labels[1].get)
+            return {dense_pred: labels[0], pruned_pred: labels[1], image: shown,
+                    compare_msg: "Same top class." if same else "⚠️ The pruned model's top class differs."}
+
+        def on_zip(result):
+            try:
+                if result is None:
+                    raise ValueError("Prune a model first.")
+                return {download: str(app.checkpoint_zip(result, str(result.task_key[1]))), push_msg: ""}
+            except Exception as err:
+                return {push_msg: _error(err)}
+
+        def on_push(result, repo, secret, small):
+            try:
+                if result is None:
+                    raise ValueError("Prune a model first.")
+                if not (repo or "").strip() or not (secret or "").strip():
+                    raise ValueError("Give a Hub repo id and a write token to push.")
+                try:
+                    from optin_hf.hub import push_to_hub
+                except ImportError as err:
+                    raise ValueError(f"Pushing needs optin_hf.hub, which this install lacks ({err}).") from err
+                info = push_to_hub(result.pruner, result.model, repo.strip(), masks_only=bool(small), token=secret.strip())
+            except Exception as err:
+                return {push_msg: _error(err)}
+            return {push_msg: f"Pushed to [{repo.strip()}]({getattr(info, 'commit_url', '') or repo.strip()})."}
+
+        prune_btn.click(on_prune, [model_choice, budget, hub_id, hub_texts, hub_dataset],
+                        {status, table, chart, result_state, text_box, image_box, example, download})
+        compare_btn.click(on_compare, [result_state, text, example], {dense_pred, pruned_pred, image, compare_msg})
+        download_btn.click(on_zip, [result_state], {download, push_msg})
+        push_btn.click(on_push, [result_state, repo_id, token, masks_only], {push_msg})
+    return demo
+
+
+def _label(names: dict[int, str], probabilities: torch.Tensor) -> dict[str, float]:
+    return {names.get(i, str(i)): float(p) for i, p in enumerate(probabilities)}
+
+
+if __name__ == "__main__":
+    build_demo().launch()

@@ -1,0 +1,150 @@
+"""The Gradio Space (`space_app/app.py`), driven in headless Chromium with Selenium on a tiny BERT."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "good bad great awful fine poor nice terrible movie film plot actor the a was is".split()
+
+
+def _missing() -> str | None:
+    """The first piece a real-browser run lacks, or None."""
+    for module in ("gradio", "selenium"):
+        if importlib.util.find_spec(module) is None:
+            return f"python package {module!r} is not installed (pip install -e '.[space]')"
+    for binary in (CHROMIUM, CHROMEDRIVER):
+        if not (os.access(binary, os.X_OK) or shutil.which(Path(binary).name)):
+            return f"{binary} is missing (run .ci/browser)"
+    return None
+
+
+if (reason := _missing()) is not None:
+    pytest.skip(reason, allow_module_level=True)
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+sys.path.insert(0, str(ROOT / "space_app"))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast  # noqa: E402
+
+import app as space  # noqa: E402
+
+
+def tiny_task() -> space.DemoTask:
+    """A random 2-layer BERT with a word-level tokenizer, built offline in well under a second."""
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=8, max_position_embeddings=64, num_labels=2)
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(n),), generator=g))
+             for n in torch.randint(4, 12, (24,), generator=g)]
+    data = Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(24)]})
+    return space.DemoTask(BertForSequenceClassification(config).eval(), tokenizer, data.select(range(12)),
+                          data.select(range(12, 24)), ["negative", "positive"], "text-classification")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    demo = space.build_demo({"tiny-bert": tiny_task}, settings={"num_samples": 8, "batch_size": 8, "md_tokens": 32})
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _text(driver, selector: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, selector).text
+
+
+def _wait_text(driver, selector: str, needle: str, timeout: float = 90) -> str:
+    """Wait until the element's text contains `needle`; fail with what the page shows instead."""
+    try:
+        WebDriverWait(driver, timeout).until(lambda d: needle in _text(d, selector))
+    except Exception:
+        pytest.fail(f"{selector} never showed {needle!r}; it shows {_text(driver, selector)!r}")
+    return _text(driver, selector)
+
+
+def _set_slider(driver, value: float) -> None:
+    """Type a value into the slider's number box, as a user would."""
+    box = driver.find_element(By.CSS_SELECTOR, "#budget input[type=number]")
+    box.clear()
+    box.send_keys(str(value))
+    box.send_keys("\t")
+
+
+def _click(driver, elem_id: str) -> None:
+    driver.find_element(By.CSS_SELECTOR, f"#{elem_id}").click()
+
+
+def test_prune_compare_and_rescore_in_browser(url, browser, tmp_path):
+    browser.get(url)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prune"))
+
+    _set_slider(browser, 0.5)
+    _click(browser, "prune")
+    status = _wait_text(browser, "#status", "Pruned")
+    assert "Scored" in status and "reused" not in status.lower()
+    table = _wait_text(browser, "#results", "MACs")
+    assert "accuracy" in table and "latency" in table
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#chart img, #chart svg, #chart canvas"))
+
+    browser.find_element(By.CSS_SELECTOR, "#inp textarea").send_keys("the movie was great")
+    _click(browser, "compare")
+    _wait_text(browser, "#pruned_pred", "%")
+    assert any(label in _text(browser, "#dense_pred") for label in ("positive", "negative"))
+    assert any(label in _text(browser, "#pruned_pred") for label in ("positive", "negative"))
+
+    _set_slider(browser, 0.8)
+    _click(browser, "prune")
+    status = _wait_text(browser, "#status", "Scores reused")
+    assert "0.80" in status
+
+    box = browser.find_element(By.CSS_SELECTOR, "#inp textarea")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.BACKSPACE)  # WebElement.clear() would bypass the page's input events
+    _click(browser, "compare")
+    message = _wait_text(browser, "#compare_msg", "Type some text")
+    assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+    assert "Error" in message
+
+    browser.save_screenshot(str(tmp_path / "space_app.png"))
+    assert (tmp_path / "space_app.png").stat().st_size > 10_000
