@@ -1,4 +1,4 @@
-"""Atomic checkpoint folders and strict safetensors weight loading."""
+"""Atomic checkpoint folders, the slim model's config.json, and strict safetensors weight loading."""
 
 from __future__ import annotations
 
@@ -11,12 +11,24 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
 
-from .masks import load_safetensors
+from .config import OptinConfig
+from .importance.scores import SCORES_NAME, ImportanceScores
+from .masks import MASKS_NAME, PruningMasks, load_safetensors
 
+MODEL_CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# transformers reads `transformers_weights` in config.json as the name of the weights file and, before it builds the
+# model or downloads a weight, refuses a name that is not a safetensors file, quoting it. Without this, plain
+# `from_pretrained` would build the dense shapes and stop on a wall of size-mismatch reports.
+NOT_FOR_TRANSFORMERS = (
+    "this is an optin-hf pruned checkpoint with per-layer head and neuron counts that transformers cannot build; "
+    "load it with optin_hf.AutoOptinModel.from_pretrained(...) (pip install optin-hf)"
+)
 
 
 @contextmanager
@@ -42,6 +54,44 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def write_checkpoint(
+    folder: Path,
+    model: nn.Module | None,
+    config: OptinConfig,
+    masks: PruningMasks,
+    scores: ImportanceScores | None,
+    max_shard_size: int | str,
+) -> None:
+    """Fill `folder`: the slim model's config and weights (skipped when `model` is None: a masks-only
+    checkpoint), `optin_config.json`, the masks and the scores when known."""
+    if model is not None:
+        # Our own key names: save_pretrained would rename keys to legacy checkpoint layouts.
+        model.config.architectures = [type(model).__name__]  # the task head to rebuild
+        save_model_config(model.config, folder)
+        save_torch_state_dict(model.state_dict(), folder, max_shard_size=max_shard_size)
+    config.save_pretrained(folder)
+    masks.save(folder / MASKS_NAME)
+    if scores is not None:
+        scores.save(folder / SCORES_NAME)
+
+
+def save_model_config(config: PretrainedConfig, folder: str | os.PathLike) -> None:
+    """Write config.json so that optin-hf reads it and plain transformers refuses it with a readable message."""
+    config.save_pretrained(folder)
+    path = Path(folder) / MODEL_CONFIG_NAME
+    values = json.loads(path.read_text())
+    values["transformers_weights"] = NOT_FOR_TRANSFORMERS
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def load_model_config(folder: str | os.PathLike) -> PretrainedConfig:
+    """The slim model's config, without the guard written by `save_model_config`."""
+    config = AutoConfig.from_pretrained(folder)
+    if "transformers_weights" in config:
+        delattr(config, "transformers_weights")
+    return config
 
 
 def load_weights(model: nn.Module, folder: str | os.PathLike) -> None:

@@ -21,6 +21,8 @@ class OptinConfig:
     the paper. `faithful=True` reproduces the reference's undocumented extra weights (position
     prior, last-layer and head decays); `faithful=False` scores with MD + balanced KL only.
     `seq_len=None` counts MACs at the calibration data's average unpadded length.
+    `base_model_*` name the dense model that was pruned (Hub id, commit sha, transformers class), so a
+    masks-only repo can rebuild it; `push_to_hub` fills them in, a value set here overrides what it detects.
     """
 
     mac_constraint: float = 0.6
@@ -39,6 +41,7 @@ class OptinConfig:
     engine: str = "reference"
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
+    base_model_class: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""`AutoOptinModel`: rebuild a slimmed model from a folder written by `OptinPruner.save`."""
+"""`AutoOptinModel`: rebuild a slimmed model from a full slim checkpoint or a masks-only one, local or on the Hub."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from .checkpoint import load_weights
+from .checkpoint import MODEL_CONFIG_NAME, load_model_config, load_weights
+from .config import CONFIG_NAME, OptinConfig
+from .hub import download_base_model, download_checkpoint
 from .masks import MASKS_NAME, PruningMasks
 from .slim import slim_model
 
@@ -30,21 +32,71 @@ def build_slim(config: PretrainedConfig, masks: PruningMasks) -> nn.Module:
     return slim_model(model, masks)
 
 
+def _load_slim_checkpoint(folder: Path) -> nn.Module:
+    model = build_slim(load_model_config(folder), PruningMasks.load(folder / MASKS_NAME))
+    load_weights(model, folder)
+    return model
+
+
+def _load_from_base(folder: Path, source: str, token: str | bool | None, local_files_only: bool) -> nn.Module:
+    """Download the base model named in optin_config.json at its recorded commit and slim it with the masks."""
+    optin = OptinConfig.from_pretrained(folder)
+    name, revision = optin.base_model_name_or_path, optin.base_model_revision
+    if not name:
+        raise ValueError(f"{source} is masks-only but its {CONFIG_NAME} names no base_model_name_or_path.")
+    base = download_base_model(name, revision, source, token=token, local_files_only=local_files_only)
+    config = AutoConfig.from_pretrained(base)
+    if optin.base_model_class:
+        config.architectures = [optin.base_model_class]  # the task head that was pruned, whatever the base names
+    masks = PruningMasks.load(folder / MASKS_NAME)
+    try:
+        masks.check_fits(config)
+    except ValueError as err:
+        raise ValueError(
+            f"The masks of {source} do not fit its base model {name!r} (revision {revision}): {err}"
+        ) from err
+    model = model_class(config).from_pretrained(base, config=config, use_safetensors=True)
+    return slim_model(model, masks)
+
+
 class AutoOptinModel:
     """Loads pruned models, like `AutoModel` loads dense ones."""
 
     def __init__(self) -> None:
-        raise OSError("AutoOptinModel is a loader: use AutoOptinModel.from_pretrained(path).")
+        raise OSError("AutoOptinModel is a loader: use AutoOptinModel.from_pretrained(repo_id_or_path).")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> nn.Module:
-        """Rebuild the slimmed model (with its task head) saved in `path`, in eval mode."""
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{path} is not a folder written by OptinPruner.save.")
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | os.PathLike,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> nn.Module:
+        """Rebuild the slimmed model (with its task head), in eval mode, from a folder or a Hub repo.
+
+        A full slim checkpoint loads on its own; a masks-only one downloads the base model it names, at the
+        recorded commit, and slims it. `revision` picks the revision of `repo_id_or_path` on the Hub; `token` and
+        `local_files_only` apply to every download (HF_HUB_OFFLINE=1 acts like local_files_only=True).
+        """
+        source = str(repo_id_or_path)
+        if Path(source).is_dir():
+            folder = Path(source)
+        else:
+            folder = download_checkpoint(source, revision, token=token, local_files_only=local_files_only)
         if not (folder / MASKS_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {MASKS_NAME}: it is not an optin-hf checkpoint.")
-        config = AutoConfig.from_pretrained(folder)
-        model = build_slim(config, PruningMasks.load(folder / MASKS_NAME))
-        load_weights(model, folder)
+            raise FileNotFoundError(
+                f"{source} has no {MASKS_NAME}: it is not an optin-hf checkpoint (written by OptinPruner.save or "
+                "push_to_hub)."
+            )
+        if (folder / MODEL_CONFIG_NAME).is_file():
+            model = _load_slim_checkpoint(folder)
+        elif (folder / CONFIG_NAME).is_file():
+            model = _load_from_base(folder, source, token, local_files_only)
+        else:
+            raise FileNotFoundError(
+                f"{source} has {MASKS_NAME} but neither {MODEL_CONFIG_NAME} (a full slim checkpoint) nor {CONFIG_NAME} "
+                "(a masks-only checkpoint naming its base model)."
+            )
+        model.config.name_or_path = source
         return model.eval()

@@ -7,17 +7,18 @@ import time
 from typing import Any
 
 import torch
-from huggingface_hub import save_torch_state_dict
+from huggingface_hub import CommitInfo
 from torch import nn
 
 from .allocate import allocate
 from .arch import check_model
-from .checkpoint import atomic_directory
+from .checkpoint import atomic_directory, write_checkpoint
 from .config import OptinConfig
 from .data import average_length, prepare_calibration
-from .importance import CRITERIA, SCORES_NAME, ImportanceScores
+from .hub import CardMetrics, push_to_hub
+from .importance import CRITERIA, ImportanceScores
 from .macs import count_macs, head_macs, neuron_macs
-from .masks import MASKS_NAME, PruningMasks
+from .masks import PruningMasks
 from .slim import slim_model
 
 
@@ -113,16 +114,46 @@ class OptinPruner:
         self.masks = masks
         return slim_model(model, masks)
 
-    def save(self, model: nn.Module, save_dir: str | os.PathLike) -> None:
-        """Write the slim model, `optin_config.json` and the masks (and scores) atomically."""
+    def check_pruned(self, model: nn.Module) -> None:
+        """Raise unless `model` was slimmed by this pruner, so its masks describe it."""
         if self.masks is None or not getattr(model.config, "optin", None):
-            raise ValueError("Nothing to save yet: call prune_model(model, ...) first.")
+            raise ValueError("Nothing to save or push yet: call prune_model(model, ...) first.")
+
+    def save(self, model: nn.Module, save_dir: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
+        """Write the slim model, `optin_config.json` and the masks (and scores) atomically.
+
+        Weights above `max_shard_size` (bytes or "5GB"; default `OptinPruner.max_shard_size`) are sharded.
+        """
+        self.check_pruned(model)
         with atomic_directory(save_dir) as tmp:
-            # Our own key names: save_pretrained would rename keys to legacy checkpoint layouts.
-            model.config.architectures = [type(model).__name__]  # the task head to rebuild
-            model.config.save_pretrained(tmp)
-            save_torch_state_dict(model.state_dict(), tmp, max_shard_size=self.max_shard_size)
-            self.config.save_pretrained(tmp)
-            self.masks.save(tmp / MASKS_NAME)
-            if self.scores is not None:
-                self.scores.save(tmp / SCORES_NAME)
+            write_checkpoint(tmp, model, self.config, self.masks, self.scores, max_shard_size or self.max_shard_size)
+
+    def push_to_hub(
+        self,
+        model: nn.Module,
+        repo_id: str,
+        masks_only: bool = True,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        *,
+        metrics: CardMetrics | None = None,
+        speedup: float | None = None,
+        max_shard_size: int | str | None = None,
+    ) -> CommitInfo:
+        """Share the pruned `model`: its masks naming the base model (default), or the full slim checkpoint.
+
+        See `optin_hf.hub.push_to_hub`.
+        """
+        return push_to_hub(
+            self,
+            model,
+            repo_id,
+            masks_only=masks_only,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            metrics=metrics,
+            speedup=speedup,
+            max_shard_size=max_shard_size,
+        )

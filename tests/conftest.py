@@ -49,8 +49,10 @@ def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake
     ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` (read by ``hf_hub_download``), the endpoint of the module-level ``HfApi``
     behind ``huggingface_hub.create_repo`` & co, ``constants.HF_HUB_CACHE``, and ``constants.HF_HUB_OFFLINE`` (off,
     even if the suite runs with ``HF_HUB_OFFLINE=1``). ``HfApi`` objects built before the fixture keep their old
-    endpoint. Subprocesses get ``HF_ENDPOINT``/``HF_HUB_CACHE``/``HF_TOKEN`` through the environment. Every request
-    carries ``FAKE_TOKEN`` unless a call passes ``token=False``.
+    endpoint, except transformers' shared one (``transformers.utils.hub._hf_api``, built on first use), which is
+    dropped before and after each test so that transformers talks to the current server. Subprocesses get
+    ``HF_ENDPOINT``/``HF_HUB_CACHE``/``HF_TOKEN`` through the environment. Every request carries ``FAKE_TOKEN`` unless
+    a call passes ``token=False``.
     """
     from huggingface_hub import constants, hf_api
 
@@ -68,4 +70,15 @@ def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         monkeypatch.setenv("HF_HUB_CACHE", cache)
         monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-        yield hub
+        _drop_transformers_hf_api()
+        try:
+            yield hub
+        finally:
+            _drop_transformers_hf_api()
+
+
+def _drop_transformers_hf_api() -> None:
+    """transformers keeps one HfApi, with the endpoint of the moment it was built; the next use rebuilds it."""
+    hub_utils = sys.modules.get("transformers.utils.hub")
+    if hub_utils is not None:
+        hub_utils._hf_api = None

@@ -240,3 +240,13 @@ def test_subprocess_downloads_via_hf_endpoint_then_loads_offline(hub_server: Fak
     assert offline == online
     assert _files(Path(offline["snapshot"]), skip=(".gitattributes",)) == _files(model_folder)
     assert Path(offline["config"]).read_bytes() == (model_folder / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize("run", ["first", "second"])
+def test_transformers_talks_to_each_tests_server(hub_server: FakeHub, run: str) -> None:
+    # transformers builds one HfApi on first use; without the fixture dropping it, the second test's push would go
+    # to the first test's stopped server.
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).push_to_hub("cfg")
+    assert "test-user/cfg" in hub_server.repos

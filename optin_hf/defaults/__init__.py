@@ -1,0 +1,6 @@
+"""Embedded default models trained offline from pip-packaged weights and data (see ``load_default``)."""
+from .loader import DefaultTask, load_default
+from .metrics import evaluate_accuracy
+from .registry import DEFAULT_NAMES
+
+__all__ = ["DEFAULT_NAMES", "DefaultTask", "evaluate_accuracy", "load_default"]

