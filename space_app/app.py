@@ -38,7 +38,7 @@ DEFAULT_NAMES = ("digits-vit", "bbc-news", "tweet-sentiment")
 HUB_CHOICE = "Hub model id (below)"
 # Small enough for a free CPU Space; OptinConfig's own defaults are for offline runs.
 SPACE_SETTINGS = {"num_samples": 64, "batch_size": 32, "max_length": 128}
-LATENCY_RUNS = 5
+LATENCY_RUNS = 7
 
 
 @dataclass
@@ -120,8 +120,8 @@ def accuracy(model: nn.Module, test: Dataset | None, processor: Any, max_length:
 
 
 @torch.no_grad()
-def latency_ratio(dense: nn.Module, pruned: nn.Module, inputs: dict[str, torch.Tensor], runs: int = LATENCY_RUNS) -> float:
-    """pruned / dense median wall time on the same batch, timed in turns so a busy spell hits both alike."""
+def latencies(dense: nn.Module, pruned: nn.Module, inputs: dict[str, torch.Tensor], runs: int = LATENCY_RUNS) -> list[float]:
+    """Median seconds per forward of dense and pruned on the same batch, timed in turns so a busy spell hits both."""
     times: dict[int, list[float]] = {0: [], 1: []}
     for model in (dense, pruned):
         model.eval()(**inputs)  # warm-up
@@ -130,7 +130,7 @@ def latency_ratio(dense: nn.Module, pruned: nn.Module, inputs: dict[str, torch.T
             start = time.perf_counter()
             model(**inputs)
             times[i].append(time.perf_counter() - start)
-    return statistics.median(times[1]) / statistics.median(times[0])
+    return [statistics.median(times[0]), statistics.median(times[1])]
 
 
 def results_table(dense: nn.Module, pruned: nn.Module, task: DemoTask, seq_len: float, max_length: int) -> pd.DataFrame:
@@ -139,17 +139,17 @@ def results_table(dense: nn.Module, pruned: nn.Module, task: DemoTask, seq_len: 
     macs = [count_macs(m, seq_len) for m in (dense, pruned)]
     params = [sum(p.numel() for p in m.parameters()) for m in (dense, pruned)]
     batch = prepare_calibration(task.calibration, task.processor, num_samples=32, batch_size=32, max_length=max_length)[0]
-    ratio = latency_ratio(dense, pruned, batch)
+    seconds = latencies(dense, pruned, batch)
     n_test = len(task.test) if acc[0] is not None else 0
     rows = [
         [f"accuracy ({n_test} test examples)", *(f"{100 * a:.1f} %" if a is not None else "n/a" for a in acc),
          f"{100 * (acc[1] - acc[0]):+.1f} pt" if acc[0] is not None else "n/a"],
         [f"MACs per example ({seq_len:.0f} tokens)", _si(macs[0]), _si(macs[1]), f"{macs[1] / macs[0]:.2f}"],
         ["parameters", _si(params[0]), _si(params[1]), f"{params[1] / params[0]:.2f}"],
-        [f"latency (batch of {len(next(iter(batch.values())))}, median of {LATENCY_RUNS})", "1.00", f"{ratio:.2f}",
-         f"{ratio:.2f}"],
+        [f"latency, batch of {len(next(iter(batch.values())))}", *(f"{1000 * t:.1f} ms" for t in seconds),
+         f"{seconds[1] / seconds[0]:.2f}"],
     ]
-    return pd.DataFrame(rows, columns=["", "dense", "pruned", "pruned / dense"])
+    return pd.DataFrame(rows, columns=["", "dense", "pruned", "ratio"])
 
 
 def _si(value: float) -> str:
@@ -345,8 +345,9 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                                                    "measures accuracy)", elem_id="hub_dataset")
                 status = gr.Markdown("Pick a model and a budget, then press **Prune**.", elem_id="status")
         with gr.Row():
-            table = gr.Dataframe(label="Dense vs pruned", elem_id="results", interactive=False)
-            chart = gr.Plot(label="Kept per layer", elem_id="chart")
+            table = gr.Dataframe(label="Dense vs pruned (ratio = pruned / dense)", elem_id="results", interactive=False,
+                                 wrap=True, scale=5)
+            chart = gr.Plot(label="Kept per layer", show_label=False, elem_id="chart", scale=6)
         gr.Markdown("### Compare predictions")
         with gr.Row():
             with gr.Column(visible=True) as text_box:
@@ -362,11 +363,11 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
         gr.Markdown("### Take the pruned model")
         with gr.Row():
             download_btn = gr.Button("Zip the pruned checkpoint", elem_id="zip")
-            download = gr.File(label="Pruned checkpoint (.zip)", elem_id="download")
+            download = gr.File(label="Pruned checkpoint (.zip)", elem_id="download", height=70)
         with gr.Row():
             repo_id = gr.Textbox(label="Hub repo id", placeholder="you/model-optin", elem_id="repo_id")
             token = gr.Textbox(label="Hub write token", type="password", elem_id="token")
-            masks_only = gr.Checkbox(value=True, label="masks only (small; rebuilt from the base model)")
+            masks_only = gr.Checkbox(value=False, label="masks only (small; needs a base model on the Hub)")
             push_btn = gr.Button("Push to the Hub", elem_id="push")
         push_msg = gr.Markdown("", elem_id="push_msg")
 
@@ -394,7 +395,7 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
             adapter = get_adapter(config)
             masks = result.pruner.masks
             how = (f"♻️ **Scores reused** from the cache (scored once in {cached.seconds:.1f} s): re-allocated and "
-                   f"slimmed in {slim_s:.1f} s." if reused else
+                   f"slimmed in {slim_s:.2f} s." if reused else
                    f"Scored {masks.head_mask.numel()} heads and {masks.neuron_mask.numel()} neurons in "
                    f"{cached.seconds:.1f} s; moving the slider now re-uses these scores.")
             vision = task.processor is None
@@ -419,20 +420,21 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 if task.processor is not None:
                     if not (sentence or "").strip():
                         raise ValueError("Type some text to compare the dense and pruned predictions.")
-                    inputs, shown = _inputs({"text": [sentence]}, task.processor, max_length), None
+                    inputs, shown, truth = _inputs({"text": [sentence]}, task.processor, max_length), None, ""
                 else:
                     if task.test is None or len(task.test) == 0:
                         raise ValueError("This model has no test images to pick from.")
                     row = task.test[int(index)]
                     inputs = {"pixel_values": torch.as_tensor(np.asarray(row["pixel_values"]), dtype=torch.float32)[None]}
                     shown = digit_image(row["pixel_values"])
+                    truth = f"True label: **{task.label_names[row['label']]}**. " if "label" in row else ""
                 labels = [_label(dict(enumerate(task.label_names)), p) for p in
                           (_probabilities(task.model, inputs)[0], _probabilities(result.model, inputs)[0])]
             except Exception as err:
                 return {compare_msg: _error(err)}
             same = max(labels[0], key=labels[0].get) == max(labels[1], key=labels[1].get)
             return {dense_pred: labels[0], pruned_pred: labels[1], image: shown,
-                    compare_msg: "Same top class." if same else "⚠️ The pruned model's top class differs."}
+                    compare_msg: truth + ("Same top class." if same else "⚠️ The pruned model's top class differs.")}
 
         def on_zip(result):
             try:

@@ -45,6 +45,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast  # noqa: E402
 
 import app as space  # noqa: E402
+from conftest import FAKE_TOKEN  # noqa: E402
 
 
 def tiny_task() -> space.DemoTask:
@@ -115,7 +116,7 @@ def _click(driver, elem_id: str) -> None:
     driver.find_element(By.CSS_SELECTOR, f"#{elem_id}").click()
 
 
-def test_prune_compare_and_rescore_in_browser(url, browser, tmp_path):
+def test_prune_compare_and_rescore_in_browser(url, browser, tmp_path, hub_server):
     browser.get(url)
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prune"))
 
@@ -145,6 +146,11 @@ def test_prune_compare_and_rescore_in_browser(url, browser, tmp_path):
     message = _wait_text(browser, "#compare_msg", "Type some text")
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     assert "Error" in message
+
+    browser.find_element(By.CSS_SELECTOR, "#repo_id textarea").send_keys("tester/tiny-optin")
+    browser.find_element(By.CSS_SELECTOR, "#token input").send_keys(FAKE_TOKEN)
+    _click(browser, "push")
+    _wait_text(browser, "#push_msg", "Pushed to")
 
     browser.save_screenshot(str(tmp_path / "space_app.png"))
     assert (tmp_path / "space_app.png").stat().st_size > 10_000
