@@ -81,10 +81,8 @@ def default_loaders() -> dict[str, Loader]:
 
     def loader(name: str) -> Loader:
         def load() -> DemoTask:
-            try:
-                from optin_hf.defaults import load_default
-            except ImportError as err:
-                raise ValueError(f"The embedded defaults need optin_hf.defaults, which this install lacks ({err}).") from err
+            from optin_hf.defaults import load_default  # imports the training stack only when needed
+
             return load_default(name)
 
         return load
@@ -274,6 +272,15 @@ class SpaceApp:
         self.tasks: dict[tuple, DemoTask] = {}
         self.scores: dict[tuple, CachedScores] = {}
 
+    def resolve(self, choice: str, model_id: str, texts: str, dataset_id: str) -> tuple[tuple, Loader]:
+        """(cache key, loader) of the picked model; a Hub model's key includes its calibration data."""
+        if choice != HUB_CHOICE:
+            return ("named", choice), self.models[choice]
+        if not model_id.strip():
+            raise ValueError("Type a Hub model id, or pick an embedded model.")
+        digest = hashlib.sha256(f"{texts}\n{dataset_id}".encode()).hexdigest()[:12]
+        return ("hub", model_id.strip(), digest), hub_loader(model_id.strip(), texts, dataset_id, self.settings["num_samples"])
+
     def task(self, key: tuple, loader: Loader) -> DemoTask:
         if key not in self.tasks:
             self.tasks[key] = loader()
@@ -324,7 +331,7 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
         gr.Markdown(
             "# ✂️ OPTIN: prune a transformer in one shot\n"
             "Retraining-free structured pruning ([OPTIN, ICLR 2024](https://arxiv.org/abs/2403.17921)) with "
-            "[optin-hf](https://github.com/): heads and FFN neurons are scored by how much removing them disturbs "
+            "**optin-hf**: heads and FFN neurons are scored by how much removing them disturbs "
             "later layers, the best are kept under a MAC budget, and the model is physically slimmed."
         )
         result_state = gr.State(None)
@@ -373,14 +380,7 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
 
         def on_prune(choice, fraction, model_id, texts, dataset_id, progress=gr.Progress(track_tqdm=True)):
             try:
-                if choice == HUB_CHOICE:
-                    if not (model_id or "").strip():
-                        raise ValueError("Type a Hub model id, or pick an embedded model.")
-                    digest = hashlib.sha256(f"{texts}\n{dataset_id}".encode()).hexdigest()[:12]
-                    key, loader = ("hub", model_id.strip(), digest), hub_loader(model_id.strip(), texts or "", dataset_id or "",
-                                                                                 app.settings["num_samples"])
-                else:
-                    key, loader = ("named", choice), app.models[choice]
+                key, loader = app.resolve(choice, model_id or "", texts or "", dataset_id or "")
                 progress(0.0, desc=f"Loading {key[1]}")
                 task = app.task(key, loader)
                 progress(0.05, desc="Scoring heads and neurons (once per model)")
