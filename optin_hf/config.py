@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "optin_config.json"
-ENGINES = ("reference",)
+ENGINES = ("fast", "reference")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -21,6 +22,8 @@ class OptinConfig:
     the paper. `faithful=True` reproduces the reference's undocumented extra weights (position
     prior, last-layer and head decays); `faithful=False` scores with MD + balanced KL only.
     `seq_len=None` counts MACs at the calibration data's average unpadded length.
+    `engine="fast"` gives the reference loop's scores faster; `variants_per_batch=None` sizes its
+    stacked forwards from free memory. `checkpoint_dir` makes scoring resumable.
     """
 
     mac_constraint: float = 0.6
@@ -36,7 +39,10 @@ class OptinConfig:
     importance: str = "optin"
     seed: int = 0
     seq_len: float | None = None
-    engine: str = "reference"
+    engine: str = "fast"
+    variants_per_batch: int | None = None
+    dtype: str = "float32"
+    checkpoint_dir: str | None = None
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +66,12 @@ class OptinConfig:
             raise ValueError(f"importance={self.importance!r} is unknown; choose one of {sorted(CRITERIA)}.")
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r} is unknown; choose one of {list(ENGINES)}.")
+        if self.variants_per_batch is not None and int(self.variants_per_batch) < 1:
+            raise ValueError(f"variants_per_batch={self.variants_per_batch} must be a positive integer (or None: automatic).")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is unknown; choose one of {list(DTYPES)} (half precision is meant for GPUs).")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len={self.seq_len} must be positive (or None to measure it on the data).")
 
