@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "optin_config.json"
-ENGINES = ("reference",)
+ENGINES = ("fast", "reference")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -23,6 +24,8 @@ class OptinConfig:
     `seq_len=None` counts MACs at the calibration data's average unpadded length.
     `base_model_*` name the dense model that was pruned (Hub id, commit sha, transformers class), so a
     masks-only repo can rebuild it; `push_to_hub` fills them in, a value set here overrides what it detects.
+    `engine="fast"` gives the reference loop's scores faster; `variants_per_batch=None` sizes its
+    stacked forwards from free memory. `checkpoint_dir` makes scoring resumable.
     """
 
     mac_constraint: float = 0.6
@@ -38,7 +41,10 @@ class OptinConfig:
     importance: str = "optin"
     seed: int = 0
     seq_len: float | None = None
-    engine: str = "reference"
+    engine: str = "fast"
+    variants_per_batch: int | None = None
+    dtype: str = "float32"
+    checkpoint_dir: str | None = None
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     base_model_class: str | None = None
@@ -63,6 +69,12 @@ class OptinConfig:
             raise ValueError(f"importance={self.importance!r} is unknown; choose one of {sorted(CRITERIA)}.")
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r} is unknown; choose one of {list(ENGINES)}.")
+        if self.variants_per_batch is not None and int(self.variants_per_batch) < 1:
+            raise ValueError(f"variants_per_batch={self.variants_per_batch} must be a positive integer (or None: automatic).")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is unknown; choose one of {list(DTYPES)} (half precision is meant for GPUs).")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len={self.seq_len} must be positive (or None to measure it on the data).")
 

@@ -30,6 +30,16 @@ def _scale_input(mask: torch.Tensor, repeat: int):
 
 
 @contextmanager
+def scale_input(module: nn.Module, mask: torch.Tensor, repeat: int = 1) -> Iterator[None]:
+    """Multiply one module's input by `mask` ([units] or [batch, units], each unit `repeat` wide) in the context."""
+    handle = module.register_forward_pre_hook(_scale_input(mask, repeat))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def apply_masks(
     model: nn.Module,
     adapter: ArchAdapter,

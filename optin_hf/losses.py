@@ -18,11 +18,12 @@ def kl_loss(dense_logits: torch.Tensor | None, masked_logits: torch.Tensor | Non
     """KL(softmax(dense) || softmax(masked)), summed, times T^2.
 
     As in the reference the logits are not divided by T. A bare encoder (no logits) or a
-    one-logit regression head contributes nothing.
+    one-logit regression head contributes nothing. Computed in float64: removing a structure
+    that barely matters moves the logits so little that a float32 KL is mostly rounding error.
     """
     if dense_logits is None or dense_logits.shape[-1] < 2:
-        return torch.zeros(())
-    kl = F.kl_div(F.log_softmax(masked_logits.float(), -1), F.softmax(dense_logits.float(), -1), reduction="sum")
+        return torch.zeros((), dtype=torch.float64)
+    kl = F.kl_div(F.log_softmax(masked_logits.double(), -1), F.softmax(dense_logits.double(), -1), reduction="sum")
     return kl * temperature**2
 
 

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter
-from ..capture import capture_dense
-from ..engine import reference_losses
+from ..engine import compute_raw_losses
 from ..losses import balance, faithful_weights
 from .scores import ImportanceScores
 
@@ -17,17 +16,16 @@ class OptinImportance:
     name = "optin"
 
     def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config) -> ImportanceScores:
-        capture = capture_dense(model, adapter, batches, config.md_tokens, config.seed)
         num_layers = len(adapter.layers_of(model))
         units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
         enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
+        raw = compute_raw_losses(model, adapter, batches, config, {k: n for k, n in units.items() if enabled[k]})
         scores = {}
         for kind, count in units.items():
-            if not enabled[kind]:
+            if kind not in raw:
                 scores[kind] = torch.zeros(num_layers, count)
                 continue
-            raw = reference_losses(model, adapter, batches, capture, kind, count, config.temperature)
-            scores[kind] = balance(raw.md, raw.kl, config.lambda_contribution)
+            scores[kind] = balance(raw[kind].md, raw[kind].kl, config.lambda_contribution)
             if config.faithful:
                 scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
         return ImportanceScores(scores["head"], scores["neuron"], self.name)
