@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 CONFIG_NAME = "optin_config.json"
 ENGINES = ("reference",)
 
@@ -21,6 +23,13 @@ class OptinConfig:
     the paper. `faithful=True` reproduces the reference's undocumented extra weights (position
     prior, last-layer and head decays); `faithful=False` scores with MD + balanced KL only.
     `seq_len=None` counts MACs at the calibration data's average unpadded length.
+
+    `prune_tokens=True` is the reference's vision "tau" mode: heads and neurons take
+    `token_cut_share` of the MAC cut and a per-layer token schedule (run by token merging)
+    takes the rest; False is its `beta_config_only` (parameters alone). Token scores are
+    (MD x geomspace(1, `max_patch_envelope`, layers)[l] + balanced KL) x `patch_metric_decay`,
+    x0.5 in the last layer. `token_cut_share=None` draws the share uniformly in [0.15, 0.30]
+    with `seed`, as the reference does.
     """
 
     mac_constraint: float = 0.6
@@ -37,6 +46,10 @@ class OptinConfig:
     seed: int = 0
     seq_len: float | None = None
     engine: str = "reference"
+    prune_tokens: bool = False
+    max_patch_envelope: float = 100.0
+    patch_metric_decay: float = 1.0
+    token_cut_share: float | None = None
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -60,8 +73,22 @@ class OptinConfig:
             raise ValueError(f"importance={self.importance!r} is unknown; choose one of {sorted(CRITERIA)}.")
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r} is unknown; choose one of {list(ENGINES)}.")
+        if self.max_patch_envelope <= 0 or self.patch_metric_decay <= 0:
+            raise ValueError("max_patch_envelope and patch_metric_decay must be positive.")
+        if self.token_cut_share is not None and not 0.0 <= self.token_cut_share <= 1.0:
+            raise ValueError(
+                f"token_cut_share={self.token_cut_share} is outside [0, 1]: it is the share of the MAC cut that "
+                "heads and neurons take in token mode (None = a seeded draw in [0.15, 0.30])."
+            )
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len={self.seq_len} must be positive (or None to measure it on the data).")
+
+    def resolved_token_cut_share(self) -> float:
+        """The heads-and-neurons share of the MAC cut in token mode: the given one, or a seeded draw."""
+        if self.token_cut_share is not None:
+            return float(self.token_cut_share)
+        generator = torch.Generator().manual_seed(self.seed)
+        return 0.15 + 0.15 * float(torch.rand((), generator=generator, dtype=torch.float64))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

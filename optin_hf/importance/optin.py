@@ -1,5 +1,6 @@
-"""OPTIN's trajectory score: how much removing one structure disturbs the later layers
-(manifold distillation) and the logits (KL)."""
+"""OPTIN's trajectory score: how much removing one structure (a head, a neuron, or in vision
+token mode a token from a layer onward) disturbs the later layers (manifold distillation) and
+the logits (KL)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torch import nn
 from ..arch import ArchAdapter
 from ..capture import capture_dense
 from ..engine import reference_losses
-from ..losses import balance, faithful_weights
+from ..losses import balance, faithful_weights, token_scores
+from ..token_engine import capture_token_grams, reference_token_losses
 from .scores import ImportanceScores
 
 
@@ -30,4 +32,8 @@ class OptinImportance:
             scores[kind] = balance(raw.md, raw.kl, config.lambda_contribution)
             if config.faithful:
                 scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
-        return ImportanceScores(scores["head"], scores["neuron"], self.name)
+        tokens = None
+        if config.prune_tokens:
+            raw = reference_token_losses(model, adapter, batches, capture_token_grams(model, adapter, batches), config.temperature)
+            tokens = token_scores(raw.md, raw.kl, config.lambda_contribution, config.max_patch_envelope, config.patch_metric_decay)
+        return ImportanceScores(scores["head"], scores["neuron"], self.name, tokens)
