@@ -1,5 +1,6 @@
-"""OPTIN's trajectory score: how much removing one structure disturbs the later layers
-(manifold distillation) and the logits (KL)."""
+"""OPTIN's trajectory score: how much removing one structure (a head, a neuron, or in vision
+token mode a token from a layer onward) disturbs the later layers (manifold distillation) and
+the logits (KL)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from torch import nn
 
 from ..arch import ArchAdapter
 from ..engine import compute_raw_losses
-from ..losses import balance, faithful_weights
+from ..losses import balance, faithful_weights, token_scores
+from ..token_engine import capture_token_grams, reference_token_losses
 from .scores import ImportanceScores
 
 
@@ -28,4 +30,8 @@ class OptinImportance:
             scores[kind] = balance(raw[kind].md, raw[kind].kl, config.lambda_contribution)
             if config.faithful:
                 scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
-        return ImportanceScores(scores["head"], scores["neuron"], self.name)
+        tokens = None
+        if config.prune_tokens:
+            token_raw = reference_token_losses(model, adapter, batches, capture_token_grams(model, adapter, batches), config.temperature)
+            tokens = token_scores(token_raw.md, token_raw.kl, config.lambda_contribution, config.max_patch_envelope, config.patch_metric_decay)
+        return ImportanceScores(scores["head"], scores["neuron"], self.name, tokens)
