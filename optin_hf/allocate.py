@@ -1,6 +1,9 @@
-"""The budget search: which heads and neurons to keep under a MAC budget."""
+"""The budget search: which heads and neurons to keep under a MAC budget, and in token mode
+how many tokens each layer holds."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -70,3 +73,96 @@ def allocate(
     neuron_mask = torch.zeros(neuron_scores.numel(), dtype=torch.bool)
     neuron_mask[n_order[:n]] = True
     return PruningMasks(head_mask.view_as(head_scores), neuron_mask.view_as(neuron_scores))
+
+
+MIN_KEPT_SHARE = 0.1  # the reference's floor: a layer never keeps 10% of its tokens or fewer
+
+# costs(schedule) -> (MACs of one head per layer [L], of one neuron per layer [L], fixed MACs).
+Costs = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def kept_tokens(removed: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Which tokens each layer keeps ([num_layers, tokens] bool) when each (layer, position) in
+    `removed` (same shape) is removed from that layer onward, after the reference's clean-up.
+
+    Layer 0 keeps every token. Removal from a layer onward makes each layer's kept set a
+    subset of the previous one's. A layer that would keep as many tokens as the previous one,
+    or MIN_KEPT_SHARE of its tokens or fewer (or no patch token), keeps all of the previous
+    layer's.
+    """
+    num_layers, num_tokens = removed.shape
+    kept = torch.ones(num_layers, num_tokens, dtype=torch.bool)
+    gone = torch.zeros(num_tokens, dtype=torch.bool)
+    for layer in range(1, num_layers):
+        gone |= removed[layer]
+        count = num_tokens - int(gone.sum())
+        shrinks = max(MIN_KEPT_SHARE * num_tokens, num_prefix_tokens) < count < int(kept[layer - 1].sum())
+        kept[layer] = ~gone if shrinks else kept[layer - 1]
+    return kept
+
+
+def remove_tokens(token_scores: torch.Tensor, num_prefix_tokens: int, macs_of: Callable[[list[int]], float], target: float) -> list[int]:
+    """Remove token positions least important first until `macs_of(schedule) <= target`.
+
+    token_scores: [num_layers, tokens]. Candidates are the non-prefix positions of layers
+    1..L-1 (layer 0 and the class/distillation tokens are never removed). After each removal
+    the schedule is re-derived and the MACs recounted; a removal that does not lower them (the
+    token is already gone, or the clean-up undoes it) is skipped. Stops early when no candidate
+    is left; the caller fills or cuts what remains with heads and neurons.
+    """
+    num_layers, num_tokens = token_scores.shape
+    candidates = torch.zeros(num_layers, num_tokens, dtype=torch.bool)
+    candidates[1:, num_prefix_tokens:] = True
+    index = candidates.flatten().nonzero().flatten()
+    order = index[token_scores.flatten()[index].argsort(stable=True)]
+    removed = torch.zeros(num_layers * num_tokens, dtype=torch.bool)
+    schedule = [num_tokens] * num_layers
+    macs = macs_of(schedule)
+    for i in order.tolist():
+        if macs <= target:
+            break
+        removed[i] = True
+        trial = kept_tokens(removed.view(num_layers, num_tokens), num_prefix_tokens).sum(1).tolist()
+        trial_macs = macs_of(trial)
+        if trial_macs < macs:
+            schedule, macs = trial, trial_macs
+        else:
+            removed[i] = False
+    return schedule
+
+
+def allocate_with_tokens(
+    head_scores: torch.Tensor,
+    neuron_scores: torch.Tensor,
+    token_scores: torch.Tensor,
+    costs: Costs,
+    budget: float,
+    params_share: float,
+    num_prefix_tokens: int,
+    prune_heads: bool = True,
+    prune_neurons: bool = True,
+) -> PruningMasks:
+    """OPTIN's tau search: heads, neurons and a token schedule under one MAC budget.
+
+    The cut (base - budget) is split: heads and neurons take `params_share` of it with the
+    usual search at the full token count, tokens the rest (`remove_tokens`, with the kept heads
+    and neurons costed at each layer's token count). Last, heads and neurons are searched
+    again at the schedule's per-layer costs with the whole budget, which fills the MACs that
+    the last token removal overshot (one token in every later layer: several percent on small
+    models) and cuts more if the tokens could not reach the budget.
+    """
+    num_layers, num_tokens = token_scores.shape
+    head_macs, neuron_macs, fixed = costs([num_tokens] * num_layers)
+    base = fixed + float(head_macs.sum()) * head_scores.shape[1] + float(neuron_macs.sum()) * neuron_scores.shape[1]
+    kw = dict(prune_heads=prune_heads, prune_neurons=prune_neurons)
+    first = allocate(head_scores, neuron_scores, head_macs, neuron_macs, base - params_share * (base - budget), fixed, **kw)
+    heads, neurons = first.head_mask.sum(1).double(), first.neuron_mask.sum(1).double()
+
+    def macs_of(schedule: list[int]) -> float:
+        head_macs, neuron_macs, fixed = costs(schedule)
+        return fixed + float((heads * head_macs).sum() + (neurons * neuron_macs).sum())
+
+    schedule = remove_tokens(token_scores, num_prefix_tokens, macs_of, budget)
+    head_macs, neuron_macs, fixed = costs(schedule)
+    masks = allocate(head_scores, neuron_scores, head_macs, neuron_macs, budget, fixed, **kw)
+    return PruningMasks(masks.head_mask, masks.neuron_mask, torch.tensor(schedule))

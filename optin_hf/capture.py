@@ -52,10 +52,18 @@ def md_token_rows(batches: list[dict[str, torch.Tensor]], num_tokens: int, seed:
 
 @torch.no_grad()
 def capture_dense(
-    model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], md_tokens: int, seed: int
+    model: nn.Module,
+    adapter: ArchAdapter,
+    batches: list[dict[str, torch.Tensor]],
+    md_tokens: int,
+    seed: int,
+    rows: list[torch.Tensor] | None = None,
 ) -> DenseCapture:
+    """The dense run on `batches`. `rows` overrides the MD token subset (an engine that
+    re-batches the data passes the same tokens at their new places)."""
     device = next(model.parameters()).device
-    rows = md_token_rows(batches, md_tokens, seed, adapter.default_seq_len(model.config))
+    if rows is None:
+        rows = md_token_rows(batches, md_tokens, seed, adapter.default_seq_len(model.config))
     per_layer: list[list[torch.Tensor]] = [[] for _ in adapter.layers_of(model)]
     logits = []
     with record_features(model, adapter) as features:

@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 CONFIG_NAME = "optin_config.json"
-ENGINES = ("reference",)
+ENGINES = ("fast", "reference")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -23,6 +26,15 @@ class OptinConfig:
     `seq_len=None` counts MACs at the calibration data's average unpadded length.
     `base_model_*` name the dense model that was pruned (Hub id, commit sha, transformers class), so a
     masks-only repo can rebuild it; `push_to_hub` fills them in, a value set here overrides what it detects.
+    `engine="fast"` gives the reference loop's scores faster; `variants_per_batch=None` sizes its
+    stacked forwards from free memory. `checkpoint_dir` makes scoring resumable.
+
+    `prune_tokens=True` is the reference's vision "tau" mode: heads and neurons take
+    `token_cut_share` of the MAC cut and a per-layer token schedule (run by token merging)
+    takes the rest; False is its `beta_config_only` (parameters alone). Token scores are
+    (MD x geomspace(1, `max_patch_envelope`, layers)[l] + balanced KL) x `patch_metric_decay`,
+    x0.5 in the last layer. `token_cut_share=None` draws the share uniformly in [0.15, 0.30]
+    with `seed`, as the reference does.
     """
 
     mac_constraint: float = 0.6
@@ -38,7 +50,14 @@ class OptinConfig:
     importance: str = "optin"
     seed: int = 0
     seq_len: float | None = None
-    engine: str = "reference"
+    engine: str = "fast"
+    variants_per_batch: int | None = None
+    dtype: str = "float32"
+    checkpoint_dir: str | None = None
+    prune_tokens: bool = False
+    max_patch_envelope: float = 100.0
+    patch_metric_decay: float = 1.0
+    token_cut_share: float | None = None
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     base_model_class: str | None = None
@@ -63,8 +82,28 @@ class OptinConfig:
             raise ValueError(f"importance={self.importance!r} is unknown; choose one of {sorted(CRITERIA)}.")
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r} is unknown; choose one of {list(ENGINES)}.")
+        if self.variants_per_batch is not None and int(self.variants_per_batch) < 1:
+            raise ValueError(f"variants_per_batch={self.variants_per_batch} must be a positive integer (or None: automatic).")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is unknown; choose one of {list(DTYPES)} (half precision is meant for GPUs).")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        if self.max_patch_envelope <= 0 or self.patch_metric_decay <= 0:
+            raise ValueError("max_patch_envelope and patch_metric_decay must be positive.")
+        if self.token_cut_share is not None and not 0.0 <= self.token_cut_share <= 1.0:
+            raise ValueError(
+                f"token_cut_share={self.token_cut_share} is outside [0, 1]: it is the share of the MAC cut that "
+                "heads and neurons take in token mode (None = a seeded draw in [0.15, 0.30])."
+            )
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len={self.seq_len} must be positive (or None to measure it on the data).")
+
+    def resolved_token_cut_share(self) -> float:
+        """The heads-and-neurons share of the MAC cut in token mode: the given one, or a seeded draw."""
+        if self.token_cut_share is not None:
+            return float(self.token_cut_share)
+        generator = torch.Generator().manual_seed(self.seed)
+        return 0.15 + 0.15 * float(torch.rand((), generator=generator, dtype=torch.float64))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

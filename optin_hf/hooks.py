@@ -30,6 +30,16 @@ def _scale_input(mask: torch.Tensor, repeat: int):
 
 
 @contextmanager
+def scale_input(module: nn.Module, mask: torch.Tensor, repeat: int = 1) -> Iterator[None]:
+    """Multiply one module's input by `mask` ([units] or [batch, units], each unit `repeat` wide) in the context."""
+    handle = module.register_forward_pre_hook(_scale_input(mask, repeat))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def apply_masks(
     model: nn.Module,
     adapter: ArchAdapter,
@@ -77,3 +87,18 @@ def record_features(model: nn.Module, adapter: ArchAdapter) -> Iterator[list]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def drop_token(model: nn.Module, adapter: ArchAdapter, layer: int, position: int) -> Iterator[None]:
+    """Remove token `position` from the input of `layer` (and so from every later layer) while open."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        return (torch.cat([x[:, :position], x[:, position + 1 :]], dim=1), *args[1:])
+
+    handle = adapter.layers_of(model)[layer].register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -18,11 +18,12 @@ def kl_loss(dense_logits: torch.Tensor | None, masked_logits: torch.Tensor | Non
     """KL(softmax(dense) || softmax(masked)), summed, times T^2.
 
     As in the reference the logits are not divided by T. A bare encoder (no logits) or a
-    one-logit regression head contributes nothing.
+    one-logit regression head contributes nothing. Computed in float64: removing a structure
+    that barely matters moves the logits so little that a float32 KL is mostly rounding error.
     """
     if dense_logits is None or dense_logits.shape[-1] < 2:
-        return torch.zeros(())
-    kl = F.kl_div(F.log_softmax(masked_logits.float(), -1), F.softmax(dense_logits.float(), -1), reduction="sum")
+        return torch.zeros((), dtype=torch.float64)
+    kl = F.kl_div(F.log_softmax(masked_logits.double(), -1), F.softmax(dense_logits.double(), -1), reduction="sum")
     return kl * temperature**2
 
 
@@ -65,3 +66,33 @@ def faithful_weights(num_layers: int, units: int, kind: str) -> torch.Tensor:
     weights = position_prior(units, prior_top).expand(num_layers, units).clone() * decay
     weights[-1] *= 0.5
     return weights
+
+
+def token_gram(feature: torch.Tensor) -> torch.Tensor:
+    """Per-token inter-sample cosine Grams averaged over tokens: [batch, tokens, dim] -> [batch, batch].
+
+    Removing a token changes the token count, so token MD compares these averages instead of
+    token-row Grams. mean_t(X_t X_t^T) is one matmul over the flattened [batch, tokens*dim].
+    """
+    rows = F.normalize(feature.float(), dim=-1)
+    flat = rows.reshape(rows.shape[0], -1)
+    return flat @ flat.T / rows.shape[1]
+
+
+def token_md_loss(dense_gram: torch.Tensor, masked_gram: torch.Tensor) -> torch.Tensor:
+    """Token MD: sum of squared differences of two token-averaged inter-sample Grams ([batch, batch])."""
+    return (dense_gram - masked_gram).pow(2).sum()
+
+
+def token_scores(md: torch.Tensor, kl: torch.Tensor, lambda_contribution: float, max_patch_envelope: float, patch_metric_decay: float) -> torch.Tensor:
+    """The reference's token score from raw losses ([num_layers, tokens] each).
+
+    (MD x depth[l] + balanced KL) x patch_metric_decay, x0.5 in the last layer, with depth =
+    geomspace(1, max_patch_envelope, num_layers) (deeper = larger). The balancing sees the
+    depth-weighted MD and keeps its own running mean (tokens apart from heads and neurons).
+    """
+    num_layers = md.shape[0]
+    depth = torch.logspace(0, math.log10(max_patch_envelope), num_layers, dtype=torch.float64)[:, None]
+    scores = balance(md.double() * depth, kl, lambda_contribution) * patch_metric_decay
+    scores[-1] *= 0.5
+    return scores

@@ -3,13 +3,23 @@
 Per head at sequence length s, hidden d, head size dh: 3*s*d*dh (q, k, v) + 2*s*s*dh
 (scores and context) + s*dh*d (output projection). Per FFN neuron: 2*s*d. Embeddings and
 the classifier are not counted; a vision model's patch embedding is.
+
+With a token schedule, layer i uses s = schedule[i], the number of tokens it really holds,
+class (and distillation) tokens included, because every matmul of the layer runs on all of
+them. (The reference counts s = tokens - 1 there, which disagrees both with its own dense base
+of 197 tokens and with the FLOPs the model runs.) Token merging's similarity matmul, |A|*|B|*d
+per round, is counted too, so the count equals what a FLOP counter measures.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
 from torch import nn
 
 from .arch import check_model
+from .tokens import installed_schedule, merge_rounds
 
 
 def head_macs(seq_len: float, hidden: int, head_dim: int) -> float:
@@ -20,20 +30,49 @@ def neuron_macs(seq_len: float, hidden: int) -> float:
     return 2 * seq_len * hidden
 
 
-def count_macs(model: nn.Module, seq_len: float | None = None) -> float:
+def unit_macs(schedule: Sequence[float], hidden: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MACs of one head and of one neuron in each layer ([num_layers] each) at its token count."""
+    heads = torch.tensor([head_macs(s, hidden, head_dim) for s in schedule], dtype=torch.float64)
+    neurons = torch.tensor([neuron_macs(s, hidden) for s in schedule], dtype=torch.float64)
+    return heads, neurons
+
+
+def merge_macs(schedule: Sequence[int], num_prefix_tokens: int, hidden: int) -> float:
+    """MACs of the matching that takes each layer's input down to its scheduled token count."""
+    total = 0.0
+    for before, after in zip(schedule, schedule[1:]):
+        for size_a, size_b, _ in merge_rounds(before - num_prefix_tokens, after - num_prefix_tokens):
+            total += size_a * size_b * hidden
+    return total
+
+
+def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: Sequence[int] | None = None) -> float:
     """MACs of one example through the encoder of a dense or slimmed model.
 
     `seq_len` defaults to the image's token count for vision models; text needs it given.
+    `token_schedule` (tokens per layer) defaults to the one the model runs, if it merges tokens;
+    a `seq_len` given with a schedule must be its input length, schedule[0].
     """
     adapter = check_model(model)
     config = model.config
-    if seq_len is None:
-        seq_len = adapter.default_seq_len(config)
+    hidden, head_dim = config.hidden_size, adapter.head_dim(config)
+    layers = adapter.layers_of(model)
+    schedule = token_schedule if token_schedule is not None else installed_schedule(model)
+    total = float(adapter.patch_embedding_macs(model))
+    if schedule is not None:
+        if seq_len is not None and seq_len != schedule[0]:
+            raise ValueError(
+                f"seq_len={seq_len} disagrees with the token schedule {list(schedule)}: layer i holds schedule[i] "
+                "tokens, so the input length is schedule[0]. Leave seq_len out."
+            )
+        total += merge_macs(schedule, adapter.num_prefix_tokens, hidden)
+    else:
+        if seq_len is None:
+            seq_len = adapter.default_seq_len(config)
         if seq_len is None:
             raise ValueError("count_macs needs seq_len for a text model (e.g. the average unpadded length).")
-    hidden, head_dim = config.hidden_size, adapter.head_dim(config)
-    total = float(adapter.patch_embedding_macs(model))
-    for layer in adapter.layers_of(model):
-        total += adapter.kept_heads(layer, config) * head_macs(seq_len, hidden, head_dim)
-        total += adapter.kept_neurons(layer) * neuron_macs(seq_len, hidden)
+        schedule = [seq_len] * len(layers)
+    heads, neurons = unit_macs(schedule, hidden, head_dim)
+    for i, layer in enumerate(layers):
+        total += adapter.kept_heads(layer, config) * float(heads[i]) + adapter.kept_neurons(layer) * float(neurons[i])
     return total

@@ -1,4 +1,5 @@
-"""`PruningMasks`: which heads and neurons a pruned model keeps, stored as safetensors."""
+"""`PruningMasks`: which heads and neurons a pruned model keeps (and, for vision models in
+token mode, how many tokens each layer holds), stored as safetensors."""
 
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ def load_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tens
 class PruningMasks:
     """Kept structures of a dense model.
 
-    head_mask: bool [num_layers, num_heads]; neuron_mask: bool [num_layers, intermediate_size].
+    head_mask: bool [num_layers, num_heads]; neuron_mask: bool [num_layers, intermediate_size];
+    token_schedule: int64 [num_layers], tokens each layer holds (prefix tokens included), or
+    None when no tokens are merged.
     """
 
     head_mask: torch.Tensor
     neuron_mask: torch.Tensor
+    token_schedule: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.head_mask = torch.as_tensor(self.head_mask).to(torch.bool).cpu()
@@ -44,6 +48,12 @@ class PruningMasks:
             raise ValueError(
                 f"head_mask has {self.head_mask.shape[0]} layers but neuron_mask has {self.neuron_mask.shape[0]}."
             )
+        if self.token_schedule is not None:
+            self.token_schedule = torch.as_tensor(self.token_schedule).to(torch.int64).cpu()
+            if self.token_schedule.shape != (self.num_layers,):
+                raise ValueError(f"token_schedule must be 1-D with one count per layer ({self.num_layers}); got {tuple(self.token_schedule.shape)}.")
+            if (self.token_schedule[1:] > self.token_schedule[:-1]).any():
+                raise ValueError(f"token_schedule {self.token_schedule.tolist()} increases: a layer cannot hold more tokens than the one before.")
 
     @property
     def num_layers(self) -> int:
@@ -74,13 +84,25 @@ class PruningMasks:
                 f"{tuple(self.neuron_mask.shape)}, but the model needs {tuple(expected.head_mask.shape)} and "
                 f"{tuple(expected.neuron_mask.shape)}. Were they computed for another base model?"
             )
+        if self.token_schedule is not None:
+            adapter = get_adapter(config)
+            tokens, prefix = adapter.default_seq_len(config), adapter.num_prefix_tokens
+            if tokens is None:
+                raise ValueError(f"A token schedule needs a vision model (vit, deit), not {config.model_type!r}.")
+            if int(self.token_schedule[0]) != tokens or int(self.token_schedule[-1]) <= prefix:
+                raise ValueError(
+                    f"token_schedule {self.token_schedule.tolist()} does not fit this model: layer 0 must hold all "
+                    f"{tokens} tokens and every layer more than its {prefix} prefix token(s)."
+                )
+
+    def tokens_per_layer(self) -> list[int] | None:
+        return self.token_schedule.tolist() if self.token_schedule is not None else None
 
     def save(self, path: str | os.PathLike) -> None:
-        save_file(
-            {"head_mask": self.head_mask.to(torch.uint8), "neuron_mask": self.neuron_mask.to(torch.uint8)},
-            str(path),
-            metadata={"format": "optin-masks-v1"},
-        )
+        tensors = {"head_mask": self.head_mask.to(torch.uint8), "neuron_mask": self.neuron_mask.to(torch.uint8)}
+        if self.token_schedule is not None:
+            tensors["token_schedule"] = self.token_schedule
+        save_file(tensors, str(path), metadata={"format": "optin-masks-v1"})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PruningMasks":
@@ -88,4 +110,4 @@ class PruningMasks:
         missing = {"head_mask", "neuron_mask"} - set(tensors)
         if missing:
             raise ValueError(f"{path} lacks {sorted(missing)}: it is not an optin-hf masks file.")
-        return cls(tensors["head_mask"], tensors["neuron_mask"])
+        return cls(tensors["head_mask"], tensors["neuron_mask"], tensors.get("token_schedule"))

@@ -10,14 +10,14 @@ import torch
 from huggingface_hub import CommitInfo
 from torch import nn
 
-from .allocate import allocate
+from .allocate import allocate, allocate_with_tokens
 from .arch import check_model
 from .checkpoint import atomic_directory, write_checkpoint
 from .config import OptinConfig
 from .data import average_length, prepare_calibration
 from .hub import CardMetrics, push_to_hub
 from .importance import CRITERIA, ImportanceScores
-from .macs import count_macs, head_macs, neuron_macs
+from .macs import count_macs, merge_macs, unit_macs
 from .masks import PruningMasks
 from .slim import slim_model
 
@@ -49,15 +49,18 @@ class OptinPruner:
             self.seq_len = average_length(batches) or check_model(model).default_seq_len(model.config)
         return batches
 
-    @staticmethod
-    def _check_dense(model: nn.Module) -> None:
+    def _check_model(self, model: nn.Module):
+        """The adapter of a dense model that this config can prune."""
+        adapter = check_model(model)
         if getattr(model.config, "optin", None):
             raise ValueError("This model is already pruned (config.optin is set); prune the dense base model instead.")
+        if self.config.prune_tokens and not adapter.is_vision:
+            raise ValueError(f"prune_tokens=True reduces image tokens: it needs a vit or deit model, not {model.config.model_type!r}.")
+        return adapter
 
     def compute_scores(self, model: nn.Module, data: Any, tokenizer=None) -> ImportanceScores:
-        """Score every head and neuron of the dense `model` on calibration `data`."""
-        adapter = check_model(model)
-        self._check_dense(model)
+        """Score every head and neuron (and token, in token mode) of the dense `model` on calibration `data`."""
+        adapter = self._check_model(model)
         batches = self._batches(model, data, tokenizer)
         start = time.perf_counter()
         was_training = model.training
@@ -74,8 +77,7 @@ class OptinPruner:
         self, model: nn.Module, data: Any = None, scores: ImportanceScores | None = None, tokenizer=None
     ) -> PruningMasks:
         """Allocate the MAC budget; with `scores` given (or kept from before) nothing is re-scored."""
-        adapter = check_model(model)
-        self._check_dense(model)
+        adapter = self._check_model(model)
         if scores is None and self.scores is None:
             scores = self.compute_scores(model, data, tokenizer)
         elif scores is None:
@@ -88,26 +90,36 @@ class OptinPruner:
             self.seq_len = adapter.default_seq_len(model.config)
         if self.seq_len is None:
             raise ValueError("The MAC sequence length is unknown: pass calibration data or set OptinConfig(seq_len=...).")
-        config = model.config
+        config, c = model.config, self.config
         num_layers = scores.head_scores.shape[0]
-        hidden, head_dim = config.hidden_size, adapter.head_dim(config)
-        base = count_macs(model, self.seq_len)
-        self.masks = allocate(
-            scores.head_scores,
-            scores.neuron_scores,
-            torch.full((num_layers,), head_macs(self.seq_len, hidden, head_dim)),
-            torch.full((num_layers,), neuron_macs(self.seq_len, hidden)),
-            budget=self.config.mac_constraint * base,
-            fixed_macs=adapter.patch_embedding_macs(model),
-            prune_heads=self.config.prune_heads,
-            prune_neurons=self.config.prune_neurons,
-        )
+        hidden, head_dim, prefix = config.hidden_size, adapter.head_dim(config), adapter.num_prefix_tokens
+        budget = c.mac_constraint * count_macs(model, self.seq_len)
+
+        def costs(schedule: list) -> tuple[torch.Tensor, torch.Tensor, float]:
+            heads, neurons = unit_macs(schedule, hidden, head_dim)
+            merging = merge_macs(schedule, prefix, hidden) if c.prune_tokens else 0.0
+            return heads, neurons, adapter.patch_embedding_macs(model) + merging
+
+        kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons)
+        if c.prune_tokens:
+            if scores.token_scores is None:
+                raise ValueError(
+                    f"prune_tokens=True needs token scores, which these {scores.criterion!r} scores lack: score with "
+                    "importance='optin' (or 'random') and prune_tokens=True, or import the reference's rankings."
+                )
+            if self.seq_len != adapter.default_seq_len(config):
+                raise ValueError(f"seq_len={self.seq_len}: in token mode the MACs are counted at the image's {adapter.default_seq_len(config)} tokens.")
+            self.masks = allocate_with_tokens(
+                scores.head_scores, scores.neuron_scores, scores.token_scores, costs, budget, c.resolved_token_cut_share(), prefix, **kw
+            )
+        else:
+            heads, neurons, fixed = costs([self.seq_len] * num_layers)
+            self.masks = allocate(scores.head_scores, scores.neuron_scores, heads, neurons, budget, fixed, **kw)
         return self.masks
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:
         """Slim `model` in place (scoring and allocating first unless `masks` are given)."""
-        check_model(model)
-        self._check_dense(model)
+        self._check_model(model)
         if masks is None:
             masks = self.compute_masks(model, data, tokenizer=tokenizer)
         masks.check_fits(model.config)

@@ -7,6 +7,7 @@ from torch import nn
 
 from .arch import EmptyAttention, check_model, get_submodule, set_submodule
 from .masks import PruningMasks
+from .tokens import install_token_merging
 
 
 def _select_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
@@ -28,7 +29,8 @@ def slim_model(model: nn.Module, masks: PruningMasks) -> nn.Module:
     """Remove the masked heads and neurons from a dense model, in place; returns the model.
 
     A layer left with no head keeps only its attention output bias; one left with no neuron
-    keeps only the FFN output bias. The kept counts are written to `config.optin`.
+    keeps only the FFN output bias. A token schedule in the masks installs token merging
+    (`tokens.TokenMerging`). The kept counts are written to `config.optin`.
     """
     adapter = check_model(model)
     masks.check_fits(model.config)
@@ -52,4 +54,7 @@ def slim_model(model: nn.Module, masks: PruningMasks) -> nn.Module:
         set_submodule(layer, adapter.ffn_up, _select_linear(get_submodule(layer, adapter.ffn_up), neurons, dim=0))
         set_submodule(layer, adapter.ffn_down, _select_linear(get_submodule(layer, adapter.ffn_down), neurons, dim=1))
     model.config.optin = {"heads_per_layer": masks.heads_per_layer(), "neurons_per_layer": masks.neurons_per_layer()}
+    if masks.token_schedule is not None:
+        install_token_merging(model, adapter, masks.tokens_per_layer())
+        model.config.optin["token_schedule"] = masks.tokens_per_layer()
     return model

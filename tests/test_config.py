@@ -38,3 +38,16 @@ def test_unknown_keys_and_missing_file(tmp_path):
         OptinConfig.from_dict({"mac": 0.5})
     with pytest.raises(FileNotFoundError, match="optin_config.json"):
         OptinConfig.from_pretrained(tmp_path)
+
+
+def test_token_settings_and_the_seeded_share():
+    c = OptinConfig()
+    assert not c.prune_tokens and c.token_cut_share is None
+    shares = {OptinConfig(seed=s).resolved_token_cut_share() for s in range(20)}
+    assert all(0.15 <= s <= 0.30 for s in shares) and len(shares) == 20
+    assert OptinConfig(seed=3).resolved_token_cut_share() == OptinConfig(seed=3).resolved_token_cut_share()
+    assert OptinConfig(token_cut_share=0.5).resolved_token_cut_share() == 0.5
+    with pytest.raises(ValueError, match=r"token_cut_share=1.5 is outside \[0, 1\]"):
+        OptinConfig(token_cut_share=1.5)
+    with pytest.raises(ValueError, match="must be positive"):
+        OptinConfig(max_patch_envelope=0)

@@ -28,6 +28,9 @@ def _missing() -> str | None:
     return None
 
 
+# gradio's queue calls a pandas API that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
+
 if (reason := _missing()) is not None:
     pytest.skip(reason, allow_module_level=True)
 

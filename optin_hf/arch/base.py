@@ -6,10 +6,22 @@ reads models only through an adapter, so adding a family means adding one adapte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+# (layer, input of the attention output projection, layer input) -> input of the FFN block
+FinishAttention = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer, input of the FFN block) -> layer output
+FeedForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+# (task model, last layer's output hidden states) -> logits
+Classifier = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _no_logits(model: nn.Module, hidden: torch.Tensor) -> None:
+    return None
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -29,6 +41,11 @@ class ArchAdapter:
     `attn_core` is the module that computes the heads; a layer that keeps no head gets it
     replaced by `EmptyAttention`. When `attn_out` lies inside `attn_core`, the replacement
     keeps that projection so the layer still adds its bias.
+
+    The fast engine runs a layer in pieces so it can start inside it: `finish_attention`
+    (from the heads' concatenated output to the FFN input) and `feed_forward` (from the FFN
+    input to the layer output); `classifiers` maps a task model's class name to the part of
+    its forward after the last layer.
     """
 
     model_types: tuple[str, ...]
@@ -45,6 +62,9 @@ class ArchAdapter:
     all_head_size_attr: str | None = None
     patch_embedding: str | None = None
     num_prefix_tokens: int = 1
+    finish_attention: FinishAttention | None = None
+    feed_forward: FeedForward | None = None
+    classifiers: Mapping[str, Classifier] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def is_vision(self) -> bool:
@@ -74,6 +94,15 @@ class ArchAdapter:
 
     def kept_neurons(self, layer: nn.Module) -> int:
         return get_submodule(layer, self.ffn_up).out_features
+
+    def classifier_of(self, model: nn.Module) -> Classifier | None:
+        """How `model` turns its last hidden states into logits; None if unknown here.
+
+        A bare encoder (`model.base_model is model`) has no logits, so it needs none.
+        """
+        if model.base_model is model:
+            return _no_logits
+        return self.classifiers.get(type(model).__name__)
 
     def default_seq_len(self, config) -> int | None:
         """Tokens per image for vision models (patches + prefix tokens); None for text."""

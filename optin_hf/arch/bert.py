@@ -1,6 +1,26 @@
 """BERT-style text encoders: bert and roberta share one layout."""
 
+import torch
+from torch import nn
+
 from .base import ArchAdapter
+
+
+def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+    return layer.attention.output(heads, layer_input)
+
+
+def _feed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return layer.output(layer.intermediate(hidden), hidden)
+
+
+def _bert_classifier(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.classifier(model.dropout(model.base_model.pooler(hidden)))
+
+
+def _roberta_classifier(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.classifier(hidden)  # RobertaClassificationHead pools token 0 itself
+
 
 BERT = ArchAdapter(
     model_types=("bert", "roberta"),
@@ -15,4 +35,10 @@ BERT = ArchAdapter(
     feature="output.dense",
     head_count_attrs=("num_attention_heads",),
     all_head_size_attr="all_head_size",
+    finish_attention=_finish_attention,
+    feed_forward=_feed_forward,
+    classifiers={
+        "BertForSequenceClassification": _bert_classifier,
+        "RobertaForSequenceClassification": _roberta_classifier,
+    },
 )

@@ -1,6 +1,23 @@
 """DistilBERT: its output projection sits inside the attention module."""
 
+import torch
+from torch import nn
+
 from .base import ArchAdapter
+
+
+def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+    return layer.sa_layer_norm(layer.attention.out_lin(heads) + layer_input)
+
+
+def _feed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return layer.output_layer_norm(layer.ffn(hidden) + hidden)
+
+
+def _classifier(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    pooled = nn.functional.relu(model.pre_classifier(hidden[:, 0]))
+    return model.classifier(model.dropout(pooled))
+
 
 DISTILBERT = ArchAdapter(
     model_types=("distilbert",),
@@ -14,4 +31,7 @@ DISTILBERT = ArchAdapter(
     ffn_down="ffn.lin2",
     feature="ffn.lin2",
     head_count_attrs=("n_heads",),
+    finish_attention=_finish_attention,
+    feed_forward=_feed_forward,
+    classifiers={"DistilBertForSequenceClassification": _classifier},
 )

@@ -2,7 +2,29 @@
 
 from dataclasses import replace
 
+import torch
+from torch import nn
+
 from .base import ArchAdapter
+
+
+def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+    return layer.dropout(layer.attention.o_proj(heads)) + layer_input
+
+
+def _feed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return layer.dropout(layer.mlp(layer.layernorm_after(hidden))) + hidden
+
+
+def _cls_classifier(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.classifier(model.base_model.layernorm(hidden)[:, 0])
+
+
+def _deit_with_teacher(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """DeiT's distilled model always averages its class-token and distillation-token heads."""
+    normed = model.base_model.layernorm(hidden)
+    return (model.cls_classifier(normed[:, 0]) + model.distillation_classifier(normed[:, 1])) / 2
+
 
 VIT = ArchAdapter(
     model_types=("vit",),
@@ -18,7 +40,18 @@ VIT = ArchAdapter(
     head_count_attrs=("num_attention_heads",),
     patch_embedding="embeddings.patch_embeddings.projection",
     num_prefix_tokens=1,
+    finish_attention=_finish_attention,
+    feed_forward=_feed_forward,
+    classifiers={"ViTForImageClassification": _cls_classifier},
 )
 
 # DeiT adds a distillation token after the class token.
-DEIT = replace(VIT, model_types=("deit",), num_prefix_tokens=2)
+DEIT = replace(
+    VIT,
+    model_types=("deit",),
+    num_prefix_tokens=2,
+    classifiers={
+        "DeiTForImageClassification": _cls_classifier,
+        "DeiTForImageClassificationWithTeacher": _deit_with_teacher,
+    },
+)

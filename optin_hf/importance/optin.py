@@ -1,5 +1,6 @@
-"""OPTIN's trajectory score: how much removing one structure disturbs the later layers
-(manifold distillation) and the logits (KL)."""
+"""OPTIN's trajectory score: how much removing one structure (a head, a neuron, or in vision
+token mode a token from a layer onward) disturbs the later layers (manifold distillation) and
+the logits (KL)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter
-from ..capture import capture_dense
-from ..engine import reference_losses
-from ..losses import balance, faithful_weights
+from ..engine import compute_raw_losses
+from ..losses import balance, faithful_weights, token_scores
+from ..token_engine import capture_token_grams, reference_token_losses
 from .scores import ImportanceScores
 
 
@@ -17,17 +18,20 @@ class OptinImportance:
     name = "optin"
 
     def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config) -> ImportanceScores:
-        capture = capture_dense(model, adapter, batches, config.md_tokens, config.seed)
         num_layers = len(adapter.layers_of(model))
         units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
         enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
+        raw = compute_raw_losses(model, adapter, batches, config, {k: n for k, n in units.items() if enabled[k]})
         scores = {}
         for kind, count in units.items():
-            if not enabled[kind]:
+            if kind not in raw:
                 scores[kind] = torch.zeros(num_layers, count)
                 continue
-            raw = reference_losses(model, adapter, batches, capture, kind, count, config.temperature)
-            scores[kind] = balance(raw.md, raw.kl, config.lambda_contribution)
+            scores[kind] = balance(raw[kind].md, raw[kind].kl, config.lambda_contribution)
             if config.faithful:
                 scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
-        return ImportanceScores(scores["head"], scores["neuron"], self.name)
+        tokens = None
+        if config.prune_tokens:
+            token_raw = reference_token_losses(model, adapter, batches, capture_token_grams(model, adapter, batches), config.temperature)
+            tokens = token_scores(token_raw.md, token_raw.kl, config.lambda_contribution, config.max_patch_envelope, config.patch_metric_decay)
+        return ImportanceScores(scores["head"], scores["neuron"], self.name, tokens)

@@ -17,4 +17,7 @@ class RandomImportance:
         num_layers = len(adapter.layers_of(model))
         heads = torch.rand(num_layers, adapter.num_heads(model.config), generator=generator)
         neurons = torch.rand(num_layers, adapter.intermediate_size(model.config), generator=generator)
-        return ImportanceScores(heads, neurons, self.name)
+        tokens = None
+        if config.prune_tokens:
+            tokens = torch.rand(num_layers, adapter.default_seq_len(model.config), generator=generator)
+        return ImportanceScores(heads, neurons, self.name, tokens)

@@ -1,4 +1,5 @@
-"""`ImportanceScores`: one number per head and per neuron, higher = more important."""
+"""`ImportanceScores`: one number per head and per neuron (and per token position of each layer,
+in vision token mode), higher = more important."""
 
 from __future__ import annotations
 
@@ -8,32 +9,58 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
+from ..arch import get_adapter
 from ..masks import PruningMasks, load_safetensors
+from .rankings import scores_from_rankings
 
 SCORES_NAME = "optin_scores.safetensors"
 
 
 @dataclass
 class ImportanceScores:
-    """head_scores: [num_layers, num_heads]; neuron_scores: [num_layers, intermediate_size]."""
+    """head_scores: [num_layers, num_heads]; neuron_scores: [num_layers, intermediate_size];
+    token_scores: [num_layers, tokens] of removing token position p from layer l onward (vision
+    token mode; layer 0 and the prefix tokens are never removed), or None."""
 
     head_scores: torch.Tensor
     neuron_scores: torch.Tensor
     criterion: str = "optin"
+    token_scores: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.head_scores = torch.as_tensor(self.head_scores, dtype=torch.float64).cpu()
         self.neuron_scores = torch.as_tensor(self.neuron_scores, dtype=torch.float64).cpu()
+        if self.token_scores is not None:
+            self.token_scores = torch.as_tensor(self.token_scores, dtype=torch.float64).cpu()
 
     def check_fits(self, config) -> None:
         PruningMasks(self.head_scores != 0, self.neuron_scores != 0).check_fits(config)
+        if self.token_scores is not None:
+            tokens = get_adapter(config).default_seq_len(config)
+            if self.token_scores.shape != (self.head_scores.shape[0], tokens):
+                raise ValueError(
+                    f"token_scores {tuple(self.token_scores.shape)} do not fit this model, which needs "
+                    f"[{self.head_scores.shape[0]}, {tokens}] (layers x tokens per image)."
+                )
+
+    @classmethod
+    def from_reference_rankings(
+        cls, head_pkl: str | os.PathLike, neuron_pkl: str | os.PathLike, model_config
+    ) -> "ImportanceScores":
+        """Import the reference's published rankings (`head_ranking_body.pkl`,
+        `neuron_ranking_body.pkl`) for a model with `model_config`, without running their code.
+
+        The pickles are read by a restricted unpickler that only rebuilds tensors (see
+        `importance.rankings`); anything else is refused with an error naming the global.
+        """
+        heads, neurons, tokens = scores_from_rankings(head_pkl, neuron_pkl, model_config)
+        return cls(heads, neurons, "optin-reference", tokens)
 
     def save(self, path: str | os.PathLike) -> None:
-        save_file(
-            {"head_scores": self.head_scores, "neuron_scores": self.neuron_scores},
-            str(path),
-            metadata={"format": "optin-scores-v1", "criterion": self.criterion},
-        )
+        tensors = {"head_scores": self.head_scores, "neuron_scores": self.neuron_scores}
+        if self.token_scores is not None:
+            tensors["token_scores"] = self.token_scores
+        save_file(tensors, str(path), metadata={"format": "optin-scores-v1", "criterion": self.criterion})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ImportanceScores":
@@ -44,4 +71,4 @@ class ImportanceScores:
             raise ValueError(f"{path} lacks head_scores/neuron_scores: it is not an optin-hf scores file.")
         with safe_open(str(path), "pt") as f:
             criterion = (f.metadata() or {}).get("criterion", "unknown")
-        return cls(tensors["head_scores"], tensors["neuron_scores"], criterion)
+        return cls(tensors["head_scores"], tensors["neuron_scores"], criterion, tensors.get("token_scores"))

@@ -1,0 +1,183 @@
+"""The fast engine: the same masked runs as the reference, without the repeated work.
+
+- Prefix caching: a structure of layer i cannot change layers before i, so a run starts at
+  layer i from the dense run's cached inputs. A head run starts from the cached heads'
+  output (the input of the attention output projection), a neuron run from the FFN input,
+  so the attention of layer i is not recomputed either.
+- Batched variants: several candidates of one layer ride in one forward, stacked along the
+  batch dimension, each with its own mask.
+- Length buckets: examples are re-batched by length, so little padding is computed. The MD
+  rows are the same real tokens at their new places, so the losses do not change.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..arch import ArchAdapter, get_submodule
+from ..capture import capture_dense
+from ..hooks import scale_input
+from ..losses import kl_loss, later_layers, md_loss
+from .buckets import bucket_by_length
+from .memory import auto_variants, bytes_per_variant
+from .prefix import LayerCall, record_layer_calls
+
+# Largest relative error the adapter's layer pieces may show against the dense run.
+REPLAY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Tiler:
+    """Repeats batch-shaped tensors once per variant (variant-major), each tensor once per forward."""
+
+    def __init__(self, batch: int, variants: int):
+        self.batch, self.variants = batch, variants
+        self.tiled: dict[int, torch.Tensor] = {}
+
+    def __call__(self, x):
+        if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] != self.batch or self.variants == 1:
+            return x
+        if id(x) not in self.tiled:  # every layer gets the same attention mask: tile it once
+            self.tiled[id(x)] = x.repeat(self.variants, *([1] * (x.dim() - 1)))
+        return self.tiled[id(x)]
+
+    def call(self, call: LayerCall) -> tuple[tuple, dict]:
+        return tuple(self(a) for a in call.args), {k: self(v) for k, v in call.kwargs.items()}
+
+
+class FastRunner:
+    """Runs the candidates of one layer in stacks of `variants` from the dense run's cache."""
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], config):
+        self.model, self.adapter = model, adapter
+        self.layers = adapter.layers_of(model)
+        self.classifier = adapter.classifier_of(model)
+        self.temperature = config.temperature
+        self.device = next(model.parameters()).device
+        buckets = bucket_by_length(
+            batches, config.batch_size, config.md_tokens, config.seed, adapter.default_seq_len(model.config)
+        )
+        with record_layer_calls(model, adapter) as calls:
+            self.capture = capture_dense(model, adapter, buckets.batches, config.md_tokens, config.seed, buckets.rows)
+        self.calls = calls
+        self.rows = [r.to(self.device) for r in buckets.rows]
+        dtype = getattr(torch, config.dtype)
+        self._check_replay(REPLAY_TOLERANCE[dtype])
+        self.variants = config.variants_per_batch or self._auto_variants(config.md_tokens, dtype)
+
+    def _auto_variants(self, md_tokens: int, dtype: torch.dtype) -> int:
+        batch, tokens = max((calls[0].hidden.shape[:2] for calls in self.calls), key=lambda shape: shape[0] * shape[1])
+        config = self.model.config
+        per_variant = bytes_per_variant(
+            batch,
+            tokens,
+            config.hidden_size,
+            self.adapter.intermediate_size(config),
+            self.adapter.num_heads(config),
+            len(self.layers),
+            md_tokens,
+            torch.finfo(dtype).bits // 8,
+        )
+        return auto_variants(self.device, per_variant, batch * tokens)
+
+    @torch.no_grad()
+    def _check_replay(self, tolerance: float) -> None:
+        """Refuse a model whose layers or classifier the adapter's pieces do not reproduce."""
+
+        def check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+            error = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+            if error > tolerance:
+                raise RuntimeError(
+                    f"The fast engine does not reproduce {type(self.model).__name__}'s dense run ({what}: relative "
+                    f"error {error:.2e}); its adapter does not match this model. Use OptinConfig(engine='reference')."
+                )
+
+        calls = self.calls[0]
+        for i, layer in enumerate(self.layers):
+            want = calls[i + 1].hidden if i + 1 < len(self.layers) else calls[i].output
+            finished = self.adapter.finish_attention(layer, calls[i].heads, calls[i].hidden)
+            check(self.adapter.feed_forward(layer, finished), want, f"layer {i} in pieces")
+            check(_first(layer(calls[i].hidden, *calls[i].args, **calls[i].kwargs)), want, f"layer {i} replayed")
+        if self.capture.logits is not None:
+            logits = self.classifier(self.model, calls[-1].output)
+            check(logits, self.capture.logits[: len(logits)], "classifier")
+
+    @contextmanager
+    def _record_rows(self, judged: range, bucket: int, variants: int) -> Iterator[dict[int, torch.Tensor]]:
+        """rows[z]: [variants, k, hidden], layer z's normalised MD rows of this bucket, per variant.
+
+        A judged feature that the run does not recompute (it lies before the mask) is absent.
+        """
+        rows: dict[int, torch.Tensor] = {}
+
+        def keep(z: int):
+            def hook(module, args, output):
+                feature = output.reshape(variants, -1, output.shape[-1]).index_select(1, self.rows[bucket])
+                rows[z] = F.normalize(feature.float(), dim=-1)
+
+            return hook
+
+        handles = [get_submodule(self.layers[z], self.adapter.feature).register_forward_hook(keep(z)) for z in judged]
+        try:
+            yield rows
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _forward(
+        self, kind: str, layer: int, unit_mask: torch.Tensor, bucket: int
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """One stacked forward of bucket `bucket` from inside `layer`; unit_mask: [variants, units]."""
+        calls = self.calls[bucket]
+        call = calls[layer]
+        variants, batch = unit_mask.shape[0], call.hidden.shape[0]
+        tile = _Tiler(batch, variants)
+        module = self.layers[layer]
+        if kind == "head":
+            target, width = self.adapter.attn_out, self.adapter.head_dim(self.model.config)
+        else:
+            target, width = self.adapter.ffn_down, 1
+        judged = later_layers(layer, len(self.layers))
+        with scale_input(get_submodule(module, target), unit_mask.repeat_interleave(batch, 0), width):
+            with self._record_rows(judged, bucket, variants) as rows:
+                if kind == "head":
+                    ffn_input = self.adapter.finish_attention(module, tile(call.heads), tile(call.hidden))
+                else:  # the attention of the layer is unchanged: finish it once, then tile
+                    ffn_input = tile(self.adapter.finish_attention(module, call.heads, call.hidden))
+                hidden = self.adapter.feed_forward(module, ffn_input)
+                for z in range(layer + 1, len(self.layers)):
+                    args, kwargs = tile.call(calls[z])
+                    hidden = _first(self.layers[z](hidden, *args, **kwargs))
+                logits = self.classifier(self.model, hidden)
+        return rows, logits
+
+    @torch.no_grad()
+    def run(self, kind: str, layer: int, indices: list[int], units: int) -> list[tuple[float, float]]:
+        """(MD, KL) of each candidate `indices` of `layer`, all in stacked forwards."""
+        variants = len(indices)
+        unit_mask = torch.ones(variants, units, device=self.device)
+        unit_mask[torch.arange(variants, device=self.device), torch.tensor(indices, device=self.device)] = 0.0
+        rows: dict[int, list[torch.Tensor]] = {z: [] for z in later_layers(layer, len(self.layers))}
+        logits: list[torch.Tensor] = []
+        for bucket in range(len(self.calls)):
+            bucket_rows, bucket_logits = self._forward(kind, layer, unit_mask, bucket)
+            for z, r in bucket_rows.items():
+                rows[z].append(r)
+            if bucket_logits is not None:
+                logits.append(bucket_logits.float().reshape(variants, -1, bucket_logits.shape[-1]))
+        results = []
+        for v in range(variants):
+            # A judged layer with no rows lies before the mask (a ViT's last-layer feature): its MD is 0.
+            md = sum(float(md_loss(self.capture.grams[z], torch.cat([r[v] for r in per_bucket])))
+                     for z, per_bucket in rows.items() if per_bucket)
+            masked = torch.cat([out[v] for out in logits]) if logits else None
+            results.append((md, float(kl_loss(self.capture.logits, masked, self.temperature))))
+        return results

@@ -1,0 +1,45 @@
+"""How many mask variants to stack in one forward: as many as fit the free memory.
+
+Past a few tens of thousands of tokens per forward a device runs no faster, so the
+automatic choice also stops there and leaves the rest of the memory alone.
+"""
+
+from __future__ import annotations
+
+import psutil
+import torch
+
+# Memory share a scoring run may take: the rest is left to the caller (and, on CPU, the system).
+MEMORY_SHARE = {"cuda": 0.6, "cpu": 0.25}
+# Tokens per forward past which throughput no longer grows (measured on CPU; GPUs saturate later).
+SATURATING_TOKENS = {"cuda": 1 << 19, "cpu": 1 << 15}
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def bytes_per_variant(
+    batch: int, tokens: int, hidden: int, intermediate: int, heads: int, num_layers: int, md_tokens: int, elem: int
+) -> int:
+    """Peak memory one variant of a [batch, tokens] bucket adds to a forward.
+
+    Live activations of one layer (hidden-sized tensors, the FFN intermediate, attention scores
+    and probabilities), its copy of the extended attention mask, and the MD rows it keeps for
+    every judged layer until the candidate's loss is computed.
+    """
+    n = batch * tokens
+    activations = n * (8 * hidden + 2 * intermediate) * elem + 2 * batch * heads * tokens * tokens * elem
+    mask = batch * tokens * tokens * 4
+    rows = md_tokens * hidden * 4 * num_layers
+    return activations + mask + rows
+
+
+def auto_variants(device: torch.device, per_variant: int, tokens_per_variant: int) -> int:
+    """Variants per forward that fit the device's memory share and do not pass saturation."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    by_memory = int(free_memory(device) * MEMORY_SHARE[kind]) // max(per_variant, 1)
+    by_speed = SATURATING_TOKENS[kind] // max(tokens_per_variant, 1)
+    return max(1, min(by_memory, by_speed))

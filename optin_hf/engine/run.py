@@ -1,0 +1,138 @@
+"""A scoring run: every candidate's raw MD and KL, by the chosen engine, shared between
+processes, checkpointed as it goes, with a progress bar on the main process.
+
+Engines return raw losses only; balancing and weights come afterwards in the reference
+order (`losses.balance`), so the order in which candidates are run does not matter.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ContextManager, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import ArchAdapter
+from .checkpoint import FORMAT, LossCheckpoint, fingerprint
+from .distributed import gather, process_state, share
+from .fast import FastRunner
+from .reference import ReferenceRunner
+
+KINDS = ("head", "neuron")
+
+Candidate = tuple[str, int, int]  # (kind, layer, index)
+
+
+@dataclass
+class RawLosses:
+    """Unbalanced losses per candidate. Each tensor is [num_layers, units] (units = heads or neurons)."""
+
+    md: torch.Tensor
+    kl: torch.Tensor
+
+
+def precision(device: torch.device, dtype: torch.dtype) -> ContextManager:
+    """Half precision by autocast: the weights stay untouched, matmuls run in `dtype`, and the
+    losses are still computed in fp32."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def candidates(units: dict[str, int], num_layers: int) -> list[Candidate]:
+    """Every candidate in the reference's order: heads, then neurons; layer by layer; index by index."""
+    kinds = [kind for kind in KINDS if kind in units]
+    return [(kind, layer, index) for kind in kinds for layer in range(num_layers) for index in range(units[kind])]
+
+
+def chunks(items: list[Candidate], size: int) -> Iterator[list[Candidate]]:
+    """Runs of at most `size` consecutive candidates of one kind and layer (one stacked forward)."""
+    chunk: list[Candidate] = []
+    for item in items:
+        if chunk and (len(chunk) == size or item[:2] != chunk[0][:2]):
+            yield chunk
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        yield chunk
+
+
+def _runner(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], config):
+    if config.engine == "fast":
+        if adapter.feed_forward is not None and adapter.classifier_of(model) is not None:
+            return FastRunner(model, adapter, batches, config)
+        warnings.warn(
+            f"The fast engine does not know how {type(model).__name__} turns hidden states into logits, so this "
+            "run uses the reference engine (one full forward per candidate). Add the class to its adapter's "
+            "`classifiers` to make it fast.",
+            stacklevel=3,
+        )
+    return ReferenceRunner(model, adapter, batches, config)
+
+
+def _settings(model: nn.Module, config, units: dict[str, int], num_layers: int) -> dict:
+    """The settings raw losses depend on (the fingerprint's readable part)."""
+    return {
+        "format": FORMAT,
+        "engine": config.engine,
+        "dtype": config.dtype,
+        "md_tokens": config.md_tokens,
+        "seed": config.seed,
+        "temperature": config.temperature,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "units": units,
+        "num_layers": num_layers,
+    }
+
+
+@torch.no_grad()
+def compute_raw_losses(
+    model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], config, units: dict[str, int]
+) -> dict[str, RawLosses]:
+    """Raw MD and KL of every candidate of the kinds in `units` ({"head": num_heads, ...})."""
+    num_layers = len(adapter.layers_of(model))
+    device = next(model.parameters()).device
+    dtype = getattr(torch, config.dtype)
+    state = process_state(device)
+    tensors: dict[str, torch.Tensor] = {}
+    for kind, count in units.items():
+        tensors[f"{kind}.md"] = torch.zeros(num_layers, count, dtype=torch.float64)
+        tensors[f"{kind}.kl"] = torch.zeros(num_layers, count, dtype=torch.float64)
+        tensors[f"{kind}.done"] = torch.zeros(num_layers, count, dtype=torch.bool)
+    checkpoint = None
+    if config.checkpoint_dir is not None:
+        tag = fingerprint(model, batches, _settings(model, config, units, num_layers))
+        checkpoint = LossCheckpoint(config.checkpoint_dir, tag, state.process_index)
+        checkpoint.load_into(tensors)
+    state.wait_for_everyone()  # every process has read the checkpoint before any writes to it
+    todo = [c for c in candidates(units, num_layers) if not tensors[f"{c[0]}.done"][c[1], c[2]]]
+    mine = share(todo, state)
+    computed: list[tuple[str, int, int, float, float]] = []
+    if mine:
+        with precision(device, dtype):
+            runner = _runner(model, adapter, batches, config)
+            desc = "OPTIN scoring" + (f" ({state.num_processes} processes)" if state.num_processes > 1 else "")
+            bar = tqdm(total=len(mine), desc=desc, unit="cand", disable=not state.is_main_process)
+            for chunk in chunks(mine, runner.variants):
+                kind, layer = chunk[0][:2]
+                bar.set_postfix_str(f"{kind}s of layer {layer}", refresh=False)
+                losses = runner.run(kind, layer, [index for _, _, index in chunk], units[kind])
+                for (_, _, index), (md, kl) in zip(chunk, losses):
+                    tensors[f"{kind}.md"][layer, index] = md
+                    tensors[f"{kind}.kl"][layer, index] = kl
+                    tensors[f"{kind}.done"][layer, index] = True
+                    computed.append((kind, layer, index, md, kl))
+                if checkpoint is not None:
+                    checkpoint.save(tensors)
+                bar.update(len(chunk))
+            bar.close()
+    for kind, layer, index, md, kl in gather(computed, state):
+        tensors[f"{kind}.md"][layer, index] = md
+        tensors[f"{kind}.kl"][layer, index] = kl
+        tensors[f"{kind}.done"][layer, index] = True
+    missing = sum(int((~tensors[f"{kind}.done"]).sum()) for kind in units)
+    if missing:
+        raise RuntimeError(f"{missing} candidates were not scored by any process; the run is incomplete.")
+    return {kind: RawLosses(tensors[f"{kind}.md"], tensors[f"{kind}.kl"]) for kind in units}

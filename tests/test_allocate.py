@@ -1,0 +1,76 @@
+import torch
+
+from optin_hf.allocate import allocate_with_tokens, kept_tokens, remove_tokens
+from optin_hf.macs import merge_macs, unit_macs
+
+
+def removed_at(num_layers: int, num_tokens: int, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    removed = torch.zeros(num_layers, num_tokens, dtype=torch.bool)
+    for layer, position in pairs:
+        removed[layer, position] = True
+    return removed
+
+
+def check_schedule_rules(kept: torch.Tensor, num_prefix_tokens: int) -> None:
+    counts = kept.sum(1)
+    assert kept[0].all() and kept[:, :num_prefix_tokens].all()
+    for layer in range(1, kept.shape[0]):
+        assert not (kept[layer] & ~kept[layer - 1]).any()  # a subset of the previous layer's
+        shrinks = counts[layer] < counts[layer - 1]
+        assert not shrinks or counts[layer] > 0.1 * kept.shape[1]
+
+
+def test_kept_tokens_follow_the_reference_clean_up():
+    # 4 layers x 20 tokens (1 prefix). Layer 1 drops 2, layer 2 adds nothing new, layer 3 would
+    # leave 2 tokens (10% of 20): it keeps layer 2's set instead. Layer-0 removals are ignored.
+    removed = removed_at(4, 20, [(0, 5), (1, 3), (1, 4), (2, 3), (3, 1)] + [(3, p) for p in range(5, 20)])
+    kept = kept_tokens(removed, 1)
+    assert kept.sum(1).tolist() == [20, 18, 18, 18]
+    assert not kept[1, 3] and not kept[1, 4] and kept[1, 5]
+    check_schedule_rules(kept, 1)
+
+
+def test_kept_tokens_are_removed_from_their_layer_onward():
+    kept = kept_tokens(removed_at(3, 10, [(1, 2), (2, 7)]), 1)
+    assert kept.sum(1).tolist() == [10, 9, 8] and not kept[2, 2] and not kept[2, 7]
+    check_schedule_rules(kept, 1)
+
+
+def test_remove_tokens_least_important_first_until_target():
+    scores = torch.arange(4 * 9, dtype=torch.float64).view(4, 9).flip(0)  # the last layer matters least
+    scores[:, 0] = -1.0  # the class token is never a candidate, whatever its score
+    costs = lambda schedule: float(sum(schedule))  # noqa: E731
+    # Layer 3 goes first, down to 2 tokens (1 would leave no patch token), then layer 2.
+    assert remove_tokens(scores, 1, costs, target=25.0) == [9, 9, 5, 2]
+
+
+def test_remove_tokens_skips_removals_that_do_not_lower_macs():
+    scores = torch.zeros(3, 10, dtype=torch.float64)
+    scores[2] = -1.0  # layer 2 first: 8 removals, then the 10% floor stops it; layer 1 follows
+    schedule = remove_tokens(scores, 1, lambda s: float(sum(s)), target=0.0)
+    assert schedule == [10, 2, 2]
+
+
+def test_allocate_with_tokens_splits_the_cut_and_fills_the_budget():
+    num_layers, num_tokens, hidden, head_dim = 4, 17, 64, 16
+    g = torch.Generator().manual_seed(0)
+    heads, neurons, tokens = torch.rand(4, 4, generator=g), torch.rand(4, 128, generator=g), torch.rand(4, 17, generator=g)
+
+    def costs(schedule):
+        h, n = unit_macs(schedule, hidden, head_dim)
+        return h, n, merge_macs(schedule, 1, hidden)
+
+    h, n, _ = costs([num_tokens] * num_layers)
+    base = float(h.sum() * 4 + n.sum() * 128)
+    totals, filled = {}, {}
+    for share in (0.0, 0.3, 1.0):
+        masks = allocate_with_tokens(heads, neurons, tokens, costs, 0.5 * base, share, 1)
+        schedule = masks.tokens_per_layer()
+        h, n, fixed = costs(schedule)
+        total = fixed + float((masks.head_mask.sum(1) * h).sum() + (masks.neuron_mask.sum(1) * n).sum())
+        assert total <= 0.5 * base
+        totals[share], filled[share] = sum(schedule), total / (0.5 * base)
+    assert totals[0.0] < totals[0.3] < totals[1.0] == num_layers * num_tokens  # share 1: heads and neurons only
+    # Heads and neurons refill what the last token removal overshot; with share 0 they are all
+    # kept already, so that case stays within one token's MACs of the budget.
+    assert filled[0.3] >= 0.99 and filled[1.0] >= 0.99 and filled[0.0] > 0.9

@@ -1,0 +1,234 @@
+"""The fast engine gives the reference loop's scores, however the data is batched, the
+candidates are split between processes, or the run is interrupted and resumed."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from engine_worker import WORKER_CONFIG
+from safetensors import safe_open
+from scipy.stats import spearmanr
+from tiny import calibration, tiny_model
+from transformers import BertConfig, BertForNextSentencePrediction, DeiTConfig, DeiTForImageClassificationWithTeacher
+
+from optin_hf import ImportanceScores, OptinConfig, OptinPruner
+from optin_hf.arch import get_adapter
+from optin_hf.capture import md_token_rows
+from optin_hf.data import prepare_calibration
+from optin_hf.engine.buckets import bucket_by_length
+from optin_hf.engine.fast import FastRunner
+from optin_hf.engine.memory import SATURATING_TOKENS, auto_variants
+
+TESTS = Path(__file__).parent
+TOTAL = 3 * (4 + 48)  # candidates of a tiny model: 3 layers of 4 heads and 48 neurons
+
+
+def score(arch: str, data=None, model=None, **settings) -> ImportanceScores:
+    config = OptinConfig(**{**WORKER_CONFIG, **settings})
+    return OptinPruner(config).compute_scores(model or tiny_model(arch), calibration(arch) if data is None else data)
+
+
+def assert_same_scores(got: ImportanceScores, want: ImportanceScores, rtol: float = 1e-4) -> None:
+    for name in ("head_scores", "neuron_scores"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert float(((a - b).abs() / b.abs()).max()) < rtol, name
+        assert torch.equal(a.flatten().argsort(), b.flatten().argsort()), f"{name}: the ranking differs"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy small machine spinning threads cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_process_run(tmp_path_factory):
+    """A 2-process CPU (gloo) run of the worker, started with the module so that its slow start
+    (two interpreters importing torch) overlaps the in-process tests."""
+    out = tmp_path_factory.mktemp("two-processes") / "scores.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "engine_worker.py"), str(out)]
+    worker = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    yield worker, out
+    if worker.poll() is None:  # the test did not run or failed early
+        worker.kill()
+        worker.communicate()
+
+
+@pytest.fixture(scope="module")
+def fast_bert() -> ImportanceScores:
+    return score("bert")
+
+
+def worker_env() -> dict[str, str]:
+    """The worker imports optin_hf and tests/tiny.py; one thread each, the machine has few cores."""
+    path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def done_count(checkpoint_dir: Path) -> int:
+    files = list(checkpoint_dir.glob("raw_losses.*.safetensors"))
+    if not files:
+        return 0
+    with safe_open(str(files[0]), "pt") as f:
+        return int(f.get_tensor("head.done").sum() + f.get_tensor("neuron.done").sum())
+
+
+@pytest.mark.parametrize("arch", ["bert", "vit"])
+def test_fast_engine_matches_reference_loop(arch, fast_bert):
+    fast = fast_bert if arch == "bert" else score(arch)
+    assert_same_scores(fast, score(arch, engine="reference"))
+
+
+def test_buckets_keep_the_md_tokens_and_cut_padding():
+    lengths = [3, 17, 5, 16, 4, 9, 18, 6, 11, 2, 15, 7]
+    # Every token id names its example and position, so the chosen tokens can be compared.
+    examples = [{"input_ids": torch.arange(n) + 100 * e} for e, n in enumerate(lengths)]
+    batches = prepare_calibration(examples, num_samples=12, batch_size=5, max_length=64)
+    rows = md_token_rows(batches, 30, 0, None)
+    buckets = bucket_by_length(batches, 5, 30, 0, None)
+    chosen = lambda bs, rs: sorted(int(t) for b, r in zip(bs, rs) for t in b["input_ids"].flatten()[r])  # noqa: E731
+    assert chosen(buckets.batches, buckets.rows) == chosen(batches, rows)
+    assert all(b["attention_mask"].flatten()[r].all() for b, r in zip(buckets.batches, buckets.rows))
+    padded = lambda bs: sum(int((b["attention_mask"] == 0).sum()) for b in bs)  # noqa: E731
+    assert padded(buckets.batches) < padded(batches) / 2
+
+
+def test_scores_do_not_depend_on_batching_padding_or_stacking(fast_bert):
+    data = calibration("bert")
+    padded = [{"input_ids": torch.nn.functional.pad(d["input_ids"], (0, 24 - len(d["input_ids"]))),
+               "attention_mask": (torch.arange(24) < len(d["input_ids"])).long()} for d in data]
+    assert_same_scores(score("bert", padded), fast_bert)
+    assert_same_scores(score("bert", batch_size=12), fast_bert)
+    assert_same_scores(score("bert", variants_per_batch=1), fast_bert)
+
+
+def test_two_processes_give_the_same_scores_as_one(two_process_run, fast_bert):
+    worker, out = two_process_run
+    _, stderr = worker.communicate(timeout=240)
+    assert worker.returncode == 0, stderr[-3000:]
+    assert "OPTIN scoring (2 processes)" in stderr
+    assert_same_scores(ImportanceScores.load(out), fast_bert, rtol=1e-6)
+
+
+def test_run_interrupted_by_an_exception_resumes_and_matches(tmp_path, monkeypatch):
+    run = FastRunner.run
+    computed: list[int] = []
+
+    def failing_run(self, kind, layer, indices, units):
+        if len(computed) >= 40:
+            raise RuntimeError("injected failure")
+        computed.extend(indices)
+        return run(self, kind, layer, indices, units)
+
+    monkeypatch.setattr(FastRunner, "run", failing_run)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        score("bert", checkpoint_dir=tmp_path, variants_per_batch=7)
+    assert done_count(tmp_path) == len(computed) and 0 < len(computed) < TOTAL
+
+    before = len(computed)
+    computed.clear()
+
+    def counting_run(self, kind, layer, indices, units):
+        computed.extend(indices)
+        return run(self, kind, layer, indices, units)
+
+    monkeypatch.setattr(FastRunner, "run", counting_run)
+    resumed = score("bert", checkpoint_dir=tmp_path, variants_per_batch=7)
+    assert len(computed) == TOTAL - before  # only the candidates the first run had not finished
+    uninterrupted = score("bert", variants_per_batch=7)
+    assert torch.equal(resumed.head_scores, uninterrupted.head_scores)
+    assert torch.equal(resumed.neuron_scores, uninterrupted.neuron_scores)
+
+
+def test_run_killed_by_sigkill_resumes_and_matches(tmp_path):
+    checkpoint_dir = tmp_path / "ckpt"
+    cmd = [sys.executable, str(TESTS / "engine_worker.py"), str(tmp_path / "unused.safetensors"),
+           "--checkpoint-dir", str(checkpoint_dir), "--variants", "2", "--delay", "0.2"]
+    worker = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while done_count(checkpoint_dir) < 10:
+            assert worker.poll() is None, worker.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the worker wrote no checkpoint in time"
+            time.sleep(0.05)
+        os.kill(worker.pid, signal.SIGKILL)
+    finally:
+        worker.kill()
+        worker.wait()
+        worker.stderr.close()
+    assert worker.returncode == -signal.SIGKILL
+    assert 10 <= done_count(checkpoint_dir) < TOTAL
+    resumed = score("bert", checkpoint_dir=checkpoint_dir, variants_per_batch=2)
+    assert done_count(checkpoint_dir) == TOTAL
+    assert_same_scores(resumed, score("bert", variants_per_batch=2), rtol=1e-6)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    score("bert", checkpoint_dir=tmp_path, prune_neurons=False)
+    with pytest.raises(ValueError, match="calibration data"):
+        score("bert", calibration("bert", seed=5), checkpoint_dir=tmp_path, prune_neurons=False)
+    with pytest.raises(ValueError, match="model weights"):
+        score("bert", model=tiny_model("bert", seed=1), checkpoint_dir=tmp_path, prune_neurons=False)
+    with pytest.raises(ValueError, match="md_tokens: 40 there, 30 now"):
+        score("bert", checkpoint_dir=tmp_path, prune_neurons=False, md_tokens=30)
+
+
+def test_precision_options_are_validated_and_half_precision_runs(fast_bert):
+    with pytest.raises(ValueError, match="dtype='int8' is unknown"):
+        OptinConfig(dtype="int8")
+    with pytest.raises(ValueError, match="variants_per_batch=0"):
+        OptinConfig(variants_per_batch=0)
+    half = score("bert", dtype="bfloat16")  # autocast; on CPU too, though it is meant for GPUs
+    assert spearmanr(half.neuron_scores.flatten(), fast_bert.neuron_scores.flatten())[0] > 0.95
+
+
+def test_every_adapter_reproduces_its_models_in_pieces():
+    deit = DeiTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+    )
+    torch.manual_seed(0)
+    extra = {"deit": DeiTForImageClassificationWithTeacher(deit).eval()}
+    for arch in ["bert", "bert-encoder", "roberta", "distilbert", "vit", "deit"]:
+        for model in [tiny_model(arch), extra.get(arch)]:
+            if model is None:
+                continue
+            data = calibration(arch if arch != "bert-encoder" else "bert")
+            batches = prepare_calibration(data, num_samples=12, batch_size=5, max_length=64)
+            FastRunner(model, get_adapter(model), batches, OptinConfig(**WORKER_CONFIG))  # checks the replay
+
+
+def test_an_adapter_that_does_not_reproduce_the_model_is_refused():
+    model = tiny_model("bert")
+    wrong = dataclasses.replace(get_adapter(model), feed_forward=lambda layer, hidden: hidden)
+    batches = prepare_calibration(calibration("bert"), num_samples=12, batch_size=5, max_length=64)
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        FastRunner(model, wrong, batches, OptinConfig(**WORKER_CONFIG))
+
+
+def test_unknown_task_head_falls_back_to_reference_loop():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48)
+    model = BertForNextSentencePrediction(config).eval()
+    with pytest.warns(UserWarning, match="uses the reference engine"):
+        fast = score("bert", model=model, prune_neurons=False)
+    reference = score("bert", model=model, prune_neurons=False, engine="reference")
+    assert torch.equal(fast.head_scores, reference.head_scores)
+
+
+def test_automatic_stack_size_respects_memory_and_saturation():
+    cpu = torch.device("cpu")
+    assert auto_variants(cpu, per_variant=1, tokens_per_variant=1024) == SATURATING_TOKENS["cpu"] // 1024
+    assert auto_variants(cpu, per_variant=1 << 60, tokens_per_variant=1) == 1
