@@ -11,10 +11,17 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "good bad great awful fine poor nice terrible movie film plot actor the a was is".split()
+
+
+def _binary(path: str) -> str | None:
+    """`path` if executable, else the same program found on PATH (or None)."""
+    return path if os.access(path, os.X_OK) else shutil.which(Path(path).name)
+
+
+CHROMIUM = _binary("/usr/bin/chromium")
+CHROMEDRIVER = _binary("/usr/bin/chromedriver")
 
 
 def _missing() -> str | None:
@@ -22,9 +29,9 @@ def _missing() -> str | None:
     for module in ("gradio", "selenium"):
         if importlib.util.find_spec(module) is None:
             return f"python package {module!r} is not installed (pip install -e '.[space]')"
-    for binary in (CHROMIUM, CHROMEDRIVER):
-        if not (os.access(binary, os.X_OK) or shutil.which(Path(binary).name)):
-            return f"{binary} is missing (run .ci/browser)"
+    for name, binary in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)):
+        if binary is None:
+            return f"{name} is not installed (bash .ci/browser installs chromium and chromium-driver)"
     return None
 
 
