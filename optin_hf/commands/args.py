@@ -1,0 +1,128 @@
+"""The one argparse definition of `optimum-cli optin ...` and `python -m optin_hf ...`.
+
+Imports nothing heavy: optimum-cli builds these parsers at every start, whatever command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+from ..config import OptinConfig
+
+TASK_CHOICES = ("text-classification", "image-classification")
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` report bad arguments in one line (argparse prints its whole usage first)."""
+
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data (a local folder or file, or a Hub dataset)")
+    group.add_argument("--default", metavar="NAME", help="an embedded default (bbc-news, tweet-sentiment, digits-vit): its "
+                       "data, and for prune its model; prune uses bbc-news when neither --model nor --default is given")
+    group.add_argument("--dataset", metavar="PATH_OR_NAME",
+                       help="a datasets.save_to_disk folder, a .csv/.json/.jsonl/.parquet file, or a Hub dataset name")
+    group.add_argument("--dataset-config", metavar="NAME", help="the Hub dataset's configuration, e.g. mrpc for nyu-mll/glue")
+    group.add_argument("--calibration-split", default="train", metavar="SPLIT",
+                       help="split to draw calibration examples from; slicing works: 'train[:80%%]' (default: train)")
+    group.add_argument("--eval-split", default="validation", metavar="SPLIT",
+                       help="split to measure the metric on, e.g. 'train[80%%:]' for a single csv (default: validation)")
+    group.add_argument("--text-column", metavar="COLUMN", help="text column (default: detected, e.g. text, sentence, premise)")
+    group.add_argument("--text-pair-column", metavar="COLUMN", help="second text of sentence pairs (e.g. hypothesis)")
+    group.add_argument("--image-column", metavar="COLUMN", help="image column (default: detected: pixel_values, image, img)")
+    group.add_argument("--label-column", default="label", metavar="COLUMN", help="label column (default: label)")
+    group.add_argument("--max-eval-samples", type=int, metavar="N", help="evaluate on the first N examples only")
+    group.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading whole splits")
+    group.add_argument("--metric", metavar="NAME", help="accuracy (default; evaluate: the pruning run's) or glue/<task>, "
+                       "e.g. glue/mrpc (accuracy, f1), glue/stsb (pearson, spearmanr)")
+
+
+def add_prune_args(parser: argparse.ArgumentParser) -> None:
+    one_line_errors(parser)
+    parser.add_argument("--model", metavar="PATH_OR_REPO", help="fine-tuned model folder or Hub id (default: an embedded default)")
+    parser.add_argument("--task", choices=TASK_CHOICES, help="default: image-classification for ViT/DeiT, else text")
+    parser.add_argument("--processor", metavar="PATH_OR_REPO", help="tokenizer or image processor, if not stored with the model")
+    _add_data(parser)
+    optin = parser.add_argument_group("OPTIN settings (see OptinConfig)")
+    optin.add_argument("--mac-constraint", type=float, default=OptinConfig.mac_constraint, metavar="F",
+                       help=f"fraction of the MACs to keep (default: {OptinConfig.mac_constraint})")
+    optin.add_argument("--importance", default=OptinConfig.importance, metavar="NAME",
+                       help=f"importance criterion: {OptinConfig.importance} (default) or a baseline such as magnitude or random")
+    optin.add_argument("--num-samples", type=int, default=OptinConfig.num_samples, metavar="N",
+                       help=f"calibration examples (default: {OptinConfig.num_samples})")
+    optin.add_argument("--max-length", type=int, default=OptinConfig.max_length, metavar="N",
+                       help=f"truncate texts to N tokens (default: {OptinConfig.max_length})")
+    optin.add_argument("--seed", type=int, default=OptinConfig.seed,
+                       help=f"seeds the calibration draw and the MD token subset (default: {OptinConfig.seed})")
+    optin.add_argument("--faithful", action=argparse.BooleanOptionalAction, default=OptinConfig.faithful,
+                       help="apply the reference's extra score weights (default: %(default)s)")
+    parser.add_argument("--device", help="where to prune and time, e.g. cpu or cuda (default: cuda if available)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", metavar="DIR", help="folder for the pruned model and report (default: <name>-optin-<F>)")
+    out.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo (masks only unless --full)")
+    out.add_argument("--full", action="store_true", help="with --push-to-hub: upload the slim weights too")
+
+
+def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
+    one_line_errors(parser)
+    parser.add_argument("--model", required=True, metavar="DIR_OR_REPO",
+                        help="a folder written by `optin prune`, or a dense model")
+    parser.add_argument("--task", choices=TASK_CHOICES, help="default: from the model's architecture")
+    parser.add_argument("--max-length", type=int, metavar="N",
+                        help=f"truncate texts to N tokens (default: the pruning run's, or {OptinConfig.max_length})")
+    parser.add_argument("--device", help="where to evaluate and time, e.g. cpu or cuda (default: cuda if available)")
+    _add_data(parser)
+    parser.epilog = "Without --dataset or --default, the data named in DIR/optin_report.json is used."
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    one_line_errors(parser)
+    parser.add_argument("recipe", metavar="RECIPE.yaml", help="a recipe file, e.g. recipes/minilm-bbc-news.yaml")
+    parser.add_argument("--output", metavar="DIR", help="override the recipe's output folder")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+
+
+COMMANDS = (
+    Command("prune", "prune a model (default: the embedded BBC News MiniLM) and report what it gained", add_prune_args),
+    Command("evaluate", "measure a pruned or dense model: metric, MACs, latency", add_evaluate_args),
+    Command("recipe", "run a YAML recipe end to end", add_recipe_args),
+)
+DESCRIPTION = "OPTIN structured pruning (retraining-free) of transformers into physically smaller models."
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    """The `python -m optin_hf` parser: the same subcommands as `optimum-cli optin`."""
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    one_line_errors(parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(c.name for c in COMMANDS) + "}")
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_args(sub)
+    return parser
+
+
+def run_command(name: str, args: argparse.Namespace) -> int:
+    """Run a parsed command; our errors become one `error: ...` line and exit status 1."""
+    from .run import RUNNERS  # heavy (torch, transformers): only once a command really runs
+
+    try:
+        RUNNERS[name](args)
+    except (ValueError, OSError, ImportError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,72 @@
+"""Wall-clock latency of dense and slim models on the same inputs, timed in turns.
+
+The runs of the compared models alternate, so a slow spell of a shared machine hits all of
+them alike; the median of several runs then gives a ratio that noise hardly moves.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .arch import check_model
+
+
+def synthetic_inputs(model: nn.Module, batch_size: int, seq_len: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch shaped like the MAC count assumes: `round(seq_len)` real tokens (text), or images.
+
+    Text gets no padding, so the timed work is what the MAC formulas count at `seq_len`.
+    """
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    if check_model(model).is_vision:
+        shape = (batch_size, config.num_channels, config.image_size, config.image_size)
+        return {"pixel_values": torch.randn(shape, generator=generator)}
+    tokens = max(1, round(seq_len))
+    ids = torch.randint(min(5, config.vocab_size - 1), config.vocab_size, (batch_size, tokens), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    model(**inputs)
+    if inputs and next(iter(inputs.values())).is_cuda:
+        torch.cuda.synchronize()  # CUDA runs asynchronously: wait, or only the launch is timed
+
+
+@torch.no_grad()
+def time_models(
+    models: dict[str, nn.Module],
+    inputs: dict[str, torch.Tensor],
+    runs: int = 7,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Seconds per forward of each model on `inputs` (moved to its device): `runs` each, in turns.
+
+    `clock` is wall time; `time.process_time` gives CPU time instead, which other processes
+    on a shared machine hardly disturb (with one torch thread it is the idle-machine latency).
+    """
+    if runs < 1:
+        raise ValueError(f"runs={runs} must be at least 1.")
+    placed = {}
+    for name, model in models.items():
+        model.eval()
+        device = next(model.parameters()).device
+        placed[name] = {k: v.to(device) for k, v in inputs.items()}
+        for _ in range(warmup):
+            _forward(model, placed[name])
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(runs):
+        for name, model in models.items():
+            start = clock()
+            _forward(model, placed[name])
+            times[name].append(clock() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

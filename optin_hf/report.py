@@ -1,0 +1,292 @@
+"""What pruning bought and cost: dense vs pruned metric, MACs, parameters, latency, kept structures.
+
+`measure` evaluates and times the models on this machine; `Report` prints the comparison as a
+table and writes it next to the model as `optin_report.json` and `optin_report.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .arch import check_model
+from .latency import median, synthetic_inputs, time_models
+from .macs import count_macs
+from .metrics import Metric
+from .task_data import Encoder, LabelEncoder, TaskData, eval_rows
+
+REPORT_JSON = "optin_report.json"
+REPORT_PNG = "optin_report.png"
+LATENCY_BATCH = 32
+LATENCY_RUNS = 7
+
+
+@dataclass
+class ModelStats:
+    """One model's numbers. metrics: None when there was no evaluation split."""
+
+    metrics: dict[str, float] | None
+    macs: float
+    parameters: int
+    latency_s: float
+    throughput: float
+    heads_per_layer: list[int]
+    neurons_per_layer: list[int]
+
+
+@dataclass
+class Report:
+    """The comparison of `stats` ("dense" and "pruned", or one model for `optin evaluate`)."""
+
+    model: str
+    task: str
+    metric: str
+    metric_source: str
+    main_metric: str
+    seq_len: float
+    eval_samples: int
+    latency: dict[str, Any]
+    stats: dict[str, ModelStats]
+    num_heads: int
+    intermediate_size: int
+    optin: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def ratios(self) -> dict[str, float] | None:
+        """pruned / dense for MACs, parameters and latency; speedup = dense / pruned latency."""
+        if not {"dense", "pruned"} <= set(self.stats):
+            return None
+        dense, pruned = self.stats["dense"], self.stats["pruned"]
+        ratios = {
+            "macs": pruned.macs / dense.macs,
+            "parameters": pruned.parameters / dense.parameters,
+            "latency": pruned.latency_s / dense.latency_s,
+            "speedup": dense.latency_s / pruned.latency_s,
+        }
+        if dense.metrics and pruned.metrics:
+            ratios.update({f"{k}_drop": dense.metrics[k] - pruned.metrics[k] for k in dense.metrics})
+        return ratios
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ratios": self.ratios()}
+
+    def save(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        (folder / REPORT_JSON).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        if self.ratios() is not None:
+            self.plot(folder / REPORT_PNG)
+
+    def table(self) -> str:
+        names = list(self.stats)
+        compare = self.ratios() is not None
+        ratios = self.ratios() or {}
+        header = ("", *names, *(["pruned vs dense"] if compare else []))
+        rows: list[tuple[str, ...]] = []
+
+        def row(label: str, values: list[str], ratio: str = "") -> None:
+            rows.append((label, *values, *([ratio] if compare else [])))
+
+        for key in self.stats[names[0]].metrics or []:
+            drop = f"{-100 * ratios[f'{key}_drop'] + 0.0:+.2f} pt" if f"{key}_drop" in ratios else ""
+            row(f"{key} (x100)", [_points(self.stats[n].metrics, key) for n in names], drop)
+        row(f"MACs at {self.seq_len:.2f} tokens", [_si(self.stats[n].macs) for n in names], f"{ratios.get('macs', 0):.3f}")
+        row("parameters", [_si(self.stats[n].parameters) for n in names], f"{ratios.get('parameters', 0):.3f}")
+        row(
+            f"latency, batch {self.latency['batch_size']}",
+            [f"{1000 * self.stats[n].latency_s:.1f} ms" for n in names],
+            _speed(ratios.get("speedup", 1.0)),
+        )
+        row("throughput", [f"{self.stats[n].throughput:.1f} ex/s" for n in names])
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = [f"optin-hf report: {self.model} ({self.task})"]
+        if self.optin:
+            o = self.optin
+            lines.append(
+                f"OPTIN: mac_constraint={o['mac_constraint']}, importance={o['importance']}, faithful={o['faithful']}, "
+                f"num_samples={o['num_samples']}, seed={o['seed']}"
+            )
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+        for n in [n for n in names if not (compare and n == "dense")]:  # dense keeps everything
+            stats = self.stats[n]
+            heads, neurons = " ".join(map(str, stats.heads_per_layer)), " ".join(map(str, stats.neurons_per_layer))
+            lines.append(f"heads kept per layer, {n} (of {self.num_heads}): {heads}")
+            lines.append(f"neurons kept per layer, {n} (of {self.intermediate_size}): {neurons}")
+        if self.timings:
+            lines.append("pruning took " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in self.timings.items()))
+        lat = self.latency
+        lines.append(
+            f"{self.metric} on {self.eval_samples} examples, computed by {self.metric_source}; latency on {lat['device']}: "
+            f"median of {lat['runs']} interleaved runs at {lat['tokens']} tokens/example, {lat['threads']} torch threads"
+        )
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Heads and neurons kept per layer, and the metric against the MACs kept (dense and pruned)."""
+        # A bare Figure renders with Agg and leaves pyplot's global backend and state alone.
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+
+        dense, pruned = self.stats["dense"], self.stats["pruned"]
+        ratios = self.ratios()
+        layers = np.arange(len(pruned.heads_per_layer))
+        fig = Figure(figsize=(15, 4.8), layout="constrained")
+        axes = fig.subplots(1, 3)
+        for ax, kept, total, what in (
+            (axes[0], pruned.heads_per_layer, self.num_heads, "attention heads"),
+            (axes[1], pruned.neurons_per_layer, self.intermediate_size, "FFN neurons"),
+        ):
+            ax.bar(layers, [total] * len(layers), color="#dddddd", label="dense")
+            bars = ax.bar(layers, kept, color="#3b75af", label="kept")
+            ax.bar_label(bars, fontsize=7 if total >= 1000 else 8, padding=2)
+            ax.set_xticks(layers)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylim(0, total * 1.22)
+            ax.set_xlabel("layer")
+            ax.set_ylabel(f"{what} per layer")
+            ax.set_title(f"{what}: {sum(kept)} of {total * len(layers)} kept")
+            ax.legend(loc="upper left", ncols=2, fontsize=8, frameon=False)
+        ax = axes[2]
+        key = self.main_metric
+        if dense.metrics and pruned.metrics:
+            points = [
+                (100.0, 100 * dense.metrics[key], "dense", "#7f7f7f"),
+                (100 * ratios["macs"], 100 * pruned.metrics[key], "pruned", "#3b75af"),
+            ]
+            ax.plot([p[0] for p in points], [p[1] for p in points], color="#bbbbbb", zorder=1)
+            for x, y, name, color in points:
+                ax.scatter([x], [y], s=80, color=color, zorder=3)
+                ax.annotate(f"{name}: {y:.2f}", (x, y), textcoords="offset points", xytext=(0, 10), ha="center", fontsize=9)
+            values = [p[1] for p in points]
+            spread = max(1.0, max(values) - min(values))
+            ax.set_ylim(min(values) - spread, max(values) + spread)
+            ax.set_ylabel(f"{key} (x100)")
+        else:
+            ax.text(0.5, 0.5, "no evaluation split", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlim(0, 120)
+        ax.set_xlabel(f"MACs, % of dense ({_si(dense.macs)} at {self.seq_len:.1f} tokens)")
+        batch = self.latency["batch_size"]
+        ax.set_title(f"{self.metric} vs MACs; measured {_speed(ratios['speedup'])} at batch {batch}")
+        ax.grid(alpha=0.3)
+        fig.suptitle(f"OPTIN pruning report: {self.model}")
+        fig.savefig(path, dpi=110)
+
+
+def _speed(speedup: float) -> str:
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
+def _points(metrics: dict[str, float] | None, key: str) -> str:
+    return f"{100 * metrics[key]:.2f}" if metrics else "n/a"
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, data: TaskData, encoder: Encoder, labels: LabelEncoder, metric: Metric, batch_size: int = 32
+) -> tuple[dict[str, float], int, float | None]:
+    """(metric values, examples, average unpadded tokens or None for images) on the evaluation split."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows = eval_rows(data.evaluation, data.max_eval_samples)
+    predictions, references, tokens = [], [], []
+    while chunk := list(islice(rows, batch_size)):
+        batch = encoder.batch(chunk)
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        predictions.append(logits[:, 0] if metric.regression else logits.argmax(-1))
+        references.append(labels([row[data.columns.label] for row in chunk]))
+        if "attention_mask" in batch:
+            tokens.append(batch["attention_mask"].sum(-1))
+    if not predictions:
+        raise ValueError("The evaluation split is empty.")
+    values = metric.compute(torch.cat(predictions).numpy(), np.concatenate(references))
+    average = float(torch.cat(tokens).float().mean()) if tokens else None
+    return values, len(np.concatenate(references)), average
+
+
+def kept_per_layer(model: nn.Module) -> tuple[list[int], list[int]]:
+    adapter = check_model(model)
+    layers = adapter.layers_of(model)
+    return [adapter.kept_heads(layer, model.config) for layer in layers], [adapter.kept_neurons(layer) for layer in layers]
+
+
+def measure(
+    models: dict[str, nn.Module],
+    *,
+    name: str,
+    data: TaskData,
+    encoder: Encoder,
+    labels: LabelEncoder | None,
+    metric: Metric,
+    seq_len: float | None = None,
+    optin: dict[str, Any] | None = None,
+    timings: dict[str, float] | None = None,
+    runs: int = LATENCY_RUNS,
+) -> Report:
+    """Evaluate and time `models` (same base architecture) and gather a `Report`.
+
+    `seq_len` is the length MACs are counted at; None takes the evaluation split's average.
+    """
+    metrics: dict[str, dict[str, float] | None] = {}
+    samples, average = 0, None
+    for key, model in models.items():
+        metrics[key] = None
+        if data.evaluation is not None and labels is not None:
+            metrics[key], samples, average = evaluate_model(model, data, encoder, labels, metric)
+    reference = next(iter(models.values()))
+    adapter = check_model(reference)
+    seq_len = seq_len or average or adapter.default_seq_len(reference.config)
+    if seq_len is None:
+        raise ValueError("The MAC sequence length is unknown: there is no evaluation text to measure it on.")
+    inputs = synthetic_inputs(reference, LATENCY_BATCH, seq_len)
+    times = time_models(models, inputs, runs=runs)
+    stats = {}
+    for key, model in models.items():
+        latency = median(times[key])
+        heads, neurons = kept_per_layer(model)
+        stats[key] = ModelStats(
+            metrics=metrics[key],
+            macs=count_macs(model, seq_len),
+            parameters=sum(p.numel() for p in model.parameters()),
+            latency_s=latency,
+            throughput=LATENCY_BATCH / latency,
+            heads_per_layer=heads,
+            neurons_per_layer=neurons,
+        )
+    return Report(
+        model=name,
+        task=data.task,
+        metric=metric.name,
+        metric_source=metric.source,
+        main_metric=metric.main,
+        seq_len=float(seq_len),
+        eval_samples=samples,
+        latency={
+            "batch_size": LATENCY_BATCH,
+            "tokens": max(1, round(seq_len)),
+            "runs": runs,
+            "threads": torch.get_num_threads(),
+            "device": str(next(reference.parameters()).device),
+        },
+        stats=stats,
+        num_heads=adapter.num_heads(reference.config),
+        intermediate_size=adapter.intermediate_size(reference.config),
+        optin=optin,
+        timings=timings or {},
+        data=data.record,
+    )

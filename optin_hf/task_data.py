@@ -1,0 +1,251 @@
+"""Task data for the CLI and recipes: load a dataset, pick its splits and columns, encode rows.
+
+A dataset is a `datasets.save_to_disk` folder, a csv/json/parquet file, or a Hub name. Splits
+take datasets' slicing syntax (`train[:80%]`) in all three cases, so one file can give both
+the calibration and the evaluation examples without overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import datasets
+import numpy as np
+import torch
+from datasets.arrow_reader import ReadInstruction
+
+from .data import MODEL_INPUTS, collate
+
+TASKS = ("text-classification", "image-classification")
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Detected in this order when no column is named: GLUE's pairs first, so QNLI's
+# (question, sentence) is never read as single sentences.
+TEXT_PAIRS = (("premise", "hypothesis"), ("question1", "question2"), ("question", "sentence"), ("sentence1", "sentence2"))
+TEXTS = ("text", "sentence", "content")
+IMAGES = ("pixel_values", "image", "img")
+SHUFFLE_BUFFER = 10_000
+
+AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a task's data lives and which columns hold what (None: detected from the names)."""
+
+    path: str
+    config: str | None = None
+    calibration_split: str = "train"
+    eval_split: str | None = "validation"
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    image_column: str | None = None
+    label_column: str = "label"
+    max_eval_samples: int | None = None
+    streaming: bool = False
+
+    def __post_init__(self) -> None:
+        if self.text_pair_column and not self.text_column:
+            raise ValueError("text_pair_column needs text_column (the first text of each pair).")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"max_eval_samples={self.max_eval_samples} must be a positive integer.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DataSpec":
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown dataset keys {unknown}; valid keys are {known}.")
+        if "path" not in values:
+            raise ValueError("The dataset needs a path: a save_to_disk folder, a csv/json/parquet file or a Hub name.")
+        return cls(**values)
+
+
+def _split_of_saved(saved: datasets.Dataset | datasets.DatasetDict, split: str) -> datasets.Dataset:
+    """A split (with slicing) of a `load_from_disk` result; a lone Dataset is the split "train"."""
+    splits = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+    parts = ReadInstruction.from_spec(split).to_absolute({name: len(ds) for name, ds in splits.items()})
+    selected = [splits[p.splitname].select(range(p.from_, p.to)) for p in parts]
+    return selected[0] if len(selected) == 1 else datasets.concatenate_datasets(selected)
+
+
+def load_split(spec: DataSpec, split: str) -> AnyDataset:
+    """One split of the dataset `spec` names; local paths win over Hub names."""
+    path = Path(spec.path).expanduser()
+    if path.is_dir():
+        if spec.streaming:
+            raise ValueError("streaming applies to data files and Hub datasets, not to a save_to_disk folder.")
+        return _split_of_saved(datasets.load_from_disk(str(path)), split)
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if path.is_file():
+        if builder is None:
+            raise ValueError(f"{path} is not a data file optin-hf reads: use {sorted(FILE_BUILDERS)} or a save_to_disk folder.")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split=split, streaming=spec.streaming)
+        except ValueError as err:  # a data file has one split, "train"
+            raise ValueError(f"{err} Slice it into calibration and evaluation: 'train[:80%]' and 'train[80%:]'.") from err
+    if builder is not None or spec.path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"Dataset {spec.path} does not exist.")
+    return datasets.load_dataset(spec.path, spec.config, split=split, streaming=spec.streaming)
+
+
+def column_names(dataset: AnyDataset) -> list[str]:
+    # A streamed dataset may not know its features before the first row.
+    return list(dataset.column_names or next(iter(dataset)))
+
+
+@dataclass(frozen=True)
+class Columns:
+    """inputs: (text,), (text, text_pair) or (image,); label: the target column."""
+
+    inputs: tuple[str, ...]
+    label: str
+
+
+def resolve_columns(
+    names: list[str],
+    task: str,
+    text: str | None = None,
+    text_pair: str | None = None,
+    image: str | None = None,
+    label: str = "label",
+) -> Columns:
+    """The named columns, checked to exist, or the usual ones detected from `names`."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {list(TASKS)}.")
+    named = [c for c in (text, text_pair, image) if c]
+    missing = [c for c in named if c not in names]
+    if missing:
+        raise ValueError(f"Column(s) {missing} not in the dataset; it has {names}.")
+    if task == "image-classification":
+        inputs = (image,) if image else next(((c,) for c in IMAGES if c in names), ())
+    elif text:
+        inputs = (text, text_pair) if text_pair else (text,)
+    else:
+        inputs = next((pair for pair in TEXT_PAIRS if set(pair) <= set(names)), ())
+        inputs = inputs or next(((c,) for c in TEXTS if c in names), ())
+    if not inputs:
+        kind = "an image column (--image-column)" if task == "image-classification" else "a text column (--text-column)"
+        raise ValueError(f"Cannot tell which column holds the inputs among {names}: name {kind}.")
+    return Columns(tuple(inputs), label)
+
+
+class Encoder:
+    """Rows -> model inputs: text through the tokenizer (pairs as pairs), images through the
+    image processor, or a ready `pixel_values` column as is."""
+
+    def __init__(self, task: str, columns: Columns, processor: Any, max_length: int):
+        self.is_image = task == "image-classification"
+        self.columns = columns
+        self.processor = processor
+        self.max_length = max_length
+        if processor is None and columns.inputs[0] != "pixel_values":
+            raise ValueError(f"Column {columns.inputs[0]!r} needs a tokenizer or image processor, and the model has none.")
+
+    def examples(self, rows: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """One unpadded dict of tensors per row."""
+        first = self.columns.inputs[0]
+        if first == "pixel_values":
+            return [{"pixel_values": torch.as_tensor(np.asarray(row[first]), dtype=torch.float32)} for row in rows]
+        if self.is_image:
+            images = [row[first] if getattr(row[first], "mode", "RGB") == "RGB" else row[first].convert("RGB") for row in rows]
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            return [{"pixel_values": p} for p in pixels]
+        texts = [row[first] for row in rows]
+        pairs = [row[self.columns.inputs[1]] for row in rows] if len(self.columns.inputs) == 2 else None
+        encoded = self.processor(texts, pairs, truncation=True, max_length=self.max_length)
+        keys = [k for k in encoded if k in MODEL_INPUTS]
+        return [{k: torch.tensor(encoded[k][i]) for k in keys} for i in range(len(rows))]
+
+    def batch(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """A padded batch (attention_mask marks the real tokens)."""
+        return collate(self.examples(rows))
+
+
+class LabelEncoder:
+    """Dataset labels -> what the model predicts: class ids in the model's order, or scores.
+
+    When the dataset's class names and the model's `label2id` name the same classes, ids are
+    matched by name (a checkpoint may order them differently from the dataset); string labels
+    (e.g. from a csv) must be names in `label2id`.
+    """
+
+    def __init__(self, feature: Any, config):
+        self.num_labels = config.num_labels
+        self.regression = config.num_labels == 1
+        model_ids = {str(name).lower(): int(i) for name, i in (config.label2id or {}).items()}
+        self.by_name = model_ids if not all(n.startswith("label_") for n in model_ids) else {}
+        names = list(getattr(feature, "names", None) or [])
+        matched = names and all(n.lower() in self.by_name for n in names)
+        self.remap = [self.by_name[n.lower()] for n in names] if matched else None
+
+    def __call__(self, values: list[Any]) -> np.ndarray:
+        if self.regression:
+            return np.asarray(values, dtype=np.float64)
+        if values and isinstance(values[0], str):
+            unknown = sorted({v for v in values if v.lower() not in self.by_name})
+            if unknown:
+                raise ValueError(f"Labels {unknown[:5]} are not classes of the model (its label2id: {sorted(self.by_name)}).")
+            return np.asarray([self.by_name[v.lower()] for v in values])
+        ids = np.asarray(values, dtype=np.int64)
+        if (ids < 0).any():
+            raise ValueError("The evaluation split has unlabeled examples (label -1, as in GLUE's test splits): use a labeled split.")
+        if (ids >= (len(self.remap) if self.remap else self.num_labels)).any():
+            raise ValueError(f"Label {int(ids.max())} is out of range for a model with {self.num_labels} labels.")
+        return np.asarray(self.remap)[ids] if self.remap else ids
+
+
+def calibration_rows(dataset: AnyDataset, num_samples: int, seed: int) -> list[dict[str, Any]]:
+    """`num_samples` shuffled rows (seeded): the reference calibrates on one random training batch."""
+    if isinstance(dataset, datasets.IterableDataset):
+        rows = list(dataset.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER).take(num_samples))
+    else:
+        rows = list(dataset.shuffle(seed=seed).select(range(min(num_samples, len(dataset)))))
+    if not rows:
+        raise ValueError("The calibration split is empty.")
+    return rows
+
+
+def eval_rows(dataset: AnyDataset, max_samples: int | None) -> Iterator[dict[str, Any]]:
+    """The first `max_samples` rows (all when None), in order."""
+    if max_samples is None:
+        return iter(dataset)
+    if isinstance(dataset, datasets.IterableDataset):
+        return iter(dataset.take(max_samples))
+    return iter(dataset.select(range(min(max_samples, len(dataset)))))
+
+
+@dataclass
+class TaskData:
+    """The calibration and evaluation splits of one task, and how to load them again.
+
+    `record` goes into the report, so that `optin evaluate DIR` finds the same data.
+    """
+
+    task: str
+    calibration: AnyDataset | None
+    evaluation: AnyDataset | None
+    columns: Columns
+    record: dict[str, Any]
+    max_eval_samples: int | None = None
+
+
+def load_task_data(spec: DataSpec, task: str, calibration: bool = True) -> TaskData:
+    """Load the splits `spec` names (the calibration split only when `calibration`)."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {list(TASKS)}.")
+    if not calibration and spec.eval_split is None:
+        raise ValueError("Nothing to evaluate: give an evaluation split.")
+    calib = load_split(spec, spec.calibration_split) if calibration else None
+    evaluation = load_split(spec, spec.eval_split) if spec.eval_split else None
+    names = column_names(calib if calib is not None else evaluation)
+    columns = resolve_columns(names, task, spec.text_column, spec.text_pair_column, spec.image_column, spec.label_column)
+    if evaluation is not None and spec.label_column not in column_names(evaluation):
+        raise ValueError(f"The evaluation split has no label column {spec.label_column!r}; name it with --label-column.")
+    return TaskData(task, calib, evaluation, columns, {"dataset": spec.to_dict()}, spec.max_eval_samples)

@@ -1,0 +1,265 @@
+"""The end-to-end runs behind the CLI and the recipes: load -> prune -> save -> report, and evaluate.
+
+A `PruneJob` is one run written down; CLI flags and recipe files both become one, so the two
+front ends cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import get_adapter
+from .config import OptinConfig
+from .masks import MASKS_NAME
+from .metrics import DEFAULT_METRIC, Metric, load_metric
+from .report import REPORT_JSON, Report, measure
+from .task_data import TASKS, DataSpec, Encoder, LabelEncoder, TaskData, column_names, load_task_data, resolve_columns
+
+MODEL_CLASSES = {
+    "text-classification": "AutoModelForSequenceClassification",
+    "image-classification": "AutoModelForImageClassification",
+}
+DEFAULT_TEXT_MODEL = "bbc-news"
+
+
+@dataclass
+class PruneJob:
+    """One pruning run: an embedded `default`, or a `model` with its `data`."""
+
+    optin: OptinConfig
+    output: Path | None = None
+    default: str | None = None
+    model: str | None = None
+    task: str | None = None
+    data: DataSpec | None = None
+    processor: str | None = None
+    metric: str = DEFAULT_METRIC
+    push_to_hub: str | None = None
+    push_full: bool = False
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.default and self.model:
+            raise ValueError("Give either an embedded default or a model, not both.")
+        if self.model and self.data is None:
+            raise ValueError("A model needs calibration data: give a dataset (--dataset).")
+        if self.default and (self.data is not None or self.processor or self.task):
+            raise ValueError("An embedded default brings its own data, processor and task; drop the dataset/processor/task.")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"Unknown task {self.task!r}; choose one of {list(TASKS)}.")
+        if self.push_full and not self.push_to_hub:
+            raise ValueError("--full only applies with --push-to-hub.")
+        if not self.model and not self.default:
+            self.default = DEFAULT_TEXT_MODEL
+        if self.output is None:
+            base = self.default or Path(self.model.rstrip("/")).name
+            self.output = Path(f"{base}-optin-{self.optin.mac_constraint}")
+        self.output = Path(self.output)
+        # Saving replaces the whole folder, so only an earlier optin-hf checkpoint may be overwritten.
+        occupied = not self.output.is_dir() or any(self.output.iterdir())
+        if self.output.exists() and occupied and not (self.output / MASKS_NAME).is_file():
+            raise ValueError(f"Output {self.output} exists and is not an optin-hf checkpoint; choose a new folder (saving replaces it).")
+
+
+@dataclass
+class Loaded:
+    """A model ready to prune or evaluate, with its processor and data."""
+
+    name: str
+    source: str
+    model: nn.Module
+    processor: Any
+    data: TaskData
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`name`, or the GPU when there is one: scoring runs one forward pass per head and neuron."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"Unknown device {name!r} (e.g. cpu, cuda, cuda:1).") from err
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"Device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) here.")
+    return device
+
+
+def _optional(module: str, purpose: str):
+    """Import a part of optin-hf that another branch provides, with an error that says what is missing."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        raise ImportError(f"{purpose} needs {module}, which this installation of optin-hf does not have.") from err
+
+
+def load_default_task(name: str) -> Loaded:
+    """An embedded default (fine-tuned on first use by `optin_hf.defaults`) with its splits."""
+    defaults = _optional("optin_hf.defaults", "Pruning an embedded default")
+    if name not in defaults.DEFAULT_NAMES:
+        raise ValueError(f"Unknown embedded default {name!r}; choose one of {list(defaults.DEFAULT_NAMES)}.")
+    task = defaults.load_default(name)
+    columns = resolve_columns(column_names(task.calibration), task.task)
+    data = TaskData(task.task, task.calibration, task.test, columns, {"default": name})
+    return Loaded(f"{name} (embedded default)", str(task.model_dir), task.model, task.processor, data)
+
+
+def load_model(name_or_path: str, task: str | None = None, processor: str | None = None) -> tuple[nn.Module, Any, str]:
+    """A dense model for `task` (inferred from its config when None), its processor, and the task."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    task = task or ("image-classification" if get_adapter(config).is_vision else "text-classification")
+    model = getattr(transformers, MODEL_CLASSES[task]).from_pretrained(name_or_path).eval()
+    return model, load_processor(processor or name_or_path, task), task
+
+
+def load_processor(name_or_path: str, task: str) -> Any:
+    """The tokenizer, or the image processor (None if there is none: data may hold pixel_values)."""
+    import transformers
+
+    if task == "text-classification":
+        return transformers.AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(name_or_path)
+    except OSError:
+        return None
+
+
+def _check_metric(metric: Metric, model: nn.Module) -> None:
+    if metric.regression != (model.config.num_labels == 1):
+        raise ValueError(
+            f"Metric {metric.name} does not fit a model with {model.config.num_labels} label(s): "
+            "regression models (one output) need glue/stsb, classifiers another metric."
+        )
+
+
+def _label_encoder(data: TaskData, model: nn.Module) -> LabelEncoder | None:
+    if data.evaluation is None:
+        return None
+    return LabelEncoder((data.evaluation.features or {}).get(data.columns.label), model.config)
+
+
+def load_job(job: PruneJob, metric: Metric) -> Loaded:
+    """The job's model and data; the metric is checked against the model before any data loads."""
+    if job.default:
+        loaded = load_default_task(job.default)
+        _check_metric(metric, loaded.model)
+        return loaded
+    model, processor, task = load_model(job.model, job.task, job.processor)
+    _check_metric(metric, model)
+    return Loaded(job.model, job.model, model, processor, load_task_data(job.data, task))
+
+
+def run_prune(job: PruneJob) -> Report:
+    """Prune, save to `job.output` (with the processor and the report), optionally push; return the report."""
+    from .pruner import OptinPruner
+    from .task_data import calibration_rows
+
+    metric = load_metric(job.metric)
+    device = resolve_device(job.device)
+    hub = _optional("optin_hf.hub", "--push-to-hub") if job.push_to_hub else None  # fail before hours of scoring
+    loaded = load_job(job, metric)
+    model, data = loaded.model.to(device), loaded.data
+    config = job.optin
+    if config.base_model_name_or_path is None:
+        config = dataclasses.replace(config, base_model_name_or_path=loaded.source)
+    encoder = Encoder(data.task, data.columns, loaded.processor, config.max_length)
+    calibration = encoder.examples(calibration_rows(data.calibration, config.num_samples, config.seed))
+    labels = _label_encoder(data, model)
+    dense = copy.deepcopy(model)
+    pruner = OptinPruner(config)
+    start = time.perf_counter()
+    pruner.prune_model(model, calibration)
+    timings = {"total_s": time.perf_counter() - start, **pruner.timings}
+    pruner.save(model, job.output)
+    if loaded.processor is not None:
+        loaded.processor.save_pretrained(job.output)
+    report = measure(
+        {"dense": dense, "pruned": model},
+        name=loaded.name,
+        data=data,
+        encoder=encoder,
+        labels=labels,
+        metric=metric,
+        seq_len=pruner.seq_len,
+        optin=config.to_dict(),
+        timings=timings,
+    )
+    report.save(job.output)
+    if hub is not None:
+        hub.push_to_hub(pruner, model, job.push_to_hub, masks_only=not job.push_full)
+    return report
+
+
+def _recorded(folder: Path) -> dict[str, Any]:
+    """The report `optin prune` left in `folder` ({} when there is none)."""
+    path = folder / REPORT_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_evaluate(
+    model_path: str,
+    data: DataSpec | None = None,
+    default: str | None = None,
+    task: str | None = None,
+    metric_name: str | None = None,
+    max_length: int | None = None,
+    device: str | None = None,
+) -> Report:
+    """Evaluate and time one model: a folder written by `optin prune`, or any dense model.
+
+    Without `data` or `default`, the data recorded in the folder's report is used again, and
+    without `metric_name` its metric (else accuracy); without `max_length`, a pruned model's
+    own calibration truncation.
+    """
+    from .modeling import AutoOptinModel
+
+    if data is not None and default:
+        raise ValueError("Give either a dataset or an embedded default to evaluate on, not both.")
+    folder = Path(model_path)
+    pruned = (folder / MASKS_NAME).is_file()
+    if pruned:
+        model = AutoOptinModel.from_pretrained(folder)
+        task = task or ("image-classification" if get_adapter(model).is_vision else "text-classification")
+        processor = load_processor(str(folder), task)
+        max_length = max_length or OptinConfig.from_pretrained(folder).max_length
+    else:
+        model, processor, task = load_model(model_path, task)
+    recorded = _recorded(folder)
+    if data is None and default is None:
+        if not recorded.get("data"):
+            raise ValueError(f"No evaluation data given, and {folder} has no {REPORT_JSON} naming its data: give --dataset.")
+        default = recorded["data"].get("default")
+        data = DataSpec.from_dict(recorded["data"]["dataset"]) if "dataset" in recorded["data"] else None
+    metric = load_metric(metric_name or recorded.get("metric", DEFAULT_METRIC))
+    _check_metric(metric, model)
+    model.to(resolve_device(device))
+    if default:
+        loaded = load_default_task(default)
+        task_data = dataclasses.replace(loaded.data, calibration=None)
+    else:
+        task_data = load_task_data(data, task, calibration=False)
+    if task_data.evaluation is None:
+        raise ValueError("Nothing to evaluate: give an evaluation split (--eval-split).")
+    encoder = Encoder(task, task_data.columns, processor, max_length or OptinConfig.max_length)
+    return measure(
+        {"pruned" if pruned else "dense": model},
+        name=model_path,
+        data=task_data,
+        encoder=encoder,
+        labels=_label_encoder(task_data, model),
+        metric=metric,
+    )

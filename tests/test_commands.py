@@ -1,0 +1,189 @@
+"""The CLI: `optimum-cli optin ...` through optimum's real entry point, and `python -m optin_hf ...`."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_task import sentences, stand_in_defaults, trained_text_model, write_csv
+from transformers import AutoTokenizer
+
+from optin_hf import AutoOptinModel, OptinConfig, count_macs
+from optin_hf.commands.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    """The repo on PYTHONPATH, which is all optimum needs to find optimum/commands/register/ (PEP 420)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("HF_TOKEN", None)
+    return env
+
+
+def optimum_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("optimum-cli")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "optimum.commands.optimum_cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=cli_env(), cwd=cwd, timeout=600)
+
+
+def python_m(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "optin_hf", *args], capture_output=True, text=True, env=cli_env(), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A trained tiny BERT with its tokenizer, and a csv whose labels are class names."""
+    root = tmp_path_factory.mktemp("cli")
+    trained_text_model(root / "model")
+    write_csv(root / "data.csv", n=72, label_names=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pruned_by_optimum_cli(workspace):
+    result = optimum_cli(
+        "optin", "prune", "--model", str(workspace / "model"), "--dataset", str(workspace / "data.csv"),
+        "--calibration-split", "train[:32]", "--eval-split", "train[32:]", "--num-samples", "16",
+        "--mac-constraint", "0.5", "--importance", "magnitude", "--output", str(workspace / "out"),
+    )  # fmt: skip
+    return workspace / "out", result
+
+
+def test_optimum_cli_prune_writes_a_loadable_slim_model_and_report(workspace, pruned_by_optimum_cli):
+    out, result = pruned_by_optimum_cli
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "pruned vs dense" in result.stdout
+    config = OptinConfig.from_pretrained(out)
+    assert (config.mac_constraint, config.importance, config.num_samples) == (0.5, "magnitude", 16)
+    assert config.base_model_name_or_path == str(workspace / "model")
+    slim = AutoOptinModel.from_pretrained(out)
+    report = json.loads((out / "optin_report.json").read_text())
+    dense_macs = report["stats"]["dense"]["macs"]
+    assert count_macs(slim, report["seq_len"]) / dense_macs == pytest.approx(0.5, abs=0.01)
+    # The reported accuracy is the saved model's, on the csv's rows 32..71 with names mapped to ids.
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    rows = sentences(72, seed=0)[32:]
+    with torch.no_grad():
+        logits = slim(**tokenizer([t for t, _ in rows], padding=True, return_tensors="pt")).logits
+    accuracy = float((logits.argmax(-1) == torch.tensor([y for _, y in rows])).float().mean())
+    assert report["stats"]["pruned"]["metrics"]["accuracy"] == pytest.approx(accuracy)
+    assert report["eval_samples"] == 40 and (out / "optin_report.png").is_file()
+
+
+def test_evaluate_reuses_the_data_and_metric_recorded_by_prune(pruned_by_optimum_cli, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out, _ = pruned_by_optimum_cli
+    assert main(["evaluate", "--model", str(out)]) == 0
+    printed = capsys.readouterr().out
+    accuracy = json.loads((out / "optin_report.json").read_text())["stats"]["pruned"]["metrics"]["accuracy"]
+    assert f"accuracy (x100)       {100 * accuracy:.2f}" in printed and "accuracy on 40 examples" in printed
+    report = json.loads((out / "optin_report.json").read_text())
+    (tmp_path / "copy").mkdir()
+    for file in out.iterdir():
+        (tmp_path / "copy" / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "copy" / "optin_report.json").write_text(json.dumps({**report, "metric": "glue/sst2"}))
+    assert main(["evaluate", "--model", str(tmp_path / "copy")]) == 0
+    assert "glue/sst2 on 40 examples" in capsys.readouterr().out  # the pruning run's metric, unless --metric
+
+
+@pytest.mark.parametrize("command", [[], ["prune"], ["evaluate"], ["recipe"]])
+def test_every_command_has_help(command):
+    result = optimum_cli("optin", *command, "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: optimum-cli optin")
+    expected = {(): "{prune,evaluate,recipe}", ("prune",): "--mac-constraint", ("evaluate",): "--model", ("recipe",): "RECIPE.yaml"}
+    assert expected[tuple(command)] in result.stdout
+    mirrored = python_m(*command, "--help")
+    assert mirrored.returncode == 0 and expected[tuple(command)] in mirrored.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prune", "--mac-constraint", "abc"],
+        ["prune", "--task", "translation"],
+        ["evaluate"],
+        ["frobnicate"],
+        ["prune", "--mac-constraint", "1.5"],  # reaches OptinConfig: an error of ours, not argparse's
+    ],
+)
+def test_invalid_arguments_give_one_line_and_nonzero_exit(args):
+    result = optimum_cli("optin", *args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prune", "--model", "m"], "needs calibration data"),
+        (["prune", "--model", "{model}", "--dataset", "missing.csv"], "missing.csv does not exist"),
+        (["prune", "--model", "{model}", "--dataset", "{data}", "--eval-split", "test"], "Unknown split"),
+        (["prune", "--model", "{model}", "--dataset", "{data}", "--importance", "fisherman"], "importance='fisherman' is unknown"),
+        (["prune", "--model", "{model}", "--dataset", "{data}", "--metric", "glue/stsb"], "does not fit a model with 3 label"),
+        (["prune", "--model", "{model}", "--dataset", "{data}", "--output", "{data}"], "is not an optin-hf checkpoint"),
+        (["prune", "--model", "{model}", "--dataset", "{data}", "--device", "cuda:7"], "cuda"),
+        (["prune", "--text-column", "x"], "--text-column needs --dataset"),
+        (["prune", "--model", "{model}", "--dataset", "{data}", "--full"], "--full only applies with --push-to-hub"),
+        (["evaluate", "--model", "{model}"], "has no optin_report.json"),
+        (["recipe", "missing.yaml"], "missing.yaml does not exist"),
+    ],
+)
+def test_bad_values_give_one_error_line(workspace, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(workspace)
+    args = [a.format(model=workspace / "model", data=workspace / "data.csv") for a in args]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+
+
+def test_prune_without_model_prunes_the_embedded_text_default(workspace, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = []
+    monkeypatch.setitem(sys.modules, "optin_hf.defaults", stand_in_defaults(workspace / "model", calls))
+    assert main(["prune", "--importance", "random", "--num-samples", "8", "--output", str(tmp_path / "out")]) == 0
+    assert calls == ["bbc-news"]
+    assert OptinConfig.from_pretrained(tmp_path / "out").mac_constraint == 0.6
+    assert "bbc-news (embedded default)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "optin_report.json").read_text())
+    assert report["data"] == {"default": "bbc-news"} and report["eval_samples"] == 32
+    assert main(["evaluate", "--model", str(tmp_path / "out")]) == 0 and calls == ["bbc-news", "bbc-news"]
+    assert main(["prune", "--default", "cifar"]) == 1
+    assert "Unknown embedded default 'cifar'" in capsys.readouterr().err
+
+
+def test_missing_optional_modules_are_named(workspace, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optin_hf.defaults", None)
+    monkeypatch.setitem(sys.modules, "optin_hf.hub", None)
+    assert main(["prune"]) == 1
+    assert "needs optin_hf.defaults, which this installation of optin-hf does not have" in capsys.readouterr().err
+    args = ["prune", "--model", str(workspace / "model"), "--dataset", str(workspace / "data.csv"), "--push-to-hub", "me/tiny"]
+    assert main(args) == 1
+    assert "--push-to-hub needs optin_hf.hub" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_push_to_hub_hands_pruner_and_model_to_the_hub_module(workspace, tmp_path, monkeypatch, full):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = []
+    hub = types.ModuleType("optin_hf.hub")
+    hub.push_to_hub = lambda pruner, model, repo_id, masks_only: calls.append((pruner.masks, model.config.optin, repo_id, masks_only))
+    monkeypatch.setitem(sys.modules, "optin_hf.hub", hub)
+    args = ["prune", "--model", str(workspace / "model"), "--dataset", str(workspace / "data.csv"), "--calibration-split", "train[:8]",
+            "--eval-split", "train[8:16]", "--importance", "random", "--output", str(tmp_path / "out"), "--push-to-hub", "me/tiny"]
+    assert main(args + (["--full"] if full else [])) == 0
+    [(masks, optin, repo_id, masks_only)] = calls
+    assert repo_id == "me/tiny" and masks_only is not full
+    assert optin["heads_per_layer"] == masks.heads_per_layer()
+
+
+def test_register_file_is_a_namespace_portion():
+    assert (REPO / "optimum/commands/register/register_optin.py").is_file()
+    assert not list((REPO / "optimum").rglob("__init__.py"))  # PEP 420: an __init__.py would shadow optimum itself

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from optin_hf import metrics
+from optin_hf.metrics import load_metric
+
+
+def test_local_formulas_match_scipy_and_sklearn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    p, r = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    assert metrics.accuracy(p, r) == pytest.approx(sklearn_metrics.accuracy_score(r, p))
+    assert metrics.f1(p, r) == pytest.approx(sklearn_metrics.f1_score(r, p))
+    p3, r3 = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
+    assert metrics.matthews_correlation(p3, r3) == pytest.approx(sklearn_metrics.matthews_corrcoef(r3, p3))
+    scores, gold = rng.normal(size=300), rng.integers(0, 6, 300).astype(float)  # ties, as STS-B's gold scores
+    scores[:50] = scores[50:100]  # ties among predictions too
+    assert metrics.pearson(scores, gold) == pytest.approx(stats.pearsonr(scores, gold)[0])
+    assert metrics.spearmanr(scores, gold) == pytest.approx(stats.spearmanr(scores, gold)[0])
+
+
+def test_glue_metrics_have_evaluate_keys_and_main_score(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mrpc = load_metric("glue/mrpc")
+    assert mrpc.compute([1, 0, 1, 1], [1, 0, 0, 1]) == pytest.approx({"accuracy": 0.75, "f1": 0.8})
+    stsb = load_metric("glue/stsb")
+    assert stsb.regression and stsb.main == "spearmanr" and set(stsb.compute([0.1, 0.5, 0.2], [1.0, 4.0, 3.0])) == {"pearson", "spearmanr"}
+    assert load_metric("glue/cola").main == "matthews_correlation"
+    assert "local (offline mode)" in load_metric("accuracy").source
+    with pytest.raises(ValueError, match="Unknown metric 'glue/foo'"):
+        load_metric("glue/foo")
+
+
+def test_evaluate_module_is_used_when_it_loads(monkeypatch):
+    import evaluate
+
+    calls = []
+
+    class Module:
+        def compute(self, predictions, references):
+            calls.append((list(predictions), list(references)))
+            return {"accuracy": 0.5}
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_EVALUATE_OFFLINE", raising=False)
+    monkeypatch.setattr(evaluate, "load", lambda path, config=None: Module())
+    metric = load_metric("glue/sst2")
+    assert metric.source == "evaluate (glue/sst2)"
+    assert metric.compute([1, 0], [1, 1]) == {"accuracy": 0.5} and calls == [([1, 0], [1, 1])]
+
+    def offline(*args, **kwargs):
+        raise FileNotFoundError("Couldn't find a module script")
+
+    monkeypatch.setattr(evaluate, "load", offline)
+    fallback = load_metric("glue/sst2")
+    assert "FileNotFoundError" in fallback.source and fallback.compute([1, 0], [1, 1]) == {"accuracy": 0.5}
