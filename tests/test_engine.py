@@ -126,11 +126,11 @@ def test_run_interrupted_by_an_exception_resumes_and_matches(tmp_path, monkeypat
     run = FastRunner.run
     computed: list[int] = []
 
-    def failing_run(self, kind, layer, indices, units):
+    def failing_run(self, kind, layer, unit_mask):
         if len(computed) >= 40:
             raise RuntimeError("injected failure")
-        computed.extend(indices)
-        return run(self, kind, layer, indices, units)
+        computed.extend(range(unit_mask.shape[0]))
+        return run(self, kind, layer, unit_mask)
 
     monkeypatch.setattr(FastRunner, "run", failing_run)
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -140,9 +140,9 @@ def test_run_interrupted_by_an_exception_resumes_and_matches(tmp_path, monkeypat
     before = len(computed)
     computed.clear()
 
-    def counting_run(self, kind, layer, indices, units):
-        computed.extend(indices)
-        return run(self, kind, layer, indices, units)
+    def counting_run(self, kind, layer, unit_mask):
+        computed.extend(range(unit_mask.shape[0]))
+        return run(self, kind, layer, unit_mask)
 
     monkeypatch.setattr(FastRunner, "run", counting_run)
     resumed = score("bert", checkpoint_dir=tmp_path, variants_per_batch=7)
@@ -232,3 +232,32 @@ def test_automatic_stack_size_respects_memory_and_saturation():
     cpu = torch.device("cpu")
     assert auto_variants(cpu, per_variant=1, tokens_per_variant=1024) == SATURATING_TOKENS["cpu"] // 1024
     assert auto_variants(cpu, per_variant=1 << 60, tokens_per_variant=1) == 1
+
+
+def test_neuron_groups_score_each_group_removed_together():
+    """Grouped neurons share the score of removing their whole group, in both engines."""
+    from optin_hf.arch import get_adapter
+    from optin_hf.capture import capture_dense
+    from optin_hf.engine.reference import masked_run_losses
+    from optin_hf.hooks import apply_masks
+    from optin_hf.losses import balance
+
+    model, data = tiny_model("bert"), calibration("bert", n=6)
+    config = OptinConfig(md_tokens=24, num_samples=6, batch_size=3, neuron_group_size=16, prune_heads=False, faithful=False)
+    fast = OptinPruner(config).compute_scores(model, data).neuron_scores
+    ref = OptinPruner(OptinConfig(**{**config.to_dict(), "engine": "reference"})).compute_scores(model, data).neuron_scores
+    assert torch.allclose(fast, ref, rtol=1e-4)
+    assert torch.equal(fast[:, 0], fast[:, 15]) and not torch.equal(fast[:, 15], fast[:, 16])
+    # By hand: the raw losses of removing neurons 16..31 of layer 1 together.
+    adapter = get_adapter(model)
+    batches = OptinPruner(config)._batches(model, data, None)
+    capture = capture_dense(model, adapter, batches, config.md_tokens, config.seed)
+    raw = torch.zeros(2, 3, 3, dtype=torch.float64)
+    for layer in range(3):
+        for g in range(3):
+            mask = torch.ones(3, 48)
+            mask[layer, g * 16 : (g + 1) * 16] = 0
+            with apply_masks(model, adapter, neuron_mask=mask):
+                raw[:, layer, g] = torch.tensor(masked_run_losses(model, adapter, batches, capture, layer, config.temperature))
+    expected = balance(raw[0], raw[1], config.lambda_contribution).repeat_interleave(16, dim=1)
+    assert torch.allclose(ref, expected, rtol=1e-6)

@@ -160,11 +160,10 @@ class FastRunner:
         return rows, logits
 
     @torch.no_grad()
-    def run(self, kind: str, layer: int, indices: list[int], units: int) -> list[tuple[float, float]]:
-        """(MD, KL) of each candidate `indices` of `layer`, all in stacked forwards."""
-        variants = len(indices)
-        unit_mask = torch.ones(variants, units, device=self.device)
-        unit_mask[torch.arange(variants, device=self.device), torch.tensor(indices, device=self.device)] = 0.0
+    def run(self, kind: str, layer: int, unit_mask: torch.Tensor) -> list[tuple[float, float]]:
+        """(MD, KL) of each candidate of `layer` (unit_mask: [variants, units]), all in stacked forwards."""
+        variants = unit_mask.shape[0]
+        unit_mask = unit_mask.to(self.device)
         rows: dict[int, list[torch.Tensor]] = {z: [] for z in later_layers(layer, len(self.layers))}
         logits: list[torch.Tensor] = []
         for bucket in range(len(self.calls)):

@@ -53,11 +53,12 @@ class ReferenceRunner:
         self.capture = capture_dense(model, adapter, batches, config.md_tokens, config.seed)
         self.num_layers = len(adapter.layers_of(model))
 
-    def run(self, kind: str, layer: int, indices: list[int], units: int) -> list[tuple[float, float]]:
+    def run(self, kind: str, layer: int, unit_mask: torch.Tensor) -> list[tuple[float, float]]:
+        """(MD, KL) of each candidate of `layer` (unit_mask: [variants, units]), one forward each."""
         results = []
-        for index in indices:
-            mask = torch.ones(self.num_layers, units)
-            mask[layer, index] = 0.0
+        for row in unit_mask.cpu():
+            mask = torch.ones(self.num_layers, row.numel())
+            mask[layer] = row
             masks = {"head_mask": mask} if kind == "head" else {"neuron_mask": mask}
             with apply_masks(self.model, self.adapter, **masks):
                 losses = masked_run_losses(

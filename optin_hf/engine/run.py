@@ -41,6 +41,14 @@ def precision(device: torch.device, dtype: torch.dtype) -> ContextManager:
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
+def candidate_masks(indices: list[int], width: int, group: int, device=None) -> torch.Tensor:
+    """[variants, width] multipliers: candidate v removes units [i*group, (i+1)*group) of its layer."""
+    mask = torch.ones(len(indices), width, device=device)
+    for v, index in enumerate(indices):
+        mask[v, index * group : (index + 1) * group] = 0.0
+    return mask
+
+
 def candidates(units: dict[str, int], num_layers: int) -> list[Candidate]:
     """Every candidate in the reference's order: heads, then neurons; layer by layer; index by index."""
     kinds = [kind for kind in KINDS if kind in units]
@@ -72,7 +80,7 @@ def _runner(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torc
     return ReferenceRunner(model, adapter, batches, config)
 
 
-def _settings(model: nn.Module, config, units: dict[str, int], num_layers: int) -> dict:
+def _settings(model: nn.Module, config, units: dict[str, int], num_layers: int, groups: dict[str, int]) -> dict:
     """The settings raw losses depend on (the fingerprint's readable part)."""
     return {
         "format": FORMAT,
@@ -83,15 +91,26 @@ def _settings(model: nn.Module, config, units: dict[str, int], num_layers: int) 
         "temperature": config.temperature,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "units": units,
+        "groups": groups or {},
         "num_layers": num_layers,
     }
 
 
 @torch.no_grad()
 def compute_raw_losses(
-    model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], config, units: dict[str, int]
+    model: nn.Module,
+    adapter: ArchAdapter,
+    batches: list[dict[str, torch.Tensor]],
+    config,
+    units: dict[str, int],
+    groups: dict[str, int] | None = None,
 ) -> dict[str, RawLosses]:
-    """Raw MD and KL of every candidate of the kinds in `units` ({"head": num_heads, ...})."""
+    """Raw MD and KL of every candidate of the kinds in `units` ({"head": num_heads, ...}).
+
+    `groups[kind] = g` makes each candidate g consecutive units removed together, so
+    `units[kind]` counts groups; masks stay `units * g` wide.
+    """
+    groups = groups or {}
     num_layers = len(adapter.layers_of(model))
     device = next(model.parameters()).device
     dtype = getattr(torch, config.dtype)
@@ -103,7 +122,7 @@ def compute_raw_losses(
         tensors[f"{kind}.done"] = torch.zeros(num_layers, count, dtype=torch.bool)
     checkpoint = None
     if config.checkpoint_dir is not None:
-        tag = fingerprint(model, batches, _settings(model, config, units, num_layers))
+        tag = fingerprint(model, batches, _settings(model, config, units, num_layers, groups))
         checkpoint = LossCheckpoint(config.checkpoint_dir, tag, state.process_index)
         checkpoint.load_into(tensors)
     state.wait_for_everyone()  # every process has read the checkpoint before any writes to it
@@ -118,7 +137,9 @@ def compute_raw_losses(
             for chunk in chunks(mine, runner.variants):
                 kind, layer = chunk[0][:2]
                 bar.set_postfix_str(f"{kind}s of layer {layer}", refresh=False)
-                losses = runner.run(kind, layer, [index for _, _, index in chunk], units[kind])
+                group = groups.get(kind, 1)
+                masks = candidate_masks([index for _, _, index in chunk], units[kind] * group, group, device)
+                losses = runner.run(kind, layer, masks)
                 for (_, _, index), (md, kl) in zip(chunk, losses):
                     tensors[f"{kind}.md"][layer, index] = md
                     tensors[f"{kind}.kl"][layer, index] = kl

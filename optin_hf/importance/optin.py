@@ -21,13 +21,18 @@ class OptinImportance:
         num_layers = len(adapter.layers_of(model))
         units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
         enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
-        raw = compute_raw_losses(model, adapter, batches, config, {k: n for k, n in units.items() if enabled[k]})
+        # Neurons may be scored in groups of consecutive units (a speed/granularity trade-off);
+        # each neuron then carries its group's balanced score.
+        group = {"head": 1, "neuron": config.neuron_group_size}
+        candidates = {k: -(-n // group[k]) for k, n in units.items() if enabled[k]}
+        raw = compute_raw_losses(model, adapter, batches, config, candidates, groups={"neuron": group["neuron"]})
         scores = {}
         for kind, count in units.items():
             if kind not in raw:
                 scores[kind] = torch.zeros(num_layers, count)
                 continue
-            scores[kind] = balance(raw[kind].md, raw[kind].kl, config.lambda_contribution)
+            balanced = balance(raw[kind].md, raw[kind].kl, config.lambda_contribution)
+            scores[kind] = balanced.repeat_interleave(group[kind], dim=1)[:, :count]
             if config.faithful:
                 scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
         tokens = None
