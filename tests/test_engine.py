@@ -235,7 +235,7 @@ def test_automatic_stack_size_respects_memory_and_saturation():
 
 
 def test_neuron_groups_score_each_group_removed_together():
-    """Grouped neurons share the score of removing their whole group, in both engines."""
+    """Grouped neurons share (equally) the score of removing their whole group, in both engines."""
     from optin_hf.arch import get_adapter
     from optin_hf.capture import capture_dense
     from optin_hf.engine.reference import masked_run_losses
@@ -259,5 +259,5 @@ def test_neuron_groups_score_each_group_removed_together():
             mask[layer, g * 16 : (g + 1) * 16] = 0
             with apply_masks(model, adapter, neuron_mask=mask):
                 raw[:, layer, g] = torch.tensor(masked_run_losses(model, adapter, batches, capture, layer, config.temperature))
-    expected = balance(raw[0], raw[1], config.lambda_contribution).repeat_interleave(16, dim=1)
+    expected = (balance(raw[0], raw[1], config.lambda_contribution) / 16).repeat_interleave(16, dim=1)
     assert torch.allclose(ref, expected, rtol=1e-6)

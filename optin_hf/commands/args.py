@@ -57,8 +57,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help=f"fraction of the MACs to keep (default: {OptinConfig.mac_constraint})")
     optin.add_argument("--importance", default=OptinConfig.importance, metavar="NAME",
                        help=f"importance criterion: {OptinConfig.importance} (default) or a baseline such as magnitude or random")
-    optin.add_argument("--num-samples", type=int, default=OptinConfig.num_samples, metavar="N",
-                       help=f"calibration examples (default: {OptinConfig.num_samples})")
+    optin.add_argument("--num-samples", type=int, default=None, metavar="N",
+                       help=f"calibration examples (default: {OptinConfig.num_samples}; embedded defaults: sized for a CPU, as in their recipes)")
+    optin.add_argument("--neuron-group-size", type=int, default=None, metavar="G",
+                       help="score FFN neurons G consecutive at a time (default: 1, as the paper; embedded defaults: as in their recipes)")
     optin.add_argument("--max-length", type=int, default=OptinConfig.max_length, metavar="N",
                        help=f"truncate texts to N tokens (default: {OptinConfig.max_length})")
     optin.add_argument("--seed", type=int, default=OptinConfig.seed,

@@ -22,7 +22,8 @@ class OptinImportance:
         units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
         enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
         # Neurons may be scored in groups of consecutive units (a speed/granularity trade-off);
-        # each neuron then carries its group's balanced score.
+        # each neuron then carries an equal share of its group's balanced score, so importance
+        # sums stay comparable with the heads' in the budget search.
         group = {"head": 1, "neuron": config.neuron_group_size}
         candidates = {k: -(-n // group[k]) for k, n in units.items() if enabled[k]}
         raw = compute_raw_losses(model, adapter, batches, config, candidates, groups={"neuron": group["neuron"]})
@@ -32,7 +33,7 @@ class OptinImportance:
                 scores[kind] = torch.zeros(num_layers, count)
                 continue
             balanced = balance(raw[kind].md, raw[kind].kl, config.lambda_contribution)
-            scores[kind] = balanced.repeat_interleave(group[kind], dim=1)[:, :count]
+            scores[kind] = (balanced / group[kind]).repeat_interleave(group[kind], dim=1)[:, :count]
             if config.faithful:
                 scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
         tokens = None
