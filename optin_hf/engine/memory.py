@@ -1,7 +1,5 @@
-"""How many mask variants to stack in one forward: as many as fit the free memory.
-
-Past a few tens of thousands of tokens per forward a device runs no faster, so the
-automatic choice also stops there and leaves the rest of the memory alone.
+"""How many mask variants to stack in one forward: as many as fit the free memory, up to the
+point where bigger forwards stop running faster.
 """
 
 from __future__ import annotations
@@ -11,7 +9,9 @@ import torch
 
 # Memory share a scoring run may take: the rest is left to the caller (and, on CPU, the system).
 MEMORY_SHARE = {"cuda": 0.6, "cpu": 0.25}
-# Tokens per forward past which throughput no longer grows (measured on CPU; GPUs saturate later).
+# Tokens per forward past which throughput no longer grows. On CPU a matmul runs as fast per row
+# at a few hundred rows as at thousands (measured: 256 to 8192 rows within 10%), so stacking only
+# saves per-forward overhead; a GPU needs hundreds of thousands of tokens to fill.
 SATURATING_TOKENS = {"cuda": 1 << 19, "cpu": 1 << 15}
 
 

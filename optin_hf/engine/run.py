@@ -96,6 +96,12 @@ def _settings(model: nn.Module, config, units: dict[str, int], num_layers: int, 
     }
 
 
+def _store(tensors: dict[str, torch.Tensor], kind: str, layer: int, index: int, md: float, kl: float) -> None:
+    tensors[f"{kind}.md"][layer, index] = md
+    tensors[f"{kind}.kl"][layer, index] = kl
+    tensors[f"{kind}.done"][layer, index] = True
+
+
 @torch.no_grad()
 def compute_raw_losses(
     model: nn.Module,
@@ -141,19 +147,17 @@ def compute_raw_losses(
                 masks = candidate_masks([index for _, _, index in chunk], units[kind] * group, group, device)
                 losses = runner.run(kind, layer, masks)
                 for (_, _, index), (md, kl) in zip(chunk, losses):
-                    tensors[f"{kind}.md"][layer, index] = md
-                    tensors[f"{kind}.kl"][layer, index] = kl
-                    tensors[f"{kind}.done"][layer, index] = True
+                    _store(tensors, kind, layer, index, md, kl)
                     computed.append((kind, layer, index, md, kl))
                 if checkpoint is not None:
                     checkpoint.save(tensors)
                 bar.update(len(chunk))
             bar.close()
-    for kind, layer, index, md, kl in gather(computed, state):
-        tensors[f"{kind}.md"][layer, index] = md
-        tensors[f"{kind}.kl"][layer, index] = kl
-        tensors[f"{kind}.done"][layer, index] = True
+    for result in gather(computed, state):
+        _store(tensors, *result)
     missing = sum(int((~tensors[f"{kind}.done"]).sum()) for kind in units)
-    if missing:
-        raise RuntimeError(f"{missing} candidates were not scored by any process; the run is incomplete.")
+    if missing:  # e.g. processes on several machines that each saw a different checkpoint_dir
+        raise RuntimeError(
+            f"{missing} candidates were scored by no process: did every process see the same checkpoint_dir?"
+        )
     return {kind: RawLosses(tensors[f"{kind}.md"], tensors[f"{kind}.kl"]) for kind in units}
