@@ -1,9 +1,9 @@
 """Scores a tiny BERT with the fast engine, as a separate program: for the distributed and
 kill-and-resume tests of tests/test_engine.py.
 
-Usage: python engine_worker.py OUT.safetensors [--checkpoint-dir DIR] [--delay SECONDS]
+Usage: python engine_worker.py OUT.safetensors [--checkpoint-dir DIR] [--variants N] [--delay SECONDS]
 (also under `python -m torch.distributed.run --nproc_per_node 2`). The main process writes
-the scores to OUT; --delay slows each stacked forward so a test can kill the run midway.
+the scores to OUT; --delay sleeps after each checkpoint write so a test can kill the run midway.
 """
 
 from __future__ import annotations

@@ -61,9 +61,9 @@ def two_process_run(tmp_path_factory):
            str(TESTS / "engine_worker.py"), str(out)]
     worker = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     yield worker, out
-    if worker.poll() is None:  # the test did not run or failed early
-        worker.kill()
-        worker.communicate()
+    if worker.poll() is None:  # deselected or failed early; on SIGTERM the launcher stops its workers too
+        worker.terminate()
+        worker.communicate(timeout=60)
 
 
 @pytest.fixture(scope="module")

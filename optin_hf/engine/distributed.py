@@ -1,6 +1,6 @@
 """Candidates split across processes (torchrun, accelerate launch) and their losses gathered.
 
-Launched normally this is one process and every call is a no-op.
+Launched normally there is one process: it gets every candidate and gathers only its own.
 """
 
 from __future__ import annotations
@@ -29,6 +29,6 @@ def share(items: Sequence[T], state: PartialState) -> list[T]:
     return list(items[state.process_index :: state.num_processes])
 
 
-def gather(items: list[Any], state: PartialState) -> list[Any]:
+def gather(items: list[Any]) -> list[Any]:
     """Every process's items, on every process."""
-    return gather_object(items) if state.num_processes > 1 else items
+    return gather_object(items)

@@ -69,11 +69,10 @@ class FastRunner:
             self.capture = capture_dense(model, adapter, buckets.batches, config.md_tokens, config.seed, buckets.rows)
         self.calls = calls
         self.rows = [r.to(self.device) for r in buckets.rows]
-        dtype = getattr(torch, config.dtype)
-        self._check_replay(REPLAY_TOLERANCE[dtype])
-        self.variants = config.variants_per_batch or self._auto_variants(config.md_tokens, dtype)
+        self._check_replay(REPLAY_TOLERANCE[getattr(torch, config.dtype)])
+        self.variants = config.variants_per_batch or self._auto_variants(config.md_tokens)
 
-    def _auto_variants(self, md_tokens: int, dtype: torch.dtype) -> int:
+    def _auto_variants(self, md_tokens: int) -> int:
         batch, tokens = max((calls[0].hidden.shape[:2] for calls in self.calls), key=lambda shape: shape[0] * shape[1])
         config = self.model.config
         per_variant = bytes_per_variant(
@@ -84,7 +83,6 @@ class FastRunner:
             self.adapter.num_heads(config),
             len(self.layers),
             md_tokens,
-            torch.finfo(dtype).bits // 8,
         )
         return auto_variants(self.device, per_variant, batch * tokens)
 

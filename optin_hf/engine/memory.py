@@ -22,16 +22,17 @@ def free_memory(device: torch.device) -> int:
 
 
 def bytes_per_variant(
-    batch: int, tokens: int, hidden: int, intermediate: int, heads: int, num_layers: int, md_tokens: int, elem: int
+    batch: int, tokens: int, hidden: int, intermediate: int, heads: int, num_layers: int, md_tokens: int
 ) -> int:
     """Peak memory one variant of a [batch, tokens] bucket adds to a forward.
 
     Live activations of one layer (hidden-sized tensors, the FFN intermediate, attention scores
     and probabilities), its copy of the extended attention mask, and the MD rows it keeps for
-    every judged layer until the candidate's loss is computed.
+    every judged layer until the candidate's loss is computed. Counted at 4 bytes an element
+    even under half-precision autocast, which keeps LayerNorm and softmax outputs in float32.
     """
     n = batch * tokens
-    activations = n * (8 * hidden + 2 * intermediate) * elem + 2 * batch * heads * tokens * tokens * elem
+    activations = n * (8 * hidden + 2 * intermediate) * 4 + 2 * batch * heads * tokens * tokens * 4
     mask = batch * tokens * tokens * 4
     rows = md_tokens * hidden * 4 * num_layers
     return activations + mask + rows

@@ -153,7 +153,7 @@ def compute_raw_losses(
                     checkpoint.save(tensors)
                 bar.update(len(chunk))
             bar.close()
-    for result in gather(computed, state):
+    for result in gather(computed):
         _store(tensors, *result)
     missing = sum(int((~tensors[f"{kind}.done"]).sum()) for kind in units)
     if missing:  # e.g. processes on several machines that each saw a different checkpoint_dir
