@@ -10,16 +10,36 @@ import torch
 from .masks import PruningMasks
 
 
-def _ranked(scores: torch.Tensor, unit_macs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global ranking (best first) with cumulative score and cost, each prefixed by 0.
+def _ranked(scores: torch.Tensor, unit_macs: torch.Tensor, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global ranking (best first) of blocks of units, with cumulative score and cost, each prefixed by 0.
 
-    scores: [num_layers, units]; unit_macs: [num_layers] cost of one unit in each layer.
+    scores: [num_layers, units]; unit_macs: [num_layers] cost of one unit in each layer. Each
+    layer's units, best first, are cut into blocks of `multiple` (the last may be smaller), so
+    any prefix of the ranking keeps a multiple of it in every layer (or all its units). Blocks
+    rank by mean score: with `multiple=1` this is the plain ranking of units.
+    Returns [blocks, multiple] flat unit indices in rank order (-1 pads a short block), and the
+    cumulative scores and costs.
     """
-    flat = scores.flatten()
-    order = flat.argsort(descending=True, stable=True)
-    costs = unit_macs.double()[:, None].expand_as(scores).flatten()[order]
+    num_layers, units = scores.shape
+    multiple = min(multiple, units)
+    per_layer = -(-units // multiple)
+    pad = per_layer * multiple - units
+    order = scores.double().argsort(dim=1, descending=True, stable=True)
+    ranked = scores.double().gather(1, order)
+    flat = order + torch.arange(num_layers)[:, None] * units
+    members = torch.cat([flat, flat.new_full((num_layers, pad), -1)], 1).view(-1, multiple)
+    valid = members >= 0
+    sums = torch.cat([ranked, ranked.new_zeros(num_layers, pad)], 1).view(-1, multiple).sum(1)
+    counts = valid.sum(1).double()
+    costs = unit_macs.double().repeat_interleave(per_layer) * counts
+    rank = (sums / counts).argsort(descending=True, stable=True)
     zero = torch.zeros(1, dtype=torch.float64)
-    return order, torch.cat([zero, flat[order].double().cumsum(0)]), torch.cat([zero, costs.cumsum(0)])
+    return members[rank], torch.cat([zero, sums[rank].cumsum(0)]), torch.cat([zero, costs[rank].cumsum(0)])
+
+
+def _members(blocks: torch.Tensor) -> torch.Tensor:
+    flat = blocks.flatten()
+    return flat[flat >= 0]
 
 
 def allocate(
@@ -32,6 +52,7 @@ def allocate(
     prune_heads: bool = True,
     prune_neurons: bool = True,
     min_fill: float = 0.99,
+    neurons_multiple_of: int = 1,
 ) -> PruningMasks:
     """Keep the k best heads and fill the rest of the budget with the best neurons, for the k
     that maximises the summed importance kept (the OPTIN search; ranks are global, so layers
@@ -39,7 +60,8 @@ def allocate(
 
     head_macs / neuron_macs: [num_layers] MACs of one head / neuron per layer. `fixed_macs`
     is counted but never pruned (e.g. a patch embedding); structures not being pruned are
-    added to it.
+    added to it. Each layer keeps a multiple of `neurons_multiple_of` neurons (or all of
+    them): CPU and GPU matmul kernels run such widths markedly faster per column.
     """
     heads_total = float(head_macs.double().sum() * head_scores.shape[1])
     neurons_total = float(neuron_macs.double().sum() * neuron_scores.shape[1])
@@ -51,7 +73,7 @@ def allocate(
             f"{fixed:.4g}. Raise mac_constraint or enable pruning of both heads and neurons."
         )
     h_order, h_score, h_cost = _ranked(head_scores, head_macs)
-    n_order, n_score, n_cost = _ranked(neuron_scores, neuron_macs)
+    n_order, n_score, n_cost = _ranked(neuron_scores, neuron_macs, neurons_multiple_of)
     if not prune_heads:
         h_score, h_cost = h_score[-1:], torch.zeros(1, dtype=torch.float64)
     if not prune_neurons:
@@ -66,12 +88,12 @@ def allocate(
     if filled.any():
         total = torch.where(filled, total, torch.tensor(float("-inf"), dtype=total.dtype))
     best = int(total.argmax())
-    k = int(k_range[best]) if prune_heads else head_scores.numel()
-    n = int(n_fill[best]) if prune_neurons else neuron_scores.numel()
+    k = int(k_range[best]) if prune_heads else len(h_order)
+    n = int(n_fill[best]) if prune_neurons else len(n_order)
     head_mask = torch.zeros(head_scores.numel(), dtype=torch.bool)
-    head_mask[h_order[:k]] = True
+    head_mask[_members(h_order[:k])] = True
     neuron_mask = torch.zeros(neuron_scores.numel(), dtype=torch.bool)
-    neuron_mask[n_order[:n]] = True
+    neuron_mask[_members(n_order[:n])] = True
     return PruningMasks(head_mask.view_as(head_scores), neuron_mask.view_as(neuron_scores))
 
 
@@ -141,6 +163,7 @@ def allocate_with_tokens(
     num_prefix_tokens: int,
     prune_heads: bool = True,
     prune_neurons: bool = True,
+    neurons_multiple_of: int = 1,
 ) -> PruningMasks:
     """OPTIN's tau search: heads, neurons and a token schedule under one MAC budget.
 
@@ -154,7 +177,7 @@ def allocate_with_tokens(
     num_layers, num_tokens = token_scores.shape
     head_macs, neuron_macs, fixed = costs([num_tokens] * num_layers)
     base = fixed + float(head_macs.sum()) * head_scores.shape[1] + float(neuron_macs.sum()) * neuron_scores.shape[1]
-    kw = dict(prune_heads=prune_heads, prune_neurons=prune_neurons)
+    kw = dict(prune_heads=prune_heads, prune_neurons=prune_neurons, neurons_multiple_of=neurons_multiple_of)
     first = allocate(head_scores, neuron_scores, head_macs, neuron_macs, base - params_share * (base - budget), fixed, **kw)
     heads, neurons = first.head_mask.sum(1).double(), first.neuron_mask.sum(1).double()
 

@@ -21,10 +21,14 @@ class OptinConfig:
     """Settings of an OPTIN pruning run.
 
     `mac_constraint` is the fraction of the base MACs to keep (0.6 = a 40% FLOPs cut), as in
-    the paper. `faithful=True` reproduces the reference's undocumented extra weights (position
-    prior, last-layer and head decays); `faithful=False` scores with MD + balanced KL only.
+    the paper. `faithful=False` scores as the paper states, MD + balanced KL; `faithful=True`
+    adds the reference code's undocumented extra weights (a prior on the unit's index within
+    its layer, last-layer and head decays), to reproduce the reference's numbers.
     `neuron_group_size=g` scores FFN neurons g consecutive at a time (1 = each alone, as the
     paper): g times fewer masked runs for a coarser ranking, for CPUs and quick looks.
+    `neurons_multiple_of=8` makes every layer keep a multiple of 8 neurons (or all): matmul
+    kernels run such widths much faster per column, so the slim model's speed follows its MACs;
+    1 keeps the exact best neurons.
     `seq_len=None` counts MACs at the calibration data's average unpadded length.
     `base_model_*` name the dense model that was pruned (Hub id, commit sha, transformers class), so a
     masks-only repo can rebuild it; `push_to_hub` fills them in, a value set here overrides what it detects.
@@ -49,7 +53,8 @@ class OptinConfig:
     lambda_contribution: float = 10.0
     md_tokens: int = 768
     neuron_group_size: int = 1
-    faithful: bool = True
+    neurons_multiple_of: int = 8
+    faithful: bool = False
     importance: str = "optin"
     seed: int = 0
     seq_len: float | None = None
@@ -76,7 +81,7 @@ class OptinConfig:
             )
         if not (self.prune_heads or self.prune_neurons):
             raise ValueError("prune_heads and prune_neurons are both False: nothing would be pruned; enable one.")
-        for name in ("num_samples", "batch_size", "max_length", "md_tokens", "neuron_group_size"):
+        for name in ("num_samples", "batch_size", "max_length", "md_tokens", "neuron_group_size", "neurons_multiple_of"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.temperature <= 0 or self.lambda_contribution <= 0:

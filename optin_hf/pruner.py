@@ -100,7 +100,7 @@ class OptinPruner:
             merging = merge_macs(schedule, prefix, hidden) if c.prune_tokens else 0.0
             return heads, neurons, adapter.patch_embedding_macs(model) + merging
 
-        kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons)
+        kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of)
         if c.prune_tokens:
             if scores.token_scores is None:
                 raise ValueError(

@@ -1,6 +1,6 @@
 import torch
 
-from optin_hf.allocate import allocate_with_tokens, kept_tokens, remove_tokens
+from optin_hf.allocate import allocate, allocate_with_tokens, kept_tokens, remove_tokens
 from optin_hf.macs import merge_macs, unit_macs
 
 
@@ -74,3 +74,22 @@ def test_allocate_with_tokens_splits_the_cut_and_fills_the_budget():
     # Heads and neurons refill what the last token removal overshot; with share 0 they are all
     # kept already, so that case stays within one token's MACs of the budget.
     assert filled[0.3] >= 0.99 and filled[1.0] >= 0.99 and filled[0.0] > 0.9
+
+
+def test_neurons_multiple_of_keeps_each_layers_best_in_whole_blocks():
+    g = torch.Generator().manual_seed(1)
+    heads, neurons = torch.rand(4, 6, generator=g), torch.rand(4, 50, generator=g)
+    head_macs, neuron_macs = torch.full((4,), 64.0), torch.tensor([2.0, 2.0, 3.0, 3.0])
+    base = float(head_macs.sum() * 6 + neuron_macs.sum() * 50)
+    for budget in (0.8, 0.6, 0.4):
+        for multiple in (1, 8):
+            masks = allocate(heads, neurons, head_macs, neuron_macs, budget * base, neurons_multiple_of=multiple)
+            kept = masks.neuron_mask.sum(1)
+            assert all(int(c) % multiple == 0 or int(c) == 50 for c in kept), kept
+            for layer, count in enumerate(kept.tolist()):  # each layer keeps its top-`count` neurons
+                assert set(masks.neuron_mask[layer].nonzero().flatten().tolist()) == set(neurons[layer].topk(count).indices.tolist())
+            total = float((masks.head_mask.sum(1) * head_macs).sum() + (kept * neuron_macs).sum())
+            assert 0.99 * budget * base <= total <= budget * base
+            if multiple == 1:  # blocks of one are the plain global ranking: the n best neurons overall
+                best = neurons.flatten().topk(int(kept.sum())).indices
+                assert torch.equal(masks.neuron_mask.flatten().nonzero().flatten(), best.sort().values)

@@ -61,6 +61,8 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help=f"calibration examples (default: {OptinConfig.num_samples}; embedded defaults: sized for a CPU, as in their recipes)")
     optin.add_argument("--neuron-group-size", type=int, default=None, metavar="G",
                        help="score FFN neurons G consecutive at a time (default: 1, as the paper; embedded defaults: as in their recipes)")
+    optin.add_argument("--neurons-multiple-of", type=int, default=OptinConfig.neurons_multiple_of, metavar="M",
+                       help=f"each layer keeps a multiple of M FFN neurons, for fast matmuls (default: {OptinConfig.neurons_multiple_of}; 1 = exact)")
     optin.add_argument("--max-length", type=int, default=OptinConfig.max_length, metavar="N",
                        help=f"truncate texts to N tokens (default: {OptinConfig.max_length})")
     optin.add_argument("--seed", type=int, default=OptinConfig.seed,

@@ -63,6 +63,7 @@ def prune(args: argparse.Namespace) -> None:
         max_length=args.max_length,
         seed=args.seed,
         faithful=args.faithful,
+        neurons_multiple_of=args.neurons_multiple_of,
         **sized,
     )
     job = PruneJob(
