@@ -38,20 +38,18 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _dense_feed_forward(
-    adapter: ArchAdapter, layer: nn.Module, ffn_input: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(layer output, down projection's input [batch, tokens, width], its output [batch, tokens, hidden])."""
+def _dense_down(adapter: ArchAdapter, layer: nn.Module, ffn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFN down projection's input [batch, tokens, width] and output [batch, tokens, hidden], unmasked."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     down = get_submodule(layer, adapter.ffn_down)
     handle = down.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
     try:
-        output = adapter.feed_forward(layer, ffn_input)
+        adapter.feed_forward(layer, ffn_input)
     finally:
         handle.remove()
     # A chunked FFN (chunk_size_feed_forward) calls the projection once per slice of tokens.
     inputs, outputs = (torch.cat(parts, dim=-2) for parts in zip(*seen))
-    return output, inputs, outputs
+    return inputs, outputs
 
 
 def _masked_down(
@@ -143,7 +141,7 @@ class FastRunner:
             finished = self.adapter.finish_attention(layer, calls[i].heads, calls[i].hidden)
             check(self.adapter.feed_forward(layer, finished), want, f"layer {i} in pieces")
             if self.adapter.finish_feed_forward is not None:
-                _, _, down = _dense_feed_forward(self.adapter, layer, finished)
+                _, down = _dense_down(self.adapter, layer, finished)
                 finished_down = self.adapter.finish_feed_forward(layer, down, finished)
                 check(finished_down, want, f"layer {i} from its down projection's output")
             check(_first(layer(calls[i].hidden, *calls[i].args, **calls[i].kwargs)), want, f"layer {i} replayed")
@@ -190,7 +188,7 @@ class FastRunner:
         shortcut = kind == "neuron" and self.adapter.finish_feed_forward is not None
         if shortcut:  # the dense FFN once, before any hook sees the stacked variants
             ffn_input = self.adapter.finish_attention(module, call.heads, call.hidden)
-            _, inputs, output = _dense_feed_forward(self.adapter, module, ffn_input)
+            inputs, output = _dense_down(self.adapter, module, ffn_input)
             down = _masked_down(inputs, output, get_submodule(module, self.adapter.ffn_down).weight, unit_mask)
             masking = nullcontext()
         else:
