@@ -47,8 +47,7 @@ def _dense_down(adapter: ArchAdapter, layer: nn.Module, ffn_input: torch.Tensor)
         adapter.feed_forward(layer, ffn_input)
     finally:
         handle.remove()
-    # A chunked FFN (chunk_size_feed_forward) calls the projection once per slice of tokens.
-    inputs, outputs = (torch.cat(parts, dim=-2) for parts in zip(*seen))
+    [(inputs, outputs)] = seen
     return inputs, outputs
 
 
