@@ -32,7 +32,7 @@ from optin_hf.data import prepare_calibration
 from optin_hf.engine import compute_raw_losses
 from optin_hf.engine.fast import FastRunner
 from optin_hf.engine.reference import ReferenceRunner
-from optin_hf.engine.run import chunks
+from optin_hf.engine.run import candidate_masks, chunks
 from optin_hf.losses import balance
 
 
@@ -97,7 +97,8 @@ def run_subset(runner_class, model, adapter, batches, config, subset, units) -> 
         runner = runner_class(model, adapter, batches, config)
         for chunk in chunks(subset, runner.variants):
             kind, layer = chunk[0][:2]
-            for candidate, result in zip(chunk, runner.run(kind, layer, [c[2] for c in chunk], units[kind])):
+            masks = candidate_masks([c[2] for c in chunk], units[kind], 1)
+            for candidate, result in zip(chunk, runner.run(kind, layer, masks)):
                 losses[candidate] = result
     return losses, timer
 
@@ -156,10 +157,15 @@ def main() -> None:
         print(f"subset {kind} scores: max |diff| {float(diff.max()):.2e} = {largest:.1e} of the largest score, "
               f"largest elementwise relative {elementwise:.1e}; "
               f"Spearman {spearmanr(r.flatten(), f.flatten())[0]:.6f}")
-    # Token-layers a candidate computes: the reference reruns all layers, the fast engine layers i..N-1.
+    # Token-layers a candidate computes: the reference reruns all layers; the fast engine layers i..N-1
+    # for a head, i+1..N-1 for a neuron (its own layer's FFN runs once per stack, then a cheap correction).
     dense_work = tokens * num_layers
     ref_work = len(subset) * dense_work
-    fast_work = sum((num_layers - layer) * tokens for _, layer, _ in subset)
+
+    def fast_layers(kind: str, layer: int) -> int:
+        return num_layers - layer - (kind == "neuron")
+
+    fast_work = sum(fast_layers(kind, layer) * tokens for kind, layer, _ in subset)
 
     def fraction(work: int, timer: Timer) -> str:
         """Token-layers per second as a fraction of the dense forward's."""
@@ -179,7 +185,7 @@ def main() -> None:
     print(f"everything, fast: {total} candidates in {full_time}; reference projected from the subset: "
           f"{wall:.0f} s wall ({cpu:.0f} s CPU)")
     print(f"everything, ratio reference/fast: {wall / full_time.wall:.2f}x wall, {cpu / full_time.cpu:.2f}x CPU")
-    full_work = sum(units.values()) * tokens * sum(num_layers - layer for layer in range(num_layers))
+    full_work = tokens * sum(units[kind] * fast_layers(kind, layer) for kind in units for layer in range(num_layers))
     print(f"throughput on everything, fast: {fraction(full_work, full_time)} of a dense forward's")
     worst = max(
         abs(float(getattr(raw[kind], part)[layer, i]) - ref[(kind, layer, i)][k]) / abs(ref[(kind, layer, i)][k])

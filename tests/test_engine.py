@@ -261,3 +261,25 @@ def test_neuron_groups_score_each_group_removed_together():
                 raw[:, layer, g] = torch.tensor(masked_run_losses(model, adapter, batches, capture, layer, config.temperature))
     expected = (balance(raw[0], raw[1], config.lambda_contribution) / 16).repeat_interleave(16, dim=1)
     assert torch.allclose(ref, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "vit"])
+def test_neuron_runs_compute_their_layers_ffn_once_and_match_the_full_path(arch):
+    """The up projection of a neuron's layer runs once per bucket, not once per variant; masks
+    that change different numbers of units, or scale one by half, still match the tiled run."""
+    model = tiny_model(arch)
+    adapter = get_adapter(model)
+    batches = prepare_calibration(calibration(arch), num_samples=12, batch_size=5, max_length=64)
+    config = OptinConfig(**WORKER_CONFIG)
+    shortcut = FastRunner(model, adapter, batches, config)
+    full = FastRunner(model, dataclasses.replace(adapter, finish_feed_forward=None), batches, config)
+    masks = (torch.rand(5, 48, generator=torch.Generator().manual_seed(0)) > 0.2).float()
+    masks[0, 3] = 0.5
+    for layer, module in enumerate(shortcut.layers):
+        rows: list[int] = []
+        up = module.get_submodule(adapter.ffn_up).register_forward_hook(lambda m, args, out: rows.append(len(out)))
+        got = shortcut.run("neuron", layer, masks)
+        up.remove()
+        assert rows == [calls[layer].hidden.shape[0] for calls in shortcut.calls]
+        for a, b in zip(torch.tensor(got), torch.tensor(full.run("neuron", layer, masks))):
+            assert torch.allclose(a, b, rtol=1e-4, atol=0)

@@ -16,6 +16,8 @@ from torch import nn
 FinishAttention = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 # (layer, input of the FFN block) -> layer output
 FeedForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+# (layer, output of the FFN down projection, input of the FFN block) -> layer output
+FinishFeedForward = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 # (task model, last layer's output hidden states) -> logits
 Classifier = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -44,8 +46,10 @@ class ArchAdapter:
 
     The fast engine runs a layer in pieces so it can start inside it: `finish_attention`
     (from the heads' concatenated output to the FFN input) and `feed_forward` (from the FFN
-    input to the layer output); `classifiers` maps a task model's class name to the part of
-    its forward after the last layer.
+    input to the layer output); `finish_feed_forward` (from the down projection's output to
+    the layer output), optional, lets it score a neuron without rerunning its FFN (the down
+    projection is linear); `classifiers` maps a task model's class name to the part of its
+    forward after the last layer.
     """
 
     model_types: tuple[str, ...]
@@ -64,6 +68,7 @@ class ArchAdapter:
     num_prefix_tokens: int = 1
     finish_attention: FinishAttention | None = None
     feed_forward: FeedForward | None = None
+    finish_feed_forward: FinishFeedForward | None = None
     classifiers: Mapping[str, Classifier] = field(default_factory=dict, hash=False, compare=False)
 
     @property

@@ -14,6 +14,10 @@ def _feed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return layer.output(layer.intermediate(hidden), hidden)
 
 
+def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    return layer.output.LayerNorm(layer.output.dropout(down) + hidden)
+
+
 def _bert_classifier(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return model.classifier(model.dropout(model.base_model.pooler(hidden)))
 
@@ -37,6 +41,7 @@ BERT = ArchAdapter(
     all_head_size_attr="all_head_size",
     finish_attention=_finish_attention,
     feed_forward=_feed_forward,
+    finish_feed_forward=_finish_feed_forward,
     classifiers={
         "BertForSequenceClassification": _bert_classifier,
         "RobertaForSequenceClassification": _roberta_classifier,

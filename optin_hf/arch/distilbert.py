@@ -14,6 +14,10 @@ def _feed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return layer.output_layer_norm(layer.ffn(hidden) + hidden)
 
 
+def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    return layer.output_layer_norm(layer.ffn.dropout(down) + hidden)  # FFN applies its dropout after lin2
+
+
 def _classifier(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     pooled = nn.functional.relu(model.pre_classifier(hidden[:, 0]))
     return model.classifier(model.dropout(pooled))
@@ -33,5 +37,6 @@ DISTILBERT = ArchAdapter(
     head_count_attrs=("n_heads",),
     finish_attention=_finish_attention,
     feed_forward=_feed_forward,
+    finish_feed_forward=_finish_feed_forward,
     classifiers={"DistilBertForSequenceClassification": _classifier},
 )

@@ -16,6 +16,10 @@ def _feed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return layer.dropout(layer.mlp(layer.layernorm_after(hidden))) + hidden
 
 
+def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    return layer.dropout(down) + hidden  # the MLP ends with fc2
+
+
 def _cls_classifier(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return model.classifier(model.base_model.layernorm(hidden)[:, 0])
 
@@ -42,6 +46,7 @@ VIT = ArchAdapter(
     num_prefix_tokens=1,
     finish_attention=_finish_attention,
     feed_forward=_feed_forward,
+    finish_feed_forward=_finish_feed_forward,
     classifiers={"ViTForImageClassification": _cls_classifier},
 )
 

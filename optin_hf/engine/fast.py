@@ -4,6 +4,9 @@
   layer i from the dense run's cached inputs. A head run starts from the cached heads'
   output (the input of the attention output projection), a neuron run from the FFN input,
   so the attention of layer i is not recomputed either.
+- Linear down projection: a neuron run computes its layer's FFN once, densely, and each
+  variant subtracts its removed neurons' share of the down projection's output, so the FFN of
+  the neuron's layer is not rerun per variant either.
 - Batched variants: several candidates of one layer ride in one forward, stacked along the
   batch dimension, each with its own mask.
 - Length buckets: examples are re-batched by length, so little padding is computed. The MD
@@ -12,7 +15,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -33,6 +36,39 @@ REPLAY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e
 
 def _first(output):
     return output[0] if isinstance(output, tuple) else output
+
+
+def _dense_down(adapter: ArchAdapter, layer: nn.Module, ffn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFN down projection's input [batch, tokens, width] and output [batch, tokens, hidden], unmasked."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    down = get_submodule(layer, adapter.ffn_down)
+    handle = down.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+    try:
+        adapter.feed_forward(layer, ffn_input)
+    finally:
+        handle.remove()
+    [(inputs, outputs)] = seen
+    return inputs, outputs
+
+
+def _masked_down(
+    inputs: torch.Tensor, output: torch.Tensor, weight: torch.Tensor, unit_mask: torch.Tensor
+) -> torch.Tensor:
+    """[variants * batch, tokens, hidden] (variant-major): the down projection's output with its
+    input scaled by each row of unit_mask ([variants, width]), from the dense `inputs` and `output`.
+
+    The projection is linear, so a variant only subtracts its changed units' share: tokens x
+    changed units x hidden per variant instead of the whole FFN.
+    """
+    changed = unit_mask != 1
+    count = int(changed.sum(1).max())
+    # Each variant's changed units come first; one that changes fewer pads with unchanged units, weighted 0.
+    picked = changed.to(torch.uint8).argsort(dim=1, descending=True)[:, :count]  # [variants, count]
+    share = (1 - unit_mask).gather(1, picked).to(inputs.dtype)
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    removed = (flat[:, picked] * share).transpose(0, 1)  # [variants, batch * tokens, count]
+    delta = torch.bmm(removed, weight.T[picked])  # [variants, batch * tokens, hidden]
+    return (output.reshape(1, -1, output.shape[-1]) - delta).reshape(-1, *output.shape[1:])
 
 
 class _Tiler:
@@ -103,6 +139,10 @@ class FastRunner:
             want = calls[i + 1].hidden if i + 1 < len(self.layers) else calls[i].output
             finished = self.adapter.finish_attention(layer, calls[i].heads, calls[i].hidden)
             check(self.adapter.feed_forward(layer, finished), want, f"layer {i} in pieces")
+            if self.adapter.finish_feed_forward is not None:
+                _, down = _dense_down(self.adapter, layer, finished)
+                finished_down = self.adapter.finish_feed_forward(layer, down, finished)
+                check(finished_down, want, f"layer {i} from its down projection's output")
             check(_first(layer(calls[i].hidden, *calls[i].args, **calls[i].kwargs)), want, f"layer {i} replayed")
         if self.capture.logits is not None:
             logits = self.classifier(self.model, calls[-1].output)
@@ -118,8 +158,7 @@ class FastRunner:
 
         def keep(z: int):
             def hook(module, args, output):
-                feature = output.reshape(variants, -1, output.shape[-1]).index_select(1, self.rows[bucket])
-                rows[z] = F.normalize(feature.float(), dim=-1)
+                rows[z] = self._rows(output, bucket, variants)
 
             return hook
 
@@ -130,6 +169,11 @@ class FastRunner:
             for handle in handles:
                 handle.remove()
 
+    def _rows(self, feature: torch.Tensor, bucket: int, variants: int) -> torch.Tensor:
+        """[variants, k, hidden]: the normalised MD rows of a stacked feature of bucket `bucket`."""
+        rows = feature.reshape(variants, -1, feature.shape[-1]).index_select(1, self.rows[bucket])
+        return F.normalize(rows.float(), dim=-1)
+
     def _forward(
         self, kind: str, layer: int, unit_mask: torch.Tensor, bucket: int
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
@@ -139,22 +183,36 @@ class FastRunner:
         variants, batch = unit_mask.shape[0], call.hidden.shape[0]
         tile = _Tiler(batch, variants)
         module = self.layers[layer]
-        if kind == "head":
-            target, width = self.adapter.attn_out, self.adapter.head_dim(self.model.config)
-        else:
-            target, width = self.adapter.ffn_down, 1
         judged = later_layers(layer, len(self.layers))
-        with scale_input(get_submodule(module, target), unit_mask.repeat_interleave(batch, 0), width):
-            with self._record_rows(judged, bucket, variants) as rows:
-                if kind == "head":
-                    ffn_input = self.adapter.finish_attention(module, tile(call.heads), tile(call.hidden))
-                else:  # the attention of the layer is unchanged: finish it once, then tile
-                    ffn_input = tile(self.adapter.finish_attention(module, call.heads, call.hidden))
-                hidden = self.adapter.feed_forward(module, ffn_input)
-                for z in range(layer + 1, len(self.layers)):
-                    args, kwargs = tile.call(calls[z])
-                    hidden = _first(self.layers[z](hidden, *args, **kwargs))
-                logits = self.classifier(self.model, hidden)
+        shortcut = kind == "neuron" and self.adapter.finish_feed_forward is not None
+        if shortcut:  # the dense FFN once, before any hook sees the stacked variants
+            ffn_input = self.adapter.finish_attention(module, call.heads, call.hidden)
+            inputs, output = _dense_down(self.adapter, module, ffn_input)
+            down = _masked_down(inputs, output, get_submodule(module, self.adapter.ffn_down).weight, unit_mask)
+            masking = nullcontext()
+        else:
+            if kind == "head":
+                target, width = self.adapter.attn_out, self.adapter.head_dim(self.model.config)
+            else:
+                target, width = self.adapter.ffn_down, 1
+            masking = scale_input(get_submodule(module, target), unit_mask.repeat_interleave(batch, 0), width)
+        with masking, self._record_rows(judged, bucket, variants) as rows:
+            if shortcut:
+                hidden = self.adapter.finish_feed_forward(module, down, tile(ffn_input))
+                if layer in judged and self.adapter.feature == self.adapter.ffn_down:  # its hook did not run
+                    rows[layer] = self._rows(down, bucket, variants)
+            elif kind == "head":
+                hidden = self.adapter.feed_forward(
+                    module, self.adapter.finish_attention(module, tile(call.heads), tile(call.hidden))
+                )
+            else:  # the attention of the layer is unchanged: finish it once, then tile
+                hidden = self.adapter.feed_forward(
+                    module, tile(self.adapter.finish_attention(module, call.heads, call.hidden))
+                )
+            for z in range(layer + 1, len(self.layers)):
+                args, kwargs = tile.call(calls[z])
+                hidden = _first(self.layers[z](hidden, *args, **kwargs))
+            logits = self.classifier(self.model, hidden)
         return rows, logits
 
     @torch.no_grad()
