@@ -6,7 +6,8 @@ with a seeded, untrained 5-label classifier (fine for timing and for comparing e
 see the same model). The calibration batch is the default's own calibration text (real BBC
 News articles or tweets), collated as optin-hf collates it: padded to the longest text of the
 batch. Long articles cut at `--max-length` have no padding; tweets vary in length, so there the
-fast engine's length buckets also skip the padding that the reference loop computes.
+fast engine also skips the padding that the reference loop computes (it packs the tweets end to
+end in rows with a block-diagonal attention mask).
 
 The reference loop is too slow to run on every candidate, so both engines are timed on the
 same deterministic subset (every head, every `--neuron-stride`-th neuron of each layer);
@@ -151,6 +152,10 @@ def main() -> None:
     print(f"subset: {len(subset)} candidates (all {num_layers * units['head']} heads, every "
           f"{args.neuron_stride}th neuron of each layer)")
 
+    with torch.no_grad():
+        forwards = FastRunner(model, adapter, batches, config).calls
+    print(f"fast engine's forwards: {', '.join('x'.join(map(str, c[0].hidden.shape[:2])) for c in forwards)} "
+          f"(rows x positions, {sum(c[0].hidden.shape[:2].numel() for c in forwards)} positions in all)")
     dense = time_dense(model, batches, repeats=3)
     print(f"dense forward over the calibration batch: {dense}")
     ref, ref_time = run_subset(ReferenceRunner, model, adapter, batches, config, subset, units)

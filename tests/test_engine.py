@@ -26,6 +26,8 @@ from optin_hf.data import prepare_calibration
 from optin_hf.engine.buckets import bucket_by_length, split_points
 from optin_hf.engine.fast import FastRunner
 from optin_hf.engine.memory import SATURATING_TOKENS, auto_variants
+from optin_hf.engine.reference import ReferenceRunner
+from optin_hf.engine.run import candidate_masks
 
 TESTS = Path(__file__).parent
 TOTAL = 3 * (4 + 48)  # candidates of a tiny model: 3 layers of 4 heads and 48 neurons
@@ -103,6 +105,40 @@ def test_buckets_keep_the_md_tokens_and_cut_padding():
     assert all(b["attention_mask"].flatten()[r].all() for b, r in zip(buckets.batches, buckets.rows))
     padded = lambda bs: sum(int((b["attention_mask"] == 0).sum()) for b in bs)  # noqa: E731
     assert padded(buckets.batches) < padded(batches) / 2
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+def test_packed_forwards_give_the_reference_losses(arch, attn):
+    """Text examples are packed end to end with a block-diagonal mask (in the float form eager
+    attention takes and the bool form of sdpa), in fewer positions than length buckets, and every
+    candidate's MD and KL stay the reference loop's."""
+    model = tiny_model(arch, attn=attn)
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": torch.randint(5, 120, (n,), generator=g)} for n in [3, 17, 5, 16, 4, 9, 18, 6, 11, 2, 15, 7]]
+    batches = prepare_calibration(examples, num_samples=12, batch_size=5, max_length=64)
+    config = OptinConfig(**WORKER_CONFIG)
+    fast, reference = FastRunner(model, adapter, batches, config), ReferenceRunner(model, adapter, batches, config)
+    assert all(first is not None for first in fast.first), "not packed"
+    packed = sum(calls[0].hidden.shape[:2].numel() for calls in fast.calls)
+    bucketed = sum(b["attention_mask"].numel() for b in bucket_by_length(batches, 5, 40, 0, None).batches)
+    assert packed < bucketed
+    for layer in range(3):
+        for kind, masks in [("head", candidate_masks([0, 3], 4, 1)), ("neuron", candidate_masks([5, 40], 48, 1))]:
+            got, want = torch.tensor(fast.run(kind, layer, masks)), torch.tensor(reference.run(kind, layer, masks))
+            assert torch.allclose(got, want, rtol=1e-4, atol=0), (kind, layer)
+
+
+def test_left_padded_text_is_bucketed_not_packed():
+    model = tiny_model("bert")
+    batches = prepare_calibration(calibration("bert"), num_samples=12, batch_size=12, max_length=64)
+    left = [{k: v.flip(1) for k, v in batch.items()} for batch in batches]  # padding first; ids reversed too
+    fast = FastRunner(model, get_adapter(model), left, OptinConfig(**WORKER_CONFIG))
+    assert fast.first == [None] * len(fast.calls)
+    reference = ReferenceRunner(model, get_adapter(model), left, OptinConfig(**WORKER_CONFIG))
+    masks = candidate_masks([1, 2], 4, 1)
+    assert torch.allclose(torch.tensor(fast.run("head", 0, masks)), torch.tensor(reference.run("head", 0, masks)), rtol=1e-4)
 
 
 def test_split_points_are_the_cheapest_bucketing():

@@ -9,8 +9,11 @@
   the neuron's layer is not rerun per variant either.
 - Batched variants: several candidates of one layer ride in one forward, stacked along the
   batch dimension, each with its own mask.
-- Length buckets: examples are re-batched by length, so little padding is computed. The MD
-  rows are the same real tokens at their new places, so the losses do not change.
+- No padding: text examples are packed end to end in rows with a block-diagonal attention
+  mask (`packing`), or, where a model's layer calls cannot be packed, re-batched by length
+  (`buckets`). The MD rows and the examples' logits are the same at their new places, so the
+  losses do not change.
+- The dense FFN of a neuron's layer is computed once per layer and kept for all its stacks.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..hooks import scale_input
 from ..losses import kl_loss, later_layers, md_loss
 from .buckets import bucket_by_length
 from .memory import auto_variants, bytes_per_variant
+from .packing import pack_calls
 from .prefix import LayerCall, record_layer_calls
 
 # Largest relative error the adapter's layer pieces may show against the dense run.
@@ -102,9 +106,26 @@ class FastRunner:
             batches, config.batch_size, config.md_tokens, config.seed, adapter.default_seq_len(model.config)
         )
         with record_layer_calls(model, adapter) as calls:
-            self.capture = capture_dense(model, adapter, buckets.batches, config.md_tokens, config.seed, buckets.rows)
-        self.calls = calls
-        self.rows = [r.to(self.device) for r in buckets.rows]
+            capture = capture_dense(model, adapter, buckets.batches, config.md_tokens, config.seed, buckets.rows)
+        texts = all("attention_mask" in batch for batch in buckets.batches)
+        packing = None
+        if texts:
+            masks = [batch["attention_mask"] for batch in buckets.batches]
+            packing = pack_calls(calls, masks, buckets.rows, config.batch_size)
+        if packing is None:  # forwards = the buckets, in the dense run's order
+            self.calls, self.grams, self.logits = calls, capture.grams, capture.logits
+            self.rows = [r.to(self.device) for r in buckets.rows]
+            self.first: list[torch.Tensor | None] = [None] * len(calls)
+            self.real: list[torch.Tensor | None] = [None] * len(calls)
+        else:  # forwards = the packs; the dense reference is reordered as the packs list their tokens
+            order = packing.md_order.to(self.device)
+            self.calls = [pack.calls for pack in packing.packs]
+            self.grams = [gram[order][:, order] for gram in capture.grams]
+            self.logits = None if capture.logits is None else capture.logits[packing.example_order.to(self.device)]
+            self.rows = [pack.rows.to(self.device) for pack in packing.packs]
+            self.first = [pack.first.to(self.device) for pack in packing.packs]
+            self.real = [pack.real.to(self.device) for pack in packing.packs]
+        self._down: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._check_replay(REPLAY_TOLERANCE[getattr(torch, config.dtype)])
         self.variants = config.variants_per_batch or self._auto_variants(config.md_tokens)
 
@@ -126,7 +147,11 @@ class FastRunner:
     def _check_replay(self, tolerance: float) -> None:
         """Refuse a model whose layers or classifier the adapter's pieces do not reproduce."""
 
+        real = self.real[0]
+
         def check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+            if real is not None and got.dim() == 3:  # a pack's unused positions hold nothing to compare
+                got, want = got.reshape(-1, got.shape[-1])[real], want.reshape(-1, want.shape[-1])[real]
             error = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
             if error > tolerance:
                 raise RuntimeError(
@@ -144,13 +169,30 @@ class FastRunner:
                 finished_down = self.adapter.finish_feed_forward(layer, down, finished)
                 check(finished_down, want, f"layer {i} from its down projection's output")
             check(_first(layer(calls[i].hidden, *calls[i].args, **calls[i].kwargs)), want, f"layer {i} replayed")
-        if self.capture.logits is not None:
-            logits = self.classifier(self.model, calls[-1].output)
-            check(logits, self.capture.logits[: len(logits)], "classifier")
+        if self.logits is not None:
+            logits = self._classify(calls[-1].output, 0, 1)
+            check(logits, self.logits[: len(logits)], "classifier")
+
+    def _classify(self, hidden: torch.Tensor, forward: int, variants: int) -> torch.Tensor | None:
+        """Logits of a stacked forward's examples: a pack's examples start inside its rows, so
+        their first tokens are moved to rows of their own first (the classifiers read token 0)."""
+        first = self.first[forward]
+        if first is not None:
+            hidden = hidden.reshape(variants, -1, hidden.shape[-1])[:, first].reshape(-1, 1, hidden.shape[-1])
+        return self.classifier(self.model, hidden)
+
+    def _dense_down(self, layer: int, forward: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(FFN input, down projection input, its output) of one layer in one forward's dense run,
+        kept for the next stack of the same layer: a layer's neurons come in many stacks."""
+        if self._down is None or self._down[:2] != (layer, forward):
+            module, call = self.layers[layer], self.calls[forward][layer]
+            ffn_input = self.adapter.finish_attention(module, call.heads, call.hidden)
+            self._down = (layer, forward, ffn_input, *_dense_down(self.adapter, module, ffn_input))
+        return self._down[2:]
 
     @contextmanager
-    def _record_rows(self, judged: range, bucket: int, variants: int) -> Iterator[dict[int, torch.Tensor]]:
-        """rows[z]: [variants, k, hidden], layer z's normalised MD rows of this bucket, per variant.
+    def _record_rows(self, judged: range, forward: int, variants: int) -> Iterator[dict[int, torch.Tensor]]:
+        """rows[z]: [variants, k, hidden], layer z's normalised MD rows of this forward, per variant.
 
         A judged feature that the run does not recompute (it lies before the mask) is absent.
         """
@@ -158,7 +200,7 @@ class FastRunner:
 
         def keep(z: int):
             def hook(module, args, output):
-                rows[z] = self._rows(output, bucket, variants)
+                rows[z] = self._rows(output, forward, variants)
 
             return hook
 
@@ -169,16 +211,16 @@ class FastRunner:
             for handle in handles:
                 handle.remove()
 
-    def _rows(self, feature: torch.Tensor, bucket: int, variants: int) -> torch.Tensor:
-        """[variants, k, hidden]: the normalised MD rows of a stacked feature of bucket `bucket`."""
-        rows = feature.reshape(variants, -1, feature.shape[-1]).index_select(1, self.rows[bucket])
+    def _rows(self, feature: torch.Tensor, forward: int, variants: int) -> torch.Tensor:
+        """[variants, k, hidden]: the normalised MD rows of a stacked feature of forward `forward`."""
+        rows = feature.reshape(variants, -1, feature.shape[-1]).index_select(1, self.rows[forward])
         return F.normalize(rows.float(), dim=-1)
 
     def _forward(
-        self, kind: str, layer: int, unit_mask: torch.Tensor, bucket: int
+        self, kind: str, layer: int, unit_mask: torch.Tensor, forward: int
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """One stacked forward of bucket `bucket` from inside `layer`; unit_mask: [variants, units]."""
-        calls = self.calls[bucket]
+        """The stacked variants of one forward (a bucket or a pack) from inside `layer`; unit_mask: [variants, units]."""
+        calls = self.calls[forward]
         call = calls[layer]
         variants, batch = unit_mask.shape[0], call.hidden.shape[0]
         tile = _Tiler(batch, variants)
@@ -186,8 +228,7 @@ class FastRunner:
         judged = later_layers(layer, len(self.layers))
         shortcut = kind == "neuron" and self.adapter.finish_feed_forward is not None
         if shortcut:  # the dense FFN once, before any hook sees the stacked variants
-            ffn_input = self.adapter.finish_attention(module, call.heads, call.hidden)
-            inputs, output = _dense_down(self.adapter, module, ffn_input)
+            ffn_input, inputs, output = self._dense_down(layer, forward)
             down = _masked_down(inputs, output, get_submodule(module, self.adapter.ffn_down).weight, unit_mask)
             masking = nullcontext()
         else:
@@ -196,11 +237,11 @@ class FastRunner:
             else:
                 target, width = self.adapter.ffn_down, 1
             masking = scale_input(get_submodule(module, target), unit_mask.repeat_interleave(batch, 0), width)
-        with masking, self._record_rows(judged, bucket, variants) as rows:
+        with masking, self._record_rows(judged, forward, variants) as rows:
             if shortcut:
                 hidden = self.adapter.finish_feed_forward(module, down, tile(ffn_input))
                 if layer in judged and self.adapter.feature == self.adapter.ffn_down:  # its hook did not run
-                    rows[layer] = self._rows(down, bucket, variants)
+                    rows[layer] = self._rows(down, forward, variants)
             elif kind == "head":
                 hidden = self.adapter.feed_forward(
                     module, self.adapter.finish_attention(module, tile(call.heads), tile(call.hidden))
@@ -212,7 +253,7 @@ class FastRunner:
             for z in range(layer + 1, len(self.layers)):
                 args, kwargs = tile.call(calls[z])
                 hidden = _first(self.layers[z](hidden, *args, **kwargs))
-            logits = self.classifier(self.model, hidden)
+            logits = self._classify(hidden, forward, variants)
         return rows, logits
 
     @torch.no_grad()
@@ -222,17 +263,17 @@ class FastRunner:
         unit_mask = unit_mask.to(self.device)
         rows: dict[int, list[torch.Tensor]] = {z: [] for z in later_layers(layer, len(self.layers))}
         logits: list[torch.Tensor] = []
-        for bucket in range(len(self.calls)):
-            bucket_rows, bucket_logits = self._forward(kind, layer, unit_mask, bucket)
-            for z, r in bucket_rows.items():
+        for forward in range(len(self.calls)):
+            forward_rows, forward_logits = self._forward(kind, layer, unit_mask, forward)
+            for z, r in forward_rows.items():
                 rows[z].append(r)
-            if bucket_logits is not None:
-                logits.append(bucket_logits.float().reshape(variants, -1, bucket_logits.shape[-1]))
+            if forward_logits is not None:
+                logits.append(forward_logits.float().reshape(variants, -1, forward_logits.shape[-1]))
         results = []
         for v in range(variants):
             # A judged layer with no rows lies before the mask (a ViT's last-layer feature): its MD is 0.
-            md = sum(float(md_loss(self.capture.grams[z], torch.cat([r[v] for r in per_bucket])))
-                     for z, per_bucket in rows.items() if per_bucket)
+            md = sum(float(md_loss(self.grams[z], torch.cat([r[v] for r in per_forward])))
+                     for z, per_forward in rows.items() if per_forward)
             masked = torch.cat([out[v] for out in logits]) if logits else None
-            results.append((md, float(kl_loss(self.capture.logits, masked, self.temperature))))
+            results.append((md, float(kl_loss(self.logits, masked, self.temperature))))
         return results

@@ -1,0 +1,187 @@
+"""Packing: the real tokens of the calibration examples laid end to end in rows, with a
+block-diagonal attention mask so that each example still attends only to itself.
+
+Length buckets still pad each example to its bucket's longest; packed rows waste only the ends
+of rows. Masked runs start from the dense run's cached layer inputs, whose positions were
+embedded before layer 0, so moving a token changes nothing it computes: packing is done on the
+recorded layer calls, not on the inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .prefix import LayerCall
+
+
+@dataclass
+class Pack:
+    """One packed forward.
+
+    calls[i]: layer i's call with packed tensors. real: flat indices of its real tokens. rows:
+    flat indices of its MD tokens, first: of its examples' first tokens (the classifier's).
+    """
+
+    calls: list[LayerCall]
+    real: torch.Tensor
+    rows: torch.Tensor
+    first: torch.Tensor
+
+
+@dataclass
+class Packing:
+    """Packed forwards, and where their MD tokens and examples sit in the dense run's order:
+    concatenating the packs' `rows` gives the dense MD tokens `md_order`, their `first`s the
+    examples `example_order`."""
+
+    packs: list[Pack]
+    md_order: torch.Tensor
+    example_order: torch.Tensor
+
+
+def _mask_position(call: LayerCall, batch: int, tokens: int) -> tuple[str, int | str] | None:
+    """Where the call's [batch, 1, tokens, tokens] attention mask is ("arg", i) / ("kwarg", name).
+
+    None if the call has no such mask or carries another batch-shaped tensor that packing would
+    have to move too: such a call is not packed.
+    """
+    found = None
+    places = [("arg", i, v) for i, v in enumerate(call.args)] + [("kwarg", k, v) for k, v in call.kwargs.items()]
+    for where, key, value in places:
+        if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != batch:
+            continue
+        if value.shape != (batch, 1, tokens, tokens) or found is not None:
+            return None
+        found = (where, key)
+    return found
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[tuple[int, int]]:
+    """(row, start) per example: first-fit decreasing into rows of `capacity` tokens."""
+    free: list[int] = []
+    place = [(0, 0)] * len(lengths)
+    for e in sorted(range(len(lengths)), key=lambda e: -lengths[e]):
+        row = next((r for r, room in enumerate(free) if room >= lengths[e]), len(free))
+        if row == len(free):
+            free.append(capacity)
+        place[e] = (row, capacity - free[row])
+        free[row] -= lengths[e]
+    return place
+
+
+def _capacities(longest: int) -> list[int]:
+    """Row lengths worth trying: the longest example up to 4x, in quarter steps (longer rows pack
+    more tightly but pay more attention)."""
+    return sorted({longest * k // 4 for k in range(4, 17)})
+
+
+def _cost(rows: int, length: int, hidden_size: int) -> float:
+    """A forward's work in token rows: the linear layers (12 h^2 a token) plus the attention
+    scores and their weighted sum (2 h x length a token)."""
+    return rows * length * (1 + length / (6 * hidden_size))
+
+
+def _block_mask(segments: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, length, length] mask in `like`'s form (bool: attend; float: additive) that lets a
+    token attend to the tokens of its own segment. Unused positions have segments of their own, so
+    every query sees a key and no softmax row is empty (an empty one gives NaN, which would leak
+    into real tokens through 0 x NaN in the next layer's attention)."""
+    allowed = (segments[:, None, :, None] == segments[:, None, None, :])
+    if like.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=like.dtype).masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+def pack_calls(
+    calls: list[list[LayerCall]], attention_masks: list[torch.Tensor], md_rows: list[torch.Tensor], max_rows: int
+) -> Packing | None:
+    """Pack the dense run's layer calls (calls[b][i], batch b padded as attention_masks[b], its
+    MD tokens md_rows[b]) into forwards of at most `max_rows` rows of one length (`_capacities`).
+
+    None when packing does not apply (left padding or holes in a mask, a call without a
+    [batch, 1, tokens, tokens] mask) or costs no less than the buckets (`_cost`).
+    """
+    positions = [mask.shape[0] * mask.shape[1] for mask in attention_masks]
+    lengths, sources = [], []
+    offset = 0
+    for b, (mask, size) in enumerate(zip(attention_masks, positions)):
+        batch, tokens = mask.shape
+        if _mask_position(calls[b][0], batch, tokens) is None:
+            return None
+        for e in range(batch):
+            length = int(mask[e].sum())
+            if not bool(mask[e, :length].all()):
+                return None  # not right-padded
+            lengths.append(length)
+            sources.append(offset + e * tokens + torch.arange(length))
+        offset += size
+    hidden_size = calls[0][0].hidden.shape[-1]
+    capacity, place = min(
+        ((c, _first_fit(lengths, c)) for c in _capacities(max(lengths))),
+        key=lambda option: _cost(1 + max(row for row, _ in option[1]), option[0], hidden_size),
+    )
+    num_rows = 1 + max(row for row, _ in place)
+    bucketed = sum(_cost(mask.shape[0], mask.shape[1], hidden_size) for mask in attention_masks)
+    if _cost(num_rows, capacity, hidden_size) >= bucketed:
+        return None
+
+    # The packed layout: global row r is row r % max_rows of forward r // max_rows.
+    destination = torch.full((sum(positions),), -1, dtype=torch.long)  # dense flat position -> packed flat
+    segments = torch.arange(num_rows * capacity).neg() - 1  # unused positions: a segment each
+    for e, ((row, start), source) in enumerate(zip(place, sources)):
+        target = row * capacity + start + torch.arange(len(source))
+        destination[source] = target
+        segments[target] = e
+    firsts = torch.tensor([row * capacity + start for row, start in place])
+    md_dense = torch.cat([rows + sum(positions[:b]) for b, rows in enumerate(md_rows)])
+    md_packed = destination[md_dense]
+
+    def gather(tensors: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors])
+        packed = flat.new_zeros(num_rows * capacity, flat.shape[-1])
+        real = (destination >= 0).to(flat.device)
+        packed[destination.to(flat.device)[real]] = flat[real]
+        return packed.view(num_rows, capacity, -1)
+
+    where = _mask_position(calls[0][0], *attention_masks[0].shape)
+    like = calls[0][0].args[where[1]] if where[0] == "arg" else calls[0][0].kwargs[where[1]]
+    mask = _block_mask(segments.view(num_rows, capacity), like).to(like.device)
+    num_layers = len(calls[0])
+    packed_layers = []
+    for i in range(num_layers):
+        hidden = gather([c[i].hidden for c in calls])
+        heads = gather([c[i].heads for c in calls]) if calls[0][i].heads is not None else None
+        output = gather([c[i].output for c in calls]) if calls[0][i].output is not None else None
+        packed_layers.append((hidden, heads, output))
+
+    packs, md_order, example_order = [], [], []
+    for start in range(0, num_rows, max_rows):
+        stop = min(start + max_rows, num_rows)
+        lo, hi = start * capacity, stop * capacity
+
+        def local(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            inside = ((flat >= lo) & (flat < hi)).nonzero().flatten()
+            return inside, flat[inside] - lo
+
+        layer_calls = []
+        for i, (hidden, heads, output) in enumerate(packed_layers):
+            original = calls[0][i]
+            args, kwargs = list(original.args), dict(original.kwargs)
+            if where[0] == "arg":
+                args[where[1]] = mask[start:stop]
+            else:
+                kwargs[where[1]] = mask[start:stop]
+            layer_calls.append(LayerCall(
+                hidden[start:stop], tuple(args), kwargs,
+                None if heads is None else heads[start:stop],
+                None if output is None else output[start:stop],
+            ))
+        real_flat = destination[destination >= 0]
+        md_index, md_local = local(md_packed)
+        example_index, first_local = local(firsts)
+        packs.append(Pack(layer_calls, local(real_flat)[1], md_local, first_local))
+        md_order.append(md_index)
+        example_order.append(example_index)
+    return Packing(packs, torch.cat(md_order), torch.cat(example_order))
