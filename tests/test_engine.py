@@ -112,12 +112,14 @@ def test_buckets_keep_the_md_tokens_and_cut_padding():
 def test_packed_forwards_give_the_reference_losses(arch, attn):
     """Text examples are packed end to end with a block-diagonal mask (in the float form eager
     attention takes and the bool form of sdpa), in fewer positions than length buckets, and every
-    candidate's MD and KL stay the reference loop's."""
+    candidate's MD and KL stay the reference loop's. sdpa gets no mask for a batch without
+    padding; that batch is packed all the same."""
     model = tiny_model(arch, attn=attn)
     adapter = get_adapter(model)
     g = torch.Generator().manual_seed(0)
-    examples = [{"input_ids": torch.randint(5, 120, (n,), generator=g)} for n in [3, 17, 5, 16, 4, 9, 18, 6, 11, 2, 15, 7]]
-    batches = prepare_calibration(examples, num_samples=12, batch_size=5, max_length=64)
+    lengths = [3, 17, 5, 16, 4, 9, 18, 6, 11, 2, 15, 7] + [2] * 5  # the five 2s: a bucket without padding
+    examples = [{"input_ids": torch.randint(5, 120, (n,), generator=g)} for n in lengths]
+    batches = prepare_calibration(examples, num_samples=len(lengths), batch_size=5, max_length=64)
     config = OptinConfig(**WORKER_CONFIG)
     fast, reference = FastRunner(model, adapter, batches, config), ReferenceRunner(model, adapter, batches, config)
     assert all(first is not None for first in fast.first), "not packed"

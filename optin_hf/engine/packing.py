@@ -41,21 +41,24 @@ class Packing:
     example_order: torch.Tensor
 
 
-def _mask_position(call: LayerCall, batch: int, tokens: int) -> tuple[str, int | str] | None:
-    """Where the call's [batch, 1, tokens, tokens] attention mask is ("arg", i) / ("kwarg", name).
+def _mask_slot(calls: list[LayerCall]) -> tuple[tuple[str, int | str], torch.Tensor] | None:
+    """Where the layer calls (one per batch) carry their [batch, 1, tokens, tokens] attention mask,
+    ("arg", i) or ("kwarg", name), and one such mask (the form to build).
 
-    None if the call has no such mask or carries another batch-shaped tensor that packing would
-    have to move too: such a call is not packed.
+    None if no call has one (a batch without padding may get None there), or if a call carries
+    another batch-shaped tensor, which packing would have to move too.
     """
-    found = None
-    places = [("arg", i, v) for i, v in enumerate(call.args)] + [("kwarg", k, v) for k, v in call.kwargs.items()]
-    for where, key, value in places:
-        if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != batch:
-            continue
-        if value.shape != (batch, 1, tokens, tokens) or found is not None:
-            return None
-        found = (where, key)
-    return found
+    slot, like = None, None
+    for call in calls:
+        batch, tokens = call.hidden.shape[:2]
+        places = [(("arg", i), v) for i, v in enumerate(call.args)] + [(("kwarg", k), v) for k, v in call.kwargs.items()]
+        for place, value in places:
+            if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != batch:
+                continue
+            if value.shape != (batch, 1, tokens, tokens) or slot not in (None, place):
+                return None
+            slot, like = place, value
+    return None if slot is None else (slot, like)
 
 
 def _first_fit(lengths: list[int], capacity: int) -> list[tuple[int, int]]:
@@ -103,13 +106,15 @@ def pack_calls(
     None when packing does not apply (left padding or holes in a mask, a call without a
     [batch, 1, tokens, tokens] mask) or costs no less than the buckets (`_cost`).
     """
+    found = _mask_slot([layer_calls[0] for layer_calls in calls])
+    if found is None:
+        return None
+    (where, key), like = found
     positions = [mask.shape[0] * mask.shape[1] for mask in attention_masks]
     lengths, sources = [], []
     offset = 0
-    for b, (mask, size) in enumerate(zip(attention_masks, positions)):
+    for mask, size in zip(attention_masks, positions):
         batch, tokens = mask.shape
-        if _mask_position(calls[b][0], batch, tokens) is None:
-            return None
         for e in range(batch):
             length = int(mask[e].sum())
             if not bool(mask[e, :length].all()):
@@ -145,8 +150,6 @@ def pack_calls(
         packed[destination.to(flat.device)[real]] = flat[real]
         return packed.view(num_rows, capacity, -1)
 
-    where = _mask_position(calls[0][0], *attention_masks[0].shape)
-    like = calls[0][0].args[where[1]] if where[0] == "arg" else calls[0][0].kwargs[where[1]]
     mask = _block_mask(segments.view(num_rows, capacity), like).to(like.device)
     num_layers = len(calls[0])
     packed_layers = []
@@ -169,10 +172,10 @@ def pack_calls(
         for i, (hidden, heads, output) in enumerate(packed_layers):
             original = calls[0][i]
             args, kwargs = list(original.args), dict(original.kwargs)
-            if where[0] == "arg":
-                args[where[1]] = mask[start:stop]
+            if where == "arg":
+                args[key] = mask[start:stop]
             else:
-                kwargs[where[1]] = mask[start:stop]
+                kwargs[key] = mask[start:stop]
             layer_calls.append(LayerCall(
                 hidden[start:stop], tuple(args), kwargs,
                 None if heads is None else heads[start:stop],
