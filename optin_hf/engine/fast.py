@@ -116,7 +116,7 @@ class FastRunner:
             self.calls, self.grams, self.logits = calls, capture.grams, capture.logits
             self.rows = [r.to(self.device) for r in buckets.rows]
             self.first: list[torch.Tensor | None] = [None] * len(calls)
-            self.real: list[torch.Tensor | None] = [None] * len(calls)
+            self.real: torch.Tensor | None = None  # the first forward's positions that hold tokens; None: all
         else:  # forwards = the packs; the dense reference is reordered as the packs list their tokens
             order = packing.md_order.to(self.device)
             self.calls = [pack.calls for pack in packing.packs]
@@ -124,7 +124,7 @@ class FastRunner:
             self.logits = None if capture.logits is None else capture.logits[packing.example_order.to(self.device)]
             self.rows = [pack.rows.to(self.device) for pack in packing.packs]
             self.first = [pack.first.to(self.device) for pack in packing.packs]
-            self.real = [pack.real.to(self.device) for pack in packing.packs]
+            self.real = packing.packs[0].real.to(self.device)
         self._down: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._check_replay(REPLAY_TOLERANCE[getattr(torch, config.dtype)])
         self.variants = config.variants_per_batch or self._auto_variants(config.md_tokens)
@@ -147,7 +147,7 @@ class FastRunner:
     def _check_replay(self, tolerance: float) -> None:
         """Refuse a model whose layers or classifier the adapter's pieces do not reproduce."""
 
-        real = self.real[0]
+        real = self.real
 
         def check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
             if real is not None and got.dim() == 3:  # a pack's unused positions hold nothing to compare

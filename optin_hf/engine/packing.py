@@ -159,6 +159,7 @@ def pack_calls(
         output = gather([c[i].output for c in calls]) if calls[0][i].output is not None else None
         packed_layers.append((hidden, heads, output))
 
+    real_flat = destination[destination >= 0]
     packs, md_order, example_order = [], [], []
     for start in range(0, num_rows, max_rows):
         stop = min(start + max_rows, num_rows)
@@ -181,7 +182,6 @@ def pack_calls(
                 None if heads is None else heads[start:stop],
                 None if output is None else output[start:stop],
             ))
-        real_flat = destination[destination >= 0]
         md_index, md_local = local(md_packed)
         example_index, first_local = local(firsts)
         packs.append(Pack(layer_calls, local(real_flat)[1], md_local, first_local))
