@@ -18,6 +18,7 @@ from transformers import AutoConfig, PretrainedConfig
 from .config import OptinConfig
 from .importance.scores import SCORES_NAME, ImportanceScores
 from .masks import MASKS_NAME, PruningMasks, load_safetensors
+from .reconstruct import RECONSTRUCTION_NAME, Reconstruction, save_reconstruction
 
 MODEL_CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -63,9 +64,11 @@ def write_checkpoint(
     masks: PruningMasks,
     scores: ImportanceScores | None,
     max_shard_size: int | str,
+    reconstruction: Reconstruction | None = None,
 ) -> None:
     """Fill `folder`: the slim model's config and weights (skipped when `model` is None: a masks-only
-    checkpoint), `optin_config.json`, the masks and the scores when known."""
+    checkpoint), `optin_config.json`, the masks and the scores when known. A masks-only checkpoint
+    of a reconstructed model also holds the refit parameters, which full weights already contain."""
     if model is not None:
         # Our own key names: save_pretrained would rename keys to legacy checkpoint layouts.
         model.config.architectures = [type(model).__name__]  # the task head to rebuild
@@ -73,6 +76,8 @@ def write_checkpoint(
         save_torch_state_dict(model.state_dict(), folder, max_shard_size=max_shard_size)
     config.save_pretrained(folder)
     masks.save(folder / MASKS_NAME)
+    if model is None and reconstruction is not None:
+        save_reconstruction(reconstruction, folder / RECONSTRUCTION_NAME)
     if scores is not None:
         scores.save(folder / SCORES_NAME)
 

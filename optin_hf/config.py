@@ -14,6 +14,7 @@ import torch
 CONFIG_NAME = "optin_config.json"
 ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
+RECONSTRUCT_MODES = ("weights", "scales", "none")
 
 
 @dataclass
@@ -34,6 +35,11 @@ class OptinConfig:
     masks-only repo can rebuild it; `push_to_hub` fills them in, a value set here overrides what it detects.
     `engine="fast"` gives the reference loop's scores faster; `variants_per_batch=None` sizes its
     stacked forwards from free memory. `checkpoint_dir` makes scoring resumable.
+
+    `reconstruct="weights"` refits each sublayer's output projection after slimming, by ridge
+    least squares on `reconstruct_samples` calibration examples, so that the slim model rebuilds
+    the dense model's sums (`optin_hf.reconstruct`); "scales" fits one factor per kept unit
+    (PTF's mask tuning); "none" keeps the base weights of the kept units.
 
     `prune_tokens=True` is the reference's vision "tau" mode: heads and neurons take
     `token_cut_share` of the MAC cut and a per-layer token schedule (run by token merging)
@@ -66,6 +72,9 @@ class OptinConfig:
     max_patch_envelope: float = 100.0
     patch_metric_decay: float = 1.0
     token_cut_share: float | None = None
+    reconstruct: str = "weights"
+    reconstruct_samples: int = 256
+    reconstruct_ridge: float = 1e-3
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     base_model_class: str | None = None
@@ -81,7 +90,7 @@ class OptinConfig:
             )
         if not (self.prune_heads or self.prune_neurons):
             raise ValueError("prune_heads and prune_neurons are both False: nothing would be pruned; enable one.")
-        for name in ("num_samples", "batch_size", "max_length", "md_tokens", "neuron_group_size", "neurons_multiple_of"):
+        for name in ("num_samples", "batch_size", "max_length", "md_tokens", "neuron_group_size", "neurons_multiple_of", "reconstruct_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.temperature <= 0 or self.lambda_contribution <= 0:
@@ -103,6 +112,10 @@ class OptinConfig:
                 f"token_cut_share={self.token_cut_share} is outside [0, 1]: it is the share of the MAC cut that "
                 "heads and neurons take in token mode (None = a seeded draw in [0.15, 0.30])."
             )
+        if self.reconstruct not in RECONSTRUCT_MODES:
+            raise ValueError(f"reconstruct={self.reconstruct!r} is unknown; choose one of {list(RECONSTRUCT_MODES)}.")
+        if not 0.0 <= self.reconstruct_ridge < float("inf"):
+            raise ValueError(f"reconstruct_ridge={self.reconstruct_ridge} must be a finite number >= 0 (relative to the Gram's mean diagonal).")
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len={self.seq_len} must be positive (or None to measure it on the data).")
 

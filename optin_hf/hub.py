@@ -31,6 +31,7 @@ from .config import CONFIG_NAME, OptinConfig
 from .importance import SCORES_NAME
 from .macs import count_macs, head_macs, neuron_macs
 from .masks import MASKS_NAME
+from .reconstruct import RECONSTRUCTION_NAME
 
 if TYPE_CHECKING:
     from .pruner import OptinPruner
@@ -38,7 +39,9 @@ if TYPE_CHECKING:
 LIBRARY_NAME = "optin-hf"
 SHARD_PATTERN = "model-*-of-*.safetensors"
 # What AutoOptinModel reads from an optin-hf repo, and what it needs of a masks-only repo's base model.
-CHECKPOINT_FILES = [CONFIG_NAME, MASKS_NAME, MODEL_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, SHARD_PATTERN]
+CHECKPOINT_FILES = [
+    CONFIG_NAME, MASKS_NAME, RECONSTRUCTION_NAME, MODEL_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, SHARD_PATTERN
+]
 BASE_MODEL_FILES = [MODEL_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, SHARD_PATTERN]
 # Files a push owns: those of the other kind (or stale shards) are deleted, so a repo never mixes a masks-only
 # optin_config.json with the weights of an earlier full push.
@@ -202,6 +205,14 @@ def model_card(
             "Plain `transformers` refuses this repo with a message pointing to optin-hf: its layers have per-layer "
             "sizes that only optin-hf builds."
         )
+    if config.reconstruct != "none" and pruner.reconstruction is not None:
+        size = sum(t.numel() * t.element_size() for t in pruner.reconstruction.tensors.values())
+        how += (
+            f" After slimming, each sublayer's output projection was refit by ridge least squares on "
+            f"{config.reconstruct_samples} calibration examples (`reconstruct=\"{config.reconstruct}\"`), so the kept "
+            "weights differ from the base model's"
+            + (f"; this repo carries them in `{RECONSTRUCTION_NAME}` ({size / 1e6:.2f} MB)." if masks_only else ".")
+        )
     if base_model:
         how += f" The tokenizer (or image processor) is the base model's: load it from `{base_model}`."
     settings = {k: v for k, v in config.to_dict().items() if not k.startswith("base_model") and v not in ({}, None)}
@@ -269,7 +280,9 @@ def _fill_repo_folder(
     max_shard_size: int | str | None,
 ) -> None:
     slim = None if masks_only else model
-    write_checkpoint(folder, slim, config, pruner.masks, pruner.scores, max_shard_size or pruner.max_shard_size)
+    write_checkpoint(
+        folder, slim, config, pruner.masks, pruner.scores, max_shard_size or pruner.max_shard_size, pruner.reconstruction
+    )
     card = model_card(
         pruner,
         model,

@@ -13,6 +13,7 @@ from .checkpoint import MODEL_CONFIG_NAME, load_model_config, load_weights
 from .config import CONFIG_NAME, OptinConfig
 from .hub import download_base_model, download_checkpoint
 from .masks import MASKS_NAME, PruningMasks
+from .reconstruct import RECONSTRUCTION_NAME, load_reconstruction
 from .slim import slim_model
 
 
@@ -55,8 +56,16 @@ def _load_from_base(folder: Path, source: str, token: str | bool | None, local_f
         raise ValueError(
             f"The masks of {source} do not fit its base model {name!r} (revision {revision}): {err}"
         ) from err
-    model = model_class(config).from_pretrained(base, config=config, use_safetensors=True)
-    return slim_model(model, masks)
+    model = slim_model(model_class(config).from_pretrained(base, config=config, use_safetensors=True), masks)
+    if optin.reconstruct != "none":
+        if not (folder / RECONSTRUCTION_NAME).is_file():
+            raise FileNotFoundError(
+                f"{source} was reconstructed (reconstruct={optin.reconstruct!r} in {CONFIG_NAME}) but has no "
+                f"{RECONSTRUCTION_NAME}: re-upload it, or share the full slim checkpoint (masks_only=False)."
+            )
+        load_reconstruction(model, folder / RECONSTRUCTION_NAME)
+        model.config.optin["reconstruct"] = optin.reconstruct
+    return model
 
 
 class AutoOptinModel:
@@ -76,7 +85,7 @@ class AutoOptinModel:
         """Rebuild the slimmed model (with its task head), in eval mode, from a folder or a Hub repo.
 
         A full slim checkpoint loads on its own; a masks-only one downloads the base model it names, at the
-        recorded commit, and slims it. `revision` picks the revision of `repo_id_or_path` on the Hub; `token` and
+        recorded commit, slims it and applies the refit parameters of a reconstructed model. `revision` picks the revision of `repo_id_or_path` on the Hub; `token` and
         `local_files_only` apply to every download (HF_HUB_OFFLINE=1 acts like local_files_only=True).
         """
         source = str(repo_id_or_path)

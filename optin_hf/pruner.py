@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from .hub import CardMetrics, push_to_hub
 from .importance import CRITERIA, ImportanceScores
 from .macs import count_macs, merge_macs, unit_macs
 from .masks import PruningMasks
+from .reconstruct import Reconstruction, reconstruct
 from .slim import slim_model
 
 
@@ -39,6 +41,7 @@ class OptinPruner:
         self.config = config or OptinConfig(**kwargs)
         self.scores: ImportanceScores | None = None
         self.masks: PruningMasks | None = None
+        self.reconstruction: Reconstruction | None = None
         self.seq_len: float | None = self.config.seq_len
         self.timings: dict[str, float] = {}
 
@@ -118,18 +121,42 @@ class OptinPruner:
         return self.masks
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:
-        """Slim `model` in place (scoring and allocating first unless `masks` are given)."""
+        """Slim `model` in place (scoring and allocating first unless `masks` are given), then
+        reconstruct it on `data` unless `reconstruct="none"`."""
         self._check_model(model)
+        c = self.config
+        if masks is not None:
+            masks.check_fits(model.config)
+        if c.reconstruct != "none" and data is None:
+            raise ValueError(
+                f"reconstruct={c.reconstruct!r} refits the slim model on calibration data, and none was given: pass "
+                "data (e.g. the examples you score on), or set OptinConfig(reconstruct='none') to slim only."
+            )
         if masks is None:
             masks = self.compute_masks(model, data, tokenizer=tokenizer)
-        masks.check_fits(model.config)
         self.masks = masks
-        return slim_model(model, masks)
+        dense = copy.deepcopy(model) if c.reconstruct != "none" else None
+        slim_model(model, masks)
+        if dense is not None:
+            start = time.perf_counter()
+            batches = prepare_calibration(
+                data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length
+            )
+            self.reconstruction = reconstruct(model, dense, batches, c.reconstruct, c.reconstruct_ridge)
+            model.config.optin["reconstruct"] = c.reconstruct
+            self.timings["reconstruction_s"] = time.perf_counter() - start
+        return model
 
     def check_pruned(self, model: nn.Module) -> None:
         """Raise unless `model` was slimmed by this pruner, so its masks describe it."""
         if self.masks is None or not getattr(model.config, "optin", None):
             raise ValueError("Nothing to save or push yet: call prune_model(model, ...) first.")
+        if self.config.reconstruct != model.config.optin.get("reconstruct", "none"):
+            raise ValueError(
+                f"This pruner's config says reconstruct={self.config.reconstruct!r} but the model was "
+                f"{'not reconstructed' if self.config.reconstruct != 'none' else 'reconstructed'}: prune it with "
+                "this pruner's prune_model(model, data)."
+            )
 
     def save(self, model: nn.Module, save_dir: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
         """Write the slim model, `optin_config.json` and the masks (and scores) atomically.
@@ -138,7 +165,7 @@ class OptinPruner:
         """
         self.check_pruned(model)
         with atomic_directory(save_dir) as tmp:
-            write_checkpoint(tmp, model, self.config, self.masks, self.scores, max_shard_size or self.max_shard_size)
+            write_checkpoint(tmp, model, self.config, self.masks, self.scores, max_shard_size or self.max_shard_size, self.reconstruction)
 
     def push_to_hub(
         self,

@@ -15,6 +15,7 @@ accuracy at every budget tried (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
@@ -41,18 +42,34 @@ def merge_rounds(num_patches: int, target_patches: int) -> list[tuple[int, int, 
     return rounds
 
 
-def bipartite_merge(x: torch.Tensor, sizes: torch.Tensor, merges: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One round of bipartite soft matching on patch tokens x: [batch, n, dim], sizes: [batch, n, 1].
+@dataclass(frozen=True)
+class Match:
+    """One round's pairing: src [batch, merges] A tokens merge into dst [batch, merges] B tokens;
+    kept [batch, |A| - merges] A tokens stay (in their original order)."""
 
-    Returns [batch, n - merges, dim] and its sizes: the unmerged A tokens (in their original
-    order), then the B tokens, each the size-weighted mean of itself and the A tokens merged in.
-    """
+    src: torch.Tensor
+    dst: torch.Tensor
+    kept: torch.Tensor
+
+
+def match_tokens(x: torch.Tensor, merges: int) -> Match:
+    """Bipartite soft matching on patch tokens x: [batch, n, dim]: A (even) tokens pair with their
+    most similar B (odd) token by cosine similarity; the `merges` most similar pairs merge."""
     metric = F.normalize(x, dim=-1)
     similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [batch, |A|, |B|]
     best, match = similarity.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
-    src, kept = order[:, :merges], order[:, merges:].sort(dim=-1).values
-    dst = match.gather(1, src)
+    src = order[:, :merges]
+    return Match(src, match.gather(1, src), order[:, merges:].sort(dim=-1).values)
+
+
+def merge_matched(x: torch.Tensor, sizes: torch.Tensor, match: Match) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply one round's `match` to x: [batch, n, dim] with sizes: [batch, n, 1].
+
+    Returns [batch, n - merges, dim] and its sizes: the unmerged A tokens, then the B tokens,
+    each the size-weighted mean of itself and the A tokens merged in.
+    """
+    src, dst, kept = match.src, match.dst, match.kept
     dim = x.shape[-1]
     x_a, x_b = x[:, ::2], x[:, 1::2]
     s_a, s_b = sizes[:, ::2], sizes[:, 1::2]
@@ -68,15 +85,18 @@ class TokenMerging(nn.Module):
 
     It holds no weights, so checkpoints are unchanged; `slim_model` installs it from the masks'
     `token_schedule`, so `AutoOptinModel.from_pretrained` rebuilds it with no extra step. The
-    patch sizes of the forward in progress live here between layers (reset at layer 0), so a
-    model runs one forward at a time (no concurrent threads on one instance).
+    patch sizes of the forward in progress live in `sizes` between layers (reset at layer 0), so
+    a model runs one forward at a time (no concurrent threads on one instance). `matches` holds
+    the rounds of the last merge, so another stream (the dense model in `reconstruct`) can merge
+    the same tokens.
     """
 
     def __init__(self, schedule: Sequence[int], num_prefix_tokens: int):
         super().__init__()
         self.schedule = [int(n) for n in schedule]
         self.num_prefix_tokens = num_prefix_tokens
-        self._sizes: torch.Tensor | None = None
+        self.sizes: torch.Tensor | None = None
+        self.matches: list[Match] = []
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}, num_prefix_tokens={self.num_prefix_tokens}"
@@ -85,17 +105,25 @@ class TokenMerging(nn.Module):
         """Forward pre-hook of layer `index`: (hidden_states, attention_mask) -> merged ones."""
         x, prefix = args[0], self.num_prefix_tokens
         if index == 0:
-            self._sizes = x.new_ones(x.shape[0], x.shape[1] - prefix, 1)
+            self.sizes = x.new_ones(x.shape[0], x.shape[1] - prefix, 1)
+        self.matches = []
         if x.shape[1] == self.schedule[index] == self.schedule[0]:
             return None  # nothing merged yet: plain attention
         if len(args) > 1 and args[1] is not None:
             raise ValueError("Token merging cannot run with an attention mask: the merged tokens would not match it.")
-        head, patches, sizes = x[:, :prefix], x[:, prefix:], self._sizes
+        head, patches, sizes = x[:, :prefix], x[:, prefix:], self.sizes
         for _, _, merges in merge_rounds(patches.shape[1], self.schedule[index] - prefix):
-            patches, sizes = bipartite_merge(patches, sizes, merges)
-        self._sizes = sizes
-        log_sizes = torch.cat([sizes.new_zeros(sizes.shape[0], prefix), sizes[..., 0].log()], dim=1)
-        return (torch.cat([head, patches], dim=1), log_sizes[:, None, None, :], *args[2:])
+            self.matches.append(match_tokens(patches, merges))
+            patches, sizes = merge_matched(patches, sizes, self.matches[-1])
+        self.sizes = sizes
+        return (torch.cat([head, patches], dim=1), proportional_attention(sizes, prefix), *args[2:])
+
+
+def proportional_attention(sizes: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The additive attention mask [batch, 1, 1, tokens] of ToMe's proportional attention:
+    log(size) for each patch token, 0 for the prefix tokens."""
+    log_sizes = torch.cat([sizes.new_zeros(sizes.shape[0], num_prefix_tokens), sizes[..., 0].log()], dim=1)
+    return log_sizes[:, None, None, :]
 
 
 def install_token_merging(model: nn.Module, adapter: ArchAdapter, schedule: Sequence[int]) -> TokenMerging:

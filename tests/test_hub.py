@@ -22,7 +22,8 @@ from optin_hf.hub import write_repo_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 MASKS_ONLY_FILES = {
-    ".gitattributes", "README.md", "optin_config.json", "optin_masks.safetensors", "optin_scores.safetensors"
+    ".gitattributes", "README.md", "optin_config.json", "optin_masks.safetensors", "optin_scores.safetensors",
+    "optin_reconstruction.safetensors",
 }
 METRICS = {
     "task_type": "text-classification",

@@ -40,6 +40,8 @@ class ArchAdapter:
     """Module paths of one architecture family.
 
     `layers` is relative to `model.base_model`; the other paths are relative to one layer.
+    `ffn_input` is the module whose first input is the FFN sublayer's input, which is also the
+    residual that sublayer adds to (the attention sublayer's residual is the layer input).
     `attn_core` is the module that computes the heads; a layer that keeps no head gets it
     replaced by `EmptyAttention`. When `attn_out` lies inside `attn_core`, the replacement
     keeps that projection so the layer still adds its bias.
@@ -61,6 +63,7 @@ class ArchAdapter:
     attn_out: str
     ffn_up: str
     ffn_down: str
+    ffn_input: str
     feature: str
     head_count_attrs: tuple[str, ...]
     all_head_size_attr: str | None = None

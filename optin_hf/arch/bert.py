@@ -36,6 +36,7 @@ BERT = ArchAdapter(
     attn_out="attention.output.dense",
     ffn_up="intermediate.dense",
     ffn_down="output.dense",
+    ffn_input="intermediate",
     feature="output.dense",
     head_count_attrs=("num_attention_heads",),
     all_head_size_attr="all_head_size",

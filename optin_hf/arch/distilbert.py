@@ -33,6 +33,7 @@ DISTILBERT = ArchAdapter(
     attn_out="attention.out_lin",
     ffn_up="ffn.lin1",
     ffn_down="ffn.lin2",
+    ffn_input="ffn",
     feature="ffn.lin2",
     head_count_attrs=("n_heads",),
     finish_attention=_finish_attention,

@@ -40,6 +40,7 @@ VIT = ArchAdapter(
     attn_out="attention.o_proj",
     ffn_up="mlp.fc1",
     ffn_down="mlp.fc2",
+    ffn_input="layernorm_after",
     feature="layernorm_before",
     head_count_attrs=("num_attention_heads",),
     patch_embedding="embeddings.patch_embeddings.projection",

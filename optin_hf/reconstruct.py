@@ -1,0 +1,327 @@
+"""Reconstruction after slimming: refit each sublayer's output projection by ridge least squares.
+
+Removing heads and neurons shifts what every sublayer adds to the residual stream, and the
+shifts compound. Each sublayer's output projection (attention output, FFN down projection) is
+linear in the kept units, so the weights that best rebuild the dense model's sum
+(projection output + residual) from the pruned model's own inputs have a closed form.
+
+From the first layer up, attention then FFN, with the pruned model already refit below:
+- `A = [x_p, 1]`: the projection's input in the pruned model, real tokens only, plus a ones
+  column for the bias; the target `Y = (W x_d + b + r_d) - r_p`: the dense sum minus the
+  pruned model's own residual. For post-LN blocks (BERT) the dense sum is the LayerNorm's
+  input, for pre-LN blocks (ViT) the residual stream after the block: the same formula.
+- `AᵀA` and `AᵀY` are accumulated in float64 batch by batch, so memory does not grow with the
+  calibration size, and the refit solves `(AᵀA + λI) θ = AᵀY + λ θ₀` with
+  `λ = ridge · mean(diag(AᵀA))`: a ridge toward the weights the kept units had (θ₀), so a
+  small calibration set moves them little, nothing pruned changes nothing, and the refit's
+  error on the calibration data never exceeds θ₀'s.
+- `mode="weights"` refits the weight and bias (K-prune's knowledge-preserving weight tuning);
+  `mode="scales"` fits one factor per kept head or neuron with the bias fixed (PTF's mask
+  tuning), a far smaller artifact. A sublayer that keeps nothing refits its bias only.
+
+Token-merged ViTs: the dense stream is merged with the pruned model's own matches, so both
+streams hold the same tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchAdapter, EmptyAttention, check_model, get_submodule
+from .masks import load_safetensors
+from .tokens import TokenMerging, merge_matched
+
+RECONSTRUCTION_NAME = "optin_reconstruction.safetensors"
+SUBLAYERS = ("attn_out", "ffn_down")
+
+
+class _Stop(Exception):
+    """Ends a layer call once the hooks saw what they need."""
+
+
+def output_projection(adapter: ArchAdapter, layer: nn.Module, sublayer: str) -> nn.Linear:
+    """The attention output (`attn_out`) or FFN down (`ffn_down`) projection of a possibly slim layer."""
+    core = get_submodule(layer, adapter.attn_core)
+    if sublayer == "attn_out" and isinstance(core, EmptyAttention) and adapter.out_inside_core:
+        return core.out_proj
+    return get_submodule(layer, getattr(adapter, sublayer))
+
+
+def _call(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, taps: dict, stop: str | None = None) -> dict:
+    """Call `layer`, returning what the taps saw: name -> tensor.
+
+    taps: name -> (module, "in" for its first input | "out" for its output); a tap named `stop`
+    ends the call once it fired. "layer" holds the layer's input after its own pre-hooks (a
+    token merge) and "layer_args" the rest of that call.
+    """
+    seen: dict = {}
+    handles = []
+
+    def pre(name):
+        def hook(module, args, kwargs=None):
+            seen[name] = args[0]
+            if name == "layer":
+                seen["layer_args"] = (tuple(args[1:]), dict(kwargs or {}))
+            if name == stop:
+                raise _Stop
+
+        return hook
+
+    def post(name):
+        def hook(module, args, output):
+            seen[name] = output[0] if isinstance(output, tuple) else output
+            if name == stop:
+                raise _Stop
+
+        return hook
+
+    try:
+        handles.append(layer.register_forward_pre_hook(pre("layer"), with_kwargs=True))
+        for name, (module, where) in taps.items():
+            handles.append(module.register_forward_pre_hook(pre(name)) if where == "in" else module.register_forward_hook(post(name)))
+        try:
+            out = layer(hidden, *args, **kwargs)
+            seen["output"] = out[0] if isinstance(out, tuple) else out
+        except _Stop:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@dataclass
+class _Stream:
+    """One calibration batch moving through both models, a layer at a time.
+
+    student / teacher: [batch, tokens, hidden], the current layer's input in the pruned and the
+    dense model; real: bool [batch * tokens] of the rows that are real tokens (None: all);
+    sizes: patch sizes [batch, patches, 1] of the merged tokens so far, when tokens merge;
+    target: the dense FFN sum of the layer in progress.
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    args: tuple
+    kwargs: dict
+    real: torch.Tensor | None
+    sizes: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+
+
+class _NormalEquations:
+    """AᵀA and AᵀY (A = [x, 1]) and Σ|Y|², in float64, over real token rows."""
+
+    def __init__(self, width: int, hidden: int, device: torch.device):
+        self.gram = torch.zeros(width + 1, width + 1, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(width + 1, hidden, dtype=torch.float64, device=device)
+        self.target_sq = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None) -> None:
+        rows = target.shape[:-1].numel()
+        x, target = x.reshape(rows, x.shape[-1]).double(), target.reshape(rows, target.shape[-1]).double()
+        if real is not None:
+            x, target = x[real], target[real]
+        a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        self.gram += a.T @ a
+        self.cross += a.T @ target
+        self.target_sq += target.pow(2).sum()
+
+    def error(self, theta: torch.Tensor) -> float:
+        """Σ|Aθ - Y|² from the accumulated sums; θ: [width + 1, hidden]."""
+        return float((theta * (self.gram @ theta)).sum() - 2 * (theta * self.cross).sum() + self.target_sq)
+
+
+def _solve_weights(eq: _NormalEquations, theta0: torch.Tensor, ridge: float) -> torch.Tensor:
+    lam = ridge * eq.gram.diagonal().mean()
+    eye = torch.eye(eq.gram.shape[0], dtype=eq.gram.dtype, device=eq.gram.device)
+    return torch.linalg.solve(eq.gram + lam * eye, eq.cross + lam * theta0)
+
+
+def _solve_scales(eq: _NormalEquations, weight: torch.Tensor, bias: torch.Tensor, unit: int, ridge: float) -> torch.Tensor:
+    """One factor per unit of `unit` input columns, the bias fixed: [units].
+
+    Unit u contributes z_u = W[:, u] x_u, so Σ<z_u, z_v> is the block sum of (WᵀW) ⊙ (xᵀx) and
+    Σ<z_u, Y - b> that of Σ_o W[o, j] (xᵀY - (Σx) bᵀ)[j, o]; the ridge pulls toward 1.
+    """
+    width = weight.shape[1]
+    w = weight.double()
+    xx, x1 = eq.gram[:width, :width], eq.gram[:width, width]
+    residual = eq.cross[:width] - x1[:, None] * bias.double()[None, :]
+    units = torch.arange(width, device=w.device) // unit
+    pick = nn.functional.one_hot(units).to(w.dtype)  # [width, units]
+    gram = pick.T @ ((w.T @ w) * xx) @ pick
+    rhs = pick.T @ (w * residual.T).sum(0)
+    lam = ridge * gram.diagonal().mean()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + lam * eye, rhs + lam)
+
+
+@dataclass
+class Reconstruction:
+    """What a reconstruction changed. tensors: the artifact (`layers.{i}.{sublayer}.weight/bias`
+    in weights mode, `.scale` [kept units] in scales mode); errors: (layer, sublayer, error
+    before, error after) on the calibration tokens, Σ of squared differences to the target."""
+
+    mode: str
+    tensors: dict[str, torch.Tensor]
+    errors: list[tuple[int, str, float, float]]
+
+
+def _refit(proj: nn.Linear, eq: _NormalEquations, mode: str, ridge: float, unit: int, key: str, tensors: dict) -> tuple[float, float]:
+    """Refit `proj` (in place) from its normal equations; record the artifact under `key`; the
+    calibration error (before, after). Every output projection here has a bias."""
+    weight, bias = proj.weight.detach(), proj.bias.detach()
+    theta = lambda w, b: torch.cat([w.T, b[None]]).double()  # noqa: E731
+    before = eq.error(theta(weight, bias))
+    if mode == "weights":
+        solved = _solve_weights(eq, theta(weight, bias), ridge)
+        weight, bias = solved[:-1].T.to(weight.dtype).contiguous(), solved[-1].to(bias.dtype)
+        tensors[f"{key}.weight"], tensors[f"{key}.bias"] = weight.cpu(), bias.cpu()
+        proj.bias = nn.Parameter(bias, requires_grad=proj.bias.requires_grad)
+    elif proj.in_features:
+        scale = _solve_scales(eq, weight, bias, unit, ridge).to(weight.dtype)
+        tensors[f"{key}.scale"] = scale.cpu()
+        weight = scale_columns(weight, scale)
+    proj.weight = nn.Parameter(weight, requires_grad=proj.weight.requires_grad)
+    return before, eq.error(theta(weight, bias))
+
+
+def scale_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """weight [out, units * w] with each unit's w input columns multiplied by its factor in scale [units]."""
+    return weight * scale.to(weight.dtype).repeat_interleave(weight.shape[1] // max(len(scale), 1))[None, :]
+
+
+def _streams(teacher: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]]) -> list[_Stream]:
+    """Each batch's layer-0 call in the dense model; the pruned model starts from the same input."""
+    device = next(teacher.parameters()).device
+    first = adapter.layers_of(teacher)[0]
+    streams = []
+    for batch in batches:
+        seen: dict = {}
+
+        def hook(module, args, kwargs):
+            seen["call"] = (args[0], tuple(args[1:]), dict(kwargs))
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            teacher(**{k: v.to(device) for k, v in batch.items()})
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        hidden, args, kwargs = seen["call"]
+        real = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
+        streams.append(_Stream(hidden, hidden, args, kwargs, real))
+    return streams
+
+
+def _merge_like(x: torch.Tensor, sizes: torch.Tensor, merging: TokenMerging) -> torch.Tensor:
+    """x [batch, tokens, hidden] merged by the pruned model's last matches, its patches having `sizes`."""
+    prefix = merging.num_prefix_tokens
+    patches = x[:, prefix:]
+    for match in merging.matches:
+        patches, sizes = merge_matched(patches, sizes, match)
+    return torch.cat([x[:, :prefix], patches], dim=1)
+
+
+@torch.no_grad()
+def reconstruct(
+    model: nn.Module,
+    dense: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    mode: str = "weights",
+    ridge: float = 1e-3,
+) -> Reconstruction:
+    """Refit the slim `model`'s output projections, in place, to rebuild `dense`'s sums on `batches`.
+
+    `dense` is the model before slimming (the same weights and task head); `batches` are padded
+    calibration batches (see `data.prepare_calibration`).
+    """
+    if mode not in ("weights", "scales"):
+        raise ValueError(f"reconstruct={mode!r} is not a refit; choose 'weights' or 'scales'.")
+    adapter = check_model(model)
+    head_dim = adapter.head_dim(model.config)
+    merging: TokenMerging | None = getattr(model.base_model, "token_merging", None)
+    was_training = (model.training, dense.training)
+    model.eval(), dense.eval()
+    tensors: dict[str, torch.Tensor] = {}
+    errors = []
+    streams = _streams(dense, adapter, batches)
+    pairs = list(zip(adapter.layers_of(model), adapter.layers_of(dense)))
+    for i, (student, teacher) in enumerate(tqdm(pairs, desc=f"Reconstruction ({mode})", unit="layer")):
+        attn, down = output_projection(adapter, student, "attn_out"), output_projection(adapter, student, "ffn_down")
+        hidden = model.config.hidden_size
+
+        def run_student(s: _Stream, taps: dict, stop: str | None = None) -> dict:
+            if merging is not None:
+                merging.sizes = s.sizes  # the input is merged already: the hook only adds the attention mask
+            return _call(student, s.student, s.args, s.kwargs, taps, stop)
+
+        eq = _NormalEquations(attn.in_features, hidden, attn.weight.device)
+        for s in streams:
+            before = s.sizes
+            seen = run_student(s, {"x": (attn, "in")}, stop="x")
+            s.student, (args, kwargs) = seen["layer"], seen["layer_args"]
+            if merging is not None:
+                s.sizes, s.teacher = merging.sizes, _merge_like(s.teacher, before, merging)
+            t = _call(teacher, s.teacher, args, kwargs, {
+                "y_attn": (get_submodule(teacher, adapter.attn_out), "out"),
+                "r_ffn": (get_submodule(teacher, adapter.ffn_input), "in"),
+                "y_ffn": (get_submodule(teacher, adapter.ffn_down), "out"),
+            })
+            eq.add(seen["x"], t["y_attn"] + s.teacher - s.student, s.real)
+            s.teacher, s.target = t["output"], t["y_ffn"] + t["r_ffn"]
+        errors.append((i, "attn_out", *_refit(attn, eq, mode, ridge, head_dim, f"layers.{i}.attn_out", tensors)))
+
+        eq = _NormalEquations(down.in_features, hidden, down.weight.device)
+        for s in streams:
+            seen = run_student(s, {"r": (get_submodule(student, adapter.ffn_input), "in"), "x": (down, "in")}, stop="x")
+            eq.add(seen["x"], s.target - seen["r"], s.real)
+        errors.append((i, "ffn_down", *_refit(down, eq, mode, ridge, 1, f"layers.{i}.ffn_down", tensors)))
+
+        for s in streams:
+            s.student, s.target = run_student(s, {})["output"], None
+    model.train(was_training[0]), dense.train(was_training[1])
+    return Reconstruction(mode, tensors, errors)
+
+
+def save_reconstruction(reconstruction: Reconstruction, path: str | os.PathLike) -> None:
+    save_file(reconstruction.tensors, str(path), metadata={"format": "optin-reconstruction-v1", "mode": reconstruction.mode})
+
+
+def load_reconstruction(model: nn.Module, path: str | os.PathLike) -> None:
+    """Apply a saved reconstruction to the slim `model` (slimmed from the same base with the same masks)."""
+    apply_reconstruction(model, load_safetensors(path, "reconstruction"), str(path))
+
+
+@torch.no_grad()
+def apply_reconstruction(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the reconstruction") -> None:
+    """Set the refit weights (or multiply in the scales) that `Reconstruction.tensors` holds."""
+    adapter = check_model(model)
+    layers = adapter.layers_of(model)
+    for key, value in sorted(tensors.items()):
+        parts = key.split(".")
+        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(layers) \
+                or parts[2] not in SUBLAYERS or parts[3] not in ("weight", "bias", "scale"):
+            raise ValueError(f"{source} holds {key!r}, which is not a reconstruction tensor of this {len(layers)}-layer model.")
+        proj = output_projection(adapter, layers[int(parts[1])], parts[2])
+        old = proj.weight if parts[3] != "bias" else proj.bias
+        expected = (proj.in_features // (adapter.head_dim(model.config) if parts[2] == "attn_out" else 1),) if parts[3] == "scale" else old.shape
+        if tuple(value.shape) != tuple(expected):
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(value.shape)} but the slim model needs {tuple(expected)}; "
+                "it was made for other masks or another base model."
+            )
+        value = value.to(device=old.device, dtype=old.dtype)
+        if parts[3] == "scale":
+            proj.weight = nn.Parameter(scale_columns(proj.weight.detach(), value), requires_grad=proj.weight.requires_grad)
+        else:
+            setattr(proj, parts[3], nn.Parameter(value.clone(), requires_grad=old.requires_grad))

@@ -1,0 +1,177 @@
+"""optin_hf/reconstruct.py: the least-squares refit after slimming, on tiny models of every family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny import ARCHS, batch, calibration, output, tiny_model
+
+from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks
+from optin_hf.arch import check_model, get_submodule
+from optin_hf.data import prepare_calibration
+from optin_hf.reconstruct import apply_reconstruction, output_projection, reconstruct
+from optin_hf.slim import slim_model
+
+
+def batches(arch: str, n: int = 24) -> list[dict[str, torch.Tensor]]:
+    return prepare_calibration(calibration(arch, n), num_samples=n, batch_size=8, max_length=64)
+
+
+def random_masks(model, seed: int = 0) -> PruningMasks:
+    """About half of the units, with layer 1 keeping no head and layer 2 no neuron."""
+    full = PruningMasks.full(model.config)
+    g = torch.Generator().manual_seed(seed)
+    heads = torch.rand(full.head_mask.shape, generator=g) > 0.4
+    neurons = torch.rand(full.neuron_mask.shape, generator=g) > 0.5
+    heads[0, 0] = neurons[0, 0] = True
+    heads[1], neurons[2] = False, False
+    return PruningMasks(heads, neurons)
+
+
+@pytest.mark.parametrize("mode", ["weights", "scales"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nothing_pruned_reproduces_the_dense_model(arch: str, mode: str) -> None:
+    # The ridge pulls toward the weights the kept units had, and with nothing pruned those fit the
+    # dense sums exactly, so the solution is the original weights; what is left is the float64
+    # solve's rounding, cast back to float32 (~1e-6 on logits of size ~1).
+    model, dense = tiny_model(arch), tiny_model(arch)
+    slim_model(model, PruningMasks.full(model.config))
+    reconstruct(model, dense, batches(arch), mode)
+    inputs = batch(arch)
+    torch.testing.assert_close(output(model, inputs), output(dense, inputs), atol=1e-5, rtol=1e-5)
+
+
+def sublayer_errors(model, dense, data, original: dict) -> dict:
+    """(layer, sublayer) -> (error with the refit projection, error with `original`'s) on the real tokens,
+    measured from plain forwards: each sublayer's input and residual come from `model` (refit below it),
+    its target is the dense sum."""
+    adapter = check_model(model)
+    seen: dict = {}
+    handles = []
+
+    def tap(key):
+        def hook(module, args, output=None):
+            seen[key] = args[0] if output is None else (output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    for tag, net in (("p", model), ("d", dense)):
+        for i, layer in enumerate(adapter.layers_of(net)):
+            handles.append(layer.register_forward_pre_hook(tap((tag, i, "r_attn"))))
+            handles.append(get_submodule(layer, adapter.ffn_input).register_forward_pre_hook(tap((tag, i, "r_ffn"))))
+            for sub in ("attn_out", "ffn_down"):
+                proj = output_projection(adapter, layer, sub)
+                handles.append(proj.register_forward_pre_hook(tap((tag, i, sub, "x"))))
+                handles.append(proj.register_forward_hook(tap((tag, i, sub, "y"))))
+    errors = {}
+    try:
+        for b in data:
+            model(**b), dense(**b)
+            real = b["attention_mask"].bool() if "attention_mask" in b else torch.ones(b["pixel_values"].shape[0], 1, dtype=torch.bool)
+            for i in range(len(adapter.layers_of(model))):
+                for sub, r in (("attn_out", "r_attn"), ("ffn_down", "r_ffn")):
+                    target = seen[("d", i, sub, "y")] + seen[("d", i, r)] - seen[("p", i, r)]
+                    x = seen[("p", i, sub, "x")]
+                    proj = original[(i, sub)]
+                    for k, y in enumerate((seen[("p", i, sub, "y")], torch.nn.functional.linear(x, proj.weight, proj.bias))):
+                        err = (y - target).pow(2).sum(-1).double()
+                        errors.setdefault((i, sub), [0.0, 0.0])[k] += float(err[real.expand_as(err)].sum().detach())
+    finally:
+        for h in handles:
+            h.remove()
+    return errors
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "vit"])
+def test_each_refit_lowers_its_sublayer_error(arch: str) -> None:
+    dense = tiny_model(arch)
+    model = slim_model(copy.deepcopy(dense), random_masks(dense))
+    adapter = check_model(model)
+    original = {
+        (i, sub): copy.deepcopy(output_projection(adapter, layer, sub))
+        for i, layer in enumerate(adapter.layers_of(model)) for sub in ("attn_out", "ffn_down")
+    }
+    data = batches(arch)
+    result = reconstruct(model, dense, data, "weights")
+    errors = sublayer_errors(model, dense, data, original)
+    for (i, sub), (after, before) in errors.items():
+        assert after < before, (i, sub, after, before)
+    # The refit's own bookkeeping (from the normal equations) agrees with the plain forwards.
+    for i, sub, before, after in result.errors:
+        assert after == pytest.approx(errors[(i, sub)][0], rel=1e-3)
+        assert before == pytest.approx(errors[(i, sub)][1], rel=1e-3)
+
+
+def test_scales_refit_only_rescales_kept_units() -> None:
+    dense = tiny_model("bert")
+    model = slim_model(copy.deepcopy(dense), random_masks(dense))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    result = reconstruct(model, dense, batches("bert"), "scales")
+    head_dim = check_model(model).head_dim(model.config)
+    for key, scale in result.tensors.items():
+        _, i, sub, kind = key.split(".")
+        assert kind == "scale"
+        name = f"bert.encoder.layer.{i}." + {"attn_out": "attention.output.dense", "ffn_down": "output.dense"}[sub]
+        unit = head_dim if sub == "attn_out" else 1
+        expected = before[f"{name}.weight"] * scale.repeat_interleave(unit)[None, :]
+        torch.testing.assert_close(dict(model.named_parameters())[f"{name}.weight"], expected)
+        assert torch.equal(dict(model.named_parameters())[f"{name}.bias"], before[f"{name}.bias"])
+
+
+def test_token_merged_vit_is_refit_on_the_same_tokens() -> None:
+    # With every head and neuron kept, the dense stream merged by the pruned model's matches is the
+    # pruned stream itself: the refit must change nothing. A dense stream merged differently would.
+    dense = tiny_model("vit")
+    full = PruningMasks.full(dense.config)
+    masks = PruningMasks(full.head_mask, full.neuron_mask, torch.tensor([17, 13, 9]))
+    merged = slim_model(copy.deepcopy(dense), masks)
+    model = slim_model(copy.deepcopy(dense), masks)
+    reconstruct(model, dense, batches("vit"), "weights")
+    inputs = batch("vit")
+    torch.testing.assert_close(output(model, inputs), output(merged, inputs), atol=1e-5, rtol=1e-5)
+
+    pruned = random_masks(dense)
+    pruned = PruningMasks(pruned.head_mask, pruned.neuron_mask, masks.token_schedule)
+    model = slim_model(copy.deepcopy(dense), pruned)
+    result = reconstruct(model, dense, batches("vit"), "weights")
+    assert all(after <= before for _, _, before, after in result.errors)
+
+
+@pytest.mark.parametrize("mode", ["weights", "scales"])
+def test_reconstructed_model_survives_save_and_load(tmp_path, mode: str) -> None:
+    model = tiny_model("bert", attn="sdpa")  # what from_pretrained picks
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.5, importance="random", seq_len=12, reconstruct=mode))
+    pruner.prune_model(model, calibration("bert"))
+    assert pruner.reconstruction is not None and model.config.optin["reconstruct"] == mode
+    pruner.save(model, tmp_path / "slim")
+    loaded = AutoOptinModel.from_pretrained(tmp_path / "slim")
+    inputs = batch("bert")
+    assert torch.equal(output(loaded, inputs), output(model, inputs))
+
+
+def test_scales_reapplied_to_a_fresh_slim_model_give_the_same_outputs() -> None:
+    # What AutoOptinModel does with a masks-only repo: slim the base, then apply the saved tensors.
+    dense, masks = tiny_model("bert"), random_masks(tiny_model("bert"))
+    model = slim_model(copy.deepcopy(dense), masks)
+    plain = slim_model(copy.deepcopy(dense), masks)
+    tensors = reconstruct(model, dense, batches("bert"), "scales").tensors
+    inputs = batch("bert")
+    assert not torch.allclose(output(plain, inputs), output(model, inputs))
+    apply_reconstruction(plain, tensors)
+    assert torch.equal(output(plain, inputs), output(model, inputs))
+
+
+def test_reconstruction_needs_data_and_matching_tensors() -> None:
+    model = tiny_model("bert")
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.5, importance="random", seq_len=12))
+    with pytest.raises(ValueError, match="reconstruct='weights'.*pass data.*reconstruct='none'"):
+        pruner.prune_model(model, masks=random_masks(model))
+    slim = slim_model(tiny_model("bert"), random_masks(model))
+    other = slim_model(tiny_model("bert"), PruningMasks.full(model.config))
+    tensors = reconstruct(other, tiny_model("bert"), batches("bert"), "weights").tensors
+    with pytest.raises(ValueError, match="layers.0.attn_out.weight has shape .* other masks"):
+        apply_reconstruction(slim, tensors)
+    with pytest.raises(ValueError, match="'layers.9.ffn_down.bias', which is not a reconstruction tensor"):
+        apply_reconstruction(slim, {"layers.9.ffn_down.bias": torch.zeros(32)})
