@@ -45,9 +45,11 @@ class OptinPruner:
         self.seq_len: float | None = self.config.seq_len
         self.timings: dict[str, float] = {}
 
-    def _batches(self, model: nn.Module, data: Any, tokenizer) -> list[dict[str, torch.Tensor]]:
+    def _batches(self, model: nn.Module, data: Any, tokenizer, labels: bool = False) -> list[dict[str, torch.Tensor]]:
         c = self.config
-        batches = prepare_calibration(data, tokenizer, num_samples=c.num_samples, batch_size=c.batch_size, max_length=c.max_length)
+        batches = prepare_calibration(
+            data, tokenizer, num_samples=c.num_samples, batch_size=c.batch_size, max_length=c.max_length, labels=labels
+        )
         if self.config.seq_len is None:
             self.seq_len = average_length(batches) or check_model(model).default_seq_len(model.config)
         return batches
@@ -64,13 +66,14 @@ class OptinPruner:
     def compute_scores(self, model: nn.Module, data: Any, tokenizer=None) -> ImportanceScores:
         """Score every head and neuron (and token, in token mode) of the dense `model` on calibration `data`."""
         adapter = self._check_model(model)
-        batches = self._batches(model, data, tokenizer)
+        criterion = CRITERIA[self.config.importance]()
+        batches = self._batches(model, data, tokenizer, labels=getattr(criterion, "needs_labels", False))
         start = time.perf_counter()
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                self.scores = CRITERIA[self.config.importance]()(model, adapter, batches, self.config)
+            with torch.set_grad_enabled(getattr(criterion, "needs_grad", False)):
+                self.scores = criterion(model, adapter, batches, self.config)
         finally:
             model.train(was_training)
         self.timings["scoring_s"] = time.perf_counter() - start

@@ -152,6 +152,16 @@ def _label_encoder(data: TaskData, model: nn.Module) -> LabelEncoder | None:
     return LabelEncoder((data.evaluation.features or {}).get(data.columns.label), model.config)
 
 
+def _with_labels(examples: list[dict[str, torch.Tensor]], rows: list[dict[str, Any]], data: TaskData, model: nn.Module) -> list:
+    """The calibration examples with their rows' labels in the model's class order, for criteria
+    that use labels; unchanged when the split has unlabelled rows (None, or -1 as in GLUE's test splits)."""
+    values = [row.get(data.columns.label) for row in rows]
+    if any(v is None or (isinstance(v, int) and v < 0) for v in values):
+        return examples
+    encode = LabelEncoder((getattr(data.calibration, "features", None) or {}).get(data.columns.label), model.config)
+    return [{**ex, "labels": torch.as_tensor(y)} for ex, y in zip(examples, encode(values))]
+
+
 def load_job(job: PruneJob, metric: Metric) -> Loaded:
     """The job's model and data; the metric is checked against the model before any data loads."""
     if job.default:
@@ -165,6 +175,7 @@ def load_job(job: PruneJob, metric: Metric) -> Loaded:
 
 def run_prune(job: PruneJob) -> Report:
     """Prune, save to `job.output` (with the processor and the report), optionally push; return the report."""
+    from .importance import CRITERIA
     from .pruner import OptinPruner
     from .task_data import calibration_rows
 
@@ -177,7 +188,10 @@ def run_prune(job: PruneJob) -> Report:
     if config.base_model_name_or_path is None:
         config = dataclasses.replace(config, base_model_name_or_path=loaded.source)
     encoder = Encoder(data.task, data.columns, loaded.processor, config.max_length)
-    calibration = encoder.examples(calibration_rows(data.calibration, config.num_samples, config.seed))
+    rows = calibration_rows(data.calibration, config.num_samples, config.seed)
+    calibration = encoder.examples(rows)
+    if getattr(CRITERIA[config.importance], "needs_labels", False):
+        calibration = _with_labels(calibration, rows, data, model)
     labels = _label_encoder(data, model)
     dense = copy.deepcopy(model)
     pruner = OptinPruner(config)

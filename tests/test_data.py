@@ -62,3 +62,26 @@ def test_images_and_errors(tokenizer):
         prepare_calibration(42, num_samples=4, batch_size=2, max_length=8)
     with pytest.raises(ValueError, match="none of the model inputs"):
         prepare_calibration([{"foo": torch.ones(3)}], num_samples=4, batch_size=2, max_length=8)
+
+
+def test_labels_are_kept_only_on_request(tokenizer):
+    texts, labels = ["the cat sat on the mat", "the dog ran", "cat"], [2, 0, 1]
+    kwargs = dict(num_samples=10, batch_size=2, max_length=4)
+    encoded = [{"input_ids": torch.tensor(tokenizer(t)["input_ids"]), "label": y} for t, y in zip(texts, labels)]
+    forms = [
+        datasets.Dataset.from_dict({"text": texts, "label": labels}),  # tokenized here
+        datasets.Dataset.from_list([{**ex, "input_ids": ex["input_ids"].tolist()} for ex in encoded]),
+        encoded,
+        DataLoader(encoded, batch_size=3, collate_fn=lambda items: {"input_ids": torch.stack([i["input_ids"][:1] for i in items]), "labels": torch.tensor([i["label"] for i in items])}),
+    ]
+    for form in forms:
+        assert all(set(b) == {"input_ids", "attention_mask"} for b in prepare_calibration(form, tokenizer, **kwargs))
+        batches = prepare_calibration(form, tokenizer, labels=True, **kwargs)
+        assert [b["labels"].tolist() for b in batches] == [[2, 0], [1]]
+        assert batches[0]["input_ids"].shape[1] <= 4
+    with pytest.raises(ValueError, match="1 of the 2 calibration examples have a label"):
+        prepare_calibration([encoded[0], {"input_ids": encoded[1]["input_ids"]}], labels=True, **kwargs)
+    with pytest.raises(ValueError, match="class ids in the model's order.*label2id"):
+        prepare_calibration(datasets.Dataset.from_dict({"text": texts, "label": ["a", "b", "c"]}), tokenizer, labels=True, **kwargs)
+    texts_only = prepare_calibration(texts, tokenizer, labels=True, **kwargs)
+    assert "labels" not in texts_only[0]

@@ -56,7 +56,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     optin.add_argument("--mac-constraint", type=float, default=OptinConfig.mac_constraint, metavar="F",
                        help=f"fraction of the MACs to keep (default: {OptinConfig.mac_constraint})")
     optin.add_argument("--importance", default=OptinConfig.importance, metavar="NAME",
-                       help=f"importance criterion: {OptinConfig.importance} (default) or a baseline such as magnitude or random")
+                       help=f"importance criterion: {OptinConfig.importance} (default) or a baseline: magnitude, random or fisher")
     optin.add_argument("--num-samples", type=int, default=None, metavar="N",
                        help=f"calibration examples (default: {OptinConfig.num_samples}; embedded defaults: sized for a CPU, as in their recipes)")
     optin.add_argument("--neuron-group-size", type=int, default=None, metavar="G",

@@ -1,0 +1,106 @@
+"""PTF's Fisher baseline (Kwon et al., NeurIPS 2022): the empirical Fisher information of a mask
+variable on each head and FFN neuron.
+
+A mask `m_i = 1` multiplies unit i's output (the hooks of `optin_hf.hooks`), and its score is
+`sum over calibration examples of (d loss_example / d m_i)^2`, from per-example gradients: each
+example gets its own row of masks ([batch, units]), so one backward of the summed losses yields
+every example's gradient in its row. The loss is the task head's cross-entropy on the example's
+label (MSE for regression, `num_labels == 1`). Without labels in the calibration data, a
+classifier is scored against its own predicted class (the argmax of its dense logits); a
+regressor cannot be (the MSE to its own prediction has zero gradient), nor can a bare encoder
+(no logits). The raw values are comparable across layers and between heads and neurons (all are
+the same loss's sensitivity to a multiplier), so the global budget search ranks them together as
+they are. One forward and backward per batch: `neuron_group_size` is ignored, and the model runs
+in its own dtype (`OptinConfig.dtype` sets only the OPTIN engines' precision).
+
+The published code squares the gradient of each dataloader batch's mean loss; this follows the
+paper's per-example sum.
+
+PTF's mask search against `optin_hf.allocate.allocate`, which this criterion shares: both rank
+all heads and all neurons globally by score, and for each number k of kept heads keep the top k
+and fill the rest of the MAC budget with the top neurons, choosing the k with the largest kept
+Fisher sum (PTF's diagonal estimate of the loss increase is the pruned sum). The MAC formulas
+and, for text, the budget (heads and FFNs only, at the average length) are PTF's. They differ in:
+- `neurons_multiple_of` (default 8): allocate ranks blocks of that many neurons of a layer by
+  their mean score, so each layer keeps a multiple of it; PTF ranks single neurons
+  (`neurons_multiple_of=1` matches it);
+- allocate drops splits that leave more than 1% of the budget unused when another split fills
+  it; PTF compares every split;
+- allocate also tries k = 0 (no head kept); PTF starts at one head.
+Not implemented: PTF's mask rearrangement (block-diagonal Fisher within a layer), its mask
+tuning (per-unit scales by least squares), its latency-constrained search, and token pruning
+(Fisher gives no token scores).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import ArchAdapter
+from ..hooks import apply_masks
+from .scores import ImportanceScores
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring grad: only the masks get gradients, and no `.grad` is left."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def example_losses(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Per-example loss ([batch]) of logits ([batch, num_labels]) against labels, or against the
+    model's own predicted class when `labels` is None."""
+    logits = logits.float()
+    if logits.shape[-1] == 1:
+        if labels is None:
+            raise ValueError(
+                "importance='fisher' on a regression model needs labelled calibration data (a 'labels' or 'label' "
+                "value per example): the squared error to its own prediction has zero gradient."
+            )
+        return (logits.squeeze(-1) - labels.to(logits)).pow(2)
+    target = logits.detach().argmax(-1) if labels is None else labels.to(logits.device).long()
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+class FisherImportance:
+    name = "fisher"
+    needs_grad = True
+    needs_labels = True
+
+    def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config) -> ImportanceScores:
+        if model.base_model is model:
+            raise ValueError(
+                f"importance='fisher' needs the task model's logits, and {type(model).__name__} is a bare encoder: "
+                "load the fine-tuned task model (e.g. AutoModelForSequenceClassification / "
+                "AutoModelForImageClassification), or score the encoder with importance='optin' or 'magnitude'."
+            )
+        num_layers = len(adapter.layers_of(model))
+        units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
+        enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
+        scores = {kind: torch.zeros(num_layers, n, dtype=torch.float64) for kind, n in units.items()}
+        device = next(model.parameters()).device
+        with torch.enable_grad(), _frozen(model):
+            for batch in batches:
+                labels = batch.get("labels")
+                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                size = next(iter(inputs.values())).shape[0]
+                # masks[kind]: [num_layers, batch, units], one row of ones per example
+                masks = {k: torch.ones(num_layers, size, n, device=device, requires_grad=True) for k, n in units.items() if enabled[k]}
+                with apply_masks(model, adapter, masks.get("head"), masks.get("neuron")):
+                    loss = example_losses(model(**inputs).logits, labels).sum()
+                grads = torch.autograd.grad(loss, list(masks.values()))
+                for kind, grad in zip(masks, grads):
+                    scores[kind] += grad.double().pow(2).sum(1).cpu()
+        return ImportanceScores(scores["head"], scores["neuron"], self.name)
