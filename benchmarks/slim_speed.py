@@ -44,7 +44,7 @@ def slim_models(dense: torch.nn.Module, constraints: list[float], seq_len: int, 
         for constraint in constraints:
             masks = {}
             for multiple in (OptinConfig.neurons_multiple_of, 1):
-                config = OptinConfig(mac_constraint=constraint, importance=importance, seq_len=seq_len, neurons_multiple_of=multiple)
+                config = OptinConfig(mac_constraint=constraint, importance=importance, seq_len=seq_len, neurons_multiple_of=multiple, reconstruct="none")
                 pruner = OptinPruner(config)
                 masks[multiple] = pruner.compute_masks(dense, calibration)
                 if multiple == 1 and torch.equal(masks[1].neuron_mask, masks[OptinConfig.neurons_multiple_of].neuron_mask):

@@ -151,7 +151,7 @@ def main() -> None:
     models, rows = {"dense": dense}, {}
     for constraint in (0.6, 0.5):
         for tokens in (True, False):
-            pruner = OptinPruner(OptinConfig(mac_constraint=constraint, prune_tokens=tokens))
+            pruner = OptinPruner(OptinConfig(mac_constraint=constraint, prune_tokens=tokens, reconstruct="none"))
             model = pruner.prune_model(copy.deepcopy(dense), masks=pruner.compute_masks(dense, scores=scores))
             share = pruner.config.resolved_token_cut_share()
             mode = f"tau (tokens + params, share {share:.3f})" if tokens else "params only"
@@ -180,7 +180,7 @@ def main() -> None:
         row = []
         for constraint in (0.6, 0.5):
             scores.token_scores = token_scores(raw.md, raw.kl, 10.0, envelope, 1.0)
-            pruner = OptinPruner(OptinConfig(mac_constraint=constraint, prune_tokens=True))
+            pruner = OptinPruner(OptinConfig(mac_constraint=constraint, prune_tokens=True, reconstruct="none"))
             model = pruner.prune_model(copy.deepcopy(dense), masks=pruner.compute_masks(dense, scores=scores))
             row.append(f"{accuracy(model, images, labels):.4f} {pruner.masks.tokens_per_layer()}")
         print(f"| {envelope:g} | " + " | ".join(row) + " |")

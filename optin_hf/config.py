@@ -39,7 +39,9 @@ class OptinConfig:
     `reconstruct="weights"` refits each sublayer's output projection after slimming, by ridge
     least squares on `reconstruct_samples` calibration examples, so that the slim model rebuilds
     the dense model's sums (`optin_hf.reconstruct`); "scales" fits one factor per kept unit
-    (PTF's mask tuning); "none" keeps the base weights of the kept units.
+    (PTF's mask tuning); "none" keeps the base weights of the kept units. `prune_steps=k` makes
+    the search see the repair: each step removes 1/k of the MAC cut, reconstructs, and re-scores
+    the remaining units on the repaired model (k scoring runs).
 
     `prune_tokens=True` is the reference's vision "tau" mode: heads and neurons take
     `token_cut_share` of the MAC cut and a per-layer token schedule (run by token merging)
@@ -75,6 +77,7 @@ class OptinConfig:
     reconstruct: str = "weights"
     reconstruct_samples: int = 256
     reconstruct_ridge: float = 1e-3
+    prune_steps: int = 1
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     base_model_class: str | None = None
@@ -90,7 +93,7 @@ class OptinConfig:
             )
         if not (self.prune_heads or self.prune_neurons):
             raise ValueError("prune_heads and prune_neurons are both False: nothing would be pruned; enable one.")
-        for name in ("num_samples", "batch_size", "max_length", "md_tokens", "neuron_group_size", "neurons_multiple_of", "reconstruct_samples"):
+        for name in ("num_samples", "batch_size", "max_length", "md_tokens", "neuron_group_size", "neurons_multiple_of", "reconstruct_samples", "prune_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.temperature <= 0 or self.lambda_contribution <= 0:
@@ -114,6 +117,10 @@ class OptinConfig:
             )
         if self.reconstruct not in RECONSTRUCT_MODES:
             raise ValueError(f"reconstruct={self.reconstruct!r} is unknown; choose one of {list(RECONSTRUCT_MODES)}.")
+        if self.prune_steps > 1 and self.prune_tokens:
+            raise ValueError(f"prune_steps={self.prune_steps} is for heads and neurons; token mode (prune_tokens=True) prunes in one step.")
+        if self.prune_steps > 1 and self.reconstruct == "none":
+            raise ValueError(f"prune_steps={self.prune_steps} re-scores a reconstructed model between steps: set reconstruct='weights' (or 'scales'), or prune_steps=1.")
         if not 0.0 <= self.reconstruct_ridge < float("inf"):
             raise ValueError(f"reconstruct_ridge={self.reconstruct_ridge} must be a finite number >= 0 (relative to the Gram's mean diagonal).")
         if self.seq_len is not None and self.seq_len <= 0:

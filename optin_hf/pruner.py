@@ -20,7 +20,7 @@ from .hub import CardMetrics, push_to_hub
 from .importance import CRITERIA, ImportanceScores
 from .macs import count_macs, merge_macs, unit_macs
 from .masks import PruningMasks
-from .reconstruct import Reconstruction, reconstruct
+from .reconstruct import Reconstruction, reconstruct, unslim
 from .slim import slim_model
 
 
@@ -82,14 +82,45 @@ class OptinPruner:
     def compute_masks(
         self, model: nn.Module, data: Any = None, scores: ImportanceScores | None = None, tokenizer=None
     ) -> PruningMasks:
-        """Allocate the MAC budget; with `scores` given (or kept from before) nothing is re-scored."""
-        adapter = self._check_model(model)
+        """Allocate the MAC budget; with `scores` given (or kept from before) nothing is re-scored.
+
+        With `prune_steps > 1` and no scores yet, the cut is made in steps with a reconstruction
+        and a re-scoring between them (`_masks_in_steps`)."""
+        self._check_model(model)
+        if scores is None and self.scores is None and self.config.prune_steps > 1:
+            return self._masks_in_steps(model, data, tokenizer)
         if scores is None and self.scores is None:
             scores = self.compute_scores(model, data, tokenizer)
         elif scores is None:
             scores = self.scores
         elif data is not None and self.config.seq_len is None:
             self._batches(model, data, tokenizer)
+        self.masks = self._allocate(model, scores, self.config.mac_constraint)
+        return self.masks
+
+    def _masks_in_steps(self, model: nn.Module, data: Any, tokenizer) -> PruningMasks:
+        """Remove 1/k of the MAC cut, reconstruct, re-score what is left on the repaired model; k times."""
+        c = self.config
+        if data is None:
+            raise ValueError(f"prune_steps={c.prune_steps} scores and reconstructs on calibration data: pass data.")
+        batches = prepare_calibration(data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length)
+        current, masks, scoring_s = model, None, 0.0
+        for step in range(1, c.prune_steps + 1):
+            scores = self.compute_scores(current, data, tokenizer)
+            scoring_s += self.timings["scoring_s"]
+            if masks is not None:
+                scores = scores.ranking_last(~masks.head_mask, ~masks.neuron_mask)
+            masks = self._allocate(model, scores, 1 - (1 - c.mac_constraint) * step / c.prune_steps)
+            if step < c.prune_steps:
+                work = slim_model(copy.deepcopy(model), masks)
+                reconstruct(work, model, batches, c.reconstruct, c.reconstruct_ridge)
+                current = unslim(work, model, masks)
+        self.timings["scoring_s"], self.scores, self.masks = scoring_s, scores, masks
+        return masks
+
+    def _allocate(self, model: nn.Module, scores: ImportanceScores, mac_constraint: float) -> PruningMasks:
+        """The masks that keep `mac_constraint` of the dense `model`'s MACs by `scores`."""
+        adapter = check_model(model)
         scores.check_fits(model.config)
         self.scores = scores
         if self.seq_len is None:
@@ -99,7 +130,7 @@ class OptinPruner:
         config, c = model.config, self.config
         num_layers = scores.head_scores.shape[0]
         hidden, head_dim, prefix = config.hidden_size, adapter.head_dim(config), adapter.num_prefix_tokens
-        budget = c.mac_constraint * count_macs(model, self.seq_len)
+        budget = mac_constraint * count_macs(model, self.seq_len)
 
         def costs(schedule: list) -> tuple[torch.Tensor, torch.Tensor, float]:
             heads, neurons = unit_macs(schedule, hidden, head_dim)
@@ -115,13 +146,11 @@ class OptinPruner:
                 )
             if self.seq_len != adapter.default_seq_len(config):
                 raise ValueError(f"seq_len={self.seq_len}: in token mode the MACs are counted at the image's {adapter.default_seq_len(config)} tokens.")
-            self.masks = allocate_with_tokens(
+            return allocate_with_tokens(
                 scores.head_scores, scores.neuron_scores, scores.token_scores, costs, budget, c.resolved_token_cut_share(), prefix, **kw
             )
-        else:
-            heads, neurons, fixed = costs([self.seq_len] * num_layers)
-            self.masks = allocate(scores.head_scores, scores.neuron_scores, heads, neurons, budget, fixed, **kw)
-        return self.masks
+        heads, neurons, fixed = costs([self.seq_len] * num_layers)
+        return allocate(scores.head_scores, scores.neuron_scores, heads, neurons, budget, fixed, **kw)
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:
         """Slim `model` in place (scoring and allocating first unless `masks` are given), then

@@ -25,7 +25,9 @@ streams hold the same tokens.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +35,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchAdapter, EmptyAttention, check_model, get_submodule
-from .masks import load_safetensors
+from .arch import ArchAdapter, check_model, get_submodule
+from .masks import PruningMasks, load_safetensors
 from .tokens import TokenMerging, merge_matched
 
 RECONSTRUCTION_NAME = "optin_reconstruction.safetensors"
@@ -46,10 +48,7 @@ class _Stop(Exception):
 
 
 def output_projection(adapter: ArchAdapter, layer: nn.Module, sublayer: str) -> nn.Linear:
-    """The attention output (`attn_out`) or FFN down (`ffn_down`) projection of a possibly slim layer."""
-    core = get_submodule(layer, adapter.attn_core)
-    if sublayer == "attn_out" and isinstance(core, EmptyAttention) and adapter.out_inside_core:
-        return core.out_proj
+    """The attention output (`attn_out`) or FFN down (`ffn_down`) projection of a layer."""
     return get_submodule(layer, getattr(adapter, sublayer))
 
 
@@ -96,6 +95,24 @@ def _call(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, tap
     return seen
 
 
+def _input_of(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """The first input `module` receives while `run()` runs; the run stops there."""
+    seen = []
+
+    def hook(module, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 @dataclass
 class _Stream:
     """One calibration batch moving through both models, a layer at a time.
@@ -103,7 +120,8 @@ class _Stream:
     student / teacher: [batch, tokens, hidden], the current layer's input in the pruned and the
     dense model; real: bool [batch * tokens] of the rows that are real tokens (None: all);
     sizes: patch sizes [batch, patches, 1] of the merged tokens so far, when tokens merge;
-    target: the dense FFN sum of the layer in progress.
+    target: the dense FFN sum of the layer in progress; x, residual: the pruned model's input of
+    the projection being refit and the residual it adds to.
     """
 
     student: torch.Tensor
@@ -113,6 +131,8 @@ class _Stream:
     real: torch.Tensor | None
     sizes: torch.Tensor | None = None
     target: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
 
 
 class _NormalEquations:
@@ -260,16 +280,13 @@ def reconstruct(
         attn, down = output_projection(adapter, student, "attn_out"), output_projection(adapter, student, "ffn_down")
         hidden = model.config.hidden_size
 
-        def run_student(s: _Stream, taps: dict, stop: str | None = None) -> dict:
-            if merging is not None:
-                merging.sizes = s.sizes  # the input is merged already: the hook only adds the attention mask
-            return _call(student, s.student, s.args, s.kwargs, taps, stop)
-
         eq = _NormalEquations(attn.in_features, hidden, attn.weight.device)
         for s in streams:
             before = s.sizes
-            seen = run_student(s, {"x": (attn, "in")}, stop="x")
-            s.student, (args, kwargs) = seen["layer"], seen["layer_args"]
+            if merging is not None:
+                merging.sizes = before  # the patch sizes of this batch, where its merge left them
+            seen = _call(student, s.student, s.args, s.kwargs, {"x": (attn, "in")}, stop="x")
+            s.student, s.x, (args, kwargs) = seen["layer"], seen["x"], seen["layer_args"]
             if merging is not None:
                 s.sizes, s.teacher = merging.sizes, _merge_like(s.teacher, before, merging)
             t = _call(teacher, s.teacher, args, kwargs, {
@@ -277,18 +294,20 @@ def reconstruct(
                 "r_ffn": (get_submodule(teacher, adapter.ffn_input), "in"),
                 "y_ffn": (get_submodule(teacher, adapter.ffn_down), "out"),
             })
-            eq.add(seen["x"], t["y_attn"] + s.teacher - s.student, s.real)
+            eq.add(s.x, t["y_attn"] + s.teacher - s.student, s.real)
             s.teacher, s.target = t["output"], t["y_ffn"] + t["r_ffn"]
         errors.append((i, "attn_out", *_refit(attn, eq, mode, ridge, head_dim, f"layers.{i}.attn_out", tensors)))
 
         eq = _NormalEquations(down.in_features, hidden, down.weight.device)
-        for s in streams:
-            seen = run_student(s, {"r": (get_submodule(student, adapter.ffn_input), "in"), "x": (down, "in")}, stop="x")
-            eq.add(seen["x"], s.target - seen["r"], s.real)
+        for s in streams:  # the rest of the layer in pieces, from the heads' output: no attention rerun
+            s.residual = adapter.finish_attention(student, s.x, s.student)
+            s.x = _input_of(down, lambda: adapter.feed_forward(student, s.residual))
+            eq.add(s.x, s.target - s.residual, s.real)
         errors.append((i, "ffn_down", *_refit(down, eq, mode, ridge, 1, f"layers.{i}.ffn_down", tensors)))
 
         for s in streams:
-            s.student, s.target = run_student(s, {})["output"], None
+            s.student = adapter.finish_feed_forward(student, down(s.x), s.residual)
+            s.x = s.residual = s.target = None
     model.train(was_training[0]), dense.train(was_training[1])
     return Reconstruction(mode, tensors, errors)
 
@@ -325,3 +344,23 @@ def apply_reconstruction(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             proj.weight = nn.Parameter(scale_columns(proj.weight.detach(), value), requires_grad=proj.weight.requires_grad)
         else:
             setattr(proj, parts[3], nn.Parameter(value.clone(), requires_grad=old.requires_grad))
+
+
+@torch.no_grad()
+def unslim(model: nn.Module, dense: nn.Module, masks: PruningMasks) -> nn.Module:
+    """A copy of `dense` that computes what the slim, reconstructed `model` computes.
+
+    The removed units' columns of each output projection are zero and the kept ones carry the
+    refit weights, so the scoring engine, which runs dense shapes, can score the repaired model.
+    """
+    adapter = check_model(model)
+    head_dim = adapter.head_dim(model.config)
+    copy_ = copy.deepcopy(dense)
+    for i, (slim_layer, layer) in enumerate(zip(adapter.layers_of(model), adapter.layers_of(copy_))):
+        kept = {"attn_out": masks.head_mask[i].repeat_interleave(head_dim), "ffn_down": masks.neuron_mask[i]}
+        for sub in SUBLAYERS:
+            source, target = output_projection(adapter, slim_layer, sub), get_submodule(layer, getattr(adapter, sub))
+            target.weight.zero_()
+            target.weight[:, kept[sub].to(target.weight.device)] = source.weight
+            target.bias.copy_(source.bias)
+    return copy_

@@ -114,6 +114,8 @@ class Report:
             lines.append(
                 f"OPTIN: mac_constraint={o['mac_constraint']}, importance={o['importance']}, faithful={o['faithful']}, "
                 f"num_samples={o['num_samples']}, seed={o['seed']}"
+                + (f", reconstruct={o['reconstruct']} on {o['reconstruct_samples']} examples" if o.get("reconstruct", "none") != "none" else "")
+                + (f", prune_steps={o['prune_steps']}" if o.get("prune_steps", 1) > 1 else "")
             )
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
         for n in [n for n in names if not (compare and n == "dense")]:  # dense keeps everything

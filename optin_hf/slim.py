@@ -41,7 +41,8 @@ def slim_model(model: nn.Module, masks: PruningMasks) -> nn.Module:
         out = _select_linear(get_submodule(layer, adapter.attn_out), rows, dim=1)
         set_submodule(layer, adapter.attn_out, out)
         if len(heads) == 0:
-            set_submodule(layer, adapter.attn_core, EmptyAttention(out if adapter.out_inside_core else None))
+            inside = adapter.attn_out.removeprefix(adapter.attn_core + ".") if adapter.out_inside_core else None
+            set_submodule(layer, adapter.attn_core, EmptyAttention(out, inside) if inside else EmptyAttention())
         else:
             for path in (adapter.query, adapter.key, adapter.value):
                 set_submodule(layer, path, _select_linear(get_submodule(layer, path), rows, dim=0))

@@ -188,7 +188,9 @@ def run_prune(job: PruneJob) -> Report:
     if config.base_model_name_or_path is None:
         config = dataclasses.replace(config, base_model_name_or_path=loaded.source)
     encoder = Encoder(data.task, data.columns, loaded.processor, config.max_length)
-    rows = calibration_rows(data.calibration, config.num_samples, config.seed)
+    # Scoring reads the first num_samples rows, reconstruction the first reconstruct_samples.
+    wanted = max(config.num_samples, config.reconstruct_samples if config.reconstruct != "none" else 0)
+    rows = calibration_rows(data.calibration, wanted, config.seed)
     calibration = encoder.examples(rows)
     if getattr(CRITERIA[config.importance], "needs_labels", False):
         calibration = _with_labels(calibration, rows, data, model)

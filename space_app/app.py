@@ -303,7 +303,7 @@ class SpaceApp:
         pruner = OptinPruner(OptinConfig(**self.settings, mac_constraint=budget, seq_len=cached.seq_len))
         model = copy.deepcopy(task.model)
         masks = pruner.compute_masks(model, scores=cached.scores)
-        pruner.prune_model(model, masks=masks)
+        pruner.prune_model(model, task.calibration, masks=masks, tokenizer=task.processor)
         return PruneResult(key, pruner, model), cached, reused
 
     def checkpoint_zip(self, result: PruneResult, name: str) -> Path:

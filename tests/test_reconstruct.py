@@ -8,10 +8,10 @@ import pytest
 import torch
 from tiny import ARCHS, batch, calibration, output, tiny_model
 
-from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks
+from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import check_model, get_submodule
 from optin_hf.data import prepare_calibration
-from optin_hf.reconstruct import apply_reconstruction, output_projection, reconstruct
+from optin_hf.reconstruct import apply_reconstruction, output_projection, reconstruct, unslim
 from optin_hf.slim import slim_model
 
 
@@ -175,3 +175,25 @@ def test_reconstruction_needs_data_and_matching_tensors() -> None:
         apply_reconstruction(slim, tensors)
     with pytest.raises(ValueError, match="'layers.9.ffn_down.bias', which is not a reconstruction tensor"):
         apply_reconstruction(slim, {"layers.9.ffn_down.bias": torch.zeros(32)})
+
+
+def test_unslim_computes_what_the_slim_model_computes() -> None:
+    dense, masks = tiny_model("bert"), random_masks(tiny_model("bert"))
+    model = slim_model(copy.deepcopy(dense), masks)
+    reconstruct(model, dense, batches("bert"), "weights")
+    wide = unslim(model, dense, masks)
+    inputs = batch("bert")
+    torch.testing.assert_close(output(wide, inputs), output(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_pruning_in_steps_keeps_a_subset_of_each_step_and_meets_the_budget() -> None:
+    model, data = tiny_model("bert"), calibration("bert")
+    config = OptinConfig(mac_constraint=0.5, md_tokens=40, prune_steps=2, neurons_multiple_of=4)
+    pruner = OptinPruner(config)
+    first = OptinPruner(OptinConfig(**{**config.to_dict(), "prune_steps": 1, "mac_constraint": 0.75}))
+    step_one = first.compute_masks(model, data)
+    masks = pruner.compute_masks(model, data)
+    assert not (masks.head_mask & ~step_one.head_mask).any() and not (masks.neuron_mask & ~step_one.neuron_mask).any()
+    base = count_macs(model, pruner.seq_len)
+    pruner.prune_model(model, data, masks=masks)
+    assert 0.98 * 0.5 * base <= count_macs(model, pruner.seq_len) <= 0.5 * base

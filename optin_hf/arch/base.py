@@ -131,13 +131,16 @@ class EmptyAttention(nn.Module):
     """Stands in for the attention of a layer that keeps no head.
 
     It returns what the layer's attention would with zero heads: nothing from the heads, so
-    only the output projection's bias (when that projection lives inside the attention).
+    only the output projection's bias (when that projection lives inside the attention, where
+    it stays under its own name, so `ArchAdapter.attn_out` still finds it).
     """
 
-    def __init__(self, out_proj: nn.Linear | None):
+    def __init__(self, out_proj: nn.Linear | None = None, name: str = "out_proj"):
         super().__init__()
-        self.out_proj = out_proj
+        self.out_name = name if out_proj is not None else None
+        if out_proj is not None:
+            self.add_module(name, out_proj)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-        return (self.out_proj(empty) if self.out_proj is not None else empty), None
+        return (getattr(self, self.out_name)(empty) if self.out_name else empty), None

@@ -69,6 +69,13 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help=f"seeds the calibration draw and the MD token subset (default: {OptinConfig.seed})")
     optin.add_argument("--faithful", action=argparse.BooleanOptionalAction, default=OptinConfig.faithful,
                        help="apply the reference's extra score weights (default: %(default)s)")
+    optin.add_argument("--reconstruct", choices=("weights", "scales", "none"), default=OptinConfig.reconstruct,
+                       help="after slimming, refit each sublayer's output projection by least squares (weights), one "
+                       "factor per kept unit (scales), or not at all (default: %(default)s)")
+    optin.add_argument("--reconstruct-samples", type=int, default=OptinConfig.reconstruct_samples, metavar="N",
+                       help="calibration examples the reconstruction fits on (default: %(default)s)")
+    optin.add_argument("--prune-steps", type=int, default=OptinConfig.prune_steps, metavar="K",
+                       help="cut in K steps, reconstructing and re-scoring between them (default: %(default)s)")
     parser.add_argument("--device", help="where to prune and time, e.g. cpu or cuda (default: cuda if available)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="DIR", help="folder for the pruned model and report (default: <name>-optin-<F>)")

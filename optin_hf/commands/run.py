@@ -64,6 +64,9 @@ def prune(args: argparse.Namespace) -> None:
         seed=args.seed,
         faithful=args.faithful,
         neurons_multiple_of=args.neurons_multiple_of,
+        reconstruct=args.reconstruct,
+        reconstruct_samples=args.reconstruct_samples,
+        prune_steps=args.prune_steps,
         **sized,
     )
     job = PruneJob(

@@ -4,7 +4,7 @@ in vision token mode), higher = more important."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from safetensors.torch import save_file
@@ -42,6 +42,16 @@ class ImportanceScores:
                     f"token_scores {tuple(self.token_scores.shape)} do not fit this model, which needs "
                     f"[{self.head_scores.shape[0]}, {tokens}] (layers x tokens per image)."
                 )
+
+    def ranking_last(self, heads: torch.Tensor, neurons: torch.Tensor) -> "ImportanceScores":
+        """These scores with the units marked in `heads` [L, H] / `neurons` [L, I] (bool) below all
+        others, by more than every other score together, so the budget search drops them first."""
+        low = -1.0 - self.head_scores.abs().sum() - self.neuron_scores.abs().sum()
+        return replace(
+            self,
+            head_scores=self.head_scores.masked_fill(heads, float(low)),
+            neuron_scores=self.neuron_scores.masked_fill(neurons, float(low)),
+        )
 
     @classmethod
     def from_reference_rankings(
