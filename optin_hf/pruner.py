@@ -91,12 +91,12 @@ class OptinPruner:
         return self.scores
 
     def _plan_scoring(self, model: nn.Module, adapter, units: dict[str, int], batches: list[dict[str, torch.Tensor]]) -> bool:
-        """Estimate the scoring time from one timed dense forward and say it; under
+        """Estimate the scoring time from one timed dense forward (the first batch) and say it; under
         `max_scoring_time`, make `self.config` the fitting settings. True: fewer examples were picked."""
         c = self.config
         device = next(model.parameters()).device
         with precision(device, getattr(torch, c.dtype)):
-            dense_s = time_dense(model, batches)
+            dense_s = time_dense(model, batches[0])
         num_layers = len(adapter.layers_of(model))
         cost = scoring_cost(dense_s, batches, adapter.default_seq_len(model.config), c.batch_size, num_layers, units,
                             engine_for(model, adapter, c))

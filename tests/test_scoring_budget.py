@@ -109,7 +109,7 @@ def test_estimate_counts_the_candidates_the_engine_runs(settings, monkeypatch):
 
 
 def test_budgeted_prune_saves_the_settings_it_picked(tmp_path, monkeypatch):
-    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda model, batches: 1000.0)  # a very slow machine
+    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda model, batch: 1000.0)  # a very slow machine
     model, data = tiny_model("bert"), calibration("bert", n=12)
     dense = tiny_model("bert")
     pruner = OptinPruner(OptinConfig(md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
@@ -126,7 +126,7 @@ def test_budgeted_prune_saves_the_settings_it_picked(tmp_path, monkeypatch):
 
 
 def test_budget_that_fits_keeps_the_asked_settings(monkeypatch):
-    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda model, batches: 1e-6)
+    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda model, batch: 1e-6)
     pruner = OptinPruner(OptinConfig(md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
     pruner.compute_scores(tiny_model("bert"), calibration("bert", n=12))
     assert pruner.plan.fits and (pruner.config.num_samples, pruner.config.neuron_group_size) == (12, 1)

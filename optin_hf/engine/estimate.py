@@ -1,7 +1,8 @@
 """How long scoring will take on this machine, and which calibration size and neuron grouping
 fit a time budget.
 
-One dense forward over the calibration batches is timed; a candidate then costs the layers it
+One dense forward over the first calibration batch is timed (the cost grows with the tokens,
+and timing all of them would take a good share of a short budget); a candidate then costs the layers it
 reruns over the examples' real tokens: for the fast engine layers i..N-1 for a head of layer i
 and i+1..N-1 for a neuron (its own layer's FFN runs once per layer, then a cheap correction),
 for the reference engine the whole model over the padded batches.
@@ -83,15 +84,15 @@ def _lengths(batches: list[dict[str, torch.Tensor]], tokens_per_image: int | Non
 
 
 @torch.no_grad()
-def time_dense(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Seconds of one dense forward over `batches` (after a one-example warm-up), the main process's on every process
-    so that all of them pick the same setting."""
+def time_dense(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """Seconds of one dense forward over `batch` (after a one-example warm-up), the main process's on every
+    process so that all of them pick the same setting."""
     device = next(model.parameters()).device
     process_state(device)
-    model(**{k: v[:1].to(device) for k, v in batches[0].items()})
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model(**{k: v[:1] for k, v in batch.items()})
     start = time.perf_counter()
-    for batch in batches:
-        model(**{k: v.to(device) for k, v in batch.items()})
+    model(**batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return float(gather([time.perf_counter() - start])[0])
@@ -101,8 +102,9 @@ def scoring_cost(
     dense_s: float, batches: list[dict[str, torch.Tensor]], tokens_per_image: int | None, batch_size: int,
     num_layers: int, units: dict[str, int], engine: str,
 ) -> ScoringCost:
-    """The cost model of scoring `units` on `batches`, from `dense_s`, one dense forward over them."""
-    real, padded = _lengths(batches, tokens_per_image)
+    """The cost model of scoring `units` on `batches`, from `dense_s`, one dense forward over the first of them."""
+    real, _ = _lengths(batches, tokens_per_image)
+    _, padded = _lengths(batches[:1], tokens_per_image)
     return ScoringCost(dense_s / max(padded * num_layers, 1), real, batch_size, num_layers, units, engine)
 
 
