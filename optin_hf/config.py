@@ -35,6 +35,9 @@ class OptinConfig:
     masks-only repo can rebuild it; `push_to_hub` fills them in, a value set here overrides what it detects.
     `engine="fast"` gives the reference loop's scores faster; `variants_per_batch=None` sizes its
     stacked forwards from free memory. `checkpoint_dir` makes scoring resumable.
+    `max_scoring_time` (seconds): before scoring, one dense forward is timed and the calibration
+    size and neuron grouping are lowered (never raised) until the estimated scoring time fits:
+    neurons coarsen first (powers of two up to 128), then examples are dropped (down to 8).
 
     `reconstruct="weights"` refits each sublayer's output projection after slimming, by ridge
     least squares on `reconstruct_samples` calibration examples, so that the slim model rebuilds
@@ -70,6 +73,7 @@ class OptinConfig:
     variants_per_batch: int | None = None
     dtype: str = "float32"
     checkpoint_dir: str | None = None
+    max_scoring_time: float | None = None
     prune_tokens: bool = False
     max_patch_envelope: float = 100.0
     patch_metric_decay: float = 1.0
@@ -106,6 +110,14 @@ class OptinConfig:
             raise ValueError(f"variants_per_batch={self.variants_per_batch} must be a positive integer (or None: automatic).")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; choose one of {list(DTYPES)} (half precision is meant for GPUs).")
+        if self.max_scoring_time is not None:
+            try:
+                seconds = float(self.max_scoring_time) if not isinstance(self.max_scoring_time, bool) else 0.0
+            except (TypeError, ValueError):
+                seconds = 0.0
+            if not seconds > 0:
+                raise ValueError(f"max_scoring_time={self.max_scoring_time!r} must be a positive number of seconds (or None: no budget).")
+            self.max_scoring_time = seconds
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         if self.max_patch_envelope <= 0 or self.patch_metric_decay <= 0:

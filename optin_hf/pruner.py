@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import sys
 import time
 from typing import Any
 
 import torch
 from huggingface_hub import CommitInfo
 from torch import nn
+from tqdm.auto import tqdm
 
 from .allocate import allocate, allocate_with_tokens
 from .arch import check_model
 from .checkpoint import atomic_directory, write_checkpoint
 from .config import OptinConfig
 from .data import average_length, prepare_calibration
+from .engine.distributed import process_state
+from .engine.estimate import ScoringPlan, plan_scoring, scoring_cost, time_dense
+from .engine.run import engine_for, precision
 from .hub import CardMetrics, push_to_hub
 from .importance import CRITERIA, ImportanceScores
 from .macs import count_macs, merge_macs, unit_macs
@@ -39,6 +45,7 @@ class OptinPruner:
         if config is not None and kwargs:
             raise ValueError("Pass either an OptinConfig or keyword settings, not both.")
         self.config = config or OptinConfig(**kwargs)
+        self.plan: ScoringPlan | None = None
         self.scores: ImportanceScores | None = None
         self.masks: PruningMasks | None = None
         self.reconstruction: Reconstruction | None = None
@@ -64,20 +71,55 @@ class OptinPruner:
         return adapter
 
     def compute_scores(self, model: nn.Module, data: Any, tokenizer=None) -> ImportanceScores:
-        """Score every head and neuron (and token, in token mode) of the dense `model` on calibration `data`."""
+        """Score every head and neuron (and token, in token mode) of the dense `model` on calibration `data`.
+
+        A criterion that scores by masked runs is first timed: `plan` says what it will run and
+        how long it should take. Under `max_scoring_time`, `config` then holds the settings the
+        budget picked (and `max_scoring_time=None`), which `save` writes.
+        """
         adapter = self._check_model(model)
         criterion = CRITERIA[self.config.importance]()
-        batches = self._batches(model, data, tokenizer, labels=getattr(criterion, "needs_labels", False))
-        start = time.perf_counter()
+        labels = getattr(criterion, "needs_labels", False)
+        batches = self._batches(model, data, tokenizer, labels=labels)
         was_training = model.training
         model.eval()
         try:
+            if hasattr(criterion, "masked_units"):
+                with torch.no_grad():
+                    units = criterion.masked_units(model, adapter, self.config)
+                    if self._plan_scoring(model, adapter, units, batches):
+                        batches = self._batches(model, data, tokenizer, labels=labels)
+            start = time.perf_counter()
             with torch.set_grad_enabled(getattr(criterion, "needs_grad", False)):
                 self.scores = criterion(model, adapter, batches, self.config)
         finally:
             model.train(was_training)
         self.timings["scoring_s"] = time.perf_counter() - start
         return self.scores
+
+    def _plan_scoring(self, model: nn.Module, adapter, units: dict[str, int], batches: list[dict[str, torch.Tensor]]) -> bool:
+        """Estimate the scoring time from one timed dense forward (the first batch) and say it; under
+        `max_scoring_time`, make `self.config` the fitting settings. True: fewer examples were picked."""
+        c = self.config
+        device = next(model.parameters()).device
+        with precision(device, getattr(torch, c.dtype)):
+            dense_s = time_dense(model, batches[0])
+        num_layers = len(adapter.layers_of(model))
+        cost = scoring_cost(dense_s, batches, adapter.default_seq_len(model.config), c.batch_size, num_layers, units,
+                            engine_for(model, adapter, c))
+        self.plan = plan_scoring(cost, c.neuron_group_size, c.max_scoring_time, device.type)
+        self.timings.update(dense_forward_s=dense_s, estimated_scoring_s=self.plan.estimated_s)
+        if process_state(device).is_main_process:
+            tqdm.write(str(self.plan), file=sys.stderr)
+        fewer = self.plan.num_samples < self.plan.available_samples
+        if c.max_scoring_time is not None:
+            self.timings["max_scoring_time_s"] = c.max_scoring_time
+            # The saved optin_config.json holds the settings used, so loading it reruns this very scoring.
+            picked = {"num_samples": self.plan.num_samples} if fewer else {}
+            if self.plan.neuron_group_size is not None:
+                picked["neuron_group_size"] = self.plan.neuron_group_size
+            self.config = dataclasses.replace(c, max_scoring_time=None, **picked)
+        return fewer
 
     def compute_masks(
         self, model: nn.Module, data: Any = None, scores: ImportanceScores | None = None, tokenizer=None

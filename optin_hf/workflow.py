@@ -211,7 +211,7 @@ def run_prune(job: PruneJob) -> Report:
         labels=labels,
         metric=metric,
         seq_len=pruner.seq_len,
-        optin=config.to_dict(),
+        optin=pruner.config.to_dict(),  # the settings used: a scoring time budget may have picked some
         timings=timings,
     )
     report.save(job.output)

@@ -8,6 +8,7 @@ budget slider re-allocates and re-slims a fresh copy of the dense model without 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import shutil
 import statistics
@@ -36,8 +37,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is ch
 
 DEFAULT_NAMES = ("digits-vit", "bbc-news", "tweet-sentiment")
 HUB_CHOICE = "Hub model id (below)"
-# Small enough for a free CPU Space; OptinConfig's own defaults are for offline runs.
-SPACE_SETTINGS = {"num_samples": 64, "batch_size": 32, "max_length": 128}
+# Small enough for a free CPU Space; OptinConfig's own defaults are for offline runs. A press of
+# Prune should answer within about 2 minutes on 2 cores: the scoring budget leaves the rest to
+# slimming, evaluation and timing; the pruner picks the calibration size and neuron grouping that fit.
+SPACE_SETTINGS = {"num_samples": 64, "batch_size": 32, "max_length": 128, "max_scoring_time": 45.0}
 LATENCY_RUNS = 7
 
 
@@ -62,9 +65,13 @@ Loader = Callable[[], DemoTask]
 
 @dataclass
 class CachedScores:
+    """Scores with the settings that made them (what the time budget picked) and what was estimated."""
+
     scores: ImportanceScores
     seq_len: float
     seconds: float
+    config: OptinConfig
+    plan: str | None
 
 
 @dataclass
@@ -294,13 +301,14 @@ class SpaceApp:
         pruner = OptinPruner(OptinConfig(**self.settings))
         start = time.perf_counter()
         scores = pruner.compute_scores(task.model, task.calibration, tokenizer=task.processor)
-        self.scores[score_key] = CachedScores(scores, pruner.seq_len, time.perf_counter() - start)
+        plan = None if pruner.plan is None else str(pruner.plan)
+        self.scores[score_key] = CachedScores(scores, pruner.seq_len, time.perf_counter() - start, pruner.config, plan)
         return self.scores[score_key], False
 
     def prune(self, key: tuple, task: DemoTask, budget: float) -> tuple[PruneResult, CachedScores, bool]:
         """Allocate `budget` from the (cached) scores and slim a copy of the dense model."""
         cached, reused = self.cached_scores(key, task)
-        pruner = OptinPruner(OptinConfig(**self.settings, mac_constraint=budget, seq_len=cached.seq_len))
+        pruner = OptinPruner(dataclasses.replace(cached.config, mac_constraint=budget, seq_len=cached.seq_len))
         model = copy.deepcopy(task.model)
         masks = pruner.compute_masks(model, scores=cached.scores)
         pruner.prune_model(model, task.calibration, masks=masks, tokenizer=task.processor)
@@ -383,7 +391,9 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 key, loader = app.resolve(choice, model_id or "", texts or "", dataset_id or "")
                 progress(0.0, desc=f"Loading {key[1]}")
                 task = app.task(key, loader)
-                progress(0.05, desc="Scoring heads and neurons (once per model)")
+                budget_s = app.settings.get("max_scoring_time")
+                within = f", within about {budget_s:.0f} s" if budget_s else ""
+                progress(0.05, desc=f"Scoring heads and neurons (once per model{within})")
                 start = time.perf_counter()
                 result, cached, reused = app.prune(key, task, float(fraction))
                 slim_s = time.perf_counter() - start
@@ -398,6 +408,8 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                    f"slimmed in {slim_s:.2f} s." if reused else
                    f"Scored {masks.head_mask.numel()} heads and {masks.neuron_mask.numel()} neurons in "
                    f"{cached.seconds:.1f} s; moving the slider now re-uses these scores.")
+            if cached.plan and not reused:
+                how += f"\n\n⏱️ {cached.plan}."
             vision = task.processor is None
             n_test = len(task.test) if task.test is not None else 0
             return {

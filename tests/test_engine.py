@@ -27,7 +27,9 @@ from optin_hf.engine.buckets import bucket_by_length, split_points
 from optin_hf.engine.fast import FastRunner
 from optin_hf.engine.memory import SATURATING_TOKENS, auto_variants
 from optin_hf.engine.reference import ReferenceRunner
+from optin_hf.engine import compute_raw_losses
 from optin_hf.engine.run import candidate_masks
+from optin_hf.losses import balance
 
 TESTS = Path(__file__).parent
 TOTAL = 3 * (4 + 48)  # candidates of a tiny model: 3 layers of 4 heads and 48 neurons
@@ -299,7 +301,6 @@ def test_neuron_groups_score_each_group_removed_together():
     from optin_hf.capture import capture_dense
     from optin_hf.engine.reference import masked_run_losses
     from optin_hf.hooks import apply_masks
-    from optin_hf.losses import balance
 
     model, data = tiny_model("bert"), calibration("bert", n=6)
     config = OptinConfig(md_tokens=24, num_samples=6, batch_size=3, neuron_group_size=16, prune_heads=False, faithful=False)
@@ -320,6 +321,23 @@ def test_neuron_groups_score_each_group_removed_together():
                 raw[:, layer, g] = torch.tensor(masked_run_losses(model, adapter, batches, capture, layer, config.temperature))
     expected = (balance(raw[0], raw[1], config.lambda_contribution) / 16).repeat_interleave(16, dim=1)
     assert torch.allclose(ref, expected, rtol=1e-6)
+
+
+def test_a_last_partial_neuron_group_is_scored_and_shared_by_its_own_neurons():
+    """48 neurons in groups of 20: 20 + 20 + 8; the 8 share their group's score 8 ways (and groups wider than
+    the layer are one group); both engines agree."""
+    model, data = tiny_model("bert"), calibration("bert", n=6)
+    config = OptinConfig(md_tokens=24, num_samples=6, batch_size=3, neuron_group_size=20, prune_heads=False)
+    fast = OptinPruner(config).compute_scores(model, data).neuron_scores
+    ref = OptinPruner(OptinConfig(**{**config.to_dict(), "engine": "reference"})).compute_scores(model, data).neuron_scores
+    assert fast.shape == (3, 48) and fast.is_contiguous() and torch.allclose(fast, ref, rtol=1e-4)
+    assert torch.equal(fast[:, 40], fast[:, 47]) and not torch.equal(fast[:, 39], fast[:, 40])
+    pruner = OptinPruner(config)
+    raw = compute_raw_losses(model, get_adapter(model), pruner._batches(model, data, None), config, {"neuron": 3}, {"neuron": 20})
+    balanced = balance(raw["neuron"].md, raw["neuron"].kl, config.lambda_contribution)
+    assert torch.allclose(fast, (balanced / torch.tensor([20.0, 20.0, 8.0])).repeat_interleave(torch.tensor([20, 20, 8]), dim=1))
+    wide = OptinPruner(OptinConfig(**{**config.to_dict(), "neuron_group_size": 64})).compute_scores(model, data)
+    assert wide.neuron_scores.shape == (3, 48) and torch.equal(wide.neuron_scores[:, 0], wide.neuron_scores[:, 47])
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "vit"])

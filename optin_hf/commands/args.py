@@ -25,6 +25,23 @@ def one_line_errors(parser: argparse.ArgumentParser) -> None:
     parser.error = error  # type: ignore[method-assign]
 
 
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `90s`, `10m`, `1.5h` or `600`; an argparse error otherwise."""
+    value = text.strip().lower()
+    scale = DURATION_UNITS.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration: give e.g. 90s, 10m, 1.5h or seconds")
+    return seconds
+
+
 def _add_data(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data (a local folder or file, or a Hub dataset)")
     group.add_argument("--default", metavar="NAME", help="an embedded default (bbc-news, tweet-sentiment, digits-vit): its "
@@ -61,6 +78,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help=f"calibration examples (default: {OptinConfig.num_samples}; embedded defaults: sized for a CPU, as in their recipes)")
     optin.add_argument("--neuron-group-size", type=int, default=None, metavar="G",
                        help="score FFN neurons G consecutive at a time (default: 1, as the paper; embedded defaults: as in their recipes)")
+    optin.add_argument("--max-scoring-time", type=parse_duration, metavar="T",
+                       help="fit scoring in T (90s, 10m, 1.5h or seconds): fewer examples and coarser neuron groups "
+                       "are picked from the estimate; replaces an embedded default's CPU sizing (default: no limit)")
     optin.add_argument("--neurons-multiple-of", type=int, default=OptinConfig.neurons_multiple_of, metavar="M",
                        help=f"each layer keeps a multiple of M FFN neurons, for fast matmuls (default: {OptinConfig.neurons_multiple_of}; 1 = exact)")
     optin.add_argument("--max-length", type=int, default=OptinConfig.max_length, metavar="N",

@@ -55,7 +55,9 @@ EMBEDDED_DEFAULT_SETTINGS = {
 
 def prune(args: argparse.Namespace) -> None:
     given = {k: getattr(args, k) for k in ("num_samples", "neuron_group_size") if getattr(args, k) is not None}
-    embedded = {} if args.model else EMBEDDED_DEFAULT_SETTINGS.get(args.default or DEFAULT_TEXT_MODEL, {})
+    # A time budget sizes the run itself, from OptinConfig's defaults down.
+    sized_by_hand = not args.model and args.max_scoring_time is None
+    embedded = EMBEDDED_DEFAULT_SETTINGS.get(args.default or DEFAULT_TEXT_MODEL, {}) if sized_by_hand else {}
     sized = {**embedded, **given}
     optin = OptinConfig(
         mac_constraint=args.mac_constraint,
@@ -67,6 +69,7 @@ def prune(args: argparse.Namespace) -> None:
         reconstruct=args.reconstruct,
         reconstruct_samples=args.reconstruct_samples,
         prune_steps=args.prune_steps,
+        max_scoring_time=args.max_scoring_time,
         **sized,
     )
     job = PruneJob(

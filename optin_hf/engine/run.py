@@ -55,6 +55,11 @@ def candidates(units: dict[str, int], num_layers: int) -> list[Candidate]:
     return [(kind, layer, index) for kind in kinds for layer in range(num_layers) for index in range(units[kind])]
 
 
+def grouped(units: dict[str, int], groups: dict[str, int]) -> dict[str, int]:
+    """Candidates per layer of each kind when `groups[kind]` consecutive units go together (the last group may be partial)."""
+    return {kind: -(-count // groups.get(kind, 1)) for kind, count in units.items()}
+
+
 def chunks(items: list[Candidate], size: int) -> Iterator[list[Candidate]]:
     """Runs of at most `size` consecutive candidates of one kind and layer (one stacked forward)."""
     chunk: list[Candidate] = []
@@ -67,10 +72,16 @@ def chunks(items: list[Candidate], size: int) -> Iterator[list[Candidate]]:
         yield chunk
 
 
+def engine_for(model: nn.Module, adapter: ArchAdapter, config) -> str:
+    """The engine that will run: the fast one falls back to the reference for a model it cannot run in pieces."""
+    fast = adapter.feed_forward is not None and adapter.classifier_of(model) is not None
+    return "fast" if config.engine == "fast" and fast else "reference"
+
+
 def _runner(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], config):
+    if engine_for(model, adapter, config) == "fast":
+        return FastRunner(model, adapter, batches, config)
     if config.engine == "fast":
-        if adapter.feed_forward is not None and adapter.classifier_of(model) is not None:
-            return FastRunner(model, adapter, batches, config)
         warnings.warn(
             f"The fast engine does not know how {type(model).__name__} turns hidden states into logits, so this "
             "run uses the reference engine (one full forward per candidate). Add the class to its adapter's "
@@ -114,10 +125,12 @@ def compute_raw_losses(
     """Raw MD and KL of every candidate of the kinds in `units` ({"head": num_heads, ...}).
 
     `groups[kind] = g` makes each candidate g consecutive units removed together, so
-    `units[kind]` counts groups; masks stay `units * g` wide.
+    `units[kind]` counts groups; masks stay as wide as the layer, and when g does not divide
+    its width the last group is partial.
     """
     groups = groups or {}
     num_layers = len(adapter.layers_of(model))
+    widths = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
     device = next(model.parameters()).device
     dtype = getattr(torch, config.dtype)
     state = process_state(device)
@@ -144,7 +157,7 @@ def compute_raw_losses(
                 kind, layer = chunk[0][:2]
                 bar.set_postfix_str(f"{kind}s of layer {layer}", refresh=False)
                 group = groups.get(kind, 1)
-                masks = candidate_masks([index for _, _, index in chunk], units[kind] * group, group, device)
+                masks = candidate_masks([index for _, _, index in chunk], widths[kind], group, device)
                 losses = runner.run(kind, layer, masks)
                 for (_, _, index), (md, kl) in zip(chunk, losses):
                     _store(tensors, kind, layer, index, md, kl)

@@ -18,6 +18,9 @@ class ImportanceCriterion(Protocol):
     only. One that sets `needs_grad = True` runs with autograd on (it must not leave `.grad` on
     the model's parameters); one that sets `needs_labels = True` also gets each batch's `labels`
     ([batch]) when the calibration data has them. Both default to False when absent.
+    A criterion that scores by masked runs also has `masked_units(model, adapter, config)`:
+    units per layer of each kind it runs ({"head": 12, "neuron": 1536}), so the pruner can
+    estimate the scoring time and fit `OptinConfig.max_scoring_time`.
     """
 
     name: str

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..arch import ArchAdapter
 from ..engine import compute_raw_losses
+from ..engine.run import grouped
 from ..losses import balance, faithful_weights, token_scores
 from ..token_engine import capture_token_grams, reference_token_losses
 from .scores import ImportanceScores
@@ -17,15 +18,22 @@ from .scores import ImportanceScores
 class OptinImportance:
     name = "optin"
 
+    @staticmethod
+    def masked_units(model: nn.Module, adapter: ArchAdapter, config) -> dict[str, int]:
+        """Units per layer of each kind scored by masked runs (what scoring time is spent on)."""
+        units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
+        enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
+        return {kind: count for kind, count in units.items() if enabled[kind]}
+
     def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config) -> ImportanceScores:
         num_layers = len(adapter.layers_of(model))
         units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
-        enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
         # Neurons may be scored in groups of consecutive units (a speed/granularity trade-off);
-        # each neuron then carries an equal share of its group's balanced score, so importance
+        # each neuron then carries an equal share of its group's balanced score (a last group
+        # that the width does not fill is shared by fewer neurons), so importance
         # sums stay comparable with the heads' in the budget search.
         group = {"head": 1, "neuron": config.neuron_group_size}
-        candidates = {k: -(-n // group[k]) for k, n in units.items() if enabled[k]}
+        candidates = grouped(self.masked_units(model, adapter, config), group)
         raw = compute_raw_losses(model, adapter, batches, config, candidates, groups={"neuron": group["neuron"]})
         scores = {}
         for kind, count in units.items():
@@ -33,7 +41,9 @@ class OptinImportance:
                 scores[kind] = torch.zeros(num_layers, count)
                 continue
             balanced = balance(raw[kind].md, raw[kind].kl, config.lambda_contribution)
-            scores[kind] = (balanced / group[kind]).repeat_interleave(group[kind], dim=1)[:, :count]
+            sizes = torch.full((balanced.shape[1],), group[kind])
+            sizes[-1] = count - group[kind] * (len(sizes) - 1)  # a last group may be partial
+            scores[kind] = (balanced / sizes).repeat_interleave(sizes, dim=1)
             if config.faithful:
                 scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
         tokens = None

@@ -1,0 +1,133 @@
+"""The scoring time estimate and budget: `optin_hf/engine/estimate.py`, its use by the pruner and the CLI."""
+
+import argparse
+
+import pytest
+import torch
+from tiny import calibration, tiny_model
+
+from optin_hf import OptinConfig, OptinPruner
+from optin_hf.arch import get_adapter
+from optin_hf.commands import run as commands_run
+from optin_hf.commands.__main__ import main
+from optin_hf.commands.args import parse_duration
+from optin_hf.engine.estimate import MAX_NEURON_GROUP, MIN_SAMPLES, pick_setting, scoring_cost, scoring_ladder
+from optin_hf.engine.fast import FastRunner
+from optin_hf.importance.optin import OptinImportance
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1.5h", 5400), ("600", 600), ("2.5", 2.5), (" 10M ", 600)])
+def test_durations_parse_to_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "10x", "ten minutes", "0", "-5s", "inf", "nan", "10mm"])
+def test_bad_durations_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="not a positive duration"):
+        parse_duration(text)
+
+
+def test_cli_gives_one_error_line_for_a_bad_duration(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "--max-scoring-time", "10x"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and "--max-scoring-time" in lines[0] and "'10x'" in lines[0]
+
+
+def test_cli_budget_replaces_the_embedded_sizing(monkeypatch):
+    jobs = []
+    monkeypatch.setattr(commands_run, "_finish", jobs.append)
+    assert main(["prune", "--default", "bbc-news", "--max-scoring-time", "1m"]) == 0
+    assert main(["prune", "--default", "bbc-news", "--max-scoring-time", "1m", "--num-samples", "40"]) == 0
+    assert main(["prune", "--default", "bbc-news"]) == 0
+    budget, given, embedded = (job.optin for job in jobs)
+    assert (budget.max_scoring_time, budget.num_samples, budget.neuron_group_size) == (60.0, 128, 1)
+    assert (given.num_samples, given.neuron_group_size) == (40, 1)
+    assert embedded.max_scoring_time is None and embedded.neuron_group_size == 64
+
+
+@pytest.mark.parametrize("value", [0, -1, "10m", True, float("nan")])
+def test_config_refuses_a_budget_that_is_not_positive_seconds(value):
+    with pytest.raises(ValueError, match="max_scoring_time"):
+        OptinConfig(max_scoring_time=value)
+    assert OptinConfig(max_scoring_time=90).max_scoring_time == 90.0
+
+
+def test_ladder_coarsens_neurons_first_then_drops_examples():
+    ladder = scoring_ladder(64, 1, 1536)
+    assert ladder[:8] == [(64, 1), (64, 2), (64, 4), (64, 8), (64, 16), (64, 32), (64, 64), (64, 128)]
+    assert ladder[8:] == [(n, MAX_NEURON_GROUP) for n in range(63, MIN_SAMPLES - 1, -1)]
+    assert scoring_ladder(16, 3, 48) == [(16, 3), (16, 4), (16, 8), (16, 16), (16, 32), (16, 64)] + [(n, 64) for n in range(15, 7, -1)]
+    assert scoring_ladder(6, 256, 3072) == [(6, 256)]  # never finer than asked, never more examples
+    assert scoring_ladder(10, 1, None) == [(n, 1) for n in range(10, 7, -1)]  # neurons not scored
+
+
+def fake_seconds(samples: int, group: int) -> float:
+    """12 heads and 1536 neurons over 6 layers, 0.01 s a candidate and example."""
+    return 0.01 * samples * 6 * (12 + -(-1536 // group))
+
+
+@pytest.mark.parametrize("budget", [1e6, 600.0, 60.0, 20.0, 10.0, 1.0])
+def test_picker_takes_the_finest_setting_of_the_ladder_that_fits(budget):
+    ladder = scoring_ladder(128, 1, 1536)
+    samples, group, estimate, fits = pick_setting(ladder, fake_seconds, budget)
+    assert estimate == fake_seconds(samples, group)
+    chosen = ladder.index((samples, group))
+    assert all(fake_seconds(*finer) > budget for finer in ladder[:chosen])
+    if fits:
+        assert estimate <= budget
+    else:
+        assert (samples, group) == (MIN_SAMPLES, MAX_NEURON_GROUP) and estimate > budget
+
+
+def test_picker_keeps_all_examples_while_coarser_neurons_fit():
+    assert pick_setting(scoring_ladder(128, 1, 1536), fake_seconds, 900.0)[:2] == (128, 16)
+    assert pick_setting(scoring_ladder(128, 1, 1536), fake_seconds, 30.0)[:2] == (20, 128)
+    assert pick_setting(scoring_ladder(128, 1, 1536), fake_seconds, 1e9)[:2] == (128, 1)
+
+
+@pytest.mark.parametrize("settings", [{"neuron_group_size": 5}, {"prune_heads": False}, {"prune_neurons": False},
+                                      {"neuron_group_size": 64, "engine": "reference"}])
+def test_estimate_counts_the_candidates_the_engine_runs(settings, monkeypatch):
+    model, data = tiny_model("bert"), calibration("bert", n=6)
+    config = OptinConfig(md_tokens=24, num_samples=6, batch_size=3, **settings)
+    ran = []
+    for runner in (FastRunner, __import__("optin_hf.engine.reference", fromlist=["ReferenceRunner"]).ReferenceRunner):
+        original = runner.run
+
+        def counting(self, kind, layer, unit_mask, original=original):
+            ran.append(unit_mask.shape[0])
+            return original(self, kind, layer, unit_mask)
+
+        monkeypatch.setattr(runner, "run", counting)
+    pruner = OptinPruner(config)
+    pruner.compute_scores(model, data)
+    adapter = get_adapter(model)
+    units = OptinImportance.masked_units(model, adapter, config)
+    cost = scoring_cost(1.0, pruner._batches(model, data, None), None, config.batch_size, 3, units, config.engine)
+    assert cost.num_candidates(config.neuron_group_size) == sum(ran) == pruner.plan.num_candidates
+
+
+def test_budgeted_prune_saves_the_settings_it_picked(tmp_path, monkeypatch):
+    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda model, batch: 1000.0)  # a very slow machine
+    model, data = tiny_model("bert"), calibration("bert", n=12)
+    dense = tiny_model("bert")
+    pruner = OptinPruner(OptinConfig(md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
+    pruner.prune_model(model, data)
+    assert not pruner.plan.fits and "does not fit" in str(pruner.plan)
+    assert (pruner.plan.num_samples, pruner.plan.neuron_group_size) == (MIN_SAMPLES, 64)  # 48 neurons: one group
+    assert pruner.timings["estimated_scoring_s"] == pruner.plan.estimated_s and pruner.timings["max_scoring_time_s"] == 60
+    pruner.save(model, tmp_path)
+    saved = OptinConfig.from_pretrained(tmp_path)
+    assert (saved.num_samples, saved.neuron_group_size, saved.max_scoring_time) == (MIN_SAMPLES, 64, None)
+    again = OptinPruner(saved).compute_scores(dense, data)  # the saved settings rerun the same scoring
+    assert torch.equal(again.neuron_scores, pruner.scores.neuron_scores)
+    assert torch.equal(again.head_scores, pruner.scores.head_scores)
+
+
+def test_budget_that_fits_keeps_the_asked_settings(monkeypatch):
+    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda model, batch: 1e-6)
+    pruner = OptinPruner(OptinConfig(md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
+    pruner.compute_scores(tiny_model("bert"), calibration("bert", n=12))
+    assert pruner.plan.fits and (pruner.config.num_samples, pruner.config.neuron_group_size) == (12, 1)
+    assert "12 of 12 examples" in str(pruner.plan)
