@@ -29,8 +29,11 @@ def model_class(config: PretrainedConfig) -> type:
 def build_slim(config: PretrainedConfig, masks: PruningMasks) -> nn.Module:
     """An untrained model with the slim shapes that `masks` give."""
     masks.check_fits(config)
-    model = model_class(config)(config)
-    return slim_model(model, masks)
+    reconstructed = (getattr(config, "optin", None) or {}).get("reconstruct")
+    model = slim_model(model_class(config)(config), masks)
+    if reconstructed:  # the saved weights are the refit ones; say so as the pruned model did
+        model.config.optin["reconstruct"] = reconstructed
+    return model
 
 
 def _load_slim_checkpoint(folder: Path) -> nn.Module:

@@ -40,7 +40,9 @@ HUB_CHOICE = "Hub model id (below)"
 # Small enough for a free CPU Space; OptinConfig's own defaults are for offline runs. A press of
 # Prune should answer within about 2 minutes on 2 cores: the scoring budget leaves the rest to
 # slimming, evaluation and timing; the pruner picks the calibration size and neuron grouping that fit.
-SPACE_SETTINGS = {"num_samples": 64, "batch_size": 32, "max_length": 128, "max_scoring_time": 45.0}
+SPACE_SETTINGS = {"num_samples": 64, "batch_size": 32, "max_length": 128, "max_scoring_time": 45.0, "reconstruct_samples": 128}
+# Accuracy on a free 2-core Space: the first 500 held-out examples (the table says how many), dense measured once.
+SPACE_TEST_EXAMPLES = 500
 LATENCY_RUNS = 7
 
 
@@ -138,9 +140,13 @@ def latencies(dense: nn.Module, pruned: nn.Module, inputs: dict[str, torch.Tenso
     return [statistics.median(times[0]), statistics.median(times[1])]
 
 
-def results_table(dense: nn.Module, pruned: nn.Module, task: DemoTask, seq_len: float, max_length: int) -> pd.DataFrame:
-    """Dense vs pruned accuracy, MACs, parameters and latency, as the page shows them."""
-    acc = [accuracy(m, task.test, task.processor, max_length) for m in (dense, pruned)]
+def results_table(
+    dense: nn.Module, pruned: nn.Module, task: DemoTask, seq_len: float, max_length: int, dense_accuracy: float | None = None
+) -> pd.DataFrame:
+    """Dense vs pruned accuracy, MACs, parameters and latency, as the page shows them (`dense_accuracy`: known already)."""
+    if dense_accuracy is None:
+        dense_accuracy = accuracy(dense, task.test, task.processor, max_length)
+    acc = [dense_accuracy, accuracy(pruned, task.test, task.processor, max_length)]
     macs = [count_macs(m, seq_len) for m in (dense, pruned)]
     params = [sum(p.numel() for p in m.parameters()) for m in (dense, pruned)]
     batch = prepare_calibration(task.calibration, task.processor, num_samples=32, batch_size=32, max_length=max_length)[0]
@@ -278,6 +284,7 @@ class SpaceApp:
         self.workdir = workdir
         self.tasks: dict[tuple, DemoTask] = {}
         self.scores: dict[tuple, CachedScores] = {}
+        self.dense_accuracy: dict[tuple, float | None] = {}
 
     def resolve(self, choice: str, model_id: str, texts: str, dataset_id: str) -> tuple[tuple, Loader]:
         """(cache key, loader) of the picked model; a Hub model's key includes its calibration data."""
@@ -290,8 +297,16 @@ class SpaceApp:
 
     def task(self, key: tuple, loader: Loader) -> DemoTask:
         if key not in self.tasks:
-            self.tasks[key] = loader()
+            task = loader()
+            if task.test is not None and len(task.test) > SPACE_TEST_EXAMPLES:
+                task.test = task.test.select(range(SPACE_TEST_EXAMPLES))
+            self.tasks[key] = task
         return self.tasks[key]
+
+    def dense_accuracy_of(self, key: tuple, task: DemoTask) -> float | None:
+        if key not in self.dense_accuracy:
+            self.dense_accuracy[key] = accuracy(task.model, task.test, task.processor, self.settings["max_length"])
+        return self.dense_accuracy[key]
 
     def cached_scores(self, key: tuple, task: DemoTask) -> tuple[CachedScores, bool]:
         """(scores, reused): scoring runs once per model and calibration settings."""
@@ -340,7 +355,8 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
             "# ✂️ OPTIN: prune a transformer in one shot\n"
             "Retraining-free structured pruning ([OPTIN, ICLR 2024](https://arxiv.org/abs/2403.17921)) with "
             "**optin-hf**: heads and FFN neurons are scored by how much removing them disturbs "
-            "later layers, the best are kept under a MAC budget, and the model is physically slimmed."
+            "later layers, the best are kept under a MAC budget, the model is physically slimmed, and each "
+            "sublayer's output projection is refit by least squares to rebuild the dense model's outputs."
         )
         result_state = gr.State(None)
         with gr.Row():
@@ -398,7 +414,8 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 result, cached, reused = app.prune(key, task, float(fraction))
                 slim_s = time.perf_counter() - start
                 progress(0.9, desc="Measuring dense and pruned")
-                frame = results_table(task.model, result.model, task, cached.seq_len, max_length)
+                frame = results_table(task.model, result.model, task, cached.seq_len, max_length,
+                                      app.dense_accuracy_of(key, task))
             except Exception as err:  # every failure becomes a message on the page
                 return {status: _error(err)}
             config = task.model.config
