@@ -26,6 +26,12 @@ def test_round_trip_dict_and_json(tmp_path):
         ({"prune_heads": False, "prune_neurons": False}, "nothing would be pruned"),
         ({"batch_size": 0}, "batch_size=0 must be a positive"),
         ({"engine": "warp"}, "engine='warp' is unknown"),
+        ({"reconstruct": "bias"}, "reconstruct='bias' is unknown"),
+        ({"reconstruct_ridge": -1.0}, "reconstruct_ridge=-1.0 must be a finite number"),
+        ({"reconstruct_ridge": float("nan")}, "reconstruct_ridge=nan must be a finite number"),
+        ({"reconstruct_samples": 0}, "reconstruct_samples=0 must be a positive"),
+        ({"prune_steps": 2, "reconstruct": "none"}, "prune_steps=2 re-scores a reconstructed model"),
+        ({"prune_steps": 2, "prune_tokens": True}, "token mode .* prunes in one step"),
     ],
 )
 def test_invalid_settings_are_refused(kwargs, message):

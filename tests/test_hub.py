@@ -70,6 +70,8 @@ def test_push_then_pull_masks_only_and_full_online_and_offline(hub_server: FakeH
     results = {(r.metric_type, r.metric_value) for r in card.data.eval_results}
     assert results == {("accuracy", 0.8), ("dense_accuracy", 0.9)}
     assert f'AutoOptinModel.from_pretrained("{masks_repo}")' in card.text and base_sha in card.text
+    size = sum(t.numel() * 4 for t in pruner.reconstruction.tensors.values()) / 1e6
+    assert "refit by ridge least squares" in card.text and f"`optin_reconstruction.safetensors` ({size:.2f} MB)" in card.text
     heads, neurons = pruner.masks.heads_per_layer(), pruner.masks.neurons_per_layer()
     assert f"| 2 | {heads[2]} / 4 | {neurons[2]} / 48 |" in card.text and "| 1.50x |" in card.text
 

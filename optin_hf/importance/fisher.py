@@ -27,9 +27,9 @@ and, for text, the budget (heads and FFNs only, at the average length) are PTF's
 - allocate drops splits that leave more than 1% of the budget unused when another split fills
   it; PTF compares every split;
 - allocate also tries k = 0 (no head kept); PTF starts at one head.
-Not implemented: PTF's mask rearrangement (block-diagonal Fisher within a layer), its mask
-tuning (per-unit scales by least squares), its latency-constrained search, and token pruning
-(Fisher gives no token scores).
+PTF's mask tuning (per-unit scales by least squares) is `OptinConfig(reconstruct="scales")`
+(`optin_hf.reconstruct`). Not implemented: PTF's mask rearrangement (block-diagonal Fisher
+within a layer), its latency-constrained search, and token pruning (Fisher gives no token scores).
 """
 
 from __future__ import annotations
