@@ -25,8 +25,8 @@ class OptinConfig:
     the paper. `faithful=False` scores as the paper states, MD + balanced KL; `faithful=True`
     adds the reference code's undocumented extra weights (a prior on the unit's index within
     its layer, last-layer and head decays), to reproduce the reference's numbers.
-    `neuron_group_size=g` scores FFN neurons g consecutive at a time (1 = each alone, as the
-    paper): g times fewer masked runs for a coarser ranking, for CPUs and quick looks.
+    `neuron_group_size=g` scores FFN neurons g at a time (1 = each alone, as the paper), each
+    group g neurons of like output energy: g times fewer masked runs for a coarser ranking.
     `neurons_multiple_of=8` makes every layer keep a multiple of 8 neurons (or all): matmul
     kernels run such widths much faster per column, so the slim model's speed follows its MACs;
     1 keeps the exact best neurons.

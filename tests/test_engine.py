@@ -28,6 +28,7 @@ from optin_hf.engine.fast import FastRunner
 from optin_hf.engine.memory import SATURATING_TOKENS, auto_variants
 from optin_hf.engine.reference import ReferenceRunner
 from optin_hf.engine import compute_raw_losses
+from optin_hf.importance.optin import neuron_energy_order
 from optin_hf.engine.run import candidate_masks
 from optin_hf.losses import balance
 
@@ -296,7 +297,7 @@ def test_automatic_stack_size_respects_memory_and_saturation():
 
 
 def test_neuron_groups_score_each_group_removed_together():
-    """Grouped neurons share (equally) the score of removing their whole group, in both engines."""
+    """Grouped neurons (of like output energy) share equally the score of removing their whole group, in both engines."""
     from optin_hf.arch import get_adapter
     from optin_hf.capture import capture_dense
     from optin_hf.engine.reference import masked_run_losses
@@ -307,19 +308,22 @@ def test_neuron_groups_score_each_group_removed_together():
     fast = OptinPruner(config).compute_scores(model, data).neuron_scores
     ref = OptinPruner(OptinConfig(**{**config.to_dict(), "engine": "reference"})).compute_scores(model, data).neuron_scores
     assert torch.allclose(fast, ref, rtol=1e-4)
-    assert torch.equal(fast[:, 0], fast[:, 15]) and not torch.equal(fast[:, 15], fast[:, 16])
-    # By hand: the raw losses of removing neurons 16..31 of layer 1 together.
     adapter = get_adapter(model)
     batches = OptinPruner(config)._batches(model, data, None)
+    order = neuron_energy_order(model, adapter, batches)  # groups are 16 neurons of like output energy
+    assert torch.equal(order[0].sort().values, torch.arange(48)) and not torch.equal(order[0], torch.arange(48))
+    assert torch.equal(fast[0, order[0, 0]], fast[0, order[0, 15]]) and not torch.equal(fast[0, order[0, 15]], fast[0, order[0, 16]])
+    # By hand: the raw losses of removing each group of 16 of each layer together.
     capture = capture_dense(model, adapter, batches, config.md_tokens, config.seed)
     raw = torch.zeros(2, 3, 3, dtype=torch.float64)
     for layer in range(3):
         for g in range(3):
             mask = torch.ones(3, 48)
-            mask[layer, g * 16 : (g + 1) * 16] = 0
+            mask[layer, order[layer, g * 16 : (g + 1) * 16]] = 0
             with apply_masks(model, adapter, neuron_mask=mask):
                 raw[:, layer, g] = torch.tensor(masked_run_losses(model, adapter, batches, capture, layer, config.temperature))
-    expected = (balance(raw[0], raw[1], config.lambda_contribution) / 16).repeat_interleave(16, dim=1)
+    by_place = (balance(raw[0], raw[1], config.lambda_contribution) / 16).repeat_interleave(16, dim=1)
+    expected = torch.empty_like(by_place).scatter_(1, order, by_place)
     assert torch.allclose(ref, expected, rtol=1e-6)
 
 
@@ -331,11 +335,14 @@ def test_a_last_partial_neuron_group_is_scored_and_shared_by_its_own_neurons():
     fast = OptinPruner(config).compute_scores(model, data).neuron_scores
     ref = OptinPruner(OptinConfig(**{**config.to_dict(), "engine": "reference"})).compute_scores(model, data).neuron_scores
     assert fast.shape == (3, 48) and fast.is_contiguous() and torch.allclose(fast, ref, rtol=1e-4)
-    assert torch.equal(fast[:, 40], fast[:, 47]) and not torch.equal(fast[:, 39], fast[:, 40])
     pruner = OptinPruner(config)
-    raw = compute_raw_losses(model, get_adapter(model), pruner._batches(model, data, None), config, {"neuron": 3}, {"neuron": 20})
+    batches = pruner._batches(model, data, None)
+    order = neuron_energy_order(model, get_adapter(model), batches)
+    by_place = fast.gather(1, order)
+    assert torch.equal(by_place[:, 40], by_place[:, 47]) and not torch.equal(by_place[:, 39], by_place[:, 40])
+    raw = compute_raw_losses(model, get_adapter(model), batches, config, {"neuron": 3}, {"neuron": 20}, {"neuron": order})
     balanced = balance(raw["neuron"].md, raw["neuron"].kl, config.lambda_contribution)
-    assert torch.allclose(fast, (balanced / torch.tensor([20.0, 20.0, 8.0])).repeat_interleave(torch.tensor([20, 20, 8]), dim=1))
+    assert torch.allclose(by_place, (balanced / torch.tensor([20.0, 20.0, 8.0])).repeat_interleave(torch.tensor([20, 20, 8]), dim=1))
     wide = OptinPruner(OptinConfig(**{**config.to_dict(), "neuron_group_size": 64})).compute_scores(model, data)
     assert wide.neuron_scores.shape == (3, 48) and torch.equal(wide.neuron_scores[:, 0], wide.neuron_scores[:, 47])
 

@@ -77,7 +77,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     optin.add_argument("--num-samples", type=int, default=None, metavar="N",
                        help=f"calibration examples (default: {OptinConfig.num_samples}; embedded defaults: sized for a CPU, as in their recipes)")
     optin.add_argument("--neuron-group-size", type=int, default=None, metavar="G",
-                       help="score FFN neurons G consecutive at a time (default: 1, as the paper; embedded defaults: as in their recipes)")
+                       help="score FFN neurons G at a time, grouped by output energy (default: 1, as the paper; embedded defaults: as in their recipes)")
     optin.add_argument("--max-scoring-time", type=parse_duration, metavar="T",
                        help="fit scoring in T (90s, 10m, 1.5h or seconds): fewer examples and coarser neuron groups "
                        "are picked from the estimate; replaces an embedded default's CPU sizing (default: no limit)")

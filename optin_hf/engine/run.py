@@ -7,6 +7,8 @@ order (`losses.balance`), so the order in which candidates are run does not matt
 
 from __future__ import annotations
 
+import hashlib
+
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,11 +43,13 @@ def precision(device: torch.device, dtype: torch.dtype) -> ContextManager:
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
-def candidate_masks(indices: list[int], width: int, group: int, device=None) -> torch.Tensor:
-    """[variants, width] multipliers: candidate v removes units [i*group, (i+1)*group) of its layer."""
+def candidate_masks(indices: list[int], width: int, group: int, device=None, order: torch.Tensor | None = None) -> torch.Tensor:
+    """[variants, width] multipliers: candidate v removes units [i*group, (i+1)*group) of its layer,
+    or, with `order` [width] (a permutation), the units at those places of the order."""
     mask = torch.ones(len(indices), width, device=device)
     for v, index in enumerate(indices):
-        mask[v, index * group : (index + 1) * group] = 0.0
+        units = slice(index * group, (index + 1) * group)
+        mask[v, units if order is None else order[units].to(mask.device)] = 0.0
     return mask
 
 
@@ -91,7 +95,9 @@ def _runner(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torc
     return ReferenceRunner(model, adapter, batches, config)
 
 
-def _settings(model: nn.Module, config, units: dict[str, int], num_layers: int, groups: dict[str, int]) -> dict:
+def _settings(
+    model: nn.Module, config, units: dict[str, int], num_layers: int, groups: dict[str, int], orders: dict[str, torch.Tensor]
+) -> dict:
     """The settings raw losses depend on (the fingerprint's readable part)."""
     return {
         "format": FORMAT,
@@ -103,6 +109,7 @@ def _settings(model: nn.Module, config, units: dict[str, int], num_layers: int, 
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "units": units,
         "groups": groups or {},
+        "orders": {kind: hashlib.blake2b(order.cpu().numpy().tobytes(), digest_size=8).hexdigest() for kind, order in orders.items()},
         "num_layers": num_layers,
     }
 
@@ -121,14 +128,16 @@ def compute_raw_losses(
     config,
     units: dict[str, int],
     groups: dict[str, int] | None = None,
+    orders: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, RawLosses]:
     """Raw MD and KL of every candidate of the kinds in `units` ({"head": num_heads, ...}).
 
-    `groups[kind] = g` makes each candidate g consecutive units removed together, so
-    `units[kind]` counts groups; masks stay as wide as the layer, and when g does not divide
-    its width the last group is partial.
+    `groups[kind] = g` makes each candidate g units removed together, so `units[kind]` counts
+    groups: g consecutive ones, or with `orders[kind]` ([num_layers, width], a permutation per
+    layer) g consecutive places of the layer's order. Masks stay as wide as the layer, and when g
+    does not divide its width the last group is partial.
     """
-    groups = groups or {}
+    groups, orders = groups or {}, orders or {}
     num_layers = len(adapter.layers_of(model))
     widths = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
     device = next(model.parameters()).device
@@ -141,7 +150,7 @@ def compute_raw_losses(
         tensors[f"{kind}.done"] = torch.zeros(num_layers, count, dtype=torch.bool)
     checkpoint = None
     if config.checkpoint_dir is not None:
-        tag = fingerprint(model, batches, _settings(model, config, units, num_layers, groups))
+        tag = fingerprint(model, batches, _settings(model, config, units, num_layers, groups, orders))
         checkpoint = LossCheckpoint(config.checkpoint_dir, tag, state.process_index)
         checkpoint.load_into(tensors)
     state.wait_for_everyone()  # every process has read the checkpoint before any writes to it
@@ -157,7 +166,8 @@ def compute_raw_losses(
                 kind, layer = chunk[0][:2]
                 bar.set_postfix_str(f"{kind}s of layer {layer}", refresh=False)
                 group = groups.get(kind, 1)
-                masks = candidate_masks([index for _, _, index in chunk], widths[kind], group, device)
+                order = orders[kind][layer] if kind in orders else None
+                masks = candidate_masks([index for _, _, index in chunk], widths[kind], group, device, order)
                 losses = runner.run(kind, layer, masks)
                 for (_, _, index), (md, kl) in zip(chunk, losses):
                     _store(tensors, kind, layer, index, md, kl)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import ArchAdapter
+from ..arch import ArchAdapter, get_submodule
 from ..engine import compute_raw_losses
 from ..engine.run import grouped
 from ..losses import balance, faithful_weights, token_scores
@@ -28,13 +28,14 @@ class OptinImportance:
     def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config) -> ImportanceScores:
         num_layers = len(adapter.layers_of(model))
         units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
-        # Neurons may be scored in groups of consecutive units (a speed/granularity trade-off);
-        # each neuron then carries an equal share of its group's balanced score (a last group
-        # that the width does not fill is shared by fewer neurons), so importance
-        # sums stay comparable with the heads' in the budget search.
+        # Neurons may be scored in groups (a speed/granularity trade-off): groups of neurons of like
+        # output energy, so that a group's score stands for neurons that matter alike. Each neuron
+        # carries an equal share of its group's balanced score (a last group that the width does
+        # not fill is shared by fewer neurons), so importance sums stay comparable with the heads'.
         group = {"head": 1, "neuron": config.neuron_group_size}
         candidates = grouped(self.masked_units(model, adapter, config), group)
-        raw = compute_raw_losses(model, adapter, batches, config, candidates, groups={"neuron": group["neuron"]})
+        orders = {"neuron": neuron_energy_order(model, adapter, batches)} if group["neuron"] > 1 and "neuron" in candidates else {}
+        raw = compute_raw_losses(model, adapter, batches, config, candidates, groups={"neuron": group["neuron"]}, orders=orders)
         scores = {}
         for kind, count in units.items():
             if kind not in raw:
@@ -44,6 +45,8 @@ class OptinImportance:
             sizes = torch.full((balanced.shape[1],), group[kind])
             sizes[-1] = count - group[kind] * (len(sizes) - 1)  # a last group may be partial
             scores[kind] = (balanced / sizes).repeat_interleave(sizes, dim=1)
+            if kind in orders:  # place p of a layer's order is neuron orders[kind][layer, p]
+                scores[kind] = torch.empty_like(scores[kind]).scatter_(1, orders[kind], scores[kind])
             if config.faithful:
                 scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
         tokens = None
@@ -51,3 +54,35 @@ class OptinImportance:
             token_raw = reference_token_losses(model, adapter, batches, capture_token_grams(model, adapter, batches), config.temperature)
             tokens = token_scores(token_raw.md, token_raw.kl, config.lambda_contribution, config.max_patch_envelope, config.patch_metric_decay)
         return ImportanceScores(scores["head"], scores["neuron"], self.name, tokens)
+
+
+@torch.no_grad()
+def neuron_energy_order(model: nn.Module, adapter: ArchAdapter, batches) -> torch.Tensor:
+    """[num_layers, intermediate_size]: each layer's FFN neurons by output energy, largest first.
+
+    A neuron's energy is the norm of what it adds to the down projection's output over the real
+    calibration tokens: ||W_down[:, j]|| * sqrt(sum of its squared activations).
+    """
+    device = next(model.parameters()).device
+    layers = adapter.layers_of(model)
+    sums: list[torch.Tensor | None] = [None] * len(layers)
+    real: list[torch.Tensor | None] = [None]
+
+    def keep(i: int):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            x = x[real[0]] if real[0] is not None and len(real[0]) == len(x) else x
+            sums[i] = x.pow(2).sum(0) + (sums[i] if sums[i] is not None else 0)
+
+        return hook
+
+    handles = [get_submodule(layer, adapter.ffn_down).register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
+    try:
+        for batch in batches:
+            real[0] = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
+            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+    finally:
+        for handle in handles:
+            handle.remove()
+    norms = [get_submodule(layer, adapter.ffn_down).weight.double().norm(dim=0) for layer in layers]
+    return torch.stack([(s.sqrt() * n).argsort(descending=True).cpu() for s, n in zip(sums, norms)])
