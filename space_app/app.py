@@ -41,8 +41,8 @@ HUB_CHOICE = "Hub model id (below)"
 # Prune should answer within about 2 minutes on 2 cores: the scoring budget leaves the rest to
 # slimming, evaluation and timing; the pruner picks the calibration size and neuron grouping that fit.
 SPACE_SETTINGS = {"num_samples": 64, "batch_size": 32, "max_length": 128, "max_scoring_time": 45.0, "reconstruct_samples": 128}
-# Accuracy on a free 2-core Space: the first 500 held-out examples (the table says how many), dense measured once.
-SPACE_TEST_EXAMPLES = 500
+# Accuracy on a free 2-core Space: the first 300 held-out examples (the table says how many), dense measured once.
+SPACE_TEST_EXAMPLES = 300
 LATENCY_RUNS = 7
 
 
