@@ -94,8 +94,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        "factor per kept unit (scales), or not at all (default: %(default)s)")
     optin.add_argument("--reconstruct-samples", type=int, default=OptinConfig.reconstruct_samples, metavar="N",
                        help="calibration examples the reconstruction fits on (default: %(default)s)")
-    optin.add_argument("--prune-steps", type=int, default=OptinConfig.prune_steps, metavar="K",
-                       help="cut in K steps, reconstructing and re-scoring between them (default: %(default)s)")
+    optin.add_argument("--prune-steps", type=int, default=None, metavar="K",
+                       help=f"cut in K steps, reconstructing and re-scoring between them (default: {OptinConfig.prune_steps}; "
+                       "embedded defaults: as in their recipes)")
     parser.add_argument("--device", help="where to prune and time, e.g. cpu or cuda (default: cuda if available)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="DIR", help="folder for the pruned model and report (default: <name>-optin-<F>)")
