@@ -189,3 +189,40 @@ def allocate_with_tokens(
     head_macs, neuron_macs, fixed = costs(schedule)
     masks = allocate(head_scores, neuron_scores, head_macs, neuron_macs, budget, fixed, **kw)
     return PruningMasks(masks.head_mask, masks.neuron_mask, torch.tensor(schedule))
+
+
+def rearrange_layer(keep: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """PTF's mask rearrangement of one layer: the same number of kept units, re-picked under the
+    layer's block of the Fisher matrix.
+
+    keep: bool [units]; grads: [examples, units], each example's gradient of its loss with respect
+    to each unit's mask. Removing a set S is estimated to cost |sum_{u in S} g_u|^2 (summed over
+    examples), so units whose gradients cancel can go together. Greedy, as PTF: start from the
+    units of smallest diagonal Fisher; take in the next unit, then give back the one whose return
+    leaves the smallest cost. The cost never rises above that of the diagonal choice.
+    """
+    units = keep.numel()
+    pruned = units - int(keep.sum())
+    if pruned in (0, units):
+        return keep.clone()
+    grads = grads.double()
+    order = grads.pow(2).sum(0).argsort().tolist()
+    removed = order[:pruned]
+    for unit in order[pruned:]:
+        removed.append(unit)
+        chosen = grads[:, removed]
+        cost = (chosen.sum(1, keepdim=True) - chosen).pow(2).sum(0)  # cost of giving back each one
+        del removed[int(cost.argmin())]
+    out = torch.ones(units, dtype=torch.bool)
+    out[removed] = False
+    return out
+
+
+def rearrange_masks(masks: PruningMasks, grads: dict[str, torch.Tensor]) -> PruningMasks:
+    """`rearrange_layer` on every layer of the kinds in grads ({"head": [examples, layers, heads], ...})."""
+    new = {"head": masks.head_mask.clone(), "neuron": masks.neuron_mask.clone()}
+    for kind, g in grads.items():
+        for layer in range(new[kind].shape[0]):
+            new[kind][layer] = rearrange_layer(new[kind][layer], g[:, layer])
+    return PruningMasks(new["head"], new["neuron"], masks.token_schedule)
+

@@ -14,7 +14,7 @@ from huggingface_hub import CommitInfo
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import allocate, allocate_with_tokens
+from .allocate import allocate, allocate_with_tokens, rearrange_masks
 from .arch import check_model
 from .checkpoint import atomic_directory, write_checkpoint
 from .config import OptinConfig
@@ -192,7 +192,8 @@ class OptinPruner:
                 scores.head_scores, scores.neuron_scores, scores.token_scores, costs, budget, c.resolved_token_cut_share(), prefix, **kw
             )
         heads, neurons, fixed = costs([self.seq_len] * num_layers)
-        return allocate(scores.head_scores, scores.neuron_scores, heads, neurons, budget, fixed, **kw)
+        masks = allocate(scores.head_scores, scores.neuron_scores, heads, neurons, budget, fixed, **kw)
+        return rearrange_masks(masks, scores.example_grads) if scores.example_grads else masks
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:
         """Slim `model` in place (scoring and allocating first unless `masks` are given), then

@@ -93,3 +93,27 @@ def test_neurons_multiple_of_keeps_each_layers_best_in_whole_blocks():
             if multiple == 1:  # blocks of one are the plain global ranking: the n best neurons overall
                 best = neurons.flatten().topk(int(kept.sum())).indices
                 assert torch.equal(masks.neuron_mask.flatten().nonzero().flatten(), best.sort().values)
+
+
+def test_rearrangement_keeps_counts_and_lets_cancelling_units_go_together():
+    from optin_hf.allocate import rearrange_layer
+
+    # The diagonal Fisher removes units 0 and 1 (the smallest), whose gradients add up (cost 4.01);
+    # unit 2's gradient cancels unit 0's, so removing 0 and 2 costs 0.04 and unit 1 stays.
+    grads = torch.tensor([[1.0, 1.0, -1.2, 3.0], [0.0, 0.1, 0.0, 3.0]])  # [examples, units]
+    keep = torch.tensor([False, False, True, True])  # what the diagonal scores chose
+    assert rearrange_layer(keep, grads).tolist() == [False, True, False, True]
+
+
+def test_rearrangement_never_costs_more_than_the_diagonal_choice():
+    from optin_hf.allocate import rearrange_layer
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        grads = torch.randn(6, 9, generator=g, dtype=torch.float64)
+        keep = torch.zeros(9, dtype=torch.bool)
+        keep[:5] = True
+        new = rearrange_layer(keep, grads)
+        diagonal = grads.pow(2).sum(0).argsort()[:4]  # the 4 removed by the diagonal Fisher
+        cost = lambda removed: float(grads[:, removed].sum(1).pow(2).sum())  # noqa: E731
+        assert int(new.sum()) == 5 and cost(~new) <= cost(diagonal) + 1e-12

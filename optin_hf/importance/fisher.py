@@ -27,9 +27,12 @@ and, for text, the budget (heads and FFNs only, at the average length) are PTF's
 - allocate drops splits that leave more than 1% of the budget unused when another split fills
   it; PTF compares every split;
 - allocate also tries k = 0 (no head kept); PTF starts at one head.
+PTF's mask rearrangement follows the search: the scores carry the per-example gradients, and
+`allocate.rearrange_masks` re-picks which units each layer keeps (same counts) under the
+block-diagonal Fisher (scores loaded from a file have no gradients and are not rearranged).
 PTF's mask tuning (per-unit scales by least squares) is `OptinConfig(reconstruct="scales")`
-(`optin_hf.reconstruct`). Not implemented: PTF's mask rearrangement (block-diagonal Fisher
-within a layer), its latency-constrained search, and token pruning (Fisher gives no token scores).
+(`optin_hf.reconstruct`). Not implemented: PTF's latency-constrained search, and token pruning
+(Fisher gives no token scores).
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class FisherImportance:
         enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
         scores = {kind: torch.zeros(num_layers, n, dtype=torch.float64) for kind, n in units.items()}
         device = next(model.parameters()).device
+        per_example: dict[str, list[torch.Tensor]] = {kind: [] for kind in units if enabled[kind]}
         with torch.enable_grad(), _frozen(model):
             for batch in batches:
                 labels = batch.get("labels")
@@ -103,4 +107,6 @@ class FisherImportance:
                 grads = torch.autograd.grad(loss, list(masks.values()))
                 for kind, grad in zip(masks, grads):
                     scores[kind] += grad.double().pow(2).sum(1).cpu()
-        return ImportanceScores(scores["head"], scores["neuron"], self.name)
+                    per_example[kind].append(grad.detach().transpose(0, 1).cpu())
+        grads = {kind: torch.cat(parts) for kind, parts in per_example.items()}
+        return ImportanceScores(scores["head"], scores["neuron"], self.name, example_grads=grads)

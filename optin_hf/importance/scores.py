@@ -4,7 +4,7 @@ in vision token mode), higher = more important."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from safetensors.torch import save_file
@@ -20,12 +20,15 @@ SCORES_NAME = "optin_scores.safetensors"
 class ImportanceScores:
     """head_scores: [num_layers, num_heads]; neuron_scores: [num_layers, intermediate_size];
     token_scores: [num_layers, tokens] of removing token position p from layer l onward (vision
-    token mode; layer 0 and the prefix tokens are never removed), or None."""
+    token mode; layer 0 and the prefix tokens are never removed), or None. example_grads: a
+    gradient criterion's per-example gradients ({"head": [examples, num_layers, num_heads], ...})
+    for PTF's mask rearrangement (`allocate.rearrange_masks`); kept in memory, not saved."""
 
     head_scores: torch.Tensor
     neuron_scores: torch.Tensor
     criterion: str = "optin"
     token_scores: torch.Tensor | None = None
+    example_grads: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.head_scores = torch.as_tensor(self.head_scores, dtype=torch.float64).cpu()
