@@ -61,6 +61,11 @@ class OptinPruner:
             self.seq_len = average_length(batches) or check_model(model).default_seq_len(model.config)
         return batches
 
+    def _reconstruction_batches(self, data: Any, tokenizer) -> list[dict[str, torch.Tensor]]:
+        """The first `reconstruct_samples` examples of `data` (those scoring reads are among them)."""
+        c = self.config
+        return prepare_calibration(data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length)
+
     def _check_model(self, model: nn.Module):
         """The adapter of a dense model that this config can prune."""
         adapter = check_model(model)
@@ -145,7 +150,7 @@ class OptinPruner:
         c = self.config
         if data is None:
             raise ValueError(f"prune_steps={c.prune_steps} scores and reconstructs on calibration data: pass data.")
-        batches = prepare_calibration(data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length)
+        batches = self._reconstruction_batches(data, tokenizer)
         current, masks, scoring_s = model, None, 0.0
         for step in range(1, c.prune_steps + 1):
             scores = self.compute_scores(current, data, tokenizer)
@@ -214,10 +219,7 @@ class OptinPruner:
         slim_model(model, masks)
         if dense is not None:
             start = time.perf_counter()
-            batches = prepare_calibration(
-                data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length
-            )
-            self.reconstruction = reconstruct(model, dense, batches, c.reconstruct, c.reconstruct_ridge)
+            self.reconstruction = reconstruct(model, dense, self._reconstruction_batches(data, tokenizer), c.reconstruct, c.reconstruct_ridge)
             model.config.optin["reconstruct"] = c.reconstruct
             self.timings["reconstruction_s"] = time.perf_counter() - start
         return model

@@ -271,14 +271,15 @@ def reconstruct(
     head_dim = adapter.head_dim(model.config)
     merging: TokenMerging | None = getattr(model.base_model, "token_merging", None)
     was_training = (model.training, dense.training)
-    model.eval(), dense.eval()
+    model.eval()
+    dense.eval()
+    hidden = model.config.hidden_size
     tensors: dict[str, torch.Tensor] = {}
     errors = []
     streams = _streams(dense, adapter, batches)
     pairs = list(zip(adapter.layers_of(model), adapter.layers_of(dense)))
     for i, (student, teacher) in enumerate(tqdm(pairs, desc=f"Reconstruction ({mode})", unit="layer")):
         attn, down = output_projection(adapter, student, "attn_out"), output_projection(adapter, student, "ffn_down")
-        hidden = model.config.hidden_size
 
         eq = _NormalEquations(attn.in_features, hidden, attn.weight.device)
         for s in streams:
@@ -308,7 +309,8 @@ def reconstruct(
         for s in streams:
             s.student = adapter.finish_feed_forward(student, down(s.x), s.residual)
             s.x = s.residual = s.target = None
-    model.train(was_training[0]), dense.train(was_training[1])
+    model.train(was_training[0])
+    dense.train(was_training[1])
     return Reconstruction(mode, tensors, errors)
 
 

@@ -65,21 +65,20 @@ def neuron_energy_order(model: nn.Module, adapter: ArchAdapter, batches) -> torc
     """
     device = next(model.parameters()).device
     layers = adapter.layers_of(model)
-    sums: list[torch.Tensor | None] = [None] * len(layers)
-    real: list[torch.Tensor | None] = [None]
+    sums = [0.0] * len(layers)
+    real: torch.Tensor | None = None  # the batch in progress's real token rows
 
     def keep(i: int):
         def hook(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
-            x = x[real[0]] if real[0] is not None and len(real[0]) == len(x) else x
-            sums[i] = x.pow(2).sum(0) + (sums[i] if sums[i] is not None else 0)
+            sums[i] = sums[i] + (x if real is None else x[real]).pow(2).sum(0)
 
         return hook
 
     handles = [get_submodule(layer, adapter.ffn_down).register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
     try:
         for batch in batches:
-            real[0] = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
+            real = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
             model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
     finally:
         for handle in handles:
