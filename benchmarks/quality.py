@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from optin_hf import OptinConfig, OptinPruner
-from optin_hf.defaults import evaluate_accuracy, load_default
-from optin_hf.recipes import load_recipe
+from optin_hf.tasks.defaults import evaluate_accuracy, load_default
+from optin_hf.tasks.recipes import load_recipe
 
 RECIPES = {"bbc-news": "minilm-bbc-news.yaml", "tweet-sentiment": "minilm-tweet-sentiment.yaml", "digits-vit": "vit-digits.yaml"}
 ROOT = Path(__file__).resolve().parents[1]

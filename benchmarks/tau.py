@@ -6,7 +6,7 @@ with tokens + heads + neurons (prune_tokens=True) and with heads + neurons only
 (count_macs and torch's FLOP counter) and the latency of batch-32 forwards relative to the
 dense model (medians). A small sweep of max_patch_envelope backs its default.
 
-The digits ViT is `optin_hf.defaults.load_default("digits-vit")` when that module exists;
+The digits ViT is `optin_hf.tasks.defaults.load_default("digits-vit")` when that module exists;
 otherwise an equivalent ViT (8x8 images, patch 2, hidden 64, 4 heads, 4 layers, intermediate
 128) is trained here from scratch on scikit-learn's load_digits for a fixed 400 steps (about a
 minute on two shared CPU cores).
@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from optin_hf import OptinConfig, OptinPruner, count_macs
 from optin_hf.arch import get_adapter
 from optin_hf.losses import token_scores
-from optin_hf.token_engine import capture_token_grams, reference_token_losses
+from optin_hf.engine.token_losses import capture_token_grams, reference_token_losses
 
 COUNTED = re.compile(r"\.layers\.\d+$|patch_embeddings\.projection$")  # encoder layers (merging included) + patch embedding
 
@@ -71,9 +71,9 @@ def own_digits_vit(steps: int, seed: int = 0):
 
 def digits_vit(steps: int):
     try:
-        from optin_hf.defaults import load_default
+        from optin_hf.tasks.defaults import load_default
     except ImportError:
-        print("optin_hf.defaults is not available here: training the digits ViT in this script")
+        print("optin_hf.tasks.defaults is not available here: training the digits ViT in this script")
         return own_digits_vit(steps)
     task = load_default("digits-vit")
     calibration = [{"pixel_values": torch.tensor(x)} for x in task.calibration["pixel_values"]]

@@ -48,7 +48,7 @@ LATENCY_RUNS = 7
 
 @dataclass
 class DemoTask:
-    """What the demo needs of a model; `optin_hf.defaults.DefaultTask` has the same fields.
+    """What the demo needs of a model; `optin_hf.tasks.defaults.DefaultTask` has the same fields.
 
     processor: the tokenizer of a text model, None for images (datasets then hold `pixel_values`).
     test: labelled held-out rows, or None when there are none (accuracy is then not shown).
@@ -90,7 +90,7 @@ def default_loaders() -> dict[str, Loader]:
 
     def loader(name: str) -> Loader:
         def load() -> DemoTask:
-            from optin_hf.defaults import load_default  # imports the training stack only when needed
+            from optin_hf.tasks.defaults import load_default  # imports the training stack only when needed
 
             return load_default(name)
 

@@ -16,7 +16,7 @@ from accelerate import PartialState
 from tiny import calibration, tiny_model
 
 from optin_hf import OptinConfig, OptinPruner
-from optin_hf.engine.checkpoint import LossCheckpoint
+from optin_hf.engine.resume import LossCheckpoint
 
 WORKER_CONFIG = dict(md_tokens=40, num_samples=12, batch_size=5)
 

@@ -147,7 +147,7 @@ def test_bad_values_give_one_error_line(workspace, capsys, monkeypatch, args, me
 def test_prune_without_model_prunes_the_embedded_text_default(workspace, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     calls = []
-    monkeypatch.setitem(sys.modules, "optin_hf.defaults", stand_in_defaults(workspace / "model", calls))
+    monkeypatch.setitem(sys.modules, "optin_hf.tasks.defaults", stand_in_defaults(workspace / "model", calls))
     assert main(["prune", "--importance", "random", "--num-samples", "8", "--output", str(tmp_path / "out")]) == 0
     assert calls == ["bbc-news"]
     assert OptinConfig.from_pretrained(tmp_path / "out").mac_constraint == 0.6
@@ -157,16 +157,6 @@ def test_prune_without_model_prunes_the_embedded_text_default(workspace, tmp_pat
     assert main(["evaluate", "--model", str(tmp_path / "out")]) == 0 and calls == ["bbc-news", "bbc-news"]
     assert main(["prune", "--default", "cifar"]) == 1
     assert "Unknown embedded default 'cifar'" in capsys.readouterr().err
-
-
-def test_missing_optional_modules_are_named(workspace, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "optin_hf.defaults", None)
-    monkeypatch.setitem(sys.modules, "optin_hf.hub", None)
-    assert main(["prune"]) == 1
-    assert "needs optin_hf.defaults, which this installation of optin-hf does not have" in capsys.readouterr().err
-    args = ["prune", "--model", str(workspace / "model"), "--dataset", str(workspace / "data.csv"), "--push-to-hub", "me/tiny"]
-    assert main(args) == 1
-    assert "--push-to-hub needs optin_hf.hub" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("full", [False, True])

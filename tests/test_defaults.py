@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from optin_hf.defaults import DEFAULT_NAMES, evaluate_accuracy, load_default
-from optin_hf.defaults import loader, train
-from optin_hf.defaults.cache import CACHE_ENV, atomic_directory, cache_key, cache_root
-from optin_hf.defaults.corpora import CORPORA, TWEET_LABELS, Corpus, dedupe, normalize_text
-from optin_hf.defaults.registry import RECIPES
-from optin_hf.defaults.splits import SplitSpec, assert_disjoint, make_splits, split_indices
+from optin_hf.tasks.defaults import DEFAULT_NAMES, evaluate_accuracy, load_default
+from optin_hf.tasks.defaults import loader, train
+from optin_hf.tasks.defaults.cache import CACHE_ENV, atomic_directory, cache_key, cache_root
+from optin_hf.tasks.defaults.corpora import CORPORA, TWEET_LABELS, Corpus, dedupe, normalize_text
+from optin_hf.tasks.defaults.registry import RECIPES
+from optin_hf.tasks.defaults.splits import SplitSpec, assert_disjoint, make_splits, split_indices
 
 
 @pytest.fixture(scope="module")

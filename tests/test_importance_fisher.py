@@ -9,8 +9,8 @@ from optin_hf import OptinConfig, OptinPruner, count_macs
 from optin_hf.arch import get_adapter
 from optin_hf.hooks import apply_masks
 from optin_hf.importance.fisher import FisherImportance
-from optin_hf.task_data import DataSpec
-from optin_hf.workflow import PruneJob, run_prune
+from optin_hf.tasks.task_data import DataSpec
+from optin_hf.tasks.workflow import PruneJob, run_prune
 
 
 def labelled(arch: str, n: int = 7, regression: bool = False) -> list[dict[str, torch.Tensor]]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from optin_hf.latency import median, synthetic_inputs, time_models
+from optin_hf.tasks.latency import median, synthetic_inputs, time_models
 
 
 class Recorder(torch.nn.Module):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from optin_hf import metrics
-from optin_hf.metrics import load_metric
+from optin_hf.tasks import metrics
+from optin_hf.tasks.metrics import load_metric
 
 
 def test_local_formulas_match_scipy_and_sklearn():

@@ -20,11 +20,11 @@ from tiny_task import stand_in_defaults, tokenizer, trained_text_model, write_cs
 from transformers import ViTImageProcessor
 
 from optin_hf import OptinConfig, count_macs
-from optin_hf import workflow
+from optin_hf.tasks import workflow
 from optin_hf.commands.__main__ import main
-from optin_hf.metrics import load_metric
-from optin_hf.recipes import load_recipe, parse_recipe
-from optin_hf.task_data import Encoder, calibration_rows, eval_rows
+from optin_hf.tasks.metrics import load_metric
+from optin_hf.tasks.recipes import load_recipe, parse_recipe
+from optin_hf.tasks.task_data import Encoder, calibration_rows, eval_rows
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -92,7 +92,7 @@ def stand_ins(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.setattr(workflow, "load_model", load_model)
     trained_text_model(tmp_path / "text-default", steps=1)
-    monkeypatch.setitem(sys.modules, "optin_hf.defaults", stand_in_defaults(tmp_path / "text-default", calls["defaults"]))
+    monkeypatch.setitem(sys.modules, "optin_hf.tasks.defaults", stand_in_defaults(tmp_path / "text-default", calls["defaults"]))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return calls
 

@@ -8,9 +8,9 @@ import torch
 from tiny_task import sentences, trained_text_model
 
 from optin_hf import OptinConfig, OptinPruner, count_macs
-from optin_hf.metrics import load_metric
-from optin_hf.report import REPORT_JSON, REPORT_PNG, measure
-from optin_hf.task_data import Encoder, LabelEncoder, TaskData, resolve_columns
+from optin_hf.tasks.metrics import load_metric
+from optin_hf.tasks.report import REPORT_JSON, REPORT_PNG, measure
+from optin_hf.tasks.task_data import Encoder, LabelEncoder, TaskData, resolve_columns
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from tiny import calibration, tiny_model
 
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf.arch import get_adapter
-from optin_hf.commands import run as commands_run
+from optin_hf.commands import jobs as commands_jobs
 from optin_hf.commands.__main__ import main
 from optin_hf.commands.args import parse_duration
 from optin_hf.engine.estimate import MAX_NEURON_GROUP, MIN_SAMPLES, pick_setting, scoring_cost, scoring_ladder
@@ -36,7 +36,7 @@ def test_cli_gives_one_error_line_for_a_bad_duration(capsys):
 
 def test_cli_budget_replaces_the_embedded_sizing(monkeypatch):
     jobs = []
-    monkeypatch.setattr(commands_run, "_finish", jobs.append)
+    monkeypatch.setattr(commands_jobs, "_finish", jobs.append)
     assert main(["prune", "--default", "bbc-news", "--max-scoring-time", "1m"]) == 0
     assert main(["prune", "--default", "bbc-news", "--max-scoring-time", "1m", "--num-samples", "40"]) == 0
     assert main(["prune", "--default", "bbc-news"]) == 0

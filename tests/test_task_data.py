@@ -6,7 +6,7 @@ from tiny_task import LABELS, tokenizer, write_csv
 from transformers import BertConfig
 
 from optin_hf.commands.args import TASK_CHOICES
-from optin_hf.task_data import (
+from optin_hf.tasks.task_data import (
     TASKS,
     Columns,
     DataSpec,

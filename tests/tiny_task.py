@@ -83,12 +83,12 @@ def write_csv(path: Path, n: int = 96, seed: int = 0, label_names: bool = False)
 
 
 def stand_in_defaults(text_model_dir: Path, calls: list[str]) -> types.ModuleType:
-    """A stand-in for `optin_hf.defaults` (built on another branch), with its API.
+    """A stand-in for `optin_hf.tasks.defaults` (built on another branch), with its API.
 
     The text defaults are the tiny model saved in `text_model_dir`; digits-vit is an untrained
     one-channel 8x8 ViT with `pixel_values` rows, as the real digits default has.
     """
-    module = types.ModuleType("optin_hf.defaults")
+    module = types.ModuleType("optin_hf.tasks.defaults")
     module.DEFAULT_NAMES = ("bbc-news", "tweet-sentiment", "digits-vit")
 
     def load_default(name: str) -> types.SimpleNamespace:

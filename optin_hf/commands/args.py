@@ -150,7 +150,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def run_command(name: str, args: argparse.Namespace) -> int:
     """Run a parsed command; our errors become one `error: ...` line and exit status 1."""
-    from .run import RUNNERS  # heavy (torch, transformers): only once a command really runs
+    from .jobs import RUNNERS  # heavy (torch, transformers): only once a command really runs
 
     try:
         RUNNERS[name](args)

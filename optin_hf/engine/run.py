@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchAdapter
-from .checkpoint import FORMAT, LossCheckpoint, fingerprint
+from .resume import FORMAT, LossCheckpoint, fingerprint
 from .distributed import gather, process_state, share
 from .fast import FastRunner
 from .reference import ReferenceRunner

@@ -11,7 +11,7 @@ from ..arch import ArchAdapter, get_submodule
 from ..engine import compute_raw_losses
 from ..engine.run import grouped
 from ..losses import balance, faithful_weights, token_scores
-from ..token_engine import capture_token_grams, reference_token_losses
+from ..engine.token_losses import capture_token_grams, reference_token_losses
 from .scores import ImportanceScores
 
 

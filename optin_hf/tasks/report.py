@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arch import check_model
+from ..arch import check_model
 from .latency import median, synthetic_inputs, time_models
-from .macs import count_macs
+from ..macs import count_macs
 from .metrics import Metric
 from .task_data import Encoder, LabelEncoder, TaskData, eval_rows
 

@@ -23,7 +23,7 @@ NOT_IN_KEY = ("description",)
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$OPTIN_HF_DEFAULTS_CACHE``, else ``$HF_HOME/optin_hf/defaults``."""
+    """``cache_dir``, else ``$OPTIN_HF_DEFAULTS_CACHE``, else ``$HF_HOME/optin_hf/tasks/defaults``."""
     if cache_dir is not None:
         return Path(cache_dir)
     if os.environ.get(CACHE_ENV):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from datasets.arrow_reader import ReadInstruction
 
-from .data import MODEL_INPUTS, collate
+from ..data import MODEL_INPUTS, collate
 
 TASKS = ("text-classification", "image-classification")
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

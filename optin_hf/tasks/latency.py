@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .arch import check_model
+from ..arch import check_model
 
 
 def synthetic_inputs(model: nn.Module, batch_size: int, seq_len: float, seed: int = 0) -> dict[str, torch.Tensor]:

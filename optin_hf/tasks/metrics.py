@@ -118,4 +118,4 @@ def load_metric(name: str) -> Metric:
     def local(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
         return {key: formula(predictions, references) for key, formula in formulas.items()}
 
-    return Metric(name, f"optin_hf.metrics, local ({reason})", main, regression, local)
+    return Metric(name, f"optin_hf.tasks.metrics, local ({reason})", main, regression, local)

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchAdapter
-from .capture import logits_of
-from .engine import RawLosses
-from .hooks import drop_token, record_features
-from .losses import kl_loss, later_layers, token_gram, token_md_loss
+from ..arch import ArchAdapter
+from ..capture import logits_of
+from .run import RawLosses
+from ..hooks import drop_token, record_features
+from ..losses import kl_loss, later_layers, token_gram, token_md_loss
 
 
 @dataclass

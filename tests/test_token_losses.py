@@ -3,7 +3,7 @@ import torch
 from tiny import tiny_model
 
 from optin_hf.arch import get_adapter
-from optin_hf.token_engine import capture_token_grams, reference_token_losses
+from optin_hf.engine.token_losses import capture_token_grams, reference_token_losses
 
 
 @torch.no_grad()

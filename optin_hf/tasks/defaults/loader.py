@@ -103,7 +103,7 @@ def _model_card(summary: dict) -> str:
     return (
         f"# optin-hf default: {summary['name']}\n\n"
         f"{summary['description']}\n\n"
-        f"Trained locally by `optin_hf.defaults` in {summary['train_seconds']} s "
+        f"Trained locally by `optin_hf.tasks.defaults` in {summary['train_seconds']} s "
         f"({summary['train_cpu_seconds']} CPU s); "
         f"held-out test accuracy {summary['test_accuracy']}.\n\n"
         f"```json\n{json.dumps(summary, indent=2, default=str)}\n```\n"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import get_adapter
-from .config import OptinConfig
-from .masks import MASKS_NAME
+from ..arch import get_adapter
+from ..config import OptinConfig
+from ..masks import MASKS_NAME
 from .metrics import DEFAULT_METRIC, Metric, load_metric
 from .report import REPORT_JSON, Report, measure
 from .task_data import TASKS, DataSpec, Encoder, LabelEncoder, TaskData, column_names, load_task_data, resolve_columns
@@ -95,22 +94,13 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def _optional(module: str, purpose: str):
-    """Import a part of optin-hf that another branch provides, with an error that says what is missing."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        raise ImportError(f"{purpose} needs {module}, which this installation of optin-hf does not have.") from err
-
-
 def load_default_task(name: str) -> Loaded:
-    """An embedded default (fine-tuned on first use by `optin_hf.defaults`) with its splits."""
-    defaults = _optional("optin_hf.defaults", "Pruning an embedded default")
-    if name not in defaults.DEFAULT_NAMES:
-        raise ValueError(f"Unknown embedded default {name!r}; choose one of {list(defaults.DEFAULT_NAMES)}.")
-    task = defaults.load_default(name)
+    """An embedded default (fine-tuned on first use by `optin_hf.tasks.defaults`) with its splits."""
+    from .defaults import DEFAULT_NAMES, load_default  # heavy: only when a default is asked for
+
+    if name not in DEFAULT_NAMES:
+        raise ValueError(f"Unknown embedded default {name!r}; choose one of {list(DEFAULT_NAMES)}.")
+    task = load_default(name)
     columns = resolve_columns(column_names(task.calibration), task.task)
     data = TaskData(task.task, task.calibration, task.test, columns, {"default": name})
     return Loaded(f"{name} (embedded default)", str(task.model_dir), task.model, task.processor, data)
@@ -175,13 +165,12 @@ def load_job(job: PruneJob, metric: Metric) -> Loaded:
 
 def run_prune(job: PruneJob) -> Report:
     """Prune, save to `job.output` (with the processor and the report), optionally push; return the report."""
-    from .importance import CRITERIA
-    from .pruner import OptinPruner
+    from ..importance import CRITERIA
+    from ..pruner import OptinPruner
     from .task_data import calibration_rows
 
     metric = load_metric(job.metric)
     device = resolve_device(job.device)
-    hub = _optional("optin_hf.hub", "--push-to-hub") if job.push_to_hub else None  # fail before hours of scoring
     loaded = load_job(job, metric)
     model, data = loaded.model.to(device), loaded.data
     config = job.optin
@@ -215,8 +204,10 @@ def run_prune(job: PruneJob) -> Report:
         timings=timings,
     )
     report.save(job.output)
-    if hub is not None:
-        hub.push_to_hub(pruner, model, job.push_to_hub, masks_only=not job.push_full)
+    if job.push_to_hub:
+        from ..hub import push_to_hub
+
+        push_to_hub(pruner, model, job.push_to_hub, masks_only=not job.push_full)
     return report
 
 
@@ -241,7 +232,7 @@ def run_evaluate(
     without `metric_name` its metric (else accuracy); without `max_length`, a pruned model's
     own calibration truncation.
     """
-    from .modeling import AutoOptinModel
+    from ..modeling import AutoOptinModel
 
     if data is not None and default:
         raise ValueError("Give either a dataset or an embedded default to evaluate on, not both.")

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import OptinConfig
-from ..metrics import DEFAULT_METRIC
-from ..recipes import load_recipe
-from ..report import REPORT_JSON, REPORT_PNG
-from ..task_data import DataSpec
-from ..workflow import DEFAULT_TEXT_MODEL, PruneJob, run_evaluate, run_prune
+from ..tasks.metrics import DEFAULT_METRIC
+from ..tasks.recipes import load_recipe
+from ..tasks.report import REPORT_JSON, REPORT_PNG
+from ..tasks.task_data import DataSpec
+from ..tasks.workflow import DEFAULT_TEXT_MODEL, PruneJob, run_evaluate, run_prune
 
 
 def data_spec(args: argparse.Namespace) -> DataSpec | None:

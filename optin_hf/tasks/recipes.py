@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .config import OptinConfig
+from ..config import OptinConfig
 from .metrics import DEFAULT_METRIC
 from .task_data import DataSpec
 from .workflow import PruneJob

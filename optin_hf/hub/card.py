@@ -1,0 +1,172 @@
+"""The model card of a pushed repo: what was pruned and how much, the scores, and how to load it."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, TypedDict
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
+
+from ..arch import get_adapter
+from ..macs import count_macs, head_macs, neuron_macs
+from ..reconstruct import RECONSTRUCTION_NAME
+
+if TYPE_CHECKING:
+    from ..pruner import OptinPruner
+
+LIBRARY_NAME = "optin-hf"
+
+
+class CardMetrics(TypedDict, total=False):
+    """Dense vs pruned scores on one evaluation set, for the model card (`model-index` and a table).
+
+    Required: `task_type` (e.g. "text-classification"), `dataset_type` (the dataset's Hub id) and `pruned`
+    (metric name -> value of the pruned model); `dense` holds the base model's values under the same names.
+    """
+
+    task_type: str
+    dataset_type: str
+    dataset_name: str
+    dataset_config: str
+    dataset_split: str
+    pruned: dict[str, float]
+    dense: dict[str, float]
+
+
+def _macs(pruner: OptinPruner, model: nn.Module) -> tuple[float, float] | None:
+    """(dense, pruned) encoder MACs at the pruner's sequence length; None when that length is unknown."""
+    if pruner.seq_len is None:
+        return None
+    seq_len, config, masks = pruner.seq_len, model.config, pruner.masks
+    head_dim = get_adapter(config).head_dim(config)
+    pruned = count_macs(model, seq_len)
+    removed_heads = int((~masks.head_mask).sum())
+    removed_neurons = int((~masks.neuron_mask).sum())
+    dense = pruned + removed_heads * head_macs(seq_len, config.hidden_size, head_dim)
+    dense += removed_neurons * neuron_macs(seq_len, config.hidden_size)
+    return dense, pruned
+
+
+def _check_metrics(metrics: CardMetrics | None) -> None:
+    if metrics is None:
+        return
+    missing = {"task_type", "dataset_type", "pruned"} - set(metrics)
+    if missing:
+        raise ValueError(f"metrics lacks {sorted(missing)}; see optin_hf.hub.CardMetrics for its keys.")
+
+
+def _eval_results(metrics: CardMetrics) -> list[EvalResult]:
+    """The pruned scores under their metric type; the dense ones typed `dense_<metric>`, so a leaderboard reading
+    this card never credits the pruned model with the base model's score."""
+    dataset = dict(
+        task_type=metrics["task_type"],
+        dataset_type=metrics["dataset_type"],
+        dataset_name=metrics.get("dataset_name", metrics["dataset_type"]),
+        dataset_config=metrics.get("dataset_config"),
+        dataset_split=metrics.get("dataset_split"),
+    )
+    results = [
+        EvalResult(**dataset, metric_type=name, metric_name=f"{name} (pruned)", metric_value=value)
+        for name, value in metrics["pruned"].items()
+    ]
+    results += [
+        EvalResult(**dataset, metric_type=f"dense_{name}", metric_name=f"{name} (dense base model)", metric_value=value)
+        for name, value in metrics.get("dense", {}).items()
+    ]
+    return results
+
+
+def model_card(
+    pruner: OptinPruner,
+    model: nn.Module,
+    repo_id: str,
+    *,
+    masks_only: bool,
+    base_model: str | None,
+    base_revision: str | None,
+    metrics: CardMetrics | None = None,
+    speedup: float | None = None,
+) -> ModelCard:
+    """The README.md of a pushed repo: what was pruned and how much, the scores, and how to load it."""
+    _check_metrics(metrics)
+    config, masks = pruner.config, pruner.masks
+    model_name = repo_id.split("/")[-1]
+    data = ModelCardData(
+        base_model=base_model,
+        library_name=LIBRARY_NAME,
+        tags=["optin", "pruning", model.config.model_type],
+        model_name=model_name,
+        eval_results=_eval_results(metrics) if metrics else None,
+    )
+    base = f"`{base_model}` at commit `{base_revision}`" if base_model else "A model that is not on the Hub"
+    kind = "only the pruning masks" if masks_only else "the slim weights"
+    table = [
+        "| | dense | pruned |",
+        "|---|---|---|",
+        f"| attention heads | {masks.head_mask.numel()} | {int(masks.head_mask.sum())} |",
+        f"| FFN neurons | {masks.neuron_mask.numel()} | {int(masks.neuron_mask.sum())} |",
+    ]
+    macs = _macs(pruner, model)
+    if macs is not None:
+        dense, pruned = macs
+        share = f"{pruned:.4g} ({pruned / dense:.1%})"
+        table.append(f"| encoder MACs per example ({pruner.seq_len:.1f} tokens) | {dense:.4g} | {share} |")
+    for name, value in (metrics or {}).get("pruned", {}).items():
+        table.append(f"| {name} on {metrics['dataset_type']} | {metrics.get('dense', {}).get(name, '')} | {value} |")
+    if speedup is not None:
+        table.append(f"| measured speedup | 1.00x | {speedup:.2f}x |")
+    per_layer = ["| layer | heads | FFN neurons |", "|---|---|---|"]
+    per_layer += [
+        f"| {i} | {h} / {masks.head_mask.shape[1]} | {n} / {masks.neuron_mask.shape[1]} |"
+        for i, (h, n) in enumerate(zip(masks.heads_per_layer(), masks.neurons_per_layer()))
+    ]
+    if masks_only:
+        how = f"The loader downloads `{base_model}` at commit `{base_revision}` and removes the pruned structures."
+    else:
+        how = (
+            "Plain `transformers` refuses this repo with a message pointing to optin-hf: its layers have per-layer "
+            "sizes that only optin-hf builds."
+        )
+    if config.reconstruct != "none" and pruner.reconstruction is not None:
+        size = sum(t.numel() * t.element_size() for t in pruner.reconstruction.tensors.values())
+        how += (
+            f" After slimming, each sublayer's output projection was refit by ridge least squares on "
+            f"{config.reconstruct_samples} calibration examples (`reconstruct=\"{config.reconstruct}\"`), so the kept "
+            "weights differ from the base model's"
+            + (f"; this repo carries them in `{RECONSTRUCTION_NAME}` ({size / 1e6:.2f} MB)." if masks_only else ".")
+        )
+    if base_model:
+        how += f" The tokenizer (or image processor) is the base model's: load it from `{base_model}`."
+    settings = {k: v for k, v in config.to_dict().items() if not k.startswith("base_model") and v not in ({}, None)}
+    body = [
+        f"# {model_name}",
+        "",
+        f"{base}, pruned with [OPTIN](https://arxiv.org/abs/2403.17921) (ICLR 2024): one-shot, retraining-free "
+        f"structured pruning of attention heads and FFN neurons (importance `{config.importance}`) down to at most "
+        f"{config.mac_constraint:.0%} of the encoder MACs. This repo holds {kind}.",
+        "",
+        *table,
+        "",
+        "Kept per layer:",
+        "",
+        *per_layer,
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from optin_hf import AutoOptinModel  # pip install optin-hf",
+        "",
+        f'model = AutoOptinModel.from_pretrained("{repo_id}")',
+        "```",
+        "",
+        how,
+        "",
+        "## Pruning settings",
+        "",
+        "```json",
+        json.dumps(settings, indent=2, sort_keys=True),
+        "```",
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body))

@@ -1,0 +1,179 @@
+"""Push a pruned model to the Hub in one commit, or write what a push would upload into a local folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import validate_repo_id
+from torch import nn
+
+from ..checkpoint import atomic_directory, write_checkpoint
+from ..config import OptinConfig
+from ..importance.scores import SCORES_NAME
+from .card import LIBRARY_NAME, CardMetrics, _check_metrics, model_card
+from .download import CHECKPOINT_FILES
+
+if TYPE_CHECKING:
+    from ..pruner import OptinPruner
+
+# Files a push owns: those of the other kind (or stale shards) are deleted, so a repo never mixes a masks-only
+# optin_config.json with the weights of an earlier full push.
+PUSHED_FILES = [*CHECKPOINT_FILES, SCORES_NAME]
+
+
+def _api(token: str | bool | None) -> HfApi:
+    # Built per call, so the endpoint and token are read now, not when optin_hf was imported.
+    from .. import __version__
+
+    return HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _base_model(pruner: OptinPruner, model: nn.Module, api: HfApi, masks_only: bool) -> tuple[str | None, str | None]:
+    """The base model's Hub id and commit sha; (None, None) for a full checkpoint of a model that is not on the Hub.
+
+    `OptinConfig.base_model_*` win over `model.name_or_path`, which from_pretrained sets to the id or folder it read.
+    """
+    name = pruner.config.base_model_name_or_path
+    if name is None:
+        detected = getattr(model, "name_or_path", "") or ""
+        name = detected if detected and not Path(detected).exists() and _is_repo_id(detected) else None
+        if name is None and masks_only:
+            where = f"the local folder {detected!r}" if detected else "no Hub repo (it was built from a config)"
+            raise ValueError(
+                f"The base model came from {where}, so a masks-only repo cannot name a base model others can "
+                "download. Pass OptinConfig(base_model_name_or_path='org/name', base_model_revision=...) naming the "
+                "Hub repo it came from, or push the full slim checkpoint with masks_only=False."
+            )
+    if name is None:
+        return None, None
+    revision = pruner.config.base_model_revision
+    try:
+        sha = api.model_info(name, revision=revision).sha
+    except RepositoryNotFoundError as err:
+        raise ValueError(
+            f"The base model {name!r} is not a model repo on the Hub (or it is private and no token was given); set "
+            "OptinConfig(base_model_name_or_path=...) to the Hub id it came from."
+        ) from err
+    except RevisionNotFoundError as err:
+        raise ValueError(f"The base model {name!r} has no revision {revision!r} on the Hub.") from err
+    return name, sha
+
+
+def _resolved_config(
+    pruner: OptinPruner, model: nn.Module, api: HfApi, masks_only: bool, metrics: CardMetrics | None
+) -> OptinConfig:
+    """The pruner's settings plus the base model it pruned, as the pushed optin_config.json records them.
+
+    Everything that can refuse a push is checked here, before anything is created on the Hub.
+    """
+    pruner.check_pruned(model)
+    _check_metrics(metrics)
+    base_model, base_revision = _base_model(pruner, model, api, masks_only)
+    return dataclasses.replace(
+        pruner.config,
+        base_model_name_or_path=base_model,
+        base_model_revision=base_revision,
+        base_model_class=type(model).__name__,
+    )
+
+
+def _fill_repo_folder(
+    folder: Path,
+    pruner: OptinPruner,
+    model: nn.Module,
+    config: OptinConfig,
+    repo_id: str,
+    *,
+    masks_only: bool,
+    metrics: CardMetrics | None,
+    speedup: float | None,
+    max_shard_size: int | str | None,
+) -> None:
+    slim = None if masks_only else model
+    write_checkpoint(
+        folder, slim, config, pruner.masks, pruner.scores, max_shard_size or pruner.max_shard_size, pruner.reconstruction
+    )
+    card = model_card(
+        pruner,
+        model,
+        repo_id,
+        masks_only=masks_only,
+        base_model=config.base_model_name_or_path,
+        base_revision=config.base_model_revision,
+        metrics=metrics,
+        speedup=speedup,
+    )
+    card.save(folder / "README.md")
+
+
+def write_repo_folder(
+    pruner: OptinPruner,
+    model: nn.Module,
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    masks_only: bool = True,
+    token: str | None = None,
+    metrics: CardMetrics | None = None,
+    speedup: float | None = None,
+    max_shard_size: int | str | None = None,
+) -> Path:
+    """Write what `push_to_hub` would upload to `repo_id` into a local folder, to inspect or upload later."""
+    config = _resolved_config(pruner, model, _api(token), masks_only, metrics)
+    with atomic_directory(folder) as tmp:
+        _fill_repo_folder(
+            tmp, pruner, model, config, repo_id, masks_only=masks_only, metrics=metrics, speedup=speedup,
+            max_shard_size=max_shard_size,
+        )
+    return Path(folder)
+
+
+def push_to_hub(
+    pruner: OptinPruner,
+    model: nn.Module,
+    repo_id: str,
+    *,
+    masks_only: bool = True,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    metrics: CardMetrics | None = None,
+    speedup: float | None = None,
+    max_shard_size: int | str | None = None,
+) -> CommitInfo:
+    """Push the pruned `model` to `repo_id` (created if needed) in one commit; returns the commit.
+
+    masks_only=True uploads a masks-only repo naming the base model at its exact commit; it refuses a base model
+    that is not on the Hub. masks_only=False uploads the full slim checkpoint, its weights sharded above
+    `max_shard_size`. `metrics` (see `CardMetrics`) and `speedup` (dense latency / slim latency, as you
+    measured it) go into the model card.
+    """
+    api = _api(token)
+    config = _resolved_config(pruner, model, api, masks_only, metrics)  # a refused push leaves no repo behind
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # with the namespace, for the card
+    with tempfile.TemporaryDirectory(prefix="optin-push-") as tmp:
+        _fill_repo_folder(
+            Path(tmp), pruner, model, config, repo_id, masks_only=masks_only, metrics=metrics, speedup=speedup,
+            max_shard_size=max_shard_size,
+        )
+        kind = "masks" if masks_only else "slim checkpoint"
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            commit_message=commit_message or f"Upload OPTIN-pruned {kind} ({pruner.config.mac_constraint:.0%} of MACs)",
+            delete_patterns=PUSHED_FILES,
+        )
