@@ -131,7 +131,7 @@ class ArchAdapter:
     The geometry methods below (`head_slices`, `slim_heads`, `head_macs`, their neuron twins)
     hold the standard multi-head attention and two-matrix FFN; a family that differs (KV heads
     shared by a group of query heads, a relative-position-bias table per head, a gated FFN)
-    overrides them in a subclass, and slimming, MAC counting and allocation follow.
+    overrides them in a subclass, and slimming and `count_macs` follow.
     """
 
     model_types: tuple[str, ...]
