@@ -13,6 +13,8 @@ per round, is counted too, so the count equals what a FLOP counter measures.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Sequence
 
 import torch
@@ -20,6 +22,12 @@ from torch import nn
 
 from .arch import check_model
 from .tokens import installed_schedule, merge_rounds
+
+
+def check_seq_len(seq_len: float) -> None:
+    """Refuse a length the MAC formulas cannot use (NaN would make every budget comparison false)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, Real) or not math.isfinite(seq_len) or seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len!r} is not a positive finite number of tokens: pass e.g. the average unpadded length.")
 
 
 def head_macs(seq_len: float, hidden: int, head_dim: int) -> float:
@@ -71,6 +79,7 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
             seq_len = adapter.default_seq_len(config)
         if seq_len is None:
             raise ValueError("count_macs needs seq_len for a text model (e.g. the average unpadded length).")
+        check_seq_len(seq_len)
         schedule = [seq_len] * len(layers)
     heads, neurons = unit_macs(schedule, hidden, head_dim)
     for i, layer in enumerate(layers):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .arch import EmptyAttention, check_model, get_submodule, set_submodule
-from .masks import PruningMasks
+from .masks import PruningMasks, check_masks
 from .tokens import install_token_merging
 
 
@@ -33,6 +33,7 @@ def slim_model(model: nn.Module, masks: PruningMasks) -> nn.Module:
     (`tokens.TokenMerging`). The kept counts are written to `config.optin`.
     """
     adapter = check_model(model)
+    check_masks(masks, "slim_model")
     masks.check_fits(model.config)
     head_dim = adapter.head_dim(model.config)
     for i, layer in enumerate(adapter.layers_of(model)):
