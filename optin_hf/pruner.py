@@ -57,7 +57,7 @@ class OptinPruner:
         batches = prepare_calibration(
             data, tokenizer, num_samples=c.num_samples, batch_size=c.batch_size, max_length=c.max_length, labels=labels
         )
-        check_inputs(batches, model, check_model(model).is_vision)
+        check_inputs(batches, check_model(model).is_vision, model.config.model_type)
         if self.config.seq_len is None:
             self.seq_len = average_length(batches) or check_model(model).default_seq_len(model.config)
         return batches
@@ -66,7 +66,7 @@ class OptinPruner:
         """The first `reconstruct_samples` examples of `data` (those scoring reads are among them)."""
         c = self.config
         batches = prepare_calibration(data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length)
-        check_inputs(batches, model, check_model(model).is_vision)
+        check_inputs(batches, check_model(model).is_vision, model.config.model_type)
         return batches
 
     def _check_model(self, model: nn.Module):
