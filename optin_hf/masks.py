@@ -30,7 +30,7 @@ def check_masks(masks: object, where: str) -> None:
     """Refuse anything but a PruningMasks (a dict of tensors would fail deep inside with AttributeError)."""
     if not isinstance(masks, PruningMasks):
         raise TypeError(
-            f"{where} takes masks as a PruningMasks, not a {type(masks).__name__}: build one with "
+            f"{where}: masks must be a PruningMasks, not a {type(masks).__name__}. Build one with "
             "PruningMasks(head_mask, neuron_mask) or read one with PruningMasks.load(path)."
         )
 

@@ -235,7 +235,7 @@ class OptinPruner:
         """Raise unless `model` was slimmed by this pruner, so its masks describe it."""
         if self.masks is None or not getattr(model.config, "optin", None):
             raise ValueError("Nothing to save or push yet: call prune_model(model, ...) first.")
-        check_masks(self.masks, "OptinPruner.masks")
+        check_masks(self.masks, "OptinPruner.masks (what save and push_to_hub write)")
         if self.config.reconstruct != model.config.optin.get("reconstruct", "none"):
             raise ValueError(
                 f"This pruner's config says reconstruct={self.config.reconstruct!r} but the model was "

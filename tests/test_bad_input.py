@@ -108,14 +108,14 @@ def test_masks_given_as_a_dict_are_refused_naming_pruning_masks(tmp_path):
     model = tiny_model("bert")
     full = PruningMasks.full(model.config)
     as_dict = {"head_mask": full.head_mask, "neuron_mask": full.neuron_mask}
-    with pytest.raises(TypeError, match="slim_model takes masks as a PruningMasks, not a dict"):
+    with pytest.raises(TypeError, match="slim_model: masks must be a PruningMasks, not a dict"):
         slim_model(tiny_model("bert"), as_dict)
     pruner = OptinPruner(OptinConfig(reconstruct="none"))
-    with pytest.raises(TypeError, match="prune_model takes masks as a PruningMasks, not a dict"):
+    with pytest.raises(TypeError, match="prune_model: masks must be a PruningMasks, not a dict"):
         pruner.prune_model(model, masks=as_dict)
     pruner.prune_model(model, masks=full)
     pruner.masks = as_dict
-    with pytest.raises(TypeError, match="OptinPruner.masks takes masks as a PruningMasks, not a dict"):
+    with pytest.raises(TypeError, match=r"OptinPruner.masks \(what save and push_to_hub write\): masks must be a PruningMasks, not a dict"):
         pruner.save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
