@@ -14,22 +14,28 @@ per round, is counted too, so the count equals what a FLOP counter measures.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .arch import check_model
-from .arch.base import paper_head_macs as head_macs
-from .arch.base import paper_neuron_macs as neuron_macs
+from .arch import ArchAdapter, check_model
 from .tokens import installed_schedule, merge_rounds
 
 
-def unit_macs(schedule: Sequence[float], hidden: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def check_seq_len(seq_len: float) -> None:
+    """Refuse a length the MAC formulas cannot use (NaN would make every budget comparison false)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, Real) or not math.isfinite(seq_len) or seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len!r} is not a positive finite number of tokens: pass e.g. the average unpadded length.")
+
+
+def unit_macs(schedule: Sequence[float], adapter: ArchAdapter, config) -> tuple[torch.Tensor, torch.Tensor]:
     """MACs of one head and of one neuron in each layer ([num_layers] each) at its token count,
-    by the paper's formulas (the default adapter's)."""
-    heads = torch.tensor([head_macs(s, hidden, head_dim) for s in schedule], dtype=torch.float64)
-    neurons = torch.tensor([neuron_macs(s, hidden) for s in schedule], dtype=torch.float64)
+    by the adapter's formulas (the ones `count_macs` uses, so a budget met here is met there)."""
+    heads = torch.tensor([adapter.head_macs(s, config) for s in schedule], dtype=torch.float64)
+    neurons = torch.tensor([adapter.neuron_macs(s, config) for s in schedule], dtype=torch.float64)
     return heads, neurons
 
 
@@ -67,6 +73,7 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
             seq_len = adapter.default_seq_len(config)
         if seq_len is None:
             raise ValueError("count_macs needs seq_len for a text model (e.g. the average unpadded length).")
+        check_seq_len(seq_len)
         schedule = [seq_len] * len(layers)
     for layer, tokens in zip(layers, schedule):
         heads = adapter.kept_heads(layer, config) * float(adapter.head_macs(tokens, config))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .arch import check_model
-from .masks import PruningMasks
+from .masks import PruningMasks, check_masks
 from .tokens import install_token_merging
 
 
@@ -23,6 +23,7 @@ def slim_model(model: nn.Module, masks: PruningMasks) -> nn.Module:
     (`tokens.TokenMerging`). The kept counts are written to `config.optin`.
     """
     adapter = check_model(model)
+    check_masks(masks, "slim_model")
     masks.check_fits(model.config)
     for i, layer in enumerate(adapter.layers_of(model)):
         adapter.slim_heads(layer, masks.head_mask[i].nonzero().flatten(), model.config)
