@@ -16,12 +16,14 @@ _EXPORTS = {
     "OptinPruner": ".pruner",
     "PruningMasks": ".masks",
     "count_macs": ".macs",
+    "register_criterion": ".criteria",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .config import OptinConfig
+    from .criteria import register_criterion
     from .importance import ImportanceScores
     from .macs import count_macs
     from .masks import PruningMasks

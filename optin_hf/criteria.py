@@ -39,6 +39,9 @@ class CriterionRegistry(Mapping):
             entry = self._entries[name] = getattr(import_module(module), attr)
         return entry
 
+    def __contains__(self, name: object) -> bool:  # by name: Mapping's default would import the class
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
