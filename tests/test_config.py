@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from optin_hf import OptinConfig
-from optin_hf.recipes import parse_recipe
+from optin_hf.tasks.recipes import parse_recipe
 
 
 def test_defaults_follow_the_paper():

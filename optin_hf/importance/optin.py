@@ -15,8 +15,8 @@ from ..arch import ArchAdapter, get_submodule
 from ..config import OptinConfig
 from ..engine import compute_raw_losses
 from ..engine.run import grouped
-from ..losses import balance, faithful_weights, token_scores
 from ..engine.token_losses import capture_token_grams, reference_token_losses
+from ..losses import balance, faithful_weights, token_scores
 from .base import ConfiguredImportance
 from .scores import ImportanceScores
 
