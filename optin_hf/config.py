@@ -58,6 +58,11 @@ class OptinConfig:
     (MD x geomspace(1, `max_patch_envelope`, layers)[l] + balanced KL) x `patch_metric_decay`,
     x0.5 in the last layer. `token_cut_share=None` draws the share uniformly in [0.15, 0.30]
     with `seed`, as the reference does.
+
+    Every field's type and range is checked when the config is built, from Python, JSON or a YAML
+    recipe alike: a string is never read as a bool or a number, a bool is not an int, an int is a
+    float, NaN and infinity are refused, and None is taken only by the fields typed `| None`.
+    `importance` names a registered criterion (`optin_hf.criteria`), checked without importing it.
     """
 
     mac_constraint: float = 0.6
