@@ -18,6 +18,7 @@ _EXPORTS = {
     "PruningMasks": ".masks",
     "count_macs": ".macs",
     "register_adapter": ".arch",
+    "register_criterion": ".criteria",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -25,6 +26,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .arch import ArchAdapter, register_adapter
     from .config import OptinConfig
+    from .criteria import register_criterion
     from .importance import ImportanceScores
     from .macs import count_macs
     from .masks import PruningMasks

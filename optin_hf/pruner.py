@@ -23,7 +23,7 @@ from .engine.distributed import process_state
 from .engine.estimate import ScoringPlan, plan_scoring, scoring_cost, time_dense
 from .engine.run import engine_for, precision
 from .hub import CardMetrics, push_to_hub
-from .importance import CRITERIA, ImportanceScores
+from .importance import ImportanceScores, criterion_from_config
 from .macs import check_seq_len, count_macs, merge_macs, unit_macs
 from .masks import PruningMasks, check_masks
 from .reconstruct import Reconstruction, reconstruct, unslim
@@ -86,7 +86,7 @@ class OptinPruner:
         budget picked (and `max_scoring_time=None`), which `save` writes.
         """
         adapter = self._check_model(model)
-        criterion = CRITERIA[self.config.importance]()
+        criterion = criterion_from_config(self.config)
         labels = getattr(criterion, "needs_labels", False)
         batches = self._batches(model, data, tokenizer, labels=labels)
         was_training = model.training
@@ -97,6 +97,7 @@ class OptinPruner:
                     units = criterion.masked_units(model, adapter, self.config)
                     if self._plan_scoring(model, adapter, units, batches):
                         batches = self._batches(model, data, tokenizer, labels=labels)
+                criterion = criterion_from_config(self.config)  # with the neuron grouping the plan picked
             start = time.perf_counter()
             with torch.set_grad_enabled(getattr(criterion, "needs_grad", False)):
                 self.scores = criterion(model, adapter, batches, self.config)
