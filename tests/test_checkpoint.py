@@ -205,9 +205,11 @@ def test_cli_rerun_keeps_the_user_files_in_its_output(tmp_path, capsys, monkeypa
 # The fault test. A child process (this file run as a script) forks one grandchild per step k; the grandchild
 # saves the NEW model over the target and SIGKILLs itself just before its k-th file-system change (seen through
 # an audit hook: every mkdir, rename, link, delete and file opened for writing). After each kill the parent
-# checks the target, resets it and lets the child go on, until a save runs to the end.
+# checks the target, resets it and lets the child go on, until a save runs to the end. The single deletes
+# (os.remove, os.rmdir) are left out: they only come from deleting the replaced folder once the new one is in
+# place, where the kill before shutil.rmtree stands for them.
 
-MUTATIONS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.link", "os.symlink", "shutil.rmtree", "shutil.copyfile", "shutil.copytree"}
+MUTATIONS = {"os.mkdir", "os.rename", "os.link", "os.symlink", "shutil.rmtree", "shutil.copyfile", "shutil.copytree"}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
 
@@ -263,8 +265,9 @@ def test_kill_at_every_step_of_a_save_loses_nothing(tmp_path, old_and_new):
         cwd=Path(__file__).parent,
     )
 
-    def loads_as(expected: torch.Tensor) -> bool:
-        return torch.allclose(output(AutoOptinModel.from_pretrained(work / "out"), inputs), expected, atol=1e-5)
+    def loads_as(*expected: torch.Tensor) -> bool:
+        got = output(AutoOptinModel.from_pretrained(work / "out"), inputs)
+        return any(torch.allclose(got, e, atol=1e-5) for e in expected)
 
     killed_at: list[str] = []
     try:
@@ -278,7 +281,7 @@ def test_kill_at_every_step_of_a_save_loses_nothing(tmp_path, old_and_new):
                 line = child.stdout.readline()
                 assert line, f"the child died: {(tmp_path / 'child.err').read_text()[-3000:]}"
                 if overwrite == "0":  # replacing a checkpoint: it loads as the old or the new one
-                    assert loads_as(old_out) or loads_as(new_out), line
+                    assert loads_as(old_out, new_out), line
                 else:  # a user's folder: untouched (once the next load or save has restored it), or the new checkpoint
                     restore_interrupted_save(work / "out")
                     assert snapshot(work / "out") == before or loads_as(new_out), line
@@ -296,8 +299,8 @@ def test_kill_at_every_step_of_a_save_loses_nothing(tmp_path, old_and_new):
         child.wait()
         stderr.close()
     # Every kind of step was hit, the window between the two renames included.
-    assert {"os.mkdir", "open", "os.rename", "os.link", "os.remove"} <= set(killed_at), killed_at
-    assert killed_at.count("os.rename") == 4
+    assert {"os.mkdir", "open", "os.link", "shutil.copytree", "shutil.rmtree"} <= set(killed_at), killed_at
+    assert killed_at.count("os.rename") == 4, killed_at
 
 
 if __name__ == "__main__":
