@@ -9,7 +9,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from .checkpoint import MODEL_CONFIG_NAME, load_model_config, load_weights
+from .checkpoint import MODEL_CONFIG_NAME, load_model_config, load_weights, restore_interrupted_save
 from .config import CONFIG_NAME, OptinConfig
 from .hub import download_base_model, download_checkpoint
 from .masks import MASKS_NAME, PruningMasks
@@ -92,6 +92,7 @@ class AutoOptinModel:
         `local_files_only` apply to every download (HF_HUB_OFFLINE=1 acts like local_files_only=True).
         """
         source = str(repo_id_or_path)
+        restore_interrupted_save(source)  # a save killed mid-swap left the old folder hidden beside it
         if Path(source).is_dir():
             folder = Path(source)
         else:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .allocate import allocate, allocate_with_tokens, rearrange_masks
 from .arch import check_model
-from .checkpoint import atomic_directory, write_checkpoint
+from .checkpoint import checkpoint_directory, write_checkpoint
 from .config import OptinConfig
 from .data import average_length, check_inputs, prepare_calibration
 from .engine.distributed import process_state
@@ -244,13 +244,23 @@ class OptinPruner:
                 "this pruner's prune_model(model, data)."
             )
 
-    def save(self, model: nn.Module, save_dir: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
+    def save(
+        self,
+        model: nn.Module,
+        save_dir: str | os.PathLike,
+        max_shard_size: int | str | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> None:
         """Write the slim model, `optin_config.json` and the masks (and scores) atomically.
 
-        Weights above `max_shard_size` (bytes or "5GB"; default `OptinPruner.max_shard_size`) are sharded.
+        An earlier checkpoint in `save_dir` is replaced; the files optin-hf did not write there (a tokenizer,
+        notes) are kept. Any other non-empty folder is refused unless `overwrite=True`, which saves into it by
+        the same rule (see `optin_hf.checkpoint`). Weights above `max_shard_size` (bytes or "5GB"; default
+        `OptinPruner.max_shard_size`) are sharded.
         """
         self.check_pruned(model)
-        with atomic_directory(save_dir) as tmp:
+        with checkpoint_directory(save_dir, overwrite) as tmp:
             write_checkpoint(tmp, model, self.config, self.masks, self.scores, max_shard_size or self.max_shard_size, self.reconstruction)
 
     def push_to_hub(

@@ -107,6 +107,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--output", metavar="DIR", help="folder for the pruned model and report (default: <name>-optin-<F>)")
     out.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo (masks only unless --full)")
     out.add_argument("--full", action="store_true", help="with --push-to-hub: upload the slim weights too")
+    out.add_argument("--overwrite", action="store_true",
+                     help="save into an --output folder that is not an optin-hf checkpoint: the files optin-hf "
+                     "writes there are replaced, the others kept")
 
 
 def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
