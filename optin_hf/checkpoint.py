@@ -1,4 +1,4 @@
-"""Checkpoint folders: safe, atomic saves; the slim model's config.json; strict safetensors weight loading.
+"""Saving a pruned model: safe, atomic checkpoint folders; the slim model's config.json; strict safetensors weight loading.
 
 How a folder is replaced (`atomic_directory`). The new files go into a hidden sibling `.NAME.tmp-*`.
 Then NAME is renamed to `.NAME.old-*`, the new folder to NAME, and the old one deleted. A kill
@@ -35,16 +35,17 @@ from huggingface_hub import save_torch_state_dict
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from .config import OptinConfig
 from .importance.scores import SCORES_NAME, ImportanceScores
-from .masks import MASKS_NAME, PruningMasks, load_safetensors
-from .reconstruct import RECONSTRUCTION_NAME, Reconstruction, save_reconstruction
+from .masks import MASKS_NAME, load_safetensors
+from .reconstruct import RECONSTRUCTION_NAME, save_reconstruction
+from .result import PruningResult, pruning_result
 
 MODEL_CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # What a save replaces in an existing folder; any other entry there is the user's and is kept.
 OWNED_FILES = ("optin_*", MODEL_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*-of-*.safetensors", "README.md")
+MAX_SHARD_SIZE = "5GB"
 # transformers reads `transformers_weights` in config.json as the name of the weights file and, before it builds the
 # model or downloads a weight, refuses a name that is not a safetensors file, quoting it. Without this, plain
 # `from_pretrained` would build the dense shapes and stop on a wall of size-mismatch reports.
@@ -175,27 +176,52 @@ def checkpoint_directory(target: str | os.PathLike, overwrite: bool = False) -> 
 
 def write_checkpoint(
     folder: Path,
-    model: nn.Module | None,
-    config: OptinConfig,
-    masks: PruningMasks,
-    scores: ImportanceScores | None,
-    max_shard_size: int | str,
-    reconstruction: Reconstruction | None = None,
+    model: nn.Module,
+    result: PruningResult,
+    *,
+    scores: ImportanceScores | None = None,
+    masks_only: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> None:
-    """Fill `folder`: the slim model's config and weights (skipped when `model` is None: a masks-only
-    checkpoint), `optin_config.json`, the masks and the scores when known. A masks-only checkpoint
-    of a reconstructed model also holds the refit parameters, which full weights already contain."""
-    if model is not None:
+    """Fill `folder` with the pruned `model` as `result` describes it: the slim model's config and weights
+    (skipped when `masks_only`), `optin_config.json`, the masks and the scores when given. A masks-only
+    checkpoint of a reconstructed model also holds the refit parameters, which full weights already contain."""
+    if not masks_only:
         # Our own key names: save_pretrained would rename keys to legacy checkpoint layouts.
         model.config.architectures = [type(model).__name__]  # the task head to rebuild
         save_model_config(model.config, folder)
         save_torch_state_dict(model.state_dict(), folder, max_shard_size=max_shard_size)
-    config.save_pretrained(folder)
-    masks.save(folder / MASKS_NAME)
-    if model is None and reconstruction is not None:
-        save_reconstruction(reconstruction, folder / RECONSTRUCTION_NAME)
+    result.config.save_pretrained(folder)
+    result.masks.save(folder / MASKS_NAME)
+    if masks_only and result.reconstruction is not None:
+        save_reconstruction(result.reconstruction, folder / RECONSTRUCTION_NAME)
     if scores is not None:
         scores.save(folder / SCORES_NAME)
+
+
+def save_pruned(
+    model: nn.Module,
+    save_dir: str | os.PathLike,
+    *,
+    scores: ImportanceScores | None = None,
+    masks_only: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> None:
+    """Write the pruned `model` (the result it carries) to `save_dir` atomically: the slim weights, sharded
+    above `max_shard_size` (bytes or "5GB"), or only the masks naming the base model (`masks_only`).
+
+    An earlier checkpoint in `save_dir` is replaced, keeping the files optin-hf did not write there (a
+    tokenizer, notes); any other non-empty folder is refused unless `overwrite=True` (module docstring)."""
+    result = pruning_result(model)
+    if masks_only and not result.config.base_model_name_or_path:
+        raise ValueError(
+            "A masks-only checkpoint rebuilds the model from its base, and this model's base is unknown (it was "
+            "built from a config): set OptinConfig(base_model_name_or_path=...) before pruning, or save the full "
+            "slim checkpoint (masks_only=False)."
+        )
+    with checkpoint_directory(save_dir, overwrite) as tmp:
+        write_checkpoint(tmp, model, result, scores=scores, masks_only=masks_only, max_shard_size=max_shard_size)
 
 
 def save_model_config(config: PretrainedConfig, folder: str | os.PathLike) -> None:

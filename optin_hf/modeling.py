@@ -14,6 +14,7 @@ from .config import CONFIG_NAME, OptinConfig
 from .hub import download_base_model, download_checkpoint
 from .masks import MASKS_NAME, PruningMasks
 from .reconstruct import RECONSTRUCTION_NAME, load_reconstruction
+from .result import attach_result, read_result
 from .slim import slim_model
 
 
@@ -112,4 +113,5 @@ class AutoOptinModel:
                 "(a masks-only checkpoint naming its base model)."
             )
         model.config.name_or_path = source
+        attach_result(model, read_result(folder, model))  # so it can be saved or pushed again
         return model.eval()

@@ -206,7 +206,7 @@ def run_prune(job: PruneJob) -> Report:
     if job.push_to_hub:
         from ..hub import push_to_hub
 
-        push_to_hub(pruner, model, job.push_to_hub, masks_only=not job.push_full)
+        push_to_hub(model, job.push_to_hub, scores=pruner.scores, masks_only=not job.push_full)
     return report
 
 
