@@ -12,7 +12,7 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .checkpoint import MODEL_CONFIG_NAME, load_model_config, load_supported_config, load_weights
+from .checkpoint import MODEL_CONFIG_NAME, load_model_config, load_weights
 from .config import CONFIG_NAME, OptinConfig
 from .hub import download_base_model, download_checkpoint
 from .masks import MASKS_NAME, PruningMasks
@@ -111,8 +111,7 @@ def _load_from_base(
         revision = optin.base_model_revision if name == optin.base_model_name_or_path else None
         # A local masks-only folder was made by the user, and base_model is the user's word; a Hub repo is neither.
         trusted = base_model is not None or Path(source).is_dir()
-        base = download_base_model(name, revision, source, allow_local=trusted, **hub_kwargs)
-        config = load_supported_config(base, f"The base model {name!r} of {source}")
+        base, config = download_base_model(name, revision, source, allow_local=trusted, **hub_kwargs)
         if optin.base_model_class:
             config.architectures = [optin.base_model_class]  # the task head that was pruned, whatever the base names
         try:

@@ -8,8 +8,9 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
+from transformers import PretrainedConfig
 
-from ..checkpoint import MODEL_CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..checkpoint import MODEL_CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_supported_config
 from ..config import CONFIG_NAME
 from ..masks import MASKS_NAME
 from ..reconstruct import RECONSTRUCTION_NAME
@@ -76,8 +77,9 @@ def download_base_model(
     allow_local: bool,
     token: str | bool | None = None,
     local_files_only: bool = False,
-) -> Path:
-    """The folder of a masks-only repo's base model (config and safetensors weights) at its recorded commit.
+) -> tuple[Path, PretrainedConfig]:
+    """The folder of a masks-only repo's base model (config and safetensors weights) at its recorded commit, and its
+    config, checked to be a supported model before any weight is looked at.
 
     A local folder is read only with `allow_local` (the user named it); otherwise `name` must be a Hub id, so a repo
     downloaded from the Hub cannot make the loader read files of this machine.
@@ -108,9 +110,10 @@ def download_base_model(
             what=what,
             revision_gone=gone,
         )
+    config = load_supported_config(folder, what)
     if not ((folder / WEIGHTS_NAME).is_file() or (folder / WEIGHTS_INDEX_NAME).is_file()):
         raise OSError(
             f"{what} (revision {revision}) has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}: optin-hf loads safetensors "
             "weights only, never pickled .bin files."
         )
-    return folder
+    return folder, config
