@@ -10,18 +10,23 @@ __version__ = "0.1.0"
 # Resolved on first use: the optimum-cli hook imports `optin_hf.commands` at every
 # `optimum-cli` start, and must not pay for torch and transformers there.
 _EXPORTS = {
+    "ArchAdapter": ".arch",
     "AutoOptinModel": ".modeling",
     "ImportanceScores": ".importance",
     "OptinConfig": ".config",
     "OptinPruner": ".pruner",
     "PruningMasks": ".masks",
     "count_macs": ".macs",
+    "register_adapter": ".arch",
+    "register_criterion": ".criteria",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from .arch import ArchAdapter, register_adapter
     from .config import OptinConfig
+    from .criteria import register_criterion
     from .importance import ImportanceScores
     from .macs import count_macs
     from .masks import PruningMasks

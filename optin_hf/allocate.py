@@ -3,6 +3,7 @@ how many tokens each layer holds."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -37,6 +38,24 @@ def _ranked(scores: torch.Tensor, unit_macs: torch.Tensor, multiple: int = 1) ->
     return members[rank], torch.cat([zero, sums[rank].cumsum(0)]), torch.cat([zero, costs[rank].cumsum(0)])
 
 
+def check_scores(scores: torch.Tensor, kind: str) -> None:
+    """Refuse scores that cannot rank: NaN/inf (a NaN setting, a broken file) or all zero (no information).
+
+    scores: [num_layers, units of `kind`] (head, neuron or token)."""
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        layer, unit = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"The {kind} scores hold {int(bad.sum())} NaN/inf value(s), the first at layer {layer}, {kind} {unit}: "
+            "they cannot rank. Score again with finite settings, or load a valid scores file."
+        )
+    if not scores.any():
+        raise ValueError(
+            f"The {kind} scores are all zero: they carry no information to rank {kind}s by. Score the model "
+            "(OptinPruner.compute_scores) or load the scores file that belongs to it."
+        )
+
+
 def _members(blocks: torch.Tensor) -> torch.Tensor:
     flat = blocks.flatten()
     return flat[flat >= 0]
@@ -63,6 +82,11 @@ def allocate(
     added to it. Each layer keeps a multiple of `neurons_multiple_of` neurons (or all of
     them): CPU and GPU matmul kernels run such widths markedly faster per column.
     """
+    for kind, scores, pruned in (("head", head_scores, prune_heads), ("neuron", neuron_scores, prune_neurons)):
+        if pruned:
+            check_scores(scores, kind)
+    if not all(math.isfinite(float(x)) for x in (budget, fixed_macs, head_macs.sum(), neuron_macs.sum())):
+        raise ValueError(f"The MAC counts are not finite (budget {budget}): the sequence length must be a finite number of tokens.")
     heads_total = float(head_macs.double().sum() * head_scores.shape[1])
     neurons_total = float(neuron_macs.double().sum() * neuron_scores.shape[1])
     fixed = fixed_macs + (0.0 if prune_heads else heads_total) + (0.0 if prune_neurons else neurons_total)
@@ -174,6 +198,7 @@ def allocate_with_tokens(
     the last token removal overshot (one token in every later layer: several percent on small
     models) and cuts more if the tokens could not reach the budget.
     """
+    check_scores(token_scores, "token")
     num_layers, num_tokens = token_scores.shape
     head_macs, neuron_macs, fixed = costs([num_tokens] * num_layers)
     base = fixed + float(head_macs.sum()) * head_scores.shape[1] + float(neuron_macs.sum()) * neuron_scores.shape[1]

@@ -1,7 +1,27 @@
-"""Atomic checkpoint folders, the slim model's config.json, and strict safetensors weight loading."""
+"""Checkpoint folders: safe, atomic saves; the slim model's config.json; strict safetensors weight loading.
+
+How a folder is replaced (`atomic_directory`). The new files go into a hidden sibling `.NAME.tmp-*`.
+Then NAME is renamed to `.NAME.old-*`, the new folder to NAME, and the old one deleted. A kill
+before the first rename leaves NAME untouched; after the second, NAME is the new folder. Between
+the two renames NAME is missing, and the complete old folder is the only `.NAME.old-*`: the next
+save or `AutoOptinModel.from_pretrained` of NAME (`restore_interrupted_save`) renames it back. So
+whenever a save dies, NAME is, or on the next save or load becomes, the complete old or the complete
+new folder. The next save deletes what killed saves left beside NAME (`.NAME.tmp-*`, stale
+`.NAME.old-*`). Concurrent saves to one folder are not supported. A symlinked NAME is followed: the
+folder it points to is replaced and the link kept.
+
+What a checkpoint save may replace (`checkpoint_directory`). optin-hf owns the files it writes into a
+checkpoint: `optin_*` (its config, masks, scores, refit parameters, `optin_report.*`), `config.json`,
+the weights (`model.safetensors`, its index and `model-*-of-*.safetensors` shards) and the model card
+`README.md` (`OWNED_FILES`). Replacing an earlier checkpoint (a folder with `optin_masks.safetensors`)
+drops the owned files and keeps every other entry (a tokenizer, notes, `.git`), hard-linked into the
+new folder. A non-empty folder that is not a checkpoint is refused unless `overwrite=True`, which
+saves into it by the same rule.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -24,6 +44,8 @@ from .reconstruct import RECONSTRUCTION_NAME, Reconstruction, save_reconstructio
 MODEL_CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# What a save replaces in an existing folder; any other entry there is the user's and is kept.
+OWNED_FILES = ("optin_*", MODEL_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*-of-*.safetensors", "README.md")
 # transformers reads `transformers_weights` in config.json as the name of the weights file and, before it builds the
 # model or downloads a weight, refuses a name that is not a safetensors file, quoting it. Without this, plain
 # `from_pretrained` would build the dense shapes and stop on a wall of size-mismatch reports.
@@ -33,15 +55,45 @@ NOT_FOR_TRANSFORMERS = (
 )
 
 
+def _leftovers(target: Path, kind: str) -> list[Path]:
+    """The `.NAME.tmp-*` or `.NAME.old-*` folders beside `target`."""
+    prefix = f".{target.name}.{kind}-"
+    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix))
+
+
+def restore_interrupted_save(target: str | os.PathLike) -> None:
+    """Rename back the old folder of a save killed between its two renames (`target` missing, one `.NAME.old-*`)."""
+    target = Path(target)
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return
+    olds = _leftovers(target, "old")
+    if len(olds) > 1:
+        raise FileExistsError(
+            f"{target} is missing and several interrupted saves left {[p.name for p in olds]} beside it: rename the "
+            f"one to keep to {target.name} and delete the others."
+        )
+    if olds:
+        os.replace(olds[0], target)
+
+
+def _follow_link(target: str | os.PathLike) -> Path:
+    """`target`, or the folder a symlinked `target` points to: renaming the link itself would leave it behind."""
+    target = Path(target)
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside `target` that replaces it only if the block succeeds.
+    """Yield an empty temp folder beside `target` that replaces `target`, whatever it holds, only if the block succeeds.
 
-    A failure (or a kill) leaves the old `target` untouched and no half-written folder that
-    looks like a checkpoint.
+    The general primitive (caches use it as is); checkpoints go through `checkpoint_directory`, which
+    guards the user's files. A failure or a kill never leaves a half-written `target` (module docstring).
     """
-    target = Path(target)
+    target = _follow_link(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_save(target)
+    for path in _leftovers(target, "tmp") + _leftovers(target, "old"):  # stale once the old folder is back
+        shutil.rmtree(path, ignore_errors=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -50,12 +102,76 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         if target.exists():
             backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, backup)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if backup is not None:
+                os.replace(backup, target)
+            raise
         if backup is not None:
             shutil.rmtree(backup)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds an optin-hf checkpoint (what `AutoOptinModel.from_pretrained` requires first)."""
+    return (Path(folder) / MASKS_NAME).is_file()
+
+
+def check_save_target(folder: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse a save into `folder` that would mix a checkpoint into files the user put there (see the module docstring)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not an optin-hf checkpoint but a file: choose a folder to save into.")
+    if not folder.exists() or overwrite or is_checkpoint(folder):
+        return
+    names = sorted(p.name for p in folder.iterdir())
+    if names:
+        shown = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+        raise FileExistsError(
+            f"{folder} is not empty ({shown}) and is not an optin-hf checkpoint (it has no {MASKS_NAME}). Choose a "
+            "new folder, or pass overwrite=True (optin prune: --overwrite) to save into it: the files optin-hf writes "
+            f"({', '.join(OWNED_FILES)}) are replaced, the others kept."
+        )
+
+
+def _owned(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OWNED_FILES)
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    # A hard link costs nothing and leaves the old folder complete until it is deleted.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_user_files(old: Path, new: Path) -> None:
+    """Put every entry of `old` that optin-hf does not own into `new`."""
+    for entry in old.iterdir():
+        if _owned(entry.name):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+@contextmanager
+def checkpoint_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """`atomic_directory` for a checkpoint: refuses a folder that is not one unless `overwrite`, and keeps the
+    user's files in the folder it replaces."""
+    folder = _follow_link(target)
+    with atomic_directory(folder) as tmp:
+        check_save_target(folder, overwrite)  # after atomic_directory restored an interrupted save
+        yield tmp
+        if folder.is_dir():
+            _carry_user_files(folder, tmp)
 
 
 def write_checkpoint(

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .criteria import CRITERIA
 
 CONFIG_NAME = "optin_config.json"
 ENGINES = ("fast", "reference")
@@ -52,6 +58,11 @@ class OptinConfig:
     (MD x geomspace(1, `max_patch_envelope`, layers)[l] + balanced KL) x `patch_metric_decay`,
     x0.5 in the last layer. `token_cut_share=None` draws the share uniformly in [0.15, 0.30]
     with `seed`, as the reference does.
+
+    Every field's type and range is checked when the config is built, from Python, JSON or a YAML
+    recipe alike: a string is never read as a bool or a number, a bool is not an int, an int is a
+    float, NaN and infinity are refused, and None is taken only by the fields typed `| None`.
+    `importance` names a registered criterion (`optin_hf.criteria`), checked without importing it.
     """
 
     mac_constraint: float = 0.6
@@ -88,9 +99,9 @@ class OptinConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .importance import CRITERIA
-
-        if not 0.0 < float(self.mac_constraint) <= 1.0:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), _field_types()[f.name]))
+        if not 0.0 < self.mac_constraint <= 1.0:
             raise ValueError(
                 f"mac_constraint={self.mac_constraint} is outside (0, 1]: it is the fraction of the base "
                 "MACs to keep, e.g. 0.6 for a 40% FLOPs reduction."
@@ -98,28 +109,23 @@ class OptinConfig:
         if not (self.prune_heads or self.prune_neurons):
             raise ValueError("prune_heads and prune_neurons are both False: nothing would be pruned; enable one.")
         for name in ("num_samples", "batch_size", "max_length", "md_tokens", "neuron_group_size", "neurons_multiple_of", "reconstruct_samples", "prune_steps"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.temperature <= 0 or self.lambda_contribution <= 0:
             raise ValueError("temperature and lambda_contribution must be positive.")
         if self.importance not in CRITERIA:
-            raise ValueError(f"importance={self.importance!r} is unknown; choose one of {sorted(CRITERIA)}.")
+            raise ValueError(
+                f"importance={self.importance!r} is unknown; choose one of {sorted(CRITERIA)} "
+                "(or register your own with optin_hf.register_criterion)."
+            )
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r} is unknown; choose one of {list(ENGINES)}.")
-        if self.variants_per_batch is not None and int(self.variants_per_batch) < 1:
+        if self.variants_per_batch is not None and self.variants_per_batch < 1:
             raise ValueError(f"variants_per_batch={self.variants_per_batch} must be a positive integer (or None: automatic).")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; choose one of {list(DTYPES)} (half precision is meant for GPUs).")
-        if self.max_scoring_time is not None:
-            try:
-                seconds = float(self.max_scoring_time) if not isinstance(self.max_scoring_time, bool) else 0.0
-            except (TypeError, ValueError):
-                seconds = 0.0
-            if not seconds > 0:
-                raise ValueError(f"max_scoring_time={self.max_scoring_time!r} must be a positive number of seconds (or None: no budget).")
-            self.max_scoring_time = seconds
-        if self.checkpoint_dir is not None:
-            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        if self.max_scoring_time is not None and not self.max_scoring_time > 0:
+            raise ValueError(f"max_scoring_time={self.max_scoring_time!r} must be a positive number of seconds (or None: no budget).")
         if self.max_patch_envelope <= 0 or self.patch_metric_decay <= 0:
             raise ValueError("max_patch_envelope and patch_metric_decay must be positive.")
         if self.token_cut_share is not None and not 0.0 <= self.token_cut_share <= 1.0:
@@ -133,7 +139,7 @@ class OptinConfig:
             raise ValueError(f"prune_steps={self.prune_steps} is for heads and neurons; token mode (prune_tokens=True) prunes in one step.")
         if self.prune_steps > 1 and self.reconstruct == "none":
             raise ValueError(f"prune_steps={self.prune_steps} re-scores a reconstructed model between steps: set reconstruct='weights' (or 'scales'), or prune_steps=1.")
-        if not 0.0 <= self.reconstruct_ridge < float("inf"):
+        if not self.reconstruct_ridge >= 0.0:
             raise ValueError(f"reconstruct_ridge={self.reconstruct_ridge} must be a finite number >= 0 (relative to the Gram's mean diagonal).")
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len={self.seq_len} must be positive (or None to measure it on the data).")
@@ -172,3 +178,46 @@ class OptinConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
         return cls.from_dict(values)
+
+
+PATH_FIELDS = {"checkpoint_dir"}  # str fields that also take an os.PathLike
+EXPECTED = {bool: "a bool (true or false)", int: "an integer", float: "a finite number", str: "a string", dict: "a mapping"}
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(OptinConfig)
+
+
+def _checked_type(name: str, value: Any, hint: Any) -> Any:
+    """`value` as field `name`'s type (`hint`: one of EXPECTED's types, or it | None), or a
+    ValueError naming the field, the value and the type. A bool is not a number here, and an int
+    is a float; no string is parsed: `faithful="false"` would otherwise read as True."""
+    optional = type(None) in typing.get_args(hint)
+    kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    kind = typing.get_origin(kind) or kind
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        ok = kind is bool
+    elif kind is int:
+        ok = isinstance(value, numbers.Integral)
+        value = int(value) if ok else value
+    elif kind is float:
+        ok = isinstance(value, numbers.Real) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif kind is str and name in PATH_FIELDS and isinstance(value, os.PathLike):
+        ok, value = True, os.fspath(value)
+    else:
+        ok = isinstance(value, kind)
+    if ok:
+        return value
+    expected = EXPECTED[kind] + (" or None" if optional else "")
+    if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be {expected}.")
+    advice = ""
+    if isinstance(value, str) and kind is bool:
+        advice = " Write it unquoted: true or false."
+    elif isinstance(value, str) and kind in (int, float):
+        advice = " Write it unquoted (in YAML an exponent needs a dot: 1.0e-3, not 1e-3)."
+    raise ValueError(f"{name}={value!r} is a {type(value).__name__}; expected {expected}.{advice}")

@@ -13,6 +13,28 @@ TEXT_COLUMNS = ("text", "sentence", "content", "sentence1", "question")
 LABEL_KEYS = ("labels", "label")  # the first one present is kept as `labels`
 
 
+ACCEPTED = (
+    "a list of strings (or string pairs) with a tokenizer; dicts of tensors or lists, each one example or a batch "
+    "(a tokenizer's BatchEncoding too), in a list, a DataLoader or any iterable; or a datasets.Dataset"
+)
+
+
+def _is_text(item: Any) -> bool:
+    """A text or a pair of texts, which the tokenizer encodes."""
+    pair = isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, str) for t in item)
+    return isinstance(item, str) or pair
+
+
+def _not_an_item(item: Any, index: int) -> TypeError:
+    if isinstance(item, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in item):
+        return TypeError(
+            f"Calibration item {index} is a {type(item).__name__} of tensors, as a TensorDataset yields: the inputs need "
+            "names. Yield dicts instead, {'input_ids': ..., 'attention_mask': ...} for text or {'pixel_values': ...} for "
+            "images (e.g. a DataLoader over a list of such dicts)."
+        )
+    return TypeError(f"Calibration item {index} is {type(item).__name__} {item!r:.60}; pass {ACCEPTED}.")
+
+
 def _label_key(keys) -> str | None:
     return next((k for k in LABEL_KEYS if k in keys), None)
 
@@ -27,18 +49,87 @@ def _labels(values: Any) -> torch.Tensor:
     return torch.as_tensor(values)
 
 
-def _examples_from_mapping(batch: Mapping[str, Any], labels: bool = False) -> list[dict[str, torch.Tensor]]:
-    """Split a dict of tensors (one example, or a batch along dim 0) into single examples."""
-    tensors = {k: torch.as_tensor(v) for k, v in batch.items() if k in MODEL_INPUTS}
+def _column(value: Any, key: str, index: int) -> torch.Tensor | list[torch.Tensor]:
+    """One input of a calibration item as a tensor, or one tensor per example when a batch's lists
+    are ragged (a tokenizer's output without padding)."""
+    try:
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple, torch.Tensor)) for v in value):
+            rows = [torch.as_tensor(v) for v in value]
+            return torch.stack(rows) if len({r.shape for r in rows}) == 1 else rows
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"Calibration item {index}: {key!r} must be a tensor or a (nested) list of numbers, not {type(value).__name__} ({err})."
+        ) from err
+
+
+def _examples_from_mapping(batch: Mapping[str, Any], index: int, labels: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Split a dict (one example, or a batch along dim 0) into single examples; `index` names it in errors."""
+    tensors = {k: _column(v, k, index) for k, v in batch.items() if k in MODEL_INPUTS}
     if not tensors:
-        raise ValueError(f"A calibration item has none of the model inputs {list(MODEL_INPUTS)}; got {sorted(batch)}.")
-    batched = tensors["pixel_values"].dim() == 4 if "pixel_values" in tensors else next(iter(tensors.values())).dim() == 2
+        raise ValueError(f"Calibration item {index} has none of the model inputs {list(MODEL_INPUTS)}; got {sorted(batch)}.")
+    first = tensors.get("pixel_values", next(iter(tensors.values())))
+    ragged = any(isinstance(v, list) for v in tensors.values())
+    batched = ragged or first.dim() == (4 if "pixel_values" in tensors else 2)
     if labels and (key := _label_key(batch)) is not None:
         tensors["labels"] = _labels(batch[key])
     if not batched:
         return [tensors]
-    n = next(iter(tensors.values())).shape[0]
-    return [{k: v[i] for k, v in tensors.items()} for i in range(n)]
+    sizes = {k: len(v) if isinstance(v, list) or v.dim() else 1 for k, v in tensors.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"Calibration item {index} is a batch whose inputs hold different numbers of examples: {sizes}.")
+    return [{k: v[i] for k, v in tensors.items()} for i in range(sizes[next(iter(tensors))])]
+
+
+def _check_examples(examples: list[dict[str, torch.Tensor]]) -> None:
+    """Refuse examples that disagree in their inputs or shapes, or hold no real token, naming the example."""
+    keys = sorted(k for k in examples[0] if k in MODEL_INPUTS)
+    for i, ex in enumerate(examples):
+        if (own := sorted(k for k in ex if k in MODEL_INPUTS)) != keys:
+            raise ValueError(
+                f"Calibration example {i} has inputs {own} but example 0 has {keys}: give every example the same "
+                "inputs (e.g. attention_mask on all of them or on none)."
+            )
+        if "pixel_values" in ex and (ex["pixel_values"].dim() != 3 or ex["pixel_values"].shape != examples[0]["pixel_values"].shape):
+            raise ValueError(
+                f"Calibration example {i}: pixel_values has shape {tuple(ex['pixel_values'].shape)}; every image must be "
+                f"[channels, height, width], all of one size (example 0: {tuple(examples[0]['pixel_values'].shape)})."
+            )
+        ids = ex.get("input_ids")
+        if ids is None:
+            continue
+        if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(
+                f"Calibration example {i}: input_ids must be integer token ids of shape [tokens] (a batch: [examples, "
+                f"tokens]); got {ids.dtype} of shape {tuple(ids.shape)}."
+            )
+        for key in ("attention_mask", "token_type_ids"):
+            if key in ex and ex[key].shape != ids.shape:
+                raise ValueError(
+                    f"Calibration example {i}: {key} has shape {tuple(ex[key].shape)} but input_ids {tuple(ids.shape)}: "
+                    "they must match token for token."
+                )
+        if (int(ex["attention_mask"].count_nonzero()) if "attention_mask" in ex else ids.numel()) == 0:
+            raise ValueError(
+                f"Calibration example {i} has no real token (it is empty, or its attention_mask is all zero): drop it "
+                "from the calibration data."
+            )
+
+
+def check_inputs(batches: list[dict[str, torch.Tensor]], vision: bool, model_type: str) -> None:
+    """Refuse images for a text model and text for a vision model before any forward pass, where the
+    error would come from deep inside transformers."""
+    given = sorted(k for k in batches[0] if k in MODEL_INPUTS)
+    if vision and given != ["pixel_values"]:
+        raise ValueError(
+            f"The calibration data has {given}, but this {model_type} model takes images only, as pixel_values "
+            "[channels, height, width] from an image processor."
+        )
+    if not vision and ("input_ids" not in given or "pixel_values" in given):
+        raise ValueError(
+            f"The calibration data has {given}, but this {model_type} model takes text, as input_ids (with "
+            "attention_mask) from a tokenizer."
+        )
 
 
 def _tokenize(texts: list, tokenizer, max_length: int) -> list[dict[str, torch.Tensor]]:
@@ -73,18 +164,20 @@ def _examples(data: Any, tokenizer, max_length: int, labels: bool) -> list[dict[
                 for ex, label in zip(examples, _labels(list(data[key]))):
                     ex["labels"] = label
             return examples
-        return [_examples_from_mapping(row, labels)[0] for row in data.with_format("torch")]
+        return [_examples_from_mapping(row, i, labels)[0] for i, row in enumerate(data.with_format("torch"))]
     if isinstance(data, Mapping):
-        return _examples_from_mapping(data, labels)
+        return _examples_from_mapping(data, 0, labels)
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"Calibration data of type {type(data).__name__} is not supported: pass a list of dicts of tensors, "
-            "a DataLoader, a datasets.Dataset, or a list of strings with a tokenizer."
-        )
+        raise TypeError(f"Calibration data of type {type(data).__name__} is not supported: pass {ACCEPTED}.")
     items = list(data)
-    if items and isinstance(items[0], (str, tuple)):
+    if items and all(_is_text(item) for item in items):
         return _tokenize(items, tokenizer, max_length)
-    return [ex for item in items for ex in _examples_from_mapping(item, labels)]
+    examples = []
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise _not_an_item(item, index)
+        examples += _examples_from_mapping(item, index, labels)
+    return examples
 
 
 def _pad(values: list[torch.Tensor], key: str) -> torch.Tensor:
@@ -120,6 +213,7 @@ def prepare_calibration(
     labelled = sum("labels" in ex for ex in examples)
     if 0 < labelled < len(examples):
         raise ValueError(f"{labelled} of the {len(examples)} calibration examples have a label: label all of them or none.")
+    _check_examples(examples)
     if "input_ids" in examples[0]:
         examples = [{k: v[..., :max_length] if k in MODEL_INPUTS else v for k, v in ex.items()} for ex in examples]
     return [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]

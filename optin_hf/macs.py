@@ -1,8 +1,9 @@
-"""MAC counts of encoder layers, with the formulas of the OPTIN paper.
+"""MAC counts of encoder layers: the kept units times each unit's cost, which the adapter gives.
 
-Per head at sequence length s, hidden d, head size dh: 3*s*d*dh (q, k, v) + 2*s*s*dh
-(scores and context) + s*dh*d (output projection). Per FFN neuron: 2*s*d. Embeddings and
-the classifier are not counted; a vision model's patch embedding is.
+By default (the OPTIN paper's formulas, `ArchAdapter.head_macs` / `neuron_macs`), per head at
+sequence length s, hidden d, head size dh: 3*s*d*dh (q, k, v) + 2*s*s*dh (scores and context)
++ s*dh*d (output projection); per FFN neuron: 2*s*d. Embeddings and the classifier are not
+counted; a vision model's patch embedding is.
 
 With a token schedule, layer i uses s = schedule[i], the number of tokens it really holds,
 class (and distillation) tokens included, because every matmul of the layer runs on all of
@@ -13,27 +14,28 @@ per round, is counted too, so the count equals what a FLOP counter measures.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .arch import check_model
+from .arch import ArchAdapter, check_model
 from .tokens import installed_schedule, merge_rounds
 
 
-def head_macs(seq_len: float, hidden: int, head_dim: int) -> float:
-    return 3 * seq_len * hidden * head_dim + 2 * seq_len * seq_len * head_dim + seq_len * head_dim * hidden
+def check_seq_len(seq_len: float) -> None:
+    """Refuse a length the MAC formulas cannot use (NaN would make every budget comparison false)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, Real) or not math.isfinite(seq_len) or seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len!r} is not a positive finite number of tokens: pass e.g. the average unpadded length.")
 
 
-def neuron_macs(seq_len: float, hidden: int) -> float:
-    return 2 * seq_len * hidden
-
-
-def unit_macs(schedule: Sequence[float], hidden: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """MACs of one head and of one neuron in each layer ([num_layers] each) at its token count."""
-    heads = torch.tensor([head_macs(s, hidden, head_dim) for s in schedule], dtype=torch.float64)
-    neurons = torch.tensor([neuron_macs(s, hidden) for s in schedule], dtype=torch.float64)
+def unit_macs(schedule: Sequence[float], adapter: ArchAdapter, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """MACs of one head and of one neuron in each layer ([num_layers] each) at its token count,
+    by the adapter's formulas (the ones `count_macs` uses, so a budget met here is met there)."""
+    heads = torch.tensor([adapter.head_macs(s, config) for s in schedule], dtype=torch.float64)
+    neurons = torch.tensor([adapter.neuron_macs(s, config) for s in schedule], dtype=torch.float64)
     return heads, neurons
 
 
@@ -55,7 +57,7 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
     """
     adapter = check_model(model)
     config = model.config
-    hidden, head_dim = config.hidden_size, adapter.head_dim(config)
+    hidden = config.hidden_size
     layers = adapter.layers_of(model)
     schedule = token_schedule if token_schedule is not None else installed_schedule(model)
     total = float(adapter.patch_embedding_macs(model))
@@ -71,8 +73,9 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
             seq_len = adapter.default_seq_len(config)
         if seq_len is None:
             raise ValueError("count_macs needs seq_len for a text model (e.g. the average unpadded length).")
+        check_seq_len(seq_len)
         schedule = [seq_len] * len(layers)
-    heads, neurons = unit_macs(schedule, hidden, head_dim)
-    for i, layer in enumerate(layers):
-        total += adapter.kept_heads(layer, config) * float(heads[i]) + adapter.kept_neurons(layer) * float(neurons[i])
+    for layer, tokens in zip(layers, schedule):
+        heads = adapter.kept_heads(layer, config) * float(adapter.head_macs(tokens, config))
+        total += heads + adapter.kept_neurons(layer) * float(adapter.neuron_macs(tokens, config))
     return total

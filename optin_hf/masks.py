@@ -26,6 +26,15 @@ def load_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tens
         raise ValueError(f"{path} is not a valid safetensors {what} file ({err}). Re-create or re-download it.") from err
 
 
+def check_masks(masks: object, where: str) -> None:
+    """Refuse anything but a PruningMasks (a dict of tensors would fail deep inside with AttributeError)."""
+    if not isinstance(masks, PruningMasks):
+        raise TypeError(
+            f"{where}: masks must be a PruningMasks, not a {type(masks).__name__}. Build one with "
+            "PruningMasks(head_mask, neuron_mask) or read one with PruningMasks.load(path)."
+        )
+
+
 @dataclass
 class PruningMasks:
     """Kept structures of a dense model.

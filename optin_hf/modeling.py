@@ -12,7 +12,7 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .checkpoint import MODEL_CONFIG_NAME, load_model_config, load_weights
+from .checkpoint import MODEL_CONFIG_NAME, load_model_config, load_weights, restore_interrupted_save
 from .config import CONFIG_NAME, OptinConfig
 from .hub import download_base_model, download_checkpoint
 from .masks import MASKS_NAME, PruningMasks
@@ -192,6 +192,7 @@ class AutoOptinModel:
         target_dtype = _dtype(torch_dtype if torch_dtype is not None else dtype)
         hub_kwargs = {"token": token, "local_files_only": local_files_only}
         source = str(repo_id_or_path)
+        restore_interrupted_save(source)  # a save killed mid-swap left the old folder hidden beside it
         if Path(source).is_dir():
             folder = Path(source)
         else:

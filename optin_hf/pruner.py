@@ -16,16 +16,16 @@ from tqdm.auto import tqdm
 
 from .allocate import allocate, allocate_with_tokens, rearrange_masks
 from .arch import check_model
-from .checkpoint import atomic_directory, write_checkpoint
+from .checkpoint import checkpoint_directory, write_checkpoint
 from .config import OptinConfig
-from .data import average_length, prepare_calibration
+from .data import average_length, check_inputs, prepare_calibration
 from .engine.distributed import process_state
 from .engine.estimate import ScoringPlan, plan_scoring, scoring_cost, time_dense
 from .engine.run import engine_for, precision
 from .hub import CardMetrics, push_to_hub
-from .importance import CRITERIA, ImportanceScores
-from .macs import count_macs, merge_macs, unit_macs
-from .masks import PruningMasks
+from .importance import ImportanceScores, criterion_from_config
+from .macs import check_seq_len, count_macs, merge_macs, unit_macs
+from .masks import PruningMasks, check_masks
 from .reconstruct import Reconstruction, reconstruct, unslim
 from .slim import slim_model
 
@@ -57,14 +57,17 @@ class OptinPruner:
         batches = prepare_calibration(
             data, tokenizer, num_samples=c.num_samples, batch_size=c.batch_size, max_length=c.max_length, labels=labels
         )
+        check_inputs(batches, check_model(model).is_vision, model.config.model_type)
         if self.config.seq_len is None:
             self.seq_len = average_length(batches) or check_model(model).default_seq_len(model.config)
         return batches
 
-    def _reconstruction_batches(self, data: Any, tokenizer) -> list[dict[str, torch.Tensor]]:
+    def _reconstruction_batches(self, model: nn.Module, data: Any, tokenizer) -> list[dict[str, torch.Tensor]]:
         """The first `reconstruct_samples` examples of `data` (those scoring reads are among them)."""
         c = self.config
-        return prepare_calibration(data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length)
+        batches = prepare_calibration(data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length)
+        check_inputs(batches, check_model(model).is_vision, model.config.model_type)
+        return batches
 
     def _check_model(self, model: nn.Module):
         """The adapter of a dense model that this config can prune."""
@@ -83,7 +86,7 @@ class OptinPruner:
         budget picked (and `max_scoring_time=None`), which `save` writes.
         """
         adapter = self._check_model(model)
-        criterion = CRITERIA[self.config.importance]()
+        criterion = criterion_from_config(self.config)
         labels = getattr(criterion, "needs_labels", False)
         batches = self._batches(model, data, tokenizer, labels=labels)
         was_training = model.training
@@ -94,6 +97,7 @@ class OptinPruner:
                     units = criterion.masked_units(model, adapter, self.config)
                     if self._plan_scoring(model, adapter, units, batches):
                         batches = self._batches(model, data, tokenizer, labels=labels)
+                criterion = criterion_from_config(self.config)  # with the neuron grouping the plan picked
             start = time.perf_counter()
             with torch.set_grad_enabled(getattr(criterion, "needs_grad", False)):
                 self.scores = criterion(model, adapter, batches, self.config)
@@ -150,7 +154,7 @@ class OptinPruner:
         c = self.config
         if data is None:
             raise ValueError(f"prune_steps={c.prune_steps} scores and reconstructs on calibration data: pass data.")
-        batches = self._reconstruction_batches(data, tokenizer)
+        batches = self._reconstruction_batches(model, data, tokenizer)
         current, masks, scoring_s = model, None, 0.0
         for step in range(1, c.prune_steps + 1):
             scores = self.compute_scores(current, data, tokenizer)
@@ -174,13 +178,14 @@ class OptinPruner:
             self.seq_len = adapter.default_seq_len(model.config)
         if self.seq_len is None:
             raise ValueError("The MAC sequence length is unknown: pass calibration data or set OptinConfig(seq_len=...).")
+        check_seq_len(self.seq_len)
         config, c = model.config, self.config
         num_layers = scores.head_scores.shape[0]
-        hidden, head_dim, prefix = config.hidden_size, adapter.head_dim(config), adapter.num_prefix_tokens
+        hidden, prefix = config.hidden_size, adapter.num_prefix_tokens
         budget = mac_constraint * count_macs(model, self.seq_len)
 
         def costs(schedule: list) -> tuple[torch.Tensor, torch.Tensor, float]:
-            heads, neurons = unit_macs(schedule, hidden, head_dim)
+            heads, neurons = unit_macs(schedule, adapter, config)
             merging = merge_macs(schedule, prefix, hidden) if c.prune_tokens else 0.0
             return heads, neurons, adapter.patch_embedding_macs(model) + merging
 
@@ -206,20 +211,23 @@ class OptinPruner:
         self._check_model(model)
         c = self.config
         if masks is not None:
+            check_masks(masks, "prune_model")
             masks.check_fits(model.config)
         if c.reconstruct != "none" and data is None:
             raise ValueError(
                 f"reconstruct={c.reconstruct!r} refits the slim model on calibration data, and none was given: pass "
                 "data (e.g. the examples you score on), or set OptinConfig(reconstruct='none') to slim only."
             )
+        # Read before scoring, so that a bad example among them fails fast and never after slimming.
+        batches = self._reconstruction_batches(model, data, tokenizer) if c.reconstruct != "none" else None
         if masks is None:
             masks = self.compute_masks(model, data, tokenizer=tokenizer)
         self.masks = masks
-        dense = copy.deepcopy(model) if c.reconstruct != "none" else None
+        dense = copy.deepcopy(model) if batches is not None else None
         slim_model(model, masks)
         if dense is not None:
             start = time.perf_counter()
-            self.reconstruction = reconstruct(model, dense, self._reconstruction_batches(data, tokenizer), c.reconstruct, c.reconstruct_ridge)
+            self.reconstruction = reconstruct(model, dense, batches, c.reconstruct, c.reconstruct_ridge)
             model.config.optin["reconstruct"] = c.reconstruct
             self.timings["reconstruction_s"] = time.perf_counter() - start
         return model
@@ -228,6 +236,7 @@ class OptinPruner:
         """Raise unless `model` was slimmed by this pruner, so its masks describe it."""
         if self.masks is None or not getattr(model.config, "optin", None):
             raise ValueError("Nothing to save or push yet: call prune_model(model, ...) first.")
+        check_masks(self.masks, "OptinPruner.masks (what save and push_to_hub write)")
         if self.config.reconstruct != model.config.optin.get("reconstruct", "none"):
             raise ValueError(
                 f"This pruner's config says reconstruct={self.config.reconstruct!r} but the model was "
@@ -235,13 +244,23 @@ class OptinPruner:
                 "this pruner's prune_model(model, data)."
             )
 
-    def save(self, model: nn.Module, save_dir: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
+    def save(
+        self,
+        model: nn.Module,
+        save_dir: str | os.PathLike,
+        max_shard_size: int | str | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> None:
         """Write the slim model, `optin_config.json` and the masks (and scores) atomically.
 
-        Weights above `max_shard_size` (bytes or "5GB"; default `OptinPruner.max_shard_size`) are sharded.
+        An earlier checkpoint in `save_dir` is replaced; the files optin-hf did not write there (a tokenizer,
+        notes) are kept. Any other non-empty folder is refused unless `overwrite=True`, which saves into it by
+        the same rule (see `optin_hf.checkpoint`). Weights above `max_shard_size` (bytes or "5GB"; default
+        `OptinPruner.max_shard_size`) are sharded.
         """
         self.check_pruned(model)
-        with atomic_directory(save_dir) as tmp:
+        with checkpoint_directory(save_dir, overwrite) as tmp:
             write_checkpoint(tmp, model, self.config, self.masks, self.scores, max_shard_size or self.max_shard_size, self.reconstruction)
 
     def push_to_hub(

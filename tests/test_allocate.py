@@ -1,6 +1,8 @@
 import torch
+from transformers import ViTConfig
 
 from optin_hf.allocate import allocate, allocate_with_tokens, kept_tokens, remove_tokens
+from optin_hf.arch import get_adapter
 from optin_hf.macs import merge_macs, unit_macs
 
 
@@ -52,12 +54,13 @@ def test_remove_tokens_skips_removals_that_do_not_lower_macs():
 
 
 def test_allocate_with_tokens_splits_the_cut_and_fills_the_budget():
-    num_layers, num_tokens, hidden, head_dim = 4, 17, 64, 16
+    num_layers, num_tokens, hidden = 4, 17, 64
+    config = ViTConfig(hidden_size=hidden, num_attention_heads=4)  # head size 16
     g = torch.Generator().manual_seed(0)
     heads, neurons, tokens = torch.rand(4, 4, generator=g), torch.rand(4, 128, generator=g), torch.rand(4, 17, generator=g)
 
     def costs(schedule):
-        h, n = unit_macs(schedule, hidden, head_dim)
+        h, n = unit_macs(schedule, get_adapter(config), config)
         return h, n, merge_macs(schedule, 1, hidden)
 
     h, n, _ = costs([num_tokens] * num_layers)

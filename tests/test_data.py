@@ -85,3 +85,13 @@ def test_labels_are_kept_only_on_request(tokenizer):
         prepare_calibration(datasets.Dataset.from_dict({"text": texts, "label": ["a", "b", "c"]}), tokenizer, labels=True, **kwargs)
     texts_only = prepare_calibration(texts, tokenizer, labels=True, **kwargs)
     assert "labels" not in texts_only[0]
+
+
+def test_an_unpadded_batch_encoding_is_a_batch_of_its_examples(tokenizer):
+    """A tokenizer's output without padding (ragged lists) gives the same batches as the texts."""
+    texts, kwargs = ["the cat sat on the mat", "dog", "the dog ran"], dict(num_samples=8, batch_size=2, max_length=16)
+    encoded = tokenizer(texts)
+    assert len({len(row) for row in encoded["input_ids"]}) > 1
+    from_encoding, from_texts = prepare_calibration(encoded, **kwargs), prepare_calibration(texts, tokenizer, **kwargs)
+    assert [b.keys() for b in from_encoding] == [b.keys() for b in from_texts]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(from_encoding, from_texts) for k in a)

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchAdapter, EmptyAttention, get_submodule, set_submodule
+from .base import ArchAdapter, EmptyAttention, Slice, get_submodule, set_submodule
 from .bert import BERT
 from .distilbert import DISTILBERT
 from .vit import DEIT, VIT
 
-ADAPTERS: dict[str, ArchAdapter] = {t: a for a in (BERT, DISTILBERT, VIT, DEIT) for t in a.model_types}
+ADAPTERS: dict[str, ArchAdapter] = {}
+
+
+def register_adapter(adapter: ArchAdapter, *, exist_ok: bool = False) -> None:
+    """Make optin-hf prune every `config.model_type` in `adapter.model_types` through `adapter`.
+
+    A type that already has an adapter is refused unless `exist_ok=True`, which replaces it.
+    """
+    if not isinstance(adapter, ArchAdapter):
+        raise TypeError(f"register_adapter takes an ArchAdapter, not {type(adapter).__name__}.")
+    if not adapter.model_types:
+        raise ValueError("The adapter names no model_types; set ArchAdapter(model_types=(...)).")
+    taken = sorted(t for t in adapter.model_types if t in ADAPTERS)
+    if taken and not exist_ok:
+        raise ValueError(
+            f"model_type {', '.join(map(repr, taken))} already has an adapter; pass exist_ok=True to replace it."
+        )
+    ADAPTERS.update(dict.fromkeys(adapter.model_types, adapter))
+
+
+for _adapter in (BERT, DISTILBERT, VIT, DEIT):
+    register_adapter(_adapter)
 
 
 def get_adapter(model_or_config) -> ArchAdapter:
@@ -19,7 +40,7 @@ def get_adapter(model_or_config) -> ArchAdapter:
     if model_type not in ADAPTERS:
         raise ValueError(
             f"Unsupported model_type {model_type!r}: optin-hf supports {sorted(ADAPTERS)}. "
-            "To add one, register an ArchAdapter for it in optin_hf/arch/."
+            "To add one, describe its layout in an ArchAdapter and call optin_hf.register_adapter(adapter)."
         )
     return ADAPTERS[model_type]
 
@@ -42,4 +63,14 @@ def check_model(model: nn.Module) -> ArchAdapter:
     return adapter
 
 
-__all__ = ["ADAPTERS", "ArchAdapter", "EmptyAttention", "check_model", "get_adapter", "get_submodule", "set_submodule"]
+__all__ = [
+    "ADAPTERS",
+    "ArchAdapter",
+    "EmptyAttention",
+    "Slice",
+    "check_model",
+    "get_adapter",
+    "get_submodule",
+    "register_adapter",
+    "set_submodule",
+]

@@ -1,16 +1,21 @@
 """`ArchAdapter`: where one model family keeps its heads, FFN neurons and recorded features.
 
-Everything architecture-specific is data here (dotted module paths); the rest of optin-hf
-reads models only through an adapter, so adding a family means adding one adapter.
+Everything architecture-specific lives here: module paths as data, and the geometry (which
+parameters a head or an FFN unit owns, how to cut them out, what a unit costs in MACs) as
+methods with the standard multi-head attention / two-matrix FFN as their defaults. The rest
+of optin-hf reads models only through an adapter, so adding a family means adding one adapter
+(a subclass where its geometry differs) and `register_adapter`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 # (layer, input of the attention output projection, layer input) -> input of the FFN block
 FinishAttention = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,6 +40,75 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(get_submodule(root, parent), name, module)
 
 
+def paper_head_macs(seq_len: float, hidden: int, head_dim: int) -> float:
+    """One head at `seq_len` tokens: q, k, v (3·s·d·dh), scores and context (2·s²·dh), its output columns (s·dh·d)."""
+    return 3 * seq_len * hidden * head_dim + 2 * seq_len * seq_len * head_dim + seq_len * head_dim * hidden
+
+
+def paper_neuron_macs(seq_len: float, hidden: int) -> float:
+    """One FFN neuron at `seq_len` tokens: its up row and its down column (2·s·d)."""
+    return 2 * seq_len * hidden
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The parameters each unit (head or FFN neuron) owns in one projection of a layer.
+
+    path: the projection, relative to the layer. side: "out", its output features (a Linear's
+    weight rows and bias, a transformers `Conv1D`'s weight columns and bias), or "in", its input
+    features. width: features per unit, None = the head size for heads, 1 for FFN units.
+    """
+
+    path: str
+    side: Literal["out", "in"]
+    width: int | None = None
+
+
+def num_features(module: nn.Module, side: Literal["out", "in"]) -> int:
+    """Output or input features of a Linear or a transformers Conv1D."""
+    weight = _feature_weight(module)
+    return weight.shape[_feature_dim(module, side)]
+
+
+def _feature_weight(module: nn.Module) -> torch.Tensor:
+    if not isinstance(module, (nn.Linear, Conv1D)):
+        raise TypeError(
+            f"optin-hf slices Linear and Conv1D projections, not {type(module).__name__}; give the adapter "
+            "its own slim_heads / slim_neurons for this module."
+        )
+    return module.weight
+
+
+def _feature_dim(module: nn.Module, side: Literal["out", "in"]) -> int:
+    """The weight dimension of a side: Linear weights are [out, in], Conv1D ones [in, out]."""
+    return (0 if side == "out" else 1) if isinstance(module, nn.Linear) else (1 if side == "out" else 0)
+
+
+def select_features(module: nn.Module, index: torch.Tensor, side: Literal["out", "in"]) -> nn.Module:
+    """A new Linear (or Conv1D) keeping only output or input features `index`."""
+    weight = _feature_weight(module)
+    index = index.to(weight.device)
+    kept = weight.detach().index_select(_feature_dim(module, side), index).clone()
+    if isinstance(module, nn.Linear):
+        # A 1x1 meta Linear re-dimensioned: no wasted (or zero-size, warning) random init.
+        new = nn.Linear(1, 1, bias=module.bias is not None, device="meta")
+        new.out_features, new.in_features = kept.shape
+    else:
+        new = Conv1D(1, 1)
+        new.nx, new.nf = kept.shape
+    new.weight = nn.Parameter(kept, requires_grad=weight.requires_grad)
+    if module.bias is not None:
+        bias = module.bias.detach()
+        bias = bias.index_select(0, index) if side == "out" else bias
+        new.bias = nn.Parameter(bias.clone(), requires_grad=module.bias.requires_grad)
+    return new
+
+
+def unit_features(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """The feature indices of units `keep` (sorted) that own `width` consecutive features each."""
+    return (keep[:, None] * width + torch.arange(width, device=keep.device)).flatten()
+
+
 @dataclass(frozen=True)
 class ArchAdapter:
     """Module paths of one architecture family.
@@ -51,7 +125,13 @@ class ArchAdapter:
     input to the layer output); `finish_feed_forward` (from the down projection's output to
     the layer output), optional, lets it score a neuron without rerunning its FFN (the down
     projection is linear); `classifiers` maps a task model's class name to the part of its
-    forward after the last layer.
+    forward after the last layer, which reads the first `pooled_tokens` tokens of each example
+    (the fast engine hands it only those when it packs examples end to end).
+
+    The geometry methods below (`head_slices`, `slim_heads`, `head_macs`, their neuron twins)
+    hold the standard multi-head attention and two-matrix FFN; a family that differs (KV heads
+    shared by a group of query heads, a relative-position-bias table per head, a gated FFN)
+    overrides them in a subclass, and slimming and `count_macs` follow.
     """
 
     model_types: tuple[str, ...]
@@ -69,6 +149,7 @@ class ArchAdapter:
     all_head_size_attr: str | None = None
     patch_embedding: str | None = None
     num_prefix_tokens: int = 1
+    pooled_tokens: int = 1
     finish_attention: FinishAttention | None = None
     feed_forward: FeedForward | None = None
     finish_feed_forward: FinishFeedForward | None = None
@@ -98,10 +179,47 @@ class ArchAdapter:
         """Heads a (possibly slimmed) layer runs, read off its query projection."""
         if isinstance(get_submodule(layer, self.attn_core), EmptyAttention):
             return 0
-        return get_submodule(layer, self.query).out_features // self.head_dim(config)
+        return num_features(get_submodule(layer, self.query), "out") // self.head_dim(config)
 
     def kept_neurons(self, layer: nn.Module) -> int:
-        return get_submodule(layer, self.ffn_up).out_features
+        return num_features(get_submodule(layer, self.ffn_up), "out")
+
+    def head_slices(self) -> tuple[Slice, ...]:
+        """What a head owns: its query, key and value rows and its attention-output columns."""
+        return (Slice(self.query, "out"), Slice(self.key, "out"), Slice(self.value, "out"), Slice(self.attn_out, "in"))
+
+    def neuron_slices(self) -> tuple[Slice, ...]:
+        """What an FFN neuron owns: its up-projection row and its down-projection column."""
+        return (Slice(self.ffn_up, "out"), Slice(self.ffn_down, "in"))
+
+    def slim_heads(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
+        """Keep only heads `keep` (sorted indices) of `layer`, in place.
+
+        A layer that keeps none gets `EmptyAttention`, which still adds the output bias.
+        """
+        _slim(layer, self.head_slices(), keep, self.head_dim(config))
+        if len(keep) == 0:
+            inside = self.attn_out.removeprefix(self.attn_core + ".") if self.out_inside_core else None
+            out = get_submodule(layer, self.attn_out)
+            set_submodule(layer, self.attn_core, EmptyAttention(out, inside) if inside else EmptyAttention())
+            return
+        core = get_submodule(layer, self.attn_core)
+        for attr in self.head_count_attrs:
+            setattr(core, attr, len(keep))
+        if self.all_head_size_attr:
+            setattr(core, self.all_head_size_attr, len(keep) * self.head_dim(config))
+
+    def slim_neurons(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
+        """Keep only FFN neurons `keep` (sorted indices) of `layer`, in place."""
+        _slim(layer, self.neuron_slices(), keep, 1)
+
+    def head_macs(self, seq_len: float, config) -> float:
+        """MACs of one head of a layer that runs `seq_len` tokens (the paper's formula)."""
+        return paper_head_macs(seq_len, config.hidden_size, self.head_dim(config))
+
+    def neuron_macs(self, seq_len: float, config) -> float:
+        """MACs of one FFN neuron of a layer that runs `seq_len` tokens (the paper's formula)."""
+        return paper_neuron_macs(seq_len, config.hidden_size)
 
     def classifier_of(self, model: nn.Module) -> Classifier | None:
         """How `model` turns its last hidden states into logits; None if unknown here.
@@ -125,6 +243,12 @@ class ArchAdapter:
         kernel = conv.weight[0].numel()  # in_channels * P * P
         num_patches = (model.config.image_size // model.config.patch_size) ** 2
         return num_patches * kernel * conv.out_channels
+
+
+def _slim(layer: nn.Module, slices: tuple[Slice, ...], keep: torch.Tensor, default_width: int) -> None:
+    for part in slices:
+        module = get_submodule(layer, part.path)
+        set_submodule(layer, part.path, select_features(module, unit_features(keep, part.width or default_width), part.side))
 
 
 class EmptyAttention(nn.Module):

@@ -51,11 +51,12 @@ VIT = ArchAdapter(
     classifiers={"ViTForImageClassification": _cls_classifier},
 )
 
-# DeiT adds a distillation token after the class token.
+# DeiT adds a distillation token after the class token, which its teacher head reads too.
 DEIT = replace(
     VIT,
     model_types=("deit",),
     num_prefix_tokens=2,
+    pooled_tokens=2,
     classifiers={
         "DeiTForImageClassification": _cls_classifier,
         "DeiTForImageClassificationWithTeacher": _deit_with_teacher,

@@ -25,6 +25,10 @@ def one_line_errors(parser: argparse.ArgumentParser) -> None:
     parser.error = error  # type: ignore[method-assign]
 
 
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="on an error, show the whole traceback instead of one line")
+
+
 DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -65,6 +69,7 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
 
 def add_prune_args(parser: argparse.ArgumentParser) -> None:
     one_line_errors(parser)
+    _add_debug(parser)
     parser.add_argument("--model", metavar="PATH_OR_REPO", help="fine-tuned model folder or Hub id (default: an embedded default)")
     parser.add_argument("--task", choices=TASK_CHOICES, help="default: image-classification for ViT/DeiT, else text")
     parser.add_argument("--processor", metavar="PATH_OR_REPO", help="tokenizer or image processor, if not stored with the model")
@@ -102,10 +107,14 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--output", metavar="DIR", help="folder for the pruned model and report (default: <name>-optin-<F>)")
     out.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo (masks only unless --full)")
     out.add_argument("--full", action="store_true", help="with --push-to-hub: upload the slim weights too")
+    out.add_argument("--overwrite", action="store_true",
+                     help="save into an --output folder that is not an optin-hf checkpoint: the files optin-hf "
+                     "writes there are replaced, the others kept")
 
 
 def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
     one_line_errors(parser)
+    _add_debug(parser)
     parser.add_argument("--model", required=True, metavar="DIR_OR_REPO",
                         help="a folder written by `optin prune`, or a dense model")
     parser.add_argument("--task", choices=TASK_CHOICES, help="default: from the model's architecture")
@@ -118,6 +127,7 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     one_line_errors(parser)
+    _add_debug(parser)
     parser.add_argument("recipe", metavar="RECIPE.yaml", help="a recipe file, e.g. recipes/minilm-bbc-news.yaml")
     parser.add_argument("--output", metavar="DIR", help="override the recipe's output folder")
 
@@ -149,12 +159,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def run_command(name: str, args: argparse.Namespace) -> int:
-    """Run a parsed command; our errors become one `error: ...` line and exit status 1."""
+    """Run a parsed command; user errors become one `error: ...` line and exit status 1 (with `--debug`,
+    their traceback). Other exceptions are bugs and keep their traceback."""
     from .jobs import RUNNERS  # heavy (torch, transformers): only once a command really runs
 
     try:
         RUNNERS[name](args)
-    except (ValueError, OSError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     return 0

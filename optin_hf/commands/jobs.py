@@ -84,6 +84,7 @@ def prune(args: argparse.Namespace) -> None:
         push_to_hub=args.push_to_hub,
         push_full=args.full,
         device=args.device,
+        overwrite=args.overwrite,
     )
     _finish(job)
 

@@ -42,7 +42,7 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _dense_down(adapter: ArchAdapter, layer: nn.Module, ffn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _down_in_out(adapter: ArchAdapter, layer: nn.Module, ffn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The FFN down projection's input [batch, tokens, width] and output [batch, tokens, hidden], unmasked."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     down = get_submodule(layer, adapter.ffn_down)
@@ -165,7 +165,7 @@ class FastRunner:
             finished = self.adapter.finish_attention(layer, calls[i].heads, calls[i].hidden)
             check(self.adapter.feed_forward(layer, finished), want, f"layer {i} in pieces")
             if self.adapter.finish_feed_forward is not None:
-                _, down = _dense_down(self.adapter, layer, finished)
+                _, down = _down_in_out(self.adapter, layer, finished)
                 finished_down = self.adapter.finish_feed_forward(layer, down, finished)
                 check(finished_down, want, f"layer {i} from its down projection's output")
             check(_first(layer(calls[i].hidden, *calls[i].args, **calls[i].kwargs)), want, f"layer {i} replayed")
@@ -174,20 +174,23 @@ class FastRunner:
             check(logits, self.logits[: len(logits)], "classifier")
 
     def _classify(self, hidden: torch.Tensor, forward: int, variants: int) -> torch.Tensor | None:
-        """Logits of a stacked forward's examples: a pack's examples start inside its rows, so
-        their first tokens are moved to rows of their own first (the classifiers read token 0)."""
+        """Logits of a stacked forward's examples: a pack's examples start inside its rows, so the
+        tokens the task head reads (each example's first `adapter.pooled_tokens`) are moved to rows
+        of their own first."""
         first = self.first[forward]
         if first is not None:
-            hidden = hidden.reshape(variants, -1, hidden.shape[-1])[:, first].reshape(-1, 1, hidden.shape[-1])
+            pooled = first[:, None] + torch.arange(self.adapter.pooled_tokens, device=first.device)
+            width = hidden.shape[-1]
+            hidden = hidden.reshape(variants, -1, width)[:, pooled.flatten()].reshape(-1, pooled.shape[1], width)
         return self.classifier(self.model, hidden)
 
-    def _dense_down(self, layer: int, forward: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _cached_down(self, layer: int, forward: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(FFN input, down projection input, its output) of one layer in one forward's dense run,
         kept for the next stack of the same layer: a layer's neurons come in many stacks."""
         if self._down is None or self._down[:2] != (layer, forward):
             module, call = self.layers[layer], self.calls[forward][layer]
             ffn_input = self.adapter.finish_attention(module, call.heads, call.hidden)
-            self._down = (layer, forward, ffn_input, *_dense_down(self.adapter, module, ffn_input))
+            self._down = (layer, forward, ffn_input, *_down_in_out(self.adapter, module, ffn_input))
         return self._down[2:]
 
     @contextmanager
@@ -228,7 +231,7 @@ class FastRunner:
         judged = later_layers(layer, len(self.layers))
         shortcut = kind == "neuron" and self.adapter.finish_feed_forward is not None
         if shortcut:  # the dense FFN once, before any hook sees the stacked variants
-            ffn_input, inputs, output = self._dense_down(layer, forward)
+            ffn_input, inputs, output = self._cached_down(layer, forward)
             down = _masked_down(inputs, output, get_submodule(module, self.adapter.ffn_down).weight, unit_mask)
             masking = nullcontext()
         else:

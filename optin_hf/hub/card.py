@@ -9,7 +9,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from ..arch import get_adapter
-from ..macs import count_macs, head_macs, neuron_macs
+from ..macs import count_macs
 from ..reconstruct import RECONSTRUCTION_NAME
 
 if TYPE_CHECKING:
@@ -39,12 +39,12 @@ def _macs(pruner: OptinPruner, model: nn.Module) -> tuple[float, float] | None:
     if pruner.seq_len is None:
         return None
     seq_len, config, masks = pruner.seq_len, model.config, pruner.masks
-    head_dim = get_adapter(config).head_dim(config)
+    adapter = get_adapter(config)
     pruned = count_macs(model, seq_len)
     removed_heads = int((~masks.head_mask).sum())
     removed_neurons = int((~masks.neuron_mask).sum())
-    dense = pruned + removed_heads * head_macs(seq_len, config.hidden_size, head_dim)
-    dense += removed_neurons * neuron_macs(seq_len, config.hidden_size)
+    dense = pruned + removed_heads * adapter.head_macs(seq_len, config)
+    dense += removed_neurons * adapter.neuron_macs(seq_len, config)
     return dense, pruned
 
 

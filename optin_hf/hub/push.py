@@ -13,7 +13,7 @@ from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, R
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from ..checkpoint import atomic_directory, write_checkpoint
+from ..checkpoint import checkpoint_directory, write_checkpoint
 from ..config import OptinConfig
 from ..importance.scores import SCORES_NAME
 from .card import LIBRARY_NAME, CardMetrics, _check_metrics, model_card
@@ -131,10 +131,15 @@ def write_repo_folder(
     metrics: CardMetrics | None = None,
     speedup: float | None = None,
     max_shard_size: int | str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write what `push_to_hub` would upload to `repo_id` into a local folder, to inspect or upload later."""
+    """Write what `push_to_hub` would upload to `repo_id` into a local folder, to inspect or upload later.
+
+    The folder is replaced as `OptinPruner.save` replaces one: a non-empty folder that is not an optin-hf
+    checkpoint is refused unless `overwrite=True`, and files optin-hf did not write are kept.
+    """
     config = _resolved_config(pruner, model, _api(token), masks_only, metrics)
-    with atomic_directory(folder) as tmp:
+    with checkpoint_directory(folder, overwrite) as tmp:
         _fill_repo_folder(
             tmp, pruner, model, config, repo_id, masks_only=masks_only, metrics=metrics, speedup=speedup,
             max_shard_size=max_shard_size,

@@ -1,12 +1,23 @@
-"""Interchangeable importance criteria, looked up by `OptinConfig.importance`."""
+"""Interchangeable importance criteria, looked up by `OptinConfig.importance` (`optin_hf.criteria`)."""
 
-from .base import ImportanceCriterion
+from ..criteria import CRITERIA, criterion_from_config, register_criterion
+from .base import ConfiguredImportance, ImportanceCriterion
 from .fisher import FisherImportance
 from .magnitude import MagnitudeImportance
 from .optin import OptinImportance
 from .random import RandomImportance
 from .scores import SCORES_NAME, ImportanceScores
 
-CRITERIA: dict[str, type] = {c.name: c for c in (OptinImportance, MagnitudeImportance, RandomImportance, FisherImportance)}
-
-__all__ = ["CRITERIA", "SCORES_NAME", "ImportanceCriterion", "ImportanceScores"]
+__all__ = [
+    "CRITERIA",
+    "SCORES_NAME",
+    "ConfiguredImportance",
+    "FisherImportance",
+    "ImportanceCriterion",
+    "ImportanceScores",
+    "MagnitudeImportance",
+    "OptinImportance",
+    "RandomImportance",
+    "criterion_from_config",
+    "register_criterion",
+]

@@ -1,23 +1,28 @@
-"""The interface every importance criterion implements."""
+"""The interface every importance criterion implements, and the base of the built-in ones."""
 
 from __future__ import annotations
 
-from typing import Protocol
+import dataclasses
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from ..arch import ArchAdapter
+from ..config import OptinConfig
 from .scores import ImportanceScores
 
 
 class ImportanceCriterion(Protocol):
     """Scores every head and neuron of a dense model; the budget search and slimming are shared.
 
-    The pruner runs a criterion in eval mode under `torch.no_grad()` on batches of model inputs
-    only. One that sets `needs_grad = True` runs with autograd on (it must not leave `.grad` on
-    the model's parameters); one that sets `needs_labels = True` also gets each batch's `labels`
-    ([batch]) when the calibration data has them. Both default to False when absent.
+    A criterion is built from its own settings, or by the pruner with `from_config(config)` from
+    the `OptinConfig` that names it (`optin_hf.criteria`). When called, `config` is the run's
+    settings: what to score (`prune_heads`, `prune_neurons`, `prune_tokens`) and how to run (engine,
+    dtype, seed). The pruner runs a criterion in eval mode under `torch.no_grad()` on batches of
+    model inputs only. One that sets `needs_grad = True` runs with autograd on (it must not leave
+    `.grad` on the model's parameters); one that sets `needs_labels = True` also gets each batch's
+    `labels` ([batch]) when the calibration data has them. Both default to False when absent.
     A criterion that scores by masked runs also has `masked_units(model, adapter, config)`:
     units per layer of each kind it runs ({"head": 12, "neuron": 1536}), so the pruner can
     estimate the scoring time and fit `OptinConfig.max_scoring_time`.
@@ -27,6 +32,28 @@ class ImportanceCriterion(Protocol):
     needs_grad: bool
     needs_labels: bool
 
+    @classmethod
+    def from_config(cls, config: OptinConfig) -> "ImportanceCriterion": ...
+
     def __call__(
-        self, model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], config
+        self, model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], config: OptinConfig
     ) -> ImportanceScores: ...
+
+
+class ConfiguredImportance:
+    """Base of the built-in criteria: frozen dataclasses whose fields are the `OptinConfig`
+    settings of the same name (and defaults), so one config builds them, and checks them."""
+
+    name: ClassVar[str]
+    needs_grad: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        OptinConfig(**self.settings())  # refuses a bad setting with the config's own message
+
+    def settings(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_config(cls, config: OptinConfig) -> "ConfiguredImportance":
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})

@@ -38,14 +38,17 @@ PTF's mask tuning (per-unit scales by least squares) is `OptinConfig(reconstruct
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchAdapter
+from ..config import OptinConfig
 from ..hooks import apply_masks
+from .base import ConfiguredImportance
 from .scores import ImportanceScores
 
 
@@ -77,12 +80,15 @@ def example_losses(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.T
     return F.cross_entropy(logits, target, reduction="none")
 
 
-class FisherImportance:
-    name = "fisher"
-    needs_grad = True
-    needs_labels = True
+@dataclass(frozen=True)
+class FisherImportance(ConfiguredImportance):
+    """No settings of its own: the loss is the task head's, and one backward per batch scores all."""
 
-    def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config) -> ImportanceScores:
+    name: ClassVar[str] = "fisher"
+    needs_grad: ClassVar[bool] = True
+    needs_labels: ClassVar[bool] = True
+
+    def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config: OptinConfig) -> ImportanceScores:
         if model.base_model is model:
             raise ValueError(
                 f"importance='fisher' needs the task model's logits, and {type(model).__name__} is a bare encoder: "

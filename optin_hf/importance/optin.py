@@ -4,19 +4,37 @@ the logits (KL)."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from ..arch import ArchAdapter, get_submodule
+from ..config import OptinConfig
 from ..engine import compute_raw_losses
 from ..engine.run import grouped
-from ..losses import balance, faithful_weights, token_scores
 from ..engine.token_losses import capture_token_grams, reference_token_losses
+from ..losses import balance, faithful_weights, token_scores
+from .base import ConfiguredImportance
 from .scores import ImportanceScores
 
 
-class OptinImportance:
-    name = "optin"
+@dataclass(frozen=True)
+class OptinImportance(ConfiguredImportance):
+    """The settings are `OptinConfig`'s of the same name: the Gram temperature, the KL weight, the
+    MD token subset, neuron grouping, the reference's extra weights and the token-score shape."""
+
+    temperature: float = OptinConfig.temperature
+    lambda_contribution: float = OptinConfig.lambda_contribution
+    md_tokens: int = OptinConfig.md_tokens
+    neuron_group_size: int = OptinConfig.neuron_group_size
+    faithful: bool = OptinConfig.faithful
+    max_patch_envelope: float = OptinConfig.max_patch_envelope
+    patch_metric_decay: float = OptinConfig.patch_metric_decay
+
+    name: ClassVar[str] = "optin"
 
     @staticmethod
     def masked_units(model: nn.Module, adapter: ArchAdapter, config) -> dict[str, int]:
@@ -25,14 +43,15 @@ class OptinImportance:
         enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
         return {kind: count for kind, count in units.items() if enabled[kind]}
 
-    def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config) -> ImportanceScores:
+    def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config: OptinConfig) -> ImportanceScores:
+        config = dataclasses.replace(config, **self.settings())  # the engines read these settings from it
         num_layers = len(adapter.layers_of(model))
         units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
         # Neurons may be scored in groups (a speed/granularity trade-off): groups of neurons of like
         # output energy, so that a group's score stands for neurons that matter alike. Each neuron
         # carries an equal share of its group's balanced score (a last group that the width does
         # not fill is shared by fewer neurons), so importance sums stay comparable with the heads'.
-        group = {"head": 1, "neuron": config.neuron_group_size}
+        group = {"head": 1, "neuron": self.neuron_group_size}
         candidates = grouped(self.masked_units(model, adapter, config), group)
         orders = {"neuron": neuron_energy_order(model, adapter, batches)} if group["neuron"] > 1 and "neuron" in candidates else {}
         raw = compute_raw_losses(model, adapter, batches, config, candidates, groups={"neuron": group["neuron"]}, orders=orders)
@@ -41,18 +60,18 @@ class OptinImportance:
             if kind not in raw:
                 scores[kind] = torch.zeros(num_layers, count)
                 continue
-            balanced = balance(raw[kind].md, raw[kind].kl, config.lambda_contribution)
+            balanced = balance(raw[kind].md, raw[kind].kl, self.lambda_contribution)
             sizes = torch.full((balanced.shape[1],), group[kind])
             sizes[-1] = count - group[kind] * (len(sizes) - 1)  # a last group may be partial
             scores[kind] = (balanced / sizes).repeat_interleave(sizes, dim=1)
             if kind in orders:  # place p of a layer's order is neuron orders[kind][layer, p]
                 scores[kind] = torch.empty_like(scores[kind]).scatter_(1, orders[kind], scores[kind])
-            if config.faithful:
+            if self.faithful:
                 scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
         tokens = None
         if config.prune_tokens:
-            token_raw = reference_token_losses(model, adapter, batches, capture_token_grams(model, adapter, batches), config.temperature)
-            tokens = token_scores(token_raw.md, token_raw.kl, config.lambda_contribution, config.max_patch_envelope, config.patch_metric_decay)
+            token_raw = reference_token_losses(model, adapter, batches, capture_token_grams(model, adapter, batches), self.temperature)
+            tokens = token_scores(token_raw.md, token_raw.kl, self.lambda_contribution, self.max_patch_envelope, self.patch_metric_decay)
         return ImportanceScores(scores["head"], scores["neuron"], self.name, tokens)
 
 

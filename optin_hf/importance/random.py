@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from ..arch import ArchAdapter
+from ..config import OptinConfig
+from .base import ConfiguredImportance
 from .scores import ImportanceScores
 
 
-class RandomImportance:
-    name = "random"
+@dataclass(frozen=True)
+class RandomImportance(ConfiguredImportance):
+    seed: int = OptinConfig.seed
 
-    def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config) -> ImportanceScores:
-        generator = torch.Generator().manual_seed(config.seed)
+    name: ClassVar[str] = "random"
+
+    def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config: OptinConfig) -> ImportanceScores:
+        generator = torch.Generator().manual_seed(self.seed)
         num_layers = len(adapter.layers_of(model))
         heads = torch.rand(num_layers, adapter.num_heads(model.config), generator=generator)
         neurons = torch.rand(num_layers, adapter.intermediate_size(model.config), generator=generator)

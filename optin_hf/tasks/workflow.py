@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
-from ..checkpoint import load_supported_config
+from ..checkpoint import check_save_target, load_supported_config
 from ..config import OptinConfig
 from ..masks import MASKS_NAME
 from .metrics import DEFAULT_METRIC, Metric, load_metric
@@ -47,6 +47,7 @@ class PruneJob:
     push_to_hub: str | None = None
     push_full: bool = False
     device: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.default and self.model:
@@ -65,10 +66,7 @@ class PruneJob:
             base = self.default or Path(self.model.rstrip("/")).name
             self.output = Path(f"{base}-optin-{self.optin.mac_constraint}")
         self.output = Path(self.output)
-        # Saving replaces the whole folder, so only an earlier optin-hf checkpoint may be overwritten.
-        occupied = not self.output.is_dir() or any(self.output.iterdir())
-        if self.output.exists() and occupied and not (self.output / MASKS_NAME).is_file():
-            raise ValueError(f"Output {self.output} exists and is not an optin-hf checkpoint; choose a new folder (saving replaces it).")
+        check_save_target(self.output, self.overwrite)  # before the run, not after it
 
 
 @dataclass
@@ -204,7 +202,7 @@ def run_prune(job: PruneJob) -> Report:
     start = time.perf_counter()
     pruner.prune_model(model, calibration)
     timings = {"total_s": time.perf_counter() - start, **pruner.timings}
-    pruner.save(model, job.output)
+    pruner.save(model, job.output, overwrite=job.overwrite)
     if loaded.processor is not None:
         loaded.processor.save_pretrained(job.output)
     report = measure(

@@ -1,0 +1,307 @@
+"""optin_hf/checkpoint.py: a save never deletes the user's files, and a kill at any step never loses a checkpoint.
+
+Run as a script (`python test_checkpoint.py`), this file is the fault test's child: see `_serve`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import batch, calibration, output, tiny_model
+from torch import nn
+
+from optin_hf import AutoOptinModel, OptinConfig, OptinPruner
+from optin_hf.checkpoint import OWNED_FILES, atomic_directory, restore_interrupted_save
+from optin_hf.commands.__main__ import main
+from optin_hf.hub import write_repo_folder
+
+REPO = Path(__file__).resolve().parents[1]
+USER_FILES = {"NOTES.md": "my notes\n", "vocab.txt": "[PAD]\nhello\n", "runs/log.txt": "epoch 1\n"}
+
+
+def pruned(seed: int, mac_constraint: float) -> tuple[OptinPruner, nn.Module]:
+    """A tiny pruned BERT; the same seed gives the same model in any process."""
+    model = tiny_model("bert", seed=seed, attn="sdpa")
+    config = OptinConfig(mac_constraint=mac_constraint, importance="random", seq_len=12, seed=seed, reconstruct="none")
+    pruner = OptinPruner(config)
+    pruner.prune_model(model, calibration("bert"))
+    return pruner, model
+
+
+OLD, NEW = (0, 0.8), (1, 0.4)
+
+
+def write_user_files(folder: Path) -> None:
+    for name, text in USER_FILES.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def dense_user_folder(folder: Path) -> dict[str, bytes]:
+    """A user's fine-tuned model folder (config, weights, tokenizer, notes); returns its snapshot."""
+    tiny_model("bert").save_pretrained(folder)
+    write_user_files(folder)
+    return snapshot(folder)
+
+
+@pytest.fixture(scope="module")
+def old_and_new():
+    return pruned(*OLD), pruned(*NEW)
+
+
+def test_save_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, old_and_new):
+    (pruner, model), _ = old_and_new
+    folder = tmp_path / "my-finetuned-bert"
+    before = dense_user_folder(folder)
+    with pytest.raises(FileExistsError, match=r"my-finetuned-bert is not empty \(NOTES.md, config.json.*overwrite=True"):
+        pruner.save(model, folder)
+    with pytest.raises(FileExistsError, match="is not an optin-hf checkpoint"):
+        write_repo_folder(pruner, model, folder, "user/slim", masks_only=False)
+    assert snapshot(folder) == before
+    assert os.listdir(tmp_path) == ["my-finetuned-bert"]  # no temp folder left beside it
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="a-file is not an optin-hf checkpoint but a file"):
+        pruner.save(model, tmp_path / "a-file")
+
+
+def test_overwrite_saves_into_a_user_folder_keeping_what_optin_hf_does_not_write(tmp_path, old_and_new):
+    (pruner, model), _ = old_and_new
+    folder = tmp_path / "my-finetuned-bert"
+    dense_user_folder(folder)
+    pruner.save(model, folder, overwrite=True)
+    assert torch.allclose(output(AutoOptinModel.from_pretrained(folder), batch("bert")), output(model, batch("bert")), atol=1e-5)
+    assert {name: (folder / name).read_text() for name in USER_FILES} == USER_FILES
+    write_repo_folder(pruner, model, tmp_path / "repo", "user/slim", masks_only=False)  # a new folder needs no consent
+    dense_user_folder(tmp_path / "repo2")
+    write_repo_folder(pruner, model, tmp_path / "repo2", "user/slim", masks_only=False, overwrite=True)
+    assert (tmp_path / "repo2" / "README.md").read_text() == (tmp_path / "repo" / "README.md").read_text()
+    assert (tmp_path / "repo2" / "NOTES.md").read_text() == USER_FILES["NOTES.md"]
+
+
+def test_replacing_a_checkpoint_keeps_the_user_files_and_drops_stale_owned_ones(tmp_path, old_and_new):
+    (old_pruner, old_model), (new_pruner, new_model) = old_and_new
+    folder = tmp_path / "out"
+    old_pruner.save(old_model, folder, max_shard_size=20_000)  # sharded: its shards must not outlive it
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    write_user_files(folder)
+    (folder / "optin_report.json").write_text("{}")  # an earlier CLI run's report describes the old model
+    (folder / "README.md").write_text("old card")
+    os.symlink("NOTES.md", folder / "notes-link")
+    new_pruner.save(new_model, folder)
+    assert {name: (folder / name).read_text() for name in USER_FILES} == USER_FILES
+    assert os.readlink(folder / "notes-link") == "NOTES.md"
+    assert not list(folder.glob("model-*-of-*.safetensors")) and (folder / "model.safetensors").is_file()
+    assert not (folder / "optin_report.json").exists() and not (folder / "README.md").exists()
+    loaded = AutoOptinModel.from_pretrained(folder)
+    assert torch.allclose(output(loaded, batch("bert")), output(new_model, batch("bert")), atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_owned_files_cover_everything_a_save_writes(tmp_path, old_and_new):
+    import fnmatch
+
+    (pruner, model), _ = old_and_new
+    pruner.save(model, tmp_path / "full", max_shard_size=20_000)
+    write_repo_folder(pruner, model, tmp_path / "repo", "user/slim", masks_only=False)
+    written = set(os.listdir(tmp_path / "full")) | set(os.listdir(tmp_path / "repo"))
+    assert {n for n in written if not any(fnmatch.fnmatchcase(n, p) for p in OWNED_FILES)} == set()
+
+
+def test_a_symlinked_folder_is_followed_and_kept(tmp_path, old_and_new):
+    (old_pruner, old_model), (new_pruner, new_model) = old_and_new
+    real = tmp_path / "disk" / "out"
+    old_pruner.save(old_model, real)
+    (tmp_path / "work").mkdir()
+    link = tmp_path / "work" / "out"
+    link.symlink_to(real, target_is_directory=True)
+    new_pruner.save(new_model, link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    loaded = AutoOptinModel.from_pretrained(real)
+    assert torch.allclose(output(loaded, batch("bert")), output(new_model, batch("bert")), atol=1e-5)
+    assert os.listdir(tmp_path / "work") == ["out"] and os.listdir(tmp_path / "disk") == ["out"]
+
+
+def test_leftovers_of_killed_saves_are_restored_or_deleted(tmp_path, old_and_new):
+    (old_pruner, old_model), (new_pruner, new_model) = old_and_new
+    folder = tmp_path / "out"
+    old_pruner.save(old_model, tmp_path / "staged")
+    # Killed between the two renames: the old checkpoint hidden, the new one staged, the path missing.
+    os.replace(tmp_path / "staged", tmp_path / ".out.old-dead0001")
+    (tmp_path / ".out.tmp-dead0002").mkdir()
+    (tmp_path / ".out.tmp-dead0002" / "optin_masks.safetensors").write_bytes(b"half")
+    loaded = AutoOptinModel.from_pretrained(folder)  # a load puts the old checkpoint back
+    assert torch.allclose(output(loaded, batch("bert")), output(old_model, batch("bert")), atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == [".out.tmp-dead0002", "out"]
+    (tmp_path / ".out.old-dead0003").mkdir()  # killed while deleting the replaced folder
+    new_pruner.save(new_model, folder)
+    assert os.listdir(tmp_path) == ["out"]
+    # The same recovery when a save, not a load, comes first.
+    os.replace(folder, tmp_path / ".out.old-dead0004")
+    old_pruner.save(old_model, folder)
+    assert os.listdir(tmp_path) == ["out"]
+    assert torch.allclose(output(AutoOptinModel.from_pretrained(folder), batch("bert")), output(old_model, batch("bert")), atol=1e-5)
+
+
+def test_atomic_directory_stays_a_plain_replace(tmp_path):
+    """The primitive the trained-model cache uses: no checkpoint guard, the folder replaced as a whole."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "junk").write_text("x")
+    with atomic_directory(folder) as tmp:
+        (tmp / "model.bin").write_text("y")
+    assert os.listdir(folder) == ["model.bin"] and os.listdir(tmp_path) == ["cache"]
+    with pytest.raises(RuntimeError), atomic_directory(folder) as tmp:
+        (tmp / "half").write_text("z")
+        raise RuntimeError
+    assert os.listdir(folder) == ["model.bin"] and os.listdir(tmp_path) == ["cache"]
+
+
+def test_cli_refuses_a_foreign_output_and_offers_overwrite(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    before = dense_user_folder(folder)
+    args = ["prune", "--model", "m", "--dataset", "d.csv", "--output", str(folder)]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "is not an optin-hf checkpoint" in err and "--overwrite" in err
+    assert snapshot(folder) == before
+
+
+def test_cli_rerun_keeps_the_user_files_in_its_output(tmp_path, capsys, monkeypatch):
+    from tiny_task import trained_text_model, write_csv
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    trained_text_model(tmp_path / "model", steps=1)
+    write_csv(tmp_path / "data.csv", n=24, label_names=True)
+    out = tmp_path / "out"
+    args = [
+        "prune", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data.csv"), "--output", str(out),
+        "--calibration-split", "train[:8]", "--eval-split", "train[8:]", "--num-samples", "4",
+        "--importance", "magnitude", "--reconstruct", "none",
+    ]  # fmt: skip
+    dense_user_folder(out)
+    assert main([*args, "--overwrite"]) == 0
+    (out / "MORE.md").write_text("more")
+    assert main([*args, "--mac-constraint", "0.4"]) == 0  # replaces the checkpoint, no --overwrite needed
+    assert (out / "MORE.md").read_text() == "more"
+    assert {name: (out / name).read_text() for name in USER_FILES if name != "vocab.txt"} == {
+        k: v for k, v in USER_FILES.items() if k != "vocab.txt"
+    }
+    assert OptinConfig.from_pretrained(out).mac_constraint == 0.4 and (out / "optin_report.json").is_file()
+    assert (out / "tokenizer_config.json").is_file()  # the run's tokenizer, written beside the checkpoint
+
+
+# The fault test. A child process (this file run as a script) forks one grandchild per step k; the grandchild
+# saves the NEW model over the target and SIGKILLs itself just before its k-th file-system change (seen through
+# an audit hook: every mkdir, rename, link, delete and file opened for writing). After each kill the parent
+# checks the target, resets it and lets the child go on, until a save runs to the end. The single deletes
+# (os.remove, os.rmdir) are left out: they only come from deleting the replaced folder once the new one is in
+# place, where the kill before shutil.rmtree stands for them.
+
+MUTATIONS = {"os.mkdir", "os.rename", "os.link", "os.symlink", "shutil.rmtree", "shutil.copyfile", "shutil.copytree"}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+
+def _kill_at(step: int):
+    seen = 0
+
+    def hook(event: str, args: tuple) -> None:
+        nonlocal seen
+        if event in MUTATIONS or (event == "open" and isinstance(args[2], int) and args[2] & WRITE_FLAGS):
+            seen += 1
+            if seen == step:
+                os.write(1, f"killed {step} {event} {Path(str(args[0])).name}\n".encode())
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _serve() -> None:
+    """The child: for each "TARGET OVERWRITE" line on stdin, kill a save at every step k = 1, 2, ... in turn."""
+    torch.set_num_threads(1)  # forking with a thread pool running is unsafe
+    pruner, model = pruned(*NEW)
+    for line in sys.stdin:
+        target, overwrite = line.split()
+        for step in range(1, 1000):
+            pid = os.fork()
+            if pid == 0:
+                sys.addaudithook(_kill_at(step))
+                pruner.save(model, target, overwrite=overwrite == "1")
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            if not os.WIFSIGNALED(status):
+                print(f"done {step} {os.waitstatus_to_exitcode(status)}", flush=True)
+                break
+            sys.stdin.readline()  # the parent has checked and reset the target
+
+
+def test_kill_at_every_step_of_a_save_loses_nothing(tmp_path, old_and_new):
+    (old_pruner, old_model), (_, new_model) = old_and_new
+    inputs = batch("bert")
+    old_out, new_out = output(old_model, inputs), output(new_model, inputs)
+    assert not torch.allclose(old_out, new_out, atol=1e-2)
+    pristine_checkpoint = tmp_path / "pristine-checkpoint"
+    old_pruner.save(old_model, pristine_checkpoint)
+    write_user_files(pristine_checkpoint)
+    pristine_user = tmp_path / "pristine-user"
+    dense_user_folder(pristine_user)
+    work = tmp_path / "work"
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    stderr = open(tmp_path / "child.err", "w")
+    child = subprocess.Popen(
+        [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+        cwd=Path(__file__).parent,
+    )
+
+    def loads_as(*expected: torch.Tensor) -> bool:
+        got = output(AutoOptinModel.from_pretrained(work / "out"), inputs)
+        return any(torch.allclose(got, e, atol=1e-5) for e in expected)
+
+    killed_at: list[str] = []
+    try:
+        for pristine, overwrite in ((pristine_checkpoint, "0"), (pristine_user, "1")):
+            before = snapshot(pristine)
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(pristine, work / "out", symlinks=True)
+            child.stdin.write(f"{work / 'out'} {overwrite}\n")
+            child.stdin.flush()
+            while True:
+                line = child.stdout.readline()
+                assert line, f"the child died: {(tmp_path / 'child.err').read_text()[-3000:]}"
+                if overwrite == "0":  # replacing a checkpoint: it loads as the old or the new one
+                    assert loads_as(old_out, new_out), line
+                else:  # a user's folder: untouched (once the next load or save has restored it), or the new checkpoint
+                    restore_interrupted_save(work / "out")
+                    assert snapshot(work / "out") == before or loads_as(new_out), line
+                assert {n: (work / "out" / n).read_text() for n in USER_FILES} == USER_FILES, line
+                if line.startswith("done"):
+                    assert line.split()[2] == "0" and loads_as(new_out)
+                    break
+                killed_at.append(line.split()[2])
+                shutil.rmtree(work)
+                shutil.copytree(pristine, work / "out", symlinks=True)
+                child.stdin.write("\n")
+                child.stdin.flush()
+    finally:
+        child.kill()
+        child.wait()
+        stderr.close()
+    # Every kind of step was hit, the window between the two renames included.
+    assert {"os.mkdir", "open", "os.link", "shutil.copytree", "shutil.rmtree"} <= set(killed_at), killed_at
+    assert killed_at.count("os.rename") == 4, killed_at
+
+
+if __name__ == "__main__":
+    _serve()
