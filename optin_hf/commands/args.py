@@ -1,6 +1,8 @@
 """The one argparse definition of `optimum-cli optin ...` and `python -m optin_hf ...`.
 
-Imports nothing heavy: optimum-cli builds these parsers at every start, whatever command runs.
+optimum-cli builds these parsers at every start, whatever command runs, so this module imports
+only `OptinConfig` (its defaults fill the help), and through it torch; transformers, datasets
+and the pruning code load once a command really runs (`run_command`).
 """
 
 from __future__ import annotations
