@@ -21,13 +21,10 @@ from ..arch import get_adapter
 from ..config import OptinConfig
 from ..masks import MASKS_NAME
 from .metrics import DEFAULT_METRIC, Metric, load_metric
+from .names import TASKS, model_class
 from .report import REPORT_JSON, Report, measure
-from .task_data import TASKS, DataSpec, Encoder, LabelEncoder, TaskData, column_names, load_task_data, resolve_columns
+from .task_data import DataSpec, Encoder, LabelEncoder, TaskData, in_memory_task_data, label_encoder, load_task_data
 
-MODEL_CLASSES = {
-    "text-classification": "AutoModelForSequenceClassification",
-    "image-classification": "AutoModelForImageClassification",
-}
 DEFAULT_TEXT_MODEL = "bbc-news"
 
 
@@ -101,8 +98,7 @@ def load_default_task(name: str) -> Loaded:
     if name not in DEFAULT_NAMES:
         raise ValueError(f"Unknown embedded default {name!r}; choose one of {list(DEFAULT_NAMES)}.")
     task = load_default(name)
-    columns = resolve_columns(column_names(task.calibration), task.task)
-    data = TaskData(task.task, task.calibration, task.test, columns, {"default": name})
+    data = in_memory_task_data(task.task, task.calibration, task.test, {"default": name})
     return Loaded(f"{name} (embedded default)", str(task.model_dir), task.model, task.processor, data)
 
 
@@ -112,7 +108,7 @@ def load_model(name_or_path: str, task: str | None = None, processor: str | None
 
     config = transformers.AutoConfig.from_pretrained(name_or_path)
     task = task or ("image-classification" if get_adapter(config).is_vision else "text-classification")
-    model = getattr(transformers, MODEL_CLASSES[task]).from_pretrained(name_or_path).eval()
+    model = model_class(task).from_pretrained(name_or_path).eval()
     return model, load_processor(processor or name_or_path, task), task
 
 
@@ -134,12 +130,6 @@ def _check_metric(metric: Metric, model: nn.Module) -> None:
             f"Metric {metric.name} does not fit a model with {model.config.num_labels} label(s): "
             "regression models (one output) need glue/stsb, classifiers another metric."
         )
-
-
-def _label_encoder(data: TaskData, model: nn.Module) -> LabelEncoder | None:
-    if data.evaluation is None:
-        return None
-    return LabelEncoder((data.evaluation.features or {}).get(data.columns.label), model.config)
 
 
 def _with_labels(examples: list[dict[str, torch.Tensor]], rows: list[dict[str, Any]], data: TaskData, model: nn.Module) -> list:
@@ -183,7 +173,7 @@ def run_prune(job: PruneJob) -> Report:
     calibration = encoder.examples(rows)
     if getattr(CRITERIA[config.importance], "needs_labels", False):
         calibration = _with_labels(calibration, rows, data, model)
-    labels = _label_encoder(data, model)
+    labels = label_encoder(data, model.config)
     dense = copy.deepcopy(model)
     pruner = OptinPruner(config)
     start = time.perf_counter()
@@ -267,6 +257,6 @@ def run_evaluate(
         name=model_path,
         data=task_data,
         encoder=encoder,
-        labels=_label_encoder(task_data, model),
+        labels=label_encoder(task_data, model.config),
         metric=metric,
     )
