@@ -19,8 +19,8 @@ from pathlib import Path
 
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf.tasks.defaults import load_default
-from optin_hf.tasks.report import accuracy
 from optin_hf.tasks.recipes import load_recipe
+from optin_hf.tasks.report import accuracy
 
 RECIPES = {"bbc-news": "minilm-bbc-news.yaml", "tweet-sentiment": "minilm-tweet-sentiment.yaml", "digits-vit": "vit-digits.yaml"}
 ROOT = Path(__file__).resolve().parents[1]
