@@ -201,7 +201,11 @@ class ArchAdapter:
         """Heads a (possibly slimmed) layer runs, read off its query projection."""
         if isinstance(get_submodule(layer, self.attn_core), EmptyAttention):
             return 0
-        return num_features(get_submodule(layer, self.query), "out") // self.head_dim(config)
+        return num_features(get_submodule(layer, self.query), "out") // self.layer_head_dim(layer, config)
+
+    def layer_head_dim(self, layer: nn.Module, config) -> int:
+        """Features per head of `layer` (a module with heads); a family whose layers differ reads it off the layer."""
+        return self.head_dim(config)
 
     def kept_neurons(self, layer: nn.Module) -> int:
         return num_features(get_submodule(layer, self.ffn_up), "out")
@@ -219,7 +223,8 @@ class ArchAdapter:
 
         A layer that keeps none gets `EmptyAttention`, which still adds the output bias.
         """
-        _slim(layer, self.head_slices(), keep, self.head_dim(config))
+        head_dim = self.layer_head_dim(layer, config)
+        _slim(layer, self.head_slices(), keep, head_dim)
         if len(keep) == 0:
             inside = self.attn_out.removeprefix(self.attn_core + ".") if self.out_inside_core else None
             out = get_submodule(layer, self.attn_out)
@@ -229,7 +234,7 @@ class ArchAdapter:
         for attr in self.head_count_attrs:
             setattr(core, attr, len(keep))
         if self.all_head_size_attr:
-            setattr(core, self.all_head_size_attr, len(keep) * self.head_dim(config))
+            setattr(core, self.all_head_size_attr, len(keep) * head_dim)
 
     def slim_neurons(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
         """Keep only FFN neurons `keep` (sorted indices) of `layer`, in place."""
