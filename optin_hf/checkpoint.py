@@ -1,4 +1,4 @@
-"""Checkpoint folders: safe, atomic saves; the slim model's config.json; strict safetensors weight loading.
+"""Saving a pruned model: safe, atomic checkpoint folders; the slim model's config.json; strict safetensors weight loading.
 
 How a folder is replaced (`atomic_directory`). The new files go into a hidden sibling `.NAME.tmp-*`.
 Then NAME is renamed to `.NAME.old-*`, the new folder to NAME, and the old one deleted. A kill
@@ -35,16 +35,18 @@ from huggingface_hub import save_torch_state_dict
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from .config import OptinConfig
+from .arch import ADAPTERS
 from .importance.scores import SCORES_NAME, ImportanceScores
-from .masks import MASKS_NAME, PruningMasks, load_safetensors
-from .reconstruct import RECONSTRUCTION_NAME, Reconstruction, save_reconstruction
+from .masks import MASKS_NAME, load_safetensors
+from .reconstruct import RECONSTRUCTION_NAME, save_reconstruction
+from .result import PruningResult, pruning_result
 
 MODEL_CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # What a save replaces in an existing folder; any other entry there is the user's and is kept.
 OWNED_FILES = ("optin_*", MODEL_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*-of-*.safetensors", "README.md")
+MAX_SHARD_SIZE = "5GB"
 # transformers reads `transformers_weights` in config.json as the name of the weights file and, before it builds the
 # model or downloads a weight, refuses a name that is not a safetensors file, quoting it. Without this, plain
 # `from_pretrained` would build the dense shapes and stop on a wall of size-mismatch reports.
@@ -175,27 +177,52 @@ def checkpoint_directory(target: str | os.PathLike, overwrite: bool = False) -> 
 
 def write_checkpoint(
     folder: Path,
-    model: nn.Module | None,
-    config: OptinConfig,
-    masks: PruningMasks,
-    scores: ImportanceScores | None,
-    max_shard_size: int | str,
-    reconstruction: Reconstruction | None = None,
+    model: nn.Module,
+    result: PruningResult,
+    *,
+    scores: ImportanceScores | None = None,
+    masks_only: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> None:
-    """Fill `folder`: the slim model's config and weights (skipped when `model` is None: a masks-only
-    checkpoint), `optin_config.json`, the masks and the scores when known. A masks-only checkpoint
-    of a reconstructed model also holds the refit parameters, which full weights already contain."""
-    if model is not None:
+    """Fill `folder` with the pruned `model` as `result` describes it: the slim model's config and weights
+    (skipped when `masks_only`), `optin_config.json`, the masks and the scores when given. A masks-only
+    checkpoint of a reconstructed model also holds the refit parameters, which full weights already contain."""
+    if not masks_only:
         # Our own key names: save_pretrained would rename keys to legacy checkpoint layouts.
         model.config.architectures = [type(model).__name__]  # the task head to rebuild
         save_model_config(model.config, folder)
         save_torch_state_dict(model.state_dict(), folder, max_shard_size=max_shard_size)
-    config.save_pretrained(folder)
-    masks.save(folder / MASKS_NAME)
-    if model is None and reconstruction is not None:
-        save_reconstruction(reconstruction, folder / RECONSTRUCTION_NAME)
+    result.config.save_pretrained(folder)
+    result.masks.save(folder / MASKS_NAME)
+    if masks_only and result.reconstruction is not None:
+        save_reconstruction(result.reconstruction, folder / RECONSTRUCTION_NAME)
     if scores is not None:
         scores.save(folder / SCORES_NAME)
+
+
+def save_pruned(
+    model: nn.Module,
+    save_dir: str | os.PathLike,
+    *,
+    scores: ImportanceScores | None = None,
+    masks_only: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> None:
+    """Write the pruned `model` (the result it carries) to `save_dir` atomically: the slim weights, sharded
+    above `max_shard_size` (bytes or "5GB"), or only the masks naming the base model (`masks_only`).
+
+    An earlier checkpoint in `save_dir` is replaced, keeping the files optin-hf did not write there (a
+    tokenizer, notes); any other non-empty folder is refused unless `overwrite=True` (module docstring)."""
+    result = pruning_result(model)
+    if masks_only and not result.config.base_model_name_or_path:
+        raise ValueError(
+            "A masks-only checkpoint rebuilds the model from its base, and this model's base is unknown (it was "
+            "built from a config): set OptinConfig(base_model_name_or_path=...) before pruning, or save the full "
+            "slim checkpoint (masks_only=False)."
+        )
+    with checkpoint_directory(save_dir, overwrite) as tmp:
+        write_checkpoint(tmp, model, result, scores=scores, masks_only=masks_only, max_shard_size=max_shard_size)
 
 
 def save_model_config(config: PretrainedConfig, folder: str | os.PathLike) -> None:
@@ -207,28 +234,74 @@ def save_model_config(config: PretrainedConfig, folder: str | os.PathLike) -> No
     path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
-def load_model_config(folder: str | os.PathLike) -> PretrainedConfig:
+def load_supported_config(name_or_path: str | os.PathLike, source: str | None = None, **hub_kwargs) -> PretrainedConfig:
+    """The config of a model optin-hf supports, from a folder or a Hub id.
+
+    config.json is read as plain JSON and its `model_type` checked before transformers resolves any class, so a repo
+    with its own code (`auto_map`) is refused, not imported or run; `trust_remote_code=False` backs that up.
+    """
+    values, _ = PretrainedConfig.get_config_dict(name_or_path, **hub_kwargs)
+    model_type = values.get("model_type")
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"{source or name_or_path} is a {model_type!r} model: optin-hf supports model_type {sorted(ADAPTERS)} "
+            "only, and never runs a repository's own code (trust_remote_code)."
+        )
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
+
+
+def load_model_config(folder: str | os.PathLike, source: str | None = None) -> PretrainedConfig:
     """The slim model's config, without the guard written by `save_model_config`."""
-    config = AutoConfig.from_pretrained(folder)
+    config = load_supported_config(folder, source)
     if "transformers_weights" in config:
         delattr(config, "transformers_weights")
     return config
 
 
-def load_weights(model: nn.Module, folder: str | os.PathLike) -> None:
-    """Load (possibly sharded) safetensors weights, refusing missing or unexpected keys."""
-    folder = Path(folder)
+def _shard_names(folder: Path) -> list[str]:
+    """The weight files of `folder`; an index may only name plain file names inside it."""
     index = folder / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
-    else:
+    if not index.is_file():
+        if (folder / WEIGHTS_NAME).is_file():
+            return [WEIGHTS_NAME]
         raise FileNotFoundError(f"No {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {folder}: the slim weights are missing.")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{index} is not a valid weights index (no weight_map of file names): {err}") from err
+    for name in names:
+        if not isinstance(name, str) or name in ("", ".", "..") or "\\" in name or Path(name).name != name:
+            raise ValueError(
+                f"{index} names the weights file {name!r}, which is not a plain file name in {folder}: optin-hf reads "
+                "weights only from the checkpoint folder itself. Re-save or re-download the checkpoint."
+            )
+    return sorted(names)
+
+
+def load_weights(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load (possibly sharded) safetensors weights into `model`, which may be built on the meta device.
+
+    The tensors are assigned, not copied, so they keep their saved dtype; missing or unexpected keys, shapes that
+    differ from the ones the masks built, and parameters still on the meta device afterwards are refused.
+    """
+    folder = Path(folder)
     state: dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in _shard_names(folder):
         state.update(load_safetensors(folder / name, "model weights"))
-    result = model.load_state_dict(state, strict=False)
+    built = model.state_dict()
+    wrong = [
+        f"{key} is {list(value.shape)} in the weights, {list(built[key].shape)} from the masks"
+        for key, value in state.items()
+        if key in built and value.shape != built[key].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"The weights in {folder} do not fit the model that its {MASKS_NAME} describes: {'; '.join(wrong[:3])}"
+            f"{f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''}. The masks file belongs to another pruned "
+            "model: put back the masks saved with these weights, or save the pruned model again."
+        )
+    result = model.load_state_dict(state, strict=False, assign=True)
     expected_missing = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in result.missing_keys if k not in expected_missing]
     if missing or result.unexpected_keys:
@@ -238,3 +311,6 @@ def load_weights(model: nn.Module, folder: str | os.PathLike) -> None:
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    empty = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if empty:
+        raise ValueError(f"The weights in {folder} leave {empty[:5]} unset: were they saved from another model?")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .allocate import allocate, allocate_with_tokens, rearrange_masks
 from .arch import check_model
-from .checkpoint import checkpoint_directory, write_checkpoint
+from .checkpoint import MAX_SHARD_SIZE, save_pruned
 from .config import OptinConfig
 from .data import average_length, check_inputs, prepare_calibration
 from .engine.distributed import process_state
@@ -27,6 +27,7 @@ from .importance import ImportanceScores, criterion_from_config
 from .macs import check_seq_len, count_macs, merge_macs, unit_macs
 from .masks import PruningMasks, check_masks
 from .reconstruct import Reconstruction, check_reconstructable, reconstruct, unslim
+from .result import PruningResult, attach_result, pruning_result, result_of_pruning
 from .slim import slim_model
 
 
@@ -38,8 +39,6 @@ class OptinPruner:
         model = pruner.prune_model(model, texts, tokenizer=tokenizer)
         pruner.save(model, "pruned")
     """
-
-    max_shard_size = "5GB"
 
     def __init__(self, config: OptinConfig | None = None, **kwargs: Any):
         if config is not None and kwargs:
@@ -210,7 +209,8 @@ class OptinPruner:
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:
         """Slim `model` in place (scoring and allocating first unless `masks` are given), then
-        reconstruct it on `data` unless `reconstruct="none"`."""
+        reconstruct it on `data` unless `reconstruct="none"`. The slim model carries its result
+        (`optin_hf.result.pruning_result`), so it can be saved or pushed without this pruner."""
         c = self.config
         check_reconstructable(self._check_model(model), c.reconstruct)
         if masks is not None:
@@ -233,38 +233,43 @@ class OptinPruner:
             self.reconstruction = reconstruct(model, dense, batches, c.reconstruct, c.reconstruct_ridge)
             model.config.optin["reconstruct"] = c.reconstruct
             self.timings["reconstruction_s"] = time.perf_counter() - start
+        attach_result(model, result_of_pruning(model, self.config, masks, self.seq_len, self.reconstruction))
         return model
 
-    def check_pruned(self, model: nn.Module) -> None:
-        """Raise unless `model` was slimmed by this pruner, so its masks describe it."""
-        if self.masks is None or not getattr(model.config, "optin", None):
+    def check_pruned(self, model: nn.Module) -> PruningResult:
+        """The result `model` carries; raise unless this pruner made it, so that its scores describe the model."""
+        if self.masks is None:
             raise ValueError("Nothing to save or push yet: call prune_model(model, ...) first.")
         check_masks(self.masks, "OptinPruner.masks (what save and push_to_hub write)")
-        if self.config.reconstruct != model.config.optin.get("reconstruct", "none"):
+        result = pruning_result(model)
+        mine, theirs = self.masks, result.masks
+        same = (
+            torch.equal(mine.head_mask, theirs.head_mask)
+            and torch.equal(mine.neuron_mask, theirs.neuron_mask)
+            and mine.tokens_per_layer() == theirs.tokens_per_layer()
+        )
+        if not same:
             raise ValueError(
-                f"This pruner's config says reconstruct={self.config.reconstruct!r} but the model was "
-                f"{'not reconstructed' if self.config.reconstruct != 'none' else 'reconstructed'}: prune it with "
-                "this pruner's prune_model(model, data)."
+                "This model was pruned with other masks than this pruner's (another prune_model call): save or push "
+                "it with the pruner that pruned it, or with optin_hf.checkpoint.save_pruned(model, ...) / "
+                "optin_hf.hub.push_to_hub(model, ...), which need no pruner."
             )
+        return result
 
     def save(
         self,
         model: nn.Module,
         save_dir: str | os.PathLike,
-        max_shard_size: int | str | None = None,
+        max_shard_size: int | str = MAX_SHARD_SIZE,
         *,
         overwrite: bool = False,
     ) -> None:
-        """Write the slim model, `optin_config.json` and the masks (and scores) atomically.
-
-        An earlier checkpoint in `save_dir` is replaced; the files optin-hf did not write there (a tokenizer,
-        notes) are kept. Any other non-empty folder is refused unless `overwrite=True`, which saves into it by
-        the same rule (see `optin_hf.checkpoint`). Weights above `max_shard_size` (bytes or "5GB"; default
-        `OptinPruner.max_shard_size`) are sharded.
+        """Write the slim model, `optin_config.json`, the masks and this pruner's scores atomically
+        (`optin_hf.checkpoint.save_pruned` with the scores: an earlier checkpoint is replaced keeping the user's
+        files, any other non-empty folder refused unless `overwrite=True`). Weights above `max_shard_size` are sharded.
         """
         self.check_pruned(model)
-        with checkpoint_directory(save_dir, overwrite) as tmp:
-            write_checkpoint(tmp, model, self.config, self.masks, self.scores, max_shard_size or self.max_shard_size, self.reconstruction)
+        save_pruned(model, save_dir, scores=self.scores, max_shard_size=max_shard_size, overwrite=overwrite)
 
     def push_to_hub(
         self,
@@ -277,16 +282,16 @@ class OptinPruner:
         *,
         metrics: CardMetrics | None = None,
         speedup: float | None = None,
-        max_shard_size: int | str | None = None,
+        max_shard_size: int | str = MAX_SHARD_SIZE,
     ) -> CommitInfo:
-        """Share the pruned `model`: its masks naming the base model (default), or the full slim checkpoint.
-
-        See `optin_hf.hub.push_to_hub`.
+        """Share the pruned `model` with this pruner's scores: its masks naming the base model (default), or the
+        full slim checkpoint. See `optin_hf.hub.push_to_hub`.
         """
+        self.check_pruned(model)
         return push_to_hub(
-            self,
             model,
             repo_id,
+            scores=self.scores,
             masks_only=masks_only,
             private=private,
             token=token,

@@ -483,7 +483,8 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                     from optin_hf.hub import push_to_hub
                 except ImportError as err:
                     raise ValueError(f"Pushing needs optin_hf.hub, which this install lacks ({err}).") from err
-                info = push_to_hub(result.pruner, result.model, repo.strip(), masks_only=bool(small), token=secret.strip())
+                info = push_to_hub(result.model, repo.strip(), scores=result.pruner.scores, masks_only=bool(small),
+                                   token=secret.strip())
             except Exception as err:
                 return {push_msg: _error(err)}
             return {push_msg: f"Pushed to [{repo.strip()}]({getattr(info, 'commit_url', '') or repo.strip()})."}

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from optin_hf import AutoOptinModel, OptinConfig, count_macs
 from optin_hf.commands.__main__ import main
+from optin_hf.result import pruning_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,17 +161,19 @@ def test_prune_without_model_prunes_the_embedded_text_default(workspace, tmp_pat
 
 
 @pytest.mark.parametrize("full", [False, True])
-def test_push_to_hub_hands_pruner_and_model_to_the_hub_module(workspace, tmp_path, monkeypatch, full):
+def test_push_to_hub_hands_the_pruned_model_and_scores_to_the_hub_module(workspace, tmp_path, monkeypatch, full):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     calls = []
     hub = types.ModuleType("optin_hf.hub")
-    hub.push_to_hub = lambda pruner, model, repo_id, masks_only: calls.append((pruner.masks, model.config.optin, repo_id, masks_only))
+    hub.push_to_hub = lambda model, repo_id, *, scores, masks_only: calls.append(
+        (pruning_result(model).masks, model.config.optin, repo_id, masks_only, scores)
+    )
     monkeypatch.setitem(sys.modules, "optin_hf.hub", hub)
     args = ["prune", "--model", str(workspace / "model"), "--dataset", str(workspace / "data.csv"), "--calibration-split", "train[:8]",
             "--eval-split", "train[8:16]", "--importance", "random", "--output", str(tmp_path / "out"), "--push-to-hub", "me/tiny"]
     assert main(args + (["--full"] if full else [])) == 0
-    [(masks, optin, repo_id, masks_only)] = calls
-    assert repo_id == "me/tiny" and masks_only is not full
+    [(masks, optin, repo_id, masks_only, scores)] = calls
+    assert repo_id == "me/tiny" and masks_only is not full and scores.head_scores.shape == masks.head_mask.shape
     assert optin["heads_per_layer"] == masks.heads_per_layer()
 
 

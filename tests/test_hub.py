@@ -1,8 +1,11 @@
-"""optin_hf/hub.py and the Hub side of AutoOptinModel: real pushes and pulls through huggingface_hub, against the
+"""optin_hf/hub/ and the Hub side of AutoOptinModel: real pushes and pulls through huggingface_hub, against the
 fake Hub of tests/hub_server.py."""
 
 from __future__ import annotations
 
+import ast
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,8 +20,9 @@ from safetensors.torch import load_file
 from tiny import batch, calibration, output, tiny_model
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks
-from optin_hf.hub import write_repo_folder
+from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs
+from optin_hf.hub import model_card, push_to_hub, write_repo_folder
+from optin_hf.result import pruning_result
 
 ROOT = Path(__file__).resolve().parents[1]
 MASKS_ONLY_FILES = {
@@ -84,7 +88,7 @@ def test_push_then_pull_masks_only_and_full_online_and_offline(hub_server: FakeH
         loaded = AutoOptinModel.from_pretrained(repo_id)
         assert type(loaded) is type(model) and loaded.config.optin == model.config.optin
         assert torch.equal(output(loaded, batch("bert")), expected)
-    local_masks = write_repo_folder(pruner, model, tmp_path / "local-masks", masks_repo)
+    local_masks = write_repo_folder(model, tmp_path / "local-masks", masks_repo, scores=pruner.scores)
     assert {p.name for p in local_masks.iterdir()} == MASKS_ONLY_FILES - {".gitattributes"}
     assert torch.equal(output(AutoOptinModel.from_pretrained(local_masks), batch("bert")), expected)
 
@@ -122,15 +126,57 @@ def test_masks_only_push_needs_a_base_model_on_the_hub(hub_server: FakeHub, tmp_
     assert recorded.base_model_name_or_path is None and recorded.base_model_revision is None
     assert ModelCard.load("test-user/from-local").data.base_model is None
 
-    pruner.config.base_model_name_or_path = "test-user/no-such-base"
+    def pruned_naming(base: str) -> torch.nn.Module:
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+        OptinPruner(dataclasses.replace(pruner.config, base_model_name_or_path=base)).prune_model(model, calibration("bert"))
+        return model
+
     with pytest.raises(ValueError, match="'test-user/no-such-base' is not a model repo on the Hub"):
-        pruner.push_to_hub(model, "from-local")
+        push_to_hub(pruned_naming("test-user/no-such-base"), "from-local")
     # Naming the base model allows a masks-only push, which removes the earlier full checkpoint's files.
-    pruner.config.base_model_name_or_path = base_id
-    pruner.push_to_hub(model, "from-local")
+    model = pruned_naming(base_id)
+    push_to_hub(model, "from-local", scores=pruner.scores)
     assert set(list_repo_files("test-user/from-local")) == MASKS_ONLY_FILES
     loaded = AutoOptinModel.from_pretrained("test-user/from-local")
     assert torch.equal(output(loaded, batch("bert")), output(model, batch("bert")))
+    # A loaded model carries its result: it is pushed again without a pruner, and loads the same.
+    push_to_hub(loaded, "pushed-again", masks_only=False)
+    again = AutoOptinModel.from_pretrained("test-user/pushed-again")
+    assert torch.equal(output(again, batch("bert")), output(model, batch("bert")))
+    recorded = OptinConfig.from_pretrained(Path(hf_hub_download("test-user/pushed-again", "optin_config.json")).parent)
+    assert (recorded.base_model_name_or_path, recorded.base_model_revision) == (base_id, base_sha)
+
+
+@pytest.mark.parametrize("arch, settings", [("vit", {"prune_tokens": True}), ("bert", {"seq_len": 12})])
+def test_card_dense_macs_are_those_of_the_dense_model(arch: str, settings: dict) -> None:
+    """A token-merged ViT's dense base runs every token in every layer: its MACs are not the pruned
+    model's plus the removed units at the input length."""
+    model = tiny_model(arch)
+    dense = copy.deepcopy(model)
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.5, importance="random", reconstruct="none", **settings))
+    pruner.prune_model(model, calibration(arch))
+    seq_len = pruning_result(model).seq_len
+    if arch == "vit":
+        assert seq_len == 17 and pruner.masks.tokens_per_layer()[-1] < 17  # tokens really merge
+    card = model_card(model, "me/x", masks_only=False, base_model=None, base_revision=None)
+    [row] = [line for line in card.text.splitlines() if line.startswith("| encoder MACs")]
+    _, label, dense_macs, pruned_macs, _ = row.split("|")
+    assert f"({seq_len:.1f} tokens)" in label
+    assert dense_macs.strip() == f"{count_macs(dense, seq_len):.4g}"
+    assert pruned_macs.split()[0] == f"{count_macs(model, seq_len):.4g}"
+
+
+def test_hub_does_not_import_the_pruner() -> None:
+    """The hub functions take the pruned model; the pruner may import the hub, never the reverse."""
+    for path in (ROOT / "optin_hf" / "hub").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [*(node.module or "").split("."), *(alias.name for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [part for alias in node.names for part in alias.name.split(".")]
+            else:
+                continue
+            assert "pruner" not in names, f"{path.name}:{node.lineno} imports the pruner"
 
 
 def test_load_errors_say_what_is_wrong(hub_server: FakeHub, tmp_path: Path) -> None:

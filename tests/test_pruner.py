@@ -1,13 +1,17 @@
+import dataclasses
 import os
 
 import pytest
 import torch
 from tiny import ARCHS, batch, calibration, output, tiny_model
+from transformers import AutoModelForSequenceClassification
 
 from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import get_adapter
+from optin_hf.checkpoint import save_pruned
 from optin_hf.hooks import apply_masks
 from optin_hf.losses import kl_loss
+from optin_hf.result import pruning_result
 
 
 @pytest.mark.parametrize("constraint", [0.8, 0.5])
@@ -108,9 +112,59 @@ def test_save_then_from_pretrained_gives_identical_outputs(tmp_path, recwarn):
         loaded = AutoOptinModel.from_pretrained(tmp_path / arch)
         assert type(loaded) is type(model)
         assert torch.equal(output(loaded, batch(arch)), output(model, batch(arch)))
-        assert OptinConfig.from_pretrained(tmp_path / arch) == pruner.config
+        assert OptinConfig.from_pretrained(tmp_path / arch) == pruning_result(model).config
+        assert pruning_result(model).config == dataclasses.replace(pruner.config, base_model_class=type(model).__name__)
         assert torch.equal(PruningMasks.load(tmp_path / arch / "optin_masks.safetensors").head_mask, pruner.masks.head_mask)
     assert not [w for w in recwarn if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+
+
+@pytest.mark.parametrize("mode", ["weights", "scales"])
+def test_a_loaded_pruned_model_saves_and_loads_again_unchanged(tmp_path, mode):
+    tiny_model("bert", attn="sdpa").save_pretrained(tmp_path / "base")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")  # the base: a local folder
+    config = OptinConfig(mac_constraint=0.5, importance="random", seq_len=12, reconstruct=mode)
+    OptinPruner(config).prune_model(model, calibration("bert"))
+    result, expected = pruning_result(model), output(model, batch("bert"))
+    assert result.config.base_model_name_or_path == str(tmp_path / "base")
+    save_pruned(model, tmp_path / "full")
+    save_pruned(model, tmp_path / "masks", masks_only=True)
+    assert not (tmp_path / "masks" / "model.safetensors").exists()
+    for first in ("full", "masks"):
+        loaded = AutoOptinModel.from_pretrained(tmp_path / first)
+        for kind in ("full", "masks"):  # a loaded full checkpoint carries its refit weights into a masks-only one
+            save_pruned(loaded, tmp_path / f"{first}-{kind}", masks_only=kind == "masks")
+            again = AutoOptinModel.from_pretrained(tmp_path / f"{first}-{kind}")
+            assert torch.equal(output(again, batch("bert")), expected), (first, kind)
+            masks = pruning_result(again).masks
+            assert torch.equal(masks.head_mask, result.masks.head_mask) and torch.equal(masks.neuron_mask, result.masks.neuron_mask)
+            assert pruning_result(again).config == result.config
+
+
+def test_save_and_push_refuse_a_model_the_pruner_did_not_prune(tmp_path):
+    data = calibration("bert")
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.5, importance="random", seq_len=12, reconstruct="none"))
+    mine = pruner.prune_model(tiny_model("bert"), data)
+    with pytest.raises(ValueError, match="was not pruned by optin-hf: call OptinPruner.prune_model"):
+        pruner.save(tiny_model("bert"), tmp_path / "dense")
+    with pytest.raises(ValueError, match="was not pruned by optin-hf"):
+        save_pruned(tiny_model("bert"), tmp_path / "dense")
+    masks = pruner.masks
+    same_counts = PruningMasks(masks.head_mask.roll(1, dims=1), masks.neuron_mask.roll(8, dims=1))
+    assert same_counts.heads_per_layer() == masks.heads_per_layer() and same_counts.neurons_per_layer() == masks.neurons_per_layer()
+    assert not torch.equal(same_counts.head_mask, masks.head_mask)
+    other_units = OptinPruner(pruner.config).prune_model(tiny_model("bert", attn="sdpa"), masks=same_counts)  # as loaded
+    other_counts = OptinPruner(dataclasses.replace(pruner.config, mac_constraint=0.8)).prune_model(tiny_model("bert"), data)
+    assert other_counts.config.optin != mine.config.optin
+    for other in (other_units, other_counts):
+        with pytest.raises(ValueError, match="pruned with other masks than this pruner's"):
+            pruner.save(other, tmp_path / "other")
+        with pytest.raises(ValueError, match="pruned with other masks than this pruner's"):
+            pruner.push_to_hub(other, "me/other")  # refused before any Hub call
+    assert not (tmp_path / "dense").exists() and not (tmp_path / "other").exists()
+    save_pruned(other_units, tmp_path / "other")  # the model's own result needs no pruner
+    loaded = AutoOptinModel.from_pretrained(tmp_path / "other")
+    assert torch.equal(pruning_result(loaded).masks.head_mask, same_counts.head_mask)
+    assert torch.equal(output(loaded, batch("bert")), output(other_units, batch("bert")))
 
 
 def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -69,10 +69,16 @@ class LossCheckpoint:
     def load_into(self, tensors: dict[str, torch.Tensor]) -> None:
         """Merge every process's saved losses into `tensors` ("<kind>.md", ".kl", ".done")."""
         for path in sorted(self.directory.glob(f"{FILE_PREFIX}.process*.safetensors")):
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata() or {}
-                self._check(path, metadata)
-                saved = {k: f.get_tensor(k) for k in f.keys()}
+            try:
+                with safe_open(str(path), "pt") as f:
+                    metadata = f.metadata() or {}
+                    self._check(path, metadata)
+                    saved = {k: f.get_tensor(k) for k in f.keys()}
+            except (SafetensorError, OSError) as err:
+                raise ValueError(
+                    f"{path} is not a readable raw-losses file ({err}). Delete it to recompute its losses, or point "
+                    "OptinConfig.checkpoint_dir to a new folder."
+                ) from err
             for kind in {k.split(".")[0] for k in saved}:
                 done = saved[f"{kind}.done"]
                 for field in ("md", "kl"):

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, TypedDict
+from typing import TypedDict
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from ..arch import get_adapter
-from ..macs import count_macs
+from ..macs import count_macs, unit_macs
 from ..reconstruct import RECONSTRUCTION_NAME
-
-if TYPE_CHECKING:
-    from ..pruner import OptinPruner
+from ..result import PruningResult, pruning_result
 
 LIBRARY_NAME = "optin-hf"
 
@@ -34,18 +32,20 @@ class CardMetrics(TypedDict, total=False):
     dense: dict[str, float]
 
 
-def _macs(pruner: OptinPruner, model: nn.Module) -> tuple[float, float] | None:
-    """(dense, pruned) encoder MACs at the pruner's sequence length; None when that length is unknown."""
-    if pruner.seq_len is None:
+def _macs(model: nn.Module, result: PruningResult) -> tuple[float, float] | None:
+    """(dense, pruned) encoder MACs at the result's sequence length; None when that length is unknown.
+
+    The dense count comes from the masks' full shape: every head and neuron, every layer at all
+    `seq_len` tokens (a token-merged model's dense base runs no schedule and no matching)."""
+    if result.seq_len is None:
         return None
-    seq_len, config, masks = pruner.seq_len, model.config, pruner.masks
+    config, masks = model.config, result.masks
     adapter = get_adapter(config)
-    pruned = count_macs(model, seq_len)
-    removed_heads = int((~masks.head_mask).sum())
-    removed_neurons = int((~masks.neuron_mask).sum())
-    dense = pruned + removed_heads * adapter.head_macs(seq_len, config)
-    dense += removed_neurons * adapter.neuron_macs(seq_len, config)
-    return dense, pruned
+    heads, neurons = unit_macs([result.seq_len] * masks.num_layers, adapter, config)
+    head_present, neuron_present = masks.present()  # a narrower layer's padding is no unit
+    dense = adapter.fixed_macs(model) + float((heads * head_present.sum(1)).sum())
+    dense += float((neurons * neuron_present.sum(1)).sum())
+    return dense, count_macs(model, result.seq_len)
 
 
 def _check_metrics(metrics: CardMetrics | None) -> None:
@@ -78,7 +78,6 @@ def _eval_results(metrics: CardMetrics) -> list[EvalResult]:
 
 
 def model_card(
-    pruner: OptinPruner,
     model: nn.Module,
     repo_id: str,
     *,
@@ -88,9 +87,11 @@ def model_card(
     metrics: CardMetrics | None = None,
     speedup: float | None = None,
 ) -> ModelCard:
-    """The README.md of a pushed repo: what was pruned and how much, the scores, and how to load it."""
+    """The README.md of a pushed repo: what the pruned `model` is (the result it carries), how much was
+    pruned, the scores, and how to load it."""
     _check_metrics(metrics)
-    config, masks = pruner.config, pruner.masks
+    result = pruning_result(model)
+    config, masks = result.config, result.masks
     model_name = repo_id.split("/")[-1]
     data = ModelCardData(
         base_model=base_model,
@@ -101,25 +102,28 @@ def model_card(
     )
     base = f"`{base_model}` at commit `{base_revision}`" if base_model else "A model that is not on the Hub"
     kind = "only the pruning masks" if masks_only else "the slim weights"
+    head_present, neuron_present = masks.present()
     table = [
         "| | dense | pruned |",
         "|---|---|---|",
-        f"| attention heads | {masks.head_mask.numel()} | {int(masks.head_mask.sum())} |",
-        f"| FFN neurons | {masks.neuron_mask.numel()} | {int(masks.neuron_mask.sum())} |",
+        f"| attention heads | {int(head_present.sum())} | {int(masks.head_mask.sum())} |",
+        f"| FFN neurons | {int(neuron_present.sum())} | {int(masks.neuron_mask.sum())} |",
     ]
-    macs = _macs(pruner, model)
+    macs = _macs(model, result)
     if macs is not None:
         dense, pruned = macs
         share = f"{pruned:.4g} ({pruned / dense:.1%})"
-        table.append(f"| encoder MACs per example ({pruner.seq_len:.1f} tokens) | {dense:.4g} | {share} |")
+        table.append(f"| encoder MACs per example ({result.seq_len:.1f} tokens) | {dense:.4g} | {share} |")
     for name, value in (metrics or {}).get("pruned", {}).items():
         table.append(f"| {name} on {metrics['dataset_type']} | {metrics.get('dense', {}).get(name, '')} | {value} |")
     if speedup is not None:
         table.append(f"| measured speedup | 1.00x | {speedup:.2f}x |")
     per_layer = ["| layer | heads | FFN neurons |", "|---|---|---|"]
     per_layer += [
-        f"| {i} | {h} / {masks.head_mask.shape[1]} | {n} / {masks.neuron_mask.shape[1]} |"
-        for i, (h, n) in enumerate(zip(masks.heads_per_layer(), masks.neurons_per_layer()))
+        f"| {i} | {h} / {dense_h} | {n} / {dense_n} |"
+        for i, (h, n, dense_h, dense_n) in enumerate(
+            zip(masks.heads_per_layer(), masks.neurons_per_layer(), head_present.sum(1).tolist(), neuron_present.sum(1).tolist())
+        )
     ]
     if masks_only:
         how = f"The loader downloads `{base_model}` at commit `{base_revision}` and removes the pruned structures."
@@ -128,8 +132,8 @@ def model_card(
             "Plain `transformers` refuses this repo with a message pointing to optin-hf: its layers have per-layer "
             "sizes that only optin-hf builds."
         )
-    if config.reconstruct != "none" and pruner.reconstruction is not None:
-        size = sum(t.numel() * t.element_size() for t in pruner.reconstruction.tensors.values())
+    if result.reconstruction is not None:
+        size = sum(t.numel() * t.element_size() for t in result.reconstruction.tensors.values())
         how += (
             f" After slimming, each sublayer's output projection was refit by ridge least squares on "
             f"{config.reconstruct_samples} calibration examples (`reconstruct=\"{config.reconstruct}\"`), so the kept "

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import validate_repo_id
+from transformers import PretrainedConfig
 
-from ..checkpoint import MODEL_CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..checkpoint import MODEL_CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_supported_config
 from ..config import CONFIG_NAME
 from ..masks import MASKS_NAME
 from ..reconstruct import RECONSTRUCTION_NAME
@@ -68,13 +70,33 @@ def download_checkpoint(
 
 
 def download_base_model(
-    name: str, revision: str | None, source: str, *, token: str | bool | None = None, local_files_only: bool = False
-) -> Path:
-    """The folder of a masks-only repo's base model (config and safetensors weights) at its recorded commit."""
+    name: str,
+    revision: str | None,
+    source: str,
+    *,
+    allow_local: bool,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> tuple[Path, PretrainedConfig]:
+    """The folder of a masks-only repo's base model (config and safetensors weights) at its recorded commit, and its
+    config, checked to be a supported model before any weight is looked at.
+
+    A local folder is read only with `allow_local` (the user named it); otherwise `name` must be a Hub id, so a repo
+    downloaded from the Hub cannot make the loader read files of this machine.
+    """
     what = f"The base model {name!r} of {source}"
-    if Path(name).is_dir():
+    if allow_local and Path(name).is_dir():
         folder = Path(name)
     else:
+        if not allow_local:
+            try:
+                validate_repo_id(name)
+            except HFValidationError as err:
+                raise ValueError(
+                    f"{source} names the base model {name!r}, which is not a Hub repo id: a masks-only repo from the "
+                    "Hub may only name a base model on the Hub, never a path on this machine. If you trust that "
+                    "folder, pass it yourself: AutoOptinModel.from_pretrained(..., base_model=PATH)."
+                ) from err
         gone = (
             f" any more (recorded in {CONFIG_NAME}; the base repo's history was rewritten). Re-create the masks from "
             "the current base model, or share the full slim checkpoint (masks_only=False), which needs no base model"
@@ -88,9 +110,10 @@ def download_base_model(
             what=what,
             revision_gone=gone,
         )
+    config = load_supported_config(folder, what)
     if not ((folder / WEIGHTS_NAME).is_file() or (folder / WEIGHTS_INDEX_NAME).is_file()):
         raise OSError(
             f"{what} (revision {revision}) has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}: optin-hf loads safetensors "
             "weights only, never pickled .bin files."
         )
-    return folder
+    return folder, config

@@ -71,6 +71,11 @@ def load_rankings(path: str | os.PathLike) -> list:
                 rankings = RankingUnpickler(f).load()
             except pickle.UnpicklingError as err:
                 raise pickle.UnpicklingError(f"{path}: {err}") from err
+            except EOFError as err:
+                raise ValueError(
+                    f"{path} is empty or cut short: not a complete rankings pickle. Download the reference's "
+                    "*_ranking_body.pkl file again."
+                ) from err
     if not isinstance(rankings, (list, tuple)):
         raise ValueError(f"{path} holds a {type(rankings).__name__}, not the reference's list of (score, layer, index, kind).")
     return list(rankings)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
-from ..checkpoint import check_save_target
+from ..checkpoint import check_save_target, load_supported_config
 from ..config import OptinConfig
 from ..masks import MASKS_NAME
 from .metrics import DEFAULT_METRIC, Metric, load_metric
@@ -106,13 +106,27 @@ def load_default_task(name: str) -> Loaded:
 
 
 def load_model(name_or_path: str, task: str | None = None, processor: str | None = None) -> tuple[nn.Module, Any, str]:
-    """A dense model for `task` (inferred from its config when None), its processor, and the task."""
+    """A dense model for `task` (inferred from its config when None), its processor, and the task.
+
+    Only safetensors weights of a supported architecture load: a pickled .bin file can run code when unpickled.
+    """
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    config = load_supported_config(name_or_path)
     task = task or ("image-classification" if get_adapter(config).is_vision else "text-classification")
-    model = getattr(transformers, MODEL_CLASSES[task]).from_pretrained(name_or_path).eval()
-    return model, load_processor(processor or name_or_path, task), task
+    try:
+        model = getattr(transformers, MODEL_CLASSES[task]).from_pretrained(
+            name_or_path, config=config, use_safetensors=True, trust_remote_code=False
+        )
+    except OSError as err:
+        if "safetensors" not in str(err):
+            raise
+        raise OSError(
+            f"{name_or_path} has no safetensors weights (model.safetensors): optin-hf never loads pickled .bin "
+            "weights, since unpickling can run code. Convert them once, only if you trust the file: "
+            f"transformers.{MODEL_CLASSES[task]}.from_pretrained(PATH).save_pretrained(NEW_PATH) writes safetensors."
+        ) from err
+    return model.eval(), load_processor(processor or name_or_path, task), task
 
 
 def load_processor(name_or_path: str, task: str) -> Any:
@@ -120,9 +134,9 @@ def load_processor(name_or_path: str, task: str) -> Any:
     import transformers
 
     if task == "text-classification":
-        return transformers.AutoTokenizer.from_pretrained(name_or_path)
+        return transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     try:
-        return transformers.AutoImageProcessor.from_pretrained(name_or_path)
+        return transformers.AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
     except OSError:
         return None
 
@@ -206,7 +220,7 @@ def run_prune(job: PruneJob) -> Report:
     if job.push_to_hub:
         from ..hub import push_to_hub
 
-        push_to_hub(pruner, model, job.push_to_hub, masks_only=not job.push_full)
+        push_to_hub(model, job.push_to_hub, scores=pruner.scores, masks_only=not job.push_full)
     return report
 
 

@@ -1,0 +1,108 @@
+"""`PruningResult`: what describes a pruned model, carried by the model itself.
+
+As optimum's GPTQ records `quantization_config` on the model it quantized, a model slimmed by
+`OptinPruner.prune_model` (or loaded by `AutoOptinModel.from_pretrained`) carries its result, so
+saving, pushing and the model card take the model alone and never need the pruner. `config.json`
+keeps recording the per-layer counts (`model.config.optin`); the tensors live on the model object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import check_model
+from .config import OptinConfig
+from .masks import MASKS_NAME, PruningMasks, load_safetensors
+from .reconstruct import RECONSTRUCTION_NAME, SUBLAYERS, Reconstruction, output_projection
+
+RESULT_ATTRIBUTE = "optin_result"
+
+
+@dataclass
+class PruningResult:
+    """The masks a model was slimmed with, the settings used and the refit parameters.
+
+    config: the settings of the run, with `seq_len` the MAC sequence length it counted at and
+    `base_model_*` the dense model it pruned, where known (a Hub id or a local folder, its commit
+    when it came from the Hub, its class); reconstruction: the refit output projections
+    (None when `config.reconstruct == "none"`).
+    """
+
+    config: OptinConfig
+    masks: PruningMasks
+    reconstruction: Reconstruction | None = None
+
+    @property
+    def seq_len(self) -> float | None:
+        return self.config.seq_len
+
+
+def attach_result(model: nn.Module, result: PruningResult) -> None:
+    """Record `result` on the slim `model` (a plain attribute: deepcopy carries it, state_dict does not)."""
+    setattr(model, RESULT_ATTRIBUTE, result)
+
+
+def pruning_result(model: nn.Module) -> PruningResult:
+    """The result `model` carries; a clear error for a model optin-hf did not prune."""
+    result = getattr(model, RESULT_ATTRIBUTE, None)
+    if result is None or not getattr(model.config, "optin", None):
+        raise ValueError(
+            f"This {type(model).__name__} was not pruned by optin-hf: call OptinPruner.prune_model(model, ...) first, "
+            "or load a pruned model with AutoOptinModel.from_pretrained(...)."
+        )
+    return result
+
+
+def result_of_pruning(model: nn.Module, config: OptinConfig, masks: PruningMasks, seq_len: float | None,
+                      reconstruction: Reconstruction | None) -> PruningResult:
+    """The result of slimming `model` (in place: its name and class are still the dense model's).
+
+    A base model set in `config` wins; otherwise the name from_pretrained gave `model`, and, for a Hub
+    model, the commit it was read at.
+    """
+    name, revision = config.base_model_name_or_path, config.base_model_revision
+    if name is None:
+        name = getattr(model, "name_or_path", "") or None
+        revision = revision or (getattr(model.config, "_commit_hash", None) if name else None)
+    config = dataclasses.replace(
+        config,
+        seq_len=seq_len,
+        base_model_name_or_path=name,
+        base_model_revision=revision,
+        base_model_class=config.base_model_class or type(model).__name__,
+    )
+    return PruningResult(config, masks, reconstruction)
+
+
+def read_result(folder: str | Path, model: nn.Module) -> PruningResult:
+    """The result of a checkpoint folder that `model` was just loaded from.
+
+    A full checkpoint's weights hold the refit parameters: they are read back from the model as a
+    "weights" reconstruction, so a loaded model can be saved again as masks only.
+    """
+    folder = Path(folder)
+    config = OptinConfig.from_pretrained(folder)
+    masks = PruningMasks.load(folder / MASKS_NAME)
+    reconstruction, saved = None, folder / RECONSTRUCTION_NAME
+    if config.reconstruct != "none" and saved.is_file():
+        reconstruction = Reconstruction(config.reconstruct, load_safetensors(saved, "reconstruction"), [])
+    elif config.reconstruct != "none":
+        reconstruction = Reconstruction("weights", _output_projections(model), [])
+    return PruningResult(config, masks, reconstruction)
+
+
+def _output_projections(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every output projection's weight and bias, keyed as a "weights" reconstruction keys them."""
+    adapter = check_model(model)
+    tensors = {}
+    for i, layer in enumerate(adapter.layers_of(model)):
+        for sublayer in SUBLAYERS:
+            proj = output_projection(adapter, layer, sublayer)
+            tensors[f"layers.{i}.{sublayer}.weight"] = proj.weight.detach().cpu().clone()
+            tensors[f"layers.{i}.{sublayer}.bias"] = proj.bias.detach().cpu().clone()
+    return tensors
