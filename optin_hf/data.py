@@ -9,7 +9,10 @@ from typing import Any
 import torch
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
-TEXT_COLUMNS = ("text", "sentence", "content", "sentence1", "question")
+# Detected in this order when no column is named: sentence pairs first, so QNLI's (question,
+# sentence) is never read as single sentences.
+TEXT_PAIRS = (("premise", "hypothesis"), ("question1", "question2"), ("question", "sentence"), ("sentence1", "sentence2"))
+TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_KEYS = ("labels", "label")  # the first one present is kept as `labels`
 
 
@@ -132,6 +135,12 @@ def check_inputs(batches: list[dict[str, torch.Tensor]], vision: bool, model_typ
         )
 
 
+def text_columns(names: list[str]) -> tuple[str, ...]:
+    """The (text, text_pair) or (text,) columns among `names`, pairs first; () when there are none."""
+    pair = next((p for p in TEXT_PAIRS if set(p) <= set(names)), ())
+    return pair or next(((c,) for c in TEXT_COLUMNS if c in names), ())
+
+
 def _tokenize(texts: list, tokenizer, max_length: int) -> list[dict[str, torch.Tensor]]:
     if tokenizer is None:
         raise ValueError("Calibration data is text: pass a tokenizer (OptinPruner.compute_scores(model, data, tokenizer=...)).")
@@ -154,11 +163,13 @@ def _examples(data: Any, tokenizer, max_length: int, labels: bool) -> list[dict[
     if datasets is not None and isinstance(data, datasets.Dataset):
         columns = data.column_names
         if not any(c in columns for c in MODEL_INPUTS):
-            text_cols = [c for c in TEXT_COLUMNS if c in columns]
-            if not text_cols:
-                raise ValueError(f"Dataset has neither model inputs {list(MODEL_INPUTS)} nor a text column {list(TEXT_COLUMNS)}: {columns}.")
-            pair = [c for c in ("sentence2", "question2", "hypothesis") if c in columns]
-            texts = list(zip(data[text_cols[0]], data[pair[0]])) if pair else list(data[text_cols[0]])
+            inputs = text_columns(columns)
+            if not inputs:
+                raise ValueError(
+                    f"Dataset has neither model inputs {list(MODEL_INPUTS)} nor a text column {list(TEXT_COLUMNS)} "
+                    f"or pair {[list(p) for p in TEXT_PAIRS]}: {columns}."
+                )
+            texts = list(zip(data[inputs[0]], data[inputs[1]])) if len(inputs) == 2 else list(data[inputs[0]])
             examples = _tokenize(texts, tokenizer, max_length)
             if labels and (key := _label_key(columns)) is not None:
                 for ex, label in zip(examples, _labels(list(data[key]))):

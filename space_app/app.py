@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import hashlib
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,9 +27,12 @@ from datasets import Dataset
 from PIL import Image
 from torch import nn
 
-from optin_hf import ImportanceScores, OptinConfig, OptinPruner, count_macs
+from optin_hf import ImportanceScores, OptinConfig, OptinPruner
 from optin_hf.arch import get_adapter
-from optin_hf.data import prepare_calibration
+from optin_hf.tasks import report
+from optin_hf.tasks.metrics import load_metric
+from optin_hf.tasks.task_data import Columns, Encoder, in_memory_task_data, label_encoder
+from optin_hf.tasks.workflow import load_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
@@ -43,7 +45,6 @@ HUB_CHOICE = "Hub model id (below)"
 SPACE_SETTINGS = {"num_samples": 64, "batch_size": 32, "max_length": 128, "max_scoring_time": 45.0, "reconstruct_samples": 128}
 # Accuracy on a free 2-core Space: the first 300 held-out examples (the table says how many), dense measured once.
 SPACE_TEST_EXAMPLES = 300
-LATENCY_RUNS = 7
 
 
 @dataclass
@@ -99,14 +100,7 @@ def default_loaders() -> dict[str, Loader]:
     return {name: loader(name) for name in DEFAULT_NAMES}
 
 
-# ---- data and measurements -------------------------------------------------------------------
-
-
-def _inputs(rows: dict[str, list], processor: Any, max_length: int) -> dict[str, torch.Tensor]:
-    """Model inputs for a batch of dataset rows (text is tokenized, images are already tensors)."""
-    if processor is None:
-        return {"pixel_values": torch.as_tensor(np.asarray(rows["pixel_values"]), dtype=torch.float32)}
-    return dict(processor(rows["text"], truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+# ---- measurements (the application layer's, shown as the page's table) ------------------------
 
 
 @torch.no_grad()
@@ -114,60 +108,23 @@ def _probabilities(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.T
     return model.eval()(**inputs).logits.softmax(-1)
 
 
-def accuracy(model: nn.Module, test: Dataset | None, processor: Any, max_length: int, batch_size: int = 32) -> float | None:
-    """Argmax accuracy on `test`; None without a labelled test set, so the page never invents one."""
-    if test is None or "label" not in test.column_names or len(test) == 0:
-        return None
-    correct = 0
-    for start in range(0, len(test), batch_size):
-        rows = test[start : start + batch_size]
-        predicted = _probabilities(model, _inputs(rows, processor, max_length)).argmax(-1)
-        correct += int((predicted == torch.as_tensor(rows["label"])).sum())
-    return correct / len(test)
-
-
-@torch.no_grad()
-def latencies(dense: nn.Module, pruned: nn.Module, inputs: dict[str, torch.Tensor], runs: int = LATENCY_RUNS) -> list[float]:
-    """Median seconds per forward of dense and pruned on the same batch, timed in turns so a busy spell hits both."""
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for model in (dense, pruned):
-        model.eval()(**inputs)  # warm-up
-    for _ in range(runs):
-        for i, model in enumerate((dense, pruned)):
-            start = time.perf_counter()
-            model(**inputs)
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(times[0]), statistics.median(times[1])]
-
-
-def results_table(
-    dense: nn.Module, pruned: nn.Module, task: DemoTask, seq_len: float, max_length: int, dense_accuracy: float | None = None
-) -> pd.DataFrame:
-    """Dense vs pruned accuracy, MACs, parameters and latency, as the page shows them (`dense_accuracy`: known already)."""
-    if dense_accuracy is None:
-        dense_accuracy = accuracy(dense, task.test, task.processor, max_length)
-    acc = [dense_accuracy, accuracy(pruned, task.test, task.processor, max_length)]
-    macs = [count_macs(m, seq_len) for m in (dense, pruned)]
-    params = [sum(p.numel() for p in m.parameters()) for m in (dense, pruned)]
-    batch = prepare_calibration(task.calibration, task.processor, num_samples=32, batch_size=32, max_length=max_length)[0]
-    seconds = latencies(dense, pruned, batch)
-    n_test = len(task.test) if acc[0] is not None else 0
+def results_table(measured: report.Report) -> pd.DataFrame:
+    """Dense vs pruned accuracy, MACs, parameters and latency of a `report.measure` result, as the page shows them."""
+    dense, pruned = measured.stats["dense"], measured.stats["pruned"]
+    ratios = measured.ratios()
+    acc = [None if s.metrics is None else s.metrics["accuracy"] for s in (dense, pruned)]
+    known = acc[0] is not None and acc[1] is not None
     rows = [
-        [f"accuracy ({n_test} test examples)", *(f"{100 * a:.1f} %" if a is not None else "n/a" for a in acc),
-         f"{100 * (acc[1] - acc[0]):+.1f} pt" if acc[0] is not None else "n/a"],
-        [f"MACs per example ({seq_len:.0f} tokens)", _si(macs[0]), _si(macs[1]), f"{macs[1] / macs[0]:.2f}"],
-        ["parameters", _si(params[0]), _si(params[1]), f"{params[1] / params[0]:.2f}"],
-        [f"latency, batch of {len(next(iter(batch.values())))}", *(f"{1000 * t:.1f} ms" for t in seconds),
-         f"{seconds[1] / seconds[0]:.2f}"],
+        [f"accuracy ({measured.eval_samples if known else 0} test examples)",
+         *(f"{100 * a:.1f} %" if a is not None else "n/a" for a in acc),
+         f"{100 * (acc[1] - acc[0]):+.1f} pt" if known else "n/a"],
+        [f"MACs per example ({measured.seq_len:.0f} tokens)", report.format_si(dense.macs), report.format_si(pruned.macs),
+         f"{ratios['macs']:.2f}"],
+        ["parameters", report.format_si(dense.parameters), report.format_si(pruned.parameters), f"{ratios['parameters']:.2f}"],
+        [f"latency, batch of {measured.latency['batch_size']}", *(f"{1000 * s.latency_s:.1f} ms" for s in (dense, pruned)),
+         f"{ratios['latency']:.2f}"],
     ]
     return pd.DataFrame(rows, columns=["", "dense", "pruned", "ratio"])
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f} {unit}"
-    return f"{value:.0f}"
 
 
 def kept_chart(heads: list[int], neurons: list[int], num_heads: int, intermediate: int) -> plt.Figure:
@@ -207,14 +164,11 @@ def hub_loader(model_id: str, texts: str, dataset_id: str, samples: int) -> Load
     """
 
     def load() -> DemoTask:
-        from transformers import AutoConfig
-
         try:
-            config = AutoConfig.from_pretrained(model_id)
-        except (OSError, ValueError) as err:
+            model, processor, task = load_model(model_id)
+        except OSError as err:
             raise ValueError(f"Could not load {model_id!r}: no such model on the Hub, or no network here.") from err
-        vision = get_adapter(config).is_vision
-        model, processor = _hub_model(model_id, vision)
+        vision = task == "image-classification"
         if dataset_id.strip():
             calibration, test = _hub_dataset(dataset_id.strip(), processor, vision, samples)
         elif vision:
@@ -224,24 +178,11 @@ def hub_loader(model_id: str, texts: str, dataset_id: str, samples: int) -> Load
             if not lines:
                 raise ValueError("Give calibration texts (one per line) or a dataset id.")
             calibration, test = Dataset.from_dict({"text": lines}), None
-        labels = [config.id2label[i] for i in sorted(config.id2label)]
-        return DemoTask(model, None if vision else processor, calibration, test, labels,
-                        "image-classification" if vision else "text-classification")
+        id2label = model.config.id2label
+        labels = [id2label[i] for i in sorted(id2label)]
+        return DemoTask(model, None if vision else processor, calibration, test, labels, task)
 
     return load
-
-
-def _hub_model(model_id: str, vision: bool) -> tuple[nn.Module, Any]:
-    from transformers import (
-        AutoImageProcessor,
-        AutoModelForImageClassification,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
-
-    if vision:
-        return AutoModelForImageClassification.from_pretrained(model_id).eval(), AutoImageProcessor.from_pretrained(model_id)
-    return AutoModelForSequenceClassification.from_pretrained(model_id).eval(), AutoTokenizer.from_pretrained(model_id)
 
 
 def _hub_dataset(dataset_id: str, processor: Any, vision: bool, samples: int) -> tuple[Dataset, Dataset | None]:
@@ -262,6 +203,8 @@ def _hub_dataset(dataset_id: str, processor: Any, vision: bool, samples: int) ->
 
 
 def _pixel_rows(dataset: Dataset, processor: Any) -> Dataset:
+    if processor is None:
+        raise ValueError("The model has no image processor on the Hub, so the dataset's images cannot be read for it.")
     column = next((c for c in ("image", "img") if c in dataset.column_names), None)
     if column is None:
         raise ValueError(f"The dataset has no `image` column: {dataset.column_names}.")
@@ -284,7 +227,7 @@ class SpaceApp:
         self.workdir = workdir
         self.tasks: dict[tuple, DemoTask] = {}
         self.scores: dict[tuple, CachedScores] = {}
-        self.dense_accuracy: dict[tuple, float | None] = {}
+        self.dense_metrics: dict[tuple, dict[str, float] | None] = {}
 
     def resolve(self, choice: str, model_id: str, texts: str, dataset_id: str) -> tuple[tuple, Loader]:
         """(cache key, loader) of the picked model; a Hub model's key includes its calibration data."""
@@ -297,16 +240,24 @@ class SpaceApp:
 
     def task(self, key: tuple, loader: Loader) -> DemoTask:
         if key not in self.tasks:
-            task = loader()
-            if task.test is not None and len(task.test) > SPACE_TEST_EXAMPLES:
-                task.test = task.test.select(range(SPACE_TEST_EXAMPLES))
-            self.tasks[key] = task
+            self.tasks[key] = loader()
         return self.tasks[key]
 
-    def dense_accuracy_of(self, key: tuple, task: DemoTask) -> float | None:
-        if key not in self.dense_accuracy:
-            self.dense_accuracy[key] = accuracy(task.model, task.test, task.processor, self.settings["max_length"])
-        return self.dense_accuracy[key]
+    def measure(self, key: tuple, task: DemoTask, pruned: nn.Module, seq_len: float) -> report.Report:
+        """Dense vs pruned on the first SPACE_TEST_EXAMPLES test examples; the dense model is evaluated once."""
+        data = in_memory_task_data(task.task, task.calibration, task.test, max_eval_samples=SPACE_TEST_EXAMPLES)
+        measured = report.measure(
+            {"dense": task.model, "pruned": pruned},
+            name=str(key[1]),
+            data=data,
+            encoder=Encoder(task.task, data.columns, task.processor, self.settings["max_length"]),
+            labels=label_encoder(data, task.model.config),
+            metric=load_metric("accuracy", offline=True),  # the local formula: no Hub round trip per press
+            seq_len=seq_len,
+            known_metrics={"dense": self.dense_metrics[key]} if key in self.dense_metrics else None,
+        )
+        self.dense_metrics[key] = measured.stats["dense"].metrics
+        return measured
 
     def cached_scores(self, key: tuple, task: DemoTask) -> tuple[CachedScores, bool]:
         """(scores, reused): scoring runs once per model and calibration settings."""
@@ -414,8 +365,7 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 result, cached, reused = app.prune(key, task, float(fraction))
                 slim_s = time.perf_counter() - start
                 progress(0.9, desc="Measuring dense and pruned")
-                frame = results_table(task.model, result.model, task, cached.seq_len, max_length,
-                                      app.dense_accuracy_of(key, task))
+                frame = results_table(app.measure(key, task, result.model, cached.seq_len))
             except Exception as err:  # every failure becomes a message on the page
                 return {status: _error(err)}
             config = task.model.config
@@ -449,7 +399,8 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 if task.processor is not None:
                     if not (sentence or "").strip():
                         raise ValueError("Type some text to compare the dense and pruned predictions.")
-                    inputs, shown, truth = _inputs({"text": [sentence]}, task.processor, max_length), None, ""
+                    encoder = Encoder(task.task, Columns(("text",), "label"), task.processor, max_length)
+                    inputs, shown, truth = encoder.batch([{"text": sentence}]), None, ""
                 else:
                     if task.test is None or len(task.test) == 0:
                         raise ValueError("This model has no test images to pick from.")

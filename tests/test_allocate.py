@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import ViTConfig
 
@@ -120,3 +121,64 @@ def test_rearrangement_never_costs_more_than_the_diagonal_choice():
         diagonal = grads.pow(2).sum(0).argsort()[:4]  # the 4 removed by the diagonal Fisher
         cost = lambda removed: float(grads[:, removed].sum(1).pow(2).sum())  # noqa: E731
         assert int(new.sum()) == 5 and cost(~new) <= cost(diagonal) + 1e-12
+
+
+def subsets(layers: int, units: int) -> torch.Tensor:
+    """Every keep-set of `layers` x `units`: [2 ** (layers * units), layers, units] bool."""
+    bits = layers * units
+    codes = torch.arange(2**bits)[:, None]
+    return ((codes >> torch.arange(bits)) & 1).bool().view(-1, layers, units)
+
+
+def brute_force_best(heads, neurons, head_cost, neuron_cost, budget, fixed, prune_heads, prune_neurons, multiple, min_fill=0.99):
+    """The best summed kept score over ALL keep-sets that fit the budget, keep a multiple of
+    `multiple` neurons per layer (or all), and fill `min_fill` of it when any keep-set does."""
+    h_sets, n_sets = subsets(*heads.shape), subsets(*neurons.shape)
+    if not prune_heads:
+        h_sets = h_sets[h_sets.flatten(1).all(1)]
+    if not prune_neurons:
+        n_sets = n_sets[n_sets.flatten(1).all(1)]
+    counts = n_sets.sum(2)
+    n_sets = n_sets[((counts % multiple == 0) | (counts == neurons.shape[1])).all(1)]
+    h_score, n_score = (h_sets * heads).flatten(1).sum(1), (n_sets * neurons).flatten(1).sum(1)
+    cost = fixed + (h_sets.flatten(1).sum(1) * head_cost)[:, None] + (n_sets.flatten(1).sum(1) * neuron_cost)[None, :]
+    total = h_score[:, None] + n_score[None, :]
+    fits = cost <= budget + 1e-9
+    filled = fits & (cost >= min_fill * budget)
+    return float(total[filled if filled.any() else fits].max())
+
+
+@pytest.mark.parametrize(
+    "layers, num_heads, width, multiple",
+    [(2, 3, 6, 1), (3, 2, 4, 1), (2, 3, 6, 2), (3, 3, 4, 2), (2, 2, 6, 3)],
+)
+def test_allocate_finds_the_best_keep_set_by_brute_force(layers, num_heads, width, multiple):
+    """allocate is exact, not a heuristic, when each kind of unit costs the same in every layer
+    (the plain mode: MACs counted at one sequence length), scores are >= 0 and
+    `neurons_multiple_of` divides the width: its best head count k with the best k heads and as
+    many of the best neurons as fit is then the best of all keep-sets under the budget and its
+    rules (neurons per layer a multiple, or all; fill min_fill of the budget if possible).
+    With per-layer costs (token mode) or a partial last block it ranks by score, greedily."""
+    g = torch.Generator().manual_seed(layers * 100 + num_heads * 10 + width + multiple)
+    for trial in range(6):
+        heads = torch.rand(layers, num_heads, generator=g, dtype=torch.float64)
+        neurons = torch.rand(layers, width, generator=g, dtype=torch.float64)
+        head_cost, neuron_cost = 1 + 9 * float(torch.rand(1, generator=g)), 1 + 3 * float(torch.rand(1, generator=g))
+        fixed = float(torch.rand(1, generator=g)) * 5
+        prune_heads, prune_neurons = [(True, True), (True, True), (True, True), (True, False), (False, True), (True, True)][trial]
+        base = fixed + layers * (num_heads * head_cost + width * neuron_cost)
+        for share in (0.35, 0.6, 0.85):
+            budget = share * base
+            kept_elsewhere = (0 if prune_heads else layers * num_heads * head_cost) + (0 if prune_neurons else layers * width * neuron_cost)
+            if fixed + kept_elsewhere > budget:
+                continue
+            masks = allocate(
+                heads, neurons, torch.full((layers,), head_cost), torch.full((layers,), neuron_cost), budget, fixed,
+                prune_heads=prune_heads, prune_neurons=prune_neurons, neurons_multiple_of=multiple,
+            )
+            cost = fixed + float(masks.head_mask.sum() * head_cost + masks.neuron_mask.sum() * neuron_cost)
+            kept = masks.neuron_mask.sum(1)
+            assert cost <= budget + 1e-9 and all(int(c) % multiple == 0 or int(c) == width for c in kept)
+            got = float(heads[masks.head_mask].sum() + neurons[masks.neuron_mask].sum())
+            want = brute_force_best(heads, neurons, head_cost, neuron_cost, budget, fixed, prune_heads, prune_neurons, multiple)
+            assert got == pytest.approx(want, abs=1e-9), (trial, share)

@@ -68,7 +68,7 @@ def test_save_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, old_and_new):
     with pytest.raises(FileExistsError, match=r"my-finetuned-bert is not empty \(NOTES.md, config.json.*overwrite=True"):
         pruner.save(model, folder)
     with pytest.raises(FileExistsError, match="is not an optin-hf checkpoint"):
-        write_repo_folder(pruner, model, folder, "user/slim", masks_only=False)
+        write_repo_folder(model, folder, "user/slim", masks_only=False)
     assert snapshot(folder) == before
     assert os.listdir(tmp_path) == ["my-finetuned-bert"]  # no temp folder left beside it
     (tmp_path / "a-file").write_text("x")
@@ -83,9 +83,9 @@ def test_overwrite_saves_into_a_user_folder_keeping_what_optin_hf_does_not_write
     pruner.save(model, folder, overwrite=True)
     assert torch.allclose(output(AutoOptinModel.from_pretrained(folder), batch("bert")), output(model, batch("bert")), atol=1e-5)
     assert {name: (folder / name).read_text() for name in USER_FILES} == USER_FILES
-    write_repo_folder(pruner, model, tmp_path / "repo", "user/slim", masks_only=False)  # a new folder needs no consent
+    write_repo_folder(model, tmp_path / "repo", "user/slim", masks_only=False)  # a new folder needs no consent
     dense_user_folder(tmp_path / "repo2")
-    write_repo_folder(pruner, model, tmp_path / "repo2", "user/slim", masks_only=False, overwrite=True)
+    write_repo_folder(model, tmp_path / "repo2", "user/slim", masks_only=False, overwrite=True)
     assert (tmp_path / "repo2" / "README.md").read_text() == (tmp_path / "repo" / "README.md").read_text()
     assert (tmp_path / "repo2" / "NOTES.md").read_text() == USER_FILES["NOTES.md"]
 
@@ -114,7 +114,7 @@ def test_owned_files_cover_everything_a_save_writes(tmp_path, old_and_new):
 
     (pruner, model), _ = old_and_new
     pruner.save(model, tmp_path / "full", max_shard_size=20_000)
-    write_repo_folder(pruner, model, tmp_path / "repo", "user/slim", masks_only=False)
+    write_repo_folder(model, tmp_path / "repo", "user/slim", masks_only=False)
     written = set(os.listdir(tmp_path / "full")) | set(os.listdir(tmp_path / "repo"))
     assert {n for n in written if not any(fnmatch.fnmatchcase(n, p) for p in OWNED_FILES)} == set()
 

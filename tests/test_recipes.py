@@ -24,7 +24,7 @@ from optin_hf.tasks import workflow
 from optin_hf.commands.__main__ import main
 from optin_hf.tasks.metrics import load_metric
 from optin_hf.tasks.recipes import load_recipe, parse_recipe
-from optin_hf.tasks.task_data import Encoder, calibration_rows, eval_rows
+from optin_hf.tasks.task_data import Encoder, calibration_rows, eval_rows, label_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -113,7 +113,7 @@ def test_recipe_parses_and_prepares_its_data(path, stand_ins):
     encoder = Encoder(data.task, data.columns, loaded.processor, job.optin.max_length)
     calibration = encoder.examples(calibration_rows(data.calibration, job.optin.num_samples, job.optin.seed))
     rows = list(eval_rows(data.evaluation, 4))
-    labels = workflow._label_encoder(data, model)(([row[data.columns.label] for row in rows]))
+    labels = label_encoder(data, model.config)([row[data.columns.label] for row in rows])
     with torch.no_grad():
         logits = model(**encoder.batch(rows)).logits
     predictions = logits[:, 0] if metric.regression else logits.argmax(-1)

@@ -9,7 +9,8 @@ from tiny_task import sentences, trained_text_model
 
 from optin_hf import OptinConfig, OptinPruner, count_macs
 from optin_hf.tasks.metrics import load_metric
-from optin_hf.tasks.report import REPORT_JSON, REPORT_PNG, measure
+from optin_hf.tasks import report as report_module
+from optin_hf.tasks.report import REPORT_JSON, REPORT_PNG, format_si, measure
 from optin_hf.tasks.task_data import Encoder, LabelEncoder, TaskData, resolve_columns
 
 
@@ -108,3 +109,44 @@ def test_regression_models_are_scored_on_their_single_output(pruned, monkeypatch
         predicted = model(**encoder.batch(list(evaluation))).logits[:, 0].numpy()
     assert report.stats["dense"].metrics["pearson"] == pytest.approx(np.corrcoef(predicted, scores)[0, 1], abs=1e-6)
     assert report.seq_len == pytest.approx(float(encoder.batch(list(evaluation))["attention_mask"].sum(-1).float().mean()))
+
+
+def test_measure_takes_known_metrics_instead_of_evaluating_again(pruned, monkeypatch):
+    dense, slim, pruner, data, encoder = pruned
+    evaluated = []
+    real = report_module.evaluate_model
+    monkeypatch.setattr(report_module, "evaluate_model", lambda model, *args: evaluated.append(model) or real(model, *args))
+    report = measure({"dense": dense, "pruned": slim}, name="tiny", data=data, encoder=encoder,
+                     labels=LabelEncoder(None, dense.config), metric=load_metric("accuracy", offline=True),
+                     seq_len=pruner.seq_len, runs=1, known_metrics={"dense": {"accuracy": 0.123}})
+    assert evaluated == [slim]
+    assert report.stats["dense"].metrics == {"accuracy": 0.123}
+    assert report.stats["pruned"].metrics["accuracy"] == pytest.approx(accuracy(slim, encoder, data))
+    assert report.eval_samples == 40
+
+
+def test_accuracy_of_an_in_memory_split(pruned):
+    dense, slim, _, data, encoder = pruned
+    split = data.evaluation
+    assert report_module.accuracy(dense, split, encoder.processor, max_length=32) == pytest.approx(accuracy(dense, encoder, data))
+    first = TaskData(data.task, None, split.select(range(7)), data.columns, {})
+    capped = report_module.accuracy(slim, split, encoder.processor, max_length=32, max_examples=7)
+    assert capped == pytest.approx(accuracy(slim, encoder, first)) and capped * 7 == pytest.approx(round(capped * 7))
+    assert report_module.accuracy(dense, split.remove_columns("label"), encoder.processor) is None
+    assert report_module.accuracy(dense, None, encoder.processor) is None
+
+
+def test_accuracy_of_images_is_argmax_accuracy():
+    from tiny import tiny_model
+
+    model = tiny_model("vit")
+    pixels = torch.randn(9, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        predicted = model(pixel_values=pixels).logits.argmax(-1)
+    labels = [int(p) if i % 3 else (int(p) + 1) % 5 for i, p in enumerate(predicted)]  # every third one wrong
+    split = datasets.Dataset.from_dict({"pixel_values": pixels.numpy().tolist(), "label": labels})
+    assert report_module.accuracy(model, split, None) == pytest.approx(6 / 9)
+
+
+def test_format_si():
+    assert [format_si(v) for v in (1.234e9, 5.6e6, 7_890, 12, -3.2e6)] == ["1.23 G", "5.60 M", "7.89 k", "12", "-3.20 M"]

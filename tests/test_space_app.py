@@ -1,8 +1,12 @@
-"""The Gradio Space (`space_app/app.py`), driven in headless Chromium with Selenium on a tiny BERT."""
+"""The Gradio Space (`space_app/app.py`): its calls into the application layer, and the page driven in
+headless Chromium with Selenium on a tiny BERT."""
 
 from __future__ import annotations
 
+import ast
+import copy
 import importlib.util
+import re
 import os
 import shutil
 import socket
@@ -24,11 +28,10 @@ CHROMIUM = _binary("/usr/bin/chromium")
 CHROMEDRIVER = _binary("/usr/bin/chromedriver")
 
 
-def _missing() -> str | None:
+def _browser_missing() -> str | None:
     """The first piece a real-browser run lacks, or None."""
-    for module in ("gradio", "selenium"):
-        if importlib.util.find_spec(module) is None:
-            return f"python package {module!r} is not installed (pip install -e '.[space]')"
+    if importlib.util.find_spec("selenium") is None:
+        return "python package 'selenium' is not installed (pip install -e '.[space]')"
     for name, binary in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)):
         if binary is None:
             return f"{name} is not installed (bash .ci/browser installs chromium and chromium-driver)"
@@ -38,24 +41,30 @@ def _missing() -> str | None:
 # gradio's queue calls a pandas API that pandas 3 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
 
-if (reason := _missing()) is not None:
-    pytest.skip(reason, allow_module_level=True)
+if importlib.util.find_spec("gradio") is None:
+    pytest.skip("python package 'gradio' is not installed (pip install -e '.[space]')", allow_module_level=True)
+BROWSER_MISSING = _browser_missing()
+needs_browser = pytest.mark.skipif(BROWSER_MISSING is not None, reason=str(BROWSER_MISSING))
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 sys.path.insert(0, str(ROOT / "space_app"))
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+if BROWSER_MISSING is None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast  # noqa: E402
 
 import app as space  # noqa: E402
 from conftest import FAKE_TOKEN  # noqa: E402
+
+from optin_hf.tasks import report  # noqa: E402
 
 
 def tiny_task() -> space.DemoTask:
@@ -75,6 +84,61 @@ def tiny_task() -> space.DemoTask:
                           data.select(range(12, 24)), ["negative", "positive"], "text-classification")
 
 
+def test_the_page_shows_what_the_application_layer_measures(tmp_path, monkeypatch):
+    """Accuracy, latency and number formatting come from optin_hf.tasks.report; the dense model is evaluated once."""
+    task = tiny_task()
+    evaluated = []
+
+    def evaluate_model(model, data, encoder, labels, metric):
+        evaluated.append((model, data.max_eval_samples))
+        return {"accuracy": 0.75 if model is task.model else 0.5}, 12, None
+
+    monkeypatch.setattr(report, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(report, "time_models", lambda models, inputs, runs: {"dense": [0.004], "pruned": [0.001]})
+    monkeypatch.setattr(report, "format_si", lambda value: f"si<{value:.0f}>")
+    app = space.SpaceApp({"tiny-bert": tiny_task}, dict(space.SPACE_SETTINGS), tmp_path)
+    key = ("named", "tiny-bert")
+    pruned = [copy.deepcopy(task.model) for _ in range(2)]
+    frame = space.results_table(app.measure(key, task, pruned[0], seq_len=10.0))
+    rows = {row[0]: list(row[1:]) for row in frame.itertuples(index=False)}
+    assert rows["accuracy (12 test examples)"] == ["75.0 %", "50.0 %", "-25.0 pt"]
+    assert rows["latency, batch of 32"] == ["4.0 ms", "1.0 ms", "0.25"]
+    params = sum(p.numel() for p in task.model.parameters())
+    assert rows["parameters"] == [f"si<{params}>", f"si<{params}>", "1.00"]
+    assert rows["MACs per example (10 tokens)"][0].startswith("si<")
+    space.results_table(app.measure(key, task, pruned[1], seq_len=10.0))
+    assert evaluated == [(task.model, space.SPACE_TEST_EXAMPLES), (pruned[0], 300), (pruned[1], 300)]
+
+
+def test_hub_models_load_through_the_workflow(monkeypatch):
+    task = tiny_task()
+    asked = []
+    monkeypatch.setattr(space, "load_model", lambda name: asked.append(name) or (task.model, task.processor, task.task))
+    loaded = space.hub_loader("someone/tiny-bert", "the movie was great\n\n the plot was poor ", "", 8)()
+    assert asked == ["someone/tiny-bert"] and loaded.model is task.model and loaded.processor is task.processor
+    assert loaded.calibration["text"] == ["the movie was great", "the plot was poor"] and loaded.test is None
+    assert loaded.label_names == ["LABEL_0", "LABEL_1"] and loaded.task == "text-classification"
+
+    def missing(name):
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(space, "load_model", missing)
+    with pytest.raises(ValueError, match="Could not load 'nobody/none': no such model on the Hub, or no network here"):
+        space.hub_loader("nobody/none", "text", "", 8)()
+
+
+def test_the_space_keeps_only_ui():
+    """No measurement, formatting or model loading of its own: those live in optin_hf.tasks."""
+    tree = ast.parse((ROOT / "space_app" / "app.py").read_text())
+    functions = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    copies = {name for name in functions if re.search(r"accura|latenc|metric|^_?si$|format|_model$|_inputs$", name)}
+    assert copies == set()
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    used |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not (used | imported) & {"count_macs", "statistics", "prepare_calibration", "from_pretrained", "AutoConfig"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,6 +156,8 @@ def url():
 
 @pytest.fixture(scope="module")
 def browser():
+    if BROWSER_MISSING is not None:
+        pytest.skip(BROWSER_MISSING)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
@@ -126,6 +192,7 @@ def _click(driver, elem_id: str) -> None:
     driver.find_element(By.CSS_SELECTOR, f"#{elem_id}").click()
 
 
+@needs_browser
 def test_prune_compare_and_rescore_in_browser(url, browser, tmp_path, hub_server):
     browser.get(url)
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prune"))

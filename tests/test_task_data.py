@@ -1,3 +1,7 @@
+import ast
+import argparse
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
@@ -5,9 +9,10 @@ import torch
 from tiny_task import LABELS, tokenizer, write_csv
 from transformers import BertConfig
 
-from optin_hf.commands.args import TASK_CHOICES
+from optin_hf.commands.args import add_evaluate_args, add_prune_args
+from optin_hf.data import prepare_calibration
+from optin_hf.tasks.names import TASKS
 from optin_hf.tasks.task_data import (
-    TASKS,
     Columns,
     DataSpec,
     Encoder,
@@ -66,7 +71,75 @@ def test_column_detection_prefers_glue_pairs():
         resolve_columns(["text", "label"], "text-classification", text="review")
     with pytest.raises(ValueError, match="--text-column"):
         resolve_columns(["body", "label"], "text-classification")
-    assert TASK_CHOICES == TASKS  # the CLI's choices are the tasks the data code knows
+
+
+
+def test_the_cli_offers_the_tasks_the_data_code_knows():
+    for add in (add_prune_args, add_evaluate_args):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        task = next(a for a in parser._actions if a.dest == "task")
+        assert tuple(task.choices) == TASKS
+    with pytest.raises(ValueError, match="Unknown task 'token-classification'"):
+        resolve_columns(["text", "label"], "token-classification")
+
+
+PAIR_DATASETS = {
+    "qnli": {"question": ["red w1 w2", "w3 green"], "sentence": ["blue w4", "w5 w6 red"]},
+    "mnli": {"premise": ["red w1 w2", "w3 green"], "hypothesis": ["blue w4", "w5 w6 red"]},
+    "qqp": {"question1": ["red w1 w2", "w3 green"], "question2": ["blue w4", "w5 w6 red"]},
+    "mrpc": {"sentence1": ["red w1 w2", "w3 green"], "sentence2": ["blue w4", "w5 w6 red"]},
+}
+
+
+@pytest.mark.parametrize("name", PAIR_DATASETS)
+def test_calibration_reads_sentence_pairs_as_the_task_data_does(name):
+    """optin_hf.data (a Dataset given to the pruner) and the CLI's Encoder read the same pair columns."""
+    columns = {**PAIR_DATASETS[name], "label": [0, 1], "idx": [0, 1]}
+    dataset = datasets.Dataset.from_dict(columns)
+    inputs = resolve_columns(dataset.column_names, "text-classification").inputs
+    assert len(inputs) == 2
+    expected = Encoder("text-classification", Columns(inputs, "label"), tokenizer(), max_length=16).batch(list(dataset))
+    batch = prepare_calibration(dataset, tokenizer(), num_samples=2, batch_size=2, max_length=16)[0]
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert batch["token_type_ids"][0].tolist() == [0] * 5 + [1] * 3  # [CLS] red w1 w2 [SEP] | blue w4 [SEP]
+
+
+def test_calibration_without_a_text_column_names_the_columns_it_reads():
+    with pytest.raises(ValueError, match=r"text column \['text', 'sentence', 'content'\] or pair .*'premise', 'hypothesis'.*\['body', 'label'\]"):
+        prepare_calibration(datasets.Dataset.from_dict({"body": ["x"], "label": [0]}), tokenizer(), num_samples=1, batch_size=1, max_length=8)
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Absolute names of the modules `path` (a module of `package`) imports, relative imports resolved."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_core_module_imports_the_application_layer():
+    """Library below, application above: only the CLI (commands/) and tasks/ itself may import optin_hf.tasks."""
+    root = Path(__file__).resolve().parents[1] / "optin_hf"
+    offenders = {}
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root.parent)
+        if relative.parts[1] in ("tasks", "commands"):
+            continue
+        package = ".".join(relative.with_suffix("").parts[:-1]) if path.name != "__init__.py" else ".".join(relative.parts[:-1])
+        bad = sorted(n for n in _imports(path, package) if n == "optin_hf.tasks" or n.startswith("optin_hf.tasks."))
+        if bad:
+            offenders[str(relative)] = bad
+    assert offenders == {}
+    # The walk sees relative imports: the workflow's own `from .names import ...` resolves into optin_hf.tasks.
+    assert "optin_hf.tasks.names" in _imports(root / "tasks" / "workflow.py", "optin_hf.tasks")
+    assert "optin_hf.tasks.names" in _imports(root / "commands" / "args.py", "optin_hf.commands")
 
 
 def test_encoder_tokenizes_pairs_as_pairs_and_truncates():

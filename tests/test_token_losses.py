@@ -1,8 +1,21 @@
+"""Token candidates: the hand-computed losses, split across processes, killed and resumed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
 from tiny import tiny_model
+from token_worker import token_batches
 
+from optin_hf import OptinConfig
 from optin_hf.arch import get_adapter
+from optin_hf.engine import compute_raw_losses, token_losses
 from optin_hf.engine.token_losses import capture_token_grams, reference_token_losses
 
 
@@ -49,3 +62,113 @@ def test_token_losses_match_a_hand_computation(arch):
         kl = float((p * (p.log() - q.log())).sum()) * 16
         assert raw.md[layer, position].item() == pytest.approx(md, rel=1e-4)
         assert raw.kl[layer, position].item() == pytest.approx(kl, rel=1e-4)
+
+
+TESTS = Path(__file__).parent
+CANDIDATES = 2 * 16  # layers 1..2 of the tiny ViT, its 16 patch positions (the class token stays)
+
+
+def worker_env() -> dict[str, str]:
+    """The worker imports optin_hf and tests/tiny.py; one thread each, the machine has few cores."""
+    path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy small machine spinning threads cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_process_run(tmp_path_factory):
+    """A 2-process CPU (gloo) run of the token worker, started with the module so that its slow
+    start (two interpreters importing torch) overlaps the in-process tests."""
+    root = tmp_path_factory.mktemp("two-processes")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "token_worker.py"), str(root / "raw.safetensors"), str(root / "ckpt")]
+    worker = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    yield worker, root
+    if worker.poll() is None:
+        worker.terminate()
+        worker.communicate(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    model = tiny_model("vit")
+    adapter = get_adapter(model)
+    batches = token_batches()
+    return model, adapter, batches, capture_token_grams(model, adapter, batches)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(vit):
+    return reference_token_losses(*vit, temperature=4.0)
+
+
+def done_of(path: Path) -> torch.Tensor:
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor("token.done")
+
+
+def test_a_killed_run_resumes_without_rerunning_finished_candidates(tmp_path, monkeypatch, vit, uninterrupted):
+    run = token_losses._run
+    calls: list[int] = []
+
+    def failing_run(*args):
+        if len(calls) == 11:
+            raise RuntimeError("injected failure")
+        calls.append(1)
+        return run(*args)
+
+    monkeypatch.setattr(token_losses, "_run", failing_run)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        reference_token_losses(*vit, temperature=4.0, checkpoint_dir=tmp_path)
+    assert int(done_of(tmp_path / "token_losses.process0.safetensors").sum()) == 11
+
+    calls.clear()
+    monkeypatch.setattr(token_losses, "_run", lambda *args: calls.append(1) or run(*args))
+    resumed = reference_token_losses(*vit, temperature=4.0, checkpoint_dir=tmp_path)
+    assert len(calls) == CANDIDATES - 11  # only the candidates the first run had not finished
+    assert torch.equal(resumed.md, uninterrupted.md) and torch.equal(resumed.kl, uninterrupted.kl)
+    calls.clear()
+    assert torch.equal(reference_token_losses(*vit, temperature=4.0, checkpoint_dir=tmp_path).md, uninterrupted.md)
+    assert not calls  # a finished checkpoint reruns nothing
+
+
+def test_checkpoint_of_another_token_run_is_refused(tmp_path, vit):
+    model, adapter, batches, capture = vit
+    reference_token_losses(*vit, temperature=4.0, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="temperature: 4.0 there, 2.0 now"):
+        reference_token_losses(*vit, temperature=2.0, checkpoint_dir=tmp_path)
+    other = token_batches()[::-1]
+    with pytest.raises(ValueError, match="calibration data"):
+        reference_token_losses(model, adapter, other, capture_token_grams(model, adapter, other), 4.0, checkpoint_dir=tmp_path)
+
+
+def test_token_and_head_neuron_checkpoints_share_a_folder(tmp_path, vit, uninterrupted):
+    model, adapter, batches, _ = vit
+    config = OptinConfig(md_tokens=40, checkpoint_dir=str(tmp_path), prune_neurons=False)
+    heads = compute_raw_losses(model, adapter, batches, config, {"head": 4})
+    tokens = reference_token_losses(*vit, temperature=4.0, checkpoint_dir=tmp_path)
+    assert torch.equal(tokens.md, uninterrupted.md)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw_losses.process0.safetensors", "token_losses.process0.safetensors"]
+    assert torch.equal(compute_raw_losses(model, adapter, batches, config, {"head": 4})["head"].md, heads["head"].md)
+
+
+def test_two_processes_give_the_same_losses_as_one(two_process_run, uninterrupted, vit):
+    worker, root = two_process_run
+    _, stderr = worker.communicate(timeout=240)
+    assert worker.returncode == 0, stderr[-3000:]
+    assert "OPTIN tokens (2 processes)" in stderr
+    with safe_open(str(root / "raw.safetensors"), "pt") as f:
+        assert torch.allclose(f.get_tensor("md"), uninterrupted.md, rtol=1e-6, atol=0)
+        assert torch.allclose(f.get_tensor("kl"), uninterrupted.kl, rtol=1e-6, atol=0)
+    # each process ran its own half: disjoint shares that together cover every candidate
+    shares = [done_of(root / "ckpt" / f"token_losses.process{i}.safetensors") for i in range(2)]
+    assert int(shares[0].sum()) == int(shares[1].sum()) == CANDIDATES // 2
+    assert not (shares[0] & shares[1]).any() and int((shares[0] | shares[1]).sum()) == CANDIDATES

@@ -1,6 +1,8 @@
 """The one argparse definition of `optimum-cli optin ...` and `python -m optin_hf ...`.
 
-Imports nothing heavy: optimum-cli builds these parsers at every start, whatever command runs.
+optimum-cli builds these parsers at every start, whatever command runs, so this module imports
+only `OptinConfig` (its defaults fill the help), and through it torch; transformers, datasets
+and the pruning code load once a command really runs (`run_command`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from ..config import OptinConfig
-
-TASK_CHOICES = ("text-classification", "image-classification")
+from ..tasks.names import TASKS
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +72,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     one_line_errors(parser)
     _add_debug(parser)
     parser.add_argument("--model", metavar="PATH_OR_REPO", help="fine-tuned model folder or Hub id (default: an embedded default)")
-    parser.add_argument("--task", choices=TASK_CHOICES, help="default: image-classification for ViT/DeiT, else text")
+    parser.add_argument("--task", choices=TASKS, help="default: image-classification for ViT/DeiT, else text")
     parser.add_argument("--processor", metavar="PATH_OR_REPO", help="tokenizer or image processor, if not stored with the model")
     _add_data(parser)
     optin = parser.add_argument_group("OPTIN settings (see OptinConfig)")
@@ -117,7 +118,7 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
     _add_debug(parser)
     parser.add_argument("--model", required=True, metavar="DIR_OR_REPO",
                         help="a folder written by `optin prune`, or a dense model")
-    parser.add_argument("--task", choices=TASK_CHOICES, help="default: from the model's architecture")
+    parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture")
     parser.add_argument("--max-length", type=int, metavar="N",
                         help=f"truncate texts to N tokens (default: the pruning run's, or {OptinConfig.max_length})")
     parser.add_argument("--device", help="where to evaluate and time, e.g. cpu or cuda (default: cuda if available)")

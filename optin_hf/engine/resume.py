@@ -59,16 +59,20 @@ def _settings_change(saved: str | None, now: str) -> str:
 
 
 class LossCheckpoint:
-    """The raw losses of one scoring run in `directory`; `process_index` names this process's file."""
+    """The raw losses of one scoring run in `directory`; `process_index` names this process's file.
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, str], process_index: int):
+    `prefix` keeps runs of different candidates (head/neuron, token) that share a folder apart.
+    """
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, str], process_index: int, prefix: str = FILE_PREFIX):
         self.directory = Path(directory)
         self.fingerprint = fingerprint
-        self.path = self.directory / f"{FILE_PREFIX}.process{process_index}.safetensors"
+        self.prefix = prefix
+        self.path = self.directory / f"{prefix}.process{process_index}.safetensors"
 
     def load_into(self, tensors: dict[str, torch.Tensor]) -> None:
         """Merge every process's saved losses into `tensors` ("<kind>.md", ".kl", ".done")."""
-        for path in sorted(self.directory.glob(f"{FILE_PREFIX}.process*.safetensors")):
+        for path in sorted(self.directory.glob(f"{self.prefix}.process*.safetensors")):
             try:
                 with safe_open(str(path), "pt") as f:
                     metadata = f.metadata() or {}

@@ -1,13 +1,15 @@
 """How token candidates (vision "tau" mode) are run: the reference loop, one full forward per
-(layer, position) with that token removed from the layer's input onward.
+(layer, position) with that token removed from the layer's input onward, shared between
+processes and checkpointed as it goes, like head and neuron candidates (`engine.run`).
 
-Like `engine.reference_losses` it returns raw per-candidate MD and KL (`RawLosses`, here
+Like `engine.compute_raw_losses` it returns raw per-candidate MD and KL (`RawLosses`, here
 [num_layers, tokens]); `losses.token_scores` balances and weights them afterwards, so a faster
 engine only has to reproduce these raw losses.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +18,13 @@ from tqdm.auto import tqdm
 
 from ..arch import ArchAdapter
 from ..capture import logits_of
-from .run import RawLosses
 from ..hooks import drop_token, record_features
 from ..losses import kl_loss, later_layers, token_gram, token_md_loss
+from .distributed import gather, process_state, share
+from .resume import FORMAT, LossCheckpoint, fingerprint
+from .run import RawLosses, _store
+
+CHECKPOINT_PREFIX = "token_losses"  # beside the head/neuron files of the same checkpoint_dir, never mixed with them
 
 
 @dataclass
@@ -53,6 +59,19 @@ def capture_token_grams(model: nn.Module, adapter: ArchAdapter, batches: list[di
     return TokenCapture([[g[z] for z in range(num_layers)] for g in grams], logits)
 
 
+def _settings(model: nn.Module, adapter: ArchAdapter, temperature: float, num_layers: int, num_tokens: int) -> dict:
+    """The settings raw token losses depend on (the fingerprint's readable part)."""
+    return {
+        "format": FORMAT,
+        "kind": "token",
+        "temperature": temperature,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "num_layers": num_layers,
+        "num_tokens": num_tokens,
+        "num_prefix_tokens": adapter.num_prefix_tokens,
+    }
+
+
 @torch.no_grad()
 def reference_token_losses(
     model: nn.Module,
@@ -60,27 +79,50 @@ def reference_token_losses(
     batches: list[dict[str, torch.Tensor]],
     capture: TokenCapture,
     temperature: float,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> RawLosses:
     """Raw token MD (over the later layers, as for neurons) and KL of each candidate alone.
 
     Candidates are the non-prefix positions of layers 1..L-1: layer 0 and the class (and
-    distillation) tokens are never removed, so their entries stay 0.
+    distillation) tokens are never removed, so their entries stay 0. Under several processes
+    each runs its share and all get every loss. With `checkpoint_dir`, each finished candidate
+    is saved, and a run given the same folder (for the same model, data and settings) resumes.
     """
     num_layers = len(capture.grams[0])
     num_tokens = adapter.default_seq_len(model.config)
-    md = torch.zeros(num_layers, num_tokens, dtype=torch.float64)
-    kl = torch.zeros_like(md)
+    state = process_state(next(model.parameters()).device)
+    tensors = {
+        "token.md": torch.zeros(num_layers, num_tokens, dtype=torch.float64),
+        "token.kl": torch.zeros(num_layers, num_tokens, dtype=torch.float64),
+        "token.done": torch.zeros(num_layers, num_tokens, dtype=torch.bool),
+    }
+    checkpoint = None
+    if checkpoint_dir is not None:
+        tag = fingerprint(model, batches, _settings(model, adapter, temperature, num_layers, num_tokens))
+        checkpoint = LossCheckpoint(checkpoint_dir, tag, state.process_index, prefix=CHECKPOINT_PREFIX)
+        checkpoint.load_into(tensors)
+    state.wait_for_everyone()  # every process has read the checkpoint before any writes to it
     positions = range(adapter.num_prefix_tokens, num_tokens)
-    bar = tqdm(total=(num_layers - 1) * len(positions), desc="OPTIN tokens", unit="token")
-    for layer in range(1, num_layers):
+    todo = [(layer, position) for layer in range(1, num_layers) for position in positions]
+    mine = share([c for c in todo if not tensors["token.done"][c]], state)
+    desc = "OPTIN tokens" + (f" ({state.num_processes} processes)" if state.num_processes > 1 else "")
+    bar = tqdm(total=len(mine), desc=desc, unit="token", disable=not state.is_main_process)
+    computed: list[tuple[str, int, int, float, float]] = []
+    for layer, position in mine:
         judged = later_layers(layer, num_layers)
-        for position in positions:
-            with drop_token(model, adapter, layer, position):
-                grams, logits = _run(model, adapter, batches, judged)
-            md[layer, position] = sum(
-                float(token_md_loss(capture.grams[b][z], grams[b][z])) for b in range(len(batches)) for z in judged
-            )
-            kl[layer, position] = float(kl_loss(capture.logits, logits, temperature))
-            bar.update()
+        with drop_token(model, adapter, layer, position):
+            grams, logits = _run(model, adapter, batches, judged)
+        md = sum(float(token_md_loss(capture.grams[b][z], grams[b][z])) for b in range(len(batches)) for z in judged)
+        kl = float(kl_loss(capture.logits, logits, temperature))
+        _store(tensors, "token", layer, position, md, kl)
+        computed.append(("token", layer, position, md, kl))
+        if checkpoint is not None:
+            checkpoint.save(tensors)
+        bar.update()
     bar.close()
-    return RawLosses(md, kl)
+    for result in gather(computed):
+        _store(tensors, *result)
+    missing = sum(int(not tensors["token.done"][c]) for c in todo)
+    if missing:  # e.g. processes on several machines that each saw a different checkpoint_dir
+        raise RuntimeError(f"{missing} token candidates were scored by no process: did every process see the same checkpoint_dir?")
+    return RawLosses(tensors["token.md"], tensors["token.kl"])

@@ -73,7 +73,8 @@ class OptinImportance(ConfiguredImportance):
                 scores[kind] = scores[kind] * faithful_weights(num_layers, count, kind)
         tokens = None
         if config.prune_tokens:
-            token_raw = reference_token_losses(model, adapter, batches, capture_token_grams(model, adapter, batches), self.temperature)
+            capture = capture_token_grams(model, adapter, batches)
+            token_raw = reference_token_losses(model, adapter, batches, capture, self.temperature, checkpoint_dir=config.checkpoint_dir)
             tokens = token_scores(token_raw.md, token_raw.kl, self.lambda_contribution, self.max_patch_envelope, self.patch_metric_decay)
         return ImportanceScores(scores["head"], scores["neuron"], self.name, tokens)
 

@@ -96,8 +96,12 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in OFFLINE_VARIABLES)
 
 
-def load_metric(name: str) -> Metric:
-    """The metric `name` ("accuracy" or "glue/<task>"), from `evaluate` if it loads, else local."""
+def load_metric(name: str, offline: bool | None = None) -> Metric:
+    """The metric `name` ("accuracy" or "glue/<task>"), from `evaluate` if it loads, else local.
+
+    `offline`: True takes the local formulas without asking the Hub (a page that must answer
+    fast); None follows HF_HUB_OFFLINE / HF_EVALUATE_OFFLINE.
+    """
     if name not in metric_names():
         raise ValueError(f"Unknown metric {name!r}; choose one of {metric_names()}.")
     formulas = _local_formulas(name)
@@ -105,7 +109,7 @@ def load_metric(name: str) -> Metric:
     regression = name == "glue/stsb"
     path, _, config = name.partition("/")
     reason = "offline mode"
-    if not _offline():
+    if not (_offline() if offline is None else offline):
         try:
             import evaluate
 

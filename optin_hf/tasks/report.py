@@ -14,6 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from torch import nn
@@ -21,8 +22,8 @@ from torch import nn
 from ..arch import check_model
 from .latency import median, synthetic_inputs, time_models
 from ..macs import count_macs
-from .metrics import Metric
-from .task_data import Encoder, LabelEncoder, TaskData, eval_rows
+from .metrics import Metric, load_metric
+from .task_data import Encoder, LabelEncoder, TaskData, eval_rows, in_memory_task_data, label_encoder
 
 REPORT_JSON = "optin_report.json"
 REPORT_PNG = "optin_report.png"
@@ -99,8 +100,8 @@ class Report:
         for key in self.stats[names[0]].metrics or []:
             drop = f"{-100 * ratios[f'{key}_drop'] + 0.0:+.2f} pt" if f"{key}_drop" in ratios else ""
             row(f"{key} (x100)", [_points(self.stats[n].metrics, key) for n in names], drop)
-        row(f"MACs at {self.seq_len:.2f} tokens", [_si(self.stats[n].macs) for n in names], f"{ratios.get('macs', 0):.3f}")
-        row("parameters", [_si(self.stats[n].parameters) for n in names], f"{ratios.get('parameters', 0):.3f}")
+        row(f"MACs at {self.seq_len:.2f} tokens", [format_si(self.stats[n].macs) for n in names], f"{ratios.get('macs', 0):.3f}")
+        row("parameters", [format_si(self.stats[n].parameters) for n in names], f"{ratios.get('parameters', 0):.3f}")
         row(
             f"latency, batch {self.latency['batch_size']}",
             [f"{1000 * self.stats[n].latency_s:.1f} ms" for n in names],
@@ -175,7 +176,7 @@ class Report:
         else:
             ax.text(0.5, 0.5, "no evaluation split", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlim(0, 120)
-        ax.set_xlabel(f"MACs, % of dense ({_si(dense.macs)} at {self.seq_len:.1f} tokens)")
+        ax.set_xlabel(f"MACs, % of dense ({format_si(dense.macs)} at {self.seq_len:.1f} tokens)")
         batch = self.latency["batch_size"]
         ax.set_title(f"{self.metric} vs MACs; measured {_speed(ratios['speedup'])} at batch {batch}")
         ax.grid(alpha=0.3)
@@ -191,7 +192,8 @@ def _points(metrics: dict[str, float] | None, key: str) -> str:
     return f"{100 * metrics[key]:.2f}" if metrics else "n/a"
 
 
-def _si(value: float) -> str:
+def format_si(value: float) -> str:
+    """A count with an SI prefix and two decimals: 1.23 G, 4.56 M, 7.89 k, 12."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
             return f"{value / scale:.2f} {unit}"
@@ -221,6 +223,21 @@ def evaluate_model(
     return values, len(np.concatenate(references)), average
 
 
+def accuracy(
+    model: nn.Module, dataset: datasets.Dataset | None, processor: Any, max_length: int | None = None, max_examples: int | None = None
+) -> float | None:
+    """Argmax accuracy on the first `max_examples` rows (all when None) of a labelled in-memory
+    split (an embedded default's); None when it has no `label` column, so no page invents one.
+    `max_length` None truncates at the tokenizer's own length."""
+    if dataset is None or "label" not in dataset.column_names or len(dataset) == 0:
+        return None
+    task = "image-classification" if check_model(model).is_vision else "text-classification"
+    data = in_memory_task_data(task, None, dataset, max_eval_samples=max_examples)
+    encoder = Encoder(task, data.columns, processor, max_length)
+    values, _, _ = evaluate_model(model, data, encoder, label_encoder(data, model.config), load_metric("accuracy", offline=True))
+    return values["accuracy"]
+
+
 def kept_per_layer(model: nn.Module) -> tuple[list[int], list[int]]:
     adapter = check_model(model)
     layers = adapter.layers_of(model)
@@ -239,14 +256,19 @@ def measure(
     optin: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
     runs: int = LATENCY_RUNS,
+    known_metrics: dict[str, dict[str, float] | None] | None = None,
 ) -> Report:
     """Evaluate and time `models` (same base architecture) and gather a `Report`.
 
     `seq_len` is the length MACs are counted at; None takes the evaluation split's average.
+    `known_metrics`: metric values of some models measured before on the same data (a dense
+    model compared with one pruned copy after another), not evaluated again.
     """
-    metrics: dict[str, dict[str, float] | None] = {}
+    metrics: dict[str, dict[str, float] | None] = dict(known_metrics or {})
     samples, average = 0, None
     for key, model in models.items():
+        if key in metrics:
+            continue
         metrics[key] = None
         if data.evaluation is not None and labels is not None:
             metrics[key], samples, average = evaluate_model(model, data, encoder, labels, metric)

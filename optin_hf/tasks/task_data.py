@@ -18,14 +18,10 @@ import numpy as np
 import torch
 from datasets.arrow_reader import ReadInstruction
 
-from ..data import MODEL_INPUTS, collate
+from ..data import MODEL_INPUTS, collate, text_columns
+from .names import TASKS
 
-TASKS = ("text-classification", "image-classification")
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-# Detected in this order when no column is named: GLUE's pairs first, so QNLI's
-# (question, sentence) is never read as single sentences.
-TEXT_PAIRS = (("premise", "hypothesis"), ("question1", "question2"), ("question", "sentence"), ("sentence1", "sentence2"))
-TEXTS = ("text", "sentence", "content")
 IMAGES = ("pixel_values", "image", "img")
 SHUFFLE_BUFFER = 10_000
 
@@ -128,8 +124,7 @@ def resolve_columns(
     elif text:
         inputs = (text, text_pair) if text_pair else (text,)
     else:
-        inputs = next((pair for pair in TEXT_PAIRS if set(pair) <= set(names)), ())
-        inputs = inputs or next(((c,) for c in TEXTS if c in names), ())
+        inputs = text_columns(names)
     if not inputs:
         kind = "an image column (--image-column)" if task == "image-classification" else "a text column (--text-column)"
         raise ValueError(f"Cannot tell which column holds the inputs among {names}: name {kind}.")
@@ -138,9 +133,12 @@ def resolve_columns(
 
 class Encoder:
     """Rows -> model inputs: text through the tokenizer (pairs as pairs), images through the
-    image processor, or a ready `pixel_values` column as is."""
+    image processor, or a ready `pixel_values` column as is.
 
-    def __init__(self, task: str, columns: Columns, processor: Any, max_length: int):
+    `max_length` None truncates at the tokenizer's own `model_max_length`.
+    """
+
+    def __init__(self, task: str, columns: Columns, processor: Any, max_length: int | None):
         self.is_image = task == "image-classification"
         self.columns = columns
         self.processor = processor
@@ -234,6 +232,22 @@ class TaskData:
     columns: Columns
     record: dict[str, Any]
     max_eval_samples: int | None = None
+
+
+def label_encoder(data: TaskData, config) -> LabelEncoder | None:
+    """The evaluation split's labels in the order of the model with `config`; None without a split."""
+    if data.evaluation is None:
+        return None
+    return LabelEncoder((data.evaluation.features or {}).get(data.columns.label), config)
+
+
+def in_memory_task_data(
+    task: str, calibration: AnyDataset | None, evaluation: AnyDataset | None, record: dict[str, Any] | None = None,
+    max_eval_samples: int | None = None,
+) -> TaskData:
+    """TaskData of splits already loaded (an embedded default, a Space's model), columns detected."""
+    names = column_names(calibration if calibration is not None else evaluation)
+    return TaskData(task, calibration, evaluation, resolve_columns(names, task), record or {}, max_eval_samples)
 
 
 def load_task_data(spec: DataSpec, task: str, calibration: bool = True) -> TaskData:

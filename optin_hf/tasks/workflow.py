@@ -22,13 +22,10 @@ from ..checkpoint import check_save_target, load_supported_config
 from ..config import OptinConfig
 from ..masks import MASKS_NAME
 from .metrics import DEFAULT_METRIC, Metric, load_metric
+from .names import TASKS, model_class
 from .report import REPORT_JSON, Report, measure
-from .task_data import TASKS, DataSpec, Encoder, LabelEncoder, TaskData, column_names, load_task_data, resolve_columns
+from .task_data import DataSpec, Encoder, LabelEncoder, TaskData, in_memory_task_data, label_encoder, load_task_data
 
-MODEL_CLASSES = {
-    "text-classification": "AutoModelForSequenceClassification",
-    "image-classification": "AutoModelForImageClassification",
-}
 DEFAULT_TEXT_MODEL = "bbc-news"
 
 
@@ -100,8 +97,7 @@ def load_default_task(name: str) -> Loaded:
     if name not in DEFAULT_NAMES:
         raise ValueError(f"Unknown embedded default {name!r}; choose one of {list(DEFAULT_NAMES)}.")
     task = load_default(name)
-    columns = resolve_columns(column_names(task.calibration), task.task)
-    data = TaskData(task.task, task.calibration, task.test, columns, {"default": name})
+    data = in_memory_task_data(task.task, task.calibration, task.test, {"default": name})
     return Loaded(f"{name} (embedded default)", str(task.model_dir), task.model, task.processor, data)
 
 
@@ -110,12 +106,10 @@ def load_model(name_or_path: str, task: str | None = None, processor: str | None
 
     Only safetensors weights of a supported architecture load: a pickled .bin file can run code when unpickled.
     """
-    import transformers
-
     config = load_supported_config(name_or_path)
     task = task or ("image-classification" if get_adapter(config).is_vision else "text-classification")
     try:
-        model = getattr(transformers, MODEL_CLASSES[task]).from_pretrained(
+        model = model_class(task).from_pretrained(
             name_or_path, config=config, use_safetensors=True, trust_remote_code=False
         )
     except OSError as err:
@@ -124,7 +118,7 @@ def load_model(name_or_path: str, task: str | None = None, processor: str | None
         raise OSError(
             f"{name_or_path} has no safetensors weights (model.safetensors): optin-hf never loads pickled .bin "
             "weights, since unpickling can run code. Convert them once, only if you trust the file: "
-            f"transformers.{MODEL_CLASSES[task]}.from_pretrained(PATH).save_pretrained(NEW_PATH) writes safetensors."
+            f"transformers.{model_class(task).__name__}.from_pretrained(PATH).save_pretrained(NEW_PATH) writes safetensors."
         ) from err
     return model.eval(), load_processor(processor or name_or_path, task), task
 
@@ -147,12 +141,6 @@ def _check_metric(metric: Metric, model: nn.Module) -> None:
             f"Metric {metric.name} does not fit a model with {model.config.num_labels} label(s): "
             "regression models (one output) need glue/stsb, classifiers another metric."
         )
-
-
-def _label_encoder(data: TaskData, model: nn.Module) -> LabelEncoder | None:
-    if data.evaluation is None:
-        return None
-    return LabelEncoder((data.evaluation.features or {}).get(data.columns.label), model.config)
 
 
 def _with_labels(examples: list[dict[str, torch.Tensor]], rows: list[dict[str, Any]], data: TaskData, model: nn.Module) -> list:
@@ -196,7 +184,7 @@ def run_prune(job: PruneJob) -> Report:
     calibration = encoder.examples(rows)
     if getattr(CRITERIA[config.importance], "needs_labels", False):
         calibration = _with_labels(calibration, rows, data, model)
-    labels = _label_encoder(data, model)
+    labels = label_encoder(data, model.config)
     dense = copy.deepcopy(model)
     pruner = OptinPruner(config)
     start = time.perf_counter()
@@ -280,6 +268,6 @@ def run_evaluate(
         name=model_path,
         data=task_data,
         encoder=encoder,
-        labels=_label_encoder(task_data, model),
+        labels=label_encoder(task_data, model.config),
         metric=metric,
     )

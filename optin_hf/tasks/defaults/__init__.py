@@ -1,6 +1,5 @@
 """Embedded default models trained offline from pip-packaged weights and data (see ``load_default``)."""
 from .loader import DefaultTask, load_default
-from .metrics import evaluate_accuracy
 from .registry import DEFAULT_NAMES
 
-__all__ = ["DEFAULT_NAMES", "DefaultTask", "evaluate_accuracy", "load_default"]
+__all__ = ["DEFAULT_NAMES", "DefaultTask", "load_default"]

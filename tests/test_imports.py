@@ -1,0 +1,129 @@
+"""No import cycle inside `optin_hf`.
+
+The graph holds the imports that run when a module is imported: those at module level and in
+class bodies, not those inside functions (a function-level import is the accepted way to break
+a cycle: it runs only when called, after every module has loaded) nor those under
+`if TYPE_CHECKING:` (never run). Importing `optin_hf.a.b` also runs `optin_hf/a/__init__.py`,
+so the importer depends on that package too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import optin_hf
+
+PACKAGE = Path(optin_hf.__file__).parent
+
+
+def module_names(root: Path) -> dict[str, Path]:
+    """Every module of the package in folder `root` by dotted name (a package by its own name)."""
+    names = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def executed_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Import statements that run at import time: not in functions, not under `if TYPE_CHECKING`."""
+    found, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the package's modules that importing it runs first."""
+    modules = module_names(root)
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = []
+        for node in executed_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets += [alias.name for alias in node.names]
+                continue
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            base = ".".join(p for p in (base if node.level else "", node.module or "") if p)
+            targets.append(base)
+            targets += [f"{base}.{alias.name}" for alias in node.names]  # `from pkg import submodule`
+        for target in targets:
+            parts = target.split(".")
+            for i in range(1, len(parts) + 1):  # the module and every package above it
+                dep = ".".join(parts[:i])
+                if dep in modules and dep != name and not name.startswith(dep + "."):
+                    graph[name].add(dep)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_optin_hf_has_no_import_cycle():
+    graph = import_graph(PACKAGE)
+    assert {"optin_hf.allocate", "optin_hf.engine.distributed"} <= graph["optin_hf.pruner"]  # the walker sees imports
+    assert "optin_hf.engine.run" in graph["optin_hf.engine.token_losses"]
+    cycle = find_cycle(graph)
+    assert cycle is None, (
+        f"import cycle: {' -> '.join(cycle)}. Data flows one way (capture -> score -> allocate -> slim -> save): "
+        "make the later module depend on the earlier one only, or import inside the function that needs it."
+    )
+
+
+def test_the_graph_holds_the_imports_that_run_and_a_cycle_is_named(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "a.py": "from .b import x\n",
+        "b.py": "from . import c\nclass B:\n    from .sub import d\n",
+        "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import y\ndef f():\n    from .a import z\n",
+        "sub/__init__.py": "from .d import w\n",
+        "sub/d.py": "import os\nfrom .. import c\n",
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    graph = import_graph(pkg)
+    assert graph == {
+        "pkg": set(),
+        "pkg.a": {"pkg.b"},
+        "pkg.b": {"pkg.c", "pkg.sub", "pkg.sub.d"},
+        "pkg.c": set(),  # TYPE_CHECKING and function-level imports do not run at import time
+        "pkg.sub": {"pkg.sub.d"},
+        "pkg.sub.d": {"pkg.c"},
+    }
+    assert find_cycle(graph) is None
+    (pkg / "sub/d.py").write_text("from ..a import x\n")
+    assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.b", "pkg.sub", "pkg.sub.d", "pkg.a"]
