@@ -11,28 +11,36 @@ import torch
 from .masks import PruningMasks
 
 
-def _ranked(scores: torch.Tensor, unit_macs: torch.Tensor, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ranked(
+    scores: torch.Tensor, unit_macs: torch.Tensor, multiple: int = 1, present: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global ranking (best first) of blocks of units, with cumulative score and cost, each prefixed by 0.
 
-    scores: [num_layers, units]; unit_macs: [num_layers] cost of one unit in each layer. Each
-    layer's units, best first, are cut into blocks of `multiple` (the last may be smaller), so
-    any prefix of the ranking keeps a multiple of it in every layer (or all its units). Blocks
-    rank by mean score: with `multiple=1` this is the plain ranking of units.
+    scores: [num_layers, units]; unit_macs: [num_layers] cost of one unit in each layer;
+    present: bool [num_layers, units], the units that exist (None: all; padding of a narrower
+    layer never enters the ranking). Each layer's units, best first, are cut into blocks of
+    `multiple` (the last may be smaller), so any prefix of the ranking keeps a multiple of it in
+    every layer (or all its units). Blocks rank by mean score: with `multiple=1` this is the
+    plain ranking of units.
     Returns [blocks, multiple] flat unit indices in rank order (-1 pads a short block), and the
     cumulative scores and costs.
     """
     num_layers, units = scores.shape
+    present = torch.ones_like(scores, dtype=torch.bool) if present is None else present
     multiple = min(multiple, units)
     per_layer = -(-units // multiple)
     pad = per_layer * multiple - units
-    order = scores.double().argsort(dim=1, descending=True, stable=True)
-    ranked = scores.double().gather(1, order)
-    flat = order + torch.arange(num_layers)[:, None] * units
+    order = scores.double().masked_fill(~present, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    exists = present.gather(1, order)
+    ranked = scores.double().gather(1, order).masked_fill(~exists, 0.0)
+    flat = (order + torch.arange(num_layers)[:, None] * units).masked_fill(~exists, -1)
     members = torch.cat([flat, flat.new_full((num_layers, pad), -1)], 1).view(-1, multiple)
     valid = members >= 0
     sums = torch.cat([ranked, ranked.new_zeros(num_layers, pad)], 1).view(-1, multiple).sum(1)
     counts = valid.sum(1).double()
     costs = unit_macs.double().repeat_interleave(per_layer) * counts
+    real = counts > 0  # blocks made only of a narrower layer's padding
+    members, sums, counts, costs = members[real], sums[real], counts[real], costs[real]
     rank = (sums / counts).argsort(descending=True, stable=True)
     zero = torch.zeros(1, dtype=torch.float64)
     return members[rank], torch.cat([zero, sums[rank].cumsum(0)]), torch.cat([zero, costs[rank].cumsum(0)])
@@ -72,6 +80,7 @@ def allocate(
     prune_neurons: bool = True,
     min_fill: float = 0.99,
     neurons_multiple_of: int = 1,
+    units: PruningMasks | None = None,
 ) -> PruningMasks:
     """Keep the k best heads and fill the rest of the budget with the best neurons, for the k
     that maximises the summed importance kept (the OPTIN search; ranks are global, so layers
@@ -80,15 +89,19 @@ def allocate(
     head_macs / neuron_macs: [num_layers] MACs of one head / neuron per layer. `fixed_macs`
     is counted but never pruned (e.g. a patch embedding); structures not being pruned are
     added to it. Each layer keeps a multiple of `neurons_multiple_of` neurons (or all of
-    them): CPU and GPU matmul kernels run such widths markedly faster per column.
+    them): CPU and GPU matmul kernels run such widths markedly faster per column. `units`
+    (`PruningMasks.full(config)`) says which units exist where layers differ in width; None:
+    every unit of the scores' shape.
     """
+    units = units or PruningMasks(torch.ones_like(head_scores, dtype=torch.bool), torch.ones_like(neuron_scores, dtype=torch.bool))
+    head_present, neuron_present = units.present()
     for kind, scores, pruned in (("head", head_scores, prune_heads), ("neuron", neuron_scores, prune_neurons)):
         if pruned:
             check_scores(scores, kind)
     if not all(math.isfinite(float(x)) for x in (budget, fixed_macs, head_macs.sum(), neuron_macs.sum())):
         raise ValueError(f"The MAC counts are not finite (budget {budget}): the sequence length must be a finite number of tokens.")
-    heads_total = float(head_macs.double().sum() * head_scores.shape[1])
-    neurons_total = float(neuron_macs.double().sum() * neuron_scores.shape[1])
+    heads_total = float((head_macs.double() * head_present.sum(1)).sum())
+    neurons_total = float((neuron_macs.double() * neuron_present.sum(1)).sum())
     fixed = fixed_macs + (0.0 if prune_heads else heads_total) + (0.0 if prune_neurons else neurons_total)
     room = budget - fixed
     if room < 0:
@@ -96,8 +109,8 @@ def allocate(
             f"The budget of {budget:.4g} MACs cannot be reached: the parts not being pruned already cost "
             f"{fixed:.4g}. Raise mac_constraint or enable pruning of both heads and neurons."
         )
-    h_order, h_score, h_cost = _ranked(head_scores, head_macs)
-    n_order, n_score, n_cost = _ranked(neuron_scores, neuron_macs, neurons_multiple_of)
+    h_order, h_score, h_cost = _ranked(head_scores, head_macs, 1, head_present)
+    n_order, n_score, n_cost = _ranked(neuron_scores, neuron_macs, neurons_multiple_of, neuron_present)
     if not prune_heads:
         h_score, h_cost = h_score[-1:], torch.zeros(1, dtype=torch.float64)
     if not prune_neurons:
@@ -118,7 +131,7 @@ def allocate(
     head_mask[_members(h_order[:k])] = True
     neuron_mask = torch.zeros(neuron_scores.numel(), dtype=torch.bool)
     neuron_mask[_members(n_order[:n])] = True
-    return PruningMasks(head_mask.view_as(head_scores), neuron_mask.view_as(neuron_scores))
+    return units.with_masks(head_mask.view_as(head_scores), neuron_mask.view_as(neuron_scores))
 
 
 MIN_KEPT_SHARE = 0.1  # the reference's floor: a layer never keeps 10% of its tokens or fewer
@@ -188,6 +201,7 @@ def allocate_with_tokens(
     prune_heads: bool = True,
     prune_neurons: bool = True,
     neurons_multiple_of: int = 1,
+    units: PruningMasks | None = None,
 ) -> PruningMasks:
     """OPTIN's tau search: heads, neurons and a token schedule under one MAC budget.
 
@@ -201,8 +215,10 @@ def allocate_with_tokens(
     check_scores(token_scores, "token")
     num_layers, num_tokens = token_scores.shape
     head_macs, neuron_macs, fixed = costs([num_tokens] * num_layers)
-    base = fixed + float(head_macs.sum()) * head_scores.shape[1] + float(neuron_macs.sum()) * neuron_scores.shape[1]
-    kw = dict(prune_heads=prune_heads, prune_neurons=prune_neurons, neurons_multiple_of=neurons_multiple_of)
+    kw = dict(prune_heads=prune_heads, prune_neurons=prune_neurons, neurons_multiple_of=neurons_multiple_of, units=units)
+    units = units or PruningMasks(torch.ones_like(head_scores, dtype=torch.bool), torch.ones_like(neuron_scores, dtype=torch.bool))
+    head_present, neuron_present = units.present()
+    base = fixed + float((head_macs * head_present.sum(1)).sum() + (neuron_macs * neuron_present.sum(1)).sum())
     first = allocate(head_scores, neuron_scores, head_macs, neuron_macs, base - params_share * (base - budget), fixed, **kw)
     heads, neurons = first.head_mask.sum(1).double(), first.neuron_mask.sum(1).double()
 
@@ -213,7 +229,7 @@ def allocate_with_tokens(
     schedule = remove_tokens(token_scores, num_prefix_tokens, macs_of, budget)
     head_macs, neuron_macs, fixed = costs(schedule)
     masks = allocate(head_scores, neuron_scores, head_macs, neuron_macs, budget, fixed, **kw)
-    return PruningMasks(masks.head_mask, masks.neuron_mask, torch.tensor(schedule))
+    return masks.with_masks(masks.head_mask, masks.neuron_mask, torch.tensor(schedule))
 
 
 def rearrange_layer(keep: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -246,8 +262,10 @@ def rearrange_layer(keep: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 def rearrange_masks(masks: PruningMasks, grads: dict[str, torch.Tensor]) -> PruningMasks:
     """`rearrange_layer` on every layer of the kinds in grads ({"head": [examples, layers, heads], ...})."""
     new = {"head": masks.head_mask.clone(), "neuron": masks.neuron_mask.clone()}
+    present = dict(zip(("head", "neuron"), masks.present()))
     for kind, g in grads.items():
         for layer in range(new[kind].shape[0]):
-            new[kind][layer] = rearrange_layer(new[kind][layer], g[:, layer])
-    return PruningMasks(new["head"], new["neuron"], masks.token_schedule)
+            n = int(present[kind][layer].sum())  # a narrower layer's padding is never kept
+            new[kind][layer, :n] = rearrange_layer(new[kind][layer, :n], g[:, layer, :n])
+    return masks.with_masks(new["head"], new["neuron"], masks.token_schedule)
 

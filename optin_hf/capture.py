@@ -17,20 +17,34 @@ class DenseCapture:
 
     rows[b]: flat indices into batch b's [batch*tokens] of the MD token subset (real tokens
     only, seeded, K in all). grams[z]: [K, K] cosine Gram of layer z's feature on that
-    subset. logits: [num_samples, num_labels], or None for a bare encoder.
+    subset. logits: [num_samples, num_labels], or None for a bare encoder. tokens: the tokens
+    per example that `rows` index (vision), so a layer that holds fewer (Swin's later stages)
+    reads the rows at its own resolution (`layer_rows`); None: every layer holds the batch's.
     """
 
     rows: list[torch.Tensor]
     grams: list[torch.Tensor]
     logits: torch.Tensor | None
+    tokens: int | None = None
 
 
 def logits_of(output) -> torch.Tensor | None:
     return getattr(output, "logits", None)
 
 
-def select_rows(feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """L2-normalised rows of a [batch, tokens, dim] feature picked by flat index."""
+def layer_rows(rows: torch.Tensor, tokens: int | None, layer_tokens: int) -> torch.Tensor:
+    """Flat indices `rows` into [batch * tokens] moved to a layer of `layer_tokens` per example:
+    position p becomes p * layer_tokens // tokens; positions that land together are kept once."""
+    if tokens is None or tokens == layer_tokens:
+        return rows
+    example, position = rows // tokens, rows % tokens
+    return (example * layer_tokens + position * layer_tokens // tokens).unique()
+
+
+def select_rows(feature: torch.Tensor, rows: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+    """L2-normalised rows of a [batch, tokens, dim] feature picked by flat index (into
+    [batch * `tokens`] when given; see `layer_rows`)."""
+    rows = layer_rows(rows, tokens, feature.shape[1])
     flat = feature.reshape(-1, feature.shape[-1]).index_select(0, rows).float()
     return nn.functional.normalize(flat, dim=-1)
 
@@ -62,8 +76,9 @@ def capture_dense(
     """The dense run on `batches`. `rows` overrides the MD token subset (an engine that
     re-batches the data passes the same tokens at their new places)."""
     device = next(model.parameters()).device
+    tokens = adapter.default_seq_len(model.config)
     if rows is None:
-        rows = md_token_rows(batches, md_tokens, seed, adapter.default_seq_len(model.config))
+        rows = md_token_rows(batches, md_tokens, seed, tokens)
     per_layer: list[list[torch.Tensor]] = [[] for _ in adapter.layers_of(model)]
     logits = []
     with record_features(model, adapter) as features:
@@ -71,6 +86,6 @@ def capture_dense(
             out = model(**{k: v.to(device) for k, v in batch.items()})
             logits.append(logits_of(out))
             for z, feature in enumerate(features):
-                per_layer[z].append(select_rows(feature, batch_rows.to(device)))
+                per_layer[z].append(select_rows(feature, batch_rows.to(device), tokens))
     grams = [torch.cat(parts) @ torch.cat(parts).T for parts in per_layer]
-    return DenseCapture(rows, grams, torch.cat(logits).float() if logits[0] is not None else None)
+    return DenseCapture(rows, grams, torch.cat(logits).float() if logits[0] is not None else None, tokens)

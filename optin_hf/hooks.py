@@ -49,19 +49,20 @@ def apply_masks(
     """Mask a dense model while the context is open.
 
     head_mask: [num_layers, num_heads] (or [num_layers, batch, num_heads] to mask each batch
-    row differently); neuron_mask likewise with intermediate_size. Values are multipliers.
+    row differently); neuron_mask likewise with intermediate_size. Values are multipliers. A
+    layer narrower than the masks reads only its own units (the rest is padding).
     """
     layers = adapter.layers_of(model)
-    head_dim = adapter.head_dim(model.config)
+    geometry = adapter.layer_geometry(model.config)
     handles = []
     try:
-        for i, layer in enumerate(layers):
+        for i, (layer, g) in enumerate(zip(layers, geometry)):
             if head_mask is not None:
                 out = get_submodule(layer, adapter.attn_out)
-                handles.append(out.register_forward_pre_hook(_scale_input(head_mask[i], head_dim)))
+                handles.append(out.register_forward_pre_hook(_scale_input(head_mask[i][..., : g.heads], g.head_dim)))
             if neuron_mask is not None:
                 down = get_submodule(layer, adapter.ffn_down)
-                handles.append(down.register_forward_pre_hook(_scale_input(neuron_mask[i], 1)))
+                handles.append(down.register_forward_pre_hook(_scale_input(neuron_mask[i][..., : g.neurons], 1)))
         yield
     finally:
         for handle in handles:
@@ -70,13 +71,15 @@ def apply_masks(
 
 @contextmanager
 def record_features(model: nn.Module, adapter: ArchAdapter) -> Iterator[list]:
-    """Collect each layer's MD feature ([batch, tokens, hidden]) during forwards in the context."""
+    """Collect each layer's MD feature ([batch, tokens, hidden]) during forwards in the context.
+
+    A feature module that returns a tuple (a whole layer, as Swin's) gives its first element."""
     features: list = [None] * len(adapter.layers_of(model))
     handles = []
 
     def keep(i: int):
         def hook(module, args, output):
-            features[i] = output
+            features[i] = output[0] if isinstance(output, tuple) else output
 
         return hook
 

@@ -3,7 +3,8 @@
 By default (the OPTIN paper's formulas, `ArchAdapter.head_macs` / `neuron_macs`), per head at
 sequence length s, hidden d, head size dh: 3*s*d*dh (q, k, v) + 2*s*s*dh (scores and context)
 + s*dh*d (output projection); per FFN neuron: 2*s*d. Embeddings and the classifier are not
-counted; a vision model's patch embedding is.
+counted; a vision model's patch embedding is, and so is all an adapter's `fixed_macs` gives
+(Swin: also its patch-merging reductions).
 
 With a token schedule, layer i uses s = schedule[i], the number of tokens it really holds,
 class (and distillation) tokens included, because every matmul of the layer runs on all of
@@ -34,8 +35,8 @@ def check_seq_len(seq_len: float) -> None:
 def unit_macs(schedule: Sequence[float], adapter: ArchAdapter, config) -> tuple[torch.Tensor, torch.Tensor]:
     """MACs of one head and of one neuron in each layer ([num_layers] each) at its token count,
     by the adapter's formulas (the ones `count_macs` uses, so a budget met here is met there)."""
-    heads = torch.tensor([adapter.head_macs(s, config) for s in schedule], dtype=torch.float64)
-    neurons = torch.tensor([adapter.neuron_macs(s, config) for s in schedule], dtype=torch.float64)
+    heads = torch.tensor([adapter.head_macs(s, config, i) for i, s in enumerate(schedule)], dtype=torch.float64)
+    neurons = torch.tensor([adapter.neuron_macs(s, config, i) for i, s in enumerate(schedule)], dtype=torch.float64)
     return heads, neurons
 
 
@@ -60,7 +61,7 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
     hidden = config.hidden_size
     layers = adapter.layers_of(model)
     schedule = token_schedule if token_schedule is not None else installed_schedule(model)
-    total = float(adapter.patch_embedding_macs(model))
+    total = float(adapter.fixed_macs(model))
     if schedule is not None:
         if seq_len is not None and seq_len != schedule[0]:
             raise ValueError(
@@ -75,7 +76,7 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
             raise ValueError("count_macs needs seq_len for a text model (e.g. the average unpadded length).")
         check_seq_len(seq_len)
         schedule = [seq_len] * len(layers)
-    for layer, tokens in zip(layers, schedule):
-        heads = adapter.kept_heads(layer, config) * float(adapter.head_macs(tokens, config))
-        total += heads + adapter.kept_neurons(layer) * float(adapter.neuron_macs(tokens, config))
+    for i, (layer, tokens) in enumerate(zip(layers, schedule)):
+        heads = adapter.kept_heads(layer, config) * float(adapter.head_macs(tokens, config, i))
+        total += heads + adapter.kept_neurons(layer) * float(adapter.neuron_macs(tokens, config, i))
     return total

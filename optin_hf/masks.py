@@ -4,7 +4,7 @@ token mode, how many tokens each layer holds), stored as safetensors."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,18 +35,30 @@ def check_masks(masks: object, where: str) -> None:
         )
 
 
+def units_present(counts: torch.Tensor | None, num_layers: int, width: int) -> torch.Tensor:
+    """bool [num_layers, width]: which units exist when layer l has `counts[l]` (None: every layer `width`)."""
+    if counts is None:
+        return torch.ones(num_layers, width, dtype=torch.bool)
+    return torch.arange(width)[None, :] < counts[:, None]
+
+
 @dataclass
 class PruningMasks:
     """Kept structures of a dense model.
 
     head_mask: bool [num_layers, num_heads]; neuron_mask: bool [num_layers, intermediate_size];
     token_schedule: int64 [num_layers], tokens each layer holds (prefix tokens included), or
-    None when no tokens are merged.
+    None when no tokens are merged. head_counts / neuron_counts: int64 [num_layers], the heads
+    and neurons each layer has when layers differ (Swin's stages); the masks are as wide as the
+    widest layer, and a layer's units from its count on are padding, never kept. None: every
+    layer has the masks' full width.
     """
 
     head_mask: torch.Tensor
     neuron_mask: torch.Tensor
     token_schedule: torch.Tensor | None = None
+    head_counts: torch.Tensor | None = None
+    neuron_counts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.head_mask = torch.as_tensor(self.head_mask).to(torch.bool).cpu()
@@ -57,6 +69,24 @@ class PruningMasks:
             raise ValueError(
                 f"head_mask has {self.head_mask.shape[0]} layers but neuron_mask has {self.neuron_mask.shape[0]}."
             )
+        for kind, mask in (("head", self.head_mask), ("neuron", self.neuron_mask)):
+            counts = getattr(self, f"{kind}_counts")
+            if counts is None:
+                continue
+            counts = torch.as_tensor(counts).to(torch.int64).cpu()
+            if counts.shape != (self.num_layers,) or (counts < 0).any() or (counts > mask.shape[1]).any():
+                raise ValueError(
+                    f"{kind}_counts {counts.tolist()} must hold one count per layer ({self.num_layers}), each at most "
+                    f"the {kind}_mask width {mask.shape[1]}."
+                )
+            padding = mask & ~units_present(counts, self.num_layers, mask.shape[1])
+            if padding.any():
+                layer, unit = padding.nonzero()[0].tolist()
+                raise ValueError(
+                    f"{kind}_mask keeps {kind} {unit} of layer {layer}, which has only {int(counts[layer])} {kind}s: "
+                    "a unit past a layer's count is padding and cannot be kept."
+                )
+            setattr(self, f"{kind}_counts", counts)
         if self.token_schedule is not None:
             self.token_schedule = torch.as_tensor(self.token_schedule).to(torch.int64).cpu()
             if self.token_schedule.shape != (self.num_layers,):
@@ -74,14 +104,31 @@ class PruningMasks:
     def neurons_per_layer(self) -> list[int]:
         return self.neuron_mask.sum(1).tolist()
 
+    def present(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which heads and neurons the dense model has (bool, the masks' shapes): all but the padding."""
+        return (
+            units_present(self.head_counts, self.num_layers, self.head_mask.shape[1]),
+            units_present(self.neuron_counts, self.num_layers, self.neuron_mask.shape[1]),
+        )
+
+    def with_masks(self, head_mask: torch.Tensor, neuron_mask: torch.Tensor, token_schedule: torch.Tensor | None = None) -> "PruningMasks":
+        """Other kept units of the same dense model (its layer counts carried over)."""
+        return replace(self, head_mask=head_mask, neuron_mask=neuron_mask, token_schedule=token_schedule)
+
     @classmethod
     def full(cls, config) -> "PruningMasks":
-        """Masks that keep everything of a dense model with this config."""
-        adapter = get_adapter(config)
-        layers = config.num_hidden_layers
+        """Masks that keep everything of a dense model with this config (with layer counts where layers differ)."""
+        geometry = get_adapter(config).layer_geometry(config)
+        layers = len(geometry)
+        counts = {}
+        for kind, per_layer in (("head", [g.heads for g in geometry]), ("neuron", [g.neurons for g in geometry])):
+            counts[kind] = torch.tensor(per_layer) if len(set(per_layer)) > 1 else None
+        heads, neurons = max(g.heads for g in geometry), max(g.neurons for g in geometry)
         return cls(
-            torch.ones(layers, adapter.num_heads(config), dtype=torch.bool),
-            torch.ones(layers, adapter.intermediate_size(config), dtype=torch.bool),
+            units_present(counts["head"], layers, heads),
+            units_present(counts["neuron"], layers, neurons),
+            head_counts=counts["head"],
+            neuron_counts=counts["neuron"],
         )
 
     def check_fits(self, config) -> None:
@@ -93,6 +140,12 @@ class PruningMasks:
                 f"{tuple(self.neuron_mask.shape)}, but the model needs {tuple(expected.head_mask.shape)} and "
                 f"{tuple(expected.neuron_mask.shape)}. Were they computed for another base model?"
             )
+        for kind, mine, needed in zip(("head", "neuron"), self.present(), expected.present()):
+            if not torch.equal(mine, needed):
+                raise ValueError(
+                    f"Masks do not fit this model: its layers have {needed.sum(1).tolist()} {kind}s, the masks were "
+                    f"made for {mine.sum(1).tolist()}. Were they computed for another base model?"
+                )
         if self.token_schedule is not None:
             adapter = get_adapter(config)
             tokens, prefix = adapter.default_seq_len(config), adapter.num_prefix_tokens
@@ -109,8 +162,9 @@ class PruningMasks:
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {"head_mask": self.head_mask.to(torch.uint8), "neuron_mask": self.neuron_mask.to(torch.uint8)}
-        if self.token_schedule is not None:
-            tensors["token_schedule"] = self.token_schedule
+        for name in ("token_schedule", "head_counts", "neuron_counts"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         save_file(tensors, str(path), metadata={"format": "optin-masks-v1"})
 
     @classmethod
@@ -119,4 +173,10 @@ class PruningMasks:
         missing = {"head_mask", "neuron_mask"} - set(tensors)
         if missing:
             raise ValueError(f"{path} lacks {sorted(missing)}: it is not an optin-hf masks file.")
-        return cls(tensors["head_mask"], tensors["neuron_mask"], tensors.get("token_schedule"))
+        return cls(
+            tensors["head_mask"],
+            tensors["neuron_mask"],
+            tensors.get("token_schedule"),
+            tensors.get("head_counts"),
+            tensors.get("neuron_counts"),
+        )

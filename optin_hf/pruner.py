@@ -26,7 +26,7 @@ from .hub import CardMetrics, push_to_hub
 from .importance import ImportanceScores, criterion_from_config
 from .macs import check_seq_len, count_macs, merge_macs, unit_macs
 from .masks import PruningMasks, check_masks
-from .reconstruct import Reconstruction, reconstruct, unslim
+from .reconstruct import Reconstruction, check_reconstructable, reconstruct, unslim
 from .result import PruningResult, attach_result, pruning_result, result_of_pruning
 from .slim import slim_model
 
@@ -73,7 +73,8 @@ class OptinPruner:
         adapter = check_model(model)
         if getattr(model.config, "optin", None):
             raise ValueError("This model is already pruned (config.optin is set); prune the dense base model instead.")
-        if self.config.prune_tokens and not adapter.is_vision:
+        # token merging runs on a plain ViT token sequence: one count per layer, class token(s) kept apart
+        if self.config.prune_tokens and (not adapter.is_vision or not adapter.num_prefix_tokens):
             raise ValueError(f"prune_tokens=True reduces image tokens: it needs a vit or deit model, not {model.config.model_type!r}.")
         return adapter
 
@@ -153,6 +154,7 @@ class OptinPruner:
         c = self.config
         if data is None:
             raise ValueError(f"prune_steps={c.prune_steps} scores and reconstructs on calibration data: pass data.")
+        check_reconstructable(check_model(model), c.reconstruct)
         batches = self._reconstruction_batches(model, data, tokenizer)
         current, masks, scoring_s = model, None, 0.0
         for step in range(1, c.prune_steps + 1):
@@ -186,9 +188,10 @@ class OptinPruner:
         def costs(schedule: list) -> tuple[torch.Tensor, torch.Tensor, float]:
             heads, neurons = unit_macs(schedule, adapter, config)
             merging = merge_macs(schedule, prefix, hidden) if c.prune_tokens else 0.0
-            return heads, neurons, adapter.patch_embedding_macs(model) + merging
+            return heads, neurons, adapter.fixed_macs(model) + merging
 
-        kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of)
+        kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of,
+                  units=PruningMasks.full(config))
         if c.prune_tokens:
             if scores.token_scores is None:
                 raise ValueError(
@@ -208,8 +211,8 @@ class OptinPruner:
         """Slim `model` in place (scoring and allocating first unless `masks` are given), then
         reconstruct it on `data` unless `reconstruct="none"`. The slim model carries its result
         (`optin_hf.result.pruning_result`), so it can be saved or pushed without this pruner."""
-        self._check_model(model)
         c = self.config
+        check_reconstructable(self._check_model(model), c.reconstruct)
         if masks is not None:
             check_masks(masks, "prune_model")
             masks.check_fits(model.config)

@@ -252,6 +252,17 @@ def _merge_like(x: torch.Tensor, sizes: torch.Tensor, merging: TokenMerging) -> 
     return torch.cat([x[:, :prefix], patches], dim=1)
 
 
+def check_reconstructable(adapter: ArchAdapter, mode: str) -> None:
+    """Refuse a refit the adapter cannot run: it replays each layer through the adapter's pieces,
+    with the heads' output in the layer input's token order (not so in Swin's windows)."""
+    if mode != "none" and None in (adapter.finish_attention, adapter.feed_forward, adapter.finish_feed_forward):
+        raise ValueError(
+            f"reconstruct={mode!r} refits each layer through its adapter's pieces (finish_attention, feed_forward, "
+            f"finish_feed_forward), which the {adapter.model_types[0]} adapter does not give: prune it with "
+            "OptinConfig(reconstruct='none')."
+        )
+
+
 @torch.no_grad()
 def reconstruct(
     model: nn.Module,
@@ -268,6 +279,7 @@ def reconstruct(
     if mode not in ("weights", "scales"):
         raise ValueError(f"reconstruct={mode!r} is not a refit; choose 'weights' or 'scales'.")
     adapter = check_model(model)
+    check_reconstructable(adapter, mode)
     head_dim = adapter.head_dim(model.config)
     merging: TokenMerging | None = getattr(model.base_model, "token_merging", None)
     was_training = (model.training, dense.training)

@@ -111,7 +111,7 @@ def test_duplicate_registration_needs_exist_ok():
 class FlatHeads(ArchAdapter):
     """A family whose heads cost 7 MACs per token (say, a linear attention)."""
 
-    def head_macs(self, seq_len: float, config) -> float:
+    def head_macs(self, seq_len: float, config, layer: int = 0) -> float:
         return 7.0 * seq_len
 
 

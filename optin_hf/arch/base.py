@@ -51,6 +51,17 @@ def paper_neuron_macs(seq_len: float, hidden: int) -> float:
 
 
 @dataclass(frozen=True)
+class LayerGeometry:
+    """One layer's prunable units: `heads` heads of `head_dim` features each over a `hidden`-wide
+    residual stream, and `neurons` FFN neurons. Layers of one model may differ (Swin's stages)."""
+
+    heads: int
+    head_dim: int
+    hidden: int
+    neurons: int
+
+
+@dataclass(frozen=True)
 class Slice:
     """The parameters each unit (head or FFN neuron) owns in one projection of a layer.
 
@@ -166,20 +177,35 @@ class ArchAdapter:
     def layers_of(self, model: nn.Module) -> nn.ModuleList:
         return get_submodule(model.base_model, self.layers)
 
-    def num_heads(self, config) -> int:
-        return int(config.num_attention_heads)
+    def layer_geometry(self, config) -> tuple[LayerGeometry, ...]:
+        """Each layer's head count, head size, hidden size and FFN width; by default every layer
+        has the config's. Masks and scores are [num_layers, the widest layer's units]: a
+        narrower layer's units past its own count are padding, never scored, kept or counted."""
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        neurons = int(getattr(config, "intermediate_size", None) or config.hidden_dim)
+        return (LayerGeometry(heads, head_dim, int(config.hidden_size), neurons),) * int(config.num_hidden_layers)
 
-    def head_dim(self, config) -> int:
-        return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    def num_heads(self, config) -> int:
+        """Width of head masks and scores: the most heads a layer has."""
+        return max(g.heads for g in self.layer_geometry(config))
+
+    def head_dim(self, config, layer: int = 0) -> int:
+        return self.layer_geometry(config)[layer].head_dim
 
     def intermediate_size(self, config) -> int:
-        return int(getattr(config, "intermediate_size", None) or config.hidden_dim)
+        """Width of neuron masks and scores: the widest FFN of a layer."""
+        return max(g.neurons for g in self.layer_geometry(config))
 
     def kept_heads(self, layer: nn.Module, config) -> int:
         """Heads a (possibly slimmed) layer runs, read off its query projection."""
         if isinstance(get_submodule(layer, self.attn_core), EmptyAttention):
             return 0
-        return num_features(get_submodule(layer, self.query), "out") // self.head_dim(config)
+        return num_features(get_submodule(layer, self.query), "out") // self.layer_head_dim(layer, config)
+
+    def layer_head_dim(self, layer: nn.Module, config) -> int:
+        """Features per head of `layer` (a module with heads); a family whose layers differ reads it off the layer."""
+        return self.head_dim(config)
 
     def kept_neurons(self, layer: nn.Module) -> int:
         return num_features(get_submodule(layer, self.ffn_up), "out")
@@ -197,7 +223,8 @@ class ArchAdapter:
 
         A layer that keeps none gets `EmptyAttention`, which still adds the output bias.
         """
-        _slim(layer, self.head_slices(), keep, self.head_dim(config))
+        head_dim = self.layer_head_dim(layer, config)
+        _slim(layer, self.head_slices(), keep, head_dim)
         if len(keep) == 0:
             inside = self.attn_out.removeprefix(self.attn_core + ".") if self.out_inside_core else None
             out = get_submodule(layer, self.attn_out)
@@ -207,19 +234,20 @@ class ArchAdapter:
         for attr in self.head_count_attrs:
             setattr(core, attr, len(keep))
         if self.all_head_size_attr:
-            setattr(core, self.all_head_size_attr, len(keep) * self.head_dim(config))
+            setattr(core, self.all_head_size_attr, len(keep) * head_dim)
 
     def slim_neurons(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
         """Keep only FFN neurons `keep` (sorted indices) of `layer`, in place."""
         _slim(layer, self.neuron_slices(), keep, 1)
 
-    def head_macs(self, seq_len: float, config) -> float:
-        """MACs of one head of a layer that runs `seq_len` tokens (the paper's formula)."""
-        return paper_head_macs(seq_len, config.hidden_size, self.head_dim(config))
+    def head_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        """MACs of one head of layer `layer` when it runs `seq_len` tokens (the paper's formula)."""
+        geometry = self.layer_geometry(config)[layer]
+        return paper_head_macs(seq_len, geometry.hidden, geometry.head_dim)
 
-    def neuron_macs(self, seq_len: float, config) -> float:
-        """MACs of one FFN neuron of a layer that runs `seq_len` tokens (the paper's formula)."""
-        return paper_neuron_macs(seq_len, config.hidden_size)
+    def neuron_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        """MACs of one FFN neuron of layer `layer` when it runs `seq_len` tokens (the paper's formula)."""
+        return paper_neuron_macs(seq_len, self.layer_geometry(config)[layer].hidden)
 
     def classifier_of(self, model: nn.Module) -> Classifier | None:
         """How `model` turns its last hidden states into logits; None if unknown here.
@@ -235,6 +263,10 @@ class ArchAdapter:
         if not self.is_vision:
             return None
         return (config.image_size // config.patch_size) ** 2 + self.num_prefix_tokens
+
+    def fixed_macs(self, model: nn.Module) -> int:
+        """MACs of the encoder that no unit owns, so no budget can cut (the patch embedding)."""
+        return self.patch_embedding_macs(model)
 
     def patch_embedding_macs(self, model: nn.Module) -> int:
         if self.patch_embedding is None:

@@ -35,7 +35,7 @@ def masked_run_losses(
             out = model(**{k: v.to(device) for k, v in batch.items()})
             logits.append(logits_of(out))
             for z in judged:
-                rows[z].append(select_rows(features[z], batch_rows.to(device)))
+                rows[z].append(select_rows(features[z], batch_rows.to(device), capture.tokens))
     md = sum(float(md_loss(capture.grams[z], torch.cat(rows[z]))) for z in judged)
     masked_logits = torch.cat(logits) if logits[0] is not None else None
     kl = float(kl_loss(capture.logits, masked_logits, temperature))

@@ -85,7 +85,13 @@ def engine_for(model: nn.Module, adapter: ArchAdapter, config) -> str:
 def _runner(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], config):
     if engine_for(model, adapter, config) == "fast":
         return FastRunner(model, adapter, batches, config)
-    if config.engine == "fast":
+    if config.engine == "fast" and adapter.feed_forward is None:
+        warnings.warn(
+            f"The {model.config.model_type} adapter gives no layer pieces (feed_forward, finish_attention) for the fast "
+            "engine to start inside a layer, so this run uses the reference engine (one full forward per candidate).",
+            stacklevel=3,
+        )
+    elif config.engine == "fast":
         warnings.warn(
             f"The fast engine does not know how {type(model).__name__} turns hidden states into logits, so this "
             "run uses the reference engine (one full forward per candidate). Add the class to its adapter's "
@@ -135,7 +141,8 @@ def compute_raw_losses(
     `groups[kind] = g` makes each candidate g units removed together, so `units[kind]` counts
     groups: g consecutive ones, or with `orders[kind]` ([num_layers, width], a permutation per
     layer) g consecutive places of the layer's order. Masks stay as wide as the layer, and when g
-    does not divide its width the last group is partial.
+    does not divide its width the last group is partial. A layer narrower than the widest
+    (`ArchAdapter.layer_geometry`) runs only its own candidates; its padding stays 0.
     """
     groups, orders = groups or {}, orders or {}
     num_layers = len(adapter.layers_of(model))
@@ -143,11 +150,14 @@ def compute_raw_losses(
     device = next(model.parameters()).device
     dtype = getattr(torch, config.dtype)
     state = process_state(device)
+    geometry = adapter.layer_geometry(model.config)
+    layer_units = {"head": [g.heads for g in geometry], "neuron": [g.neurons for g in geometry]}
     tensors: dict[str, torch.Tensor] = {}
     for kind, count in units.items():
         tensors[f"{kind}.md"] = torch.zeros(num_layers, count, dtype=torch.float64)
         tensors[f"{kind}.kl"] = torch.zeros(num_layers, count, dtype=torch.float64)
-        tensors[f"{kind}.done"] = torch.zeros(num_layers, count, dtype=torch.bool)
+        runs = torch.tensor([-(-n // groups.get(kind, 1)) for n in layer_units[kind]])
+        tensors[f"{kind}.done"] = torch.arange(count)[None, :] >= runs[:, None]  # padding: nothing to run
     checkpoint = None
     if config.checkpoint_dir is not None:
         tag = fingerprint(model, batches, _settings(model, config, units, num_layers, groups, orders))

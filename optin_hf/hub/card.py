@@ -42,8 +42,9 @@ def _macs(model: nn.Module, result: PruningResult) -> tuple[float, float] | None
     config, masks = model.config, result.masks
     adapter = get_adapter(config)
     heads, neurons = unit_macs([result.seq_len] * masks.num_layers, adapter, config)
-    dense = adapter.patch_embedding_macs(model) + masks.head_mask.shape[1] * float(heads.sum())
-    dense += masks.neuron_mask.shape[1] * float(neurons.sum())
+    head_present, neuron_present = masks.present()  # a narrower layer's padding is no unit
+    dense = adapter.fixed_macs(model) + float((heads * head_present.sum(1)).sum())
+    dense += float((neurons * neuron_present.sum(1)).sum())
     return dense, count_macs(model, result.seq_len)
 
 
@@ -101,11 +102,12 @@ def model_card(
     )
     base = f"`{base_model}` at commit `{base_revision}`" if base_model else "A model that is not on the Hub"
     kind = "only the pruning masks" if masks_only else "the slim weights"
+    head_present, neuron_present = masks.present()
     table = [
         "| | dense | pruned |",
         "|---|---|---|",
-        f"| attention heads | {masks.head_mask.numel()} | {int(masks.head_mask.sum())} |",
-        f"| FFN neurons | {masks.neuron_mask.numel()} | {int(masks.neuron_mask.sum())} |",
+        f"| attention heads | {int(head_present.sum())} | {int(masks.head_mask.sum())} |",
+        f"| FFN neurons | {int(neuron_present.sum())} | {int(masks.neuron_mask.sum())} |",
     ]
     macs = _macs(model, result)
     if macs is not None:
@@ -118,8 +120,10 @@ def model_card(
         table.append(f"| measured speedup | 1.00x | {speedup:.2f}x |")
     per_layer = ["| layer | heads | FFN neurons |", "|---|---|---|"]
     per_layer += [
-        f"| {i} | {h} / {masks.head_mask.shape[1]} | {n} / {masks.neuron_mask.shape[1]} |"
-        for i, (h, n) in enumerate(zip(masks.heads_per_layer(), masks.neurons_per_layer()))
+        f"| {i} | {h} / {dense_h} | {n} / {dense_n} |"
+        for i, (h, n, dense_h, dense_n) in enumerate(
+            zip(masks.heads_per_layer(), masks.neurons_per_layer(), head_present.sum(1).tolist(), neuron_present.sum(1).tolist())
+        )
     ]
     if masks_only:
         how = f"The loader downloads `{base_model}` at commit `{base_revision}` and removes the pruned structures."

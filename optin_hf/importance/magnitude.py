@@ -33,14 +33,18 @@ class MagnitudeImportance(ConfiguredImportance):
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config: OptinConfig) -> ImportanceScores:
-        head_dim = adapter.head_dim(model.config)
+        geometry = adapter.layer_geometry(model.config)
+        width = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
         heads, neurons = [], []
-        for layer in adapter.layers_of(model):
+        for layer, g in zip(adapter.layers_of(model), geometry):
+            head_dim = g.head_dim
             w = lambda path: get_submodule(layer, path).weight.double()  # noqa: E731
             # q/k/v rows and output-projection columns of each head: [num_heads, head_dim * ...]
             qkv = torch.cat([w(p) for p in (adapter.query, adapter.key, adapter.value)], dim=1)
             per_head = qkv.view(-1, head_dim * qkv.shape[1]).pow(2).sum(1)
             per_head += w(adapter.attn_out).T.reshape(-1, head_dim * w(adapter.attn_out).shape[0]).pow(2).sum(1)
-            heads.append(per_head.sqrt())
-            neurons.append((w(adapter.ffn_up).pow(2).sum(1) + w(adapter.ffn_down).pow(2).sum(0)).sqrt())
+            per_neuron = w(adapter.ffn_up).pow(2).sum(1) + w(adapter.ffn_down).pow(2).sum(0)
+            # a layer narrower than the widest is padded with zeros (padding is never kept)
+            heads.append(nn.functional.pad(per_head.sqrt(), (0, width["head"] - g.heads)))
+            neurons.append(nn.functional.pad(per_neuron.sqrt(), (0, width["neuron"] - g.neurons)))
         return ImportanceScores(layer_shares(torch.stack(heads)), layer_shares(torch.stack(neurons)), self.name)

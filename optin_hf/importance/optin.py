@@ -17,6 +17,7 @@ from ..engine import compute_raw_losses
 from ..engine.run import grouped
 from ..engine.token_losses import capture_token_grams, reference_token_losses
 from ..losses import balance, faithful_weights, token_scores
+from ..masks import PruningMasks
 from .base import ConfiguredImportance
 from .scores import ImportanceScores
 
@@ -55,15 +56,17 @@ class OptinImportance(ConfiguredImportance):
         candidates = grouped(self.masked_units(model, adapter, config), group)
         orders = {"neuron": neuron_energy_order(model, adapter, batches)} if group["neuron"] > 1 and "neuron" in candidates else {}
         raw = compute_raw_losses(model, adapter, batches, config, candidates, groups={"neuron": group["neuron"]}, orders=orders)
+        present = dict(zip(units, PruningMasks.full(model.config).present()))
         scores = {}
         for kind, count in units.items():
             if kind not in raw:
                 scores[kind] = torch.zeros(num_layers, count)
                 continue
             balanced = balance(raw[kind].md, raw[kind].kl, self.lambda_contribution)
-            sizes = torch.full((balanced.shape[1],), group[kind])
-            sizes[-1] = count - group[kind] * (len(sizes) - 1)  # a last group may be partial
-            scores[kind] = (balanced / sizes).repeat_interleave(sizes, dim=1)
+            group_of = torch.arange(count) // group[kind]
+            # units in each unit's group: a layer's last group may be partial, its padding has none
+            sizes = (present[kind].sum(1, keepdim=True) - group_of * group[kind]).clamp(max=group[kind])
+            scores[kind] = (balanced[:, group_of] / sizes.clamp_min(1)).masked_fill(~present[kind], 0.0)
             if kind in orders:  # place p of a layer's order is neuron orders[kind][layer, p]
                 scores[kind] = torch.empty_like(scores[kind]).scatter_(1, orders[kind], scores[kind])
             if self.faithful:
@@ -78,7 +81,8 @@ class OptinImportance(ConfiguredImportance):
 
 @torch.no_grad()
 def neuron_energy_order(model: nn.Module, adapter: ArchAdapter, batches) -> torch.Tensor:
-    """[num_layers, intermediate_size]: each layer's FFN neurons by output energy, largest first.
+    """[num_layers, intermediate_size]: each layer's FFN neurons by output energy, largest first
+    (then a narrower layer's padding).
 
     A neuron's energy is the norm of what it adds to the down projection's output over the real
     calibration tokens: ||W_down[:, j]|| * sqrt(sum of its squared activations).
@@ -104,4 +108,6 @@ def neuron_energy_order(model: nn.Module, adapter: ArchAdapter, batches) -> torc
         for handle in handles:
             handle.remove()
     norms = [get_submodule(layer, adapter.ffn_down).weight.double().norm(dim=0) for layer in layers]
-    return torch.stack([(s.sqrt() * n).argsort(descending=True).cpu() for s, n in zip(sums, norms)])
+    width = adapter.intermediate_size(model.config)  # a narrower layer's padding goes last, in place
+    orders = [(s.sqrt() * n).argsort(descending=True).cpu() for s, n in zip(sums, norms)]
+    return torch.stack([torch.cat([o, torch.arange(len(o), width)]) for o in orders])

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..arch import ArchAdapter
 from ..config import OptinConfig
+from ..masks import PruningMasks
 from .base import ConfiguredImportance
 from .scores import ImportanceScores
 
@@ -23,8 +24,9 @@ class RandomImportance(ConfiguredImportance):
     def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config: OptinConfig) -> ImportanceScores:
         generator = torch.Generator().manual_seed(self.seed)
         num_layers = len(adapter.layers_of(model))
-        heads = torch.rand(num_layers, adapter.num_heads(model.config), generator=generator)
-        neurons = torch.rand(num_layers, adapter.intermediate_size(model.config), generator=generator)
+        heads, neurons = PruningMasks.full(model.config).present()  # a narrower layer's padding scores 0
+        heads = torch.rand(heads.shape, generator=generator) * heads
+        neurons = torch.rand(neurons.shape, generator=generator) * neurons
         tokens = None
         if config.prune_tokens:
             tokens = torch.rand(num_layers, adapter.default_seq_len(model.config), generator=generator)

@@ -37,7 +37,13 @@ class ImportanceScores:
             self.token_scores = torch.as_tensor(self.token_scores, dtype=torch.float64).cpu()
 
     def check_fits(self, config) -> None:
-        PruningMasks(self.head_scores != 0, self.neuron_scores != 0).check_fits(config)
+        full = PruningMasks.full(config)
+        for kind, scores, mask in (("head", self.head_scores, full.head_mask), ("neuron", self.neuron_scores, full.neuron_mask)):
+            if scores.shape != mask.shape:
+                raise ValueError(
+                    f"{kind}_scores {tuple(scores.shape)} do not fit this model, which needs {tuple(mask.shape)}. "
+                    "Were they computed for another base model?"
+                )
         if self.token_scores is not None:
             tokens = get_adapter(config).default_seq_len(config)
             if self.token_scores.shape != (self.head_scores.shape[0], tokens):

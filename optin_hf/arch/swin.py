@@ -1,0 +1,132 @@
+"""Swin (image classification): four stages of window-attention layers, each stage twice as
+wide as the one before on a quarter of the tokens, so layers differ in heads, hidden size,
+FFN width and tokens.
+
+A head owns its q/k/v rows, its output-projection columns and its column of the relative
+position bias table; an MLP neuron its fc1 row and fc2 column. Window attention, the shifted
+windows and patch merging stay as they are. The MD feature is each layer's output.
+
+MACs (`count_macs`, what torch's FLOP counter sees in the encoder with eager attention): per head
+of a layer with hidden d, head size dh, window w (the configured one, or the feature map's side
+where that is smaller) on a map padded to whole windows of Np tokens: 3·Np·d·dh (q, k, v) +
+2·Np·w²·dh (scores and context within each window) + Np·dh·d (output columns); per neuron
+2·N·d on the map's N tokens. Fixed: the patch embedding conv and each patch merging's
+reduction, (N/4)·4d·2d. Not counted: LayerNorms, the relative-position bias and shift-mask
+additions, the average pooling and the classifier.
+
+Scoring runs on the reference engine (the fast engine has no window-attention pieces), and
+reconstruction is refused (its layer pieces assume tokens in sequence order, not in windows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import ArchAdapter, LayerGeometry, get_submodule
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def stage_grids(config) -> list[tuple[int, int]]:
+    """Each stage's feature map (height, width) in patches: the patch embedding pads the image
+    to whole patches, each patch merging pads to even sides and halves them."""
+    (image_h, image_w), (patch_h, patch_w) = _pair(config.image_size), _pair(config.patch_size)
+    grid = (math.ceil(image_h / patch_h), math.ceil(image_w / patch_w))
+    grids = []
+    for _ in config.depths:
+        grids.append(grid)
+        grid = (math.ceil(grid[0] / 2), math.ceil(grid[1] / 2))
+    return grids
+
+
+@dataclass(frozen=True)
+class SwinAdapter(ArchAdapter):
+    """Swin's layers are its stages' blocks, in order; see the module docstring for the geometry."""
+
+    def layers_of(self, model: nn.Module) -> nn.ModuleList:
+        return nn.ModuleList([block for stage in get_submodule(model.base_model, self.layers) for block in stage.blocks])
+
+    def layer_geometry(self, config) -> tuple[LayerGeometry, ...]:
+        geometry: list[LayerGeometry] = []
+        for stage, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
+            dim = config.embed_dim * 2**stage
+            geometry += [LayerGeometry(heads, dim // heads, dim, int(config.mlp_ratio * dim))] * depth
+        return tuple(geometry)
+
+    def layer_head_dim(self, layer: nn.Module, config) -> int:
+        return get_submodule(layer, self.attn_core).head_dim
+
+    def slim_heads(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
+        """Also keep only the kept heads' columns of the relative position bias table ([positions, heads])."""
+        if len(keep):
+            bias = get_submodule(layer, self.attn_core).relative_position_bias
+            table = bias.relative_position_bias_table
+            kept = table.detach().index_select(1, keep.to(table.device)).clone()
+            bias.relative_position_bias_table = nn.Parameter(kept, requires_grad=table.requires_grad)
+        super().slim_heads(layer, keep, config)
+
+    def default_seq_len(self, config) -> int:
+        """Patches of the first stage (no class token); later stages hold fewer, see `head_macs`."""
+        height, width = stage_grids(config)[0]
+        return height * width
+
+    def _layer_tokens(self, seq_len: float, config, layer: int) -> tuple[int, int, int]:
+        """(tokens, tokens padded to whole windows, window side) of layer `layer`."""
+        if seq_len != self.default_seq_len(config):
+            raise ValueError(
+                f"seq_len={seq_len}: a Swin model's token counts follow its image size, {self.default_seq_len(config)} "
+                "patches in the first stage. Leave seq_len unset."
+            )
+        stage = next(s for s, end in enumerate(torch.tensor(config.depths).cumsum(0).tolist()) if layer < end)
+        height, width = stage_grids(config)[stage]
+        window = min(config.window_size, height, width)  # SwinLayer shrinks a window larger than the map
+        padded = math.ceil(height / window) * window * math.ceil(width / window) * window
+        return height * width, padded, window
+
+    def head_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        _, padded, window = self._layer_tokens(seq_len, config, layer)
+        g = self.layer_geometry(config)[layer]
+        return 4 * padded * g.hidden * g.head_dim + 2 * padded * window * window * g.head_dim
+
+    def neuron_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        tokens, _, _ = self._layer_tokens(seq_len, config, layer)
+        return 2 * tokens * self.layer_geometry(config)[layer].hidden
+
+    def patch_embedding_macs(self, model: nn.Module) -> int:
+        conv = get_submodule(model.base_model, self.patch_embedding)
+        return self.default_seq_len(model.config) * conv.weight[0].numel() * conv.out_channels
+
+    def fixed_macs(self, model: nn.Module) -> int:
+        """The patch embedding and every patch merging's reduction (4d -> 2d on the merged map's tokens)."""
+        config = model.config
+        grids = stage_grids(config)
+        total = self.patch_embedding_macs(model)
+        for stage, (height, width) in enumerate(grids[1:]):
+            dim = config.embed_dim * 2**stage
+            total += height * width * 4 * dim * 2 * dim
+        return total
+
+
+SWIN = SwinAdapter(
+    model_types=("swin",),
+    layers="encoder.layers",
+    attn_core="attention",
+    query="attention.q_proj",
+    key="attention.k_proj",
+    value="attention.v_proj",
+    attn_out="attention.o_proj",
+    ffn_up="mlp.fc1",
+    ffn_down="mlp.fc2",
+    ffn_input="layernorm_after",
+    feature="",
+    head_count_attrs=("num_attention_heads",),
+    patch_embedding="embeddings.patch_embeddings.projection",
+    num_prefix_tokens=0,
+    pooled_tokens=0,
+)
