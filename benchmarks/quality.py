@@ -20,7 +20,7 @@ from pathlib import Path
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.recipes import load_recipe
-from optin_hf.tasks.report import accuracy
+from optin_hf.tasks.report import split_accuracy
 
 RECIPES = {"bbc-news": "minilm-bbc-news.yaml", "tweet-sentiment": "minilm-tweet-sentiment.yaml", "digits-vit": "vit-digits.yaml"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def main() -> None:
         task = load_default(name)
         recipe = load_recipe(ROOT / "recipes" / RECIPES[name]).optin
         base = {**recipe.to_dict(), "reconstruct_samples": args.reconstruct_samples}
-        dense = accuracy(task.model, task.test, task.processor)
+        dense = split_accuracy(task.model, task.test, task.processor)
         scores, scoring_s, seq_len = {}, {}, None
         for criterion, mode, steps in [r for r in ROWS if r[0] in args.criteria]:
             if criterion not in scores:
@@ -65,7 +65,7 @@ def main() -> None:
                 masks = pruner.compute_masks(model, scores=scores[criterion]) if steps == 1 else None
                 pruner.prune_model(model, task.calibration, masks=masks, tokenizer=task.processor)
                 seconds.append(time.perf_counter() - start + (scoring_s[criterion] if steps == 1 else 0.0))
-                accs.append(accuracy(model, task.test, task.processor))
+                accs.append(split_accuracy(model, task.test, task.processor))
             label = criterion + ("" if mode == "none" else f" + {mode}") + ("" if steps == 1 else f", {steps} steps")
             rows.append((name, label, dense, accs, max(seconds)))
             print(f"{name:16} {label:28} dense {dense:.3f} " + " ".join(f"@{b}: {a:.3f}" for b, a in zip(args.budgets, accs))

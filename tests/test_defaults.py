@@ -14,7 +14,7 @@ from optin_hf.tasks.defaults import DEFAULT_NAMES, load_default
 from optin_hf.tasks.defaults import loader, train
 from optin_hf.tasks.defaults.cache import CACHE_ENV, cache_key, cache_root
 from optin_hf.tasks.defaults.corpora import CORPORA, TWEET_LABELS, Corpus, dedupe, normalize_text, package_dir
-from optin_hf.tasks.report import accuracy
+from optin_hf.tasks.report import split_accuracy as accuracy
 from optin_hf.tasks.defaults.registry import RECIPES
 from optin_hf.tasks.defaults.splits import SplitSpec, assert_disjoint, make_splits, split_indices
 
@@ -164,7 +164,7 @@ def test_failure_during_build_leaves_no_valid_cache(tmp_path, monkeypatch):
         raise RuntimeError("killed after the weights were written")
 
     monkeypatch.setitem(train.TRAINERS, train.VitHParams, fake_vit)
-    monkeypatch.setattr(loader, "accuracy", lambda *args: 0.0)
+    monkeypatch.setattr(loader, "split_accuracy", lambda *args: 0.0)
     monkeypatch.setattr(loader, "_model_card", crash)
     with pytest.raises(RuntimeError, match="killed"):
         load_default("digits-vit", cache_dir=tmp_path)

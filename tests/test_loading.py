@@ -71,7 +71,7 @@ def test_a_repo_with_its_own_code_is_refused_before_anything_runs(hub_server: Fa
     # A masks-only repo on the Hub whose base model carries code.
     masks_repo = masks_only_folder(tmp_path / "masks", repo_id, PruningMasks(torch.ones(3, 4), torch.ones(3, 48)))
     upload_folder(repo_id=create_repo("on-evil").repo_id, folder_path=masks_repo)
-    with pytest.raises(ValueError, match=rf"The base model 'test-user/evil' of test-user/on-evil is a 'evil' model"):
+    with pytest.raises(ValueError, match=r"The base model 'test-user/evil' of test-user/on-evil is a 'evil' model"):
         AutoOptinModel.from_pretrained("test-user/on-evil")
     assert not marker.exists()
 

@@ -128,12 +128,12 @@ def test_measure_takes_known_metrics_instead_of_evaluating_again(pruned, monkeyp
 def test_accuracy_of_an_in_memory_split(pruned):
     dense, slim, _, data, encoder = pruned
     split = data.evaluation
-    assert report_module.accuracy(dense, split, encoder.processor, max_length=32) == pytest.approx(accuracy(dense, encoder, data))
+    assert report_module.split_accuracy(dense, split, encoder.processor, max_length=32) == pytest.approx(accuracy(dense, encoder, data))
     first = TaskData(data.task, None, split.select(range(7)), data.columns, {})
-    capped = report_module.accuracy(slim, split, encoder.processor, max_length=32, max_examples=7)
+    capped = report_module.split_accuracy(slim, split, encoder.processor, max_length=32, max_examples=7)
     assert capped == pytest.approx(accuracy(slim, encoder, first)) and capped * 7 == pytest.approx(round(capped * 7))
-    assert report_module.accuracy(dense, split.remove_columns("label"), encoder.processor) is None
-    assert report_module.accuracy(dense, None, encoder.processor) is None
+    assert report_module.split_accuracy(dense, split.remove_columns("label"), encoder.processor) is None
+    assert report_module.split_accuracy(dense, None, encoder.processor) is None
 
 
 def test_accuracy_of_images_is_argmax_accuracy():
@@ -145,7 +145,7 @@ def test_accuracy_of_images_is_argmax_accuracy():
         predicted = model(pixel_values=pixels).logits.argmax(-1)
     labels = [int(p) if i % 3 else (int(p) + 1) % 5 for i, p in enumerate(predicted)]  # every third one wrong
     split = datasets.Dataset.from_dict({"pixel_values": pixels.numpy().tolist(), "label": labels})
-    assert report_module.accuracy(model, split, None) == pytest.approx(6 / 9)
+    assert report_module.split_accuracy(model, split, None) == pytest.approx(6 / 9)
 
 
 def test_format_si():

@@ -223,7 +223,7 @@ def evaluate_model(
     return values, len(np.concatenate(references)), average
 
 
-def accuracy(
+def split_accuracy(
     model: nn.Module, dataset: datasets.Dataset | None, processor: Any, max_length: int | None = None, max_examples: int | None = None
 ) -> float | None:
     """Argmax accuracy on the first `max_examples` rows (all when None) of a labelled in-memory

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ...checkpoint import atomic_directory
 from ..names import model_class
-from ..report import accuracy
+from ..report import split_accuracy
 from .cache import cache_key, cache_root, package_versions
 from .corpora import CORPORA, Corpus
 from .registry import RECIPES, Recipe
@@ -72,7 +72,7 @@ def _build(
     summary = {
         "name": name,
         "description": recipe.description,
-        "test_accuracy": round(accuracy(model, splits.test, processor), 4),
+        "test_accuracy": round(split_accuracy(model, splits.test, processor), 4),
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(train_cpu_seconds, 1),
         "split_sizes": {part: len(getattr(splits, part)) for part in ("train", "calibration", "test")},
