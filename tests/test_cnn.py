@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -15,7 +17,7 @@ from optin_hf.hooks import apply_masks
 from optin_hf.slim import slim_model
 from test_masks import same
 
-SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=4, batch_size=2, neuron_group_size=4)
+SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=4, batch_size=2, neuron_group_size=8)
 FAMILIES = ["resnet", "convnext"]
 
 
@@ -154,3 +156,33 @@ def test_basic_blocks_are_refused_with_the_fix():
     model = ResNetForImageClassification(ResNetConfig(layer_type="basic", embedding_size=8, hidden_sizes=[16], depths=[1]))
     with pytest.raises(ValueError, match="layer_type='basic'.*bottleneck"):
         PruningMasks.full(model.config)
+
+
+def test_digits_resnet_default_is_wired_to_32x32_digits_and_a_bottleneck_resnet(monkeypatch):
+    """The registry, corpus and trainer of the digits-resnet default, without training for a minute."""
+    from optin_hf.tasks.defaults import train
+    from optin_hf.tasks.defaults.corpora import CORPORA
+    from optin_hf.tasks.defaults.registry import RECIPES
+    from optin_hf.tasks.defaults.splits import make_splits
+    from optin_hf.tasks.recipes import load_recipe
+
+    recipe = RECIPES["digits-resnet"]
+    corpus = CORPORA[recipe.corpus](**recipe.corpus_options)
+    splits = make_splits(corpus, recipe.split)
+    pixels = splits.test.with_format("torch")[:4]["pixel_values"]
+    assert pixels.shape == (4, 1, 32, 32) and 0.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0
+    small = CORPORA[recipe.corpus]()  # the same digits at 8x8: upsampling keeps the split
+    assert make_splits(small, recipe.split).test["label"] == splits.test["label"]
+
+    monkeypatch.setattr(train, "_train_loop", lambda model, *args: model.eval())
+    model, processor = train.TRAINERS[type(recipe.hparams)](recipe.hparams, splits.train.select(range(8)), corpus.label_names)
+    assert processor is None and model.config.layer_type == "bottleneck" and model.config.image_size == 32
+    assert check_model(model).default_seq_len(model.config) == 64  # 32x32 -> stem and pooling -> 8x8
+    assert count_macs(model) == encoder_macs_of(model, pixels[:1])
+    assert load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "digits-resnet.yaml").default == "digits-resnet"
+
+
+def encoder_macs_of(model, pixels: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.base_model(pixel_values=pixels)
+    return counter.get_total_flops() / 2
