@@ -6,7 +6,7 @@ default's calibration split (`--reconstruct-samples`, disjoint from the test spl
 evaluated on the held-out test split. A row with steps re-scores between them (`prune_steps`).
 Prints one table with the wall time of the slowest budget (scoring + slimming + refit).
 
-    python benchmarks/quality.py [--defaults bbc-news tweet-sentiment digits-vit] [--budgets 0.8 0.6 0.5]
+    python benchmarks/quality.py [--defaults bbc-news tweet-sentiment digits-vit digits-resnet] [--budgets 0.8 0.6 0.5]
         [--criteria optin fisher magnitude random]
 """
 
@@ -18,12 +18,24 @@ import time
 from pathlib import Path
 
 from optin_hf import OptinConfig, OptinPruner
+from optin_hf.arch import check_model
+from optin_hf.reconstruct import check_reconstructable
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.recipes import load_recipe
 from optin_hf.tasks.report import split_accuracy
 
-RECIPES = {"bbc-news": "minilm-bbc-news.yaml", "tweet-sentiment": "minilm-tweet-sentiment.yaml", "digits-vit": "vit-digits.yaml"}
+RECIPES = {"bbc-news": "minilm-bbc-news.yaml", "tweet-sentiment": "minilm-tweet-sentiment.yaml", "digits-vit": "vit-digits.yaml",
+           "digits-resnet": "digits-resnet.yaml"}
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def engine_refits(model) -> bool:
+    """Whether reconstruction applies to the model's family (CNNs and Swin refuse it: their rows are skipped)."""
+    try:
+        check_reconstructable(check_model(model), "weights")
+    except ValueError:
+        return False
+    return True
 
 
 # (criterion, reconstruction, prune_steps): the rows of the table, in order.
@@ -49,7 +61,8 @@ def main() -> None:
         base = {**recipe.to_dict(), "reconstruct_samples": args.reconstruct_samples}
         dense = split_accuracy(task.model, task.test, task.processor)
         scores, scoring_s, seq_len = {}, {}, None
-        for criterion, mode, steps in [r for r in ROWS if r[0] in args.criteria]:
+        refits = engine_refits(task.model)
+        for criterion, mode, steps in [r for r in ROWS if r[0] in args.criteria and (r[1] == "none" or refits)]:
             if criterion not in scores:
                 pruner = OptinPruner(OptinConfig.from_dict({**base, "importance": criterion}))
                 start = time.perf_counter()

@@ -27,7 +27,7 @@ def _ranked(
     """
     num_layers, units = scores.shape
     present = torch.ones_like(scores, dtype=torch.bool) if present is None else present
-    multiple = min(multiple, units)
+    multiple = max(1, min(multiple, units))  # a kind with no unit (a CNN without heads) ranks nothing
     per_layer = -(-units // multiple)
     pad = per_layer * multiple - units
     order = scores.double().masked_fill(~present, float("-inf")).argsort(dim=1, descending=True, stable=True)
@@ -81,6 +81,7 @@ def allocate(
     min_fill: float = 0.99,
     neurons_multiple_of: int = 1,
     units: PruningMasks | None = None,
+    pair_macs: torch.Tensor | None = None,
 ) -> PruningMasks:
     """Keep the k best heads and fill the rest of the budget with the best neurons, for the k
     that maximises the summed importance kept (the OPTIN search; ranks are global, so layers
@@ -91,10 +92,20 @@ def allocate(
     added to it. Each layer keeps a multiple of `neurons_multiple_of` neurons (or all of
     them): CPU and GPU matmul kernels run such widths markedly faster per column. `units`
     (`PruningMasks.full(config)`) says which units exist where layers differ in width; None:
-    every unit of the scores' shape.
+    every unit of the scores' shape. `pair_macs` ([num_layers], None = 0) is what each kept
+    (head, neuron) pair of a layer adds (`ArchAdapter.pair_macs`): with k heads chosen, a layer's
+    neurons then cost neuron_macs + kept heads x pair_macs each, so every split is costed exactly.
     """
+    prune_heads = prune_heads and head_scores.shape[1] > 0  # a family without heads (ConvNeXt)
     units = units or PruningMasks(torch.ones_like(head_scores, dtype=torch.bool), torch.ones_like(neuron_scores, dtype=torch.bool))
     head_present, neuron_present = units.present()
+    if pair_macs is not None and not pair_macs.any():
+        pair_macs = None
+    # A kind that is not pruned keeps all its units: its pairs fold into the other kind's unit cost.
+    if pair_macs is not None and not prune_heads:
+        neuron_macs, pair_macs = neuron_macs.double() + head_present.sum(1) * pair_macs.double(), None
+    elif pair_macs is not None and not prune_neurons:
+        head_macs, pair_macs = head_macs.double() + neuron_present.sum(1) * pair_macs.double(), None
     for kind, scores, pruned in (("head", head_scores, prune_heads), ("neuron", neuron_scores, prune_neurons)):
         if pruned:
             check_scores(scores, kind)
@@ -117,11 +128,18 @@ def allocate(
         n_score, n_cost = n_score[-1:], torch.zeros(1, dtype=torch.float64)
     fits = h_cost <= room + 1e-9
     k_range = fits.nonzero().flatten()
-    n_fill = torch.searchsorted(n_cost, (room - h_cost[k_range]).clamp_min(0) + 1e-9, right=True) - 1
+    left = (room - h_cost[k_range]).clamp_min(0) + 1e-9
+    if pair_macs is None:
+        n_fill = torch.searchsorted(n_cost, left, right=True) - 1
+        n_used = n_cost[n_fill]
+    else:
+        n_costs = _paired_costs(h_order, n_order, k_range, head_scores.shape[1], neuron_scores.shape[1], neuron_macs, pair_macs)
+        n_fill = (torch.searchsorted(n_costs, left[:, None], right=True) - 1).squeeze(1)
+        n_used = n_costs.gather(1, n_fill[:, None]).squeeze(1)
     total = h_score[k_range] + n_score[n_fill]
     # Splits that leave more than (1 - min_fill) of the budget unused are dropped when any
     # split fills it: a coarse head can otherwise leave a visible gap below the target.
-    filled = fixed + h_cost[k_range] + n_cost[n_fill] >= min_fill * budget
+    filled = fixed + h_cost[k_range] + n_used >= min_fill * budget
     if filled.any():
         total = torch.where(filled, total, torch.tensor(float("-inf"), dtype=total.dtype))
     best = int(total.argmax())
@@ -132,6 +150,22 @@ def allocate(
     neuron_mask = torch.zeros(neuron_scores.numel(), dtype=torch.bool)
     neuron_mask[_members(n_order[:n])] = True
     return units.with_masks(head_mask.view_as(head_scores), neuron_mask.view_as(neuron_scores))
+
+
+def _paired_costs(
+    h_order: torch.Tensor, n_order: torch.Tensor, k_range: torch.Tensor, head_width: int, neuron_width: int,
+    neuron_macs: torch.Tensor, pair_macs: torch.Tensor,
+) -> torch.Tensor:
+    """[len(k_range), neuron blocks + 1]: cumulative cost of the ranked neuron blocks when the k best
+    heads are kept, each neuron costing neuron_macs + (its layer's kept heads) x pair_macs."""
+    num_layers = neuron_macs.shape[0]
+    head_layers = torch.zeros(len(h_order) + 1, num_layers, dtype=torch.float64)
+    head_layers[torch.arange(1, len(h_order) + 1), h_order[:, 0] // head_width] = 1.0
+    kept = head_layers.cumsum(0)[k_range]  # [splits, num_layers]: heads each layer keeps
+    block_layer = n_order[:, 0] // neuron_width
+    block_size = (n_order >= 0).sum(1).double()
+    costs = block_size * (neuron_macs.double()[block_layer] + kept[:, block_layer] * pair_macs.double()[block_layer])
+    return torch.cat([costs.new_zeros(len(k_range), 1), costs.cumsum(1)], 1)
 
 
 MIN_KEPT_SHARE = 0.1  # the reference's floor: a layer never keeps 10% of its tokens or fewer

@@ -17,12 +17,15 @@ from .arch import ArchAdapter, get_submodule
 
 
 def _scale_input(mask: torch.Tensor, repeat: int):
-    """Pre-hook multiplying the last input dim by `mask` ([units] or [batch, units]) repeated per unit."""
+    """Pre-hook multiplying the input's features by `mask` ([units] or [batch, units]) repeated per
+    unit: the last dim, or a convolution's channels (dim 1 of [batch, channels, height, width])."""
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         m = mask.to(dtype=x.dtype, device=x.device).repeat_interleave(repeat, dim=-1)
-        if m.dim() == 2:  # one mask per batch row: broadcast over the token dims
+        if isinstance(module, nn.Conv2d):  # channels first: broadcast over the spatial dims
+            m = m.view(*m.shape, 1, 1)
+        elif m.dim() == 2:  # one mask per batch row: broadcast over the token dims
             m = m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
         return (x * m, *args[1:])
 
@@ -57,10 +60,10 @@ def apply_masks(
     handles = []
     try:
         for i, (layer, g) in enumerate(zip(layers, geometry)):
-            if head_mask is not None:
+            if head_mask is not None and g.heads:
                 out = get_submodule(layer, adapter.attn_out)
                 handles.append(out.register_forward_pre_hook(_scale_input(head_mask[i][..., : g.heads], g.head_dim)))
-            if neuron_mask is not None:
+            if neuron_mask is not None and g.neurons:
                 down = get_submodule(layer, adapter.ffn_down)
                 handles.append(down.register_forward_pre_hook(_scale_input(neuron_mask[i][..., : g.neurons], 1)))
         yield
@@ -73,13 +76,15 @@ def apply_masks(
 def record_features(model: nn.Module, adapter: ArchAdapter) -> Iterator[list]:
     """Collect each layer's MD feature ([batch, tokens, hidden]) during forwards in the context.
 
-    A feature module that returns a tuple (a whole layer, as Swin's) gives its first element."""
+    A feature module that returns a tuple (a whole layer, as Swin's) gives its first element; a
+    CNN's feature map [batch, channels, height, width] is read as [batch, height*width, channels]."""
     features: list = [None] * len(adapter.layers_of(model))
     handles = []
 
     def keep(i: int):
         def hook(module, args, output):
-            features[i] = output[0] if isinstance(output, tuple) else output
+            feature = output[0] if isinstance(output, tuple) else output
+            features[i] = feature.flatten(2).transpose(1, 2) if feature.dim() == 4 else feature
 
         return hook
 

@@ -4,7 +4,9 @@ By default (the OPTIN paper's formulas, `ArchAdapter.head_macs` / `neuron_macs`)
 sequence length s, hidden d, head size dh: 3*s*d*dh (q, k, v) + 2*s*s*dh (scores and context)
 + s*dh*d (output projection); per FFN neuron: 2*s*d. Embeddings and the classifier are not
 counted; a vision model's patch embedding is, and so is all an adapter's `fixed_macs` gives
-(Swin: also its patch-merging reductions).
+(Swin: also its patch-merging reductions; CNNs: the stem and every conv no unit owns). Where one
+kind of unit feeds the other (a ResNet bottleneck's 3x3 conv reads the reduce channels and
+writes the mid channels) each kept pair adds `ArchAdapter.pair_macs`.
 
 With a token schedule, layer i uses s = schedule[i], the number of tokens it really holds,
 class (and distillation) tokens included, because every matmul of the layer runs on all of
@@ -40,6 +42,12 @@ def unit_macs(schedule: Sequence[float], adapter: ArchAdapter, config) -> tuple[
     return heads, neurons
 
 
+def pair_macs(schedule: Sequence[float], adapter: ArchAdapter, config) -> torch.Tensor:
+    """MACs of one (kept head, kept neuron) pair in each layer ([num_layers]): 0 but where a unit
+    kind feeds the other (a CNN bottleneck's middle conv, `ArchAdapter.pair_macs`)."""
+    return torch.tensor([adapter.pair_macs(s, config, i) for i, s in enumerate(schedule)], dtype=torch.float64)
+
+
 def merge_macs(schedule: Sequence[int], num_prefix_tokens: int, hidden: int) -> float:
     """MACs of the matching that takes each layer's input down to its scheduled token count."""
     total = 0.0
@@ -58,7 +66,6 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
     """
     adapter = check_model(model)
     config = model.config
-    hidden = config.hidden_size
     layers = adapter.layers_of(model)
     schedule = token_schedule if token_schedule is not None else installed_schedule(model)
     total = float(adapter.fixed_macs(model))
@@ -68,7 +75,7 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
                 f"seq_len={seq_len} disagrees with the token schedule {list(schedule)}: layer i holds schedule[i] "
                 "tokens, so the input length is schedule[0]. Leave seq_len out."
             )
-        total += merge_macs(schedule, adapter.num_prefix_tokens, hidden)
+        total += merge_macs(schedule, adapter.num_prefix_tokens, config.hidden_size)
     else:
         if seq_len is None:
             seq_len = adapter.default_seq_len(config)
@@ -77,6 +84,7 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
         check_seq_len(seq_len)
         schedule = [seq_len] * len(layers)
     for i, (layer, tokens) in enumerate(zip(layers, schedule)):
-        heads = adapter.kept_heads(layer, config) * float(adapter.head_macs(tokens, config, i))
-        total += heads + adapter.kept_neurons(layer) * float(adapter.neuron_macs(tokens, config, i))
+        heads, neurons = adapter.kept_heads(layer, config), adapter.kept_neurons(layer)
+        total += heads * float(adapter.head_macs(tokens, config, i)) + neurons * float(adapter.neuron_macs(tokens, config, i))
+        total += heads * neurons * float(adapter.pair_macs(tokens, config, i))
     return total

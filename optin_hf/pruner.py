@@ -24,7 +24,7 @@ from .engine.estimate import ScoringPlan, plan_scoring, scoring_cost, time_dense
 from .engine.run import engine_for, precision
 from .hub import CardMetrics, push_to_hub
 from .importance import ImportanceScores, criterion_from_config
-from .macs import check_seq_len, count_macs, merge_macs, unit_macs
+from .macs import check_seq_len, count_macs, merge_macs, pair_macs, unit_macs
 from .masks import PruningMasks, check_masks
 from .reconstruct import Reconstruction, check_reconstructable, reconstruct, unslim
 from .result import PruningResult, attach_result, pruning_result, result_of_pruning
@@ -182,12 +182,12 @@ class OptinPruner:
         check_seq_len(self.seq_len)
         config, c = model.config, self.config
         num_layers = scores.head_scores.shape[0]
-        hidden, prefix = config.hidden_size, adapter.num_prefix_tokens
+        prefix = adapter.num_prefix_tokens
         budget = mac_constraint * count_macs(model, self.seq_len)
 
         def costs(schedule: list) -> tuple[torch.Tensor, torch.Tensor, float]:
             heads, neurons = unit_macs(schedule, adapter, config)
-            merging = merge_macs(schedule, prefix, hidden) if c.prune_tokens else 0.0
+            merging = merge_macs(schedule, prefix, config.hidden_size) if c.prune_tokens else 0.0
             return heads, neurons, adapter.fixed_macs(model) + merging
 
         kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of,
@@ -204,7 +204,8 @@ class OptinPruner:
                 scores.head_scores, scores.neuron_scores, scores.token_scores, costs, budget, c.resolved_token_cut_share(), prefix, **kw
             )
         heads, neurons, fixed = costs([self.seq_len] * num_layers)
-        masks = allocate(scores.head_scores, scores.neuron_scores, heads, neurons, budget, fixed, **kw)
+        pairs = pair_macs([self.seq_len] * num_layers, adapter, config)
+        masks = allocate(scores.head_scores, scores.neuron_scores, heads, neurons, budget, fixed, pair_macs=pairs, **kw)
         return rearrange_masks(masks, scores.example_grads) if scores.example_grads else masks
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:

@@ -25,7 +25,7 @@ def corpora() -> dict[str, Corpus]:
 
 
 def test_default_names():
-    assert DEFAULT_NAMES == ("bbc-news", "tweet-sentiment", "digits-vit")
+    assert DEFAULT_NAMES == ("bbc-news", "tweet-sentiment", "digits-vit", "digits-resnet")
     with pytest.raises(KeyError):
         load_default("no-such-default")
 

@@ -86,14 +86,14 @@ def stand_in_defaults(text_model_dir: Path, calls: list[str]) -> types.ModuleTyp
     """A stand-in for `optin_hf.tasks.defaults` (built on another branch), with its API.
 
     The text defaults are the tiny model saved in `text_model_dir`; digits-vit is an untrained
-    one-channel 8x8 ViT with `pixel_values` rows, as the real digits default has.
+    one-channel 8x8 ViT with `pixel_values` rows, as the real digits defaults have (it stands in for digits-resnet too).
     """
     module = types.ModuleType("optin_hf.tasks.defaults")
-    module.DEFAULT_NAMES = ("bbc-news", "tweet-sentiment", "digits-vit")
+    module.DEFAULT_NAMES = ("bbc-news", "tweet-sentiment", "digits-vit", "digits-resnet")
 
     def load_default(name: str) -> types.SimpleNamespace:
         calls.append(name)
-        if name == "digits-vit":
+        if name.startswith("digits-"):  # the image defaults: their data and task, not their architecture
             torch.manual_seed(0)
             config = ViTConfig(image_size=8, patch_size=2, num_channels=1, num_labels=10, hidden_size=32,
                                num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)

@@ -6,7 +6,9 @@ from torch import nn
 
 from .base import ArchAdapter, EmptyAttention, Slice, get_submodule, set_submodule
 from .bert import BERT
+from .convnext import CONVNEXT
 from .distilbert import DISTILBERT
+from .resnet import RESNET
 from .swin import SWIN
 from .vit import DEIT, VIT
 
@@ -30,7 +32,7 @@ def register_adapter(adapter: ArchAdapter, *, exist_ok: bool = False) -> None:
     ADAPTERS.update(dict.fromkeys(adapter.model_types, adapter))
 
 
-for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN):
+for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, RESNET, CONVNEXT):
     register_adapter(_adapter)
 
 

@@ -249,6 +249,26 @@ class ArchAdapter:
         """MACs of one FFN neuron of layer `layer` when it runs `seq_len` tokens (the paper's formula)."""
         return paper_neuron_macs(seq_len, self.layer_geometry(config)[layer].hidden)
 
+    def pair_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        """MACs of one (kept head, kept neuron) pair of layer `layer`, beyond what each costs alone.
+
+        0 here: heads and FFN neurons never meet in one matmul. A CNN bottleneck's middle conv
+        reads the reduce channels ("heads") and writes the mid channels ("neurons"), so it costs
+        k·k·H·W per pair; `count_macs` and the budget search add kept heads x kept neurons x this.
+        """
+        return 0.0
+
+    def unit_weight_norms(self, layer: nn.Module, config) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared L2 norms of the weights each head ([heads]) and each neuron ([neurons]) of `layer`
+        owns (the magnitude criterion): a head's q/k/v rows and output columns, a neuron's FFN up
+        row and down column."""
+        head_dim = self.layer_head_dim(layer, config)
+        w = lambda path: get_submodule(layer, path).weight.double()  # noqa: E731
+        qkv = torch.cat([w(p) for p in (self.query, self.key, self.value)], dim=1)
+        per_head = qkv.view(-1, head_dim * qkv.shape[1]).pow(2).sum(1)
+        per_head += w(self.attn_out).T.reshape(-1, head_dim * w(self.attn_out).shape[0]).pow(2).sum(1)
+        return per_head, w(self.ffn_up).pow(2).sum(1) + w(self.ffn_down).pow(2).sum(0)
+
     def classifier_of(self, model: nn.Module) -> Classifier | None:
         """How `model` turns its last hidden states into logits; None if unknown here.
 

@@ -9,7 +9,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from ..arch import get_adapter
-from ..macs import count_macs, unit_macs
+from ..macs import count_macs, pair_macs, unit_macs
 from ..reconstruct import RECONSTRUCTION_NAME
 from ..result import PruningResult, pruning_result
 
@@ -45,6 +45,8 @@ def _macs(model: nn.Module, result: PruningResult) -> tuple[float, float] | None
     head_present, neuron_present = masks.present()  # a narrower layer's padding is no unit
     dense = adapter.fixed_macs(model) + float((heads * head_present.sum(1)).sum())
     dense += float((neurons * neuron_present.sum(1)).sum())
+    pairs = pair_macs([result.seq_len] * masks.num_layers, adapter, config)
+    dense += float((pairs * head_present.sum(1) * neuron_present.sum(1)).sum())
     return dense, count_macs(model, result.seq_len)
 
 

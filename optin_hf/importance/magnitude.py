@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..arch import ArchAdapter, get_submodule
+from ..arch import ArchAdapter
 from ..config import OptinConfig
 from .base import ConfiguredImportance
 from .scores import ImportanceScores
@@ -21,8 +21,10 @@ def layer_shares(norms: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class MagnitudeImportance(ConfiguredImportance):
-    """A head owns its q/k/v rows and output-projection columns, a neuron its FFN up row and down
-    column. Raw norms are not comparable across layers: a layer's weight scale is arbitrary
+    """A unit's norm is that of the weights it owns (`ArchAdapter.unit_weight_norms`: a head's
+    q/k/v rows and output-projection columns, a neuron's FFN up row and down column; a CNN's
+    channel its conv filter and the next conv's input slice). Raw norms are not comparable
+    across layers: a layer's weight scale is arbitrary
     (a LayerNorm after it undoes it; q/k and v/o rescale against each other) and differs between
     layers of one trained model, so a global ranking of raw norms would spend the budget on the
     layers with the largest weights. Each head's score is therefore its share of its layer's head
@@ -37,13 +39,7 @@ class MagnitudeImportance(ConfiguredImportance):
         width = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
         heads, neurons = [], []
         for layer, g in zip(adapter.layers_of(model), geometry):
-            head_dim = g.head_dim
-            w = lambda path: get_submodule(layer, path).weight.double()  # noqa: E731
-            # q/k/v rows and output-projection columns of each head: [num_heads, head_dim * ...]
-            qkv = torch.cat([w(p) for p in (adapter.query, adapter.key, adapter.value)], dim=1)
-            per_head = qkv.view(-1, head_dim * qkv.shape[1]).pow(2).sum(1)
-            per_head += w(adapter.attn_out).T.reshape(-1, head_dim * w(adapter.attn_out).shape[0]).pow(2).sum(1)
-            per_neuron = w(adapter.ffn_up).pow(2).sum(1) + w(adapter.ffn_down).pow(2).sum(0)
+            per_head, per_neuron = adapter.unit_weight_norms(layer, model.config)
             # a layer narrower than the widest is padded with zeros (padding is never kept)
             heads.append(nn.functional.pad(per_head.sqrt(), (0, width["head"] - g.heads)))
             neurons.append(nn.functional.pad(per_neuron.sqrt(), (0, width["neuron"] - g.neurons)))

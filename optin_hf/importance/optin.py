@@ -94,7 +94,8 @@ def neuron_energy_order(model: nn.Module, adapter: ArchAdapter, batches) -> torc
 
     def keep(i: int):
         def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            x = args[0].movedim(1, -1) if isinstance(module, nn.Conv2d) else args[0]  # a conv's channels go last
+            x = x.reshape(-1, x.shape[-1]).double()
             sums[i] = sums[i] + (x if real is None else x[real]).pow(2).sum(0)
 
         return hook
@@ -107,7 +108,8 @@ def neuron_energy_order(model: nn.Module, adapter: ArchAdapter, batches) -> torc
     finally:
         for handle in handles:
             handle.remove()
-    norms = [get_submodule(layer, adapter.ffn_down).weight.double().norm(dim=0) for layer in layers]
+    # the norm of each input feature's weights: a Linear's column, a conv's filters' input slices
+    norms = [get_submodule(layer, adapter.ffn_down).weight.double().transpose(0, 1).flatten(1).norm(dim=1) for layer in layers]
     width = adapter.intermediate_size(model.config)  # a narrower layer's padding goes last, in place
     orders = [(s.sqrt() * n).argsort(descending=True).cpu() for s, n in zip(sums, norms)]
     return torch.stack([torch.cat([o, torch.arange(len(o), width)]) for o in orders])

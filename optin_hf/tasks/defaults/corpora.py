@@ -36,7 +36,7 @@ class Corpus:
 
     def to_dataset(self, indices: Sequence[int]) -> Dataset:
         """Build a ``datasets.Dataset`` for ``indices`` with typed features (ClassLabel carries the names)."""
-        column_feature = Value("string") if self.column == "text" else Array3D((1, 8, 8), "float32")
+        column_feature = Value("string") if self.column == "text" else Array3D(tuple(np.shape(self.inputs[0])), "float32")
         features = Features({self.column: column_feature, "label": ClassLabel(names=self.label_names)})
         return Dataset.from_dict(
             {self.column: [self.inputs[i] for i in indices], "label": [self.labels[i] for i in indices]},
@@ -123,13 +123,18 @@ def read_tweets(min_confidence: float) -> Corpus:
     return dedupe("text", texts, labels, [normalize_text(t) for t in texts], TWEET_LABELS)
 
 
-def read_digits() -> Corpus:
-    """scikit-learn's 8x8 digits, scaled from 0..16 to [0, 1] and shaped [1, 8, 8] for a 1-channel ViT."""
+def read_digits(size: int = 8) -> Corpus:
+    """scikit-learn's 8x8 digits, scaled from 0..16 to [0, 1] and shaped [1, size, size] (bilinear
+    upsampling above 8: a CNN's stem and stages need a larger map). Keys are the 8x8 originals'."""
+    import torch
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)
-    inputs = [image[None].tolist() for image in images]
+    pixels = torch.from_numpy(images)[:, None]
+    if size != 8:
+        pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+    inputs = pixels.tolist()
     keys = [image.tobytes().hex() for image in images]
     return dedupe("pixel_values", inputs, digits.target.tolist(), keys, [str(d) for d in range(10)])
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .splits import SplitSpec
-from .train import TextHParams, VitHParams
+from .train import ResNetHParams, TextHParams, VitHParams
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class Recipe:
     corpus: str
     packages: tuple[str, ...]
     split: SplitSpec
-    hparams: TextHParams | VitHParams
+    hparams: TextHParams | VitHParams | ResNetHParams
     description: str
     corpus_options: dict[str, Any] = field(default_factory=dict)
 
@@ -51,6 +51,18 @@ RECIPES: dict[str, Recipe] = {
         description=(
             "A small ViT TRAINED FROM SCRATCH by optin-hf on scikit-learn's 8x8 digits "
             "(pixels scaled to [0, 1]); not a pretrained Hub model."
+        ),
+    ),
+    "digits-resnet": Recipe(
+        task="image-classification",
+        corpus="digits",
+        corpus_options={"size": 32},
+        packages=("scikit-learn",),
+        split=SplitSpec(test_size=360, calibration_size=256),
+        hparams=ResNetHParams(epochs=10, batch_size=64, lr=3e-3),
+        description=(
+            "A small bottleneck ResNet TRAINED FROM SCRATCH by optin-hf on scikit-learn's digits upsampled "
+            "to 32x32 (pixels scaled to [0, 1]); not a pretrained Hub model."
         ),
     ),
 }

@@ -1,0 +1,218 @@
+"""ResNet (image classification, bottleneck blocks): the inner channels of each block.
+
+A block is one layer. Its "heads" are the 1x1 reduce conv's output channels (heads one channel
+wide): a head owns its conv filter, its BatchNorm channel and its input slice of the 3x3 conv.
+Its "neurons" are the 3x3 conv's output channels, which feed the block's last 1x1 conv as FFN
+neurons feed the down projection: a neuron owns its 3x3 filter, its BatchNorm channel and its
+input slice of the last conv. So `prune_heads` / `prune_neurons` keep their meaning: which
+channels go in, which come out of the block's middle. The block's output width stays (the
+residual needs it). Basic blocks (resnet-18/34) are refused. The MD feature is each block's
+output map [B, C, H, W], read as H*W tokens of C features; removing a channel is masked by
+zeroing its input slice of the next conv, which is exactly what slimming it gives.
+
+MACs (`count_macs`, what torch's FLOP counter sees in the encoder): per head C_in·H1·W1 (its
+1x1 filter on the map after the reduce conv's stride), per neuron C_out·H2·W2 (its column of the
+last conv), per (head, neuron) pair 9·H2·W2 (the 3x3 conv: `pair_macs`). Fixed: the stem conv
+and the shortcut projections. Not counted: BatchNorms, ReLUs, the max and average pooling,
+the residual additions and the classifier. Token counts follow the image size
+(`config.image_size`, 224 when the config has none, as for ImageNet checkpoints).
+
+Scoring runs on the reference engine (no layer pieces for the fast one); reconstruction is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import ArchAdapter, LayerGeometry, get_submodule, set_submodule
+
+IMAGENET_SIZE = 224
+
+
+def image_size(config) -> tuple[int, int]:
+    """The input resolution MACs are counted at: `config.image_size`, else ImageNet's 224."""
+    size = getattr(config, "image_size", None) or IMAGENET_SIZE
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def conv_out(size: tuple[int, int], kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    return tuple((s + 2 * padding - kernel) // stride + 1 for s in size)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One bottleneck's widths and maps: reduce/mid channels `inner`, the map after the reduce conv
+    (`reduced`) and after the 3x3 conv (`out_map`), and whether it has a projection shortcut."""
+
+    in_channels: int
+    out_channels: int
+    inner: int
+    reduced: tuple[int, int]
+    out_map: tuple[int, int]
+    shortcut: bool
+
+
+def _check_bottleneck(config) -> None:
+    if config.layer_type != "bottleneck":
+        raise ValueError(
+            f"ResNet layer_type={config.layer_type!r} (resnet-18/34 style) is not supported: optin-hf prunes the "
+            "inner channels of bottleneck blocks (layer_type='bottleneck', e.g. microsoft/resnet-50)."
+        )
+
+
+def blocks(config) -> list[Block]:
+    """Every bottleneck block of the encoder in order, with the map sizes it runs at."""
+    _check_bottleneck(config)
+    size = conv_out(image_size(config), 7, 2, 3)  # the stem conv
+    size = conv_out(size, 3, 2, 1)  # its max pooling
+    out, channels = [], config.embedding_size
+    for stage, (width, depth) in enumerate(zip(config.hidden_sizes, config.depths)):
+        for j in range(depth):
+            stride = (2 if stage or config.downsample_in_first_stage else 1) if j == 0 else 1
+            reduced = conv_out(size, 1, stride if config.downsample_in_bottleneck else 1, 0)
+            out_map = conv_out(size, 1, stride, 0)
+            out.append(Block(channels, width, width // 4, reduced, out_map, channels != width or stride != 1))
+            channels, size = width, out_map
+    return out
+
+
+class ChannelConv(nn.Conv2d):
+    """A Conv2d that also runs with no input or no output channel, as a slim block may keep: torch's
+    conv fails with no filter and returns no channel for no input, where the conv gives zeros."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_channels and self.out_channels:
+            return super().forward(x)
+        size = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+                for s, k, st, p, d in zip(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation)]
+        return x.new_zeros(x.shape[0], self.out_channels, *size)
+
+
+class ChannelBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm2d that also runs with no channel (torch's fails), for a conv that keeps no filter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.num_features else x
+
+
+def _select(tensor: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
+
+
+def _sliced_conv(conv: nn.Conv2d, keep: torch.Tensor, side: int) -> ChannelConv:
+    """A ChannelConv keeping output (side 0) or input (side 1) channels `keep` of `conv` (no bias: ResNet's have none)."""
+    weight = _select(conv.weight, side, keep)
+    new = ChannelConv(1, 1, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False, device="meta")
+    new.out_channels, new.in_channels = weight.shape[:2]
+    new.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    return new
+
+
+def _slim_channels(block: nn.Module, producer: str, consumer: str, keep: torch.Tensor) -> None:
+    """Keep channels `keep` of conv layer `producer` (its conv's filters and its BatchNorm) and the
+    matching input channels of conv `consumer`, in place."""
+    conv_layer = get_submodule(block, producer)
+    conv_layer.convolution = _sliced_conv(conv_layer.convolution, keep, 0)
+    norm = conv_layer.normalization
+    new = ChannelBatchNorm(1, norm.eps, norm.momentum, device="meta")
+    new.num_features = len(keep)
+    for name in ("weight", "bias"):
+        param = getattr(norm, name)
+        setattr(new, name, nn.Parameter(_select(param, 0, keep), requires_grad=param.requires_grad))
+    new.running_mean, new.running_var = _select(norm.running_mean, 0, keep), _select(norm.running_var, 0, keep)
+    new.num_batches_tracked = norm.num_batches_tracked.clone()
+    new.train(norm.training)
+    conv_layer.normalization = new
+    set_submodule(block, consumer, _sliced_conv(get_submodule(block, consumer), keep, 1))
+
+
+@dataclass(frozen=True)
+class ResNetAdapter(ArchAdapter):
+    """Bottleneck blocks in order; see the module docstring for the geometry."""
+
+    def layers_of(self, model: nn.Module) -> nn.ModuleList:
+        stages = get_submodule(model.base_model, self.layers)
+        return nn.ModuleList([block for stage in stages for block in stage.layers])
+
+    def layer_geometry(self, config) -> tuple[LayerGeometry, ...]:
+        return tuple(LayerGeometry(b.inner, 1, b.out_channels, b.inner) for b in blocks(config))
+
+    def layer_head_dim(self, layer: nn.Module, config) -> int:
+        return 1
+
+    def kept_heads(self, layer: nn.Module, config) -> int:
+        return get_submodule(layer, self.query).out_channels
+
+    def kept_neurons(self, layer: nn.Module) -> int:
+        return get_submodule(layer, self.ffn_up).convolution.out_channels
+
+    def slim_heads(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
+        _slim_channels(layer, self.attn_core, self.attn_out, keep)
+
+    def slim_neurons(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
+        _slim_channels(layer, self.ffn_up, self.ffn_down, keep)
+
+    def unit_weight_norms(self, layer: nn.Module, config) -> tuple[torch.Tensor, torch.Tensor]:
+        """A channel's filter and its input slice of the next conv (BatchNorm scales left out)."""
+
+        def owned(producer: str, consumer: str) -> torch.Tensor:
+            filters = get_submodule(layer, producer).convolution.weight.double()
+            reads = get_submodule(layer, consumer).weight.double()
+            return filters.pow(2).flatten(1).sum(1) + reads.pow(2).transpose(0, 1).flatten(1).sum(1)
+
+        return owned(self.attn_core, self.attn_out), owned(self.ffn_up, self.ffn_down)
+
+    def default_seq_len(self, config) -> int:
+        """Positions of the first block's output map; later stages hold fewer (see `head_macs`)."""
+        height, width = blocks(config)[0].out_map
+        return height * width
+
+    def _block(self, seq_len: float, config, layer: int) -> Block:
+        if seq_len != self.default_seq_len(config):
+            raise ValueError(
+                f"seq_len={seq_len}: a ResNet's map sizes follow its image size ({image_size(config)}), "
+                f"{self.default_seq_len(config)} positions in the first block. Leave seq_len unset "
+                "(set config.image_size to count at another resolution)."
+            )
+        return blocks(config)[layer]
+
+    def head_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        block = self._block(seq_len, config, layer)
+        return block.in_channels * math.prod(block.reduced)
+
+    def neuron_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        block = self._block(seq_len, config, layer)
+        return block.out_channels * math.prod(block.out_map)
+
+    def pair_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        return 9 * math.prod(self._block(seq_len, config, layer).out_map)
+
+    def fixed_macs(self, model: nn.Module) -> int:
+        """The stem conv and the shortcut projections."""
+        config = model.config
+        stem = conv_out(image_size(config), 7, 2, 3)
+        total = math.prod(stem) * config.num_channels * 49 * config.embedding_size
+        return total + sum(b.in_channels * b.out_channels * math.prod(b.out_map) for b in blocks(config) if b.shortcut)
+
+
+RESNET = ResNetAdapter(
+    model_types=("resnet",),
+    layers="encoder.stages",
+    attn_core="layer.0",
+    query="layer.0.convolution",
+    key="layer.0.convolution",
+    value="layer.0.convolution",
+    attn_out="layer.1.convolution",
+    ffn_up="layer.1",
+    ffn_down="layer.2.convolution",
+    ffn_input="layer.1",
+    feature="",
+    head_count_attrs=(),
+    patch_embedding="embedder.embedder.convolution",
+    num_prefix_tokens=0,
+    pooled_tokens=0,
+)
