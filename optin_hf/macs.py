@@ -58,7 +58,6 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
     """
     adapter = check_model(model)
     config = model.config
-    hidden = config.hidden_size
     layers = adapter.layers_of(model)
     schedule = token_schedule if token_schedule is not None else installed_schedule(model)
     total = float(adapter.fixed_macs(model))
@@ -68,7 +67,7 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
                 f"seq_len={seq_len} disagrees with the token schedule {list(schedule)}: layer i holds schedule[i] "
                 "tokens, so the input length is schedule[0]. Leave seq_len out."
             )
-        total += merge_macs(schedule, adapter.num_prefix_tokens, hidden)
+        total += merge_macs(schedule, adapter.num_prefix_tokens, config.hidden_size)
     else:
         if seq_len is None:
             seq_len = adapter.default_seq_len(config)

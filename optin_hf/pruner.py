@@ -182,12 +182,12 @@ class OptinPruner:
         check_seq_len(self.seq_len)
         config, c = model.config, self.config
         num_layers = scores.head_scores.shape[0]
-        hidden, prefix = config.hidden_size, adapter.num_prefix_tokens
+        prefix = adapter.num_prefix_tokens
         budget = mac_constraint * count_macs(model, self.seq_len)
 
         def costs(schedule: list) -> tuple[torch.Tensor, torch.Tensor, float]:
             heads, neurons = unit_macs(schedule, adapter, config)
-            merging = merge_macs(schedule, prefix, hidden) if c.prune_tokens else 0.0
+            merging = merge_macs(schedule, prefix, config.hidden_size) if c.prune_tokens else 0.0
             return heads, neurons, adapter.fixed_macs(model) + merging
 
         kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of,
