@@ -14,7 +14,8 @@ keys and values run on the N_r = (h // R)(w // R) tokens of the reduced map (R t
 `sr_ratios`; N_r = N when R = 1): per head N·d·dh (q) + 2·N_r·d·dh (k, v) + 2·N·N_r·dh (scores
 and context) + N·dh·d (output columns); per hidden channel 2·N·d (dense1, dense2) + 9·N (its
 depthwise 3x3 conv). Fixed: each stage's overlapping patch-embedding conv and each layer's
-spatial-reduction conv, N_r·d·R²·d (not run, so not counted, in a layer that keeps no head).
+spatial-reduction conv, N_r·d·R²·d (not run, so not counted, in a layer that keeps no head: the
+budget search counts it, so such a model lands that much under its budget).
 Not counted: LayerNorms, biases, softmax and GELU, and the all-MLP decode head (it stays dense:
 pruning does not change it).
 
