@@ -64,7 +64,7 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-column", default="label", metavar="COLUMN", help="label column (default: label)")
     group.add_argument("--max-eval-samples", type=int, metavar="N", help="evaluate on the first N examples only")
     group.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading whole splits")
-    group.add_argument("--metric", metavar="NAME", help="accuracy (default; evaluate: the pruning run's) or glue/<task>, "
+    group.add_argument("--metric", metavar="NAME", help="accuracy (default; segmentation: mean_iou; evaluate: the pruning run's) or glue/<task>, "
                        "e.g. glue/mrpc (accuracy, f1), glue/stsb (pearson, spearmanr)")
 
 
@@ -72,7 +72,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     one_line_errors(parser)
     _add_debug(parser)
     parser.add_argument("--model", metavar="PATH_OR_REPO", help="fine-tuned model folder or Hub id (default: an embedded default)")
-    parser.add_argument("--task", choices=TASKS, help="default: image-classification for ViT/DeiT, else text")
+    parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture (semantic-segmentation for a ...ForSemanticSegmentation, image-classification for other vision models, else text)")
     parser.add_argument("--processor", metavar="PATH_OR_REPO", help="tokenizer or image processor, if not stored with the model")
     _add_data(parser)
     optin = parser.add_argument_group("OPTIN settings (see OptinConfig)")

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import OptinConfig
-from ..tasks.metrics import DEFAULT_METRIC
 from ..tasks.recipes import load_recipe
 from ..tasks.report import REPORT_JSON, REPORT_PNG
 from ..tasks.task_data import DataSpec
@@ -80,7 +79,7 @@ def prune(args: argparse.Namespace) -> None:
         task=args.task,
         data=data_spec(args),
         processor=args.processor,
-        metric=args.metric or DEFAULT_METRIC,
+        metric=args.metric,
         push_to_hub=args.push_to_hub,
         push_full=args.full,
         device=args.device,

@@ -1,4 +1,5 @@
-"""Training of the defaults: fine-tuning all-MiniLM-L6-v2 for text, a tiny ViT from scratch for digits.
+"""Training of the defaults: fine-tuning all-MiniLM-L6-v2 for text, a tiny ViT from scratch for digits,
+a small SegFormer from scratch for digit scenes.
 
 A plain AdamW + linear-schedule loop keeps this light (no Trainer, no accelerate) and CPU friendly.
 """
@@ -16,6 +17,8 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
     ViTConfig,
     ViTForImageClassification,
     get_linear_schedule_with_warmup,
@@ -53,6 +56,19 @@ class VitHParams(OptimHParams):
     intermediate_size: int = 128
     patch_size: int = 2
     dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class SegformerHParams(OptimHParams):
+    """A two-stage SegFormer for 64x64 one-channel scenes: 16x16 then 8x8 tokens, logits at 16x16."""
+
+    image_size: int = 64
+    depths: tuple[int, ...] = (2, 2)
+    hidden_sizes: tuple[int, ...] = (32, 64)
+    num_attention_heads: tuple[int, ...] = (2, 4)
+    sr_ratios: tuple[int, ...] = (2, 1)
+    mlp_ratios: tuple[int, ...] = (4, 4)
+    decoder_hidden_size: int = 64
 
 
 def _label_maps(label_names: list[str]) -> dict[str, dict]:
@@ -191,4 +207,30 @@ def train_vit(hp: VitHParams, train: Dataset, label_names: list[str]) -> tuple[P
     return model, None
 
 
-TRAINERS: dict[type, Callable] = {TextHParams: fine_tune_text, VitHParams: train_vit}
+def train_segformer(hp: SegformerHParams, train: Dataset, label_names: list[str]) -> tuple[PreTrainedModel, None]:
+    """Train a SegFormer from scratch on digit scenes (one thread, as the ViT: small matrices).
+
+    `config.image_size` records the scenes' size: a SegFormer runs any size, and its MACs are counted at this one.
+    """
+    torch.manual_seed(hp.seed)
+    stages = len(hp.depths)
+    config = SegformerConfig(
+        image_size=hp.image_size, num_channels=1, num_encoder_blocks=stages, depths=list(hp.depths),
+        hidden_sizes=list(hp.hidden_sizes), num_attention_heads=list(hp.num_attention_heads), sr_ratios=list(hp.sr_ratios),
+        mlp_ratios=list(hp.mlp_ratios), patch_sizes=[7, 3, 3, 3][:stages], strides=[4, 2, 2, 2][:stages],
+        decoder_hidden_size=hp.decoder_hidden_size, drop_path_rate=0.0, classifier_dropout_prob=0.0,
+        num_labels=len(label_names), **_label_maps(label_names),
+    )
+    model = SegformerForSemanticSegmentation(config)
+    tensors = train.with_format("torch")[:]
+
+    def to_batch(indices: torch.Tensor) -> Batch:
+        return {"pixel_values": tensors["pixel_values"][indices], "labels": tensors["label"][indices]}
+
+    batches = shuffled_batches(len(train), hp.batch_size, hp.seed)
+    with _torch_threads(1):
+        _train_loop(model, batches, to_batch, hp, "training digit-scenes SegFormer")
+    return model, None
+
+
+TRAINERS: dict[type, Callable] = {TextHParams: fine_tune_text, VitHParams: train_vit, SegformerHParams: train_segformer}
