@@ -49,7 +49,7 @@ def parse_duration(text: str) -> float:
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data (a local folder or file, or a Hub dataset)")
-    group.add_argument("--default", metavar="NAME", help="an embedded default (bbc-news, tweet-sentiment, digits-vit): its "
+    group.add_argument("--default", metavar="NAME", help="an embedded default (bbc-news, tweet-sentiment, digits-vit, digit-scenes-segformer): its "
                        "data, and for prune its model; prune uses bbc-news when neither --model nor --default is given")
     group.add_argument("--dataset", metavar="PATH_OR_NAME",
                        help="a datasets.save_to_disk folder, a .csv/.json/.jsonl/.parquet file, or a Hub dataset name")
@@ -95,9 +95,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help=f"seeds the calibration draw and the MD token subset (default: {OptinConfig.seed})")
     optin.add_argument("--faithful", action=argparse.BooleanOptionalAction, default=OptinConfig.faithful,
                        help="apply the reference's extra score weights (default: %(default)s)")
-    optin.add_argument("--reconstruct", choices=("weights", "scales", "none"), default=OptinConfig.reconstruct,
+    optin.add_argument("--reconstruct", choices=("weights", "scales", "none"), default=None,
                        help="after slimming, refit each sublayer's output projection by least squares (weights), one "
-                       "factor per kept unit (scales), or not at all (default: %(default)s)")
+                       f"factor per kept unit (scales), or not at all (default: {OptinConfig.reconstruct}; "
+                       "digit-scenes-segformer: none)")
     optin.add_argument("--reconstruct-samples", type=int, default=OptinConfig.reconstruct_samples, metavar="N",
                        help="calibration examples the reconstruction fits on (default: %(default)s)")
     optin.add_argument("--prune-steps", type=int, default=None, metavar="K",
