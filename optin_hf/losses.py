@@ -15,16 +15,20 @@ def md_loss(dense_gram: torch.Tensor, masked_rows: torch.Tensor) -> torch.Tensor
 
 
 def kl_loss(dense_logits: torch.Tensor | None, masked_logits: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """KL(softmax(dense) || softmax(masked)), summed, times T^2.
+    """KL(softmax(dense) || softmax(masked)), summed over examples, times T^2.
 
-    As in the reference the logits are not divided by T. A bare encoder (no logits) or a
-    one-logit regression head contributes nothing. Computed in float64: removing a structure
-    that barely matters moves the logits so little that a float32 KL is mostly rounding error.
+    Logits are [examples, classes], or a dense prediction [examples, classes, *positions]
+    (a segmentation map [B, C, H, W]): there each example's KL is the mean over its positions of
+    the per-position KL, so a map of one position is a classification example. As in the
+    reference the logits are not divided by T. A bare encoder (no logits) or a one-logit
+    regression head contributes nothing. Computed in float64: removing a structure that barely
+    matters moves the logits so little that a float32 KL is mostly rounding error.
     """
-    if dense_logits is None or dense_logits.shape[-1] < 2:
+    if dense_logits is None or dense_logits.shape[1] < 2:
         return torch.zeros((), dtype=torch.float64)
-    kl = F.kl_div(F.log_softmax(masked_logits.double(), -1), F.softmax(dense_logits.double(), -1), reduction="sum")
-    return kl * temperature**2
+    positions = dense_logits[0, 0].numel()
+    kl = F.kl_div(F.log_softmax(masked_logits.double(), 1), F.softmax(dense_logits.double(), 1), reduction="sum")
+    return kl / positions * temperature**2
 
 
 def later_layers(layer: int, num_layers: int) -> range:

@@ -22,7 +22,7 @@ from transformers import ViTImageProcessor
 from optin_hf import OptinConfig, count_macs
 from optin_hf.tasks import workflow
 from optin_hf.commands.__main__ import main
-from optin_hf.tasks.metrics import load_metric
+from optin_hf.tasks.report import class_maps
 from optin_hf.tasks.recipes import load_recipe, parse_recipe
 from optin_hf.tasks.task_data import Encoder, calibration_rows, eval_rows, label_encoder
 
@@ -106,9 +106,8 @@ def test_the_expected_recipes_ship():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses_and_prepares_its_data(path, stand_ins):
     job = load_recipe(path)
-    metric = load_metric(job.metric)
     assert job.optin.mac_constraint == 0.6 and job.optin.importance == "optin"
-    loaded = workflow.load_job(job, metric)
+    loaded, metric = workflow.load_job(job)
     data, model = loaded.data, loaded.model
     encoder = Encoder(data.task, data.columns, loaded.processor, job.optin.max_length)
     calibration = encoder.examples(calibration_rows(data.calibration, job.optin.num_samples, job.optin.seed))
@@ -116,8 +115,11 @@ def test_recipe_parses_and_prepares_its_data(path, stand_ins):
     labels = label_encoder(data, model.config)([row[data.columns.label] for row in rows])
     with torch.no_grad():
         logits = model(**encoder.batch(rows)).logits
-    predictions = logits[:, 0] if metric.regression else logits.argmax(-1)
-    assert metric.main in metric.compute(predictions.numpy(), labels)
+    if metric.per_pixel:
+        predictions = class_maps(logits, labels)
+    else:
+        predictions = (logits[:, 0] if metric.regression else logits.argmax(-1)).numpy()
+    assert metric.main in metric.compute(predictions, labels)
 
     if job.default:
         assert stand_ins["defaults"] == [job.default] and not stand_ins["datasets"]

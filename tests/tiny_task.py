@@ -15,7 +15,15 @@ from pathlib import Path
 import datasets
 import torch
 from tiny import tiny_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertTokenizer, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertTokenizer,
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MARKERS = ["red", "green", "blue"]
@@ -86,10 +94,11 @@ def stand_in_defaults(text_model_dir: Path, calls: list[str]) -> types.ModuleTyp
     """A stand-in for `optin_hf.tasks.defaults` (built on another branch), with its API.
 
     The text defaults are the tiny model saved in `text_model_dir`; digits-vit is an untrained
-    one-channel 8x8 ViT with `pixel_values` rows, as the real digits defaults have (it stands in for digits-resnet too).
+    one-channel 8x8 ViT with `pixel_values` rows, as the real digits defaults have (it stands in for digits-resnet too),
+    and digit-scenes-segformer an untrained one-channel SegFormer with `pixel_values` and `label` maps.
     """
     module = types.ModuleType("optin_hf.tasks.defaults")
-    module.DEFAULT_NAMES = ("bbc-news", "tweet-sentiment", "digits-vit", "digits-resnet")
+    module.DEFAULT_NAMES = ("bbc-news", "tweet-sentiment", "digits-vit", "digits-resnet", "digit-scenes-segformer")
 
     def load_default(name: str) -> types.SimpleNamespace:
         calls.append(name)
@@ -103,6 +112,17 @@ def stand_in_defaults(text_model_dir: Path, calls: list[str]) -> types.ModuleTyp
                 {"pixel_values": torch.rand(40, 1, 8, 8, generator=g).tolist(), "label": torch.randint(0, 10, (40,), generator=g).tolist()}
             )
             task, processor, labels = "image-classification", None, [str(i) for i in range(10)]
+        elif name == "digit-scenes-segformer":
+            torch.manual_seed(0)
+            config = SegformerConfig(image_size=16, num_channels=1, num_encoder_blocks=1, depths=[1], sr_ratios=[2],
+                                     hidden_sizes=[8], patch_sizes=[7], strides=[4], num_attention_heads=[1],
+                                     mlp_ratios=[2], decoder_hidden_size=8, num_labels=11)
+            model = SegformerForSemanticSegmentation(config).eval()
+            g = torch.Generator().manual_seed(1)
+            split = datasets.Dataset.from_dict(
+                {"pixel_values": torch.rand(40, 1, 16, 16, generator=g).tolist(), "label": torch.randint(0, 11, (40, 16, 16), generator=g).tolist()}
+            )
+            task, processor, labels = "semantic-segmentation", None, ["background"] + [str(i) for i in range(10)]
         else:
             model = AutoModelForSequenceClassification.from_pretrained(text_model_dir).eval()
             rows = sentences(48, seed=3)

@@ -9,6 +9,7 @@ from .bert import BERT
 from .convnext import CONVNEXT
 from .distilbert import DISTILBERT
 from .resnet import RESNET
+from .segformer import SEGFORMER
 from .swin import SWIN
 from .vit import DEIT, VIT
 
@@ -32,7 +33,7 @@ def register_adapter(adapter: ArchAdapter, *, exist_ok: bool = False) -> None:
     ADAPTERS.update(dict.fromkeys(adapter.model_types, adapter))
 
 
-for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, RESNET, CONVNEXT):
+for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, RESNET, CONVNEXT, SEGFORMER):
     register_adapter(_adapter)
 
 

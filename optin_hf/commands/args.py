@@ -49,7 +49,7 @@ def parse_duration(text: str) -> float:
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data (a local folder or file, or a Hub dataset)")
-    group.add_argument("--default", metavar="NAME", help="an embedded default (bbc-news, tweet-sentiment, digits-vit): its "
+    group.add_argument("--default", metavar="NAME", help="an embedded default (bbc-news, tweet-sentiment, digits-vit, digit-scenes-segformer): its "
                        "data, and for prune its model; prune uses bbc-news when neither --model nor --default is given")
     group.add_argument("--dataset", metavar="PATH_OR_NAME",
                        help="a datasets.save_to_disk folder, a .csv/.json/.jsonl/.parquet file, or a Hub dataset name")
@@ -64,7 +64,7 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-column", default="label", metavar="COLUMN", help="label column (default: label)")
     group.add_argument("--max-eval-samples", type=int, metavar="N", help="evaluate on the first N examples only")
     group.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading whole splits")
-    group.add_argument("--metric", metavar="NAME", help="accuracy (default; evaluate: the pruning run's) or glue/<task>, "
+    group.add_argument("--metric", metavar="NAME", help="accuracy (default; segmentation: mean_iou; evaluate: the pruning run's) or glue/<task>, "
                        "e.g. glue/mrpc (accuracy, f1), glue/stsb (pearson, spearmanr)")
 
 
@@ -72,7 +72,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     one_line_errors(parser)
     _add_debug(parser)
     parser.add_argument("--model", metavar="PATH_OR_REPO", help="fine-tuned model folder or Hub id (default: an embedded default)")
-    parser.add_argument("--task", choices=TASKS, help="default: image-classification for ViT/DeiT, else text")
+    parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture (semantic-segmentation for a ...ForSemanticSegmentation, image-classification for other vision models, else text)")
     parser.add_argument("--processor", metavar="PATH_OR_REPO", help="tokenizer or image processor, if not stored with the model")
     _add_data(parser)
     optin = parser.add_argument_group("OPTIN settings (see OptinConfig)")
@@ -95,9 +95,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help=f"seeds the calibration draw and the MD token subset (default: {OptinConfig.seed})")
     optin.add_argument("--faithful", action=argparse.BooleanOptionalAction, default=OptinConfig.faithful,
                        help="apply the reference's extra score weights (default: %(default)s)")
-    optin.add_argument("--reconstruct", choices=("weights", "scales", "none"), default=OptinConfig.reconstruct,
+    optin.add_argument("--reconstruct", choices=("weights", "scales", "none"), default=None,
                        help="after slimming, refit each sublayer's output projection by least squares (weights), one "
-                       "factor per kept unit (scales), or not at all (default: %(default)s)")
+                       f"factor per kept unit (scales), or not at all (default: {OptinConfig.reconstruct}; "
+                       "digit-scenes-segformer: none)")
     optin.add_argument("--reconstruct-samples", type=int, default=OptinConfig.reconstruct_samples, metavar="N",
                        help="calibration examples the reconstruction fits on (default: %(default)s)")
     optin.add_argument("--prune-steps", type=int, default=None, metavar="K",

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import OptinConfig
-from ..tasks.metrics import DEFAULT_METRIC
 from ..tasks.recipes import load_recipe
 from ..tasks.report import REPORT_JSON, REPORT_PNG
 from ..tasks.task_data import DataSpec
@@ -46,12 +45,15 @@ def _finish(job: PruneJob) -> None:
 # The embedded defaults run on a 2-core CPU in a few minutes: fewer calibration examples and
 # neurons scored in groups, and the cut made in the steps that measured best (each flag given on
 # the command line still wins).
-# Kept equal to recipes/{minilm-bbc-news,minilm-tweet-sentiment,vit-digits}.yaml.
+# Kept equal to recipes/{minilm-bbc-news,minilm-tweet-sentiment,vit-digits,digit-scenes-segformer}.yaml.
 EMBEDDED_DEFAULT_SETTINGS = {
     "bbc-news": {"num_samples": 8, "neuron_group_size": 64, "prune_steps": 2},
     "tweet-sentiment": {"num_samples": 32, "neuron_group_size": 64},
     "digits-vit": {"num_samples": 64, "neuron_group_size": 4},
+    "digit-scenes-segformer": {"num_samples": 32, "neuron_group_size": 16},
 }
+# A default whose family cannot be refit (SegFormer) is pruned without reconstruction unless the flag says otherwise.
+EMBEDDED_DEFAULT_RECONSTRUCT = {"digit-scenes-segformer": "none"}
 
 
 def prune(args: argparse.Namespace) -> None:
@@ -67,7 +69,7 @@ def prune(args: argparse.Namespace) -> None:
         seed=args.seed,
         faithful=args.faithful,
         neurons_multiple_of=args.neurons_multiple_of,
-        reconstruct=args.reconstruct,
+        reconstruct=args.reconstruct or EMBEDDED_DEFAULT_RECONSTRUCT.get(args.default, OptinConfig.reconstruct),
         reconstruct_samples=args.reconstruct_samples,
         max_scoring_time=args.max_scoring_time,
         **sized,
@@ -80,7 +82,7 @@ def prune(args: argparse.Namespace) -> None:
         task=args.task,
         data=data_spec(args),
         processor=args.processor,
-        metric=args.metric or DEFAULT_METRIC,
+        metric=args.metric,
         push_to_hub=args.push_to_hub,
         push_full=args.full,
         device=args.device,

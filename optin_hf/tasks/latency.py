@@ -24,7 +24,9 @@ def synthetic_inputs(model: nn.Module, batch_size: int, seq_len: float, seed: in
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     if check_model(model).is_vision:
-        shape = (batch_size, config.num_channels, config.image_size, config.image_size)
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        shape = (batch_size, config.num_channels, height, width)
         return {"pixel_values": torch.randn(shape, generator=generator)}
     tokens = max(1, round(seq_len))
     ids = torch.randint(min(5, config.vocab_size - 1), config.vocab_size, (batch_size, tokens), generator=generator)

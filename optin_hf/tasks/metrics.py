@@ -2,7 +2,7 @@
 
 `evaluate.load` fetches its metric scripts from the Hub (or its cache), so offline it fails
 for every metric. The local formulas give the same keys and values as `evaluate`'s
-`accuracy` and `glue` modules; `Metric.source` says which one computed a report's numbers.
+`accuracy`, `glue` and `mean_iou` modules; `Metric.source` says which one computed a report's numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import numpy as np
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE")
 DEFAULT_METRIC = "accuracy"
+SEGMENTATION_METRIC = "mean_iou"
+IGNORE_INDEX = 255  # pixels labelled so count for no class (transformers' semantic_loss_ignore_index)
 
 
 def accuracy(predictions: np.ndarray, references: np.ndarray) -> float:
@@ -58,6 +60,41 @@ def spearmanr(predictions: np.ndarray, references: np.ndarray) -> float:
     return pearson(_average_ranks(predictions), _average_ranks(references))
 
 
+def _num_labels(predictions, references, ignore_index: int = IGNORE_INDEX) -> int:
+    """One more than the largest class id in the maps (`mean_iou`'s default)."""
+    seen = [int(a.max()) for p, r in zip(predictions, references) for a in (p, r[r != ignore_index]) if a.size]
+    return max(seen, default=0) + 1
+
+
+def mean_iou(predictions, references, num_labels: int | None = None, ignore_index: int = IGNORE_INDEX) -> dict[str, float]:
+    """`evaluate`'s mean_iou: per class, intersection and union areas summed over all images
+    (pixels labelled `ignore_index` left out); IoU = intersection / union, accuracy = intersection
+    / label area, each averaged over the classes whose denominator is not 0.
+
+    predictions, references: [H, W] class-id maps, one per image (sizes may differ between images).
+    `num_labels` None: one more than the largest id seen; a class absent from both predictions and
+    labels has no union and takes no part in the means, so this gives evaluate's values.
+    """
+    pairs = [(np.asarray(p).reshape(-1), np.asarray(r).reshape(-1)) for p, r in zip(predictions, references)]
+    if num_labels is None:
+        num_labels = _num_labels([p for p, _ in pairs], [r for _, r in pairs], ignore_index)
+    intersect, area_pred, area_label = (np.zeros(num_labels, dtype=np.float64) for _ in range(3))
+    for pred, label in pairs:
+        valid = label != ignore_index
+        pred, label = pred[valid], label[valid]
+        intersect += np.bincount(pred[pred == label], minlength=num_labels)[:num_labels]
+        area_pred += np.bincount(pred[pred < num_labels], minlength=num_labels)[:num_labels]
+        area_label += np.bincount(label, minlength=num_labels)[:num_labels]
+    union = area_pred + area_label - intersect
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou, class_accuracy = intersect / union, intersect / area_label
+    return {
+        "mean_iou": float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0,
+        "mean_accuracy": float(np.nanmean(class_accuracy)) if np.isfinite(class_accuracy).any() else 0.0,
+        "overall_accuracy": float(intersect.sum() / area_label.sum()) if area_label.sum() else 0.0,
+    }
+
+
 def _local_formulas(name: str) -> dict[str, Callable[[np.ndarray, np.ndarray], float]]:
     task = name.partition("/")[2]
     if task == "cola":
@@ -73,8 +110,9 @@ def _local_formulas(name: str) -> dict[str, Callable[[np.ndarray, np.ndarray], f
 class Metric:
     """A named metric: `compute(predictions, references)` -> {key: value in [0, 1] or [-1, 1]}.
 
-    `main` is the key a report plots (Spearman for STS-B, Matthews for CoLA, else accuracy);
-    `regression` says the predictions are scores, not class ids.
+    `main` is the key a report plots (Spearman for STS-B, Matthews for CoLA, mean IoU, else
+    accuracy); `regression` says the predictions are scores, not class ids; `per_pixel` that they
+    are one class map per image (a list of [H, W] arrays), not one value per example.
     """
 
     name: str
@@ -82,14 +120,18 @@ class Metric:
     main: str
     regression: bool
     _compute: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+    per_pixel: bool = False
 
     def compute(self, predictions, references) -> dict[str, float]:
-        values = self._compute(np.asarray(predictions), np.asarray(references))
+        if self.per_pixel:
+            values = self._compute([np.asarray(p) for p in predictions], [np.asarray(r) for r in references])
+        else:
+            values = self._compute(np.asarray(predictions), np.asarray(references))
         return {key: float(value) for key, value in values.items()}
 
 
 def metric_names() -> list[str]:
-    return ["accuracy"] + [f"glue/{task}" for task in GLUE_TASKS]
+    return ["accuracy", SEGMENTATION_METRIC] + [f"glue/{task}" for task in GLUE_TASKS]
 
 
 def _offline() -> bool:
@@ -97,7 +139,7 @@ def _offline() -> bool:
 
 
 def load_metric(name: str, offline: bool | None = None) -> Metric:
-    """The metric `name` ("accuracy" or "glue/<task>"), from `evaluate` if it loads, else local.
+    """The metric `name` ("accuracy", "mean_iou" or "glue/<task>"), from `evaluate` if it loads, else local.
 
     `offline`: True takes the local formulas without asking the Hub (a page that must answer
     fast); None follows HF_HUB_OFFLINE / HF_EVALUATE_OFFLINE.
@@ -105,7 +147,8 @@ def load_metric(name: str, offline: bool | None = None) -> Metric:
     if name not in metric_names():
         raise ValueError(f"Unknown metric {name!r}; choose one of {metric_names()}.")
     formulas = _local_formulas(name)
-    main = {"glue/cola": "matthews_correlation", "glue/stsb": "spearmanr"}.get(name, "accuracy")
+    main = {"glue/cola": "matthews_correlation", "glue/stsb": "spearmanr", SEGMENTATION_METRIC: "mean_iou"}.get(name, "accuracy")
+    per_pixel = name == SEGMENTATION_METRIC
     regression = name == "glue/stsb"
     path, _, config = name.partition("/")
     reason = "offline mode"
@@ -114,12 +157,20 @@ def load_metric(name: str, offline: bool | None = None) -> Metric:
             import evaluate
 
             module = evaluate.load(path, config or None)
-            hub_compute = lambda p, r: module.compute(predictions=p, references=r)  # noqa: E731
-            return Metric(name, f"evaluate ({name})", main, regression, hub_compute)
+            if per_pixel:  # evaluate's mean_iou also returns per-class arrays: keep its scalars
+                hub_compute = lambda p, r: {  # noqa: E731
+                    k: v for k, v in module.compute(predictions=p, references=r, num_labels=_num_labels(p, r),
+                                                    ignore_index=IGNORE_INDEX).items() if np.ndim(v) == 0}
+            else:
+                hub_compute = lambda p, r: module.compute(predictions=p, references=r)  # noqa: E731
+            return Metric(name, f"evaluate ({name})", main, regression, hub_compute, per_pixel)
         except Exception as err:  # evaluate raises many kinds when it cannot fetch its script
             reason = f"evaluate.load failed: {type(err).__name__}"
 
     def local(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+        if per_pixel:
+            return mean_iou(predictions, references)
         return {key: formula(predictions, references) for key, formula in formulas.items()}
 
-    return Metric(name, f"optin_hf.tasks.metrics, local ({reason})", main, regression, local)
+    return Metric(name, f"optin_hf.tasks.metrics, local ({reason})", main, regression, local, per_pixel)
+

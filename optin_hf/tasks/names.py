@@ -8,7 +8,9 @@ from typing import Any
 MODEL_CLASSES = {
     "text-classification": "AutoModelForSequenceClassification",
     "image-classification": "AutoModelForImageClassification",
+    "semantic-segmentation": "AutoModelForSemanticSegmentation",
 }
+IMAGE_TASKS = ("image-classification", "semantic-segmentation")
 TASKS = tuple(MODEL_CLASSES)
 
 

@@ -3,7 +3,7 @@
     default: bbc-news                 # an embedded default, or:
     model: <folder or Hub id>         # with task (optional), processor (optional) and
     dataset: {path: ..., config: ..., calibration_split: ..., eval_split: ..., ...}   # DataSpec
-    metric: accuracy | glue/<task>
+    metric: accuracy | mean_iou | glue/<task>   # optional: the task's (mean_iou for segmentation)
     optin: {mac_constraint: 0.6, ...}  # OptinConfig
     output: <folder>
     device: cuda | cpu | ...          # optional; default: the GPU if there is one
@@ -21,7 +21,6 @@ from typing import Any
 import yaml
 
 from ..config import OptinConfig
-from .metrics import DEFAULT_METRIC
 from .task_data import DataSpec
 from .workflow import PruneJob
 
@@ -54,7 +53,7 @@ def parse_recipe(values: Any, where: str = "recipe") -> PruneJob:
             task=values.get("task"),
             data=DataSpec.from_dict(_mapping(dataset, "dataset")) if dataset is not None else None,
             processor=values.get("processor"),
-            metric=values.get("metric", DEFAULT_METRIC),
+            metric=values.get("metric"),
             push_to_hub=values.get("push_to_hub"),
             push_full=bool(values.get("push_full", False)),
             device=values.get("device"),

@@ -23,10 +23,11 @@ from ..arch import check_model
 from .latency import median, synthetic_inputs, time_models
 from ..macs import count_macs
 from .metrics import Metric, load_metric
-from .task_data import Encoder, LabelEncoder, TaskData, eval_rows, in_memory_task_data, label_encoder
+from .task_data import Encoder, LabelEncoder, MaskEncoder, TaskData, eval_rows, in_memory_task_data, label_encoder
 
 REPORT_JSON = "optin_report.json"
 REPORT_PNG = "optin_report.png"
+SEGMENTATION_PNG = "optin_segmentation.png"
 LATENCY_BATCH = 32
 LATENCY_RUNS = 7
 
@@ -200,9 +201,19 @@ def format_si(value: float) -> str:
     return f"{value:.0f}"
 
 
+def class_maps(logits: torch.Tensor, masks: list[np.ndarray]) -> list[np.ndarray]:
+    """Per-image predicted class maps ([B, C, h, w] logits, argmax after a bilinear resize to each
+    mask's size, as transformers' post_process_semantic_segmentation does)."""
+    maps = []
+    for image_logits, mask in zip(logits, masks):
+        resized = nn.functional.interpolate(image_logits[None], size=mask.shape, mode="bilinear", align_corners=False)
+        maps.append(resized[0].argmax(0).numpy())
+    return maps
+
+
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, data: TaskData, encoder: Encoder, labels: LabelEncoder, metric: Metric, batch_size: int = 32
+    model: nn.Module, data: TaskData, encoder: Encoder, labels: LabelEncoder | MaskEncoder, metric: Metric, batch_size: int = 32
 ) -> tuple[dict[str, float], int, float | None]:
     """(metric values, examples, average unpadded tokens or None for images) on the evaluation split."""
     model.eval()
@@ -212,15 +223,68 @@ def evaluate_model(
     while chunk := list(islice(rows, batch_size)):
         batch = encoder.batch(chunk)
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        targets = labels([row[data.columns.label] for row in chunk])
+        if metric.per_pixel:
+            predictions += class_maps(logits, targets)
+            references += targets
+            continue
         predictions.append(logits[:, 0] if metric.regression else logits.argmax(-1))
-        references.append(labels([row[data.columns.label] for row in chunk]))
+        references.append(targets)
         if "attention_mask" in batch:
             tokens.append(batch["attention_mask"].sum(-1))
     if not predictions:
         raise ValueError("The evaluation split is empty.")
+    if metric.per_pixel:
+        return metric.compute(predictions, references), len(references), None
     values = metric.compute(torch.cat(predictions).numpy(), np.concatenate(references))
     average = float(torch.cat(tokens).float().mean()) if tokens else None
     return values, len(np.concatenate(references)), average
+
+
+@torch.no_grad()
+def plot_segmentations(
+    models: dict[str, nn.Module], data: TaskData, encoder: Encoder, labels: MaskEncoder, path: str | os.PathLike, examples: int = 4
+) -> None:
+    """A panel of the first `examples` evaluation images: the image, its ground truth, and each
+    model's prediction (dense and pruned), one row per image; ignored pixels are white."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    rows = list(eval_rows(data.evaluation, examples))
+    batch = encoder.batch(rows)
+    masks = labels([row[data.columns.label] for row in rows])
+    maps = {}
+    for name, model in models.items():
+        model.eval()
+        device = next(model.parameters()).device
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        maps[name] = class_maps(logits, masks)
+    num_labels = next(iter(models.values())).config.num_labels
+    colors = ListedColormap(np.vstack([[0.0, 0.0, 0.0, 1.0], _palette(num_labels - 1)]))  # class 0 (background) black
+    columns = ["image", "ground truth", *maps]
+    fig = Figure(figsize=(2.4 * len(columns), 2.4 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    for i in range(len(rows)):
+        image = batch["pixel_values"][i].float()
+        image = (image - image.min()) / (image.max() - image.min() + 1e-12)
+        shown = [image.permute(1, 2, 0).numpy() if image.shape[0] == 3 else image[0].numpy(), masks[i], *(m[i] for m in maps.values())]
+        for j, (ax, picture) in enumerate(zip(axes[i], shown)):
+            if j == 0:
+                ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+            else:
+                ax.imshow(np.ma.masked_equal(picture, 255), cmap=colors, vmin=-0.5, vmax=num_labels - 0.5, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(columns[j])
+    fig.suptitle("semantic segmentation: dense vs pruned")
+    fig.savefig(path, dpi=90)
+
+
+def _palette(n: int) -> np.ndarray:
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](np.arange(max(n, 1)) % 20)
 
 
 def split_accuracy(
@@ -236,6 +300,14 @@ def split_accuracy(
     encoder = Encoder(task, data.columns, processor, max_length)
     values, _, _ = evaluate_model(model, data, encoder, label_encoder(data, model.config), load_metric("accuracy", offline=True))
     return values["accuracy"]
+
+
+def mean_iou_on(model: nn.Module, dataset: datasets.Dataset, max_examples: int | None = None) -> float:
+    """Mean IoU of a segmentation model on an in-memory split with `pixel_values` and `label` maps (an embedded default's)."""
+    data = in_memory_task_data("semantic-segmentation", None, dataset, max_eval_samples=max_examples)
+    encoder = Encoder(data.task, data.columns, None, None)
+    values, _, _ = evaluate_model(model, data, encoder, MaskEncoder(), load_metric("mean_iou", offline=True))
+    return values["mean_iou"]
 
 
 def kept_per_layer(model: nn.Module) -> tuple[list[int], list[int]]:

@@ -19,10 +19,13 @@ import torch
 from datasets.arrow_reader import ReadInstruction
 
 from ..data import MODEL_INPUTS, collate, text_columns
-from .names import TASKS
+from .metrics import IGNORE_INDEX
+from .names import IMAGE_TASKS, TASKS
 
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 IMAGES = ("pixel_values", "image", "img")
+MASKS = ("label", "labels", "annotation", "semantic_map", "segmentation", "mask")  # segmentation targets, as datasets name them
+SEGMENTATION = "semantic-segmentation"
 SHUFFLE_BUFFER = 10_000
 
 AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
@@ -112,21 +115,24 @@ def resolve_columns(
     image: str | None = None,
     label: str = "label",
 ) -> Columns:
-    """The named columns, checked to exist, or the usual ones detected from `names`."""
+    """The named columns, checked to exist, or the usual ones detected from `names` (a
+    segmentation split without a `label` column: its mask column, e.g. `annotation`)."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {list(TASKS)}.")
+    if task == SEGMENTATION and label not in names:
+        label = next((c for c in MASKS if c in names), label)
     named = [c for c in (text, text_pair, image) if c]
     missing = [c for c in named if c not in names]
     if missing:
         raise ValueError(f"Column(s) {missing} not in the dataset; it has {names}.")
-    if task == "image-classification":
+    if task in IMAGE_TASKS:
         inputs = (image,) if image else next(((c,) for c in IMAGES if c in names), ())
     elif text:
         inputs = (text, text_pair) if text_pair else (text,)
     else:
         inputs = text_columns(names)
     if not inputs:
-        kind = "an image column (--image-column)" if task == "image-classification" else "a text column (--text-column)"
+        kind = "an image column (--image-column)" if task in IMAGE_TASKS else "a text column (--text-column)"
         raise ValueError(f"Cannot tell which column holds the inputs among {names}: name {kind}.")
     return Columns(tuple(inputs), label)
 
@@ -139,7 +145,7 @@ class Encoder:
     """
 
     def __init__(self, task: str, columns: Columns, processor: Any, max_length: int | None):
-        self.is_image = task == "image-classification"
+        self.is_image = task in IMAGE_TASKS
         self.columns = columns
         self.processor = processor
         self.max_length = max_length
@@ -199,6 +205,27 @@ class LabelEncoder:
         return np.asarray(self.remap)[ids] if self.remap else ids
 
 
+class MaskEncoder:
+    """Segmentation targets -> one [H, W] int64 class map per image, at the mask's own size (the
+    predictions are resized to it). A processor that reduces labels (ADE20K's 0 = "other") maps
+    0 to the ignored index 255 and every other id one down, as it does for training."""
+
+    def __init__(self, processor: Any = None):
+        self.reduce = bool(getattr(processor, "do_reduce_labels", False))
+
+    def __call__(self, values: list[Any]) -> list[np.ndarray]:
+        masks = []
+        for value in values:
+            mask = np.asarray(value.convert("L") if hasattr(value, "convert") else value, dtype=np.int64)
+            if mask.ndim != 2:
+                raise ValueError(f"A segmentation label must be a 2-D class map (an image or [H, W] ids), not shape {mask.shape}.")
+            if self.reduce:
+                mask = np.where(mask == 0, IGNORE_INDEX, mask - 1)
+                mask[mask == IGNORE_INDEX - 1] = IGNORE_INDEX
+            masks.append(mask)
+        return masks
+
+
 def calibration_rows(dataset: AnyDataset, num_samples: int, seed: int) -> list[dict[str, Any]]:
     """`num_samples` shuffled rows (seeded): the reference calibrates on one random training batch."""
     if isinstance(dataset, datasets.IterableDataset):
@@ -234,10 +261,13 @@ class TaskData:
     max_eval_samples: int | None = None
 
 
-def label_encoder(data: TaskData, config) -> LabelEncoder | None:
-    """The evaluation split's labels in the order of the model with `config`; None without a split."""
+def label_encoder(data: TaskData, config, processor: Any = None) -> LabelEncoder | MaskEncoder | None:
+    """The evaluation split's labels in the order of the model with `config` (class maps for
+    segmentation, see `MaskEncoder`); None without a split."""
     if data.evaluation is None:
         return None
+    if data.task == SEGMENTATION:
+        return MaskEncoder(processor)
     return LabelEncoder((data.evaluation.features or {}).get(data.columns.label), config)
 
 

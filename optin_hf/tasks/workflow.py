@@ -21,10 +21,19 @@ from ..arch import get_adapter
 from ..checkpoint import check_save_target, load_supported_config
 from ..config import OptinConfig
 from ..masks import MASKS_NAME
-from .metrics import DEFAULT_METRIC, Metric, load_metric
+from .metrics import DEFAULT_METRIC, SEGMENTATION_METRIC, Metric, load_metric
 from .names import TASKS, model_class
-from .report import REPORT_JSON, Report, measure
-from .task_data import DataSpec, Encoder, LabelEncoder, TaskData, in_memory_task_data, label_encoder, load_task_data
+from .report import REPORT_JSON, SEGMENTATION_PNG, Report, measure, plot_segmentations
+from .task_data import (
+    SEGMENTATION,
+    DataSpec,
+    Encoder,
+    LabelEncoder,
+    TaskData,
+    in_memory_task_data,
+    label_encoder,
+    load_task_data,
+)
 
 DEFAULT_TEXT_MODEL = "bbc-news"
 
@@ -40,7 +49,7 @@ class PruneJob:
     task: str | None = None
     data: DataSpec | None = None
     processor: str | None = None
-    metric: str = DEFAULT_METRIC
+    metric: str | None = None  # None: the task's (mean_iou for segmentation, else accuracy)
     push_to_hub: str | None = None
     push_full: bool = False
     device: str | None = None
@@ -101,13 +110,39 @@ def load_default_task(name: str) -> Loaded:
     return Loaded(f"{name} (embedded default)", str(task.model_dir), task.model, task.processor, data)
 
 
+def task_of(config) -> str:
+    """The task a model's config says it does: segmentation for a `...ForSemanticSegmentation`,
+    image classification for other vision models, else text classification."""
+    if any(name.endswith("ForSemanticSegmentation") for name in getattr(config, "architectures", None) or ()):
+        return SEGMENTATION
+    return "image-classification" if get_adapter(config).is_vision else "text-classification"
+
+
+def task_metric(name: str | None, task: str) -> str:
+    """The metric to report: `name`, or the task's own; mean IoU for segmentation and only there."""
+    if name is None:
+        return SEGMENTATION_METRIC if task == SEGMENTATION else DEFAULT_METRIC
+    if (name == SEGMENTATION_METRIC) != (task == SEGMENTATION):
+        raise ValueError(f"Metric {name} does not fit the task {task}: segmentation is measured by {SEGMENTATION_METRIC}, "
+                         "classification by accuracy or glue/<task>.")
+    return name
+
+
+def _size_images(model: nn.Module, processor: Any) -> None:
+    """Give a segmentation model without `config.image_size` (its MACs depend on it) the size its
+    image processor resizes to."""
+    size = getattr(processor, "size", None) or {}
+    if getattr(model.config, "image_size", None) is None and "height" in size and "width" in size:
+        model.config.image_size = (int(size["height"]), int(size["width"]))
+
+
 def load_model(name_or_path: str, task: str | None = None, processor: str | None = None) -> tuple[nn.Module, Any, str]:
     """A dense model for `task` (inferred from its config when None), its processor, and the task.
 
     Only safetensors weights of a supported architecture load: a pickled .bin file can run code when unpickled.
     """
     config = load_supported_config(name_or_path)
-    task = task or ("image-classification" if get_adapter(config).is_vision else "text-classification")
+    task = task or task_of(config)
     try:
         model = model_class(task).from_pretrained(
             name_or_path, config=config, use_safetensors=True, trust_remote_code=False
@@ -120,7 +155,10 @@ def load_model(name_or_path: str, task: str | None = None, processor: str | None
             "weights, since unpickling can run code. Convert them once, only if you trust the file: "
             f"transformers.{model_class(task).__name__}.from_pretrained(PATH).save_pretrained(NEW_PATH) writes safetensors."
         ) from err
-    return model.eval(), load_processor(processor or name_or_path, task), task
+    loaded_processor = load_processor(processor or name_or_path, task)
+    if task == SEGMENTATION:
+        _size_images(model, loaded_processor)
+    return model.eval(), loaded_processor, task
 
 
 def load_processor(name_or_path: str, task: str) -> Any:
@@ -147,21 +185,27 @@ def _with_labels(examples: list[dict[str, torch.Tensor]], rows: list[dict[str, A
     """The calibration examples with their rows' labels in the model's class order, for criteria
     that use labels; unchanged when the split has unlabelled rows (None, or -1 as in GLUE's test splits)."""
     values = [row.get(data.columns.label) for row in rows]
+    if data.task == SEGMENTATION:  # a class map per image, at another resolution than the logits
+        return examples
     if any(v is None or (isinstance(v, int) and v < 0) for v in values):
         return examples
     encode = LabelEncoder((getattr(data.calibration, "features", None) or {}).get(data.columns.label), model.config)
     return [{**ex, "labels": torch.as_tensor(y)} for ex, y in zip(examples, encode(values))]
 
 
-def load_job(job: PruneJob, metric: Metric) -> Loaded:
-    """The job's model and data; the metric is checked against the model before any data loads."""
+def load_job(job: PruneJob) -> tuple[Loaded, Metric]:
+    """The job's model, data and metric; the metric is checked against the model before any data loads."""
+    if job.metric is not None:
+        load_metric(job.metric)  # an unknown name fails before the model loads
     if job.default:
         loaded = load_default_task(job.default)
+        metric = load_metric(task_metric(job.metric, loaded.data.task))
         _check_metric(metric, loaded.model)
-        return loaded
+        return loaded, metric
     model, processor, task = load_model(job.model, job.task, job.processor)
+    metric = load_metric(task_metric(job.metric, task))
     _check_metric(metric, model)
-    return Loaded(job.model, job.model, model, processor, load_task_data(job.data, task))
+    return Loaded(job.model, job.model, model, processor, load_task_data(job.data, task)), metric
 
 
 def run_prune(job: PruneJob) -> Report:
@@ -170,9 +214,8 @@ def run_prune(job: PruneJob) -> Report:
     from ..pruner import OptinPruner
     from .task_data import calibration_rows
 
-    metric = load_metric(job.metric)
     device = resolve_device(job.device)
-    loaded = load_job(job, metric)
+    loaded, metric = load_job(job)
     model, data = loaded.model.to(device), loaded.data
     config = job.optin
     if config.base_model_name_or_path is None:
@@ -184,7 +227,7 @@ def run_prune(job: PruneJob) -> Report:
     calibration = encoder.examples(rows)
     if getattr(CRITERIA[config.importance], "needs_labels", False):
         calibration = _with_labels(calibration, rows, data, model)
-    labels = label_encoder(data, model.config)
+    labels = label_encoder(data, model.config, loaded.processor)
     dense = copy.deepcopy(model)
     pruner = OptinPruner(config)
     start = time.perf_counter()
@@ -205,6 +248,8 @@ def run_prune(job: PruneJob) -> Report:
         timings=timings,
     )
     report.save(job.output)
+    if data.task == SEGMENTATION and labels is not None:
+        plot_segmentations({"dense": dense, "pruned": model}, data, encoder, labels, job.output / SEGMENTATION_PNG)
     if job.push_to_hub:
         from ..hub import push_to_hub
 
@@ -230,7 +275,7 @@ def run_evaluate(
     """Evaluate and time one model: a folder written by `optin prune`, or any dense model.
 
     Without `data` or `default`, the data recorded in the folder's report is used again, and
-    without `metric_name` its metric (else accuracy); without `max_length`, a pruned model's
+    without `metric_name` its metric (else the task's); without `max_length`, a pruned model's
     own calibration truncation.
     """
     from ..modeling import AutoOptinModel
@@ -241,8 +286,10 @@ def run_evaluate(
     pruned = (folder / MASKS_NAME).is_file()
     if pruned:
         model = AutoOptinModel.from_pretrained(folder)
-        task = task or ("image-classification" if get_adapter(model).is_vision else "text-classification")
+        task = task or task_of(model.config)
         processor = load_processor(str(folder), task)
+        if task == SEGMENTATION:
+            _size_images(model, processor)
         max_length = max_length or OptinConfig.from_pretrained(folder).max_length
     else:
         model, processor, task = load_model(model_path, task)
@@ -252,7 +299,7 @@ def run_evaluate(
             raise ValueError(f"No evaluation data given, and {folder} has no {REPORT_JSON} naming its data: give --dataset.")
         default = recorded["data"].get("default")
         data = DataSpec.from_dict(recorded["data"]["dataset"]) if "dataset" in recorded["data"] else None
-    metric = load_metric(metric_name or recorded.get("metric", DEFAULT_METRIC))
+    metric = load_metric(task_metric(metric_name or recorded.get("metric"), task))
     _check_metric(metric, model)
     model.to(resolve_device(device))
     if default:
@@ -268,6 +315,6 @@ def run_evaluate(
         name=model_path,
         data=task_data,
         encoder=encoder,
-        labels=label_encoder(task_data, model.config),
+        labels=label_encoder(task_data, model.config, processor),
         metric=metric,
     )

@@ -139,8 +139,15 @@ def read_digits(size: int = 8) -> Corpus:
     return dedupe("pixel_values", inputs, digits.target.tolist(), keys, [str(d) for d in range(10)])
 
 
+def _read_digit_scenes(**options: Any):
+    from .scenes import read_digit_scenes  # scenes imports splits, which imports this module
+
+    return read_digit_scenes(**options)
+
+
 CORPORA: dict[str, Callable[..., Corpus]] = {
     "bbc-news": read_bbc_news,
     "tweets": read_tweets,
     "digits": read_digits,
+    "digit-scenes": _read_digit_scenes,
 }

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ...checkpoint import atomic_directory
 from ..names import model_class
-from ..report import split_accuracy
+from ..report import mean_iou_on, split_accuracy
 from .cache import cache_key, cache_root, package_versions
 from .corpora import CORPORA, Corpus
 from .registry import RECIPES, Recipe
@@ -72,7 +72,8 @@ def _build(
     summary = {
         "name": name,
         "description": recipe.description,
-        "test_accuracy": round(split_accuracy(model, splits.test, processor), 4),
+        **({"test_mean_iou": round(mean_iou_on(model, splits.test), 4)} if recipe.task == "semantic-segmentation"
+           else {"test_accuracy": round(split_accuracy(model, splits.test, processor), 4)}),
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(train_cpu_seconds, 1),
         "split_sizes": {part: len(getattr(splits, part)) for part in ("train", "calibration", "test")},
@@ -97,6 +98,7 @@ def _model_card(summary: dict) -> str:
         f"{summary['description']}\n\n"
         f"Trained locally by `optin_hf.tasks.defaults` in {summary['train_seconds']} s "
         f"({summary['train_cpu_seconds']} CPU s); "
-        f"held-out test accuracy {summary['test_accuracy']}.\n\n"
+        + ", ".join(f"held-out {k.removeprefix('test_').replace('_', ' ')} {v}" for k, v in summary.items() if k.startswith("test_"))
+        + ".\n\n"
         f"```json\n{json.dumps(summary, indent=2, default=str)}\n```\n"
     )

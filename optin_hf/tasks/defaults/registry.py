@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .splits import SplitSpec
-from .train import ResNetHParams, TextHParams, VitHParams
+from .train import ResNetHParams, SegformerHParams, TextHParams, VitHParams
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class Recipe:
     corpus: str
     packages: tuple[str, ...]
     split: SplitSpec
-    hparams: TextHParams | VitHParams | ResNetHParams
+    hparams: TextHParams | VitHParams | ResNetHParams | SegformerHParams
     description: str
     corpus_options: dict[str, Any] = field(default_factory=dict)
 
@@ -63,6 +63,17 @@ RECIPES: dict[str, Recipe] = {
         description=(
             "A small bottleneck ResNet TRAINED FROM SCRATCH by optin-hf on scikit-learn's digits upsampled "
             "to 32x32 (pixels scaled to [0, 1]); not a pretrained Hub model."
+        ),
+    ),
+    "digit-scenes-segformer": Recipe(
+        task="semantic-segmentation",
+        corpus="digit-scenes",
+        packages=("scikit-learn",),
+        split=SplitSpec(test_size=360, calibration_size=180),  # digits held out for the test and calibration scenes
+        hparams=SegformerHParams(epochs=6, batch_size=32, lr=3e-3),
+        description=(
+            "A small SegFormer TRAINED FROM SCRATCH by optin-hf on 64x64 scenes of 2 to 4 scikit-learn digits "
+            "(11 classes: background and the ten digits); the test scenes use digits no training scene uses."
         ),
     ),
 }

@@ -58,6 +58,9 @@ def assert_disjoint(corpus: Corpus, parts: dict[str, list[int]]) -> None:
 
 
 def make_splits(corpus: Corpus, spec: SplitSpec) -> Splits:
-    """Datasets for each split; cheap enough to recompute on every load."""
+    """Datasets for each split; cheap enough to recompute on every load. A corpus that composes
+    its examples from parts (digit scenes) splits the parts itself."""
+    if hasattr(corpus, "splits"):
+        return corpus.splits(spec)
     parts = split_indices(corpus, spec)
     return Splits(**{name: corpus.to_dataset(indices) for name, indices in parts.items()})

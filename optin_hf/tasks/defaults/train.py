@@ -1,4 +1,5 @@
-"""Training of the defaults: fine-tuning all-MiniLM-L6-v2 for text, a tiny ViT and a tiny ResNet from scratch for digits.
+"""Training of the defaults: fine-tuning all-MiniLM-L6-v2 for text, a tiny ViT and a tiny ResNet from scratch for digits,
+a small SegFormer from scratch for digit scenes.
 
 A plain AdamW + linear-schedule loop keeps this light (no Trainer, no accelerate) and CPU friendly.
 """
@@ -18,6 +19,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     ResNetConfig,
     ResNetForImageClassification,
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
     ViTConfig,
     ViTForImageClassification,
     get_linear_schedule_with_warmup,
@@ -65,6 +68,16 @@ class ResNetHParams(OptimHParams):
     embedding_size: int = 16
     hidden_sizes: tuple[int, ...] = (32, 64)
     depths: tuple[int, ...] = (2, 2)
+class SegformerHParams(OptimHParams):
+    """A two-stage SegFormer for 64x64 one-channel scenes: 16x16 then 8x8 tokens, logits at 16x16."""
+
+    image_size: int = 64
+    depths: tuple[int, ...] = (2, 2)
+    hidden_sizes: tuple[int, ...] = (32, 64)
+    num_attention_heads: tuple[int, ...] = (2, 4)
+    sr_ratios: tuple[int, ...] = (2, 1)
+    mlp_ratios: tuple[int, ...] = (4, 4)
+    decoder_hidden_size: int = 64
 
 
 def _label_maps(label_names: list[str]) -> dict[str, dict]:
@@ -191,15 +204,19 @@ def train_vit(hp: VitHParams, train: Dataset, label_names: list[str]) -> tuple[P
         num_labels=len(label_names),
         **_label_maps(label_names),
     )
-    model = ViTForImageClassification(config)
+    return _train_images(ViTForImageClassification(config), hp, train, "training digits ViT")
+
+
+def _train_images(model: PreTrainedModel, hp: OptimHParams, train: Dataset, description: str) -> tuple[PreTrainedModel, None]:
+    """The from-scratch image loop: one thread (small convs and matrices gain nothing from threads on a
+    shared 2-core CPU), `pixel_values` and `label` columns."""
     tensors = train.with_format("torch")[:]
 
     def to_batch(indices: torch.Tensor) -> Batch:
         return {"pixel_values": tensors["pixel_values"][indices], "labels": tensors["label"][indices]}
 
-    batches = shuffled_batches(len(train), hp.batch_size, hp.seed)
     with _torch_threads(1):
-        _train_loop(model, batches, to_batch, hp, "training digits ViT")
+        _train_loop(model, shuffled_batches(len(train), hp.batch_size, hp.seed), to_batch, hp, description)
     return model, None
 
 
@@ -217,15 +234,29 @@ def train_resnet(hp: ResNetHParams, train: Dataset, label_names: list[str]) -> t
         image_size=hp.image_size,
         **_label_maps(label_names),
     )
-    model = ResNetForImageClassification(config)
-    tensors = train.with_format("torch")[:]
-
-    def to_batch(indices: torch.Tensor) -> Batch:
-        return {"pixel_values": tensors["pixel_values"][indices], "labels": tensors["label"][indices]}
-
-    with _torch_threads(1):  # as the ViT: small convs gain nothing from threads on a shared 2-core CPU
-        _train_loop(model, shuffled_batches(len(train), hp.batch_size, hp.seed), to_batch, hp, "training digits ResNet")
-    return model, None
+    return _train_images(ResNetForImageClassification(config), hp, train, "training digits ResNet")
 
 
-TRAINERS: dict[type, Callable] = {TextHParams: fine_tune_text, VitHParams: train_vit, ResNetHParams: train_resnet}
+def train_segformer(hp: SegformerHParams, train: Dataset, label_names: list[str]) -> tuple[PreTrainedModel, None]:
+    """Train a SegFormer from scratch on digit scenes.
+
+    `config.image_size` records the scenes' size: a SegFormer runs any size, and its MACs are counted at this one.
+    """
+    torch.manual_seed(hp.seed)
+    stages = len(hp.depths)
+    config = SegformerConfig(
+        image_size=hp.image_size, num_channels=1, num_encoder_blocks=stages, depths=list(hp.depths),
+        hidden_sizes=list(hp.hidden_sizes), num_attention_heads=list(hp.num_attention_heads), sr_ratios=list(hp.sr_ratios),
+        mlp_ratios=list(hp.mlp_ratios), patch_sizes=[7, 3, 3, 3][:stages], strides=[4, 2, 2, 2][:stages],
+        decoder_hidden_size=hp.decoder_hidden_size, drop_path_rate=0.0, classifier_dropout_prob=0.0,
+        num_labels=len(label_names), **_label_maps(label_names),
+    )
+    return _train_images(SegformerForSemanticSegmentation(config), hp, train, "training digit-scenes SegFormer")
+
+
+TRAINERS: dict[type, Callable] = {
+    TextHParams: fine_tune_text,
+    VitHParams: train_vit,
+    ResNetHParams: train_resnet,
+    SegformerHParams: train_segformer,
+}

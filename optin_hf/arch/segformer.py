@@ -1,0 +1,167 @@
+"""SegFormer (semantic segmentation): a Mix Transformer encoder of four stages, each on a map
+a quarter (then half) the size of the one before, with efficient self-attention and Mix-FFNs,
+so layers differ in heads, hidden size, FFN width and tokens.
+
+A head owns its q/k/v rows and its output-projection columns. The spatial-reduction conv (`sr`)
+and its LayerNorm make the keys' and values' input for all heads, so they belong to no head and
+stay (a layer that keeps no head drops them with the attention). A Mix-FFN hidden channel owns
+its dense1 (fc1) row, its channel of the depthwise 3x3 conv and its dense2 (fc2) column. The MD
+feature is each layer's output.
+
+MACs (`count_macs`, what torch's FLOP counter sees in the encoder with eager attention) at the
+image size `config.image_size`: a layer of hidden d, head size dh on a map of N tokens whose
+keys and values run on the N_r = (h // R)(w // R) tokens of the reduced map (R the stage's
+`sr_ratios`; N_r = N when R = 1): per head N·d·dh (q) + 2·N_r·d·dh (k, v) + 2·N·N_r·dh (scores
+and context) + N·dh·d (output columns); per hidden channel 2·N·d (dense1, dense2) + 9·N (its
+depthwise 3x3 conv). Fixed: each stage's overlapping patch-embedding conv and each layer's
+spatial-reduction conv, N_r·d·R²·d (not run, so not counted, in a layer that keeps no head: the
+budget search counts it, so such a model lands that much under its budget).
+Not counted: LayerNorms, biases, softmax and GELU, and the all-MLP decode head (it stays dense:
+pruning does not change it).
+
+Scoring runs on the reference engine (the fast engine has no pieces for a layer that needs
+the map's height and width), and reconstruction is refused for the same reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import ArchAdapter, EmptyAttention, LayerGeometry, get_submodule
+
+DWCONV = "mlp.dwconv.dwconv"
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def image_size(config) -> tuple[int, int]:
+    """(height, width) of the images the MACs are counted at: `config.image_size`, which a SegFormer
+    config does not always carry (the model runs any size)."""
+    size = getattr(config, "image_size", None)
+    if size is None:
+        raise ValueError(
+            "A SegFormer's MACs depend on the image size, and its config has no image_size: set "
+            "model.config.image_size to the side (or (height, width)) of the images you calibrate and run on."
+        )
+    return _pair(size)
+
+
+def _conv_out(size: int, kernel: int, stride: int) -> int:
+    """Output side of a conv padded by kernel // 2, as the overlapping patch embeddings are."""
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+def stage_grids(config) -> list[tuple[int, int]]:
+    """Each stage's feature map (height, width) after its overlapping patch embedding."""
+    height, width = image_size(config)
+    grids = []
+    for kernel, stride in zip(config.patch_sizes, config.strides):
+        height, width = _conv_out(height, kernel, stride), _conv_out(width, kernel, stride)
+        grids.append((height, width))
+    return grids
+
+
+def _stage_of(config, layer: int) -> int:
+    ends = torch.tensor(config.depths).cumsum(0).tolist()
+    return next(s for s, end in enumerate(ends) if layer < end)
+
+
+@dataclass(frozen=True)
+class SegformerAdapter(ArchAdapter):
+    """SegFormer's layers are its stages' blocks, in order; see the module docstring for the geometry."""
+
+    def layers_of(self, model: nn.Module) -> nn.ModuleList:
+        return nn.ModuleList([block for stage in get_submodule(model.base_model, self.layers) for block in stage.blocks])
+
+    def layer_geometry(self, config) -> tuple[LayerGeometry, ...]:
+        geometry: list[LayerGeometry] = []
+        for depth, heads, dim, ratio in zip(config.depths, config.num_attention_heads, config.hidden_sizes, config.mlp_ratios):
+            geometry += [LayerGeometry(heads, dim // heads, dim, int(dim * ratio))] * depth
+        return tuple(geometry)
+
+    def layer_head_dim(self, layer: nn.Module, config) -> int:
+        return get_submodule(layer, self.attn_core).head_dim
+
+    def slim_neurons(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
+        """Also keep only the kept channels of the depthwise conv (one group per channel); a layer
+        that keeps none gets an identity there, which passes its zero channels on."""
+        super().slim_neurons(layer, keep, config)
+        conv = get_submodule(layer, DWCONV)
+        if len(keep) == 0:
+            get_submodule(layer, "mlp.dwconv").dwconv = nn.Identity()
+            return
+        index = keep.to(conv.weight.device)
+        new = nn.Conv2d(len(keep), len(keep), conv.kernel_size, conv.stride, conv.padding, groups=len(keep),
+                        bias=conv.bias is not None, device="meta")
+        new.weight = nn.Parameter(conv.weight.detach().index_select(0, index).clone(), requires_grad=conv.weight.requires_grad)
+        if conv.bias is not None:
+            new.bias = nn.Parameter(conv.bias.detach().index_select(0, index).clone(), requires_grad=conv.bias.requires_grad)
+        get_submodule(layer, "mlp.dwconv").dwconv = new
+
+    def default_seq_len(self, config) -> int:
+        """Tokens of the first stage's map; later stages hold fewer, see `head_macs`."""
+        height, width = stage_grids(config)[0]
+        return height * width
+
+    def _layer_tokens(self, seq_len: float, config, layer: int) -> tuple[int, int, int]:
+        """(tokens of layer `layer`'s map, tokens its keys and values run on, its reduction ratio)."""
+        if seq_len != self.default_seq_len(config):
+            raise ValueError(
+                f"seq_len={seq_len}: a SegFormer's token counts follow its image size, {self.default_seq_len(config)} "
+                "tokens in the first stage at config.image_size. Leave seq_len unset."
+            )
+        stage = _stage_of(config, layer)
+        height, width = stage_grids(config)[stage]
+        ratio = config.sr_ratios[stage]
+        reduced = (height // ratio) * (width // ratio) if ratio > 1 else height * width
+        return height * width, reduced, ratio
+
+    def head_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        tokens, reduced, _ = self._layer_tokens(seq_len, config, layer)
+        g = self.layer_geometry(config)[layer]
+        return 2 * tokens * g.hidden * g.head_dim + 2 * reduced * g.hidden * g.head_dim + 2 * tokens * reduced * g.head_dim
+
+    def neuron_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        tokens, _, _ = self._layer_tokens(seq_len, config, layer)
+        return 2 * tokens * self.layer_geometry(config)[layer].hidden + 9 * tokens
+
+    def fixed_macs(self, model: nn.Module) -> int:
+        """Every stage's patch-embedding conv, and the spatial-reduction conv of each layer that keeps a head."""
+        config = model.config
+        total = 0
+        for stage, grid in zip(get_submodule(model.base_model, self.layers), stage_grids(config)):
+            conv = stage.patch_embeddings.proj
+            total += grid[0] * grid[1] * conv.weight[0].numel() * conv.out_channels
+        seq_len = self.default_seq_len(config)
+        for i, layer in enumerate(self.layers_of(model)):
+            attention = get_submodule(layer, self.attn_core)
+            if isinstance(attention, EmptyAttention) or attention.sequence_reduction_ratio == 1:
+                continue
+            _, reduced, ratio = self._layer_tokens(seq_len, config, i)
+            dim = self.layer_geometry(config)[i].hidden
+            total += reduced * dim * ratio * ratio * dim
+        return total
+
+
+SEGFORMER = SegformerAdapter(
+    model_types=("segformer",),
+    layers="stages",
+    attn_core="attention",
+    query="attention.q_proj",
+    key="attention.k_proj",
+    value="attention.v_proj",
+    attn_out="attention.o_proj",
+    ffn_up="mlp.fc1",
+    ffn_down="mlp.fc2",
+    ffn_input="layernorm_after",
+    feature="",
+    head_count_attrs=("num_attention_heads",),
+    patch_embedding="stages.0.patch_embeddings.proj",
+    num_prefix_tokens=0,
+    pooled_tokens=0,
+)
