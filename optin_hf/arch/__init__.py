@@ -7,6 +7,7 @@ from torch import nn
 from .base import ArchAdapter, EmptyAttention, Slice, get_submodule, set_submodule
 from .bert import BERT
 from .distilbert import DISTILBERT
+from .mask2former import MASK2FORMER
 from .swin import SWIN
 from .vit import DEIT, VIT
 
@@ -30,7 +31,7 @@ def register_adapter(adapter: ArchAdapter, *, exist_ok: bool = False) -> None:
     ADAPTERS.update(dict.fromkeys(adapter.model_types, adapter))
 
 
-for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN):
+for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, MASK2FORMER):
     register_adapter(_adapter)
 
 

@@ -249,6 +249,11 @@ class ArchAdapter:
         """MACs of one FFN neuron of layer `layer` when it runs `seq_len` tokens (the paper's formula)."""
         return paper_neuron_macs(seq_len, self.layer_geometry(config)[layer].hidden)
 
+    def logits_of(self, output) -> torch.Tensor | None:
+        """What the KL term compares, from a model's forward output: its `logits` (None for a bare encoder).
+        A family whose task head gives no single logits tensor (Mask2Former) derives them here."""
+        return getattr(output, "logits", None)
+
     def classifier_of(self, model: nn.Module) -> Classifier | None:
         """How `model` turns its last hidden states into logits; None if unknown here.
 
