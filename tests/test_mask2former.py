@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
-    Mask2FormerImageProcessor,
+    Mask2FormerImageProcessorPil,
     ResNetConfig,
     SwinConfig,
 )
@@ -23,9 +23,10 @@ from optin_hf.hooks import apply_masks
 from optin_hf.slim import slim_model
 from test_masks import same
 
-SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=4, batch_size=2, neuron_group_size=16)
-# Four stages on a 48x48 image: 12x12, 6x6, 3x3 and 2x2 patch maps; the 3x3 one runs padded to whole 2x2 windows.
-SWIN = dict(image_size=48, patch_size=4, embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=2,
+SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=2, batch_size=2, neuron_group_size=32)
+# Four stages on a 48x48 image: 12x12, 6x6, 3x3 and 2x2 patch maps; the backbone runs the last two padded to one
+# whole 4x4 window (a Swin classifier would shrink the window instead).
+SWIN = dict(image_size=48, patch_size=4, embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4,
             out_features=["stage1", "stage2", "stage3", "stage4"], initializer_range=0.2)
 DECODER = dict(num_labels=5, num_queries=6, hidden_dim=32, mask_feature_size=32, feature_size=32, encoder_layers=1,
                decoder_layers=2, encoder_feedforward_dim=32, dim_feedforward=32, num_attention_heads=2)
@@ -113,7 +114,7 @@ def test_the_kl_logits_are_the_semantic_map_of_the_post_processing():
     g = torch.Generator().manual_seed(0)
     classes, masks = torch.randn(2, 6, 5 + 1, generator=g) * 3, torch.randn(2, 6, 384, 384, generator=g) * 3
     output = Mask2FormerForUniversalSegmentationOutput(class_queries_logits=classes, masks_queries_logits=masks)
-    expected = Mask2FormerImageProcessor().post_process_semantic_segmentation(output)
+    expected = Mask2FormerImageProcessorPil().post_process_semantic_segmentation(output)
     logits = semantic_logits(classes, masks)
     assert logits.shape == (2, 5, 384, 384)
     assert torch.equal(logits.argmax(1), torch.stack(expected))
