@@ -122,7 +122,10 @@ def test_the_kl_logits_are_the_semantic_map_of_the_post_processing():
     model = tiny_mask2former()
     with torch.no_grad():
         out = model(pixel_values=PIXELS)
-    assert torch.equal(check_model(model).logits_of(out), semantic_logits(out.class_queries_logits, out.masks_queries_logits))
+    adapter = check_model(model)
+    assert torch.equal(adapter.logits_of(out), semantic_logits(out.class_queries_logits, out.masks_queries_logits))
+    with torch.no_grad():
+        assert adapter.logits_of(model.model(pixel_values=PIXELS)) is None  # the bare model predicts no classes
 
 
 @pytest.mark.parametrize("importance", ["optin", "magnitude", "random"])

@@ -60,6 +60,9 @@ class Mask2FormerAdapter(SwinAdapter):
         return swin_config.window_size
 
     def logits_of(self, output) -> torch.Tensor | None:
+        """The semantic map's log-scores; None for a bare Mask2FormerModel, which predicts no classes."""
+        if getattr(output, "class_queries_logits", None) is None:
+            return None
         return semantic_logits(output.class_queries_logits, output.masks_queries_logits)
 
 
