@@ -28,10 +28,6 @@ class DenseCapture:
     tokens: int | None = None
 
 
-def logits_of(output) -> torch.Tensor | None:
-    return getattr(output, "logits", None)
-
-
 def layer_rows(rows: torch.Tensor, tokens: int | None, layer_tokens: int) -> torch.Tensor:
     """Flat indices `rows` into [batch * tokens] moved to a layer of `layer_tokens` per example:
     position p becomes p * layer_tokens // tokens; positions that land together are kept once."""
@@ -84,7 +80,7 @@ def capture_dense(
     with record_features(model, adapter) as features:
         for batch, batch_rows in zip(batches, rows):
             out = model(**{k: v.to(device) for k, v in batch.items()})
-            logits.append(logits_of(out))
+            logits.append(adapter.logits_of(out))
             for z, feature in enumerate(features):
                 per_layer[z].append(select_rows(feature, batch_rows.to(device), tokens))
     grams = [torch.cat(parts) @ torch.cat(parts).T for parts in per_layer]

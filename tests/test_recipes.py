@@ -23,11 +23,23 @@ from optin_hf import OptinConfig, count_macs
 from optin_hf.tasks import workflow
 from optin_hf.commands.__main__ import main
 from optin_hf.tasks.report import class_maps
-from optin_hf.tasks.recipes import load_recipe, parse_recipe
-from optin_hf.tasks.task_data import Encoder, calibration_rows, eval_rows, label_encoder
+from optin_hf.tasks.recipes import RECIPE_KEYS, load_recipe, parse_recipe
+from optin_hf.tasks.task_data import DataSpec, Encoder, calibration_rows, eval_rows, label_encoder
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+# Recipes of the semantic-segmentation task, which lands with the segmentation branch (issue 14): checked for
+# form here until then; drop them from this set when the task is in TASKS, so they run the whole check.
+SEGMENTATION = {"segformer-b0-ade20k", "mask2former-swin-tiny-ade20k"}
+ALL_RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+RECIPES = [p for p in ALL_RECIPES if p.stem not in SEGMENTATION]
+IMAGENET = {
+    "deit-tiny-imagenet": "facebook/deit-tiny-patch16-224",
+    "deit-small-imagenet": "facebook/deit-small-patch16-224",
+    "deit-base-imagenet": "facebook/deit-base-patch16-224",
+    "swin-tiny-imagenet": "microsoft/swin-tiny-patch4-window7-224",
+    "resnet-50-imagenet": "microsoft/resnet-50",
+    "convnext-tiny-imagenet": "facebook/convnext-tiny-224",
+}
 # (first text, second text, class names or None for regression), as on the Hub's nyu-mll/glue.
 GLUE = {
     "mnli": ("premise", "hypothesis", ["entailment", "neutral", "contradiction"]),
@@ -98,9 +110,9 @@ def stand_ins(monkeypatch, tmp_path):
 
 
 def test_the_expected_recipes_ship():
-    names = {p.stem for p in RECIPES}
+    names = {p.stem for p in ALL_RECIPES}
     assert {"minilm-bbc-news", "minilm-tweet-sentiment", "vit-digits"} <= names
-    assert {f"bert-base-{t}" for t in GLUE} | {f"deit-{s}-imagenet" for s in ("tiny", "small", "base")} <= names
+    assert {f"bert-base-{t}" for t in GLUE} | set(IMAGENET) | SEGMENTATION <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -137,7 +149,8 @@ def test_recipe_parses_and_prepares_its_data(path, stand_ins):
         assert labels.dtype == (np.float64 if names is None else np.int64)
         assert len(calibration) == 12  # every row of the tiny train split (num_samples is larger)
     else:
-        assert job.model.startswith("facebook/deit-") and stand_ins["models"] == [(job.model, "image-classification")]
+        assert job.model == IMAGENET[path.stem] and stand_ins["models"] == [(job.model, "image-classification")]
+        assert job.data.path == "ILSVRC/imagenet-1k" and job.metric == "accuracy"
         assert [c[3] for c in stand_ins["datasets"]] == [True, True]  # streamed: no 140 GB download
         assert [c[2] for c in stand_ins["datasets"]] == ["train", "validation"]
         assert {tuple(ex["pixel_values"].shape) for ex in calibration} == {(3, 16, 16)}
@@ -160,6 +173,22 @@ def test_a_local_recipe_runs_end_to_end(tmp_path, monkeypatch, capsys):
     saved = OptinConfig.from_pretrained(tmp_path / "out")
     assert (saved.mac_constraint, saved.importance, saved.num_samples, saved.seed) == (0.7, "random", 8, 3)
     assert "on 24 examples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, model", [
+    ("segformer-b0-ade20k", "nvidia/segformer-b0-finetuned-ade-512-512"),
+    ("mask2former-swin-tiny-ade20k", "facebook/mask2former-swin-tiny-ade-semantic"),
+])
+def test_the_segmentation_recipes_are_well_formed(name, model):
+    """Until their task lands: the keys, the dataset and the settings parse, and they name ADE20K and mIoU."""
+    values = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+    assert set(values) <= set(RECIPE_KEYS)
+    assert (values["model"], values["task"], values["metric"]) == (model, "semantic-segmentation", "mean_iou")
+    data = DataSpec.from_dict(values["dataset"])
+    assert (data.path, data.image_column, data.label_column) == ("scene_parse_150", "image", "annotation")
+    optin = OptinConfig.from_dict(values["optin"])
+    assert (optin.mac_constraint, optin.importance, optin.reconstruct) == (0.6, "optin", "none")
+    assert values["output"] == f"{name}-optin-0.6"
 
 
 @pytest.mark.parametrize(

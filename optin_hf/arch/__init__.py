@@ -10,6 +10,7 @@ from .convnext import CONVNEXT
 from .distilbert import DISTILBERT
 from .resnet import RESNET
 from .segformer import SEGFORMER
+from .mask2former import MASK2FORMER
 from .swin import SWIN
 from .vit import DEIT, VIT
 
@@ -33,7 +34,7 @@ def register_adapter(adapter: ArchAdapter, *, exist_ok: bool = False) -> None:
     ADAPTERS.update(dict.fromkeys(adapter.model_types, adapter))
 
 
-for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, RESNET, CONVNEXT, SEGFORMER):
+for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, RESNET, CONVNEXT, SEGFORMER, MASK2FORMER):
     register_adapter(_adapter)
 
 

@@ -49,10 +49,15 @@ def stage_grids(config) -> list[tuple[int, int]]:
 class SwinAdapter(ArchAdapter):
     """Swin's layers are its stages' blocks, in order; see the module docstring for the geometry."""
 
+    def swin_config(self, config):
+        """The SwinConfig that describes the layers (a model that holds Swin as its backbone overrides this)."""
+        return config
+
     def layers_of(self, model: nn.Module) -> nn.ModuleList:
         return nn.ModuleList([block for stage in get_submodule(model.base_model, self.layers) for block in stage.blocks])
 
     def layer_geometry(self, config) -> tuple[LayerGeometry, ...]:
+        config = self.swin_config(config)
         geometry: list[LayerGeometry] = []
         for stage, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
             dim = config.embed_dim * 2**stage
@@ -73,7 +78,7 @@ class SwinAdapter(ArchAdapter):
 
     def default_seq_len(self, config) -> int:
         """Patches of the first stage (no class token); later stages hold fewer, see `head_macs`."""
-        height, width = stage_grids(config)[0]
+        height, width = stage_grids(self.swin_config(config))[0]
         return height * width
 
     def _layer_tokens(self, seq_len: float, config, layer: int) -> tuple[int, int, int]:
@@ -83,11 +88,16 @@ class SwinAdapter(ArchAdapter):
                 f"seq_len={seq_len}: a Swin model's token counts follow its image size, {self.default_seq_len(config)} "
                 "patches in the first stage. Leave seq_len unset."
             )
-        stage = next(s for s, end in enumerate(torch.tensor(config.depths).cumsum(0).tolist()) if layer < end)
-        height, width = stage_grids(config)[stage]
-        window = min(config.window_size, height, width)  # SwinLayer shrinks a window larger than the map
+        swin = self.swin_config(config)
+        stage = next(s for s, end in enumerate(torch.tensor(swin.depths).cumsum(0).tolist()) if layer < end)
+        height, width = stage_grids(swin)[stage]
+        window = self.window_side(swin, height, width)
         padded = math.ceil(height / window) * window * math.ceil(width / window) * window
         return height * width, padded, window
+
+    def window_side(self, swin_config, height: int, width: int) -> int:
+        """Side of the attention windows on a height x width map: SwinLayer shrinks a window larger than the map."""
+        return min(swin_config.window_size, height, width)
 
     def head_macs(self, seq_len: float, config, layer: int = 0) -> float:
         _, padded, window = self._layer_tokens(seq_len, config, layer)
@@ -104,7 +114,7 @@ class SwinAdapter(ArchAdapter):
 
     def fixed_macs(self, model: nn.Module) -> int:
         """The patch embedding and every patch merging's reduction (4d -> 2d on the merged map's tokens)."""
-        config = model.config
+        config = self.swin_config(model.config)
         grids = stage_grids(config)
         total = self.patch_embedding_macs(model)
         for stage, (height, width) in enumerate(grids[1:]):

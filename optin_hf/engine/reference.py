@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter
-from ..capture import DenseCapture, capture_dense, logits_of, select_rows
+from ..capture import DenseCapture, capture_dense, select_rows
 from ..hooks import apply_masks, record_features
 from ..losses import kl_loss, later_layers, md_loss
 
@@ -33,7 +33,7 @@ def masked_run_losses(
     with record_features(model, adapter) as features:
         for batch, batch_rows in zip(batches, capture.rows):
             out = model(**{k: v.to(device) for k, v in batch.items()})
-            logits.append(logits_of(out))
+            logits.append(adapter.logits_of(out))
             for z in judged:
                 rows[z].append(select_rows(features[z], batch_rows.to(device), capture.tokens))
     md = sum(float(md_loss(capture.grams[z], torch.cat(rows[z]))) for z in judged)

@@ -17,7 +17,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchAdapter
-from ..capture import logits_of
 from ..hooks import drop_token, record_features
 from ..losses import kl_loss, later_layers, token_gram, token_md_loss
 from .distributed import gather, process_state, share
@@ -47,7 +46,7 @@ def _run(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.T
     with record_features(model, adapter) as features:
         for batch in batches:
             out = model(**{k: v.to(device) for k, v in batch.items()})
-            logits.append(logits_of(out))
+            logits.append(adapter.logits_of(out))
             grams.append({z: token_gram(features[z]) for z in judged})
     return grams, (torch.cat(logits).float() if logits[0] is not None else None)
 

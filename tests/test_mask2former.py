@@ -1,0 +1,179 @@
+"""Mask2Former (optin_hf/arch/mask2former.py): its Swin backbone scored, allocated, slimmed, counted and saved;
+the pixel decoder and the transformer decoder stay dense."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    Mask2FormerImageProcessorPil,
+    ResNetConfig,
+    SwinConfig,
+)
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
+
+from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs
+from optin_hf.arch import check_model
+from optin_hf.arch.mask2former import semantic_logits
+from optin_hf.engine.run import engine_for
+from optin_hf.hooks import apply_masks
+from optin_hf.slim import slim_model
+from test_masks import same
+
+SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=2, batch_size=2, neuron_group_size=32)
+# Four stages on a 48x48 image: 12x12, 6x6, 3x3 and 2x2 patch maps; the backbone runs the last two padded to one
+# whole 4x4 window (a Swin classifier would shrink the window instead).
+SWIN = dict(image_size=48, patch_size=4, embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4,
+            out_features=["stage1", "stage2", "stage3", "stage4"], initializer_range=0.2)
+DECODER = dict(num_labels=5, num_queries=6, hidden_dim=32, mask_feature_size=32, feature_size=32, encoder_layers=1,
+               decoder_layers=2, encoder_feedforward_dim=32, dim_feedforward=32, num_attention_heads=2)
+
+
+def tiny_mask2former(seed: int = 0) -> Mask2FormerForUniversalSegmentation:
+    torch.manual_seed(seed)
+    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=SwinConfig(**SWIN), **DECODER))
+    eager(model)
+    for stage in backbone(model).swin.encoder.layers:  # a trained model's bias tables are not zero
+        for block in stage.blocks:
+            torch.nn.init.normal_(block.attention.relative_position_bias.relative_position_bias_table, std=1.0)
+    return model.eval()
+
+
+def backbone(model):
+    return model.model.pixel_level_module.encoder
+
+
+def eager(model) -> None:
+    """The CPU sdpa kernel is invisible to the FLOP counter (and differs from eager in rounding)."""
+    model.config._attn_implementation = "eager"
+    backbone(model).config._attn_implementation = "eager"
+
+
+def images(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.randn(3, 48, 48, generator=g)} for _ in range(n)]
+
+
+PIXELS = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(5))
+
+
+def outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model(pixel_values=PIXELS)
+    return out.class_queries_logits, out.masks_queries_logits
+
+
+def backbone_macs(model) -> float:
+    """Torch's count of the backbone's matmuls and convs, in MACs (FLOPs / 2), for one image."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        backbone(model)(PIXELS[:1])
+    return counter.get_total_flops() / 2
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """Each criterion's scores of one tiny Mask2Former (optin on the reference engine)."""
+    model, out = tiny_mask2former(), {}
+    for importance in ("optin", "magnitude", "random"):
+        pruner = OptinPruner(OptinConfig(importance=importance, engine="reference", **SETTINGS))
+        out[importance] = pruner.compute_scores(model, images(4, 1))
+    return out
+
+
+def test_the_backbone_blocks_are_the_layers():
+    model = tiny_mask2former()
+    adapter = check_model(model)
+    geometry = adapter.layer_geometry(model.config)
+    assert [(g.heads, g.head_dim, g.hidden, g.neurons) for g in geometry] == [
+        (1, 8, 8, 32), (2, 8, 16, 64), (2, 16, 32, 128), (2, 16, 32, 128), (4, 16, 64, 256)
+    ]
+    blocks = [block for stage in backbone(model).swin.encoder.layers for block in stage.blocks]
+    assert list(adapter.layers_of(model)) == blocks
+    full = PruningMasks.full(model.config)
+    assert full.head_counts.tolist() == [1, 2, 2, 2, 4] and full.neuron_counts.tolist() == [32, 64, 128, 128, 256]
+
+
+def test_count_macs_equals_the_flop_counter_on_the_backbone_dense_and_slim():
+    model = tiny_mask2former()
+    assert count_macs(model) == backbone_macs(model)
+    masks = PruningMasks.full(model.config)
+    masks.head_mask[0] = False  # a layer with no head
+    masks.head_mask[4, [0, 3]] = False
+    masks.neuron_mask[1, 5:] = False
+    masks.neuron_mask[3] = False  # and one with no neuron
+    slim_model(model, masks)
+    assert count_macs(model) == backbone_macs(model)
+
+
+def test_the_kl_logits_are_the_semantic_map_of_the_post_processing():
+    """The argmax of `semantic_logits` is transformers' semantic segmentation (at 384x384, the size the
+    post-processing resizes the masks to, so that it resizes nothing here)."""
+    g = torch.Generator().manual_seed(0)
+    classes, masks = torch.randn(2, 6, 5 + 1, generator=g) * 3, torch.randn(2, 6, 384, 384, generator=g) * 3
+    output = Mask2FormerForUniversalSegmentationOutput(class_queries_logits=classes, masks_queries_logits=masks)
+    expected = Mask2FormerImageProcessorPil().post_process_semantic_segmentation(output)
+    logits = semantic_logits(classes, masks)
+    assert logits.shape == (2, 5, 384, 384)
+    assert torch.equal(logits.argmax(1), torch.stack(expected))
+
+    model = tiny_mask2former()
+    with torch.no_grad():
+        out = model(pixel_values=PIXELS)
+    adapter = check_model(model)
+    assert torch.equal(adapter.logits_of(out), semantic_logits(out.class_queries_logits, out.masks_queries_logits))
+    with torch.no_grad():
+        assert adapter.logits_of(model.model(pixel_values=PIXELS)) is None  # the bare model predicts no classes
+
+
+@pytest.mark.parametrize("importance", ["optin", "magnitude", "random"])
+def test_score_allocate_slim_save_load(importance, scored, tmp_path):
+    model = tiny_mask2former()
+    scores = scored[importance]
+    assert scores.head_scores.shape == (5, 4) and scores.neuron_scores.shape == (5, 256)
+    assert not scores.head_scores[0, 1:].any() and not scores.neuron_scores[:4, 128:].any()  # padding is not scored
+    assert scores.head_scores[4].all() and scores.neuron_scores[:, :32].all()
+    pruner = OptinPruner(OptinConfig(importance=importance, **SETTINGS))
+    masks = pruner.compute_masks(model, scores=scores)
+    assert masks.neurons_per_layer() != [32, 64, 128, 128, 256]
+
+    dense = count_macs(model)
+    with apply_masks(model, check_model(model), masks.head_mask.float(), masks.neuron_mask.float()):
+        masked = outputs(model)
+    pruner.prune_model(model, masks=masks)
+    slim = outputs(model)
+    for a, b in zip(slim, masked):
+        assert (a - b).abs().max() < 1e-4
+    macs = count_macs(model)
+    assert macs == backbone_macs(model)
+    assert 0.98 * 0.6 * dense <= macs <= 0.6 * dense
+
+    pruner.save(model, tmp_path / "m2f")
+    loaded = AutoOptinModel.from_pretrained(tmp_path / "m2f")
+    eager(loaded)
+    assert type(loaded) is Mask2FormerForUniversalSegmentation
+    for a, b in zip(outputs(loaded), slim):
+        assert torch.equal(a, b)
+    assert same(PruningMasks.load(tmp_path / "m2f" / "optin_masks.safetensors"), masks)
+
+
+def test_the_fast_engine_falls_back_and_reconstruction_is_refused_before_scoring():
+    model = tiny_mask2former()
+    assert engine_for(model, check_model(model), OptinConfig(engine="fast")) == "reference"
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, reconstruct="weights"))
+    with pytest.raises(ValueError, match=r"mask2former adapter does not give: prune it with OptinConfig\(reconstruct='none'\)"):
+        pruner.prune_model(model, images(2, 1))
+    assert pruner.scores is None
+
+
+def test_a_backbone_that_is_not_swin_is_refused():
+    torch.manual_seed(0)
+    config = Mask2FormerConfig(backbone_config=ResNetConfig(out_features=["stage1", "stage2", "stage3", "stage4"]), **DECODER)
+    with pytest.raises(ValueError, match="prunes the Swin backbone of a Mask2Former, and this one's backbone is 'resnet'"):
+        PruningMasks.full(config)
+    with pytest.raises(ValueError, match="backbone is 'resnet'"):
+        OptinPruner(OptinConfig(importance="random", **SETTINGS)).compute_scores(
+            Mask2FormerForUniversalSegmentation(config).eval(), images(2, 1)
+        )
