@@ -268,6 +268,7 @@ class ArchAdapter:
         per_head = qkv.view(-1, head_dim * qkv.shape[1]).pow(2).sum(1)
         per_head += w(self.attn_out).T.reshape(-1, head_dim * w(self.attn_out).shape[0]).pow(2).sum(1)
         return per_head, w(self.ffn_up).pow(2).sum(1) + w(self.ffn_down).pow(2).sum(0)
+
     def logits_of(self, output) -> torch.Tensor | None:
         """What the KL term compares, from a model's forward output: its `logits` (None for a bare encoder).
         A family whose task head gives no single logits tensor (Mask2Former) derives them here."""
