@@ -3,6 +3,11 @@ the pixel decoder and the transformer decoder stay dense."""
 
 from __future__ import annotations
 
+import json
+
+import datasets
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -20,7 +25,11 @@ from optin_hf.arch import check_model
 from optin_hf.arch.mask2former import semantic_logits
 from optin_hf.engine.run import engine_for
 from optin_hf.hooks import apply_masks
+from optin_hf.commands.__main__ import main
 from optin_hf.slim import slim_model
+from optin_hf.tasks import workflow
+from optin_hf.tasks.metrics import mean_iou
+from optin_hf.tasks.report import class_maps, predicted_logits
 from test_masks import same
 
 SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=2, batch_size=2, neuron_group_size=32)
@@ -32,9 +41,10 @@ DECODER = dict(num_labels=5, num_queries=6, hidden_dim=32, mask_feature_size=32,
                decoder_layers=2, encoder_feedforward_dim=32, dim_feedforward=32, num_attention_heads=2)
 
 
-def tiny_mask2former(seed: int = 0) -> Mask2FormerForUniversalSegmentation:
+def tiny_mask2former(seed: int = 0, num_labels: int = DECODER["num_labels"]) -> Mask2FormerForUniversalSegmentation:
     torch.manual_seed(seed)
-    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=SwinConfig(**SWIN), **DECODER))
+    config = Mask2FormerConfig(backbone_config=SwinConfig(**SWIN), **{**DECODER, "num_labels": num_labels})
+    model = Mask2FormerForUniversalSegmentation(config)
     eager(model)
     for stage in backbone(model).swin.encoder.layers:  # a trained model's bias tables are not zero
         for block in stage.blocks:
@@ -177,3 +187,75 @@ def test_a_backbone_that_is_not_swin_is_refused():
         OptinPruner(OptinConfig(importance="random", **SETTINGS)).compute_scores(
             Mask2FormerForUniversalSegmentation(config).eval(), images(2, 1)
         )
+
+
+def ade_like_split(n: int, seed: int) -> datasets.Dataset:
+    """Scenes shaped as scene_parse_150's: RGB images of varied sizes, `annotation` maps of ids 0..5 (0 = unlabelled,
+    1..5 = the model's classes 0..4) in blocks of 8 pixels, and a `scene_category`."""
+    g = np.random.default_rng(seed)
+    images, annotations = [], []
+    for _ in range(n):
+        height, width = g.integers(40, 80, 2)
+        blocks = g.integers(0, 6, (height // 8 + 1, width // 8 + 1)).repeat(8, 0).repeat(8, 1)[:height, :width]
+        images.append(PIL.Image.fromarray(g.integers(0, 255, (height, width, 3), dtype=np.uint8)))
+        annotations.append(PIL.Image.fromarray(blocks.astype(np.uint8)))
+    features = datasets.Features(
+        {"image": datasets.Image(), "annotation": datasets.Image(), "scene_category": datasets.ClassLabel(names=["a", "b"])}
+    )
+    return datasets.Dataset.from_dict({"image": images, "annotation": annotations, "scene_category": [0] * n}, features=features)
+
+
+def test_the_cli_prunes_a_mask2former_checkpoint_end_to_end(tmp_path, monkeypatch, capsys):
+    """A local Mask2Former with its processor (which, as ADE20K's, does not reduce labels) and a local dataset with
+    train/validation splits: `optin prune --reduce-labels` -> slim checkpoint, report and panel; the loaded checkpoint
+    is the pruned model; `optin evaluate` measures it again from the recorded data."""
+    torch.set_num_threads(1)
+    model = tiny_mask2former()
+    model.save_pretrained(tmp_path / "model")
+    processor = Mask2FormerImageProcessorPil(size={"height": 64, "width": 64}, do_reduce_labels=False, ignore_index=255, num_labels=5)
+    processor.save_pretrained(tmp_path / "model")
+    validation = ade_like_split(5, seed=2)
+    datasets.DatasetDict({"train": ade_like_split(6, seed=1), "validation": validation}).save_to_disk(tmp_path / "data")
+    measured = {}
+    measure = workflow.measure
+    monkeypatch.setattr(workflow, "measure", lambda models, **kw: measured.update(models) or measure(models, **kw))
+
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data"), "--num-samples", "4",
+            "--importance", "magnitude", "--reconstruct", "none", "--neurons-multiple-of", "1", "--reduce-labels",
+            "--output", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads((out / "optin_report.json").read_text())
+    assert (report["task"], report["metric"], report["eval_samples"]) == ("semantic-segmentation", "mean_iou", 5)
+    assert report["data"]["dataset"]["reduce_labels"] is True
+    dense_model, pruned_model = measured["dense"], measured["pruned"]
+    assert type(dense_model) is Mask2FormerForUniversalSegmentation  # inferred from its config: universal segmentation
+
+    # mIoU against the reduced maps (0 -> ignored, k -> k - 1), from the semantic map the KL compares
+    pixels = processor(images=[row["image"] for row in validation], return_tensors="pt")["pixel_values"]
+    references = [np.where(a == 0, 255, a - 1) for a in (np.asarray(row["annotation"], dtype=np.int64) for row in validation)]
+    for name, slim in (("dense", dense_model), ("pruned", pruned_model)):
+        expected = mean_iou(class_maps(predicted_logits(slim, {"pixel_values": pixels}), references), references)
+        assert report["stats"][name]["metrics"] == pytest.approx(expected, abs=1e-12)
+
+    loaded = AutoOptinModel.from_pretrained(out)
+    assert type(loaded) is Mask2FormerForUniversalSegmentation
+    with torch.no_grad():
+        mine, theirs = pruned_model(pixel_values=pixels), loaded(pixel_values=pixels)
+    assert torch.equal(mine.class_queries_logits, theirs.class_queries_logits)
+    assert torch.equal(mine.masks_queries_logits, theirs.masks_queries_logits)
+
+    # MACs and latency at the processor's 64x64 (the backbone config said 48): the backbone's FLOP count there
+    assert report["seq_len"] == (64 // 4) ** 2
+    assert dense_model.config.backbone_config.image_size == (64, 64)
+    eager(pruned_model)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        backbone(pruned_model)(torch.zeros(1, 3, 64, 64))
+    assert report["stats"]["pruned"]["macs"] == counter.get_total_flops() / 2
+    assert 0.98 * 0.6 <= report["ratios"]["macs"] <= 0.6
+    assert (out / "optin_segmentation.png").stat().st_size > 10_000 and (out / "optin_report.png").is_file()
+
+    measured.clear()
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out)]) == 0  # the recorded data, reduce_labels included
+    assert f"{100 * report['stats']['pruned']['metrics']['mean_iou']:.2f}" in capsys.readouterr().out

@@ -29,12 +29,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_segformer(seed: int = 0) -> SegformerForSemanticSegmentation:
+def tiny_segformer(seed: int = 0, num_labels: int = 4) -> SegformerForSemanticSegmentation:
     """Two stages: 1 head of 8 (keys and values on a map reduced 2x2), then 2 heads of 8; FFNs 32 wide."""
     torch.manual_seed(seed)
     config = SegformerConfig(
         image_size=32, num_encoder_blocks=2, depths=[1, 2], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
-        strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[4, 2], decoder_hidden_size=16, num_labels=4,
+        strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[4, 2], decoder_hidden_size=16, num_labels=num_labels,
         initializer_range=0.2, drop_path_rate=0.0,
     )
     model = SegformerForSemanticSegmentation(config)

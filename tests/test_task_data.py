@@ -184,3 +184,10 @@ def test_calibration_rows_are_a_seeded_sample():
     assert len(calibration_rows(dataset, 500, seed=0)) == 100
     streamed = calibration_rows(dataset.to_iterable_dataset(), 5, seed=0)
     assert len(streamed) == 5
+
+
+def test_revision_and_data_dir_are_refused_for_local_data(tmp_path):
+    write_csv(tmp_path / "d.csv", n=4)
+    for key in ("revision", "data_dir"):
+        with pytest.raises(ValueError, match="apply to Hub datasets, and .* is a local path: drop them"):
+            load_split(DataSpec(path=str(tmp_path / "d.csv"), **{key: "refs/convert/parquet"}), "train")

@@ -54,6 +54,9 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dataset", metavar="PATH_OR_NAME",
                        help="a datasets.save_to_disk folder, a .csv/.json/.jsonl/.parquet file, or a Hub dataset name")
     group.add_argument("--dataset-config", metavar="NAME", help="the Hub dataset's configuration, e.g. mrpc for nyu-mll/glue")
+    group.add_argument("--dataset-revision", metavar="REV", help="the Hub dataset's branch, tag or commit; a dataset that still "
+                       "ships a loading script loads from refs/convert/parquet (with --data-dir CONFIG)")
+    group.add_argument("--data-dir", metavar="DIR", help="the folder of the Hub dataset to read, e.g. scene_parsing in its parquet export")
     group.add_argument("--calibration-split", default="train", metavar="SPLIT",
                        help="split to draw calibration examples from; slicing works: 'train[:80%%]' (default: train)")
     group.add_argument("--eval-split", default="validation", metavar="SPLIT",
@@ -64,6 +67,9 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-column", default="label", metavar="COLUMN", help="label column (default: label)")
     group.add_argument("--max-eval-samples", type=int, metavar="N", help="evaluate on the first N examples only")
     group.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading whole splits")
+    group.add_argument("--reduce-labels", action=argparse.BooleanOptionalAction, default=None,
+                       help="segmentation: mask id 0 is unlabelled (ignored) and ids 1..K are classes 0..K-1, as in ADE20K's "
+                       "scene_parse_150 (default: the image processor's do_reduce_labels)")
     group.add_argument("--metric", metavar="NAME", help="accuracy (default; segmentation: mean_iou; evaluate: the pruning run's) or glue/<task>, "
                        "e.g. glue/mrpc (accuracy, f1), glue/stsb (pearson, spearmanr)")
 
@@ -72,7 +78,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     one_line_errors(parser)
     _add_debug(parser)
     parser.add_argument("--model", metavar="PATH_OR_REPO", help="fine-tuned model folder or Hub id (default: an embedded default)")
-    parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture (semantic-segmentation for a ...ForSemanticSegmentation, image-classification for other vision models, else text)")
+    parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture (semantic-segmentation for a ...ForSemanticSegmentation or ...ForUniversalSegmentation, image-classification for other vision models, else text)")
     parser.add_argument("--processor", metavar="PATH_OR_REPO", help="tokenizer or image processor, if not stored with the model")
     _add_data(parser)
     optin = parser.add_argument_group("OPTIN settings (see OptinConfig)")

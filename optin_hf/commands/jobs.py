@@ -16,13 +16,17 @@ from ..tasks.workflow import DEFAULT_TEXT_MODEL, PruneJob, run_evaluate, run_pru
 
 def data_spec(args: argparse.Namespace) -> DataSpec | None:
     if args.dataset is None:
-        for flag in ("dataset_config", "text_column", "text_pair_column", "image_column", "max_eval_samples"):
+        flags = ("dataset_config", "dataset_revision", "data_dir", "text_column", "text_pair_column", "image_column",
+                 "max_eval_samples", "reduce_labels")
+        for flag in flags:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} needs --dataset.")
         return None
     return DataSpec(
         path=args.dataset,
         config=args.dataset_config,
+        revision=args.dataset_revision,
+        data_dir=args.data_dir,
         calibration_split=args.calibration_split,
         eval_split=args.eval_split,
         text_column=args.text_column,
@@ -31,6 +35,7 @@ def data_spec(args: argparse.Namespace) -> DataSpec | None:
         label_column=args.label_column,
         max_eval_samples=args.max_eval_samples,
         streaming=args.streaming,
+        reduce_labels=args.reduce_labels,
     )
 
 

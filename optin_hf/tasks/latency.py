@@ -24,9 +24,11 @@ def synthetic_inputs(model: nn.Module, batch_size: int, seq_len: float, seed: in
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     if check_model(model).is_vision:
-        size = config.image_size
+        # A model around a backbone (Mask2Former) keeps the image geometry in its backbone's config.
+        images = config if getattr(config, "image_size", None) is not None else config.backbone_config
+        size = images.image_size
         height, width = (size, size) if isinstance(size, int) else size
-        shape = (batch_size, config.num_channels, height, width)
+        shape = (batch_size, images.num_channels, height, width)
         return {"pixel_values": torch.randn(shape, generator=generator)}
     tokens = max(1, round(seq_len))
     ids = torch.randint(min(5, config.vocab_size - 1), config.vocab_size, (batch_size, tokens), generator=generator)

@@ -10,12 +10,19 @@ MODEL_CLASSES = {
     "image-classification": "AutoModelForImageClassification",
     "semantic-segmentation": "AutoModelForSemanticSegmentation",
 }
+# Mask2Former predicts a mask and a class per query, not per-pixel logits, so transformers files it
+# under universal segmentation; its semantic map (ArchAdapter.logits_of) serves the same task.
+UNIVERSAL_SEGMENTATION = "AutoModelForUniversalSegmentation"
+SEGMENTATION_HEADS = ("ForSemanticSegmentation", "ForUniversalSegmentation")  # class name endings
 IMAGE_TASKS = ("image-classification", "semantic-segmentation")
 TASKS = tuple(MODEL_CLASSES)
 
 
-def model_class(task: str) -> Any:
-    """The transformers auto class that loads a model for `task`."""
+def model_class(task: str, config: Any = None) -> Any:
+    """The transformers auto class that loads a model for `task` (with `config`: the one that knows its type)."""
     import transformers
 
-    return getattr(transformers, MODEL_CLASSES[task])
+    auto = getattr(transformers, MODEL_CLASSES[task])
+    if task == "semantic-segmentation" and config is not None and type(config) not in auto._model_mapping:
+        return getattr(transformers, UNIVERSAL_SEGMENTATION)
+    return auto

@@ -201,9 +201,20 @@ def format_si(value: float) -> str:
     return f"{value:.0f}"
 
 
+@torch.no_grad()
+def predicted_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on `batch` (moved to its device), as float32 on the CPU: what the adapter's
+    `logits_of` reads from the output, so a Mask2Former gives its semantic map [B, classes, h, w]
+    exactly as its KL term sees it."""
+    device = next(model.parameters()).device
+    output = model(**{k: v.to(device) for k, v in batch.items()})
+    return check_model(model).logits_of(output).float().cpu()
+
+
 def class_maps(logits: torch.Tensor, masks: list[np.ndarray]) -> list[np.ndarray]:
     """Per-image predicted class maps ([B, C, h, w] logits, argmax after a bilinear resize to each
-    mask's size, as transformers' post_process_semantic_segmentation does)."""
+    mask's size, as SegFormer's post_process_semantic_segmentation does; Mask2Former's resizes its
+    mask logits before building the map, so a few boundary pixels may differ from it)."""
     maps = []
     for image_logits, mask in zip(logits, masks):
         resized = nn.functional.interpolate(image_logits[None], size=mask.shape, mode="bilinear", align_corners=False)
@@ -217,12 +228,11 @@ def evaluate_model(
 ) -> tuple[dict[str, float], int, float | None]:
     """(metric values, examples, average unpadded tokens or None for images) on the evaluation split."""
     model.eval()
-    device = next(model.parameters()).device
     rows = eval_rows(data.evaluation, data.max_eval_samples)
     predictions, references, tokens = [], [], []
     while chunk := list(islice(rows, batch_size)):
         batch = encoder.batch(chunk)
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        logits = predicted_logits(model, batch)
         targets = labels([row[data.columns.label] for row in chunk])
         if metric.per_pixel:
             predictions += class_maps(logits, targets)
@@ -256,9 +266,7 @@ def plot_segmentations(
     maps = {}
     for name, model in models.items():
         model.eval()
-        device = next(model.parameters()).device
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
-        maps[name] = class_maps(logits, masks)
+        maps[name] = class_maps(predicted_logits(model, batch), masks)
     num_labels = next(iter(models.values())).config.num_labels
     colors = ListedColormap(np.vstack([[0.0, 0.0, 0.0, 1.0], _palette(num_labels - 1)]))  # class 0 (background) black
     columns = ["image", "ground truth", *maps]

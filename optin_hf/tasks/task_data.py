@@ -33,10 +33,19 @@ AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Where a task's data lives and which columns hold what (None: detected from the names)."""
+    """Where a task's data lives and which columns hold what (None: detected from the names).
+
+    `revision` and `data_dir` reach Hub datasets only: a dataset that still ships a loading script
+    (which datasets >= 4 no longer runs) loads from its parquet export, `revision:
+    refs/convert/parquet` with `data_dir` its configuration. `reduce_labels` (segmentation): True
+    when mask id 0 means "unlabelled" and ids 1..K are the model's classes 0..K-1 (ADE20K's
+    `scene_parse_150`); None follows the image processor's `do_reduce_labels`.
+    """
 
     path: str
     config: str | None = None
+    revision: str | None = None
+    data_dir: str | None = None
     calibration_split: str = "train"
     eval_split: str | None = "validation"
     text_column: str | None = None
@@ -45,6 +54,7 @@ class DataSpec:
     label_column: str = "label"
     max_eval_samples: int | None = None
     streaming: bool = False
+    reduce_labels: bool | None = None
 
     def __post_init__(self) -> None:
         if self.text_pair_column and not self.text_column:
@@ -77,6 +87,8 @@ def _split_of_saved(saved: datasets.Dataset | datasets.DatasetDict, split: str) 
 def load_split(spec: DataSpec, split: str) -> AnyDataset:
     """One split of the dataset `spec` names; local paths win over Hub names."""
     path = Path(spec.path).expanduser()
+    if (path.is_dir() or path.is_file()) and (spec.revision or spec.data_dir):
+        raise ValueError(f"revision and data_dir apply to Hub datasets, and {spec.path} is a local path: drop them.")
     if path.is_dir():
         if spec.streaming:
             raise ValueError("streaming applies to data files and Hub datasets, not to a save_to_disk folder.")
@@ -91,7 +103,9 @@ def load_split(spec: DataSpec, split: str) -> AnyDataset:
             raise ValueError(f"{err} Slice it into calibration and evaluation: 'train[:80%]' and 'train[80%:]'.") from err
     if builder is not None or spec.path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"Dataset {spec.path} does not exist.")
-    return datasets.load_dataset(spec.path, spec.config, split=split, streaming=spec.streaming)
+    return datasets.load_dataset(
+        spec.path, spec.config, split=split, streaming=spec.streaming, revision=spec.revision, data_dir=spec.data_dir
+    )
 
 
 def column_names(dataset: AnyDataset) -> list[str]:
@@ -207,11 +221,13 @@ class LabelEncoder:
 
 class MaskEncoder:
     """Segmentation targets -> one [H, W] int64 class map per image, at the mask's own size (the
-    predictions are resized to it). A processor that reduces labels (ADE20K's 0 = "other") maps
-    0 to the ignored index 255 and every other id one down, as it does for training."""
+    predictions are resized to it). Reducing labels (ADE20K's 0 = "other") maps 0 to the ignored
+    index 255 and every other id one down, as training did. `reduce` None follows the processor's
+    `do_reduce_labels`; Mask2Former's ADE20K processor says False (its training read maps reduced
+    beforehand), so a dataset of raw ADE20K maps says True itself (`DataSpec.reduce_labels`)."""
 
-    def __init__(self, processor: Any = None):
-        self.reduce = bool(getattr(processor, "do_reduce_labels", False))
+    def __init__(self, processor: Any = None, reduce: bool | None = None):
+        self.reduce = bool(getattr(processor, "do_reduce_labels", False)) if reduce is None else reduce
 
     def __call__(self, values: list[Any]) -> list[np.ndarray]:
         masks = []
@@ -259,6 +275,7 @@ class TaskData:
     columns: Columns
     record: dict[str, Any]
     max_eval_samples: int | None = None
+    reduce_labels: bool | None = None  # segmentation masks: see MaskEncoder
 
 
 def label_encoder(data: TaskData, config, processor: Any = None) -> LabelEncoder | MaskEncoder | None:
@@ -267,7 +284,7 @@ def label_encoder(data: TaskData, config, processor: Any = None) -> LabelEncoder
     if data.evaluation is None:
         return None
     if data.task == SEGMENTATION:
-        return MaskEncoder(processor)
+        return MaskEncoder(processor, data.reduce_labels)
     return LabelEncoder((data.evaluation.features or {}).get(data.columns.label), config)
 
 
@@ -290,6 +307,6 @@ def load_task_data(spec: DataSpec, task: str, calibration: bool = True) -> TaskD
     evaluation = load_split(spec, spec.eval_split) if spec.eval_split else None
     names = column_names(calib if calib is not None else evaluation)
     columns = resolve_columns(names, task, spec.text_column, spec.text_pair_column, spec.image_column, spec.label_column)
-    if evaluation is not None and spec.label_column not in column_names(evaluation):
-        raise ValueError(f"The evaluation split has no label column {spec.label_column!r}; name it with --label-column.")
-    return TaskData(task, calib, evaluation, columns, {"dataset": spec.to_dict()}, spec.max_eval_samples)
+    if evaluation is not None and columns.label not in column_names(evaluation):  # a detected mask column counts
+        raise ValueError(f"The evaluation split has no label column {columns.label!r}; name it with --label-column.")
+    return TaskData(task, calib, evaluation, columns, {"dataset": spec.to_dict()}, spec.max_eval_samples, spec.reduce_labels)

@@ -22,7 +22,7 @@ from ..checkpoint import check_save_target, load_supported_config
 from ..config import OptinConfig
 from ..masks import MASKS_NAME
 from .metrics import DEFAULT_METRIC, SEGMENTATION_METRIC, Metric, load_metric
-from .names import TASKS, model_class
+from .names import SEGMENTATION_HEADS, TASKS, model_class
 from .report import REPORT_JSON, SEGMENTATION_PNG, Report, measure, plot_segmentations
 from .task_data import (
     SEGMENTATION,
@@ -111,9 +111,10 @@ def load_default_task(name: str) -> Loaded:
 
 
 def task_of(config) -> str:
-    """The task a model's config says it does: segmentation for a `...ForSemanticSegmentation`,
-    image classification for other vision models, else text classification."""
-    if any(name.endswith("ForSemanticSegmentation") for name in getattr(config, "architectures", None) or ()):
+    """The task a model's config says it does: segmentation for a `...ForSemanticSegmentation` or
+    `...ForUniversalSegmentation` (Mask2Former), image classification for other vision models, else
+    text classification."""
+    if any(name.endswith(SEGMENTATION_HEADS) for name in getattr(config, "architectures", None) or ()):
         return SEGMENTATION
     return "image-classification" if get_adapter(config).is_vision else "text-classification"
 
@@ -129,11 +130,22 @@ def task_metric(name: str | None, task: str) -> str:
 
 
 def _size_images(model: nn.Module, processor: Any) -> None:
-    """Give a segmentation model without `config.image_size` (its MACs depend on it) the size its
-    image processor resizes to."""
+    """Count a segmentation model's MACs (and time it) at the size its image processor resizes to.
+
+    A SegFormer config may have no `image_size`: it gets the processor's. A Mask2Former's MACs are
+    its Swin backbone's at `backbone_config.image_size`, which is Swin's default 224 whatever the
+    model is fed (ADE20K's processor: 384x384; the backbone runs any size), so the processor's
+    size replaces it.
+    """
     size = getattr(processor, "size", None) or {}
-    if getattr(model.config, "image_size", None) is None and "height" in size and "width" in size:
-        model.config.image_size = (int(size["height"]), int(size["width"]))
+    if "height" not in size or "width" not in size or size["height"] is None or size["width"] is None:
+        return
+    shape = (int(size["height"]), int(size["width"]))
+    backbone = getattr(model.config, "backbone_config", None)
+    if backbone is not None and hasattr(backbone, "image_size"):
+        backbone.image_size = shape
+    elif getattr(model.config, "image_size", None) is None:
+        model.config.image_size = shape
 
 
 def load_model(name_or_path: str, task: str | None = None, processor: str | None = None) -> tuple[nn.Module, Any, str]:
@@ -144,7 +156,7 @@ def load_model(name_or_path: str, task: str | None = None, processor: str | None
     config = load_supported_config(name_or_path)
     task = task or task_of(config)
     try:
-        model = model_class(task).from_pretrained(
+        model = model_class(task, config).from_pretrained(
             name_or_path, config=config, use_safetensors=True, trust_remote_code=False
         )
     except OSError as err:
@@ -153,7 +165,7 @@ def load_model(name_or_path: str, task: str | None = None, processor: str | None
         raise OSError(
             f"{name_or_path} has no safetensors weights (model.safetensors): optin-hf never loads pickled .bin "
             "weights, since unpickling can run code. Convert them once, only if you trust the file: "
-            f"transformers.{model_class(task).__name__}.from_pretrained(PATH).save_pretrained(NEW_PATH) writes safetensors."
+            f"transformers.{model_class(task, config).__name__}.from_pretrained(PATH).save_pretrained(NEW_PATH) writes safetensors."
         ) from err
     loaded_processor = load_processor(processor or name_or_path, task)
     if task == SEGMENTATION:
