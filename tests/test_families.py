@@ -69,6 +69,10 @@ def outputs(model: nn.Module, family: Family) -> list[torch.Tensor]:
     return [value for value in out.values() if isinstance(value, torch.Tensor)]
 
 
+def parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def pruner_for(name: str, importance: str, **changes) -> OptinPruner:
     return OptinPruner(OptinConfig(**{**FAMILIES[name].settings, "importance": importance, **changes}))
 
@@ -127,7 +131,8 @@ def test_hub_full_and_masks_only_repos_load_the_slim_model(name, hub_server: Fak
     family.eager(model)
     pruner = pruner_for(name, "magnitude")
     pruner.prune_model(model, family.images(4, 1))
-    expected = outputs(model, family)
+    expected, slim_size = outputs(model, family), parameters(model)
+    assert slim_size < parameters(dense)
 
     masks_repo = pruner.push_to_hub(model, f"tiny-{name}-optin").repo_url.repo_id
     full_repo = pruner.push_to_hub(model, f"tiny-{name}-optin-full", masks_only=False).repo_url.repo_id
@@ -137,6 +142,7 @@ def test_hub_full_and_masks_only_repos_load_the_slim_model(name, hub_server: Fak
         loaded = AutoOptinModel.from_pretrained(repo_id)
         family.eager(loaded)
         assert type(loaded) is type(model) and loaded.config.optin == model.config.optin
+        assert parameters(loaded) == slim_size
         for got, want in zip(outputs(loaded, family), expected, strict=True):
             assert torch.equal(got, want)
 
@@ -146,23 +152,24 @@ def image_data(tmp_path_factory) -> Path:
     """A save_to_disk dataset of 20 3x32x32 images with labels 0..4 (what the CNN and Swin tiny models take)."""
     g = torch.Generator().manual_seed(7)
     folder = tmp_path_factory.mktemp("images") / "data"
-    rows = {"pixel_values": torch.randn(20, 3, 32, 32, generator=g).numpy(), "label": torch.randint(0, 5, (20,), generator=g).tolist()}
-    datasets.Dataset.from_dict(rows).save_to_disk(folder)
+    pixels, labels = torch.randn(20, 3, 32, 32, generator=g), torch.randint(0, 5, (20,), generator=g)
+    datasets.Dataset.from_dict({"pixel_values": pixels.numpy(), "label": labels.tolist()}).save_to_disk(folder)
     return folder
 
 
-@pytest.mark.parametrize("name", ["resnet", "convnext", "swin"])
-def test_the_cli_prunes_and_reports_an_image_classifier(name, image_data, tmp_path, capsys):
-    """SegFormer's CLI run is tests/test_segmentation.py's; Mask2Former's belongs with its segmentation workflow."""
+@pytest.mark.parametrize("name, importance", [("resnet", "magnitude"), ("convnext", "random"), ("swin", "optin")])
+def test_the_cli_prunes_and_reports_an_image_classifier(name, importance, image_data, tmp_path, capsys):
+    """SegFormer's CLI run is tests/test_segmentation.py's; Mask2Former's belongs with its segmentation workflow.
+    One criterion per family: the CLI hands each to the same pruner."""
     FAMILIES[name].build().save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     args = ["prune", "--model", str(tmp_path / "model"), "--dataset", str(image_data), "--calibration-split", "train[:8]",
-            "--eval-split", "train[8:]", "--num-samples", "4", "--neuron-group-size", "8", "--reconstruct", "none",
-            "--neurons-multiple-of", "1", "--mac-constraint", "0.6", "--output", str(out)]
+            "--eval-split", "train[8:]", "--num-samples", "4", "--neuron-group-size", "8", "--importance", importance,
+            "--reconstruct", "none", "--neurons-multiple-of", "1", "--mac-constraint", "0.6", "--output", str(out)]
     assert main(args) == 0, capsys.readouterr().err
     report = json.loads((out / "optin_report.json").read_text())
     assert (report["task"], report["metric"], report["eval_samples"]) == ("image-classification", "accuracy", 12)
-    assert report["optin"]["importance"] == "optin" and 0.588 <= report["ratios"]["macs"] <= 0.6
+    assert report["optin"]["importance"] == importance and 0.588 <= report["ratios"]["macs"] <= 0.6
     assert (out / "optin_report.png").is_file()
 
     # The reported accuracy is the saved model's, on rows 8..19.
