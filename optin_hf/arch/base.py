@@ -165,6 +165,7 @@ class ArchAdapter:
     feed_forward: FeedForward | None = None
     finish_feed_forward: FinishFeedForward | None = None
     classifiers: Mapping[str, Classifier] = field(default_factory=dict, hash=False, compare=False)
+    unit_names: tuple[str, str] = ("attention heads", "FFN neurons")  # what the report calls a head and a neuron
 
     @property
     def is_vision(self) -> bool:

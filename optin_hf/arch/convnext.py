@@ -96,6 +96,7 @@ class ConvNextAdapter(ArchAdapter):
 
 CONVNEXT = ConvNextAdapter(
     model_types=("convnext",),
+    unit_names=("heads", "MLP channels"),
     layers="encoder.stages",
     attn_core="dwconv",
     query="dwconv",

@@ -201,6 +201,7 @@ class ResNetAdapter(ArchAdapter):
 
 RESNET = ResNetAdapter(
     model_types=("resnet",),
+    unit_names=("1x1 reduce channels", "3x3 conv channels"),
     layers="encoder.stages",
     attn_core="layer.0",
     query="layer.0.convolution",

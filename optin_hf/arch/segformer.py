@@ -150,6 +150,7 @@ class SegformerAdapter(ArchAdapter):
 
 SEGFORMER = SegformerAdapter(
     model_types=("segformer",),
+    unit_names=("attention heads", "Mix-FFN channels"),
     layers="stages",
     attn_core="attention",
     query="attention.q_proj",

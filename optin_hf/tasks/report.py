@@ -60,6 +60,7 @@ class Report:
     stats: dict[str, ModelStats]
     num_heads: int
     intermediate_size: int
+    unit_names: tuple[str, str] = ("attention heads", "FFN neurons")  # the family's words (ArchAdapter.unit_names)
     optin: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
@@ -123,8 +124,9 @@ class Report:
         for n in [n for n in names if not (compare and n == "dense")]:  # dense keeps everything
             stats = self.stats[n]
             heads, neurons = " ".join(map(str, stats.heads_per_layer)), " ".join(map(str, stats.neurons_per_layer))
-            lines.append(f"heads kept per layer, {n} (of {self.num_heads}): {heads}")
-            lines.append(f"neurons kept per layer, {n} (of {self.intermediate_size}): {neurons}")
+            if self.num_heads:
+                lines.append(f"{self.unit_names[0]} kept per layer, {n} (of {self.num_heads}): {heads}")
+            lines.append(f"{self.unit_names[1]} kept per layer, {n} (of {self.intermediate_size}): {neurons}")
         if self.timings:
             lines.append("pruning took " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in self.timings.items()))
         lat = self.latency
@@ -146,9 +148,13 @@ class Report:
         fig = Figure(figsize=(15, 4.8), layout="constrained")
         axes = fig.subplots(1, 3)
         for ax, kept, total, what in (
-            (axes[0], pruned.heads_per_layer, self.num_heads, "attention heads"),
-            (axes[1], pruned.neurons_per_layer, self.intermediate_size, "FFN neurons"),
+            (axes[0], pruned.heads_per_layer, self.num_heads, self.unit_names[0]),
+            (axes[1], pruned.neurons_per_layer, self.intermediate_size, self.unit_names[1]),
         ):
+            if not total:  # a family without heads (ConvNeXt)
+                ax.text(0.5, 0.5, f"no {what} in this family", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
             ax.bar(layers, [total] * len(layers), color="#dddddd", label="dense")
             bars = ax.bar(layers, kept, color="#3b75af", label="kept")
             ax.bar_label(bars, fontsize=7 if total >= 1000 else 8, padding=2)
@@ -390,6 +396,7 @@ def measure(
         stats=stats,
         num_heads=adapter.num_heads(reference.config),
         intermediate_size=adapter.intermediate_size(reference.config),
+        unit_names=adapter.unit_names,
         optin=optin,
         timings=timings or {},
         data=data.record,

@@ -68,6 +68,9 @@ class ResNetHParams(OptimHParams):
     embedding_size: int = 16
     hidden_sizes: tuple[int, ...] = (32, 64)
     depths: tuple[int, ...] = (2, 2)
+
+
+@dataclass(frozen=True)
 class SegformerHParams(OptimHParams):
     """A two-stage SegFormer for 64x64 one-channel scenes: 16x16 then 8x8 tokens, logits at 16x16."""
 
