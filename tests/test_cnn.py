@@ -186,3 +186,18 @@ def encoder_macs_of(model, pixels: torch.Tensor) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.base_model(pixel_values=pixels)
     return counter.get_total_flops() / 2
+
+
+def test_cli_prunes_digits_resnet_with_its_recipe_settings(monkeypatch):
+    """`prune --default digits-resnet` scores and skips the refit as its recipe does (a refit would be refused)."""
+    from optin_hf.commands import jobs
+    from optin_hf.commands.args import build_parser
+    from optin_hf.tasks.recipes import load_recipe
+
+    ran = []
+    monkeypatch.setattr(jobs, "_finish", ran.append)
+    args = build_parser("optin-hf").parse_args(["prune", "--default", "digits-resnet", "--neurons-multiple-of", "1"])
+    jobs.RUNNERS["prune"](args)
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "digits-resnet.yaml")
+    assert ran[0].default == recipe.default == "digits-resnet"
+    assert ran[0].optin.to_dict() == recipe.optin.to_dict()

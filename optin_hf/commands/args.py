@@ -49,7 +49,7 @@ def parse_duration(text: str) -> float:
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data (a local folder or file, or a Hub dataset)")
-    group.add_argument("--default", metavar="NAME", help="an embedded default (bbc-news, tweet-sentiment, digits-vit, digit-scenes-segformer): its "
+    group.add_argument("--default", metavar="NAME", help="an embedded default (bbc-news, tweet-sentiment, digits-vit, digits-resnet, digit-scenes-segformer): its "
                        "data, and for prune its model; prune uses bbc-news when neither --model nor --default is given")
     group.add_argument("--dataset", metavar="PATH_OR_NAME",
                        help="a datasets.save_to_disk folder, a .csv/.json/.jsonl/.parquet file, or a Hub dataset name")

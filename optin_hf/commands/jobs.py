@@ -50,15 +50,16 @@ def _finish(job: PruneJob) -> None:
 # The embedded defaults run on a 2-core CPU in a few minutes: fewer calibration examples and
 # neurons scored in groups, and the cut made in the steps that measured best (each flag given on
 # the command line still wins).
-# Kept equal to recipes/{minilm-bbc-news,minilm-tweet-sentiment,vit-digits,digit-scenes-segformer}.yaml.
+# Kept equal to recipes/{minilm-bbc-news,minilm-tweet-sentiment,vit-digits,digits-resnet,digit-scenes-segformer}.yaml.
 EMBEDDED_DEFAULT_SETTINGS = {
     "bbc-news": {"num_samples": 8, "neuron_group_size": 64, "prune_steps": 2},
     "tweet-sentiment": {"num_samples": 32, "neuron_group_size": 64},
     "digits-vit": {"num_samples": 64, "neuron_group_size": 4},
+    "digits-resnet": {"num_samples": 64, "neuron_group_size": 1},
     "digit-scenes-segformer": {"num_samples": 32, "neuron_group_size": 16},
 }
-# A default whose family cannot be refit (SegFormer) is pruned without reconstruction unless the flag says otherwise.
-EMBEDDED_DEFAULT_RECONSTRUCT = {"digit-scenes-segformer": "none"}
+# A default whose family cannot be refit (the CNNs, SegFormer) is pruned without reconstruction unless the flag says otherwise.
+EMBEDDED_DEFAULT_RECONSTRUCT = {"digits-resnet": "none", "digit-scenes-segformer": "none"}
 
 
 def prune(args: argparse.Namespace) -> None:

@@ -62,11 +62,15 @@ class VitHParams(OptimHParams):
 
 @dataclass(frozen=True)
 class ResNetHParams(OptimHParams):
-    """A bottleneck ResNet small enough to train from scratch on 32x32 digits in about a minute on 2 cores."""
+    """A bottleneck ResNet that trains from scratch on 32x32 digits in well under a minute on one core.
+
+    The stem conv is fixed (it has no inner channels to prune), so it is kept narrow and the
+    blocks wide: 85% of the MACs are prunable, so a 0.6 budget need not empty any block.
+    """
 
     image_size: int = 32
-    embedding_size: int = 16
-    hidden_sizes: tuple[int, ...] = (32, 64)
+    embedding_size: int = 8
+    hidden_sizes: tuple[int, ...] = (96, 192)
     depths: tuple[int, ...] = (2, 2)
 
 
