@@ -1,4 +1,4 @@
-"""Test accuracy of the embedded defaults pruned at several MAC budgets, per criterion and reconstruction.
+"""Test accuracy (mIoU for the segmentation default) of the embedded defaults pruned at several MAC budgets, per criterion and reconstruction.
 
 Each criterion scores once per default (its recipe's settings: calibration size, neuron groups);
 every budget is allocated from those scores, slimmed, then reconstructed (or not) on the
@@ -6,7 +6,8 @@ default's calibration split (`--reconstruct-samples`, disjoint from the test spl
 evaluated on the held-out test split. A row with steps re-scores between them (`prune_steps`).
 Prints one table with the wall time of the slowest budget (scoring + slimming + refit).
 
-    python benchmarks/quality.py [--defaults bbc-news tweet-sentiment digits-vit digits-resnet] [--budgets 0.8 0.6 0.5]
+    python benchmarks/quality.py [--defaults bbc-news tweet-sentiment digits-vit digits-resnet digit-scenes-segformer]
+        [--budgets 0.8 0.6 0.5]
         [--criteria optin fisher magnitude random]
 """
 
@@ -20,12 +21,12 @@ from pathlib import Path
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf.arch import check_model
 from optin_hf.reconstruct import check_reconstructable
-from optin_hf.tasks.defaults import load_default
+from optin_hf.tasks.defaults import DefaultTask, load_default
 from optin_hf.tasks.recipes import load_recipe
-from optin_hf.tasks.report import split_accuracy
+from optin_hf.tasks.report import mean_iou_on, split_accuracy
 
 RECIPES = {"bbc-news": "minilm-bbc-news.yaml", "tweet-sentiment": "minilm-tweet-sentiment.yaml", "digits-vit": "vit-digits.yaml",
-           "digits-resnet": "digits-resnet.yaml"}
+           "digits-resnet": "digits-resnet.yaml", "digit-scenes-segformer": "digit-scenes-segformer.yaml"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +37,13 @@ def engine_refits(model) -> bool:
     except ValueError:
         return False
     return True
+
+
+def held_out_metric(task: DefaultTask, model) -> float:
+    """The default's own metric on its held-out test split: mIoU for segmentation, else accuracy."""
+    if task.task == "semantic-segmentation":
+        return mean_iou_on(model, task.test)
+    return split_accuracy(model, task.test, task.processor)
 
 
 # (criterion, reconstruction, prune_steps): the rows of the table, in order.
@@ -59,7 +67,7 @@ def main() -> None:
         task = load_default(name)
         recipe = load_recipe(ROOT / "recipes" / RECIPES[name]).optin
         base = {**recipe.to_dict(), "reconstruct_samples": args.reconstruct_samples}
-        dense = split_accuracy(task.model, task.test, task.processor)
+        dense = held_out_metric(task, task.model)
         scores, scoring_s, seq_len = {}, {}, None
         refits = engine_refits(task.model)
         for criterion, mode, steps in [r for r in ROWS if r[0] in args.criteria and (r[1] == "none" or refits)]:
@@ -78,7 +86,7 @@ def main() -> None:
                 masks = pruner.compute_masks(model, scores=scores[criterion]) if steps == 1 else None
                 pruner.prune_model(model, task.calibration, masks=masks, tokenizer=task.processor)
                 seconds.append(time.perf_counter() - start + (scoring_s[criterion] if steps == 1 else 0.0))
-                accs.append(split_accuracy(model, task.test, task.processor))
+                accs.append(held_out_metric(task, model))
             label = criterion + ("" if mode == "none" else f" + {mode}") + ("" if steps == 1 else f", {steps} steps")
             rows.append((name, label, dense, accs, max(seconds)))
             print(f"{name:16} {label:28} dense {dense:.3f} " + " ".join(f"@{b}: {a:.3f}" for b, a in zip(args.budgets, accs))

@@ -130,6 +130,17 @@ def test_cache_key_tracks_recipe_and_versions():
     assert cache_key(dataclasses.replace(recipe, description="reworded"), versions) == key
 
 
+@pytest.mark.parametrize("name", DEFAULT_NAMES)
+def test_every_hyper_parameter_enters_the_cache_key(name):
+    """An hparams class that is not a dataclass of its own keeps its fields (the architecture) out of
+    the key, so changing them would silently reload the old model."""
+    hparams = RECIPES[name].hparams
+    versions = {"torch": "2.0", "transformers": "5.0"}
+    for field in type(hparams).__annotations__:
+        changed = dataclasses.replace(hparams, **{field: None})
+        assert cache_key(dataclasses.replace(RECIPES[name], hparams=changed), versions) != cache_key(RECIPES[name], versions), field
+
+
 def test_cache_root_override(tmp_path, monkeypatch):
     monkeypatch.delenv(CACHE_ENV, raising=False)
     assert cache_root().parts[-2:] == ("optin_hf", "defaults")

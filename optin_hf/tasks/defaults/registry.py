@@ -70,7 +70,7 @@ RECIPES: dict[str, Recipe] = {
         corpus="digit-scenes",
         packages=("scikit-learn",),
         split=SplitSpec(test_size=360, calibration_size=180),  # digits held out for the test and calibration scenes
-        hparams=SegformerHParams(epochs=6, batch_size=32, lr=3e-3),
+        hparams=SegformerHParams(epochs=10, batch_size=32, lr=2e-3),
         description=(
             "A small SegFormer TRAINED FROM SCRATCH by optin-hf on 64x64 scenes of 2 to 4 scikit-learn digits "
             "(11 classes: background and the ten digits); the test scenes use digits no training scene uses."
