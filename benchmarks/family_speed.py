@@ -8,8 +8,9 @@ the shapes, and magnitude and random masks (which read no activations) give the 
 Each model is slimmed at the MAC constraints with both criteria and timed against its dense
 model as `slim_speed.py` times MiniLM: all models of a family in turns on one fixed batch, one
 torch thread, medians of wall clock and of process CPU time (both read around the same runs:
-batch 32 of ResNet-50 alone is about 130 GMACs, so the default of 3 runs after 1 warm-up keeps
-the whole script near 10 minutes on an idle 2-core machine).
+batch 32 of ResNet-50 alone is about 130 GMACs, so the default of 3 runs after 1 warm-up is
+meant to keep the script near 10 minutes on an idle 2-core machine, an estimate from the CPU
+times; it took 27 minutes at load 3-9).
 
 `count_macs` counts the encoder only where a segmentation model runs more (SegFormer's all-MLP
 decode head, Mask2Former's pixel decoder and transformer decoder stay dense and are not
