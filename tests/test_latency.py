@@ -2,7 +2,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from optin_hf.tasks.latency import median, synthetic_inputs, time_models
+from optin_hf.tasks.latency import median, synthetic_inputs, time_models, time_models_by_clocks
 
 
 class Recorder(torch.nn.Module):
@@ -29,6 +29,16 @@ def test_clock_is_pluggable_and_median():
     assert median([3.0, 1.0, 2.0]) == 2.0
     with pytest.raises(ValueError, match="runs=0"):
         time_models({"a": Recorder("a", [])}, {}, runs=0)
+
+
+def test_several_clocks_read_the_same_runs():
+    """Wall and CPU time come from one set of forwards: each clock is read around every timed run."""
+    log, wall, cpu = [], iter(range(0, 1000, 10)), iter(range(1000))
+    times = time_models_by_clocks(
+        {"a": Recorder("a", log), "b": Recorder("b", log)}, {}, {"wall": lambda: next(wall), "cpu": lambda: next(cpu)}, runs=2, warmup=1
+    )
+    assert log == ["a", "b"] * 3
+    assert times == {"wall": {"a": [10, 10], "b": [10, 10]}, "cpu": {"a": [1, 1], "b": [1, 1]}}
 
 
 def test_synthetic_inputs_have_the_mac_count_shape():
