@@ -149,7 +149,49 @@ def allocate(
     head_mask[_members(h_order[:k])] = True
     neuron_mask = torch.zeros(neuron_scores.numel(), dtype=torch.bool)
     neuron_mask[_members(n_order[:n])] = True
-    return units.with_masks(head_mask.view_as(head_scores), neuron_mask.view_as(neuron_scores))
+    head_mask, neuron_mask = head_mask.view_as(head_scores), neuron_mask.view_as(neuron_scores)
+    spent = fixed + float((head_mask.sum(1) * head_macs.double()).sum() + (neuron_mask.sum(1) * neuron_macs.double()).sum())
+    if pair_macs is not None:
+        spent += float((head_mask.sum(1) * neuron_mask.sum(1) * pair_macs.double()).sum())
+    _fill(head_scores, neuron_scores, head_mask, neuron_mask, h_order[k:] if prune_heads else h_order[:0],
+          n_order[n:] if prune_neurons else n_order[:0], head_macs, neuron_macs, pair_macs, budget - spent)
+    return units.with_masks(head_mask, neuron_mask)
+
+
+def _fill(
+    head_scores: torch.Tensor, neuron_scores: torch.Tensor, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+    heads_left: torch.Tensor, blocks_left: torch.Tensor, head_macs: torch.Tensor, neuron_macs: torch.Tensor,
+    pair_macs: torch.Tensor | None, room: float,
+) -> None:
+    """Spend what the best split leaves of the budget (in place): the best remaining heads and
+    neuron blocks that still fit, skipping those that do not.
+
+    The search keeps a prefix of each ranking, so where unit costs differ between layers (Swin,
+    SegFormer, CNN stages) the next unit in rank order may be too dear while cheaper ones would
+    fit; without this pass such a model can stay several percent under its budget. A layer's
+    neuron blocks are taken in their order, and none after one that did not fit, so every layer
+    still keeps a multiple of `neurons_multiple_of` (or all its units).
+    """
+    head_width, neuron_width = head_scores.shape[1], neuron_scores.shape[1]
+    candidates = [(float(head_scores.flatten()[i]), "head", i, torch.tensor([i])) for i in heads_left[:, 0].tolist()]
+    for block in blocks_left:
+        members = block[block >= 0]
+        candidates.append((float(neuron_scores.flatten()[members].sum()), "neuron", int(members[0]), members))
+    closed: set[int] = set()  # layers whose neuron blocks stopped
+    for _, kind, first, members in sorted(candidates, key=lambda c: -c[0]):
+        layer = first // (head_width if kind == "head" else neuron_width)
+        if kind == "neuron" and layer in closed:
+            continue
+        pairs = 0.0 if pair_macs is None else float(pair_macs[layer])
+        if kind == "head":
+            cost = float(head_macs[layer]) + pairs * float(neuron_mask[layer].sum())
+        else:
+            cost = len(members) * (float(neuron_macs[layer]) + pairs * float(head_mask[layer].sum()))
+        if cost > room + 1e-9:
+            closed.update([layer] if kind == "neuron" else [])
+            continue
+        room -= cost
+        (head_mask if kind == "head" else neuron_mask).view(-1)[members] = True
 
 
 def _paired_costs(

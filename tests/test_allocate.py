@@ -182,3 +182,31 @@ def test_allocate_finds_the_best_keep_set_by_brute_force(layers, num_heads, widt
             got = float(heads[masks.head_mask].sum() + neurons[masks.neuron_mask].sum())
             want = brute_force_best(heads, neurons, head_cost, neuron_cost, budget, fixed, prune_heads, prune_neurons, multiple)
             assert got == pytest.approx(want, abs=1e-9), (trial, share)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_what_the_split_leaves_is_spent_on_units_that_still_fit(seed):
+    """Layers of different unit costs (Swin, SegFormer, CNN stages): the budget is met, and no
+    unkept head, nor any layer's next neuron block, would still fit in what is left."""
+    g = torch.Generator().manual_seed(seed)
+    layers, heads, width, multiple = 3, 4, 12, int(torch.randint(1, 5, (1,), generator=g))
+    head_scores, neuron_scores = torch.rand(layers, heads, generator=g), torch.rand(layers, width, generator=g)
+    head_macs = torch.tensor([40.0, 9.0, 3.0])[torch.randperm(layers, generator=g)]
+    neuron_macs = torch.tensor([5.0, 2.0, 1.0])[torch.randperm(layers, generator=g)]
+    dense = float(head_macs.sum() * heads + neuron_macs.sum() * width)
+    budget = float(torch.empty(1).uniform_(0.3, 0.9, generator=g)) * dense
+    masks = allocate(head_scores, neuron_scores, head_macs, neuron_macs, budget, neurons_multiple_of=multiple)
+    kept_h, kept_n = masks.head_mask.sum(1), masks.neuron_mask.sum(1)
+    spent = float((kept_h * head_macs).sum() + (kept_n * neuron_macs).sum())
+    assert spent <= budget + 1e-9
+    left = budget - spent
+    assert all(kept_h[l] == heads or head_macs[l] > left for l in range(layers))
+    for l in range(layers):
+        assert kept_n[l] % multiple == 0 or kept_n[l] == width
+        block = min(multiple, width - int(kept_n[l]))
+        assert kept_n[l] == width or block * neuron_macs[l] > left
+    # each layer keeps its best neurons and heads (the fill never skips a better unit of a layer)
+    for scores, mask in ((head_scores, masks.head_mask), (neuron_scores, masks.neuron_mask)):
+        for l in range(layers):
+            if mask[l].any() and (~mask[l]).any():
+                assert scores[l][mask[l]].min() >= scores[l][~mask[l]].max()
