@@ -30,10 +30,11 @@ RECIPES = {"bbc-news": "minilm-bbc-news.yaml", "tweet-sentiment": "minilm-tweet-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def engine_refits(model) -> bool:
-    """Whether reconstruction applies to the model's family (CNNs and Swin refuse it: their rows are skipped)."""
+def repairs(model, mode: str) -> bool:
+    """Whether reconstruction `mode` applies to the model's family (a refit is refused by CNNs and Swin,
+    "batchnorm" by families without BatchNorm: their rows are skipped)."""
     try:
-        check_reconstructable(check_model(model), "weights")
+        check_reconstructable(check_model(model), mode)
     except ValueError:
         return False
     return True
@@ -48,10 +49,10 @@ def held_out_metric(task: DefaultTask, model) -> float:
 
 # (criterion, reconstruction, prune_steps): the rows of the table, in order.
 ROWS = [
-    ("optin", "none", 1), ("optin", "weights", 1), ("optin", "scales", 1), ("optin", "weights", 2),
+    ("optin", "none", 1), ("optin", "weights", 1), ("optin", "scales", 1), ("optin", "weights", 2), ("optin", "batchnorm", 1),
     ("fisher", "none", 1), ("fisher", "scales", 1), ("fisher", "weights", 1),
-    ("magnitude", "none", 1), ("magnitude", "weights", 1),
-    ("random", "none", 1), ("random", "weights", 1),
+    ("magnitude", "none", 1), ("magnitude", "weights", 1), ("magnitude", "batchnorm", 1),
+    ("random", "none", 1), ("random", "weights", 1), ("random", "batchnorm", 1),
 ]
 
 
@@ -69,8 +70,7 @@ def main() -> None:
         base = {**recipe.to_dict(), "reconstruct_samples": args.reconstruct_samples}
         dense = held_out_metric(task, task.model)
         scores, scoring_s, seq_len = {}, {}, None
-        refits = engine_refits(task.model)
-        for criterion, mode, steps in [r for r in ROWS if r[0] in args.criteria and (r[1] == "none" or refits)]:
+        for criterion, mode, steps in [r for r in ROWS if r[0] in args.criteria and (r[1] == "none" or repairs(task.model, r[1]))]:
             if criterion not in scores:
                 pruner = OptinPruner(OptinConfig.from_dict({**base, "importance": criterion}))
                 start = time.perf_counter()

@@ -20,7 +20,7 @@ from .criteria import CRITERIA
 CONFIG_NAME = "optin_config.json"
 ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
-RECONSTRUCT_MODES = ("weights", "scales", "none")
+RECONSTRUCT_MODES = ("weights", "scales", "batchnorm", "none")
 
 
 @dataclass
@@ -48,9 +48,10 @@ class OptinConfig:
     `reconstruct="weights"` refits each sublayer's output projection after slimming, by ridge
     least squares on `reconstruct_samples` calibration examples, so that the slim model rebuilds
     the dense model's sums (`optin_hf.reconstruct`); "scales" fits one factor per kept unit
-    (PTF's mask tuning); "none" keeps the base weights of the kept units. `prune_steps=k` makes
-    the search see the repair: each step removes 1/k of the MAC cut, reconstructs, and re-scores
-    the remaining units on the repaired model (k scoring runs).
+    (PTF's mask tuning); "batchnorm" (CNNs with BatchNorm: ResNet) re-estimates the BatchNorm
+    running means of the slim model instead; "none" keeps the base weights of the kept units.
+    `prune_steps=k` makes the search see the repair: each step removes 1/k of the MAC cut,
+    reconstructs, and re-scores the remaining units on the repaired model (k scoring runs).
 
     `prune_tokens=True` is the reference's vision "tau" mode: heads and neurons take
     `token_cut_share` of the MAC cut and a per-layer token schedule (run by token merging)
@@ -137,6 +138,8 @@ class OptinConfig:
             raise ValueError(f"reconstruct={self.reconstruct!r} is unknown; choose one of {list(RECONSTRUCT_MODES)}.")
         if self.prune_steps > 1 and self.prune_tokens:
             raise ValueError(f"prune_steps={self.prune_steps} is for heads and neurons; token mode (prune_tokens=True) prunes in one step.")
+        if self.prune_steps > 1 and self.reconstruct == "batchnorm":
+            raise ValueError(f"prune_steps={self.prune_steps} re-scores a refit model between steps, which reconstruct='batchnorm' does not give: set prune_steps=1.")
         if self.prune_steps > 1 and self.reconstruct == "none":
             raise ValueError(f"prune_steps={self.prune_steps} re-scores a reconstructed model between steps: set reconstruct='weights' (or 'scales'), or prune_steps=1.")
         if not self.reconstruct_ridge >= 0.0:

@@ -21,6 +21,18 @@ From the first layer up, attention then FFN, with the pruned model already refit
 
 Token-merged ViTs: the dense stream is merged with the pruned model's own matches, so both
 streams hold the same tokens.
+
+CNNs with BatchNorm (ResNet) have no output projection to refit through; `mode="batchnorm"`
+repairs them instead. A removed channel is a post-ReLU output with a positive mean, so removing
+it shifts the next conv's output by its mean times the conv's weights, and an eval-mode
+BatchNorm, whose running statistics are fixed, passes that shift on; many removed channels'
+shifts add up and carry into later blocks. So, from the first block that lost a channel on, each
+BatchNorm's running mean is re-estimated as the exact mean of what it receives on the
+calibration data in the slim model in eval mode, BatchNorm by BatchNorm in forward order (each
+one measured with the earlier ones already re-centred: the statistics the repaired model really
+meets). The running variances are kept: re-estimating them too (also BatchNorm train-mode
+passes with cumulative averages) scaled up channels that pruning left near-constant and did worse
+on a development split (`benchmarks/RESULTS.md`). The artifact is the new running means.
 """
 
 from __future__ import annotations
@@ -41,6 +53,8 @@ from .tokens import TokenMerging, merge_matched
 
 RECONSTRUCTION_NAME = "optin_reconstruction.safetensors"
 SUBLAYERS = ("attn_out", "ffn_down")
+REFITS = ("weights", "scales", "batchnorm")
+RUNNING_MEAN = "running_mean"
 
 
 class _Stop(Exception):
@@ -186,8 +200,9 @@ def _solve_scales(eq: _NormalEquations, weight: torch.Tensor, bias: torch.Tensor
 @dataclass
 class Reconstruction:
     """What a reconstruction changed. tensors: the artifact (`layers.{i}.{sublayer}.weight/bias`
-    in weights mode, `.scale` [kept units] in scales mode); errors: (layer, sublayer, error
-    before, error after) on the calibration tokens, Σ of squared differences to the target."""
+    in weights mode, `.scale` [kept units] in scales mode, `layers.{i}.{path}.running_mean` of a
+    BatchNorm in batchnorm mode); errors: (layer, sublayer or BatchNorm path, error before, error
+    after) on the calibration tokens, Σ of squared differences to the target."""
 
     mode: str
     tensors: dict[str, torch.Tensor]
@@ -253,14 +268,80 @@ def _merge_like(x: torch.Tensor, sizes: torch.Tensor, merging: TokenMerging) -> 
 
 
 def check_reconstructable(adapter: ArchAdapter, mode: str) -> None:
-    """Refuse a refit the adapter cannot run: it replays each layer through the adapter's pieces,
-    with the heads' output in the layer input's token order (not so in Swin's windows)."""
-    if mode != "none" and None in (adapter.finish_attention, adapter.feed_forward, adapter.finish_feed_forward):
+    """Refuse a repair the adapter cannot run. A refit ("weights", "scales") replays each layer
+    through the adapter's pieces, with the heads' output in the layer input's token order (not so
+    in Swin's windows); "batchnorm" needs BatchNorms after the pruned convs (`adapter.batch_norms`)."""
+    family = adapter.model_types[0]
+    if mode == "batchnorm" and not adapter.batch_norms:
+        fix = "'weights' (or 'scales')" if adapter.feed_forward is not None else "'none'"
+        raise ValueError(
+            f"reconstruct='batchnorm' re-estimates the BatchNorms after the pruned convs, and the {family} adapter "
+            f"has none: prune it with OptinConfig(reconstruct={fix})."
+        )
+    if mode in ("weights", "scales") and None in (adapter.finish_attention, adapter.feed_forward, adapter.finish_feed_forward):
+        fix = "'batchnorm' (its BatchNorm running means re-estimated) or 'none'" if adapter.batch_norms else "'none'"
         raise ValueError(
             f"reconstruct={mode!r} refits each layer through its adapter's pieces (finish_attention, feed_forward, "
-            f"finish_feed_forward), which the {adapter.model_types[0]} adapter does not give: prune it with "
-            "OptinConfig(reconstruct='none')."
+            f"finish_feed_forward), which the {family} adapter does not give: prune it with "
+            f"OptinConfig(reconstruct={fix})."
         )
+
+
+def batch_norms(layer: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """The layer's BatchNorms with their paths, in registration order (their order in the forward pass)."""
+    return [(name, m) for name, m in layer.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def batchnorm_means(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every layer's BatchNorm running means, keyed as a "batchnorm" reconstruction keys them."""
+    return {
+        f"layers.{i}.{name}.{RUNNING_MEAN}": norm.running_mean.detach().cpu().clone()
+        for i, layer in enumerate(check_model(model).layers_of(model))
+        for name, norm in batch_norms(layer)
+    }
+
+
+def _recentre_batchnorms(model: nn.Module, dense: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Reconstruction:
+    """Re-estimate the running means of the slim `model`'s BatchNorms (see the module docstring).
+
+    Errors per BatchNorm: Σ over positions of the squared offset of its normalized input's mean
+    (n · Σ_c (μ_c - running_mean_c)² / (running_var_c + eps)) before, and after (0: the mean is exact).
+    """
+    adapter = check_model(model)
+    config = model.config
+    layers, dense_layers = adapter.layers_of(model), adapter.layers_of(dense)
+    changed = [
+        adapter.kept_heads(s, config) != adapter.kept_heads(d, dense.config) or adapter.kept_neurons(s) != adapter.kept_neurons(d)
+        for s, d in zip(layers, dense_layers)
+    ]
+    tensors: dict[str, torch.Tensor] = {}
+    errors = []
+    if not any(changed):
+        return Reconstruction("batchnorm", tensors, errors)
+    first = changed.index(True)
+    device = next(model.parameters()).device
+    hidden = [_input_of(layers[first], lambda b=b: model(**{k: v.to(device) for k, v in b.items()})) for b in batches]
+    for i in tqdm(range(first, len(layers)), desc="Reconstruction (batchnorm)", unit="layer"):
+        layer = layers[i]
+        for name, norm in batch_norms(layer):
+            if not norm.num_features:
+                continue
+            total, count = torch.zeros(norm.num_features, dtype=torch.float64, device=device), 0
+            for x in hidden:
+                seen = _input_of(norm, lambda x=x: layer(x))
+                total += seen.double().sum(dim=[d for d in range(seen.dim()) if d != 1])
+                count += seen.numel() // seen.shape[1]
+            mean = total / count
+            offset = (mean - norm.running_mean.double()).pow(2) / (norm.running_var.double() + norm.eps)
+            errors.append((i, name, float(count * offset.sum()), 0.0))
+            norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+            tensors[f"layers.{i}.{name}.{RUNNING_MEAN}"] = norm.running_mean.detach().cpu().clone()
+        hidden = [_first(layer(x)) for x in hidden]
+    return Reconstruction("batchnorm", tensors, errors)
+
+
+def _first(output: torch.Tensor | tuple) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
 
 
 @torch.no_grad()
@@ -274,12 +355,22 @@ def reconstruct(
     """Refit the slim `model`'s output projections, in place, to rebuild `dense`'s sums on `batches`.
 
     `dense` is the model before slimming (the same weights and task head); `batches` are padded
-    calibration batches (see `data.prepare_calibration`).
+    calibration batches (see `data.prepare_calibration`). `mode="batchnorm"` re-estimates the
+    BatchNorm running means instead (CNNs).
     """
-    if mode not in ("weights", "scales"):
-        raise ValueError(f"reconstruct={mode!r} is not a refit; choose 'weights' or 'scales'.")
+    if mode not in REFITS:
+        raise ValueError(f"reconstruct={mode!r} is not a repair; choose one of {list(REFITS)}.")
     adapter = check_model(model)
     check_reconstructable(adapter, mode)
+    if mode == "batchnorm":
+        was_training = (model.training, dense.training)
+        model.eval()
+        dense.eval()
+        try:
+            return _recentre_batchnorms(model, dense, batches)
+        finally:
+            model.train(was_training[0])
+            dense.train(was_training[1])
     head_dim = adapter.head_dim(model.config)
     merging: TokenMerging | None = getattr(model.base_model, "token_merging", None)
     was_training = (model.training, dense.training)
@@ -335,29 +426,46 @@ def load_reconstruction(model: nn.Module, path: str | os.PathLike) -> None:
     apply_reconstruction(model, load_safetensors(path, "reconstruction"), str(path))
 
 
-@torch.no_grad()
-def apply_reconstruction(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the reconstruction") -> None:
-    """Set the refit weights (or multiply in the scales) that `Reconstruction.tensors` holds."""
+def _destination(model: nn.Module, key: str) -> tuple[nn.Module, str, tuple[int, ...]] | None:
+    """Where a reconstruction tensor goes: (module, attribute, the shape it must have); None if nowhere."""
     adapter = check_model(model)
     layers = adapter.layers_of(model)
+    parts = key.split(".")
+    if len(parts) < 4 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(layers):
+        return None
+    layer = layers[int(parts[1])]
+    if parts[-1] == RUNNING_MEAN:
+        norm = dict(batch_norms(layer)).get(".".join(parts[2:-1]))
+        return (norm, RUNNING_MEAN, (norm.num_features,)) if norm is not None else None
+    if len(parts) != 4 or parts[2] not in SUBLAYERS or parts[3] not in ("weight", "bias", "scale"):
+        return None
+    proj = output_projection(adapter, layer, parts[2])
+    if parts[3] == "scale":
+        unit = adapter.head_dim(model.config) if parts[2] == "attn_out" else 1
+        return proj, "scale", (proj.in_features // unit,)
+    return proj, parts[3], tuple(getattr(proj, parts[3]).shape)
+
+
+@torch.no_grad()
+def apply_reconstruction(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the reconstruction") -> None:
+    """Set the refit weights (or multiply in the scales, or set the BatchNorm means) that `Reconstruction.tensors` holds."""
     for key, value in sorted(tensors.items()):
-        parts = key.split(".")
-        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(layers) \
-                or parts[2] not in SUBLAYERS or parts[3] not in ("weight", "bias", "scale"):
-            raise ValueError(f"{source} holds {key!r}, which is not a reconstruction tensor of this {len(layers)}-layer model.")
-        proj = output_projection(adapter, layers[int(parts[1])], parts[2])
-        old = proj.weight if parts[3] != "bias" else proj.bias
-        expected = (proj.in_features // (adapter.head_dim(model.config) if parts[2] == "attn_out" else 1),) if parts[3] == "scale" else old.shape
-        if tuple(value.shape) != tuple(expected):
+        destination = _destination(model, key)
+        if destination is None:
+            raise ValueError(f"{source} holds {key!r}, which is not a reconstruction tensor of this model.")
+        module, name, expected = destination
+        if tuple(value.shape) != expected:
             raise ValueError(
-                f"{source}: {key} has shape {tuple(value.shape)} but the slim model needs {tuple(expected)}; "
+                f"{source}: {key} has shape {tuple(value.shape)} but the slim model needs {expected}; "
                 "it was made for other masks or another base model."
             )
-        value = value.to(device=old.device, dtype=old.dtype)
-        if parts[3] == "scale":
-            proj.weight = nn.Parameter(scale_columns(proj.weight.detach(), value), requires_grad=proj.weight.requires_grad)
+        if name == RUNNING_MEAN:
+            module.running_mean.copy_(value.to(module.running_mean))
+        elif name == "scale":
+            module.weight = nn.Parameter(scale_columns(module.weight.detach(), value.to(module.weight.device)), requires_grad=module.weight.requires_grad)
         else:
-            setattr(proj, parts[3], nn.Parameter(value.clone(), requires_grad=old.requires_grad))
+            old = getattr(module, name)
+            setattr(module, name, nn.Parameter(value.to(device=old.device, dtype=old.dtype).clone(), requires_grad=old.requires_grad))
 
 
 @torch.no_grad()

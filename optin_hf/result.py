@@ -18,7 +18,7 @@ from torch import nn
 from .arch import check_model
 from .config import OptinConfig
 from .masks import MASKS_NAME, PruningMasks, load_safetensors
-from .reconstruct import RECONSTRUCTION_NAME, SUBLAYERS, Reconstruction, output_projection
+from .reconstruct import RECONSTRUCTION_NAME, SUBLAYERS, Reconstruction, batchnorm_means, output_projection
 
 RESULT_ATTRIBUTE = "optin_result"
 
@@ -83,7 +83,8 @@ def read_result(folder: str | Path, model: nn.Module) -> PruningResult:
     """The result of a checkpoint folder that `model` was just loaded from.
 
     A full checkpoint's weights hold the refit parameters: they are read back from the model as a
-    "weights" reconstruction, so a loaded model can be saved again as masks only.
+    "weights" reconstruction (a "batchnorm" one: the BatchNorm running means), so a loaded model can
+    be saved again as masks only.
     """
     folder = Path(folder)
     config = OptinConfig.from_pretrained(folder)
@@ -91,6 +92,8 @@ def read_result(folder: str | Path, model: nn.Module) -> PruningResult:
     reconstruction, saved = None, folder / RECONSTRUCTION_NAME
     if config.reconstruct != "none" and saved.is_file():
         reconstruction = Reconstruction(config.reconstruct, load_safetensors(saved, "reconstruction"), [])
+    elif config.reconstruct == "batchnorm":
+        reconstruction = Reconstruction("batchnorm", batchnorm_means(model), [])
     elif config.reconstruct != "none":
         reconstruction = Reconstruction("weights", _output_projections(model), [])
     return PruningResult(config, masks, reconstruction)

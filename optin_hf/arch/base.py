@@ -166,6 +166,7 @@ class ArchAdapter:
     finish_feed_forward: FinishFeedForward | None = None
     classifiers: Mapping[str, Classifier] = field(default_factory=dict, hash=False, compare=False)
     unit_names: tuple[str, str] = ("attention heads", "FFN neurons")  # what the report calls a head and a neuron
+    batch_norms: bool = False  # BatchNorms follow the pruned convs: reconstruct="batchnorm" re-estimates their means
 
     @property
     def is_vision(self) -> bool:

@@ -17,7 +17,9 @@ and the shortcut projections. Not counted: BatchNorms, ReLUs, the max and averag
 the residual additions and the classifier. Token counts follow the image size
 (`config.image_size`, 224 when the config has none, as for ImageNet checkpoints).
 
-Scoring runs on the reference engine (no layer pieces for the fast one); reconstruction is refused.
+Scoring runs on the reference engine (no layer pieces for the fast one). A least-squares refit is
+refused (no output projection to refit through); `reconstruct="batchnorm"` re-estimates the
+running means of the BatchNorms after the pruned convs (`optin_hf.reconstruct`).
 """
 
 from __future__ import annotations
@@ -216,4 +218,5 @@ RESNET = ResNetAdapter(
     patch_embedding="embedder.embedder.convolution",
     num_prefix_tokens=0,
     pooled_tokens=0,
+    batch_norms=True,
 )

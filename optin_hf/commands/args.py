@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from ..config import OptinConfig
+from ..config import RECONSTRUCT_MODES, OptinConfig
 from ..tasks.names import TASKS
 
 
@@ -101,9 +101,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help=f"seeds the calibration draw and the MD token subset (default: {OptinConfig.seed})")
     optin.add_argument("--faithful", action=argparse.BooleanOptionalAction, default=OptinConfig.faithful,
                        help="apply the reference's extra score weights (default: %(default)s)")
-    optin.add_argument("--reconstruct", choices=("weights", "scales", "none"), default=None,
+    optin.add_argument("--reconstruct", choices=RECONSTRUCT_MODES, default=None,
                        help="after slimming, refit each sublayer's output projection by least squares (weights), one "
-                       f"factor per kept unit (scales), or not at all (default: {OptinConfig.reconstruct}; "
+                       "factor per kept unit (scales), re-estimate the BatchNorm means of a ResNet (batchnorm), or "
+                       f"not at all (default: {OptinConfig.reconstruct}; digits-resnet: batchnorm; "
                        "digit-scenes-segformer: none)")
     optin.add_argument("--reconstruct-samples", type=int, default=OptinConfig.reconstruct_samples, metavar="N",
                        help="calibration examples the reconstruction fits on (default: %(default)s)")

@@ -58,8 +58,9 @@ EMBEDDED_DEFAULT_SETTINGS = {
     "digits-resnet": {"num_samples": 64, "neuron_group_size": 1},
     "digit-scenes-segformer": {"num_samples": 32, "neuron_group_size": 16},
 }
-# A default whose family cannot be refit (the CNNs, SegFormer) is pruned without reconstruction unless the flag says otherwise.
-EMBEDDED_DEFAULT_RECONSTRUCT = {"digits-resnet": "none", "digit-scenes-segformer": "none"}
+# A default whose family cannot be refit is repaired as its family can (the ResNet: its BatchNorm means re-estimated)
+# or not at all (SegFormer), unless the flag says otherwise.
+EMBEDDED_DEFAULT_RECONSTRUCT = {"digits-resnet": "batchnorm", "digit-scenes-segformer": "none"}
 
 
 def prune(args: argparse.Namespace) -> None:

@@ -136,10 +136,14 @@ def model_card(
         )
     if result.reconstruction is not None:
         size = sum(t.numel() * t.element_size() for t in result.reconstruction.tensors.values())
+        what, differ = (
+            ("the running means of its BatchNorms were re-estimated", "BatchNorm statistics") if config.reconstruct == "batchnorm"
+            else ("each sublayer's output projection was refit by ridge least squares", "weights")
+        )
         how += (
-            f" After slimming, each sublayer's output projection was refit by ridge least squares on "
+            f" After slimming, {what} on "
             f"{config.reconstruct_samples} calibration examples (`reconstruct=\"{config.reconstruct}\"`), so the kept "
-            "weights differ from the base model's"
+            f"{differ} differ from the base model's"
             + (f"; this repo carries them in `{RECONSTRUCTION_NAME}` ({size / 1e6:.2f} MB)." if masks_only else ".")
         )
     if base_model:
