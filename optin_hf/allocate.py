@@ -82,6 +82,74 @@ def allocate(
     neurons_multiple_of: int = 1,
     units: PruningMasks | None = None,
     pair_macs: torch.Tensor | None = None,
+    shared_macs: torch.Tensor | None = None,
+) -> PruningMasks:
+    """The budget search (`_search`), and where a layer that keeps no head also saves MACs that
+    `fixed_macs` holds (`shared_macs` [num_layers], `ArchAdapter.shared_attention_macs`: SegFormer's
+    spatial-reduction conv), what such layers free is searched again, until the masks' real MACs
+    reach the budget (a few rounds; never above it)."""
+    args = (head_scores, neuron_scores, head_macs, neuron_macs)
+    kw = dict(prune_heads=prune_heads, prune_neurons=prune_neurons, min_fill=min_fill,
+              neurons_multiple_of=neurons_multiple_of, units=units, pair_macs=pair_macs)
+    masks = _search(*args, budget, fixed_macs, **kw)
+    if shared_macs is None or not shared_macs.any() or not prune_heads:
+        return masks
+
+    def real_macs(m: PruningMasks) -> float:
+        heads, neurons = m.head_mask.sum(1).double(), m.neuron_mask.sum(1).double()
+        total = fixed_macs - float(shared_macs.double()[heads == 0].sum())
+        total += float((heads * head_macs.double()).sum() + (neurons * neuron_macs.double()).sum())
+        return total + (float((heads * neurons * pair_macs.double()).sum()) if pair_macs is not None else 0.0)
+
+    target = budget
+    for _ in range(4):
+        gap = budget - real_macs(masks)
+        if gap <= 1e-6 * budget:
+            break
+        target += gap
+        trial = _search(*args, target, fixed_macs, **kw)
+        if real_macs(trial) > budget:
+            break
+        masks = trial
+    # What is still free (a re-search that would overshoot) goes to the best neurons and the best
+    # heads of layers that keep one already: a head of an emptied layer brings its shared MACs back.
+    head_mask, neuron_mask = masks.head_mask.clone(), masks.neuron_mask.clone()
+    head_present, neuron_present = (units or masks).present()
+    open_heads = (~head_mask & head_present & head_mask.any(1, keepdim=True)).flatten().nonzero()
+    blocks = _open_blocks(neuron_scores, neuron_mask, neuron_present, neurons_multiple_of) if prune_neurons else open_heads[:0]
+    _fill(head_scores, neuron_scores, head_mask, neuron_mask, open_heads, blocks, head_macs, neuron_macs,
+          pair_macs, budget - real_macs(masks))
+    return masks.with_masks(head_mask, neuron_mask)
+
+
+def _open_blocks(scores: torch.Tensor, kept: torch.Tensor, present: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Each layer's neurons not yet kept, best first, in blocks of `multiple` ([blocks, multiple]
+    flat indices, -1 padding the last block of a layer), so taking a layer's blocks in order keeps
+    a multiple of it (or all) where the kept count already is one."""
+    width = scores.shape[1]
+    blocks = []
+    for layer in range(scores.shape[0]):
+        free = (~kept[layer] & present[layer]).nonzero().flatten()
+        free = free[scores[layer, free].argsort(descending=True, stable=True)] + layer * width
+        for start in range(0, len(free), multiple):
+            block = free[start : start + multiple]
+            blocks.append(torch.cat([block, block.new_full((multiple - len(block),), -1)]))
+    return torch.stack(blocks) if blocks else torch.zeros(0, multiple, dtype=torch.long)
+
+
+def _search(
+    head_scores: torch.Tensor,
+    neuron_scores: torch.Tensor,
+    head_macs: torch.Tensor,
+    neuron_macs: torch.Tensor,
+    budget: float,
+    fixed_macs: float = 0.0,
+    prune_heads: bool = True,
+    prune_neurons: bool = True,
+    min_fill: float = 0.99,
+    neurons_multiple_of: int = 1,
+    units: PruningMasks | None = None,
+    pair_macs: torch.Tensor | None = None,
 ) -> PruningMasks:
     """Keep the k best heads and fill the rest of the budget with the best neurons, for the k
     that maximises the summed importance kept (the OPTIN search; ranks are global, so layers

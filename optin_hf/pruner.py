@@ -205,7 +205,8 @@ class OptinPruner:
             )
         heads, neurons, fixed = costs([self.seq_len] * num_layers)
         pairs = pair_macs([self.seq_len] * num_layers, adapter, config)
-        masks = allocate(scores.head_scores, scores.neuron_scores, heads, neurons, budget, fixed, pair_macs=pairs, **kw)
+        shared = torch.tensor([adapter.shared_attention_macs(self.seq_len, config, i) for i in range(num_layers)], dtype=torch.float64)
+        masks = allocate(scores.head_scores, scores.neuron_scores, heads, neurons, budget, fixed, pair_macs=pairs, shared_macs=shared, **kw)
         return rearrange_masks(masks, scores.example_grads) if scores.example_grads else masks
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:

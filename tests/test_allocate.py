@@ -210,3 +210,31 @@ def test_what_the_split_leaves_is_spent_on_units_that_still_fit(seed):
         for l in range(layers):
             if mask[l].any() and (~mask[l]).any():
                 assert scores[l][mask[l]].min() >= scores[l][~mask[l]].max()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_what_emptied_attention_frees_is_spent(seed):
+    """A layer that keeps no head also saves its shared attention MACs (SegFormer's reduction conv,
+    counted in fixed_macs): the real MACs stay under the budget, and what is left could buy no
+    head of a layer that keeps heads and no neuron."""
+    g = torch.Generator().manual_seed(seed)
+    head_scores, neuron_scores = torch.rand(3, 4, generator=g), torch.rand(3, 16, generator=g)
+    head_macs, neuron_macs = torch.tensor([60.0, 8.0, 2.0]), torch.tensor([1.0, 1.0, 0.5])
+    shared = torch.tensor([120.0, 30.0, 0.0])
+    fixed = 100.0 + float(shared.sum())
+    dense = fixed + float(head_macs.sum() * 4 + neuron_macs.sum() * 16)
+    budget = 0.6 * dense
+
+    def real(m):
+        heads, neurons = m.head_mask.sum(1).double(), m.neuron_mask.sum(1).double()
+        return fixed - float(shared[heads == 0].sum()) + float((heads * head_macs).sum() + (neurons * neuron_macs).sum())
+
+    masks = allocate(head_scores, neuron_scores, head_macs, neuron_macs, budget, fixed, shared_macs=shared)
+    left = budget - real(masks)
+    assert left >= -1e-9
+    kept_h, kept_n = masks.head_mask.sum(1), masks.neuron_mask.sum(1)
+    # nothing that still fits is left out: a head of a layer that keeps heads, a neuron anywhere
+    assert all(kept_h[l] in (0, 4) or head_macs[l] > left for l in range(3))
+    assert all(kept_n[l] == 16 or neuron_macs[l] > left for l in range(3))
+    without = allocate(head_scores, neuron_scores, head_macs, neuron_macs, budget, fixed)
+    assert real(masks) >= real(without)  # never less of the budget used than the search that ignores them

@@ -260,6 +260,12 @@ class ArchAdapter:
         """
         return 0.0
 
+    def shared_attention_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        """MACs of layer `layer`'s attention that serve all its heads, counted in `fixed_macs` while
+        it keeps one head and saved when it keeps none (SegFormer's spatial-reduction conv): the
+        budget search spends what that frees. 0 here."""
+        return 0.0
+
     def unit_weight_norms(self, layer: nn.Module, config) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared L2 norms of the weights each head ([heads]) and each neuron ([neurons]) of `layer`
         owns (the magnitude criterion): a head's q/k/v rows and output columns, a neuron's FFN up

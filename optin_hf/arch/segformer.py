@@ -139,13 +139,15 @@ class SegformerAdapter(ArchAdapter):
             total += grid[0] * grid[1] * conv.weight[0].numel() * conv.out_channels
         seq_len = self.default_seq_len(config)
         for i, layer in enumerate(self.layers_of(model)):
-            attention = get_submodule(layer, self.attn_core)
-            if isinstance(attention, EmptyAttention) or attention.sequence_reduction_ratio == 1:
-                continue
-            _, reduced, ratio = self._layer_tokens(seq_len, config, i)
-            dim = self.layer_geometry(config)[i].hidden
-            total += reduced * dim * ratio * ratio * dim
+            if not isinstance(get_submodule(layer, self.attn_core), EmptyAttention):
+                total += self.shared_attention_macs(seq_len, config, i)
         return total
+
+    def shared_attention_macs(self, seq_len: float, config, layer: int = 0) -> float:
+        """The spatial-reduction conv (ratio R: an R x R kernel, stride R, d -> d on the reduced map)."""
+        _, reduced, ratio = self._layer_tokens(seq_len, config, layer)
+        dim = self.layer_geometry(config)[layer].hidden
+        return reduced * dim * ratio * ratio * dim if ratio > 1 else 0
 
 
 SEGFORMER = SegformerAdapter(
