@@ -10,7 +10,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
 
 from optin_hf import AutoOptinModel
 from optin_hf.commands.__main__ import main
