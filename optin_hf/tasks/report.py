@@ -147,23 +147,23 @@ class Report:
         layers = np.arange(len(pruned.heads_per_layer))
         fig = Figure(figsize=(15, 4.8), layout="constrained")
         axes = fig.subplots(1, 3)
-        for ax, kept, total, what in (
-            (axes[0], pruned.heads_per_layer, self.num_heads, self.unit_names[0]),
-            (axes[1], pruned.neurons_per_layer, self.intermediate_size, self.unit_names[1]),
+        for ax, kept, full, what in (  # the dense model's own counts: layers may differ in width (Swin, CNN stages)
+            (axes[0], pruned.heads_per_layer, dense.heads_per_layer, self.unit_names[0]),
+            (axes[1], pruned.neurons_per_layer, dense.neurons_per_layer, self.unit_names[1]),
         ):
-            if not total:  # a family without heads (ConvNeXt)
+            if not max(full, default=0):  # a family without heads (ConvNeXt)
                 ax.text(0.5, 0.5, f"no {what} in this family", ha="center", va="center", transform=ax.transAxes)
                 ax.set_axis_off()
                 continue
-            ax.bar(layers, [total] * len(layers), color="#dddddd", label="dense")
+            ax.bar(layers, full, color="#dddddd", label="dense")
             bars = ax.bar(layers, kept, color="#3b75af", label="kept")
-            ax.bar_label(bars, fontsize=7 if total >= 1000 else 8, padding=2)
+            ax.bar_label(bars, fontsize=7 if max(full) >= 1000 else 8, padding=2)
             ax.set_xticks(layers)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylim(0, total * 1.22)
+            ax.set_ylim(0, max(full) * 1.22)
             ax.set_xlabel("layer")
             ax.set_ylabel(f"{what} per layer")
-            ax.set_title(f"{what}: {sum(kept)} of {total * len(layers)} kept")
+            ax.set_title(f"{what}: {sum(kept)} of {sum(full)} kept")
             ax.legend(loc="upper left", ncols=2, fontsize=8, frameon=False)
         ax = axes[2]
         key = self.main_metric
