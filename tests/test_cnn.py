@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import ConvNextConfig, ConvNextForImageClassification, ResNetConfig, ResNetForImageClassification
 
 from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs
@@ -16,6 +15,7 @@ from optin_hf.engine.run import engine_for
 from optin_hf.hooks import apply_masks
 from optin_hf.slim import slim_model
 from test_masks import same
+from tiny import flop_macs, random_images, scores_by_criterion
 
 SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=4, batch_size=2, neuron_group_size=8)
 FAMILIES = ["resnet", "convnext"]
@@ -41,9 +41,7 @@ def tiny_cnn(family: str, seed: int = 0):
     return model.eval()
 
 
-def images(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"pixel_values": torch.randn(3, 32, 32, generator=g)} for _ in range(n)]
+images = random_images
 
 
 PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -51,21 +49,17 @@ PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
 def encoder_macs(model) -> float:
     """Torch's count of the encoder's convs and matmuls, in MACs (FLOPs / 2), for one image."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.base_model(pixel_values=PIXELS[:1])
-    return counter.get_total_flops() / 2
+    return flop_macs(model.base_model, PIXELS[:1])
 
 
 @pytest.fixture(scope="module")
 def scored():
     """Each family's scores by each criterion (optin on the reference engine)."""
-    out = {}
-    for family in FAMILIES:
-        model = tiny_cnn(family)
-        for importance in ("optin", "magnitude", "random"):
-            pruner = OptinPruner(OptinConfig(importance=importance, engine="reference", **SETTINGS))
-            out[family, importance] = pruner.compute_scores(model, images(4, 1))
-    return out
+    return {
+        (family, importance): scores
+        for family in FAMILIES
+        for importance, scores in scores_by_criterion(tiny_cnn(family), images(4, 1), SETTINGS).items()
+    }
 
 
 def test_blocks_have_their_channel_geometry():
@@ -178,14 +172,10 @@ def test_digits_resnet_default_is_wired_to_32x32_digits_and_a_bottleneck_resnet(
     model, processor = train.TRAINERS[type(recipe.hparams)](recipe.hparams, splits.train.select(range(8)), corpus.label_names)
     assert processor is None and model.config.layer_type == "bottleneck" and model.config.image_size == 32
     assert check_model(model).default_seq_len(model.config) == 64  # 32x32 -> stem and pooling -> 8x8
-    assert count_macs(model) == encoder_macs_of(model, pixels[:1])
+    assert count_macs(model) == flop_macs(model.base_model, pixels[:1])
     assert load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "digits-resnet.yaml").default == "digits-resnet"
 
 
-def encoder_macs_of(model, pixels: torch.Tensor) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.base_model(pixel_values=pixels)
-    return counter.get_total_flops() / 2
 
 
 def test_cli_prunes_digits_resnet_with_its_recipe_settings(monkeypatch):

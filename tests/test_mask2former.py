@@ -4,13 +4,13 @@ the pixel decoder and the transformer decoder stay dense."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import datasets
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
@@ -31,6 +31,7 @@ from optin_hf.tasks import workflow
 from optin_hf.tasks.metrics import mean_iou
 from optin_hf.tasks.report import class_maps, predicted_logits
 from test_masks import same
+from tiny import flop_macs, random_images, scores_by_criterion
 
 SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=2, batch_size=2, neuron_group_size=32)
 # Four stages on a 48x48 image: 12x12, 6x6, 3x3 and 2x2 patch maps; the backbone runs the last two padded to one
@@ -62,9 +63,7 @@ def eager(model) -> None:
     backbone(model).config._attn_implementation = "eager"
 
 
-def images(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"pixel_values": torch.randn(3, 48, 48, generator=g)} for _ in range(n)]
+images = partial(random_images, size=48)
 
 
 PIXELS = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(5))
@@ -78,19 +77,13 @@ def outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
 
 def backbone_macs(model) -> float:
     """Torch's count of the backbone's matmuls and convs, in MACs (FLOPs / 2), for one image."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        backbone(model)(PIXELS[:1])
-    return counter.get_total_flops() / 2
+    return flop_macs(backbone(model), PIXELS[:1])
 
 
 @pytest.fixture(scope="module")
 def scored():
     """Each criterion's scores of one tiny Mask2Former (optin on the reference engine)."""
-    model, out = tiny_mask2former(), {}
-    for importance in ("optin", "magnitude", "random"):
-        pruner = OptinPruner(OptinConfig(importance=importance, engine="reference", **SETTINGS))
-        out[importance] = pruner.compute_scores(model, images(4, 1))
-    return out
+    return scores_by_criterion(tiny_mask2former(), images(4, 1), SETTINGS)
 
 
 def test_the_backbone_blocks_are_the_layers():
@@ -249,9 +242,7 @@ def test_the_cli_prunes_a_mask2former_checkpoint_end_to_end(tmp_path, monkeypatc
     assert report["seq_len"] == (64 // 4) ** 2
     assert dense_model.config.backbone_config.image_size == (64, 64)
     eager(pruned_model)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        backbone(pruned_model)(torch.zeros(1, 3, 64, 64))
-    assert report["stats"]["pruned"]["macs"] == counter.get_total_flops() / 2
+    assert report["stats"]["pruned"]["macs"] == flop_macs(backbone(pruned_model), torch.zeros(1, 3, 64, 64))
     assert 0.98 * 0.6 <= report["ratios"]["macs"] <= 0.6
     assert (out / "optin_segmentation.png").stat().st_size > 10_000 and (out / "optin_report.png").is_file()
 

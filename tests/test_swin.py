@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import SwinConfig, SwinForImageClassification
 
 from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs
@@ -14,6 +13,7 @@ from optin_hf.engine.run import engine_for
 from optin_hf.hooks import apply_masks
 from optin_hf.slim import slim_model
 from test_masks import same
+from tiny import flop_macs, random_images, scores_by_criterion
 
 SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=4, batch_size=2, neuron_group_size=16)
 
@@ -30,9 +30,7 @@ def tiny_swin(seed: int = 0) -> SwinForImageClassification:
     return model.eval()
 
 
-def images(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"pixel_values": torch.randn(3, 32, 32, generator=g)} for _ in range(n)]
+images = random_images
 
 
 PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -40,19 +38,13 @@ PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
 def encoder_macs(model) -> float:
     """Torch's count of the encoder's matmuls and convs, in MACs (FLOPs / 2), for one image."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.swin(pixel_values=PIXELS[:1])
-    return counter.get_total_flops() / 2
+    return flop_macs(model.swin, PIXELS[:1])
 
 
 @pytest.fixture(scope="module")
 def scored():
     """Each criterion's scores of one tiny Swin (optin on the reference engine)."""
-    model, out = tiny_swin(), {}
-    for importance in ("optin", "magnitude", "random"):
-        pruner = OptinPruner(OptinConfig(importance=importance, engine="reference", **SETTINGS))
-        out[importance] = pruner.compute_scores(model, images(4, 1))
-    return out
+    return scores_by_criterion(tiny_swin(), images(4, 1), SETTINGS)
 
 
 def test_layers_have_their_stage_geometry():

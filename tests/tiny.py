@@ -69,3 +69,28 @@ def output(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def random_images(n: int, seed: int, size: int = 32) -> list[dict[str, torch.Tensor]]:
+    """`n` random [3, size, size] images as calibration examples (the vision families' tests)."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.randn(3, size, size, generator=g)} for _ in range(n)]
+
+
+def flop_macs(module: torch.nn.Module, pixels: torch.Tensor) -> float:
+    """Torch's count of `module`'s matmuls and convs on `pixels`, in MACs (FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(pixels)
+    return counter.get_total_flops() / 2
+
+
+def scores_by_criterion(model: torch.nn.Module, data: list, settings: dict) -> dict:
+    """`model`'s scores by optin (on the reference engine), magnitude and random, keyed by criterion."""
+    from optin_hf import OptinConfig, OptinPruner
+
+    return {
+        importance: OptinPruner(OptinConfig(importance=importance, engine="reference", **settings)).compute_scores(model, data)
+        for importance in ("optin", "magnitude", "random")
+    }

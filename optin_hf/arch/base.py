@@ -120,6 +120,20 @@ def unit_features(keep: torch.Tensor, width: int) -> torch.Tensor:
     return (keep[:, None] * width + torch.arange(width, device=keep.device)).flatten()
 
 
+# transformers 5 names the parts of its vision encoder layers (ViT, DeiT, Swin, SegFormer) alike.
+VISION_LAYER_PATHS = dict(
+    attn_core="attention",
+    query="attention.q_proj",
+    key="attention.k_proj",
+    value="attention.v_proj",
+    attn_out="attention.o_proj",
+    ffn_up="mlp.fc1",
+    ffn_down="mlp.fc2",
+    ffn_input="layernorm_after",
+    head_count_attrs=("num_attention_heads",),
+)
+
+
 @dataclass(frozen=True)
 class ArchAdapter:
     """Module paths of one architecture family.

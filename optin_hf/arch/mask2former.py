@@ -11,12 +11,12 @@ semantic map that Mask2Former's semantic post-processing computes (`semantic_log
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
-from .swin import SwinAdapter
+from .swin import SWIN, SwinAdapter
 
 BACKBONE = "pixel_level_module.encoder"  # relative to Mask2FormerModel (the task model's base_model)
 
@@ -66,20 +66,10 @@ class Mask2FormerAdapter(SwinAdapter):
         return semantic_logits(output.class_queries_logits, output.masks_queries_logits)
 
 
-MASK2FORMER = Mask2FormerAdapter(
-    model_types=("mask2former",),
-    layers=f"{BACKBONE}.swin.encoder.layers",
-    attn_core="attention",
-    query="attention.q_proj",
-    key="attention.k_proj",
-    value="attention.v_proj",
-    attn_out="attention.o_proj",
-    ffn_up="mlp.fc1",
-    ffn_down="mlp.fc2",
-    ffn_input="layernorm_after",
-    feature="",
-    head_count_attrs=("num_attention_heads",),
-    patch_embedding=f"{BACKBONE}.swin.embeddings.patch_embeddings.projection",
-    num_prefix_tokens=0,
-    pooled_tokens=0,
-)
+# Swin's adapter on the backbone's paths: the same layers, under the universal-segmentation model.
+MASK2FORMER = Mask2FormerAdapter(**{
+    **{f.name: getattr(SWIN, f.name) for f in fields(SWIN) if f.init},
+    "model_types": ("mask2former",),
+    "layers": f"{BACKBONE}.swin.{SWIN.layers}",
+    "patch_embedding": f"{BACKBONE}.swin.{SWIN.patch_embedding}",
+})

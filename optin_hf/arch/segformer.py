@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ArchAdapter, EmptyAttention, LayerGeometry, get_submodule
+from .base import VISION_LAYER_PATHS, ArchAdapter, EmptyAttention, LayerGeometry, get_submodule
 
 DWCONV = "mlp.dwconv.dwconv"
 
@@ -154,16 +154,8 @@ SEGFORMER = SegformerAdapter(
     model_types=("segformer",),
     unit_names=("attention heads", "Mix-FFN channels"),
     layers="stages",
-    attn_core="attention",
-    query="attention.q_proj",
-    key="attention.k_proj",
-    value="attention.v_proj",
-    attn_out="attention.o_proj",
-    ffn_up="mlp.fc1",
-    ffn_down="mlp.fc2",
-    ffn_input="layernorm_after",
+    **VISION_LAYER_PATHS,
     feature="",
-    head_count_attrs=("num_attention_heads",),
     patch_embedding="stages.0.patch_embeddings.proj",
     num_prefix_tokens=0,
     pooled_tokens=0,

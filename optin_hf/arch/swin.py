@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ArchAdapter, LayerGeometry, get_submodule
+from .base import VISION_LAYER_PATHS, ArchAdapter, LayerGeometry, get_submodule
 
 
 def _pair(value) -> tuple[int, int]:
@@ -126,16 +126,8 @@ class SwinAdapter(ArchAdapter):
 SWIN = SwinAdapter(
     model_types=("swin",),
     layers="encoder.layers",
-    attn_core="attention",
-    query="attention.q_proj",
-    key="attention.k_proj",
-    value="attention.v_proj",
-    attn_out="attention.o_proj",
-    ffn_up="mlp.fc1",
-    ffn_down="mlp.fc2",
-    ffn_input="layernorm_after",
+    **VISION_LAYER_PATHS,
     feature="",
-    head_count_attrs=("num_attention_heads",),
     patch_embedding="embeddings.patch_embeddings.projection",
     num_prefix_tokens=0,
     pooled_tokens=0,

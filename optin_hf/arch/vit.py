@@ -5,7 +5,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .base import ArchAdapter
+from .base import VISION_LAYER_PATHS, ArchAdapter
 
 
 def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
@@ -33,16 +33,8 @@ def _deit_with_teacher(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 VIT = ArchAdapter(
     model_types=("vit",),
     layers="layers",
-    attn_core="attention",
-    query="attention.q_proj",
-    key="attention.k_proj",
-    value="attention.v_proj",
-    attn_out="attention.o_proj",
-    ffn_up="mlp.fc1",
-    ffn_down="mlp.fc2",
-    ffn_input="layernorm_after",
+    **VISION_LAYER_PATHS,
     feature="layernorm_before",
-    head_count_attrs=("num_attention_heads",),
     patch_embedding="embeddings.patch_embeddings.projection",
     num_prefix_tokens=1,
     finish_attention=_finish_attention,
