@@ -41,6 +41,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_HF_HOME, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    they gain nothing from threads, and on a busy small machine spinning threads cost 10x or more."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     """A fresh ``FakeHub`` that this process's huggingface_hub talks to, with an empty per-test cache.

@@ -48,13 +48,7 @@ def assert_same_scores(got: ImportanceScores, want: ImportanceScores, rtol: floa
         assert torch.equal(a.flatten().argsort(), b.flatten().argsort()), f"{name}: the ranking differs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy small machine spinning threads cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

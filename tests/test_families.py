@@ -30,10 +30,10 @@ from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner,
 from optin_hf.arch import check_model
 from optin_hf.commands.__main__ import main
 from optin_hf.hooks import apply_masks
-from test_segformer import one_thread  # noqa: F401  (autouse: tiny models run far faster on one thread here too)
 
 CRITERIA = ("optin", "magnitude", "random")
 CONSTRAINTS = (0.8, 0.6, 0.5)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run far faster on one thread
 
 
 def _same_attention(model: nn.Module) -> None:

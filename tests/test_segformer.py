@@ -20,13 +20,7 @@ SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=4, batch_siz
                 neurons_multiple_of=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A model this small runs ~100x slower on two threads of a busy machine than on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_segformer(seed: int = 0, num_labels: int = 4) -> SegformerForSemanticSegmentation:
