@@ -184,9 +184,13 @@ def _search(
     fixed = fixed_macs + (0.0 if prune_heads else heads_total) + (0.0 if prune_neurons else neurons_total)
     room = budget - fixed
     if room < 0:
+        # only a kind that has units and is kept whole could give MACs back
+        kept = [s for s, on, width in (("prune_heads", prune_heads, head_scores.shape[1]),
+                                       ("prune_neurons", prune_neurons, neuron_scores.shape[1])) if not on and width]
         raise ValueError(
-            f"The budget of {budget:.4g} MACs cannot be reached: the parts not being pruned already cost "
-            f"{fixed:.4g}. Raise mac_constraint or enable pruning of both heads and neurons."
+            f"The budget of {budget:.4g} MACs cannot be reached: the parts not being pruned already cost {fixed:.4g} "
+            f"({fixed_macs:.4g} of them owned by no unit). Raise mac_constraint"
+            + (f", or set {' and '.join(f'{s}=True' for s in kept)}." if kept else ".")
         )
     h_order, h_score, h_cost = _ranked(head_scores, head_macs, 1, head_present)
     n_order, n_score, n_cost = _ranked(neuron_scores, neuron_macs, neurons_multiple_of, neuron_present)

@@ -1,37 +1,58 @@
 """Saving a pruned model: safe, atomic checkpoint folders; the slim model's config.json; strict safetensors weight loading.
 
-How a folder is replaced (`atomic_directory`). The new files go into a hidden sibling `.NAME.tmp-*`.
-Then NAME is renamed to `.NAME.old-*`, the new folder to NAME, and the old one deleted. A kill
-before the first rename leaves NAME untouched; after the second, NAME is the new folder. Between
-the two renames NAME is missing, and the complete old folder is the only `.NAME.old-*`: the next
-save or `AutoOptinModel.from_pretrained` of NAME (`restore_interrupted_save`) renames it back. So
-whenever a save dies, NAME is, or on the next save or load becomes, the complete old or the complete
-new folder. The next save deletes what killed saves left beside NAME (`.NAME.tmp-*`, stale
-`.NAME.old-*`). Concurrent saves to one folder are not supported. A symlinked NAME is followed: the
-folder it points to is replaced and the link kept.
+How a folder is replaced (`atomic_directory`). The target is first made absolute with its symlinks resolved
+(`save_path`), so `.` is the current folder by its name and a symlinked NAME is the folder it points to (the link
+is kept); the root of the file system, which cannot be renamed, is refused. The new files go into a hidden sibling
+`.NAME.tmp-*`, beside NAME in its parent, never inside it. Then NAME is renamed to `.NAME.old-*`, the new folder to
+NAME, and the old one deleted. A kill before the first rename leaves NAME untouched; after the second, NAME is the
+new folder. Between the two renames NAME is missing, and the complete old folder is the only `.NAME.old-*`: the
+next save or `AutoOptinModel.from_pretrained` of NAME (`restore_interrupted_save`) renames it back. So whenever a
+save dies, NAME is, or on the next save or load becomes, the complete old or the complete new folder. The next save
+deletes what killed saves left beside NAME (`.NAME.tmp-*`, stale `.NAME.old-*`). A save into the current folder (or
+a folder holding it) moves this process into the new folder; a shell sitting in it still shows the old, deleted one
+until it runs `cd .`.
 
-What a checkpoint save may replace (`checkpoint_directory`). optin-hf owns the files it writes into a
-checkpoint: `optin_*` (its config, masks, scores, refit parameters, `optin_report.*`), `config.json`,
-the weights (`model.safetensors`, its index and `model-*-of-*.safetensors` shards) and the model card
-`README.md` (`OWNED_FILES`). Replacing an earlier checkpoint (a folder with `optin_masks.safetensors`)
-drops the owned files and keeps every other entry (a tokenizer, notes, `.git`), hard-linked into the
-new folder. A non-empty folder that is not a checkpoint is refused unless `overwrite=True`, which
-saves into it by the same rule.
+Concurrent saves (`save_lock`). A save holds an exclusive lock (flock) on `.NAME.lock` beside NAME from before it
+restores or deletes any leftover until its new folder is in place, and a load that must restore an interrupted save
+takes it too. A second save into NAME, from this process or another, waits for the first (a warning says so) and
+then replaces it, keeping the user's files as every save does; after `LOCK_TIMEOUT_S` of waiting it gives up with a
+`TimeoutError` naming the folder. So no save ever deletes or restores what a live save is writing. The operating
+system drops the lock of a killed process; the lock file is deleted when the save ends (one left by a kill is
+reused).
+
+What a checkpoint save may replace (`checkpoint_directory`). optin-hf owns the files it writes into a checkpoint:
+`optin_*` (its config, masks, scores, refit parameters, `optin_report.*`), `config.json`, the weights
+(`model.safetensors`, its index and `model-*-of-*.safetensors` shards) and the model card `README.md`
+(`OWNED_FILES`). Replacing an earlier checkpoint (a folder with `optin_masks.safetensors`) drops the owned files
+and keeps every other entry (a tokenizer, notes, `.git`), hard-linked into the new folder. A non-empty folder that
+is not a checkpoint is refused unless `overwrite=True`, which saves into it by the same rule. A save that the disk
+cannot hold (no space, quota, file size limit) is undone and reported as one `OSError` naming the folder
+(`_write_errors`).
+
+A masks-only checkpoint over a base model in a local folder records a fingerprint of the base's weights
+(`weights_fingerprint`), which the load checks: a Hub base is pinned by its commit instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import fnmatch
+import hashlib
 import json
 import os
+import re
 import shutil
+import time
 import uuid
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from huggingface_hub import save_torch_state_dict
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
@@ -47,6 +68,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # What a save replaces in an existing folder; any other entry there is the user's and is kept.
 OWNED_FILES = ("optin_*", MODEL_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*-of-*.safetensors", "README.md")
 MAX_SHARD_SIZE = "5GB"
+LOCK_TIMEOUT_S = 600.0  # how long a save waits for another save into the same folder
 # transformers reads `transformers_weights` in config.json as the name of the weights file and, before it builds the
 # model or downloads a weight, refuses a name that is not a safetensors file, quoting it. Without this, plain
 # `from_pretrained` would build the dense shapes and stop on a wall of size-mismatch reports.
@@ -55,6 +77,24 @@ NOT_FOR_TRANSFORMERS = (
     "load it with optin_hf.AutoOptinModel.from_pretrained(...) (pip install optin-hf)"
 )
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
+
+def save_path(target: str | os.PathLike) -> Path:
+    """The folder a save into `target` replaces: absolute, with `.`, `..` and symlinks resolved, so that its temp
+    folders go beside it and a symlink is followed, not replaced. The root of the file system cannot be replaced."""
+    path = Path(target).resolve()
+    if path.parent == path:
+        raise ValueError(
+            f"{target} is the root of the file system: a save replaces its folder by renaming a new one into place, "
+            "which the root cannot be. Save into a folder below it."
+        )
+    return path
+
 
 def _leftovers(target: Path, kind: str) -> list[Path]:
     """The `.NAME.tmp-*` or `.NAME.old-*` folders beside `target`."""
@@ -62,10 +102,59 @@ def _leftovers(target: Path, kind: str) -> list[Path]:
     return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix))
 
 
-def restore_interrupted_save(target: str | os.PathLike) -> None:
-    """Rename back the old folder of a save killed between its two renames (`target` missing, one `.NAME.old-*`)."""
-    target = Path(target)
-    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on the open file `fd` without waiting; the OS drops it when the process dies."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError as err:
+        if err.errno in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):  # held by another save
+            return False
+        raise
+    return True
+
+
+@contextmanager
+def save_lock(target: Path) -> Iterator[None]:
+    """Hold `.NAME.lock` beside the folder `target` (a `save_path`) exclusively, waiting up to `LOCK_TIMEOUT_S`
+    for another save to end (module docstring)."""
+    lock = target.parent / f".{target.name}.lock"
+    deadline, warned = time.monotonic() + LOCK_TIMEOUT_S, False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        if _try_lock(fd):
+            # The holder deletes the lock file before it lets go: a lock on a file no longer at `lock` is stale.
+            with suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
+        os.close(fd)
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"Another save into {target} has held {lock} for over {LOCK_TIMEOUT_S:.0f} s: let it finish (or stop "
+                "it) and save again. Saves into one folder run one after the other."
+            )
+        if not warned:
+            warnings.warn(f"Waiting for another save into {target} to finish ({lock} is held).", stacklevel=3)
+            warned = True
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        if fcntl is not None:
+            with suppress(FileNotFoundError):
+                os.unlink(lock)  # while still held (see above)
+            os.close(fd)
+        else:  # Windows deletes no open file: a waiter that has it open keeps it, and locks it next
+            os.close(fd)
+            with suppress(OSError):
+                os.unlink(lock)
+
+
+def _restore(target: Path) -> None:
+    """Rename back the old folder of a save killed between its two renames; the caller holds `save_lock`."""
+    if target.exists() or target.is_symlink():
         return
     olds = _leftovers(target, "old")
     if len(olds) > 1:
@@ -77,10 +166,54 @@ def restore_interrupted_save(target: str | os.PathLike) -> None:
         os.replace(olds[0], target)
 
 
-def _follow_link(target: str | os.PathLike) -> Path:
-    """`target`, or the folder a symlinked `target` points to: renaming the link itself would leave it behind."""
+def restore_interrupted_save(target: str | os.PathLike) -> None:
+    """Rename back the old folder of a save killed between its two renames (`target` missing, one `.NAME.old-*`).
+
+    Waits for a save into `target` that is still running: its own `.NAME.old-*` is not a leftover.
+    """
     target = Path(target)
-    return Path(os.path.realpath(target)) if target.is_symlink() else target
+    if target.exists() or target.is_symlink() or not target.parent.is_dir() or not _leftovers(target, "old"):
+        return
+    folder = save_path(target)
+    with save_lock(folder):
+        _restore(folder)
+
+
+# What a disk that cannot hold a save reports (the OS error, or safetensors' text of it): what it means, and the fix.
+FULL_DISK = {
+    errno.ENOSPC: ("no space left on the device", "Free some space"),
+    errno.EDQUOT: ("the disk quota is used up", "Free some space (or raise the quota)"),
+    errno.EFBIG: (
+        "a file would grow past the largest size allowed (the file system's, or the process's `ulimit -f`)",
+        "Raise the limit, or save to another file system,",
+    ),
+}
+
+
+@contextmanager
+def _write_errors(target: Path) -> Iterator[None]:
+    """Turn a write that the disk refused into one OSError naming `target`; `atomic_directory` has undone the save."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        code = err.errno if isinstance(err, OSError) else None
+        if code is None and (found := re.search(r"\(os error (\d+)\)", str(err))):
+            code = int(found.group(1))
+        if code not in FULL_DISK:
+            raise
+        problem, fix = FULL_DISK[code]
+        raise OSError(
+            f"Could not save {target}: {problem}. The save was undone: {target} is as it was. {fix} and save again."
+        ) from err
+
+
+def _holds_cwd(folder: Path) -> Path | None:
+    """The current folder, if it is `folder` or inside it (renaming `folder` moves it)."""
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:  # the current folder was deleted: nothing to keep
+        return None
+    return cwd if cwd == folder or folder in cwd.parents else None
 
 
 @contextmanager
@@ -88,32 +221,37 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temp folder beside `target` that replaces `target`, whatever it holds, only if the block succeeds.
 
     The general primitive (caches use it as is); checkpoints go through `checkpoint_directory`, which
-    guards the user's files. A failure or a kill never leaves a half-written `target` (module docstring).
+    guards the user's files. A failure or a kill never leaves a half-written `target`, and saves into one folder
+    never run at the same time (module docstring).
     """
-    target = _follow_link(target)
+    target = save_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    restore_interrupted_save(target)
-    for path in _leftovers(target, "tmp") + _leftovers(target, "old"):  # stale once the old folder is back
-        shutil.rmtree(path, ignore_errors=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        backup = None
-        if target.exists():
-            backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, backup)
+    with save_lock(target), _write_errors(target):
+        _restore(target)
+        for path in _leftovers(target, "tmp") + _leftovers(target, "old"):  # killed saves': we hold the lock
+            shutil.rmtree(path, ignore_errors=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
         try:
-            os.replace(tmp, target)
-        except OSError:
+            yield tmp
+            cwd = _holds_cwd(target)
+            backup = None
+            if target.exists():
+                backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(target, backup)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if backup is not None:
+                    os.replace(backup, target)
+                raise
+            if cwd is not None:  # this process was in the folder just renamed away: back to its path, now the new one
+                os.chdir(cwd if cwd.is_dir() else target)
             if backup is not None:
-                os.replace(backup, target)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+                shutil.rmtree(backup)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
 
 def is_checkpoint(folder: str | os.PathLike) -> bool:
@@ -122,10 +260,19 @@ def is_checkpoint(folder: str | os.PathLike) -> bool:
 
 
 def check_save_target(folder: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse a save into `folder` that would mix a checkpoint into files the user put there (see the module docstring)."""
-    folder = Path(folder)
+    """Refuse a save into `folder` that cannot succeed, or that would mix a checkpoint into files the user put there
+    (module docstring). Every save checks this; the CLI also does before its run, so a doomed save fails first."""
+    folder = save_path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not an optin-hf checkpoint but a file: choose a folder to save into.")
+    nearest = next(p for p in folder.parents if p.exists())  # where the save creates folders
+    if not nearest.is_dir():
+        raise NotADirectoryError(f"Cannot save into {folder}: {nearest} is a file, not a folder.")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"Cannot save into {folder}: a save writes the new folder beside it, in {nearest}, which this user cannot "
+            "write to. Choose a folder inside one you can write to."
+        )
     if not folder.exists() or overwrite or is_checkpoint(folder):
         return
     names = sorted(p.name for p in folder.iterdir())
@@ -167,7 +314,7 @@ def _carry_user_files(old: Path, new: Path) -> None:
 def checkpoint_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """`atomic_directory` for a checkpoint: refuses a folder that is not one unless `overwrite`, and keeps the
     user's files in the folder it replaces."""
-    folder = _follow_link(target)
+    folder = save_path(target)
     with atomic_directory(folder) as tmp:
         check_save_target(folder, overwrite)  # after atomic_directory restored an interrupted save
         yield tmp
@@ -221,8 +368,28 @@ def save_pruned(
             "built from a config): set OptinConfig(base_model_name_or_path=...) before pruning, or save the full "
             "slim checkpoint (masks_only=False)."
         )
+    if masks_only:
+        config = dataclasses.replace(
+            result.config, base_model_fingerprint=_base_fingerprint(result.config.base_model_name_or_path)
+        )
+        result = dataclasses.replace(result, config=config)
     with checkpoint_directory(save_dir, overwrite) as tmp:
         write_checkpoint(tmp, model, result, scores=scores, masks_only=masks_only, max_shard_size=max_shard_size)
+
+
+def _base_fingerprint(name: str) -> str | None:
+    """The fingerprint of a base model in a local folder, which anyone may overwrite; None for a Hub id, whose
+    recorded commit pins it."""
+    if not Path(name).is_dir():
+        return None
+    try:
+        return weights_fingerprint(name)
+    except FileNotFoundError as err:
+        raise ValueError(
+            f"The base model folder {name} has no safetensors weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}), so a "
+            "masks-only checkpoint could never be loaded over it: optin-hf never unpickles .bin weights. Save the "
+            "full slim checkpoint (masks_only=False), or re-save the base with save_pretrained()."
+        ) from err
 
 
 def save_model_config(config: PretrainedConfig, folder: str | os.PathLike) -> None:
@@ -277,6 +444,21 @@ def _shard_names(folder: Path) -> list[str]:
                 "weights only from the checkpoint folder itself. Re-save or re-download the checkpoint."
             )
     return sorted(names)
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> str:
+    """The sha256 of a model folder's safetensors weights: every tensor's name, dtype, shape and bytes, in name order,
+    so the same weights give the same fingerprint however they are sharded. One read of the weights (about 1 s/GB)."""
+    folder = Path(folder)
+    digests = {}
+    for name in _shard_names(folder):
+        with safe_open(folder / name, framework="pt") as weights:
+            for key in weights.keys():
+                tensor = weights.get_tensor(key)
+                digest = hashlib.sha256(f"{tensor.dtype} {list(tensor.shape)}\n".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+                digests[key] = digest.hexdigest()
+    return hashlib.sha256("".join(f"{key} {digests[key]}\n" for key in sorted(digests)).encode()).hexdigest()
 
 
 def load_weights(model: nn.Module, folder: str | os.PathLike) -> None:

@@ -39,6 +39,8 @@ class OptinConfig:
     `seq_len=None` counts MACs at the calibration data's average unpadded length.
     `base_model_*` name the dense model that was pruned (Hub id, commit sha, transformers class), so a
     masks-only repo can rebuild it; `push_to_hub` fills them in, a value set here overrides what it detects.
+    A masks-only save over a base in a local folder records `base_model_fingerprint`, the sha256 of its
+    weights (`checkpoint.weights_fingerprint`), which the load checks.
     `engine="fast"` gives the reference loop's scores faster; `variants_per_batch=None` sizes its
     stacked forwards from free memory. `checkpoint_dir` makes scoring resumable.
     `max_scoring_time` (seconds): before scoring, one dense forward is timed and the calibration
@@ -97,11 +99,11 @@ class OptinConfig:
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     base_model_class: str | None = None
+    base_model_fingerprint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), _field_types()[f.name]))
+        check_field_types(self)
         if not 0.0 < self.mac_constraint <= 1.0:
             raise ValueError(
                 f"mac_constraint={self.mac_constraint} is outside (0, 1]: it is the fraction of the base "
@@ -183,18 +185,31 @@ class OptinConfig:
         return cls.from_dict(values)
 
 
-PATH_FIELDS = {"checkpoint_dir"}  # str fields that also take an os.PathLike
-EXPECTED = {bool: "a bool (true or false)", int: "an integer", float: "a finite number", str: "a string", dict: "a mapping"}
+PATH_FIELDS = {"checkpoint_dir"}  # str fields that also take an os.PathLike, and never ""
+EXPECTED = {
+    bool: "a bool (true or false)", int: "an integer", float: "a finite number", str: "a string", dict: "a mapping",
+    Path: "a path (a non-empty string)",
+}
 
 
 @functools.cache
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(OptinConfig)
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def _checked_type(name: str, value: Any, hint: Any) -> Any:
-    """`value` as field `name`'s type (`hint`: one of EXPECTED's types, or it | None), or a
-    ValueError naming the field, the value and the type. A bool is not a number here, and an int
+def check_field_types(instance: Any) -> None:
+    """Check every field of the dataclass `instance` against its type hint, normalising it in place
+    (an int given for a float becomes a float, a path string a Path), or raise `checked_type`'s
+    ValueError. One check for every settings class (`OptinConfig`, recipes, data specs, reports),
+    so that none reads `"false"` as True or a list as a name."""
+    hints = _field_types(type(instance))
+    for f in dataclasses.fields(instance):
+        object.__setattr__(instance, f.name, checked_type(f.name, getattr(instance, f.name), hints[f.name]))  # frozen too
+
+
+def checked_type(name: str, value: Any, hint: Any) -> Any:
+    """`value` as field `name`'s type (`hint`: one of EXPECTED's types, another class, or it | None), or
+    a ValueError naming the field, the value and the type. A bool is not a number here, and an int
     is a float; no string is parsed: `faithful="false"` would otherwise read as True."""
     optional = type(None) in typing.get_args(hint)
     kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
@@ -209,18 +224,27 @@ def _checked_type(name: str, value: Any, hint: Any) -> Any:
     elif kind is float:
         ok = isinstance(value, numbers.Real) and math.isfinite(value)
         value = float(value) if ok else value
-    elif kind is str and name in PATH_FIELDS and isinstance(value, os.PathLike):
-        ok, value = True, os.fspath(value)
+    elif kind is Path or (kind is str and name in PATH_FIELDS):
+        # Path("") is the current folder: an empty value must not aim a run's writes there.
+        ok = isinstance(value, (str, os.PathLike)) and os.fspath(value) != ""
+        value = (Path(value) if kind is Path else os.fspath(value)) if ok else value
+        kind = Path  # its message
     else:
         ok = isinstance(value, kind)
     if ok:
         return value
-    expected = EXPECTED[kind] + (" or None" if optional else "")
+    expected = EXPECTED.get(kind, _a(kind.__name__)) + (" or None" if optional else "")
     if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} must be {expected}.")
+    if kind is Path and value == "":
+        raise ValueError(f"{name}='' is an empty path; expected {expected}.")
     advice = ""
     if isinstance(value, str) and kind is bool:
         advice = " Write it unquoted: true or false."
     elif isinstance(value, str) and kind in (int, float):
         advice = " Write it unquoted (in YAML an exponent needs a dot: 1.0e-3, not 1e-3)."
-    raise ValueError(f"{name}={value!r} is a {type(value).__name__}; expected {expected}.{advice}")
+    raise ValueError(f"{name}={value!r} is {_a(type(value).__name__)}; expected {expected}.{advice}")
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun

@@ -18,14 +18,17 @@ from .arch import ArchAdapter, get_submodule
 
 def _scale_input(mask: torch.Tensor, repeat: int):
     """Pre-hook multiplying the input's features by `mask` ([units] or [batch, units]) repeated per
-    unit: the last dim, or a convolution's channels (dim 1 of [batch, channels, height, width])."""
+    unit: the last dim, or a convolution's channels (dim 1 of [batch, channels, height, width]).
+    A [batch, units] mask on an input of batch x windows rows gives each window its example's row."""
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         m = mask.to(dtype=x.dtype, device=x.device).repeat_interleave(repeat, dim=-1)
         if isinstance(module, nn.Conv2d):  # channels first: broadcast over the spatial dims
             m = m.view(*m.shape, 1, 1)
-        elif m.dim() == 2:  # one mask per batch row: broadcast over the token dims
+        elif m.dim() == 2:  # one mask per example: broadcast over the token dims
+            if x.shape[0] != m.shape[0]:  # window attention (Swin) runs each example's windows as consecutive rows
+                m = m.repeat_interleave(x.shape[0] // m.shape[0], dim=0)
             m = m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
         return (x * m, *args[1:])
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -12,7 +14,9 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .checkpoint import MODEL_CONFIG_NAME, load_model_config, load_weights, restore_interrupted_save
+from .checkpoint import (
+    MODEL_CONFIG_NAME, load_model_config, load_weights, restore_interrupted_save, weights_fingerprint
+)
 from .config import CONFIG_NAME, OptinConfig
 from .hub import download_base_model, download_checkpoint
 from .masks import MASKS_NAME, PruningMasks
@@ -54,14 +58,18 @@ def build_slim(config: PretrainedConfig, masks: PruningMasks) -> nn.Module:
 
 
 def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """The asked dtype; None (or "auto") keeps the saved one."""
-    if value is None or value == "auto":
+    """The asked dtype; None (or "auto") keeps the saved one. Checked before any file is read, so that an integer
+    dtype (which the float weights cannot be cast to and run in) fails before the load, not after it."""
+    if value is None or (isinstance(value, str) and value == "auto"):
         return None
-    if isinstance(value, torch.dtype):
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
         return value
-    if value not in DTYPES:
-        raise ValueError(f"Unknown torch_dtype {value!r}: use one of {sorted(DTYPES)}, a torch.dtype or 'auto'.")
-    return DTYPES[value]
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise ValueError(
+        f"Unknown torch_dtype {value!r}: use one of {sorted(DTYPES)} (as a string or a torch.dtype), or 'auto' for the "
+        "saved dtype."
+    )
 
 
 def _load_slim_checkpoint(
@@ -77,6 +85,29 @@ def _load_slim_checkpoint(
     model.to(dtype)
     model.config.dtype = dtype
     return model
+
+
+def _check_fingerprint(base: Path, optin: OptinConfig, source: str) -> None:
+    """Refuse a base folder whose weights are not the ones the masks were made on (a local base is recorded by its
+    fingerprint, a Hub one by its commit)."""
+    name = optin.base_model_name_or_path
+    if optin.base_model_fingerprint is None:
+        if optin.base_model_revision is None and Path(name).is_dir():
+            warnings.warn(
+                f"{source} records no fingerprint of the weights of its base model {name} (a checkpoint saved before "
+                "optin-hf recorded one), so they are not checked: make sure that folder still holds the weights the "
+                "masks were made on. Saving the loaded model again records one.",
+                stacklevel=4,
+            )
+        return
+    found = weights_fingerprint(base)
+    if found != optin.base_model_fingerprint:
+        raise ValueError(
+            f"The base model {name} of {source} holds other weights than the ones its masks were made on (their "
+            f"sha256 is {found[:12]}..., {CONFIG_NAME} records {optin.base_model_fingerprint[:12]}...): slimming "
+            "it would give a different model. Pass the base the masks were made on (base_model=...), or prune "
+            "this base again."
+        )
 
 
 def _load_from_base(
@@ -113,6 +144,8 @@ def _load_from_base(
         # A local masks-only folder was made by the user, and base_model is the user's word; a Hub repo is neither.
         trusted = base_model is not None or Path(source).is_dir()
         base, config = download_base_model(name, revision, source, allow_local=trusted, **hub_kwargs)
+        if name == optin.base_model_name_or_path:
+            _check_fingerprint(base, optin, source)
         if optin.base_model_class:
             config.architectures = [optin.base_model_class]  # the task head that was pruned, whatever the base names
         try:
@@ -181,10 +214,11 @@ class AutoOptinModel:
 
         A full slim checkpoint is built at its slim shapes on the meta device and its safetensors weights assigned
         (no dense model is allocated). A masks-only one slims its base model: the one its optin_config.json names
-        at the recorded commit (a Hub repo may only name a Hub id), or `base_model`, a model instance (slimmed in
-        place) or a folder or Hub id the caller trusts. `revision` picks the revision of `repo_id_or_path` on the
-        Hub; `token` and `local_files_only` apply to every download (HF_HUB_OFFLINE=1 acts like
-        local_files_only=True). `torch_dtype` (or `dtype`) defaults to the dtype the weights were saved in;
+        at the recorded commit (a Hub repo may only name a Hub id) or, in a local folder, with the recorded
+        fingerprint of its weights; or `base_model`, a model instance (slimmed in place) or a folder or Hub id the
+        caller trusts. `revision` picks the revision of `repo_id_or_path` on the Hub; `token` and
+        `local_files_only` apply to every download (HF_HUB_OFFLINE=1 acts like local_files_only=True).
+        `torch_dtype` (or `dtype`: float32, float16 or bfloat16) defaults to the dtype the weights were saved in;
         `device_map` and `attn_implementation` ("eager", "sdpa") work as in transformers. Only the supported
         architectures load, and no repository's own code ever runs.
         """
@@ -215,5 +249,8 @@ class AutoOptinModel:
                 "(a masks-only checkpoint naming its base model)."
             )
         model.config.name_or_path = source
-        attach_result(model, read_result(folder, model))  # so it can be saved or pushed again
+        result = read_result(folder, model)  # so it can be saved or pushed again
+        # The fingerprint describes the base folder at one save; each masks-only save computes it anew.
+        config = dataclasses.replace(result.config, base_model_fingerprint=None)
+        attach_result(model, dataclasses.replace(result, config=config))
         return _place(model, device_map).eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -18,12 +19,12 @@ from .allocate import allocate, allocate_with_tokens, rearrange_masks
 from .arch import check_model
 from .checkpoint import MAX_SHARD_SIZE, save_pruned
 from .config import OptinConfig
-from .data import average_length, check_inputs, prepare_calibration
+from .data import average_length, check_inputs, prepare_calibration, replayable
 from .engine.distributed import process_state
-from .engine.estimate import ScoringPlan, plan_scoring, scoring_cost, time_dense
+from .engine.estimate import ScoringPlan, layer_units, plan_scoring, scoring_cost, time_dense
 from .engine.run import engine_for, precision
 from .hub import CardMetrics, push_to_hub
-from .importance import ImportanceScores, criterion_from_config
+from .importance import CRITERIA, ImportanceScores, criterion_from_config
 from .macs import check_seq_len, count_macs, merge_macs, pair_macs, unit_macs
 from .masks import PruningMasks, check_masks
 from .reconstruct import Reconstruction, check_reconstructable, reconstruct, unslim
@@ -54,7 +55,8 @@ class OptinPruner:
     def _batches(self, model: nn.Module, data: Any, tokenizer, labels: bool = False) -> list[dict[str, torch.Tensor]]:
         c = self.config
         batches = prepare_calibration(
-            data, tokenizer, num_samples=c.num_samples, batch_size=c.batch_size, max_length=c.max_length, labels=labels
+            data, tokenizer, num_samples=c.num_samples, batch_size=c.batch_size, max_length=c.max_length, labels=labels,
+            config=model.config,
         )
         check_inputs(batches, check_model(model).is_vision, model.config.model_type)
         if self.config.seq_len is None:
@@ -64,7 +66,9 @@ class OptinPruner:
     def _reconstruction_batches(self, model: nn.Module, data: Any, tokenizer) -> list[dict[str, torch.Tensor]]:
         """The first `reconstruct_samples` examples of `data` (those scoring reads are among them)."""
         c = self.config
-        batches = prepare_calibration(data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length)
+        batches = prepare_calibration(
+            data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length, config=model.config
+        )
         check_inputs(batches, check_model(model).is_vision, model.config.model_type)
         return batches
 
@@ -76,7 +80,52 @@ class OptinPruner:
         # token merging runs on a plain ViT token sequence: one count per layer, class token(s) kept apart
         if self.config.prune_tokens and (not adapter.is_vision or not adapter.num_prefix_tokens):
             raise ValueError(f"prune_tokens=True reduces image tokens: it needs a vit or deit model, not {model.config.model_type!r}.")
+        if self.config.prune_tokens and not getattr(CRITERIA[self.config.importance], "scores_tokens", True):
+            scoring = [name for name in CRITERIA if getattr(CRITERIA[name], "scores_tokens", False)]
+            raise ValueError(
+                f"prune_tokens=True needs token scores, and importance={self.config.importance!r} gives none: use "
+                f"importance={' or '.join(map(repr, scoring))} (the criteria that score tokens), or prune_tokens=False."
+            )
         return adapter
+
+    def _check_budget(self, model: nn.Module, adapter, mac_constraint: float) -> None:
+        """Refuse a `mac_constraint` below the fewest MACs pruning can leave, before any scoring (the search
+        would find out only after it): what no unit owns (`ArchAdapter.fixed_macs`), and all a kind that is
+        not pruned costs. In token mode that kind's cost shrinks with the tokens, so only the fixed part counts."""
+        c = self.config
+        seq_len = self.seq_len if self.seq_len is not None else adapter.default_seq_len(model.config)
+        if seq_len is None:
+            return  # a text model with neither data nor seq_len: `_allocate` asks for the length
+        check_seq_len(seq_len)
+        dense = count_macs(model, seq_len)
+        floor = {adapter.fixed_parts: float(adapter.fixed_macs(model))}
+        kept_whole: list[str] = []  # settings that would let the search cut a kind it now keeps whole
+        if not c.prune_tokens:
+            costs = unit_macs([seq_len] * len(adapter.layers_of(model)), adapter, model.config)
+            kinds = zip(("prune_heads", "prune_neurons"), adapter.unit_names, costs, PruningMasks.full(model.config).present())
+            for setting, name, unit_cost, present in kinds:
+                total = float((unit_cost * present.sum(1)).sum())
+                if not getattr(c, setting) and total:
+                    floor[f"its {name}, which {setting}=False keeps whole"] = total
+                    kept_whole.append(f"{setting}=True")
+        least = sum(floor.values())
+        if least <= mac_constraint * dense:
+            return
+
+        def share(macs: float) -> float:
+            """A share of the dense MACs, rounded up: a mac_constraint of it is reachable."""
+            return math.ceil(macs / dense * 1000) / 1000
+
+        parts = " and ".join(f"{name} ({macs / dense:.3f})" for name, macs in floor.items() if macs)
+        advice = f"Set mac_constraint to at least {share(least)}"
+        if kept_whole:
+            fixed = floor[adapter.fixed_parts]
+            advice += f", or {' and '.join(kept_whole)}" + (f" (then the least is {share(fixed)})" if fixed else "")
+        tokens = ", which token pruning does not reduce" if c.prune_tokens else ""
+        raise ValueError(
+            f"mac_constraint={mac_constraint:g} cannot be reached on this {model.config.model_type} model: the least "
+            f"pruning can leave is {least / dense:.3f} of its {dense:.4g} MACs, {parts}{tokens}. {advice}."
+        )
 
     def compute_scores(self, model: nn.Module, data: Any, tokenizer=None) -> ImportanceScores:
         """Score every head and neuron (and token, in token mode) of the dense `model` on calibration `data`.
@@ -86,12 +135,14 @@ class OptinPruner:
         budget picked (and `max_scoring_time=None`), which `save` writes.
         """
         adapter = self._check_model(model)
+        data = replayable(data)  # the plan may read it again
         criterion = criterion_from_config(self.config)
         labels = getattr(criterion, "needs_labels", False)
         batches = self._batches(model, data, tokenizer, labels=labels)
         was_training = model.training
         model.eval()
         try:
+            self._check_budget(model, adapter, self.config.mac_constraint)
             if hasattr(criterion, "masked_units"):
                 with torch.no_grad():
                     units = criterion.masked_units(model, adapter, self.config)
@@ -114,7 +165,8 @@ class OptinPruner:
         with precision(device, getattr(torch, c.dtype)):
             dense_s = time_dense(model, batches[0])
         num_layers = len(adapter.layers_of(model))
-        cost = scoring_cost(dense_s, batches, adapter.default_seq_len(model.config), c.batch_size, num_layers, units,
+        per_layer = layer_units(units, adapter.layer_geometry(model.config))
+        cost = scoring_cost(dense_s, batches, adapter.default_seq_len(model.config), c.batch_size, num_layers, per_layer,
                             engine_for(model, adapter, c))
         self.plan = plan_scoring(cost, c.neuron_group_size, c.max_scoring_time, device.type)
         self.timings.update(dense_forward_s=dense_s, estimated_scoring_s=self.plan.estimated_s)
@@ -138,6 +190,7 @@ class OptinPruner:
         With `prune_steps > 1` and no scores yet, the cut is made in steps with a reconstruction
         and a re-scoring between them (`_masks_in_steps`)."""
         self._check_model(model)
+        data = replayable(data)  # each step reads it again
         if scores is None and self.scores is None and self.config.prune_steps > 1:
             return self._masks_in_steps(model, data, tokenizer)
         if scores is None and self.scores is None:
@@ -157,16 +210,21 @@ class OptinPruner:
         check_reconstructable(check_model(model), c.reconstruct)
         batches = self._reconstruction_batches(model, data, tokenizer)
         current, masks, scoring_s = model, None, 0.0
-        for step in range(1, c.prune_steps + 1):
-            scores = self.compute_scores(current, data, tokenizer)
-            scoring_s += self.timings["scoring_s"]
-            if masks is not None:
-                scores = scores.ranking_last(~masks.head_mask, ~masks.neuron_mask)
-            masks = self._allocate(model, scores, 1 - (1 - c.mac_constraint) * step / c.prune_steps)
-            if step < c.prune_steps:
-                work = slim_model(copy.deepcopy(model), masks)
-                reconstruct(work, model, batches, c.reconstruct, c.reconstruct_ridge)
-                current = unslim(work, model, masks)
+        try:
+            for step in range(1, c.prune_steps + 1):
+                if c.checkpoint_dir is not None:  # each step scores another (repaired) model: its losses resume apart
+                    self.config = dataclasses.replace(self.config, checkpoint_dir=os.path.join(c.checkpoint_dir, f"step{step}"))
+                scores = self.compute_scores(current, data, tokenizer)
+                scoring_s += self.timings["scoring_s"]
+                if masks is not None:
+                    scores = scores.ranking_last(~masks.head_mask, ~masks.neuron_mask)
+                masks = self._allocate(model, scores, 1 - (1 - c.mac_constraint) * step / c.prune_steps)
+                if step < c.prune_steps:
+                    work = slim_model(copy.deepcopy(model), masks)
+                    reconstruct(work, model, batches, c.reconstruct, c.reconstruct_ridge)
+                    current = unslim(work, model, masks)
+        finally:
+            self.config = dataclasses.replace(self.config, checkpoint_dir=c.checkpoint_dir)  # as given, for the saved config
         self.timings["scoring_s"], self.scores, self.masks = scoring_s, scores, masks
         return masks
 
@@ -179,7 +237,7 @@ class OptinPruner:
             self.seq_len = adapter.default_seq_len(model.config)
         if self.seq_len is None:
             raise ValueError("The MAC sequence length is unknown: pass calibration data or set OptinConfig(seq_len=...).")
-        check_seq_len(self.seq_len)
+        self._check_budget(model, adapter, mac_constraint)
         config, c = model.config, self.config
         num_layers = scores.head_scores.shape[0]
         prefix = adapter.num_prefix_tokens
@@ -215,6 +273,7 @@ class OptinPruner:
         (`optin_hf.result.pruning_result`), so it can be saved or pushed without this pruner."""
         c = self.config
         check_reconstructable(self._check_model(model), c.reconstruct)
+        data = replayable(data)  # read for the refit, then for scoring
         if masks is not None:
             check_masks(masks, "prune_model")
             masks.check_fits(model.config)

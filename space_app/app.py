@@ -29,6 +29,7 @@ from torch import nn
 
 from optin_hf import ImportanceScores, OptinConfig, OptinPruner
 from optin_hf.arch import get_adapter
+from optin_hf.hub.download import check_hub_id, hub_commit
 from optin_hf.tasks import report
 from optin_hf.tasks.metrics import load_metric
 from optin_hf.tasks.task_data import Columns, Encoder, in_memory_task_data, label_encoder
@@ -156,21 +157,22 @@ def digit_image(pixel_values: Any, size: int = 160) -> Image.Image:
 # ---- Hub models ------------------------------------------------------------------------------
 
 
-def hub_loader(model_id: str, texts: str, dataset_id: str, samples: int) -> Loader:
+def hub_loader(model_id: str, texts: str, dataset_id: str, samples: int, token: str = "") -> Loader:
     """A loader for any Hub text or image classifier that optin-hf supports (needs the network).
 
     Calibration comes from the pasted texts (one per line) or the first `samples` rows of a
     dataset's train split; accuracy is shown only when the dataset has a labelled test split.
+    The ids are a visitor's: Hub ids only (never a path on the Space's disk), read anonymously
+    or with the visitor's own `token`, never with the Space's HF_TOKEN.
     """
+    read_token: str | bool = token.strip() or False  # False: huggingface_hub sends no token, not even HF_TOKEN
 
     def load() -> DemoTask:
-        try:
-            model, processor, task = load_model(model_id)
-        except OSError as err:
-            raise ValueError(f"Could not load {model_id!r}: no such model on the Hub, or no network here.") from err
+        dataset = _dataset_id(dataset_id.strip()) if dataset_id.strip() else None  # refused before any download
+        model, processor, task = load_model(model_id, hub_only=True, token=read_token)
         vision = task == "image-classification"
-        if dataset_id.strip():
-            calibration, test = _hub_dataset(dataset_id.strip(), processor, vision, samples)
+        if dataset:
+            calibration, test = _hub_dataset(dataset, processor, vision, samples, read_token)
         elif vision:
             raise ValueError("An image model needs a dataset id (with an `image` column) to calibrate on.")
         else:
@@ -185,16 +187,31 @@ def hub_loader(model_id: str, texts: str, dataset_id: str, samples: int) -> Load
     return load
 
 
-def _hub_dataset(dataset_id: str, processor: Any, vision: bool, samples: int) -> tuple[Dataset, Dataset | None]:
+def _dataset_id(dataset_id: str) -> str:
+    """A visitor's dataset id, checked on the string alone: datasets would read a local folder of that name, and a
+    bare builder name (csv, text, imagefolder) reads this machine's files."""
+    what = f"The dataset {dataset_id!r}"
+    check_hub_id(dataset_id, what, "only datasets on the Hub load here, never a path on this machine.")
+    if "/" not in dataset_id:
+        raise ValueError(f"Give the dataset's full Hub id, org/name, not {dataset_id!r} (e.g. stanfordnlp/imdb).")
+    return dataset_id
+
+
+def _hub_dataset(
+    dataset_id: str, processor: Any, vision: bool, samples: int, token: str | bool
+) -> tuple[Dataset, Dataset | None]:
     from datasets import get_dataset_split_names, load_dataset
 
+    what = f"The dataset {dataset_id!r}"
+    revision = hub_commit(dataset_id, token=token, what=what, repo_type="dataset")  # the Hub decides, not the cache
+    path = f"hf://datasets/{dataset_id}"  # the Hub's copy even if a folder of that name exists here
     try:
-        splits = get_dataset_split_names(dataset_id)
-    except Exception as err:  # datasets raises many kinds for a missing or private id
-        raise ValueError(f"Could not open dataset {dataset_id!r}: no such dataset, or no network here.") from err
-    calibration = load_dataset(dataset_id, split=f"{splits[0]}[:{samples}]")
+        splits = get_dataset_split_names(path, revision=revision, token=token)
+    except Exception as err:  # datasets raises many kinds for a dataset it cannot read
+        raise ValueError(f"Could not open {what}: {err}") from err
+    calibration = load_dataset(path, split=f"{splits[0]}[:{samples}]", revision=revision, token=token)
     held_out = next((s for s in ("test", "validation") if s in splits), None)
-    test = load_dataset(dataset_id, split=f"{held_out}[:{samples}]") if held_out else None
+    test = load_dataset(path, split=f"{held_out}[:{samples}]", revision=revision, token=token) if held_out else None
     if test is not None and "label" not in test.column_names:
         test = None
     if vision:
@@ -229,14 +246,16 @@ class SpaceApp:
         self.scores: dict[tuple, CachedScores] = {}
         self.dense_metrics: dict[tuple, dict[str, float] | None] = {}
 
-    def resolve(self, choice: str, model_id: str, texts: str, dataset_id: str) -> tuple[tuple, Loader]:
-        """(cache key, loader) of the picked model; a Hub model's key includes its calibration data."""
+    def resolve(self, choice: str, model_id: str, texts: str, dataset_id: str, token: str = "") -> tuple[tuple, Loader]:
+        """(cache key, loader) of the picked model; a Hub model's key includes its calibration data and the visitor's
+        read token, so a private model loaded with one token is never handed to a session without it."""
         if choice != HUB_CHOICE:
             return ("named", choice), self.models[choice]
         if not model_id.strip():
             raise ValueError("Type a Hub model id, or pick an embedded model.")
-        digest = hashlib.sha256(f"{texts}\n{dataset_id}".encode()).hexdigest()[:12]
-        return ("hub", model_id.strip(), digest), hub_loader(model_id.strip(), texts, dataset_id, self.settings["num_samples"])
+        digest = hashlib.sha256(f"{texts}\n{dataset_id}\n{token.strip()}".encode()).hexdigest()[:12]
+        loader = hub_loader(model_id.strip(), texts, dataset_id, self.settings["num_samples"], token)
+        return ("hub", model_id.strip(), digest), loader
 
     def task(self, key: tuple, loader: Loader) -> DemoTask:
         if key not in self.tasks:
@@ -319,12 +338,15 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 prune_btn = gr.Button("Prune", variant="primary", elem_id="prune")
             with gr.Column(scale=3):
                 with gr.Accordion("Any Hub text or image classifier (BERT, RoBERTa, DistilBERT, ViT, DeiT; needs network)",
-                                  open=False):
+                                  open=False, elem_id="hub_box"):
                     hub_id = gr.Textbox(label="Hub model id", placeholder="e.g. textattack/bert-base-uncased-SST-2",
                                         elem_id="hub_id")
                     hub_texts = gr.Textbox(label="Calibration texts, one per line", lines=3, elem_id="hub_texts")
                     hub_dataset = gr.Textbox(label="…or a dataset id (train split calibrates; test split, if labelled, "
                                                    "measures accuracy)", elem_id="hub_dataset")
+                    read_token = gr.Textbox(label="Hub read token (optional: for your private model or dataset; "
+                                                  "without one, only public repos load)", type="password",
+                                            elem_id="read_token")
                 status = gr.Markdown("Pick a model and a budget, then press **Prune**.", elem_id="status")
         with gr.Row():
             table = gr.Dataframe(label="Dense vs pruned (ratio = pruned / dense)", elem_id="results", interactive=False,
@@ -353,9 +375,9 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
             push_btn = gr.Button("Push to the Hub", elem_id="push")
         push_msg = gr.Markdown("", elem_id="push_msg")
 
-        def on_prune(choice, fraction, model_id, texts, dataset_id, progress=gr.Progress(track_tqdm=True)):
+        def on_prune(choice, fraction, model_id, texts, dataset_id, secret, progress=gr.Progress(track_tqdm=True)):
             try:
-                key, loader = app.resolve(choice, model_id or "", texts or "", dataset_id or "")
+                key, loader = app.resolve(choice, model_id or "", texts or "", dataset_id or "", secret or "")
                 progress(0.0, desc=f"Loading {key[1]}")
                 task = app.task(key, loader)
                 budget_s = app.settings.get("max_scoring_time")
@@ -387,7 +409,9 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 result_state: result,
                 text_box: gr.update(visible=not vision),
                 image_box: gr.update(visible=vision),
-                example: gr.update(maximum=max(n_test - 1, 0)),
+                # Gradio refuses a slider whose maximum is its minimum (the whole update fails): at least 1, even for
+                # a text model without test rows; on_compare names an index past the last image.
+                example: gr.update(maximum=max(n_test - 1, 1)),
                 download: None,
             }
 
@@ -440,7 +464,7 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 return {push_msg: _error(err)}
             return {push_msg: f"Pushed to [{repo.strip()}]({getattr(info, 'commit_url', '') or repo.strip()})."}
 
-        prune_btn.click(on_prune, [model_choice, budget, hub_id, hub_texts, hub_dataset],
+        prune_btn.click(on_prune, [model_choice, budget, hub_id, hub_texts, hub_dataset, read_token],
                         {status, table, chart, result_state, text_box, image_box, example, download})
         compare_btn.click(on_compare, [result_state, text, example], {dense_pred, pruned_pred, image, compare_msg})
         download_btn.click(on_zip, [result_state], {download, push_msg})

@@ -4,9 +4,16 @@ import dataclasses
 
 import pytest
 import torch
-from tiny import BLOCK, TEXT, batch, calibration, output, tiny_model
+from tiny import BLOCK, TEXT, batch, calibration, flop_macs, output, tiny_model
 from torch import nn
-from transformers import ElectraConfig, ElectraForSequenceClassification
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    ElectraConfig,
+    ElectraForSequenceClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 from transformers.pytorch_utils import Conv1D
 
 import optin_hf.arch
@@ -123,6 +130,22 @@ def test_count_macs_uses_the_adapters_mac_formula():
     register_adapter(FlatHeads(**vars(BERT)), exist_ok=True)
     heads, neurons = model.config.optin["heads_per_layer"], model.config.optin["neurons_per_layer"]
     assert count_macs(model, 10) == sum(h * 70.0 + n * 2 * 10 * 32 for h, n in zip(heads, neurons)) != paper
+
+
+@pytest.mark.parametrize("name", ["vit", "deit"])
+def test_a_vit_with_rectangular_images_and_patches_is_counted_and_pruned(name):
+    """image_size and patch_size may be (height, width) pairs, as transformers allows: the token count and
+    the patch embedding's MACs follow both sides (an int-only formula raised a TypeError)."""
+    config_class, model_class = (ViTConfig, ViTForImageClassification) if name == "vit" else (DeiTConfig, DeiTForImageClassification)
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**BLOCK, "image_size": (32, 16), "patch_size": (8, 4), "num_labels": 3})).eval()
+    model.config._attn_implementation = "eager"
+    assert get_adapter(model).default_seq_len(model.config) == 4 * 4 + get_adapter(model).num_prefix_tokens
+    pixels = torch.randn(1, 3, 32, 16)
+    dense = count_macs(model)
+    assert dense == flop_macs(model.base_model, pixels)
+    OptinPruner(OptinConfig(importance="magnitude", reconstruct="none")).prune_model(model, [{"pixel_values": pixels[0]}])
+    assert count_macs(model) == flop_macs(model.base_model, pixels) <= 0.6 * dense
 
 
 @pytest.mark.parametrize("side", ["out", "in"])

@@ -2,7 +2,9 @@
 
 import math
 
+import datasets
 import pytest
+import tiny_task
 import torch
 from tiny import calibration, output, tiny_model
 from torch.utils.data import DataLoader, TensorDataset
@@ -12,6 +14,7 @@ from optin_hf.allocate import allocate
 from optin_hf.commands.__main__ import main
 from optin_hf.data import prepare_calibration
 from optin_hf.slim import slim_model
+from optin_hf.tasks.task_data import Columns, Encoder
 
 KW = dict(num_samples=8, batch_size=4, max_length=32)
 
@@ -143,3 +146,113 @@ def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, ca
     assert len(err) == 1 and err[0].startswith("error: ") and "device" in err[0]
     with pytest.raises((TypeError, ValueError), match="device"):
         main(["recipe", str(recipe), "--debug"])
+
+
+def text_data(n: int = 4, length: int = 8) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": ids(length, seed=i), "attention_mask": torch.ones(length, dtype=torch.long)} for i in range(n)]
+
+
+def scores_of(arch: str, data, tokenizer=None, **settings) -> ImportanceScores:
+    return OptinPruner(OptinConfig(reconstruct="none", num_samples=4, **settings)).compute_scores(tiny_model(arch), data, tokenizer)
+
+
+@pytest.mark.parametrize("value, shown", [(2, "2"), (-1, "-1"), (0.5, "0.5"), (math.nan, "nan")])
+def test_an_attention_mask_other_than_0_or_1_is_refused_naming_the_example(value, shown):
+    """A mask of 2s doubled the MAC length; a -1 failed inside the engine's packing."""
+    data = text_data()
+    data[1]["attention_mask"] = data[1]["attention_mask"].to(torch.float32)
+    data[1]["attention_mask"][3] = value
+    with pytest.raises(ValueError, match=rf"example 1: attention_mask holds {shown}; it must be 1 for each real token and 0 for padding"):
+        scores_of("bert", data)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("input_ids", 500, r"example 2: input_ids holds 500, outside the vocabulary of this bert model \(vocab_size=120: ids 0 to 119\)"),
+        ("input_ids", 120, r"example 2: input_ids holds 120, outside the vocabulary"),
+        ("input_ids", -3, r"example 2: input_ids holds -3; ids are never negative"),
+        ("token_type_ids", 2, r"example 2: token_type_ids holds 2, outside the token types of this bert model \(type_vocab_size=2"),
+        ("token_type_ids", -1, r"example 2: token_type_ids holds -1; ids are never negative"),
+    ],
+)
+def test_token_ids_and_types_outside_the_model_are_refused_naming_the_example(key, value, message):
+    data = [{**ex, "token_type_ids": torch.zeros(8, dtype=torch.long)} for ex in text_data()]
+    data[2][key][5] = value
+    with pytest.raises(ValueError, match=message):
+        scores_of("bert", data)
+
+
+@pytest.mark.parametrize("key", ["token_type_ids", "attention_mask"])
+def test_float_token_types_and_fractional_masks_are_refused(key):
+    data = [{**ex, "token_type_ids": torch.zeros(8, dtype=torch.long)} for ex in text_data()]
+    data[0][key] = torch.full((8,), 0.5)
+    message = "token_type_ids must be integer ids" if key == "token_type_ids" else "attention_mask holds 0.5"
+    with pytest.raises(ValueError, match=f"example 0: {message}"):
+        scores_of("bert", data)
+
+
+@pytest.mark.parametrize(
+    "texts, message",
+    [
+        (["red w1 w2", "", "w3 w4", "blue"], r"Calibration text 1 is empty \(''\)"),
+        (["red w1 w2", "w3", " \t\n", "blue"], r"Calibration text 2 is empty \(' \\t\\n'\)"),
+        ([("red w1", "w2"), ("w3", "")], r"Calibration text 1 is empty \(''\)"),
+        (["red w1", "\u200b"], r"Calibration text 1 \('\\u200b'\) gives no token besides the tokenizer's special ones"),
+    ],
+)
+def test_texts_with_no_real_token_are_refused_naming_them(texts, message):
+    """They were scored and refit on [CLS] [SEP] alone."""
+    with pytest.raises(ValueError, match=message):
+        scores_of("bert", texts, tiny_task.tokenizer())
+
+
+def test_a_missing_text_in_a_dataset_or_the_cli_data_is_refused():
+    dataset = datasets.Dataset.from_dict({"text": ["red w1", None, "w3"], "label": [0, 1, 2]})
+    with pytest.raises(ValueError, match=r"Calibration text 1 is missing \(None: an empty csv field\?\)"):
+        scores_of("bert", dataset, tiny_task.tokenizer())
+    # The CLI tokenizes its dataset rows itself, with the same check.
+    encoder = Encoder("text-classification", Columns(("text",), "label"), tiny_task.tokenizer(), 32)
+    with pytest.raises(ValueError, match=r"A text of the dataset is empty \(''\): drop it"):
+        encoder.examples([{"text": "red w1", "label": 0}, {"text": "", "label": 1}])
+
+
+@pytest.mark.parametrize("arch, length, limit", [("bert", 65, 64), ("roberta", 63, 62)])
+def test_examples_longer_than_the_model_positions_are_refused_naming_max_length(arch, length, limit):
+    """RoBERTa numbers positions from pad_token_id + 1, so its 64 positions hold 62 tokens."""
+    model = tiny_model(arch)
+    message = (
+        rf"example 1 has {length} tokens at max_length=128, but this {arch} model has positions for {limit}: "
+        rf"truncate to at most {limit} \(--max-length {limit}, OptinConfig\(max_length={limit}\)\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        scores_of(arch, [{"input_ids": ids(8)}, {"input_ids": ids(length)}])
+    # Texts tokenized here are truncated at max_length first: 100 words are 102 tokens at 128, and fit at the limit.
+    texts = [" ".join(["w1"] * 100)] * 2
+    with pytest.raises(ValueError, match=rf"example 0 has 102 tokens at max_length=128, but this {arch} model has positions for {limit}"):
+        scores_of(arch, texts, tiny_task.tokenizer())
+    batch = prepare_calibration(texts, tiny_task.tokenizer(), num_samples=2, batch_size=2, max_length=limit, config=model.config)[0]
+    assert batch["input_ids"].shape == (2, limit) and output(model, batch).shape == (2, 3)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_images_are_refused_before_scoring(bad):
+    """They were reported only after scoring, as NaN head scores."""
+    data = calibration("vit", n=4)
+    data[2]["pixel_values"][1, 3, 3] = bad
+    with pytest.raises(ValueError, match=r"example 2: pixel_values holds 1 NaN/inf value\(s\)"):
+        scores_of("vit", data)
+    data[2]["pixel_values"] = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"example 2: pixel_values is torch.uint8; pass the float tensors an image processor gives"):
+        scores_of("vit", data)
+
+
+@pytest.mark.parametrize(
+    "label, message",
+    [(3, r"label 3 is not a class id of this model \(0 to 2\)\.$"), (-1, r"label -1 .*GLUE's test splits"), (1.5, "label 1.5 is not a class id")],
+)
+def test_labels_that_are_not_classes_of_the_model_are_refused(label, message):
+    data = [{**ex, "labels": torch.tensor(1)} for ex in text_data()]
+    data[3]["labels"] = torch.tensor(label)
+    with pytest.raises(ValueError, match=rf"example 3: {message}"):
+        scores_of("bert", data, importance="fisher")

@@ -1,11 +1,13 @@
-"""optin_hf/checkpoint.py: a save never deletes the user's files, and a kill at any step never loses a checkpoint.
+"""optin_hf/checkpoint.py: a save never deletes the user's files, and a kill at any step, a concurrent save or a full
+disk never loses a checkpoint.
 
-Run as a script (`python test_checkpoint.py`), this file is the fault test's child: see `_serve`.
+Run as a script, this file is the child process of the fault, concurrency and full-disk tests: see `CHILDREN`.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -17,8 +19,8 @@ import torch
 from tiny import batch, calibration, output, tiny_model
 from torch import nn
 
-from optin_hf import AutoOptinModel, OptinConfig, OptinPruner
-from optin_hf.checkpoint import OWNED_FILES, atomic_directory, restore_interrupted_save
+from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, checkpoint
+from optin_hf.checkpoint import OWNED_FILES, atomic_directory, is_checkpoint, restore_interrupted_save
 from optin_hf.commands.__main__ import main
 from optin_hf.hub import write_repo_folder
 
@@ -178,6 +180,19 @@ def test_cli_refuses_a_foreign_output_and_offers_overwrite(tmp_path, capsys):
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize("output", ["/", "FILE/out"])
+def test_cli_refuses_an_output_it_cannot_save_before_the_run(tmp_path, capsys, output):
+    (tmp_path / "FILE").write_text("x")
+    output = output.replace("FILE", str(tmp_path / "FILE"))
+    assert main(["prune", "--model", "m", "--dataset", "d.csv", "--output", output, "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err in (
+        "error: / is the root of the file system: a save replaces its folder by renaming a new one into place, which "
+        "the root cannot be. Save into a folder below it.",
+        f"error: Cannot save into {tmp_path / 'FILE' / 'out'}: {tmp_path / 'FILE'} is a file, not a folder.",
+    )
+
+
 def test_cli_rerun_keeps_the_user_files_in_its_output(tmp_path, capsys, monkeypatch):
     from tiny_task import trained_text_model, write_csv
 
@@ -202,6 +217,26 @@ def test_cli_rerun_keeps_the_user_files_in_its_output(tmp_path, capsys, monkeypa
     assert (out / "tokenizer_config.json").is_file()  # the run's tokenizer, written beside the checkpoint
 
 
+def test_cli_saves_into_the_current_folder(tmp_path, capsys, monkeypatch):
+    from tiny_task import trained_text_model, write_csv
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    trained_text_model(tmp_path / "model", steps=1)
+    write_csv(tmp_path / "data.csv", n=24, label_names=True)
+    here = tmp_path / "here"
+    dense_user_folder(here)
+    monkeypatch.chdir(here)
+    args = [
+        "prune", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data.csv"), "--output", ".",
+        "--calibration-split", "train[:8]", "--eval-split", "train[8:]", "--num-samples", "4",
+        "--importance", "magnitude", "--reconstruct", "none", "--overwrite",
+    ]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    assert Path.cwd() == here and is_checkpoint(here) and (here / "optin_report.json").is_file()
+    assert (here / "tokenizer_config.json").is_file() and (here / "NOTES.md").read_text() == USER_FILES["NOTES.md"]
+    assert sorted(os.listdir(tmp_path)) == ["data.csv", "here", "model"]
+
+
 # The fault test. A child process (this file run as a script) forks one grandchild per step k; the grandchild
 # saves the NEW model over the target and SIGKILLs itself just before its k-th file-system change (seen through
 # an audit hook: every mkdir, rename, link, delete and file opened for writing). After each kill the parent
@@ -211,6 +246,15 @@ def test_cli_rerun_keeps_the_user_files_in_its_output(tmp_path, capsys, monkeypa
 
 MUTATIONS = {"os.mkdir", "os.rename", "os.link", "os.symlink", "shutil.rmtree", "shutil.copyfile", "shutil.copytree"}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+
+def child_process(*args: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """This file run as a script (`CHILDREN[args[0]](*args[1:])`), on one thread, talking on stdin and stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen(
+        [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        env=env, cwd=Path(__file__).parent,
+    )
 
 
 def _kill_at(step: int):
@@ -258,12 +302,8 @@ def test_kill_at_every_step_of_a_save_loses_nothing(tmp_path, old_and_new):
     dense_user_folder(pristine_user)
     work = tmp_path / "work"
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     stderr = open(tmp_path / "child.err", "w")
-    child = subprocess.Popen(
-        [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
-        cwd=Path(__file__).parent,
-    )
+    child = child_process("serve", stderr=stderr)
 
     def loads_as(*expected: torch.Tensor) -> bool:
         got = output(AutoOptinModel.from_pretrained(work / "out"), inputs)
@@ -303,5 +343,106 @@ def test_kill_at_every_step_of_a_save_loses_nothing(tmp_path, old_and_new):
     assert killed_at.count("os.rename") == 4, killed_at
 
 
+def _save_loop(target: str, seed: str, mac_constraint: str, times: str) -> None:
+    """The concurrency test's child: prune, say "ready", and on "go" save into `target` `times` times."""
+    torch.set_num_threads(1)
+    pruner, model = pruned(int(seed), float(mac_constraint))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for _ in range(int(times)):
+        pruner.save(model, target)
+
+
+def test_two_processes_saving_into_one_folder_keep_a_checkpoint_and_the_user_files(tmp_path, old_and_new):
+    (old_pruner, old_model), (_, new_model) = old_and_new
+    folder = tmp_path / "out"
+    old_pruner.save(old_model, folder)
+    (folder / "NOTES.md").write_text(USER_FILES["NOTES.md"])
+    children = [child_process("save-loop", str(folder), *map(str, settings), "12") for settings in (OLD, NEW)]
+    try:
+        for child in children:  # both ready, then both go: their saves overlap
+            assert child.stdout.readline() == "ready\n", child.communicate()[1][-3000:]
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        for child in children:
+            _, err = child.communicate(timeout=120)
+            assert child.returncode == 0, err[-3000:]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert (folder / "NOTES.md").read_text() == USER_FILES["NOTES.md"]
+    got = output(AutoOptinModel.from_pretrained(folder), batch("bert"))  # one of the two complete checkpoints
+    assert any(torch.allclose(got, output(m, batch("bert")), atol=1e-5) for m in (old_model, new_model))
+    assert os.listdir(tmp_path) == ["out"]  # no temp folder, no lock file left beside it
+
+
+def test_a_save_waits_for_another_save_into_the_same_folder_then_gives_up_naming_it(tmp_path, old_and_new, monkeypatch):
+    (pruner, model), _ = old_and_new
+    folder = tmp_path / "out"
+    pruner.save(model, folder)
+    monkeypatch.setattr(checkpoint, "LOCK_TIMEOUT_S", 0.3)
+    with checkpoint.save_lock(folder):  # another save, as far as the lock can tell
+        with pytest.warns(UserWarning, match=r"Waiting for another save into .*out to finish"), pytest.raises(
+            TimeoutError, match=rf"Another save into {folder} has held .*\.out\.lock for over 0 s: let it finish"
+        ):
+            pruner.save(model, folder)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and is_checkpoint(folder)
+
+
+def test_saving_into_the_current_folder_keeps_temp_folders_beside_it(tmp_path, old_and_new, monkeypatch):
+    (old_pruner, old_model), (new_pruner, new_model) = old_and_new
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    old_pruner.save(old_model, ".")  # an empty folder, not "not empty" because of its own temp folder
+    write_user_files(here)
+    new_pruner.save(new_model, ".")
+    assert Path.cwd() == here and sorted(os.listdir(".")) == sorted(os.listdir(here))  # still in it, the new one
+    assert torch.allclose(output(AutoOptinModel.from_pretrained("."), batch("bert")), output(new_model, batch("bert")), atol=1e-5)
+    assert {name: Path(name).read_text() for name in USER_FILES} == USER_FILES
+    shutil.rmtree(here / "runs")
+    dense_user_folder(here / "sub")
+    monkeypatch.chdir(here / "sub")
+    old_pruner.save(old_model, ".", overwrite=True)  # was "Device or resource busy"
+    assert Path.cwd() == here / "sub" and is_checkpoint(".") and Path("NOTES.md").read_text() == USER_FILES["NOTES.md"]
+    assert os.listdir(tmp_path) == ["here"] and not [name for name in os.listdir(here) if name.startswith(".")]
+    with pytest.raises(ValueError, match=r"^/ is the root of the file system: .* Save into a folder below it"):
+        old_pruner.save(old_model, "/")
+
+
+def _full_disk(target: str, max_file_size: str) -> None:
+    """The full-disk test's child: save into `target` with files limited to `max_file_size` bytes (`ulimit -f`, which
+    makes the OS refuse a longer write as a full disk would, with no root and no real disk to fill)."""
+    torch.set_num_threads(1)
+    pruner, model = pruned(*NEW)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(max_file_size), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        pruner.save(model, target)
+    except Exception as err:  # what a caller (the CLI) gets
+        print(f"{type(err).__name__}: {err}")
+
+
+def test_a_save_the_disk_cannot_hold_is_one_os_error_and_loses_nothing(tmp_path, old_and_new):
+    (old_pruner, old_model), _ = old_and_new
+    folder = tmp_path / "out"
+    old_pruner.save(old_model, folder)
+    write_user_files(folder)
+    before = snapshot(folder)
+    child = child_process("full-disk", str(folder), "20000")  # the configs and masks fit, the weights do not
+    out, err = child.communicate(timeout=120)
+    assert out == (
+        f"OSError: Could not save {folder}: a file would grow past the largest size allowed (the file system's, or "
+        f"the process's `ulimit -f`). The save was undone: {folder} is as it was. Raise the limit, or save to "
+        "another file system, and save again.\n"
+    ), err[-3000:]
+    assert snapshot(folder) == before and os.listdir(tmp_path) == ["out"]  # the temp folder is gone
+    assert torch.allclose(output(AutoOptinModel.from_pretrained(folder), batch("bert")), output(old_model, batch("bert")), atol=1e-5)
+
+
+CHILDREN = {"serve": _serve, "save-loop": _save_loop, "full-disk": _full_disk}
+
 if __name__ == "__main__":
-    _serve()
+    CHILDREN[sys.argv[1]](*sys.argv[2:])

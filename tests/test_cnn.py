@@ -147,9 +147,24 @@ def test_reconstruction_is_refused_before_scoring(family, fix):
 
 
 def test_basic_blocks_are_refused_with_the_fix():
+    """Named by the config field, before the layout check (which blamed the transformers version) and any scoring."""
     model = ResNetForImageClassification(ResNetConfig(layer_type="basic", embedding_size=8, hidden_sizes=[16], depths=[1]))
     with pytest.raises(ValueError, match="layer_type='basic'.*bottleneck"):
         PruningMasks.full(model.config)
+    pruner = OptinPruner(OptinConfig(**SETTINGS))
+    with pytest.raises(ValueError, match=r"^ResNet layer_type='basic' \(resnet-18/34 style\) is not supported.*layer_type='bottleneck'"):
+        pruner.prune_model(model.eval(), images(2, 1))
+    assert pruner.scores is None
+
+
+def test_convnext_stage_lists_that_disagree_with_num_stages_are_refused_naming_the_fields():
+    """The encoder builds num_stages stages and its last LayerNorm reads hidden_sizes[-1]: such a model
+    cannot run, and the scores would not fit it. Said before scoring, with the fields."""
+    config = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16, 32], depths=[1, 1, 1], num_labels=5, image_size=32)
+    pruner = OptinPruner(OptinConfig(**{**SETTINGS, "importance": "magnitude"}))
+    with pytest.raises(ValueError, match=r"num_stages=2 but 3 hidden_sizes and 3 depths: give hidden_sizes and depths one entry per stage"):
+        pruner.prune_model(ConvNextForImageClassification(config).eval(), images(2, 1))
+    assert pruner.scores is None
 
 
 def test_digits_resnet_default_is_wired_to_32x32_digits_and_a_bottleneck_resnet(monkeypatch):

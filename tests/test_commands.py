@@ -128,6 +128,12 @@ def test_invalid_arguments_give_one_line_and_nonzero_exit(args):
         (["prune", "--model", "{model}", "--dataset", "{data}", "--eval-split", "test"], "Unknown split"),
         (["prune", "--model", "{model}", "--dataset", "{data}", "--importance", "fisherman"], "importance='fisherman' is unknown"),
         (["prune", "--model", "{model}", "--dataset", "{data}", "--metric", "glue/stsb"], "does not fit a model with 3 label"),
+        (["prune", "--model", "{model}", "--dataset", "{data}", "--metric", "glue/mrpc"],
+         "glue/mrpc scores the binary F1 of class 1, which needs a model with 2 labels, and this one has num_labels=3"),
+        (["evaluate", "--model", "{model}", "--dataset", "{data}", "--metric", "glue/qqp"], "needs a model with 2 labels"),
+        (["prune", "--model", "{model}", "--dataset", "{data}", "--checkpoint-dir", ""], "checkpoint_dir='' is an empty path"),
+        (["prune", "--model", "{model}", "--dataset", "{data}", "--output", ""], "output='' is an empty path"),
+        (["prune", "--model", "", "--dataset", "{data}"], "model='' is empty"),
         (["prune", "--model", "{model}", "--dataset", "{data}", "--output", "{data}"], "is not an optin-hf checkpoint"),
         (["prune", "--model", "{model}", "--dataset", "{data}", "--device", "cuda:7"], "cuda"),
         (["prune", "--text-column", "x"], "--text-column needs --dataset"),
@@ -180,3 +186,73 @@ def test_push_to_hub_hands_the_pruned_model_and_scores_to_the_hub_module(workspa
 def test_register_file_is_a_namespace_portion():
     assert (REPO / "optimum/commands/register/register_optin.py").is_file()
     assert not list((REPO / "optimum").rglob("__init__.py"))  # PEP 420: an __init__.py would shadow optimum itself
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", "it holds a JSON list, not an object"),
+        ('"accuracy"', "it holds a JSON str, not an object"),
+        ("{", "Expecting property name"),
+        ('{"data": ["x"]}', "its data is ['x'], not a mapping"),
+        ('{"data": {"dataset": {"path": 5}}}', "path=5 is an int; expected a string"),
+        ('{"data": {"dataset": {"path": "d", "streaming": "no"}}}', "streaming='no' is a str; expected a bool"),
+        ('{"data": {"dataset": ["d"]}}', "dataset=['d'] is a list; expected a DataSpec or None"),
+        ('{"data": {"default": 3}}', "default=3 is an int; expected a string or None"),
+        ('{"data": {"default": "bbc-news"}, "metric": 5}', "metric=5 is an int; expected a string or None"),
+        ('{"data": {"default": "bbc-news"}, "metric": "f2"}', "metric='f2' is unknown"),
+    ],
+)
+def test_evaluate_refuses_a_report_it_cannot_read(workspace, tmp_path, capsys, monkeypatch, text, message):
+    """optin_report.json may be hand-edited or foreign: one error line naming the file, never a traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in (workspace / "model").iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    (folder / "optin_report.json").write_text(text)
+    assert main(["evaluate", "--model", str(folder)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {folder / 'optin_report.json'} is not a report optin-hf can read (") and message in err
+
+
+def test_evaluate_given_data_and_metric_does_not_read_the_report(workspace, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in (workspace / "model").iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    (folder / "optin_report.json").write_text("[1, 2]")
+    args = ["evaluate", "--model", str(folder), "--dataset", str(workspace / "data.csv"), "--eval-split", "train[:8]", "--metric", "accuracy"]
+    assert main(args) == 0 and "accuracy on 8 examples" in capsys.readouterr().out
+
+
+def test_prune_resumes_from_its_checkpoint_dir(workspace, tmp_path, capsys, monkeypatch):
+    """--checkpoint-dir reaches OptinConfig.checkpoint_dir: a second run with the same folder reuses every saved
+    raw loss (in two steps, each step's own) and computes none, and gives the same masks."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = tmp_path / "losses"
+    args = ["prune", "--model", str(workspace / "model"), "--dataset", str(workspace / "data.csv"), "--calibration-split",
+            "train[:8]", "--eval-split", "train[8:16]", "--num-samples", "8", "--neuron-group-size", "16", "--reconstruct-samples", "8",
+            "--prune-steps", "2", "--checkpoint-dir", str(checkpoint)]
+    assert main([*args, "--output", str(tmp_path / "first")]) == 0
+    assert OptinConfig.from_pretrained(tmp_path / "first").checkpoint_dir == str(checkpoint)
+    saved = sorted(checkpoint.rglob("raw_losses.*.safetensors"))
+    assert [p.parent.name for p in saved] == ["step1", "step2"]
+    written = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in saved}
+    assert main([*args, "--output", str(tmp_path / "second")]) == 0
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in saved} == written  # nothing was scored again
+    first, second = (pruning_result(AutoOptinModel.from_pretrained(tmp_path / name)).masks for name in ("first", "second"))
+    assert torch.equal(first.head_mask, second.head_mask) and torch.equal(first.neuron_mask, second.neuron_mask)
+
+
+def test_evaluate_truncates_texts_at_the_model_positions(workspace, tmp_path, capsys, monkeypatch):
+    """Evaluation rows longer than the model's positions (64 here, below the default max_length of 128) are
+    measured at what the model holds instead of failing inside transformers."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    long_rows = [(" ".join([text] * 12), label) for text, label in sentences(8, seed=3)]
+    data = tmp_path / "long.csv"
+    data.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in long_rows))
+    assert len(AutoTokenizer.from_pretrained(workspace / "model")(long_rows[0][0])["input_ids"]) > 128
+    args = ["evaluate", "--model", str(workspace / "model"), "--dataset", str(data), "--eval-split", "train", "--metric", "accuracy"]
+    assert main(args) == 0 and "accuracy on 8 examples" in capsys.readouterr().out

@@ -1,10 +1,14 @@
+import dataclasses
+
 import datasets
 import pytest
 import torch
+from tiny import batch, calibration, output, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
+from optin_hf import OptinConfig, OptinPruner
 from optin_hf.data import average_length, prepare_calibration
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "dog", "ran"]
@@ -95,3 +99,29 @@ def test_an_unpadded_batch_encoding_is_a_batch_of_its_examples(tokenizer):
     from_encoding, from_texts = prepare_calibration(encoded, **kwargs), prepare_calibration(texts, tokenizer, **kwargs)
     assert [b.keys() for b in from_encoding] == [b.keys() for b in from_texts]
     assert all(torch.equal(a[k], b[k]) for a, b in zip(from_encoding, from_texts) for k in a)
+
+
+def test_bool_and_float_masks_of_0_and_1_read_as_integer_masks():
+    ids = [torch.arange(5, 13), torch.arange(20, 26)]
+    masks = [torch.tensor([1] * 6 + [0] * 2), torch.ones(6, dtype=torch.long)]
+
+    def batched(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        data = [{"input_ids": i, "attention_mask": m.to(dtype)} for i, m in zip(ids, masks)]
+        return prepare_calibration(data, num_samples=2, batch_size=2, max_length=8)[0]
+
+    as_long = batched(torch.long)
+    for dtype in (torch.bool, torch.float32):
+        assert batched(dtype)["attention_mask"].dtype == torch.long and all(torch.equal(batched(dtype)[k], as_long[k]) for k in as_long)
+
+
+def test_a_generator_is_read_once_so_the_refit_and_each_scoring_see_its_examples():
+    """A generator was used up by the refit's read, and scoring then said "the calibration data is empty"."""
+    data = calibration("bert", n=6)
+    config = OptinConfig(num_samples=4, importance="magnitude", mac_constraint=0.7)
+    from_list = OptinPruner(config).prune_model(tiny_model("bert"), data)
+    from_generator = OptinPruner(config).prune_model(tiny_model("bert"), (ex for ex in data))
+    assert torch.equal(output(from_list, batch("bert")), output(from_generator, batch("bert")))
+    # prune_steps=2 reads it for the refit and for each step's scoring
+    stepped = dataclasses.replace(config, prune_steps=2)
+    masks = OptinPruner(stepped).compute_masks(tiny_model("bert"), iter(data))
+    assert torch.equal(masks.neuron_mask, OptinPruner(stepped).compute_masks(tiny_model("bert"), data).neuron_mask)

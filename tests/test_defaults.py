@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import logging
 import random
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from packaging.requirements import Requirement
+from tiny import tiny_model
+from tiny_task import tokenizer
 
 from optin_hf.tasks.defaults import DEFAULT_NAMES, load_default
 from optin_hf.tasks.defaults import loader, train
 from optin_hf.tasks.defaults.cache import CACHE_ENV, cache_key, cache_root
 from optin_hf.tasks.defaults.corpora import CORPORA, TWEET_LABELS, Corpus, dedupe, normalize_text, package_dir
 from optin_hf.tasks.report import split_accuracy as accuracy
+from optin_hf.tasks.workflow import load_model
 from optin_hf.tasks.defaults.registry import RECIPES
 from optin_hf.tasks.defaults.splits import SplitSpec, assert_disjoint, make_splits, split_indices
 
@@ -219,3 +224,39 @@ def test_length_bucketed_batches_cover_every_example_once():
     assert padding_spread(batches) < padding_spread(plain(0))
     assert all(torch.equal(a, b) for a, b in zip(batches, bucketed(0)))
     assert not all(torch.equal(a, b) for a, b in zip(batches, bucketed(1)))
+
+
+class Records(logging.Handler):
+    """The records of transformers' model loader, where its LOAD REPORT goes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def load_reports(self) -> list[str]:
+        return [m for m in self.messages if "LOAD REPORT" in m]
+
+
+@pytest.fixture
+def loader_records() -> Records:
+    logger, records = logging.getLogger("transformers.modeling_utils"), Records()
+    logger.addHandler(records)
+    yield records
+    logger.removeHandler(records)
+
+
+def test_fine_tuning_a_default_does_not_report_its_new_head_as_missing(loader_records, tmp_path, capfd):
+    """The text defaults add a classification head on purpose: transformers' MISSING table would read as a failure."""
+    rows = Dataset.from_dict({"text": ["red w1", "w2 green", "blue", "w3 w4 red"], "label": [0, 1, 2, 0]})
+    model, _ = train.fine_tune_text(train.TextHParams(epochs=1, batch_size=4, lr=1e-5, max_length=16), rows, ["r", "g", "b"])
+    assert model.config.num_labels == 3 and loader_records.messages == []
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    # A user's model that lacks its head keeps the report: there it may be a mistake.
+    tiny_model("bert-encoder").save_pretrained(tmp_path / "user")
+    tokenizer().save_pretrained(tmp_path / "user")
+    load_model(str(tmp_path / "user"), "text-classification")
+    [report] = loader_records.load_reports()
+    assert "classifier.weight" in report and "MISSING" in report

@@ -26,10 +26,12 @@ import test_cnn
 import test_mask2former
 import test_segformer
 import test_swin
-from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, count_macs
+from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import check_model
 from optin_hf.commands.__main__ import main
+from optin_hf.criteria import BUILTIN_CRITERIA
 from optin_hf.hooks import apply_masks
+from tiny import ARCHS, calibration, tiny_model
 
 CRITERIA = ("optin", "magnitude", "random")
 CONSTRAINTS = (0.8, 0.6, 0.5)
@@ -145,6 +147,27 @@ def test_hub_full_and_masks_only_repos_load_the_slim_model(name, hub_server: Fak
         assert parameters(loaded) == slim_size
         for got, want in zip(outputs(loaded, family), expected, strict=True):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("importance", BUILTIN_CRITERIA)
+@pytest.mark.parametrize("name", [*ARCHS, *FAMILIES])
+def test_every_criterion_scores_every_family(name, importance):
+    """Each built-in criterion on each family (issue 24: Fisher failed on all new ones but ResNet): finite scores,
+    zero on a narrower layer's padding, some information in every layer that has units, and masks allocated."""
+    if name in FAMILIES:
+        model, data, settings = FAMILIES[name].build(), FAMILIES[name].images(2, 1), FAMILIES[name].settings
+    else:
+        model, data, settings = tiny_model(name), calibration(name, n=2), dict(reconstruct="none", neuron_group_size=16)
+    pruner = OptinPruner(OptinConfig(**{**settings, "importance": importance, "num_samples": 2, "engine": "reference"}))
+    scores = pruner.compute_scores(model, data)
+    assert scores.criterion == importance
+    present = PruningMasks.full(model.config).present()
+    for values, units in zip((scores.head_scores, scores.neuron_scores), present, strict=True):
+        assert values.shape == units.shape and torch.isfinite(values).all()
+        assert not values[~units].any()
+        assert (values[units.any(1)] != 0).any(1).all()
+    masks = pruner.compute_masks(model, scores=scores)
+    assert masks.neuron_mask.any() and not (masks.neuron_mask & ~present[1]).any()
 
 
 @pytest.fixture(scope="module")

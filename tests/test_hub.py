@@ -203,7 +203,8 @@ def test_load_errors_say_what_is_wrong(hub_server: FakeHub, tmp_path: Path) -> N
     fitting = masks_file(PruningMasks.full(AutoConfig.from_pretrained(tmp_path / "base")))
     with pytest.raises(OSError, match="'test-user/unknown' is neither a local folder nor a model repo on the Hub"):
         AutoOptinModel.from_pretrained("test-user/unknown")
-    with pytest.raises(OSError, match="is neither a local folder nor a valid Hub repo id"):
+    with pytest.raises(FileNotFoundError, match=f"is spelled as a path, not a Hub repo id, and there is no such local "
+                                                 f"folder: {tmp_path}/no/such/folder"):
         AutoOptinModel.from_pretrained(tmp_path / "no" / "such" / "folder")
     with pytest.raises(FileNotFoundError, match="has no optin_masks.safetensors: it is not an optin-hf checkpoint"):
         AutoOptinModel.from_pretrained(repo("card-only", {"README.md": b"# nothing here\n"}))

@@ -127,6 +127,19 @@ def scale_layer(model, layer: int, factor: float) -> None:
             get_submodule(block, path).weight.mul_(factor)
 
 
+@pytest.mark.parametrize("importance", ["fisher", "magnitude"])
+def test_token_mode_refuses_a_criterion_without_token_scores_before_scoring(importance):
+    """prune_tokens=True needs token scores: a criterion that gives none is refused before any forward pass,
+    naming the criteria that do."""
+    model, forwards = tiny_model("vit"), []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    pruner = OptinPruner(OptinConfig(importance=importance, prune_tokens=True))
+    with pytest.raises(ValueError, match=rf"prune_tokens=True needs token scores, and importance='{importance}' gives none: "
+                                         r"use importance='optin' or 'random'"):
+        pruner.prune_model(model, calibration("vit"))
+    assert not forwards and pruner.scores is None
+
+
 def test_magnitude_scores_are_shares_of_their_layer():
     model = tiny_model("bert")
     scores = MagnitudeImportance()(model, get_adapter(model), [], OptinConfig())

@@ -5,6 +5,7 @@ give one clear error."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import torch
 from huggingface_hub import create_repo, upload_folder
 from hub_server import FakeHub
 from tiny import batch, calibration, output, tiny_model
-from transformers import BertForMaskedLM
+from transformers import BertForMaskedLM, BertForSequenceClassification
 
 from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, PruningMasks
 from optin_hf import modeling
+from optin_hf.checkpoint import save_pruned
 from optin_hf.commands.__main__ import main
 from optin_hf.tasks.workflow import load_model
 
@@ -139,6 +141,47 @@ def test_a_half_precision_checkpoint_reloads_in_its_dtype(tmp_path: Path, dtype:
     }
     with pytest.raises(ValueError, match="Unknown torch_dtype 'float8'"):
         AutoOptinModel.from_pretrained(tmp_path / "half", torch_dtype="float8")
+
+
+def test_a_dtype_that_is_not_a_float_is_refused_before_any_file_is_read(tmp_path: Path) -> None:
+    for dtype in (torch.int8, torch.bool, torch.uint8, torch.complex64, torch.float64, "int8", 16):
+        with pytest.raises(
+            ValueError, match=rf"Unknown torch_dtype {re.escape(repr(dtype))}: use one of \['bfloat16', 'float16', 'float32'\]"
+        ):
+            AutoOptinModel.from_pretrained(tmp_path / "not-read", torch_dtype=dtype)
+
+
+def test_a_local_base_replaced_by_other_weights_is_refused(tmp_path: Path) -> None:
+    base = tiny_model("bert")
+    base.save_pretrained(tmp_path / "base")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "base", attn_implementation="eager")  # names it
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.5, importance="random", seq_len=12))
+    pruner.prune_model(model, calibration("bert"))
+    save_pruned(model, tmp_path / "masks", masks_only=True)
+    expected = output(model, batch("bert"))
+    assert torch.allclose(output(AutoOptinModel.from_pretrained(tmp_path / "masks"), batch("bert")), expected, atol=1e-5)
+    shutil.rmtree(tmp_path / "base")
+    tiny_model("bert", seed=5).save_pretrained(tmp_path / "base")  # the same config, other weights
+    with pytest.raises(
+        ValueError,
+        match=rf"The base model {tmp_path / 'base'} of {tmp_path / 'masks'} holds other weights than the ones its masks "
+        r"were made on .*Pass the base the masks were made on \(base_model=\.\.\.\), or prune this base again",
+    ):
+        AutoOptinModel.from_pretrained(tmp_path / "masks")
+    shutil.rmtree(tmp_path / "base")
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")  # the same weights, sharded: still accepted
+    assert len(list((tmp_path / "base").glob("model-*.safetensors"))) > 1
+    assert torch.allclose(output(AutoOptinModel.from_pretrained(tmp_path / "masks"), batch("bert")), expected, atol=1e-5)
+    # A checkpoint saved before fingerprints loads as it did, with a warning.
+    config = json.loads((tmp_path / "masks" / "optin_config.json").read_text())
+    del config["base_model_fingerprint"]
+    (tmp_path / "masks" / "optin_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"records no fingerprint of the weights of its base model .*Saving the loaded model again records one"):
+        AutoOptinModel.from_pretrained(tmp_path / "masks")
+    for weights in (tmp_path / "base").glob("model*.safetensors*"):
+        weights.unlink()  # a base no masks-only checkpoint could load over
+    with pytest.raises(ValueError, match=r"base model folder .*base has no safetensors weights .*\(masks_only=False\)"):
+        save_pruned(model, tmp_path / "masks-2", masks_only=True)
 
 
 def test_the_slim_model_is_built_on_the_meta_device(tmp_path: Path, monkeypatch) -> None:

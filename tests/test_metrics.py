@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
+from tiny import BLOCK, TEXT
+from transformers import BertConfig, BertForSequenceClassification
 
 from optin_hf.tasks import metrics
 from optin_hf.tasks.metrics import load_metric
+from optin_hf.tasks.workflow import _check_metric
 
 
 def test_local_formulas_match_scipy_and_sklearn():
@@ -73,3 +76,26 @@ def test_offline_argument_skips_evaluate(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(evaluate, "load", lambda path, config=None: pytest.fail("offline by environment"))
     assert "local" in load_metric("accuracy").source
+
+
+def classifier(num_labels: int) -> BertForSequenceClassification:
+    return BertForSequenceClassification(BertConfig(**{**TEXT, "num_labels": num_labels}, **BLOCK))
+
+
+@pytest.mark.parametrize("name", ["glue/mrpc", "glue/qqp"])
+def test_a_binary_f1_metric_needs_a_model_with_two_labels(name):
+    """Their F1 is class 1's against all others: on 3 classes it reports a meaningless number (0.5)."""
+    metric = load_metric(name, offline=True)
+    for num_labels in (3, 5):
+        with pytest.raises(ValueError, match=rf"Metric {name} scores the binary F1 of class 1, which needs a model with 2 "
+                           rf"labels, and this one has num_labels={num_labels}: use --metric accuracy"):
+            _check_metric(metric, classifier(num_labels))
+    _check_metric(metric, classifier(2))
+
+
+@pytest.mark.parametrize("name", ["accuracy", "glue/cola", "glue/mnli", "glue/sst2"])
+def test_multiclass_metrics_fit_any_number_of_labels(name):
+    """Accuracy, and Matthews' correlation (multiclass by its definition), hold for any number of classes."""
+    assert not load_metric(name, offline=True).binary
+    for num_labels in (2, 3):
+        _check_metric(load_metric(name, offline=True), classifier(num_labels))

@@ -1,8 +1,10 @@
 import dataclasses
+import math
 import os
 
 import pytest
 import torch
+import test_families
 from tiny import ARCHS, batch, calibration, output, tiny_model
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2Model
 
@@ -207,6 +209,37 @@ def test_unreachable_budget_is_refused():
         OptinPruner(OptinConfig(mac_constraint=0.1, prune_neurons=False, importance="random")).compute_masks(
             tiny_model("bert"), calibration("bert")
         )
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("settings, kept_whole", [({}, None), ({"prune_neurons": False}, "prune_neurons"),
+                                                  ({"prune_heads": False}, "prune_heads")])
+@pytest.mark.parametrize("name", ["resnet", "swin", "convnext"])
+def test_an_unreachable_budget_is_refused_before_scoring_naming_the_least_reachable(name, settings, kept_whole):
+    """The MACs no unit owns (and those of a kind kept whole) are checked before any forward pass; the
+    error names the least reachable mac_constraint, which then prunes, and advises only what would help."""
+    family = test_families.FAMILIES[name]
+    model = family.build()
+    adapter = get_adapter(model)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    pruner = OptinPruner(OptinConfig(**{**family.settings, **settings, "mac_constraint": 0.05}))
+    with pytest.raises(ValueError) as refused:
+        pruner.prune_model(model, family.images(2, 1))
+    message = str(refused.value)
+    assert not forwards and pruner.scores is None
+    assert message.startswith(f"mac_constraint=0.05 cannot be reached on this {name} model") and adapter.fixed_parts in message
+    assert "both heads and neurons" not in message
+    has_heads = adapter.num_heads(model.config) > 0  # ConvNeXt has none: prune_heads changes nothing
+    assert (f"{kept_whole}=True" in message) == (kept_whole is not None and (has_heads or kept_whole == "prune_neurons"))
+    least = float(message.split("at least ")[1].split(",")[0].rstrip("."))
+    dense = count_macs(model)
+    if kept_whole is None:  # what no unit owns, rounded up
+        assert least == math.ceil(adapter.fixed_macs(model) / dense * 1000) / 1000
+    if least < 1:
+        pruner = OptinPruner(OptinConfig(**{**family.settings, **settings, "mac_constraint": least, "importance": "random"}))
+        pruner.prune_model(model, family.images(2, 1))
+        assert count_macs(model) <= least * dense
 
 
 def test_an_already_pruned_model_is_refused():

@@ -129,9 +129,10 @@ def stand_ins(monkeypatch, tmp_path):
             return tiny_model("vit"), ViTImageProcessor(size={"height": 16, "width": 16}), task
         names = GLUE[name.rsplit("-", 1)[-1]][2]
         model = tiny_model("bert")
-        if names is None:
-            model.config.num_labels = 1
-            model.classifier = torch.nn.Linear(32, 1)
+        num_labels = 1 if names is None else len(names)  # as the task's checkpoint: glue/mrpc's F1 needs two
+        if num_labels != model.config.num_labels:
+            model.config.num_labels = num_labels
+            model.classifier = torch.nn.Linear(32, num_labels)
         return model, tokenizer(), task or "text-classification"
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
@@ -242,3 +243,60 @@ def test_broken_yaml_is_a_clear_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ValueError, match="is not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+MODEL = {"model": "m", "dataset": {"path": "d"}}
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({**MODEL, "push_to_hub": "me/x", "push_full": "false"}, r"push_full='false' is a str; expected a bool .* unquoted"),
+        ({**MODEL, "model": ["model"]}, r"model=\['model'\] is a list; expected a string or None"),
+        ({"default": True}, r"default=True is a bool; expected a string or None"),
+        ({"default": "bbc-news", "output": 5}, r"output=5 is an int; expected a path \(a non-empty string\) or None"),
+        ({"default": "bbc-news", "output": ""}, r"output='' is an empty path"),
+        ({**MODEL, "task": 3}, r"task=3 is an int; expected a string or None"),
+        ({**MODEL, "processor": {"name": "p"}}, r"processor=\{'name': 'p'\} is a dict; expected a string or None"),
+        ({**MODEL, "metric": ["accuracy"]}, r"metric=\['accuracy'\] is a list; expected a string or None"),
+        ({"default": "bbc-news", "device": 0}, r"device=0 is an int; expected a string or None"),
+        ({"default": "bbc-news", "push_to_hub": 1}, r"push_to_hub=1 is an int; expected a string or None"),
+        ({"default": "bbc-news", "push_to_hub": ""}, r"push_to_hub='' is empty"),
+        ({**MODEL, "model": ""}, r"model='' is empty"),
+        ({"default": "bbc-news", "optin": 0.6}, r"optin must be a mapping of keys to values, not float"),
+        ({**MODEL, "dataset": {"path": "d", "streaming": "false"}}, r"dataset: streaming='false' is a str; expected a bool"),
+        ({**MODEL, "dataset": {"path": ["d"]}}, r"dataset: path=\['d'\] is a list; expected a string"),
+        ({**MODEL, "dataset": {"path": "d", "max_eval_samples": "10"}}, r"dataset: max_eval_samples='10' is a str; expected an integer"),
+        ({**MODEL, "dataset": {"path": "d", "reduce_labels": 1}}, r"dataset: reduce_labels=1 is an int; expected a bool"),
+        ({**MODEL, "optin": {"checkpoint_dir": ""}}, r"optin: checkpoint_dir='' is an empty path"),
+    ],
+)
+def test_every_recipe_key_is_type_checked(values, message):
+    """A wrong type is named with its key, value and the type expected, never read as truthy or crashing later."""
+    with pytest.raises(ValueError, match="^r.yaml: " + message):
+        parse_recipe(values, "r.yaml")
+
+
+def test_quoted_and_unquoted_bools_in_a_recipe(tmp_path):
+    (tmp_path / "r.yaml").write_text("default: bbc-news\npush_to_hub: me/x\npush_full: false\noptin:\ndataset:\n")
+    job = load_recipe(tmp_path / "r.yaml")
+    assert job.push_full is False and job.optin == OptinConfig() and job.data is None  # an empty section is no section
+    (tmp_path / "r.yaml").write_text('default: bbc-news\npush_to_hub: me/x\npush_full: "false"\n')
+    with pytest.raises(ValueError, match=r"push_full='false' is a str; expected a bool"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("default: bbc-news\npush_to_hub: me/x\npush_full: false\noutput: out\npush_full: true\n",
+         r"r.yaml: key 'push_full' is given twice, on lines 3 and 5: keep one."),
+        ("default: bbc-news\noptin:\n  mac_constraint: 0.5\n  seed: 1\n  mac_constraint: 0.9\n",
+         r"r.yaml: key 'mac_constraint' is given twice, on lines 3 and 5"),
+        ("model: m\ndataset: {path: d, streaming: true, streaming: false}\n", r"key 'streaming' is given twice, on lines 2 and 2"),
+    ],
+)
+def test_a_key_given_twice_is_refused(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_recipe(tmp_path / "r.yaml")

@@ -4,15 +4,16 @@ import argparse
 
 import pytest
 import torch
-from tiny import calibration, tiny_model
+from tiny import calibration, random_images, tiny_model
 
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf.arch import get_adapter
 from optin_hf.commands import jobs as commands_jobs
 from optin_hf.commands.__main__ import main
 from optin_hf.commands.args import parse_duration
-from optin_hf.engine.estimate import MAX_NEURON_GROUP, MIN_SAMPLES, pick_setting, scoring_cost, scoring_ladder
+from optin_hf.engine.estimate import MAX_NEURON_GROUP, MIN_SAMPLES, layer_units, pick_setting, scoring_cost, scoring_ladder
 from optin_hf.engine.fast import FastRunner
+from optin_hf.engine.reference import ReferenceRunner
 from optin_hf.importance.optin import OptinImportance
 
 
@@ -86,13 +87,13 @@ def test_picker_keeps_all_examples_while_coarser_neurons_fit():
     assert pick_setting(scoring_ladder(128, 1, 1536), fake_seconds, 1e9)[:2] == (128, 1)
 
 
-@pytest.mark.parametrize("settings", [{"neuron_group_size": 5}, {"prune_heads": False}, {"prune_neurons": False},
+@pytest.mark.parametrize("settings", [{"neuron_group_size": 5}, {"prune_heads": False, "mac_constraint": 0.8}, {"prune_neurons": False},
                                       {"neuron_group_size": 64, "engine": "reference"}])
 def test_estimate_counts_the_candidates_the_engine_runs(settings, monkeypatch):
     model, data = tiny_model("bert"), calibration("bert", n=6)
     config = OptinConfig(md_tokens=24, num_samples=6, batch_size=3, **settings)
     ran = []
-    for runner in (FastRunner, __import__("optin_hf.engine.reference", fromlist=["ReferenceRunner"]).ReferenceRunner):
+    for runner in (FastRunner, ReferenceRunner):
         original = runner.run
 
         def counting(self, kind, layer, unit_mask, original=original):
@@ -103,9 +104,41 @@ def test_estimate_counts_the_candidates_the_engine_runs(settings, monkeypatch):
     pruner = OptinPruner(config)
     pruner.compute_scores(model, data)
     adapter = get_adapter(model)
-    units = OptinImportance.masked_units(model, adapter, config)
+    units = layer_units(OptinImportance.masked_units(model, adapter, config), adapter.layer_geometry(model.config))
     cost = scoring_cost(1.0, pruner._batches(model, data, None), None, config.batch_size, 3, units, config.engine)
     assert cost.num_candidates(config.neuron_group_size) == sum(ran) == pruner.plan.num_candidates
+
+
+def _ragged(name: str):
+    """A family whose layers differ in width: a Swin's two stages, a ResNet's bottlenecks (8, 8, 16 channels)."""
+    import test_cnn
+    import test_swin
+
+    return (test_swin.tiny_swin(), test_swin.SETTINGS) if name == "swin" else (test_cnn.tiny_cnn("resnet"), test_cnn.SETTINGS)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["swin", "resnet"])
+@pytest.mark.parametrize("neuron_group_size", [1, 16])
+def test_estimate_counts_each_layer_own_units_of_a_ragged_family(name, neuron_group_size, monkeypatch):
+    """Each layer runs its own heads and (grouped) neurons, not the widest layer's: the estimate and
+    the plan count exactly the candidates the engine runs, so max_scoring_time is not misled."""
+    model, settings = _ragged(name)
+    ran = []
+    original = ReferenceRunner.run
+
+    def counting(self, kind, layer, unit_mask):
+        ran.append(unit_mask.shape[0])
+        return original(self, kind, layer, unit_mask)
+
+    monkeypatch.setattr(ReferenceRunner, "run", counting)
+    pruner = OptinPruner(OptinConfig(**{**settings, "neuron_group_size": neuron_group_size, "num_samples": 2, "engine": "reference"}))
+    pruner.compute_scores(model, random_images(2, 1))
+    geometry = get_adapter(model).layer_geometry(model.config)
+    own = sum(g.heads + -(-g.neurons // neuron_group_size) for g in geometry)
+    assert own < len(geometry) * (max(g.heads for g in geometry) + -(-max(g.neurons for g in geometry) // neuron_group_size))
+    assert pruner.plan.num_candidates == sum(ran) == own
+    assert f"{own} candidates" in str(pruner.plan)
 
 
 def test_budgeted_prune_saves_the_settings_it_picked(tmp_path, monkeypatch):

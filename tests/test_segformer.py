@@ -95,6 +95,23 @@ def test_count_macs_equals_the_flop_counter_dense_and_slim():
         count_macs(model, seq_len=50)
 
 
+def test_the_geometry_follows_num_encoder_blocks_not_the_list_lengths():
+    """The encoder builds num_encoder_blocks stages from the lists' first entries (the model runs with longer
+    lists): the layers, the masks and the MACs are those stages', so pruning counts what it runs."""
+    torch.manual_seed(0)
+    config = SegformerConfig(image_size=32, num_encoder_blocks=2, depths=[1, 2, 2, 2], sr_ratios=[2, 1, 1, 1],
+                             hidden_sizes=[8, 16, 32, 64], num_attention_heads=[1, 2, 4, 8], mlp_ratios=[4, 2, 2, 2],
+                             decoder_hidden_size=16, num_labels=4)
+    model = SegformerForSemanticSegmentation(config).eval()
+    model.config._attn_implementation = "eager"
+    assert PruningMasks.full(model.config).head_mask.shape == (3, 2) == (len(check_model(model).layers_of(model)), 2)
+    assert count_macs(model) == encoder_macs(model)
+    pruner = OptinPruner(OptinConfig(**{**SETTINGS, "importance": "magnitude"}))
+    dense = count_macs(model)
+    pruner.prune_model(model, images(2, 1))
+    assert count_macs(model) == encoder_macs(model) <= 0.6 * dense
+
+
 def test_a_config_without_image_size_is_refused_with_the_fix():
     model = tiny_segformer()
     del model.config.image_size

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,7 @@ if BROWSER_MISSING is None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
+from huggingface_hub import create_repo, upload_folder  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast  # noqa: E402
 
@@ -65,6 +67,7 @@ import app as space  # noqa: E402
 from conftest import FAKE_TOKEN  # noqa: E402
 
 from optin_hf.tasks import report  # noqa: E402
+from optin_hf.tasks.workflow import load_model  # noqa: E402
 
 
 def tiny_task() -> space.DemoTask:
@@ -111,20 +114,39 @@ def test_the_page_shows_what_the_application_layer_measures(tmp_path, monkeypatc
 
 
 def test_hub_models_load_through_the_workflow(monkeypatch):
+    """A visitor's id loads as a Hub id only, anonymously unless the visitor gives a read token."""
     task = tiny_task()
     asked = []
-    monkeypatch.setattr(space, "load_model", lambda name: asked.append(name) or (task.model, task.processor, task.task))
+
+    def load_model(name, **kwargs):
+        asked.append((name, kwargs))
+        return task.model, task.processor, task.task
+
+    monkeypatch.setattr(space, "load_model", load_model)
     loaded = space.hub_loader("someone/tiny-bert", "the movie was great\n\n the plot was poor ", "", 8)()
-    assert asked == ["someone/tiny-bert"] and loaded.model is task.model and loaded.processor is task.processor
+    assert asked == [("someone/tiny-bert", {"hub_only": True, "token": False})]
+    assert loaded.model is task.model and loaded.processor is task.processor
     assert loaded.calibration["text"] == ["the movie was great", "the plot was poor"] and loaded.test is None
     assert loaded.label_names == ["LABEL_0", "LABEL_1"] and loaded.task == "text-classification"
+    space.hub_loader("someone/private-bert", "text", "", 8, " hf_visitor ")()
+    assert asked[-1] == ("someone/private-bert", {"hub_only": True, "token": "hf_visitor"})
 
-    def missing(name):
-        raise OSError(f"{name} is not a local folder and is not a valid model identifier")
 
-    monkeypatch.setattr(space, "load_model", missing)
-    with pytest.raises(ValueError, match="Could not load 'nobody/none': no such model on the Hub, or no network here"):
-        space.hub_loader("nobody/none", "text", "", 8)()
+@pytest.mark.parametrize("dataset_id", ["/data/set", "./set", "../set", "~/set", "a/b/c", "csv", "imagefolder"])
+def test_a_visitor_dataset_id_is_a_full_hub_id_or_refused(dataset_id, monkeypatch):
+    """A path, or a bare datasets builder name (csv, imagefolder: they read this machine's files), is refused before
+    the model or any data loads."""
+    monkeypatch.setattr(space, "load_model", lambda *args, **kwargs: pytest.fail("the model loaded first"))
+    with pytest.raises(ValueError, match=rf"(The dataset '{re.escape(dataset_id)}' is not a Hub repo id .*never a path on "
+                                         rf"this machine|Give the dataset's full Hub id, org/name, not '{dataset_id}')"):
+        space.hub_loader("someone/tiny-bert", "", dataset_id, 8)()
+
+
+def test_a_read_token_keys_the_loaded_model(tmp_path):
+    """A private model loaded with one visitor's token is never handed from the cache to a session without it."""
+    app = space.SpaceApp({"tiny-bert": tiny_task}, dict(space.SPACE_SETTINGS), tmp_path)
+    keys = {app.resolve(space.HUB_CHOICE, "org/model", "text", "", token)[0] for token in ("", "hf_a", "hf_b")}
+    assert len(keys) == 3
 
 
 def test_the_space_keeps_only_ui():
@@ -192,6 +214,29 @@ def _click(driver, elem_id: str) -> None:
     driver.find_element(By.CSS_SELECTOR, f"#{elem_id}").click()
 
 
+def _type_hub_model(driver, model_id: str, texts: str, token: str = "") -> None:
+    """Pick "Hub model id" in the Model dropdown, open the Hub box and fill it in, as a visitor would."""
+    driver.find_element(By.CSS_SELECTOR, "#model input").click()
+    driver.find_element(By.CSS_SELECTOR, f'#model li[aria-label="{space.HUB_CHOICE}"]').click()
+    if not any(box.is_displayed() for box in driver.find_elements(By.CSS_SELECTOR, "#hub_id textarea")):  # starts closed
+        driver.find_element(By.CSS_SELECTOR, "#hub_box button.label-wrap").click()
+    WebDriverWait(driver, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "#hub_id textarea").is_displayed())
+    fields = {"#hub_id textarea": model_id, "#hub_texts textarea": texts, **({"#read_token input": token} if token else {})}
+    for selector, value in fields.items():
+        box = driver.find_element(By.CSS_SELECTOR, selector)
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)  # WebElement.clear() would bypass the page's input events
+        box.send_keys(value)
+
+
+def _save_tiny_task(folder: Path) -> Path:
+    """tiny_task()'s model and tokenizer as save_pretrained writes them: a real model folder, as on a host's disk."""
+    task = tiny_task()
+    task.model.save_pretrained(folder)
+    task.processor.save_pretrained(folder)
+    return folder
+
+
 @needs_browser
 def test_prune_compare_and_rescore_in_browser(url, browser, tmp_path, hub_server):
     browser.get(url)
@@ -231,3 +276,44 @@ def test_prune_compare_and_rescore_in_browser(url, browser, tmp_path, hub_server
 
     browser.save_screenshot(str(tmp_path / "space_app.png"))
     assert (tmp_path / "space_app.png").stat().st_size > 10_000
+
+
+@needs_browser
+def test_a_local_path_typed_by_a_visitor_is_refused_in_browser(url, browser, tmp_path):
+    """The Space's host holds a model folder; a visitor typing its path gets a refusal, and no zip of its weights."""
+    folder = _save_tiny_task(tmp_path / "data" / "model")
+    browser.get(url)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prune"))
+    _type_hub_model(browser, str(folder), "the movie was great\nthe plot was poor")
+    _set_slider(browser, 1.0)  # the budget that keeps every unit: the attack's "prune" is a copy of the weights
+    _click(browser, "prune")
+    status = _wait_text(browser, "#status", "Error")
+    assert f"The model '{folder}' is not a Hub repo id (name or org/name): only models on the Hub load here, never a " \
+           "path on this machine." in status
+    _click(browser, "zip")
+    _wait_text(browser, "#push_msg", "Prune a model first")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#download a")  # nothing offered for download
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(folder))
+    assert not [p for p in Path(tempfile.gettempdir()).glob("optin-space-*/*/*") if p.name.startswith(slug)]
+
+
+@needs_browser
+def test_a_private_repo_typed_by_a_visitor_is_refused_in_browser(url, browser, hub_server, tmp_path):
+    """The Space process holds HF_TOKEN, which reads the private repo (and fetched it into the cache): a visitor's id
+    is still asked of the Hub anonymously, and loads only with the visitor's own token."""
+    repo_id = create_repo("private-bert", private=True).repo_id
+    upload_folder(repo_id=repo_id, folder_path=_save_tiny_task(tmp_path / "model"))
+    assert os.environ["HF_TOKEN"] == FAKE_TOKEN
+    assert load_model(repo_id)[0].name_or_path == repo_id  # with the Space's token it would load
+
+    browser.get(url)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prune"))
+    _type_hub_model(browser, repo_id, "the movie was great\nthe plot was poor")
+    _click(browser, "prune")
+    status = _wait_text(browser, "#status", "Error")
+    assert f"The model '{repo_id}' was not found on the Hub, or it is private or gated and an anonymous request " \
+           "cannot read it (HTTP 401)." in status
+
+    _type_hub_model(browser, repo_id, "the movie was great\nthe plot was poor", token=FAKE_TOKEN)
+    _click(browser, "prune")
+    assert f"Pruned {repo_id}" in _wait_text(browser, "#status", "Pruned", timeout=15)

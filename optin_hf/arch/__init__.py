@@ -39,7 +39,8 @@ for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, RESNET, CONVNEXT, SEGFORMER,
 
 
 def get_adapter(model_or_config) -> ArchAdapter:
-    """The adapter for a model (or its config); a clear error names the supported types."""
+    """The adapter for a model (or its config); a clear error names the supported types, or the
+    config field of a variant the adapter cannot prune (`ArchAdapter.check_config`)."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
@@ -47,7 +48,9 @@ def get_adapter(model_or_config) -> ArchAdapter:
             f"Unsupported model_type {model_type!r}: optin-hf supports {sorted(ADAPTERS)}. "
             "To add one, describe its layout in an ArchAdapter and call optin_hf.register_adapter(adapter)."
         )
-    return ADAPTERS[model_type]
+    adapter = ADAPTERS[model_type]
+    adapter.check_config(config)
+    return adapter
 
 
 def check_model(model: nn.Module) -> ArchAdapter:

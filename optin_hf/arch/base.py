@@ -40,6 +40,17 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(get_submodule(root, parent), name, module)
 
 
+def pair(value) -> tuple[int, int]:
+    """(height, width) of a config's image or patch size, given as one side or as a pair."""
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def num_patches(config) -> int:
+    """Patches a ViT-style patch embedding (a conv whose stride is its kernel) makes of a `config.image_size` image."""
+    (height, width), (patch_h, patch_w) = pair(config.image_size), pair(config.patch_size)
+    return (height // patch_h) * (width // patch_w)
+
+
 def paper_head_macs(seq_len: float, hidden: int, head_dim: int) -> float:
     """One head at `seq_len` tokens: q, k, v (3·s·d·dh), scores and context (2·s²·dh), its output columns (s·dh·d)."""
     return 3 * seq_len * hidden * head_dim + 2 * seq_len * seq_len * head_dim + seq_len * head_dim * hidden
@@ -180,6 +191,7 @@ class ArchAdapter:
     finish_feed_forward: FinishFeedForward | None = None
     classifiers: Mapping[str, Classifier] = field(default_factory=dict, hash=False, compare=False)
     unit_names: tuple[str, str] = ("attention heads", "FFN neurons")  # what the report calls a head and a neuron
+    fixed_parts: str = "the patch embedding"  # what `fixed_macs` counts, as an unreachable budget's error names it
     batch_norms: bool = False  # BatchNorms follow the pruned convs: reconstruct="batchnorm" re-estimates their means
 
     @property
@@ -189,6 +201,12 @@ class ArchAdapter:
     @property
     def out_inside_core(self) -> bool:
         return self.attn_out.startswith(self.attn_core + ".")
+
+    def check_config(self, config) -> None:
+        """Refuse a config whose layout this adapter cannot prune, naming the config field and the fix.
+        `get_adapter` runs it before any module is looked up, where a missing module would read as a
+        transformers version change. Every config passes here; a family with unsupported variants
+        (ResNet's basic blocks) overrides it."""
 
     def layers_of(self, model: nn.Module) -> nn.ModuleList:
         return get_submodule(model.base_model, self.layers)
@@ -309,7 +327,7 @@ class ArchAdapter:
         """Tokens per image for vision models (patches + prefix tokens); None for text."""
         if not self.is_vision:
             return None
-        return (config.image_size // config.patch_size) ** 2 + self.num_prefix_tokens
+        return num_patches(config) + self.num_prefix_tokens
 
     def fixed_macs(self, model: nn.Module) -> int:
         """MACs of the encoder that no unit owns, so no budget can cut (the patch embedding)."""
@@ -320,8 +338,7 @@ class ArchAdapter:
             return 0
         conv = get_submodule(model.base_model, self.patch_embedding)
         kernel = conv.weight[0].numel()  # in_channels * P * P
-        num_patches = (model.config.image_size // model.config.patch_size) ** 2
-        return num_patches * kernel * conv.out_channels
+        return num_patches(model.config) * kernel * conv.out_channels
 
 
 def _slim(layer: nn.Module, slices: tuple[Slice, ...], keep: torch.Tensor, default_width: int) -> None:

@@ -49,6 +49,17 @@ class ConvNextAdapter(ArchAdapter):
     """Blocks in order, no heads; see the module docstring. The attention paths name the
     depthwise conv only so that the layout check finds a module: no head ever reads them."""
 
+    def check_config(self, config) -> None:
+        """The stage lists must describe `num_stages` stages: the encoder builds that many, and its final
+        LayerNorm reads hidden_sizes[-1], so a longer list gives a model that cannot run."""
+        lengths = {"hidden_sizes": len(config.hidden_sizes), "depths": len(config.depths)}
+        if any(n != config.num_stages for n in lengths.values()):
+            raise ValueError(
+                f"This ConvNeXt config has num_stages={config.num_stages} but "
+                f"{' and '.join(f'{len(getattr(config, k))} {k}' for k in lengths)}: give hidden_sizes and depths "
+                "one entry per stage (num_stages of them)."
+            )
+
     def layers_of(self, model: nn.Module) -> nn.ModuleList:
         stages = get_submodule(model.base_model, self.layers)
         return nn.ModuleList([block for stage in stages for block in stage.layers])
@@ -97,6 +108,7 @@ class ConvNextAdapter(ArchAdapter):
 CONVNEXT = ConvNextAdapter(
     model_types=("convnext",),
     unit_names=("heads", "MLP channels"),
+    fixed_parts="the stem, the downsampling convs and the 7x7 depthwise convs",
     layers="encoder.stages",
     attn_core="dwconv",
     query="dwconv",

@@ -50,9 +50,8 @@ class Mask2FormerAdapter(SwinAdapter):
             )
         return backbone
 
-    def layers_of(self, model: nn.Module) -> nn.ModuleList:
-        self.swin_config(model.config)  # a backbone that is not Swin is refused with the reason
-        return super().layers_of(model)
+    def check_config(self, config) -> None:
+        self.swin_config(config)  # a backbone that is not Swin is refused with the reason
 
     def window_side(self, swin_config, height: int, width: int) -> int:
         """The configured window on any map: the backbone runs its layers with always_partition=True,

@@ -30,15 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ArchAdapter, LayerGeometry, get_submodule, set_submodule
+from .base import ArchAdapter, LayerGeometry, get_submodule, pair, set_submodule
 
 IMAGENET_SIZE = 224
 
 
 def image_size(config) -> tuple[int, int]:
     """The input resolution MACs are counted at: `config.image_size`, else ImageNet's 224."""
-    size = getattr(config, "image_size", None) or IMAGENET_SIZE
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return pair(getattr(config, "image_size", None) or IMAGENET_SIZE)
 
 
 def conv_out(size: tuple[int, int], kernel: int, stride: int, padding: int) -> tuple[int, int]:
@@ -136,6 +135,9 @@ def _slim_channels(block: nn.Module, producer: str, consumer: str, keep: torch.T
 class ResNetAdapter(ArchAdapter):
     """Bottleneck blocks in order; see the module docstring for the geometry."""
 
+    def check_config(self, config) -> None:
+        _check_bottleneck(config)
+
     def layers_of(self, model: nn.Module) -> nn.ModuleList:
         stages = get_submodule(model.base_model, self.layers)
         return nn.ModuleList([block for stage in stages for block in stage.layers])
@@ -204,6 +206,7 @@ class ResNetAdapter(ArchAdapter):
 RESNET = ResNetAdapter(
     model_types=("resnet",),
     unit_names=("1x1 reduce channels", "3x3 conv channels"),
+    fixed_parts="the stem conv and the shortcut projections",
     layers="encoder.stages",
     attn_core="layer.0",
     query="layer.0.convolution",

@@ -30,13 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import VISION_LAYER_PATHS, ArchAdapter, EmptyAttention, LayerGeometry, get_submodule
+from .base import VISION_LAYER_PATHS, ArchAdapter, EmptyAttention, LayerGeometry, get_submodule, pair
 
 DWCONV = "mlp.dwconv.dwconv"
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def image_size(config) -> tuple[int, int]:
@@ -48,7 +44,7 @@ def image_size(config) -> tuple[int, int]:
             "A SegFormer's MACs depend on the image size, and its config has no image_size: set "
             "model.config.image_size to the side (or (height, width)) of the images you calibrate and run on."
         )
-    return _pair(size)
+    return pair(size)
 
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:
@@ -60,7 +56,7 @@ def stage_grids(config) -> list[tuple[int, int]]:
     """Each stage's feature map (height, width) after its overlapping patch embedding."""
     height, width = image_size(config)
     grids = []
-    for kernel, stride in zip(config.patch_sizes, config.strides):
+    for kernel, stride in zip(config.patch_sizes[: config.num_encoder_blocks], config.strides):
         height, width = _conv_out(height, kernel, stride), _conv_out(width, kernel, stride)
         grids.append((height, width))
     return grids
@@ -79,8 +75,10 @@ class SegformerAdapter(ArchAdapter):
         return nn.ModuleList([block for stage in get_submodule(model.base_model, self.layers) for block in stage.blocks])
 
     def layer_geometry(self, config) -> tuple[LayerGeometry, ...]:
+        """The encoder builds `num_encoder_blocks` stages, the first entries of the per-stage lists."""
         geometry: list[LayerGeometry] = []
-        for depth, heads, dim, ratio in zip(config.depths, config.num_attention_heads, config.hidden_sizes, config.mlp_ratios):
+        stages = zip(config.depths[: config.num_encoder_blocks], config.num_attention_heads, config.hidden_sizes, config.mlp_ratios)
+        for depth, heads, dim, ratio in stages:
             geometry += [LayerGeometry(heads, dim // heads, dim, int(dim * ratio))] * depth
         return tuple(geometry)
 
@@ -153,6 +151,7 @@ class SegformerAdapter(ArchAdapter):
 SEGFORMER = SegformerAdapter(
     model_types=("segformer",),
     unit_names=("attention heads", "Mix-FFN channels"),
+    fixed_parts="the patch embeddings and the spatial-reduction convs",
     layers="stages",
     **VISION_LAYER_PATHS,
     feature="",

@@ -26,17 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import VISION_LAYER_PATHS, ArchAdapter, LayerGeometry, get_submodule
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+from .base import VISION_LAYER_PATHS, ArchAdapter, LayerGeometry, get_submodule, pair
 
 
 def stage_grids(config) -> list[tuple[int, int]]:
     """Each stage's feature map (height, width) in patches: the patch embedding pads the image
     to whole patches, each patch merging pads to even sides and halves them."""
-    (image_h, image_w), (patch_h, patch_w) = _pair(config.image_size), _pair(config.patch_size)
+    (image_h, image_w), (patch_h, patch_w) = pair(config.image_size), pair(config.patch_size)
     grid = (math.ceil(image_h / patch_h), math.ceil(image_w / patch_w))
     grids = []
     for _ in config.depths:
@@ -131,4 +127,5 @@ SWIN = SwinAdapter(
     patch_embedding="embeddings.patch_embeddings.projection",
     num_prefix_tokens=0,
     pooled_tokens=0,
+    fixed_parts="the patch embedding and the patch mergings",
 )

@@ -108,6 +108,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        "digit-scenes-segformer: none)")
     optin.add_argument("--reconstruct-samples", type=int, default=OptinConfig.reconstruct_samples, metavar="N",
                        help="calibration examples the reconstruction fits on (default: %(default)s)")
+    optin.add_argument("--checkpoint-dir", metavar="DIR",
+                       help="save the scoring losses to DIR as they are computed: a run stopped (Ctrl-C, a crash) and "
+                       "run again with the same DIR and settings resumes where it stopped (default: not saved)")
     optin.add_argument("--prune-steps", type=int, default=None, metavar="K",
                        help=f"cut in K steps, reconstructing and re-scoring between them (default: {OptinConfig.prune_steps}; "
                        "embedded defaults: as in their recipes)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 
 from ..config import OptinConfig
 from ..tasks.recipes import load_recipe
@@ -79,11 +78,12 @@ def prune(args: argparse.Namespace) -> None:
         reconstruct=args.reconstruct or EMBEDDED_DEFAULT_RECONSTRUCT.get(args.default, OptinConfig.reconstruct),
         reconstruct_samples=args.reconstruct_samples,
         max_scoring_time=args.max_scoring_time,
+        checkpoint_dir=args.checkpoint_dir,
         **sized,
     )
     job = PruneJob(
         optin=optin,
-        output=Path(args.output) if args.output else None,
+        output=args.output,  # PruneJob checks it: "" is refused, not read as the default name
         default=args.default,
         model=args.model,
         task=args.task,
@@ -105,8 +105,8 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def recipe(args: argparse.Namespace) -> None:
     job = load_recipe(args.recipe)
-    if args.output:
-        job = dataclasses.replace(job, output=Path(args.output))
+    if args.output is not None:
+        job = dataclasses.replace(job, output=args.output)
     _finish(job)
 
 

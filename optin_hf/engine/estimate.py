@@ -11,11 +11,13 @@ for the reference engine the whole model over the padded batches.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..arch.base import LayerGeometry
 from .distributed import gather, process_state
 from .run import grouped
 
@@ -41,25 +43,30 @@ class ScoringCost:
 
     token_layer_s: seconds per padded token-layer of the timed dense forward.
     real_tokens[e]: real tokens of calibration example e, in the order examples are taken.
-    units: units per layer of each kind scored ({"head": 12, "neuron": 1536}).
+    units: each layer's own units of each kind scored ({"head": [12, 12, ...], "neuron": [1536, ...]},
+    `layer_units`): a narrower layer of a ragged family (Swin's, a CNN's stages) runs fewer candidates.
     """
 
     token_layer_s: float
     real_tokens: list[int]
     batch_size: int
     num_layers: int
-    units: dict[str, int]
+    units: dict[str, list[int]]
     engine: str
 
+    def candidates(self, neuron_group_size: int) -> dict[str, list[int]]:
+        """Candidates each layer runs of each kind, its neurons in groups of `neuron_group_size` (a layer's last may be partial)."""
+        groups = {"neuron": neuron_group_size}
+        return {kind: [grouped({kind: n}, groups)[kind] for n in counts] for kind, counts in self.units.items()}
+
     def num_candidates(self, neuron_group_size: int) -> int:
-        return self.num_layers * sum(grouped(self.units, {"neuron": neuron_group_size}).values())
+        return sum(sum(counts) for counts in self.candidates(neuron_group_size).values())
 
     def seconds(self, num_samples: int, neuron_group_size: int) -> float:
-        per_layer = grouped(self.units, {"neuron": neuron_group_size})
         layers = sum(
             count * _rerun_layers(kind, layer, self.num_layers, self.engine)
-            for kind, count in per_layer.items()
-            for layer in range(self.num_layers)
+            for kind, counts in self.candidates(neuron_group_size).items()
+            for layer, count in enumerate(counts)
         )
         if self.engine == "reference":  # batches padded to their longest example
             real = self.real_tokens[:num_samples]
@@ -68,6 +75,14 @@ class ScoringCost:
         else:  # the fast engine packs text examples: it computes real tokens only
             tokens = sum(self.real_tokens[:num_samples])
         return tokens * layers * self.token_layer_s / THROUGHPUT[self.engine]
+
+
+def layer_units(units: dict[str, int], geometry: Sequence[LayerGeometry]) -> dict[str, list[int]]:
+    """Each layer's units of each kind that scoring runs: a criterion's `masked_units` (the widest
+    layer's count) capped at the layer's own (`ArchAdapter.layer_geometry`), as the engine runs
+    them: a narrower layer's padding runs nothing."""
+    own = {"head": [g.heads for g in geometry], "neuron": [g.neurons for g in geometry]}
+    return {kind: [min(count, n) for n in own[kind]] for kind, count in units.items()}
 
 
 def _lengths(batches: list[dict[str, torch.Tensor]], tokens_per_image: int | None) -> tuple[list[int], int]:
@@ -100,9 +115,10 @@ def time_dense(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
 
 def scoring_cost(
     dense_s: float, batches: list[dict[str, torch.Tensor]], tokens_per_image: int | None, batch_size: int,
-    num_layers: int, units: dict[str, int], engine: str,
+    num_layers: int, units: dict[str, list[int]], engine: str,
 ) -> ScoringCost:
-    """The cost model of scoring `units` on `batches`, from `dense_s`, one dense forward over the first of them."""
+    """The cost model of scoring `units` (per layer, `layer_units`) on `batches`, from `dense_s`, one dense
+    forward over the first of them."""
     real, _ = _lengths(batches, tokens_per_image)
     _, padded = _lengths(batches[:1], tokens_per_image)
     return ScoringCost(dense_s / max(padded * num_layers, 1), real, batch_size, num_layers, units, engine)
@@ -175,7 +191,7 @@ def plan_scoring(cost: ScoringCost, neuron_group_size: int, budget_s: float | No
     """The estimate of scoring every example at `neuron_group_size`, or, under `budget_s`, of the
     finest setting of `scoring_ladder` that fits it (the coarsest when none does)."""
     available = len(cost.real_tokens)
-    neurons = cost.units.get("neuron")
+    neurons = max(cost.units["neuron"]) if cost.units.get("neuron") else None  # the widest layer's
     samples, group, fits = available, neuron_group_size, True
     if budget_s is None:
         estimate = cost.seconds(samples, group)

@@ -9,11 +9,15 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from ..arch import get_adapter
+from ..config import checked_type
 from ..macs import count_macs, pair_macs, unit_macs
 from ..reconstruct import RECONSTRUCTION_NAME
 from ..result import PruningResult, pruning_result
 
 LIBRARY_NAME = "optin-hf"
+# Card metrics whose name holds one of these are fractions in [0, 1], or correlations in [-1, 1].
+FRACTIONS = ("accuracy", "f1", "precision", "recall", "iou")
+CORRELATIONS = ("matthews", "pearson", "spearman")
 
 
 class CardMetrics(TypedDict, total=False):
@@ -50,12 +54,48 @@ def _macs(model: nn.Module, result: PruningResult) -> tuple[float, float] | None
     return dense, count_macs(model, result.seq_len)
 
 
-def _check_metrics(metrics: CardMetrics | None) -> None:
+def _metric_range(name: str) -> tuple[float, float] | None:
+    """The values metric `name` can take, on the 0-1 scale optin-hf's reports use; None: any finite number."""
+    lowered = name.lower()
+    if any(word in lowered for word in CORRELATIONS):
+        return -1.0, 1.0
+    if any(word in lowered for word in FRACTIONS):
+        return 0.0, 1.0
+    return None
+
+
+def check_card_metrics(metrics: CardMetrics | None, speedup: float | None = None) -> None:
+    """Refuse what would publish a wrong number on a card: a speedup that is not a positive finite number, a
+    NaN or non-numeric score, a fraction outside [0, 1] (a percentage, or a bug), a correlation outside [-1, 1],
+    or a key of `metrics` that is missing, misspelt or of the wrong type. Run before anything is written or created."""
+    speedup = checked_type("speedup", speedup, float | None)
+    if speedup is not None and speedup <= 0:
+        raise ValueError(f"speedup={speedup!r} must be > 0: it is the dense latency over the slim one (1.5 = 1.5x faster).")
     if metrics is None:
         return
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics={metrics!r} must be a mapping; see optin_hf.hub.CardMetrics for its keys.")
     missing = {"task_type", "dataset_type", "pruned"} - set(metrics)
-    if missing:
-        raise ValueError(f"metrics lacks {sorted(missing)}; see optin_hf.hub.CardMetrics for its keys.")
+    unknown = set(metrics) - set(CardMetrics.__annotations__)
+    if missing or unknown:
+        problem = f"lacks {sorted(missing)}" if missing else f"has unknown keys {sorted(unknown)}"
+        raise ValueError(f"metrics {problem}; see optin_hf.hub.CardMetrics for its keys.")
+    for key in ("task_type", "dataset_type", "dataset_name", "dataset_config", "dataset_split"):
+        if key in metrics and checked_type(f"metrics[{key!r}]", metrics[key], str) == "":
+            raise ValueError(f"metrics[{key!r}] is empty.")
+    for group in ("pruned", "dense"):
+        values = checked_type(f"metrics[{group!r}]", metrics.get(group, {}), dict)
+        if group == "pruned" and not values:
+            raise ValueError("metrics['pruned'] is empty: give at least one metric name -> value of the pruned model.")
+        for name, value in values.items():
+            where = f"metrics[{group!r}][{name!r}]"
+            value = checked_type(where, value, float)
+            bounds = _metric_range(str(name))
+            if bounds is not None and not bounds[0] <= value <= bounds[1]:
+                raise ValueError(
+                    f"{where}={value!r} is outside [{bounds[0]:g}, {bounds[1]:g}]: give scores as fractions "
+                    "(0.853, not 85.3), as optin-hf's reports do."
+                )
 
 
 def _eval_results(metrics: CardMetrics) -> list[EvalResult]:
@@ -91,7 +131,7 @@ def model_card(
 ) -> ModelCard:
     """The README.md of a pushed repo: what the pruned `model` is (the result it carries), how much was
     pruned, the scores, and how to load it."""
-    _check_metrics(metrics)
+    check_card_metrics(metrics, speedup)
     result = pruning_result(model)
     config, masks = result.config, result.masks
     model_name = repo_id.split("/")[-1]

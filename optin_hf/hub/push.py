@@ -8,16 +8,15 @@ import tempfile
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi
-from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from torch import nn
 
 from ..checkpoint import MAX_SHARD_SIZE, checkpoint_directory, write_checkpoint
 from ..config import OptinConfig
 from ..importance.scores import SCORES_NAME, ImportanceScores
 from ..result import PruningResult, pruning_result
-from .card import LIBRARY_NAME, CardMetrics, _check_metrics, model_card
-from .download import CHECKPOINT_FILES
+from .card import LIBRARY_NAME, CardMetrics, check_card_metrics, model_card
+from .download import CHECKPOINT_FILES, is_hub_id
 
 # Files a push owns: those of the other kind (or stale shards) are deleted, so a repo never mixes a masks-only
 # optin_config.json with the weights of an earlier full push.
@@ -31,14 +30,6 @@ def _api(token: str | bool | None) -> HfApi:
     return HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
 
 
-def _is_repo_id(name: str) -> bool:
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def _hub_base(config: OptinConfig, api: HfApi, masks_only: bool) -> tuple[str | None, str | None]:
     """The base model's Hub id and commit sha; (None, None) for a full checkpoint of a model that is not on the Hub.
 
@@ -46,7 +37,7 @@ def _hub_base(config: OptinConfig, api: HfApi, masks_only: bool) -> tuple[str | 
     model (a Hub id or a local folder) and the commit it was read at.
     """
     name = config.base_model_name_or_path
-    if name is None or Path(name).exists() or not _is_repo_id(name):
+    if name is None or Path(name).exists() or not is_hub_id(name):
         if masks_only:
             where = f"the local folder {name!r}" if name else "no Hub repo (it was built from a config)"
             raise ValueError(
@@ -68,13 +59,15 @@ def _hub_base(config: OptinConfig, api: HfApi, masks_only: bool) -> tuple[str | 
     return name, sha
 
 
-def _pushed_result(model: nn.Module, api: HfApi, masks_only: bool, metrics: CardMetrics | None) -> PruningResult:
+def _pushed_result(
+    model: nn.Module, api: HfApi, masks_only: bool, metrics: CardMetrics | None, speedup: float | None
+) -> PruningResult:
     """The model's result, its config naming the base model as the pushed optin_config.json records it.
 
     Everything that can refuse a push is checked here, before anything is created on the Hub.
     """
     result = pruning_result(model)
-    _check_metrics(metrics)
+    check_card_metrics(metrics, speedup)
     base_model, base_revision = _hub_base(result.config, api, masks_only)
     config = dataclasses.replace(
         result.config,
@@ -128,7 +121,7 @@ def write_repo_folder(
     The folder is replaced as `save_pruned` replaces one: a non-empty folder that is not an optin-hf
     checkpoint is refused unless `overwrite=True`, and files optin-hf did not write are kept.
     """
-    result = _pushed_result(model, _api(token), masks_only, metrics)
+    result = _pushed_result(model, _api(token), masks_only, metrics, speedup)
     with checkpoint_directory(folder, overwrite) as tmp:
         _fill_repo_folder(
             tmp, model, result, repo_id, scores=scores, masks_only=masks_only, metrics=metrics, speedup=speedup,
@@ -159,7 +152,7 @@ def push_to_hub(
     measured it) go into the model card.
     """
     api = _api(token)
-    result = _pushed_result(model, api, masks_only, metrics)  # a refused push leaves no repo behind
+    result = _pushed_result(model, api, masks_only, metrics, speedup)  # a refused push leaves no repo behind
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # with the namespace, for the card
     with tempfile.TemporaryDirectory(prefix="optin-push-") as tmp:
         _fill_repo_folder(

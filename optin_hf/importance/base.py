@@ -23,14 +23,18 @@ class ImportanceCriterion(Protocol):
     model inputs only. One that sets `needs_grad = True` runs with autograd on (it must not leave
     `.grad` on the model's parameters); one that sets `needs_labels = True` also gets each batch's
     `labels` ([batch]) when the calibration data has them. Both default to False when absent.
+    One that gives token scores (vision token mode, `prune_tokens=True`) sets `scores_tokens = True`;
+    one that sets it False is refused in token mode before any scoring (absent: assumed True).
     A criterion that scores by masked runs also has `masked_units(model, adapter, config)`:
-    units per layer of each kind it runs ({"head": 12, "neuron": 1536}), so the pruner can
-    estimate the scoring time and fit `OptinConfig.max_scoring_time`.
+    units per layer of each kind it runs ({"head": 12, "neuron": 1536}; the widest layer's where
+    layers differ, each of which runs only its own), so the pruner can estimate the scoring time
+    and fit `OptinConfig.max_scoring_time`.
     """
 
     name: str
     needs_grad: bool
     needs_labels: bool
+    scores_tokens: bool
 
     @classmethod
     def from_config(cls, config: OptinConfig) -> "ImportanceCriterion": ...
@@ -47,6 +51,7 @@ class ConfiguredImportance:
     name: ClassVar[str]
     needs_grad: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
+    scores_tokens: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         OptinConfig(**self.settings())  # refuses a bad setting with the config's own message

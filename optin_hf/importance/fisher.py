@@ -4,14 +4,19 @@ variable on each head and FFN neuron.
 A mask `m_i = 1` multiplies unit i's output (the hooks of `optin_hf.hooks`), and its score is
 `sum over calibration examples of (d loss_example / d m_i)^2`, from per-example gradients: each
 example gets its own row of masks ([batch, units]), so one backward of the summed losses yields
-every example's gradient in its row. The loss is the task head's cross-entropy on the example's
-label (MSE for regression, `num_labels == 1`). Without labels in the calibration data, a
-classifier is scored against its own predicted class (the argmax of its dense logits); a
-regressor cannot be (the MSE to its own prediction has zero gradient), nor can a bare encoder
-(no logits). The raw values are comparable across layers and between heads and neurons (all are
-the same loss's sensitivity to a multiplier), so the global budget search ranks them together as
-they are. One forward and backward per batch: `neuron_group_size` is ignored, and the model runs
-in its own dtype (`OptinConfig.dtype` sets only the OPTIN engines' precision).
+every example's gradient in its row. The loss is the one the task head trains with: the
+cross-entropy on the example's label (MSE for regression, `num_labels == 1`; the mean binary
+cross-entropy of its labels for `problem_type="multi_label_classification"`); for a segmenter
+(logits [batch, classes, h, w]: SegFormer's, or Mask2Former's semantic map, `ArchAdapter.logits_of`)
+the mean over the image's pixels of the per-pixel cross-entropy against a label map, the logits
+upsampled to it as SegFormer's own loss does (pixels of the config's ignore index left out).
+Without labels in the calibration data, a classifier is scored against its own predicted class
+(the argmax of its dense logits, per pixel for a segmenter); a regressor cannot be (the MSE to
+its own prediction has zero gradient), nor can a bare encoder (no logits). The raw values are
+comparable across layers and between heads and neurons (all are the same loss's sensitivity to a
+multiplier), so the global budget search ranks them together as they are. One forward and
+backward per batch: `neuron_group_size` is ignored, and the model runs in its own dtype
+(`OptinConfig.dtype` sets only the OPTIN engines' precision).
 
 The published code squares the gradient of each dataloader batch's mean loss; this follows the
 paper's per-example sum.
@@ -65,10 +70,48 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def example_losses(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Per-example loss ([batch]) of logits ([batch, num_labels]) against labels, or against the
-    model's own predicted class when `labels` is None."""
+# The label value that marks unlabelled pixels, by config attribute (SegFormer's, Mask2Former's); 255 otherwise.
+IGNORE_INDEX_ATTRS = ("semantic_loss_ignore_index", "ignore_value")
+
+
+def ignore_index(config) -> int:
+    return next((int(v) for a in IGNORE_INDEX_ATTRS if (v := getattr(config, a, None)) is not None), 255)
+
+
+def pixel_losses(logits: torch.Tensor, labels: torch.Tensor | None, ignore: int = 255) -> torch.Tensor:
+    """Per-image mean per-pixel loss ([batch]) of segmentation logits [batch, classes, h, w] against label
+    maps [batch, H, W] (the logits upsampled to them, pixels labelled `ignore` left out), or against the
+    model's own predicted class per pixel when `labels` is None. One class: the binary cross-entropy."""
+    valid = torch.ones_like(logits[:, 0], dtype=torch.bool)
+    if labels is not None:
+        labels = labels.to(logits.device)
+        if labels.dim() != 3:
+            raise ValueError(
+                f"importance='fisher' on a segmentation model needs a label map per image ([height, width] class ids), "
+                f"not labels of shape {tuple(labels.shape[1:])}; or pass the images without labels."
+            )
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        valid = (labels != ignore) & (labels >= 0)
+    if logits.shape[1] == 1:
+        target = (logits.detach()[:, 0] > 0) if labels is None else labels
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], target.to(logits.dtype), reduction="none")
+    else:
+        target = logits.detach().argmax(1) if labels is None else labels.long().masked_fill(~valid, 0)
+        loss = F.cross_entropy(logits, target, reduction="none")
+    valid = valid.to(loss.dtype)
+    return (loss * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+
+
+def example_losses(logits: torch.Tensor, labels: torch.Tensor | None, config=None) -> torch.Tensor:
+    """Per-example loss ([batch]) of logits ([batch, num_labels], or a segmenter's [batch, classes, h, w]:
+    `pixel_losses`) against labels, or against the model's own predicted class when `labels` is None.
+    The loss is the one the model's task trains with, as its `config` says (None: a single-label classifier's)."""
     logits = logits.float()
+    if logits.dim() > 2:
+        return pixel_losses(logits, labels, ignore_index(config))
+    if getattr(config, "problem_type", None) == "multi_label_classification":  # an independent sigmoid per label
+        target = (logits.detach() > 0) if labels is None else labels.to(logits.device)
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").mean(-1)
     if logits.shape[-1] == 1:
         if labels is None:
             raise ValueError(
@@ -97,7 +140,8 @@ class FisherImportance(ConfiguredImportance):
             )
         num_layers = len(adapter.layers_of(model))
         units = {"head": adapter.num_heads(model.config), "neuron": adapter.intermediate_size(model.config)}
-        enabled = {"head": config.prune_heads, "neuron": config.prune_neurons}
+        # a kind with no unit (ConvNeXt's heads) has no mask to differentiate
+        enabled = {"head": config.prune_heads and units["head"] > 0, "neuron": config.prune_neurons and units["neuron"] > 0}
         scores = {kind: torch.zeros(num_layers, n, dtype=torch.float64) for kind, n in units.items()}
         device = next(model.parameters()).device
         per_example: dict[str, list[torch.Tensor]] = {kind: [] for kind in units if enabled[kind]}
@@ -109,7 +153,7 @@ class FisherImportance(ConfiguredImportance):
                 # masks[kind]: [num_layers, batch, units], one row of ones per example
                 masks = {k: torch.ones(num_layers, size, n, device=device, requires_grad=True) for k, n in units.items() if enabled[k]}
                 with apply_masks(model, adapter, masks.get("head"), masks.get("neuron")):
-                    loss = example_losses(model(**inputs).logits, labels).sum()
+                    loss = example_losses(adapter.logits_of(model(**inputs)), labels, model.config).sum()
                 grads = torch.autograd.grad(loss, list(masks.values()))
                 for kind, grad in zip(masks, grads):
                     scores[kind] += grad.double().pow(2).sum(1).cpu()

@@ -36,6 +36,7 @@ class OptinImportance(ConfiguredImportance):
     patch_metric_decay: float = OptinConfig.patch_metric_decay
 
     name: ClassVar[str] = "optin"
+    scores_tokens: ClassVar[bool] = True
 
     @staticmethod
     def masked_units(model: nn.Module, adapter: ArchAdapter, config) -> dict[str, int]:

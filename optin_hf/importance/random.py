@@ -20,6 +20,7 @@ class RandomImportance(ConfiguredImportance):
     seed: int = OptinConfig.seed
 
     name: ClassVar[str] = "random"
+    scores_tokens: ClassVar[bool] = True
 
     def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config: OptinConfig) -> ImportanceScores:
         generator = torch.Generator().manual_seed(self.seed)

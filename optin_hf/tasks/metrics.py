@@ -15,6 +15,9 @@ import numpy as np
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE")
+# Their F1 is the binary F1 of class 1, as GLUE scores MRPC and QQP: with more classes it counts the
+# others as one negative class and reports a number that means nothing (0.5 on a 3-class model).
+BINARY_METRICS = ("glue/mrpc", "glue/qqp")
 DEFAULT_METRIC = "accuracy"
 SEGMENTATION_METRIC = "mean_iou"
 IGNORE_INDEX = 255  # pixels labelled so count for no class (transformers' semantic_loss_ignore_index)
@@ -112,7 +115,8 @@ class Metric:
 
     `main` is the key a report plots (Spearman for STS-B, Matthews for CoLA, mean IoU, else
     accuracy); `regression` says the predictions are scores, not class ids; `per_pixel` that they
-    are one class map per image (a list of [H, W] arrays), not one value per example.
+    are one class map per image (a list of [H, W] arrays), not one value per example; `binary` that
+    it needs a model with two classes.
     """
 
     name: str
@@ -121,6 +125,11 @@ class Metric:
     regression: bool
     _compute: Callable[[np.ndarray, np.ndarray], dict[str, float]]
     per_pixel: bool = False
+
+    @property
+    def binary(self) -> bool:
+        """Whether its values hold only for a model with two classes (see BINARY_METRICS)."""
+        return self.name in BINARY_METRICS
 
     def compute(self, predictions, references) -> dict[str, float]:
         if self.per_pixel:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from datasets.arrow_reader import ReadInstruction
 
-from ..data import MODEL_INPUTS, collate, text_columns
+from ..config import check_field_types
+from ..data import collate, encode_texts, text_columns
 from .metrics import IGNORE_INDEX
 from .names import IMAGE_TASKS, TASKS
 
@@ -57,6 +58,7 @@ class DataSpec:
     reduce_labels: bool | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # a recipe's or a report's `streaming: "false"` must not read as True
         if self.text_pair_column and not self.text_column:
             raise ValueError("text_pair_column needs text_column (the first text of each pair).")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
@@ -177,9 +179,7 @@ class Encoder:
             return [{"pixel_values": p} for p in pixels]
         texts = [row[first] for row in rows]
         pairs = [row[self.columns.inputs[1]] for row in rows] if len(self.columns.inputs) == 2 else None
-        encoded = self.processor(texts, pairs, truncation=True, max_length=self.max_length)
-        keys = [k for k in encoded if k in MODEL_INPUTS]
-        return [{k: torch.tensor(encoded[k][i]) for k in keys} for i in range(len(rows))]
+        return encode_texts(self.processor, texts, pairs, self.max_length, name="A text of the dataset")
 
     def batch(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """A padded batch (attention_mask marks the real tokens)."""

