@@ -52,6 +52,7 @@ from typing import Iterator
 
 import torch
 from huggingface_hub import save_torch_state_dict
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
@@ -87,7 +88,10 @@ except ImportError:  # Windows
 def save_path(target: str | os.PathLike) -> Path:
     """The folder a save into `target` replaces: absolute, with `.`, `..` and symlinks resolved, so that its temp
     folders go beside it and a symlink is followed, not replaced. The root of the file system cannot be replaced."""
-    path = Path(target).resolve()
+    try:
+        path = Path(target).resolve()
+    except RuntimeError as err:  # Python < 3.13 reports a symlink loop as RuntimeError, 3.13 as OSError
+        raise OSError(f"Cannot save into {target}: its path runs into a symlink loop ({err}). Remove the loop, or choose another folder.") from err
     if path.parent == path:
         raise ValueError(
             f"{target} is the root of the file system: a save replaces its folder by renaming a new one into place, "
@@ -408,13 +412,18 @@ def load_supported_config(name_or_path: str | os.PathLike, source: str | None = 
     with its own code (`auto_map`) is refused, not imported or run; `trust_remote_code=False` backs that up.
     """
     values, _ = PretrainedConfig.get_config_dict(name_or_path, **hub_kwargs)
+    if not isinstance(values, dict):
+        raise ValueError(f"The {MODEL_CONFIG_NAME} of {source or name_or_path} is a JSON {type(values).__name__}, not a mapping: it is not a transformers config.")
     model_type = values.get("model_type")
     if model_type not in ADAPTERS:
         raise ValueError(
             f"{source or name_or_path} is a {model_type!r} model: optin-hf supports model_type {sorted(ADAPTERS)} "
             "only, and never runs a repository's own code (trust_remote_code)."
         )
-    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
+    except StrictDataclassError as err:  # a field of the wrong type: huggingface_hub's error is no ValueError
+        raise ValueError(f"The {MODEL_CONFIG_NAME} of {source or name_or_path} is invalid: {' '.join(str(err).split())}") from err
 
 
 def load_model_config(folder: str | os.PathLike, source: str | None = None) -> PretrainedConfig:
@@ -452,12 +461,16 @@ def weights_fingerprint(folder: str | os.PathLike) -> str:
     folder = Path(folder)
     digests = {}
     for name in _shard_names(folder):
-        with safe_open(folder / name, framework="pt") as weights:
-            for key in weights.keys():
-                tensor = weights.get_tensor(key)
-                digest = hashlib.sha256(f"{tensor.dtype} {list(tensor.shape)}\n".encode())
-                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-                digests[key] = digest.hexdigest()
+        try:
+            with safe_open(folder / name, framework="pt") as weights:
+                for key in weights.keys():
+                    tensor = weights.get_tensor(key)
+                    digest = hashlib.sha256(f"{tensor.dtype} {list(tensor.shape)}\n".encode())
+                    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+                    digests[key] = digest.hexdigest()
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{folder / name} is not a valid safetensors weights file ({err}). Re-create or "
+                             "re-download it.") from err
     return hashlib.sha256("".join(f"{key} {digests[key]}\n" for key in sorted(digests)).encode()).hexdigest()
 
 
@@ -472,6 +485,17 @@ def load_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     for name in _shard_names(folder):
         state.update(load_safetensors(folder / name, "model weights"))
     built = model.state_dict()
+    retyped = [
+        f"{key} is {value.dtype} in the weights, {built[key].dtype} in the model"
+        for key, value in state.items()
+        if key in built and value.is_floating_point() != built[key].is_floating_point()
+    ]
+    if retyped:  # else a RuntimeError from load_state_dict, or a forward failing deep inside torch
+        raise ValueError(
+            f"The weights in {folder} do not fit the model in dtype: {'; '.join(retyped[:3])}"
+            f"{f' (and {len(retyped) - 3} more)' if len(retyped) > 3 else ''}. Float parameters must be saved as floats: "
+            "save the pruned model again."
+        )
     wrong = [
         f"{key} is {list(value.shape)} in the weights, {list(built[key].shape)} from the masks"
         for key, value in state.items()

@@ -21,6 +21,8 @@ CONFIG_NAME = "optin_config.json"
 ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 RECONSTRUCT_MODES = ("weights", "scales", "batchnorm", "none")
+SCALE_RANGE = (1e-100, 1e100)  # temperature, lambda_contribution: their float64 products stay finite
+INT64 = 2**63  # integer settings reach torch (seeds, sizes, counts) as int64
 
 
 @dataclass
@@ -116,6 +118,14 @@ class OptinConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.temperature <= 0 or self.lambda_contribution <= 0:
             raise ValueError("temperature and lambda_contribution must be positive.")
+        # Scoring multiplies KL by temperature² and by a power of ten near 1 / lambda_contribution, in float64:
+        # beyond these bounds they overflow (an OverflowError in the middle of scoring).
+        for name in ("temperature", "lambda_contribution"):
+            if not SCALE_RANGE[0] <= getattr(self, name) <= SCALE_RANGE[1]:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is outside [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]: the scores it "
+                    "scales would overflow float64 (the defaults: temperature=4.0, lambda_contribution=10.0)."
+                )
         if self.importance not in CRITERIA:
             raise ValueError(
                 f"importance={self.importance!r} is unknown; choose one of {sorted(CRITERIA)} "
@@ -161,6 +171,8 @@ class OptinConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "OptinConfig":
+        if not isinstance(values, dict):  # a JSON list or null would fail as "argument after ** must be a mapping"
+            raise ValueError(f"OptinConfig settings must be a mapping of field names to values, not {_a(type(values).__name__)}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -182,7 +194,10 @@ class OptinConfig:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err} Re-save or re-download the checkpoint.") from err
 
 
 PATH_FIELDS = {"checkpoint_dir"}  # str fields that also take an os.PathLike, and never ""
@@ -221,6 +236,8 @@ def checked_type(name: str, value: Any, hint: Any) -> Any:
     elif kind is int:
         ok = isinstance(value, numbers.Integral)
         value = int(value) if ok else value
+        if ok and not -INT64 <= value < INT64:  # else torch fails deep inside ("Overflow when unpacking long long")
+            raise ValueError(f"{name}={value} does not fit in 64 bits (at most {INT64 - 1}).")
     elif kind is float:
         ok = isinstance(value, numbers.Real) and math.isfinite(value)
         value = float(value) if ok else value

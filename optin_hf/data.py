@@ -50,7 +50,13 @@ def _labels(values: Any) -> torch.Tensor:
             f"Calibration labels must be class ids in the model's order (or scores for regression), not names such as "
             f"{first!r}: map them with model.config.label2id."
         )
-    return torch.as_tensor(values)
+    try:
+        return torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as err:  # None, a dict: torch's "Could not infer dtype of NoneType"
+        raise ValueError(
+            f"Calibration labels must be class ids (or regression targets), not {values!r:.60} ({err}): label every "
+            "example, or pass none."
+        ) from err
 
 
 def _column(value: Any, key: str, index: int) -> torch.Tensor | list[torch.Tensor]:
@@ -99,6 +105,8 @@ def _check_examples(examples: list[dict[str, torch.Tensor]]) -> None:
                 f"Calibration example {i}: pixel_values has shape {tuple(ex['pixel_values'].shape)}; every image must be "
                 f"[channels, height, width], all of one size (example 0: {tuple(examples[0]['pixel_values'].shape)})."
             )
+        if "pixel_values" in ex and ex["pixel_values"].numel() == 0:
+            raise ValueError(f"Calibration example {i}: pixel_values of shape {tuple(ex['pixel_values'].shape)} is an empty image.")
         if "pixel_values" in ex and not ex["pixel_values"].is_floating_point():
             raise ValueError(
                 f"Calibration example {i}: pixel_values is {ex['pixel_values'].dtype}; pass the float tensors an image "

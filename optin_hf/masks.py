@@ -42,6 +42,15 @@ def units_present(counts: torch.Tensor | None, num_layers: int, width: int) -> t
     return torch.arange(width)[None, :] < counts[:, None]
 
 
+def _bool_mask(name: str, mask: object) -> torch.Tensor:
+    """`mask` as bool on the CPU. Only 0/1 values (any dtype) are masks: a cast would read 0.5, 2 or NaN (a corrupt
+    or foreign file) as "kept", silently."""
+    mask = torch.as_tensor(mask).cpu()
+    if mask.dtype != torch.bool and ((bad := (mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name} holds {mask[bad][0].item()} ({mask.dtype}); a mask holds only 0 (pruned) and 1 (kept).")
+    return mask.to(torch.bool)
+
+
 @dataclass
 class PruningMasks:
     """Kept structures of a dense model.
@@ -61,8 +70,8 @@ class PruningMasks:
     neuron_counts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.head_mask = torch.as_tensor(self.head_mask).to(torch.bool).cpu()
-        self.neuron_mask = torch.as_tensor(self.neuron_mask).to(torch.bool).cpu()
+        self.head_mask = _bool_mask("head_mask", self.head_mask)
+        self.neuron_mask = _bool_mask("neuron_mask", self.neuron_mask)
         if self.head_mask.dim() != 2 or self.neuron_mask.dim() != 2:
             raise ValueError("head_mask and neuron_mask must be 2-D: [num_layers, num_heads] and [num_layers, intermediate_size].")
         if self.head_mask.shape[0] != self.neuron_mask.shape[0]:

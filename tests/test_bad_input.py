@@ -256,3 +256,16 @@ def test_labels_that_are_not_classes_of_the_model_are_refused(label, message):
     data[3]["labels"] = torch.tensor(label)
     with pytest.raises(ValueError, match=rf"example 3: {message}"):
         scores_of("bert", data, importance="fisher")
+
+
+@pytest.mark.parametrize("label", [None, {"class": 1}])
+def test_a_label_that_is_not_a_number_is_refused_naming_it(label):
+    data = [{"input_ids": ids(8), "labels": label}] * 4
+    with pytest.raises(ValueError, match=r"Calibration labels must be class ids .*label every example, or pass none"):
+        prepare_calibration(data, **KW, labels=True)  # was torch's RuntimeError "Could not infer dtype of NoneType"
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 0), (3, 16, 0), (0, 16, 16)])
+def test_an_empty_image_is_refused_before_any_forward(shape):
+    with pytest.raises(ValueError, match=rf"example 0: pixel_values of shape \({shape[0]}, {shape[1]}, {shape[2]}\) is an empty image"):
+        OptinPruner(OptinConfig(reconstruct="none", num_samples=4)).compute_scores(tiny_model("vit"), [{"pixel_values": torch.zeros(shape)}] * 4)

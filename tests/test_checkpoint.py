@@ -442,6 +442,45 @@ def test_a_save_the_disk_cannot_hold_is_one_os_error_and_loses_nothing(tmp_path,
     assert torch.allclose(output(AutoOptinModel.from_pretrained(folder), batch("bert")), output(old_model, batch("bert")), atol=1e-5)
 
 
+def test_an_output_through_a_symlink_loop_is_one_error_line_before_the_run(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for output in (tmp_path / "a", tmp_path / "a" / "out"):
+        assert main(["prune", "--model", "m", "--dataset", "d.csv", "--output", str(output)]) == 1  # was a RuntimeError traceback
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: Cannot save into {output}: its path runs into a symlink loop")
+
+
+def test_weights_of_an_integer_dtype_are_refused_naming_the_tensor(tmp_path, old_and_new):
+    from safetensors.torch import load_file, save_file
+
+    pruner, model = old_and_new[0]
+    pruner.save(model, tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    key = next(k for k in weights if k.endswith("query.weight"))
+    save_file({**weights, key: weights[key].long()}, tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"do not fit the model in dtype: {key} is torch.int64 in the weights, torch.float32 in the model"):
+        AutoOptinModel.from_pretrained(tmp_path / "ckpt")  # was a RuntimeError from load_state_dict
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda values: [values], r"config.json of .* is a JSON list, not a mapping"),
+        (lambda values: {**values, "num_attention_heads": "4"}, r"config.json of .* is invalid: .*num_attention_heads"),
+    ],
+)
+def test_a_broken_config_json_is_one_value_error_naming_it(tmp_path, old_and_new, edit, message):
+    import json
+
+    pruner, model = old_and_new[0]
+    pruner.save(model, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ValueError, match=message):  # was AttributeError / huggingface_hub's StrictDataclassFieldValidationError
+        AutoOptinModel.from_pretrained(tmp_path / "ckpt")
+
+
 CHILDREN = {"serve": _serve, "save-loop": _save_loop, "full-disk": _full_disk}
 
 if __name__ == "__main__":

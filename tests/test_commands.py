@@ -256,3 +256,21 @@ def test_evaluate_truncates_texts_at_the_model_positions(workspace, tmp_path, ca
     assert len(AutoTokenizer.from_pretrained(workspace / "model")(long_rows[0][0])["input_ids"]) > 128
     args = ["evaluate", "--model", str(workspace / "model"), "--dataset", str(data), "--eval-split", "train", "--metric", "accuracy"]
     assert main(args) == 0 and "accuracy on 8 examples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_a_device_that_cannot_run_a_model_is_one_error_line_before_loading(tmp_path, capsys, device):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has Metal")
+    args = ["prune", "--model", str(tmp_path / "nosuch"), "--dataset", "d.csv", "--device", device, "--output", str(tmp_path / "out")]
+    assert main(args) == 1  # was NotImplementedError "Cannot copy out of meta tensor" / RuntimeError tracebacks
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: Device {device!r} cannot run a model here: use cpu or cuda (mps on a Mac with Metal)."]
+
+
+@pytest.mark.parametrize("max_length", ["0", "-3"])
+def test_evaluate_refuses_a_max_length_below_one(tmp_path, capsys, max_length):
+    # -3 was an OverflowError traceback from the tokenizer; 0 was read as "not given"
+    assert main(["evaluate", "--model", str(tmp_path / "nosuch"), "--max-length", max_length]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: max_length={max_length} must be a positive integer (or left out: the pruning run's)."]

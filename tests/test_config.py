@@ -1,4 +1,5 @@
 import json
+import re
 import typing
 
 import pytest
@@ -140,3 +141,24 @@ def test_a_recipe_with_a_bad_value_is_refused(line, message):
     with pytest.raises(ValueError, match=message):
         parse_recipe(yaml.safe_load(text), "optin")
     assert parse_recipe(yaml.safe_load("default: bbc-news\noptin: {faithful: false, reconstruct_ridge: 1.0e-3}"), "r").optin.faithful is False
+
+
+@pytest.mark.parametrize("field, value", [("seed", 2**70), ("neuron_group_size", 10**20), ("md_tokens", -(2**64))])
+def test_an_integer_setting_beyond_64_bits_is_refused_naming_it(field, value):
+    # torch would fail mid-run: "Overflow when unpacking long long" (no field named) or an OverflowError traceback
+    with pytest.raises(ValueError, match=rf"{field}={value} does not fit in 64 bits"):
+        OptinConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 1e300), ("lambda_contribution", 1e-320)])
+def test_a_scale_that_would_overflow_the_scores_is_refused_up_front(field, value):
+    # else an OverflowError from the power-of-ten balance in the middle of scoring
+    with pytest.raises(ValueError, match=rf"{field}={re.escape(repr(value))} is outside \[1e-100, 1e\+100\].*overflow float64"):
+        OptinConfig(**{field: value})
+
+
+@pytest.mark.parametrize("values", [[], [{"seed": 1}], None, "mac_constraint"])
+def test_an_optin_config_json_that_is_not_a_mapping_is_refused_naming_the_file(tmp_path, values):
+    (tmp_path / "optin_config.json").write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=rf"optin_config.json: OptinConfig settings must be a mapping .*not an? {type(values).__name__}"):
+        OptinConfig.from_pretrained(tmp_path)

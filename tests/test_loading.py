@@ -172,6 +172,12 @@ def test_a_local_base_replaced_by_other_weights_is_refused(tmp_path: Path) -> No
     base.save_pretrained(tmp_path / "base", max_shard_size="20KB")  # the same weights, sharded: still accepted
     assert len(list((tmp_path / "base").glob("model-*.safetensors"))) > 1
     assert torch.allclose(output(AutoOptinModel.from_pretrained(tmp_path / "masks"), batch("bert")), expected, atol=1e-5)
+    shard = sorted((tmp_path / "base").glob("model-*.safetensors"))[0]
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])  # a base cut short: one error naming the file, not a raw SafetensorError
+    with pytest.raises(ValueError, match=rf"{shard} is not a valid safetensors weights file"):
+        AutoOptinModel.from_pretrained(tmp_path / "masks")
+    shard.write_bytes(intact)
     # A checkpoint saved before fingerprints loads as it did, with a warning.
     config = json.loads((tmp_path / "masks" / "optin_config.json").read_text())
     del config["base_model_fingerprint"]

@@ -81,3 +81,13 @@ def test_allocate_never_keeps_or_counts_padding():
     kept = float((masks.head_mask.sum(1) * head_macs).sum() + (masks.neuron_mask.sum(1) * neuron_macs).sum())
     assert kept <= 0.5 * dense and not masks.head_mask[0, 2:].any() and not masks.neuron_mask[0, 2:].any()
     assert masks.head_counts.tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("value, dtype", [(0.5, torch.float32), (2, torch.int64), (float("nan"), torch.float32), (255, torch.uint8)])
+def test_a_mask_holding_anything_but_0_and_1_is_refused(value, dtype):
+    # a cast to bool would read it as "kept": a corrupt masks file would load as another model, silently
+    head = torch.ones(3, 4, dtype=dtype)
+    head[1, 2] = value
+    with pytest.raises(ValueError, match=rf"head_mask holds {value} \({dtype}\); a mask holds only 0 \(pruned\) and 1 \(kept\)"):
+        PruningMasks(head, torch.ones(3, 48))
+    assert PruningMasks(torch.ones(3, 4, dtype=dtype), torch.zeros(3, 48)).head_mask.all()  # 0/1 of any dtype is fine

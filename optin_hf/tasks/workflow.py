@@ -104,6 +104,9 @@ def resolve_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"Unknown device {name!r} (e.g. cpu, cuda, cuda:1).") from err
+    if device.type not in ("cpu", "cuda") and not (device.type == "mps" and torch.backends.mps.is_available()):
+        # "meta" holds no data, and an accelerator torch lacks fails deep inside the model's .to()
+        raise ValueError(f"Device {name!r} cannot run a model here: use cpu or cuda (mps on a Mac with Metal).")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"Device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) here.")
     return device
@@ -362,6 +365,8 @@ def run_evaluate(
 
     if data is not None and default:
         raise ValueError("Give either a dataset or an embedded default to evaluate on, not both.")
+    if max_length is not None and not max_length >= 1:  # 0 would read as "not given", a negative fail in the tokenizer
+        raise ValueError(f"max_length={max_length} must be a positive integer (or left out: the pruning run's).")
     folder = Path(model_path)
     pruned = (folder / MASKS_NAME).is_file()
     if pruned:
