@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import matplotlib
 import numpy as np
 import pandas as pd
 import torch
@@ -28,15 +27,11 @@ from PIL import Image
 from torch import nn
 
 from optin_hf import ImportanceScores, OptinConfig, OptinPruner
-from optin_hf.arch import get_adapter
 from optin_hf.hub.download import check_hub_id, hub_commit
 from optin_hf.tasks import report
 from optin_hf.tasks.metrics import load_metric
 from optin_hf.tasks.task_data import Columns, Encoder, in_memory_task_data, label_encoder
 from optin_hf.tasks.workflow import load_model
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 
 DEFAULT_NAMES = ("digits-vit", "bbc-news", "tweet-sentiment")
 HUB_CHOICE = "Hub model id (below)"
@@ -126,23 +121,6 @@ def results_table(measured: report.Report) -> pd.DataFrame:
          f"{ratios['latency']:.2f}"],
     ]
     return pd.DataFrame(rows, columns=["", "dense", "pruned", "ratio"])
-
-
-def kept_chart(heads: list[int], neurons: list[int], num_heads: int, intermediate: int) -> plt.Figure:
-    """Heads and FFN neurons kept per layer, over the dense counts in grey."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), constrained_layout=True)
-    layers = np.arange(len(heads))
-    for ax, kept, total, what in ((axes[0], heads, num_heads, "attention heads"), (axes[1], neurons, intermediate, "FFN neurons")):
-        ax.bar(layers, [total] * len(layers), color="#dddddd", label="dense")
-        bars = ax.bar(layers, kept, color="#3b75af", label="kept")
-        ax.bar_label(bars, fontsize=8, padding=2)
-        ax.set_xticks(layers)
-        ax.set_ylim(0, total * 1.25)
-        ax.set_xlabel("layer")
-        ax.set_title(f"{what}: {sum(kept)} of {total * len(layers)} kept", fontsize=10)
-        ax.legend(loc="upper right", ncols=2, fontsize=8, frameon=False)
-    plt.close(fig)
-    return fig
 
 
 def digit_image(pixel_values: Any, size: int = 160) -> Image.Image:
@@ -387,11 +365,10 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 result, cached, reused = app.prune(key, task, float(fraction))
                 slim_s = time.perf_counter() - start
                 progress(0.9, desc="Measuring dense and pruned")
-                frame = results_table(app.measure(key, task, result.model, cached.seq_len))
+                measured = app.measure(key, task, result.model, cached.seq_len)
+                frame = results_table(measured)
             except Exception as err:  # every failure becomes a message on the page
                 return {status: _error(err)}
-            config = task.model.config
-            adapter = get_adapter(config)
             masks = result.pruner.masks
             how = (f"♻️ **Scores reused** from the cache (scored once in {cached.seconds:.1f} s): re-allocated and "
                    f"slimmed in {slim_s:.2f} s." if reused else
@@ -404,8 +381,7 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
             return {
                 status: f"Pruned **{key[1]}** to {fraction:.2f} of its MACs. {how}",
                 table: frame,
-                chart: kept_chart(masks.heads_per_layer(), masks.neurons_per_layer(), adapter.num_heads(config),
-                                  adapter.intermediate_size(config)),
+                chart: measured.figure(),  # the report's own drawing: each layer's dense width, the metric vs MACs
                 result_state: result,
                 text_box: gr.update(visible=not vision),
                 image_box: gr.update(visible=vision),

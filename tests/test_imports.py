@@ -1,9 +1,10 @@
 """No import cycle inside `optin_hf`.
 
-The graph holds the imports that run when a module is imported: those at module level and in
-class bodies, not those inside functions (a function-level import is the accepted way to break
-a cycle: it runs only when called, after every module has loaded) nor those under
-`if TYPE_CHECKING:` (never run). Importing `optin_hf.a.b` also runs `optin_hf/a/__init__.py`,
+The graph holds every import statement of a module, relative or absolute: at module level, in
+class bodies and inside functions. An import moved into a function still makes the module
+depend on the other one, so it cannot hide a cycle; a cycle is broken by moving code to the
+module it belongs in, or by passing an object down. Only imports under `if TYPE_CHECKING:`
+are left out (they never run). Importing `optin_hf.a.b` also runs `optin_hf/a/__init__.py`,
 so the importer depends on that package too.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 import optin_hf
 
@@ -26,15 +29,13 @@ def module_names(root: Path) -> dict[str, Path]:
     return names
 
 
-def executed_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
-    """Import statements that run at import time: not in functions, not under `if TYPE_CHECKING`."""
+def imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement, functions' included, except those under `if TYPE_CHECKING`."""
     found, todo = [], list(tree.body)
     while todo:
         node = todo.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            continue
         elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             todo.extend(node.orelse)
         else:
@@ -43,13 +44,13 @@ def executed_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
-    """module -> the package's modules that importing it runs first."""
+    """module -> the package's modules it imports, at import time or when a function runs."""
     modules = module_names(root)
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets = []
-        for node in executed_imports(ast.parse(path.read_text(), str(path))):
+        for node in imports(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 targets += [alias.name for alias in node.names]
                 continue
@@ -98,7 +99,8 @@ def test_optin_hf_has_no_import_cycle():
     cycle = find_cycle(graph)
     assert cycle is None, (
         f"import cycle: {' -> '.join(cycle)}. Data flows one way (capture -> score -> allocate -> slim -> save): "
-        "make the later module depend on the earlier one only, or import inside the function that needs it."
+        "make the later module depend on the earlier one only, by moving the shared code down to a module both "
+        "can import or by passing the object down; an import inside a function counts too."
     )
 
 
@@ -109,7 +111,7 @@ def test_the_graph_holds_the_imports_that_run_and_a_cycle_is_named(tmp_path):
         "__init__.py": "",
         "a.py": "from .b import x\n",
         "b.py": "from . import c\nclass B:\n    from .sub import d\n",
-        "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import y\ndef f():\n    from .a import z\n",
+        "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import y\ndef f():\n    import os\n",
         "sub/__init__.py": "from .d import w\n",
         "sub/d.py": "import os\nfrom .. import c\n",
     }
@@ -120,10 +122,28 @@ def test_the_graph_holds_the_imports_that_run_and_a_cycle_is_named(tmp_path):
         "pkg": set(),
         "pkg.a": {"pkg.b"},
         "pkg.b": {"pkg.c", "pkg.sub", "pkg.sub.d"},
-        "pkg.c": set(),  # TYPE_CHECKING and function-level imports do not run at import time
+        "pkg.c": set(),  # imports under TYPE_CHECKING never run
         "pkg.sub": {"pkg.sub.d"},
         "pkg.sub.d": {"pkg.c"},
     }
     assert find_cycle(graph) is None
     (pkg / "sub/d.py").write_text("from ..a import x\n")
     assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.b", "pkg.sub", "pkg.sub.d", "pkg.a"]
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "def f():\n    from .a import z\n",  # relative, in a function
+        "class C:\n    def m(self):\n        import pkg.a\n",  # absolute, in a method
+        "def f():\n    def g():\n        from pkg import a\n",  # a submodule named by `from pkg import`
+        "try:\n    pass\nexcept ImportError:\n    from . import a\n",
+    ],
+)
+def test_an_import_inside_a_function_or_block_still_closes_a_cycle(tmp_path, where):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .c import x\n")
+    (pkg / "c.py").write_text(where)
+    assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.c", "pkg.a"]

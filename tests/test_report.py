@@ -152,23 +152,18 @@ def test_format_si():
     assert [format_si(v) for v in (1.234e9, 5.6e6, 7_890, 12, -3.2e6)] == ["1.23 G", "5.60 M", "7.89 k", "12", "-3.20 M"]
 
 
-def test_the_plot_shows_each_layers_own_dense_width(tmp_path, monkeypatch):
+def test_the_plot_shows_each_layers_own_dense_width():
     """Layers of different widths (CNN stages, Swin): the grey bars and the titles count each
     layer's dense units, not the widest layer's; a family without heads gets no heads panel."""
-    from matplotlib.figure import Figure
-
     from optin_hf.tasks.report import ModelStats, Report
 
-    figures = []
-    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
     stats = {
         "dense": ModelStats({"accuracy": 0.9}, 100.0, 10, 1.0, 1.0, [0, 0], [24, 48]),
         "pruned": ModelStats({"accuracy": 0.8}, 60.0, 6, 0.7, 1.4, [0, 0], [12, 16]),
     }
     report = Report("m", "image-classification", "accuracy", "local", "accuracy", 64.0, 10, {"batch_size": 32},
                     stats, num_heads=0, intermediate_size=48, unit_names=("heads", "MLP channels"))
-    report.plot(tmp_path / "p.png")
-    heads_ax, neurons_ax, _ = figures[0].axes
+    heads_ax, neurons_ax, _ = report.figure().axes
     assert not heads_ax.axison and "no heads" in heads_ax.texts[0].get_text()
     assert [p.get_height() for p in neurons_ax.patches[:2]] == [24, 48]
     assert neurons_ax.get_title() == "MLP channels: 28 of 72 kept"

@@ -149,6 +149,23 @@ def test_a_read_token_keys_the_loaded_model(tmp_path):
     assert len(keys) == 3
 
 
+def test_the_chart_is_the_reports_own_figure(monkeypatch):
+    """The Space shows `Report.figure`, the drawing `optin_report.png` is saved from, not a copy of its own: kept
+    units over each layer's dense width, and the metric against the MACs kept."""
+    monkeypatch.setattr(report, "time_models", lambda models, inputs, runs: {"dense": [0.004], "pruned": [0.001]})
+    demo = space.build_demo({"tiny-bert": tiny_task}, settings={"num_samples": 8, "batch_size": 8})
+    on_prune = next(block.fn for block in demo.fns.values() if block.name == "on_prune")
+    outputs = on_prune("tiny-bert", 0.5, "", "", "", "")
+    shown = {getattr(component, "elem_id", None): value for component, value in outputs.items()}
+    assert "Pruned" in shown["status"]
+    heads_ax, neurons_ax, metric_ax = shown["chart"].axes
+    result = next(value for value in outputs.values() if isinstance(value, space.PruneResult))
+    kept = result.pruner.masks.neurons_per_layer()
+    assert [p.get_height() for p in neurons_ax.patches] == [8, 8, *kept]  # dense widths in grey, then the kept
+    assert neurons_ax.get_title() == f"FFN neurons: {sum(kept)} of 16 kept"
+    assert metric_ax.get_title().startswith("accuracy vs MACs")
+
+
 def test_the_space_keeps_only_ui():
     """No measurement, formatting or model loading of its own: those live in optin_hf.tasks."""
     tree = ast.parse((ROOT / "space_app" / "app.py").read_text())

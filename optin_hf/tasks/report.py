@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -24,6 +24,9 @@ from .latency import median, synthetic_inputs, time_models
 from ..macs import count_macs
 from .metrics import Metric, load_metric
 from .task_data import Encoder, LabelEncoder, MaskEncoder, TaskData, eval_rows, in_memory_task_data, label_encoder
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_JSON = "optin_report.json"
 REPORT_PNG = "optin_report.png"
@@ -137,7 +140,14 @@ class Report:
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike) -> None:
-        """Heads and neurons kept per layer, and the metric against the MACs kept (dense and pruned)."""
+        """Write `figure` as the report's PNG."""
+        self.figure().savefig(path, dpi=110)
+
+    def figure(self) -> Figure:
+        """Heads and neurons kept per layer, and the metric against the MACs kept (dense and pruned).
+
+        One drawing for the saved report and the Space's chart, so a fix to one reaches both.
+        """
         # A bare Figure renders with Agg and leaves pyplot's global backend and state alone.
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
@@ -188,7 +198,7 @@ class Report:
         ax.set_title(f"{self.metric} vs MACs; measured {_speed(ratios['speedup'])} at batch {batch}")
         ax.grid(alpha=0.3)
         fig.suptitle(f"OPTIN pruning report: {self.model}")
-        fig.savefig(path, dpi=110)
+        return fig
 
 
 def _speed(speedup: float) -> str:

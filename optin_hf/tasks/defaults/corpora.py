@@ -1,47 +1,24 @@
-"""Labelled corpora read from pip packages, so the defaults need no network.
+"""Labelled corpora read from pip packages, so the defaults need no network, and `CORPORA`, the
+readers by the name a recipe gives.
 
-Every reader returns a deduplicated :class:`Corpus` sorted by key: sorting makes the
+Every reader here returns a deduplicated :class:`Corpus` sorted by key: sorting makes the
 splits independent of file-system order, and dedupe-before-split is what keeps an
-example from appearing both in training and in the held-out test set.
+example from appearing both in training and in the held-out test set. The digit scenes
+(`scenes.py`) compose their examples from digits and split those instead.
 """
 from __future__ import annotations
 
 import csv
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from datasets import Array3D, ClassLabel, Dataset, Features, Value
+
+from .scenes import DigitScenes, read_digit_scenes
+from .splits import Corpus
 
 TWEET_LABELS = ("negative", "neutral", "positive")
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """Deduplicated examples; ``keys`` identify an example so splits can be checked for leakage."""
-
-    column: str
-    inputs: list[Any]
-    labels: list[int]
-    keys: list[str]
-    label_names: list[str]
-    raw_size: int
-    duplicates_removed: int
-    conflicts_removed: int
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def to_dataset(self, indices: Sequence[int]) -> Dataset:
-        """Build a ``datasets.Dataset`` for ``indices`` with typed features (ClassLabel carries the names)."""
-        column_feature = Value("string") if self.column == "text" else Array3D(tuple(np.shape(self.inputs[0])), "float32")
-        features = Features({self.column: column_feature, "label": ClassLabel(names=self.label_names)})
-        return Dataset.from_dict(
-            {self.column: [self.inputs[i] for i in indices], "label": [self.labels[i] for i in indices]},
-            features=features,
-        )
 
 
 def package_dir(module: str) -> Path:
@@ -139,15 +116,9 @@ def read_digits(size: int = 8) -> Corpus:
     return dedupe("pixel_values", inputs, digits.target.tolist(), keys, [str(d) for d in range(10)])
 
 
-def _read_digit_scenes(**options: Any):
-    from .scenes import read_digit_scenes  # scenes imports splits, which imports this module
-
-    return read_digit_scenes(**options)
-
-
-CORPORA: dict[str, Callable[..., Corpus]] = {
+CORPORA: dict[str, Callable[..., Corpus | DigitScenes]] = {
     "bbc-news": read_bbc_news,
     "tweets": read_tweets,
     "digits": read_digits,
-    "digit-scenes": _read_digit_scenes,
+    "digit-scenes": read_digit_scenes,
 }

@@ -1,12 +1,42 @@
-"""Deterministic, leak-free train / calibration / test splits of a :class:`Corpus`."""
+"""Deterministic, leak-free train / calibration / test splits of a :class:`Corpus`.
+
+`Corpus` is defined here, with what splits it, rather than beside its readers: the readers'
+registry (`corpora.CORPORA`) names the digit scenes, whose splits are made with this module.
+"""
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any, Sequence
 
-from datasets import Dataset
+import numpy as np
+from datasets import Array3D, ClassLabel, Dataset, Features, Value
 
-from .corpora import Corpus
+
+@dataclass(frozen=True)
+class Corpus:
+    """Deduplicated examples; ``keys`` identify an example so splits can be checked for leakage."""
+
+    column: str
+    inputs: list[Any]
+    labels: list[int]
+    keys: list[str]
+    label_names: list[str]
+    raw_size: int
+    duplicates_removed: int
+    conflicts_removed: int
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def to_dataset(self, indices: Sequence[int]) -> Dataset:
+        """Build a ``datasets.Dataset`` for ``indices`` with typed features (ClassLabel carries the names)."""
+        column_feature = Value("string") if self.column == "text" else Array3D(tuple(np.shape(self.inputs[0])), "float32")
+        features = Features({self.column: column_feature, "label": ClassLabel(names=self.label_names)})
+        return Dataset.from_dict(
+            {self.column: [self.inputs[i] for i in indices], "label": [self.labels[i] for i in indices]},
+            features=features,
+        )
 
 
 @dataclass(frozen=True)
