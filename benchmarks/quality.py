@@ -16,28 +16,18 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf.arch import check_model
-from optin_hf.reconstruct import check_reconstructable
 from optin_hf.tasks.defaults import DefaultTask, load_default
-from optin_hf.tasks.recipes import load_recipe
+from optin_hf.tasks.recipes import DEFAULT_RECIPES, default_recipe
 from optin_hf.tasks.report import mean_iou_on, split_accuracy
-
-RECIPES = {"bbc-news": "minilm-bbc-news.yaml", "tweet-sentiment": "minilm-tweet-sentiment.yaml", "digits-vit": "vit-digits.yaml",
-           "digits-resnet": "digits-resnet.yaml", "digit-scenes-segformer": "digit-scenes-segformer.yaml"}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def repairs(model, mode: str) -> bool:
     """Whether reconstruction `mode` applies to the model's family (a refit is refused by CNNs and Swin,
     "batchnorm" by families without BatchNorm: their rows are skipped)."""
-    try:
-        check_reconstructable(check_model(model), mode)
-    except ValueError:
-        return False
-    return True
+    return check_model(model).supports(mode)
 
 
 def held_out_metric(task: DefaultTask, model) -> float:
@@ -58,7 +48,7 @@ ROWS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--defaults", nargs="+", default=list(RECIPES))
+    parser.add_argument("--defaults", nargs="+", default=list(DEFAULT_RECIPES))
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.8, 0.6, 0.5])
     parser.add_argument("--criteria", nargs="+", default=["optin", "fisher", "magnitude", "random"])
     parser.add_argument("--reconstruct-samples", type=int, default=256)
@@ -66,7 +56,7 @@ def main() -> None:
     rows = []
     for name in args.defaults:
         task = load_default(name)
-        recipe = load_recipe(ROOT / "recipes" / RECIPES[name]).optin
+        recipe = default_recipe(name).optin
         base = {**recipe.to_dict(), "reconstruct_samples": args.reconstruct_samples}
         dense = held_out_metric(task, task.model)
         scores, scoring_s, seq_len = {}, {}, None

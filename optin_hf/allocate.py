@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .macs import MacCosts
 from .masks import PruningMasks
 
 
@@ -72,43 +73,33 @@ def _members(blocks: torch.Tensor) -> torch.Tensor:
 def allocate(
     head_scores: torch.Tensor,
     neuron_scores: torch.Tensor,
-    head_macs: torch.Tensor,
-    neuron_macs: torch.Tensor,
+    costs: MacCosts,
     budget: float,
-    fixed_macs: float = 0.0,
+    *,
     prune_heads: bool = True,
     prune_neurons: bool = True,
     min_fill: float = 0.99,
     neurons_multiple_of: int = 1,
     units: PruningMasks | None = None,
-    pair_macs: torch.Tensor | None = None,
-    shared_macs: torch.Tensor | None = None,
 ) -> PruningMasks:
-    """The budget search (`_search`), and where a layer that keeps no head also saves MACs that
-    `fixed_macs` holds (`shared_macs` [num_layers], `ArchAdapter.shared_attention_macs`: SegFormer's
-    spatial-reduction conv), what such layers free is searched again, until the masks' real MACs
-    reach the budget (a few rounds; never above it)."""
-    args = (head_scores, neuron_scores, head_macs, neuron_macs)
+    """The budget search (`_search`) of the units to keep by their scores ([num_layers, units] each)
+    under `budget` MACs at `costs`. Where a layer that keeps no head also saves MACs that `costs.fixed`
+    holds (`costs.shared`: SegFormer's spatial-reduction conv), what such layers free is searched
+    again, until the masks' real MACs (`MacCosts.masked`) reach the budget (a few rounds; never above it)."""
+    args = (head_scores, neuron_scores, costs.head, costs.neuron)
     kw = dict(prune_heads=prune_heads, prune_neurons=prune_neurons, min_fill=min_fill,
-              neurons_multiple_of=neurons_multiple_of, units=units, pair_macs=pair_macs)
-    masks = _search(*args, budget, fixed_macs, **kw)
-    if shared_macs is None or not shared_macs.any() or not prune_heads:
+              neurons_multiple_of=neurons_multiple_of, units=units, pair_macs=costs.pair)
+    masks = _search(*args, budget, costs.fixed, **kw)
+    if not costs.shared.any() or not prune_heads:
         return masks
-
-    def real_macs(m: PruningMasks) -> float:
-        heads, neurons = m.head_mask.sum(1).double(), m.neuron_mask.sum(1).double()
-        total = fixed_macs - float(shared_macs.double()[heads == 0].sum())
-        total += float((heads * head_macs.double()).sum() + (neurons * neuron_macs.double()).sum())
-        return total + (float((heads * neurons * pair_macs.double()).sum()) if pair_macs is not None else 0.0)
-
     target = budget
     for _ in range(4):
-        gap = budget - real_macs(masks)
+        gap = budget - costs.masked(masks)
         if gap <= 1e-6 * budget:
             break
         target += gap
-        trial = _search(*args, target, fixed_macs, **kw)
-        if real_macs(trial) > budget:
+        trial = _search(*args, target, costs.fixed, **kw)
+        if costs.masked(trial) > budget:
             break
         masks = trial
     # What is still free (a re-search that would overshoot) goes to the best neurons and the best
@@ -117,8 +108,8 @@ def allocate(
     head_present, neuron_present = (units or masks).present()
     open_heads = (~head_mask & head_present & head_mask.any(1, keepdim=True)).flatten().nonzero()
     blocks = _open_blocks(neuron_scores, neuron_mask, neuron_present, neurons_multiple_of) if prune_neurons else open_heads[:0]
-    _fill(head_scores, neuron_scores, head_mask, neuron_mask, open_heads, blocks, head_macs, neuron_macs,
-          pair_macs, budget - real_macs(masks))
+    _fill(head_scores, neuron_scores, head_mask, neuron_mask, open_heads, blocks, costs.head, costs.neuron,
+          costs.pair, budget - costs.masked(masks))
     return masks.with_masks(head_mask, neuron_mask)
 
 
@@ -284,8 +275,8 @@ def _paired_costs(
 
 MIN_KEPT_SHARE = 0.1  # the reference's floor: a layer never keeps 10% of its tokens or fewer
 
-# costs(schedule) -> (MACs of one head per layer [L], of one neuron per layer [L], fixed MACs).
-Costs = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor, float]]
+# costs(schedule): the unit costs when layer i holds schedule[i] tokens (`CostModel.at`).
+Costs = Callable[[list[int]], MacCosts]
 
 
 def kept_tokens(removed: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
@@ -344,6 +335,7 @@ def allocate_with_tokens(
     token_scores: torch.Tensor,
     costs: Costs,
     budget: float,
+    *,
     params_share: float,
     num_prefix_tokens: int,
     prune_heads: bool = True,
@@ -362,21 +354,14 @@ def allocate_with_tokens(
     """
     check_scores(token_scores, "token")
     num_layers, num_tokens = token_scores.shape
-    head_macs, neuron_macs, fixed = costs([num_tokens] * num_layers)
+    dense = costs([num_tokens] * num_layers)
     kw = dict(prune_heads=prune_heads, prune_neurons=prune_neurons, neurons_multiple_of=neurons_multiple_of, units=units)
     units = units or PruningMasks(torch.ones_like(head_scores, dtype=torch.bool), torch.ones_like(neuron_scores, dtype=torch.bool))
-    head_present, neuron_present = units.present()
-    base = fixed + float((head_macs * head_present.sum(1)).sum() + (neuron_macs * neuron_present.sum(1)).sum())
-    first = allocate(head_scores, neuron_scores, head_macs, neuron_macs, base - params_share * (base - budget), fixed, **kw)
-    heads, neurons = first.head_mask.sum(1).double(), first.neuron_mask.sum(1).double()
-
-    def macs_of(schedule: list[int]) -> float:
-        head_macs, neuron_macs, fixed = costs(schedule)
-        return fixed + float((heads * head_macs).sum() + (neurons * neuron_macs).sum())
-
-    schedule = remove_tokens(token_scores, num_prefix_tokens, macs_of, budget)
-    head_macs, neuron_macs, fixed = costs(schedule)
-    masks = allocate(head_scores, neuron_scores, head_macs, neuron_macs, budget, fixed, **kw)
+    base = dense.masked(units)
+    first = allocate(head_scores, neuron_scores, dense, base - params_share * (base - budget), **kw)
+    heads, neurons = first.head_mask.sum(1), first.neuron_mask.sum(1)
+    schedule = remove_tokens(token_scores, num_prefix_tokens, lambda s: costs(s).macs(heads, neurons), budget)
+    masks = allocate(head_scores, neuron_scores, costs(schedule), budget, **kw)
     return masks.with_masks(masks.head_mask, masks.neuron_mask, torch.tensor(schedule))
 
 

@@ -1,12 +1,18 @@
 """MAC counts of encoder layers: the kept units times each unit's cost, which the adapter gives.
 
+One place counts them: a model's `CostModel` gives its dense MACs, the MACs of the units some masks
+keep, and those of the model as it runs (`count_macs`); its `MacCosts` at a token count per layer
+are what the budget search spends. The search, the pruner and the model card all read it, so a
+budget met there is met by `count_macs` and the card's numbers are the ones the model runs.
+
 By default (the OPTIN paper's formulas, `ArchAdapter.head_macs` / `neuron_macs`), per head at
 sequence length s, hidden d, head size dh: 3*s*d*dh (q, k, v) + 2*s*s*dh (scores and context)
 + s*dh*d (output projection); per FFN neuron: 2*s*d. Embeddings and the classifier are not
 counted; a vision model's patch embedding is, and so is all an adapter's `fixed_macs` gives
 (Swin: also its patch-merging reductions; CNNs: the stem and every conv no unit owns). Where one
 kind of unit feeds the other (a ResNet bottleneck's 3x3 conv reads the reduce channels and
-writes the mid channels) each kept pair adds `ArchAdapter.pair_macs`.
+writes the mid channels) each kept pair adds `ArchAdapter.pair_macs`. A layer that keeps no head
+saves its shared attention (`ArchAdapter.shared_attention_macs`, SegFormer's reduction conv).
 
 With a token schedule, layer i uses s = schedule[i], the number of tokens it really holds,
 class (and distillation) tokens included, because every matmul of the layer runs on all of
@@ -18,13 +24,15 @@ per round, is counted too, so the count equals what a FLOP counter measures.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Real
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .arch import ArchAdapter, check_model
+from .masks import PruningMasks
 from .tokens import installed_schedule, merge_rounds
 
 
@@ -32,20 +40,6 @@ def check_seq_len(seq_len: float) -> None:
     """Refuse a length the MAC formulas cannot use (NaN would make every budget comparison false)."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, Real) or not math.isfinite(seq_len) or seq_len <= 0:
         raise ValueError(f"seq_len={seq_len!r} is not a positive finite number of tokens: pass e.g. the average unpadded length.")
-
-
-def unit_macs(schedule: Sequence[float], adapter: ArchAdapter, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """MACs of one head and of one neuron in each layer ([num_layers] each) at its token count,
-    by the adapter's formulas (the ones `count_macs` uses, so a budget met here is met there)."""
-    heads = torch.tensor([adapter.head_macs(s, config, i) for i, s in enumerate(schedule)], dtype=torch.float64)
-    neurons = torch.tensor([adapter.neuron_macs(s, config, i) for i, s in enumerate(schedule)], dtype=torch.float64)
-    return heads, neurons
-
-
-def pair_macs(schedule: Sequence[float], adapter: ArchAdapter, config) -> torch.Tensor:
-    """MACs of one (kept head, kept neuron) pair in each layer ([num_layers]): 0 but where a unit
-    kind feeds the other (a CNN bottleneck's middle conv, `ArchAdapter.pair_macs`)."""
-    return torch.tensor([adapter.pair_macs(s, config, i) for i, s in enumerate(schedule)], dtype=torch.float64)
 
 
 def merge_macs(schedule: Sequence[int], num_prefix_tokens: int, hidden: int) -> float:
@@ -57,6 +51,120 @@ def merge_macs(schedule: Sequence[int], num_prefix_tokens: int, hidden: int) -> 
     return total
 
 
+@dataclass(frozen=True)
+class MacCosts:
+    """What each kind of unit of every layer costs at one token count per layer: the numbers the
+    budget search spends and `count_macs` adds up, so a budget met by one is met by the other.
+
+    head, neuron: [num_layers] MACs of one head / one FFN neuron. fixed: what no unit owns in the
+    dense model (with every layer's shared attention, and any token matching). pair: [num_layers]
+    what each kept (head, neuron) pair adds (`ArchAdapter.pair_macs`). shared: [num_layers] what
+    a layer that keeps no head saves of `fixed` (`ArchAdapter.shared_attention_macs`).
+    """
+
+    head: torch.Tensor
+    neuron: torch.Tensor
+    fixed: float = 0.0
+    pair: torch.Tensor | None = None
+    shared: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        zeros = torch.zeros(len(self.head), dtype=torch.float64)
+        for name in ("head", "neuron", "pair", "shared"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, zeros if value is None else torch.as_tensor(value).double())
+
+    def macs(self, heads: Sequence[float] | torch.Tensor, neurons: Sequence[float] | torch.Tensor) -> float:
+        """MACs of a model whose layers keep `heads` and `neurons` units ([num_layers] counts each)."""
+        heads, neurons = torch.as_tensor(heads).tolist(), torch.as_tensor(neurons).tolist()
+        total = float(self.fixed) - sum(s for s, h in zip(self.shared.tolist(), heads) if h == 0)
+        for h, n, head, neuron, pair in zip(heads, neurons, self.head.tolist(), self.neuron.tolist(), self.pair.tolist()):
+            total += h * head + n * neuron
+            total += h * n * pair
+        return total
+
+    def masked(self, masks: PruningMasks) -> float:
+        """MACs of the units `masks` keep (at these costs' token counts)."""
+        return self.macs(masks.head_mask.sum(1), masks.neuron_mask.sum(1))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """One model's MAC counts, from its adapter's formulas: the dense model's, those of the units some
+    masks keep, and those of the model as it is (slim or dense), at a sequence length or a token schedule.
+
+    Built once per model (`CostModel.of`); a bare config (`CostModel(adapter, config)`) counts no
+    fixed MACs and no model. `fixed` is what no unit owns as the model runs (`ArchAdapter.fixed_macs`);
+    `kept` the heads and neurons each of its layers runs; `schedule` the token schedule it runs.
+    """
+
+    adapter: ArchAdapter
+    config: Any
+    fixed: float = 0.0
+    kept: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    schedule: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, adapter: ArchAdapter | None = None) -> CostModel:
+        """The cost model of `model`, dense or slim; `adapter` is its adapter where the caller has it."""
+        adapter = adapter or check_model(model)
+        config = model.config
+        layers = adapter.layers_of(model)
+        kept = tuple(adapter.kept_heads(layer, config) for layer in layers), tuple(adapter.kept_neurons(layer) for layer in layers)
+        schedule = installed_schedule(model)
+        return cls(adapter, config, float(adapter.fixed_macs(model)), kept, None if schedule is None else tuple(schedule))
+
+    @property
+    def units(self) -> PruningMasks:
+        """Every head and neuron of the dense model."""
+        return PruningMasks.full(self.config)
+
+    def at(self, schedule: Sequence[float]) -> MacCosts:
+        """The costs when layer i holds schedule[i] tokens (token matching between layers included)."""
+        a, config = self.adapter, self.config
+        per_layer = lambda formula: torch.tensor([formula(s, config, i) for i, s in enumerate(schedule)], dtype=torch.float64)  # noqa: E731
+        shared = per_layer(a.shared_attention_macs)
+        fixed = self.fixed
+        if self.kept is not None:  # a layer of the counted model that keeps no head runs no shared attention
+            fixed += sum(float(s) for s, heads in zip(shared.tolist(), self.kept[0]) if heads == 0)
+        if len(set(schedule)) > 1:
+            fixed += merge_macs(schedule, a.num_prefix_tokens, config.hidden_size)
+        return MacCosts(per_layer(a.head_macs), per_layer(a.neuron_macs), fixed, per_layer(a.pair_macs), shared)
+
+    def uniform(self, seq_len: float | None = None) -> list[float]:
+        """Every layer at `seq_len` tokens (default: the image's token count; text needs it given)."""
+        if seq_len is None:
+            seq_len = self.adapter.default_seq_len(self.config)
+        if seq_len is None:
+            raise ValueError("count_macs needs seq_len for a text model (e.g. the average unpadded length).")
+        check_seq_len(seq_len)
+        return [seq_len] * len(self.adapter.layer_geometry(self.config))
+
+    def dense(self, seq_len: float | None = None) -> float:
+        """MACs of the dense model: every unit, every layer at `seq_len` tokens, no token merging."""
+        return self.at(self.uniform(seq_len)).masked(self.units)
+
+    def masked(self, masks: PruningMasks, seq_len: float | None = None) -> float:
+        """MACs of the units `masks` keep, at their token schedule or else at `seq_len` tokens."""
+        schedule = masks.tokens_per_layer()
+        return self.at(schedule if schedule is not None else self.uniform(seq_len)).masked(masks)
+
+    def model_macs(self, seq_len: float | None = None, token_schedule: Sequence[int] | None = None) -> float:
+        """MACs of the model as it is (see `count_macs`)."""
+        if self.kept is None:
+            raise ValueError("This cost model was built from a config: build it with CostModel.of(model) to count a model.")
+        schedule = token_schedule if token_schedule is not None else self.schedule
+        if schedule is not None:
+            if seq_len is not None and seq_len != schedule[0]:
+                raise ValueError(
+                    f"seq_len={seq_len} disagrees with the token schedule {list(schedule)}: layer i holds schedule[i] "
+                    "tokens, so the input length is schedule[0]. Leave seq_len out."
+                )
+        else:
+            schedule = self.uniform(seq_len)
+        return self.at(schedule).macs(*self.kept)
+
+
 def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: Sequence[int] | None = None) -> float:
     """MACs of one example through the encoder of a dense or slimmed model.
 
@@ -64,27 +172,4 @@ def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: S
     `token_schedule` (tokens per layer) defaults to the one the model runs, if it merges tokens;
     a `seq_len` given with a schedule must be its input length, schedule[0].
     """
-    adapter = check_model(model)
-    config = model.config
-    layers = adapter.layers_of(model)
-    schedule = token_schedule if token_schedule is not None else installed_schedule(model)
-    total = float(adapter.fixed_macs(model))
-    if schedule is not None:
-        if seq_len is not None and seq_len != schedule[0]:
-            raise ValueError(
-                f"seq_len={seq_len} disagrees with the token schedule {list(schedule)}: layer i holds schedule[i] "
-                "tokens, so the input length is schedule[0]. Leave seq_len out."
-            )
-        total += merge_macs(schedule, adapter.num_prefix_tokens, config.hidden_size)
-    else:
-        if seq_len is None:
-            seq_len = adapter.default_seq_len(config)
-        if seq_len is None:
-            raise ValueError("count_macs needs seq_len for a text model (e.g. the average unpadded length).")
-        check_seq_len(seq_len)
-        schedule = [seq_len] * len(layers)
-    for i, (layer, tokens) in enumerate(zip(layers, schedule)):
-        heads, neurons = adapter.kept_heads(layer, config), adapter.kept_neurons(layer)
-        total += heads * float(adapter.head_macs(tokens, config, i)) + neurons * float(adapter.neuron_macs(tokens, config, i))
-        total += heads * neurons * float(adapter.pair_macs(tokens, config, i))
-    return total
+    return CostModel.of(model).model_macs(seq_len, token_schedule)

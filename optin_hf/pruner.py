@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate, allocate_with_tokens, rearrange_masks
-from .arch import check_model
+from .arch import ArchAdapter, check_model, require
 from .checkpoint import MAX_SHARD_SIZE, save_pruned
 from .config import OptinConfig
 from .data import average_length, check_inputs, prepare_calibration, replayable
@@ -25,9 +25,9 @@ from .engine.estimate import ScoringPlan, layer_units, plan_scoring, scoring_cos
 from .engine.run import engine_for, precision
 from .hub import CardMetrics, push_to_hub
 from .importance import CRITERIA, ImportanceScores, criterion_from_config
-from .macs import check_seq_len, count_macs, merge_macs, pair_macs, unit_macs
+from .macs import CostModel
 from .masks import PruningMasks, check_masks
-from .reconstruct import Reconstruction, check_reconstructable, reconstruct, unslim
+from .reconstruct import Reconstruction, reconstruct, unslim
 from .result import PruningResult, attach_result, pruning_result, result_of_pruning
 from .slim import slim_model
 
@@ -72,37 +72,42 @@ class OptinPruner:
         check_inputs(batches, check_model(model).is_vision, model.config.model_type)
         return batches
 
-    def _check_model(self, model: nn.Module):
-        """The adapter of a dense model that this config can prune."""
+    def _check_model(self, model: nn.Module, repair: bool = False) -> ArchAdapter:
+        """The adapter of a dense model that this config can prune (and, with `repair`, reconstruct): what
+        the config asks for and the adapter does not declare is refused here, before any scoring."""
         adapter = check_model(model)
         if getattr(model.config, "optin", None):
             raise ValueError("This model is already pruned (config.optin is set); prune the dense base model instead.")
-        # token merging runs on a plain ViT token sequence: one count per layer, class token(s) kept apart
-        if self.config.prune_tokens and (not adapter.is_vision or not adapter.num_prefix_tokens):
-            raise ValueError(f"prune_tokens=True reduces image tokens: it needs a vit or deit model, not {model.config.model_type!r}.")
-        if self.config.prune_tokens and not getattr(CRITERIA[self.config.importance], "scores_tokens", True):
+        c, model_type = self.config, model.config.model_type
+        if c.prune_tokens:
+            require(adapter, "tokens", model_type)
+        for kind, with_other in (("heads", c.prune_neurons), ("neurons", c.prune_heads)):
+            if not with_other:  # this kind alone is asked for: the family must have it
+                require(adapter, kind, model_type)
+        if repair and c.reconstruct != "none":
+            require(adapter, c.reconstruct, model_type)
+        if c.prune_tokens and not getattr(CRITERIA[c.importance], "scores_tokens", True):
             scoring = [name for name in CRITERIA if getattr(CRITERIA[name], "scores_tokens", False)]
             raise ValueError(
-                f"prune_tokens=True needs token scores, and importance={self.config.importance!r} gives none: use "
+                f"prune_tokens=True needs token scores, and importance={c.importance!r} gives none: use "
                 f"importance={' or '.join(map(repr, scoring))} (the criteria that score tokens), or prune_tokens=False."
             )
         return adapter
 
-    def _check_budget(self, model: nn.Module, adapter, mac_constraint: float) -> None:
+    def _check_budget(self, costs: CostModel, mac_constraint: float) -> None:
         """Refuse a `mac_constraint` below the fewest MACs pruning can leave, before any scoring (the search
         would find out only after it): what no unit owns (`ArchAdapter.fixed_macs`), and all a kind that is
         not pruned costs. In token mode that kind's cost shrinks with the tokens, so only the fixed part counts."""
-        c = self.config
-        seq_len = self.seq_len if self.seq_len is not None else adapter.default_seq_len(model.config)
+        c, adapter = self.config, costs.adapter
+        seq_len = self.seq_len if self.seq_len is not None else adapter.default_seq_len(costs.config)
         if seq_len is None:
             return  # a text model with neither data nor seq_len: `_allocate` asks for the length
-        check_seq_len(seq_len)
-        dense = count_macs(model, seq_len)
-        floor = {adapter.fixed_parts: float(adapter.fixed_macs(model))}
+        at = costs.at(costs.uniform(seq_len))
+        dense = at.masked(costs.units)
+        floor = {adapter.fixed_parts: at.fixed}
         kept_whole: list[str] = []  # settings that would let the search cut a kind it now keeps whole
         if not c.prune_tokens:
-            costs = unit_macs([seq_len] * len(adapter.layers_of(model)), adapter, model.config)
-            kinds = zip(("prune_heads", "prune_neurons"), adapter.unit_names, costs, PruningMasks.full(model.config).present())
+            kinds = zip(("prune_heads", "prune_neurons"), adapter.unit_names, (at.head, at.neuron), costs.units.present())
             for setting, name, unit_cost, present in kinds:
                 total = float((unit_cost * present.sum(1)).sum())
                 if not getattr(c, setting) and total:
@@ -123,7 +128,7 @@ class OptinPruner:
             advice += f", or {' and '.join(kept_whole)}" + (f" (then the least is {share(fixed)})" if fixed else "")
         tokens = ", which token pruning does not reduce" if c.prune_tokens else ""
         raise ValueError(
-            f"mac_constraint={mac_constraint:g} cannot be reached on this {model.config.model_type} model: the least "
+            f"mac_constraint={mac_constraint:g} cannot be reached on this {costs.config.model_type} model: the least "
             f"pruning can leave is {least / dense:.3f} of its {dense:.4g} MACs, {parts}{tokens}. {advice}."
         )
 
@@ -142,7 +147,7 @@ class OptinPruner:
         was_training = model.training
         model.eval()
         try:
-            self._check_budget(model, adapter, self.config.mac_constraint)
+            self._check_budget(CostModel.of(model, adapter), self.config.mac_constraint)
             if hasattr(criterion, "masked_units"):
                 with torch.no_grad():
                     units = criterion.masked_units(model, adapter, self.config)
@@ -207,7 +212,7 @@ class OptinPruner:
         c = self.config
         if data is None:
             raise ValueError(f"prune_steps={c.prune_steps} scores and reconstructs on calibration data: pass data.")
-        check_reconstructable(check_model(model), c.reconstruct)
+        self._check_model(model, repair=True)
         batches = self._reconstruction_batches(model, data, tokenizer)
         current, masks, scoring_s = model, None, 0.0
         try:
@@ -231,40 +236,31 @@ class OptinPruner:
     def _allocate(self, model: nn.Module, scores: ImportanceScores, mac_constraint: float) -> PruningMasks:
         """The masks that keep `mac_constraint` of the dense `model`'s MACs by `scores`."""
         adapter = check_model(model)
+        costs = CostModel.of(model, adapter)
         scores.check_fits(model.config)
         self.scores = scores
         if self.seq_len is None:
             self.seq_len = adapter.default_seq_len(model.config)
         if self.seq_len is None:
             raise ValueError("The MAC sequence length is unknown: pass calibration data or set OptinConfig(seq_len=...).")
-        self._check_budget(model, adapter, mac_constraint)
-        config, c = model.config, self.config
-        num_layers = scores.head_scores.shape[0]
-        prefix = adapter.num_prefix_tokens
-        budget = mac_constraint * count_macs(model, self.seq_len)
-
-        def costs(schedule: list) -> tuple[torch.Tensor, torch.Tensor, float]:
-            heads, neurons = unit_macs(schedule, adapter, config)
-            merging = merge_macs(schedule, prefix, config.hidden_size) if c.prune_tokens else 0.0
-            return heads, neurons, adapter.fixed_macs(model) + merging
-
+        self._check_budget(costs, mac_constraint)
+        c = self.config
+        budget = mac_constraint * costs.dense(self.seq_len)
         kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of,
-                  units=PruningMasks.full(config))
+                  units=costs.units)
         if c.prune_tokens:
             if scores.token_scores is None:
                 raise ValueError(
                     f"prune_tokens=True needs token scores, which these {scores.criterion!r} scores lack: score with "
                     "importance='optin' (or 'random') and prune_tokens=True, or import the reference's rankings."
                 )
-            if self.seq_len != adapter.default_seq_len(config):
-                raise ValueError(f"seq_len={self.seq_len}: in token mode the MACs are counted at the image's {adapter.default_seq_len(config)} tokens.")
+            if self.seq_len != adapter.default_seq_len(model.config):
+                raise ValueError(f"seq_len={self.seq_len}: in token mode the MACs are counted at the image's {adapter.default_seq_len(model.config)} tokens.")
             return allocate_with_tokens(
-                scores.head_scores, scores.neuron_scores, scores.token_scores, costs, budget, c.resolved_token_cut_share(), prefix, **kw
+                scores.head_scores, scores.neuron_scores, scores.token_scores, costs.at, budget,
+                params_share=c.resolved_token_cut_share(), num_prefix_tokens=adapter.num_prefix_tokens, **kw
             )
-        heads, neurons, fixed = costs([self.seq_len] * num_layers)
-        pairs = pair_macs([self.seq_len] * num_layers, adapter, config)
-        shared = torch.tensor([adapter.shared_attention_macs(self.seq_len, config, i) for i in range(num_layers)], dtype=torch.float64)
-        masks = allocate(scores.head_scores, scores.neuron_scores, heads, neurons, budget, fixed, pair_macs=pairs, shared_macs=shared, **kw)
+        masks = allocate(scores.head_scores, scores.neuron_scores, costs.at(costs.uniform(self.seq_len)), budget, **kw)
         return rearrange_masks(masks, scores.example_grads) if scores.example_grads else masks
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:
@@ -272,7 +268,7 @@ class OptinPruner:
         reconstruct it on `data` unless `reconstruct="none"`. The slim model carries its result
         (`optin_hf.result.pruning_result`), so it can be saved or pushed without this pruner."""
         c = self.config
-        check_reconstructable(self._check_model(model), c.reconstruct)
+        self._check_model(model, repair=True)
         data = replayable(data)  # read for the refit, then for scoring
         if masks is not None:
             check_masks(masks, "prune_model")

@@ -47,13 +47,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchAdapter, check_model, get_submodule
+from .arch import REPAIRS, ArchAdapter, check_model, get_submodule, require
 from .masks import PruningMasks, load_safetensors
 from .tokens import TokenMerging, merge_matched
 
 RECONSTRUCTION_NAME = "optin_reconstruction.safetensors"
 SUBLAYERS = ("attn_out", "ffn_down")
-REFITS = ("weights", "scales", "batchnorm")
 RUNNING_MEAN = "running_mean"
 
 
@@ -267,26 +266,6 @@ def _merge_like(x: torch.Tensor, sizes: torch.Tensor, merging: TokenMerging) -> 
     return torch.cat([x[:, :prefix], patches], dim=1)
 
 
-def check_reconstructable(adapter: ArchAdapter, mode: str) -> None:
-    """Refuse a repair the adapter cannot run. A refit ("weights", "scales") replays each layer
-    through the adapter's pieces, with the heads' output in the layer input's token order (not so
-    in Swin's windows); "batchnorm" needs BatchNorms after the pruned convs (`adapter.batch_norms`)."""
-    family = adapter.model_types[0]
-    if mode == "batchnorm" and not adapter.batch_norms:
-        fix = "'weights' (or 'scales')" if adapter.feed_forward is not None else "'none'"
-        raise ValueError(
-            f"reconstruct='batchnorm' re-estimates the BatchNorms after the pruned convs, and the {family} adapter "
-            f"has none: prune it with OptinConfig(reconstruct={fix})."
-        )
-    if mode in ("weights", "scales") and None in (adapter.finish_attention, adapter.feed_forward, adapter.finish_feed_forward):
-        fix = "'batchnorm' (its BatchNorm running means re-estimated) or 'none'" if adapter.batch_norms else "'none'"
-        raise ValueError(
-            f"reconstruct={mode!r} refits each layer through its adapter's pieces (finish_attention, feed_forward, "
-            f"finish_feed_forward), which the {family} adapter does not give: prune it with "
-            f"OptinConfig(reconstruct={fix})."
-        )
-
-
 def batch_norms(layer: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """The layer's BatchNorms with their paths, in registration order (their order in the forward pass)."""
     return [(name, m) for name, m in layer.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -358,10 +337,10 @@ def reconstruct(
     calibration batches (see `data.prepare_calibration`). `mode="batchnorm"` re-estimates the
     BatchNorm running means instead (CNNs).
     """
-    if mode not in REFITS:
-        raise ValueError(f"reconstruct={mode!r} is not a repair; choose one of {list(REFITS)}.")
+    if mode not in REPAIRS:
+        raise ValueError(f"reconstruct={mode!r} is not a repair; choose one of {list(REPAIRS)}.")
     adapter = check_model(model)
-    check_reconstructable(adapter, mode)
+    require(adapter, mode, model.config.model_type)  # a refit runs the layer pieces, "batchnorm" needs BatchNorms
     if mode == "batchnorm":
         was_training = (model.training, dense.training)
         model.eval()

@@ -4,7 +4,7 @@ from transformers import ViTConfig
 
 from optin_hf.allocate import allocate, allocate_with_tokens, kept_tokens, remove_tokens
 from optin_hf.arch import get_adapter
-from optin_hf.macs import merge_macs, unit_macs
+from optin_hf.macs import CostModel, MacCosts
 
 
 def removed_at(num_layers: int, num_tokens: int, pairs: list[tuple[int, int]]) -> torch.Tensor:
@@ -60,18 +60,16 @@ def test_allocate_with_tokens_splits_the_cut_and_fills_the_budget():
     g = torch.Generator().manual_seed(0)
     heads, neurons, tokens = torch.rand(4, 4, generator=g), torch.rand(4, 128, generator=g), torch.rand(4, 17, generator=g)
 
-    def costs(schedule):
-        h, n = unit_macs(schedule, get_adapter(config), config)
-        return h, n, merge_macs(schedule, 1, hidden)
+    costs = CostModel(get_adapter(config), config)  # a config only: no fixed MACs
 
-    h, n, _ = costs([num_tokens] * num_layers)
-    base = float(h.sum() * 4 + n.sum() * 128)
+    dense = costs.at([num_tokens] * num_layers)
+    base = float(dense.head.sum() * 4 + dense.neuron.sum() * 128)
     totals, filled = {}, {}
     for share in (0.0, 0.3, 1.0):
-        masks = allocate_with_tokens(heads, neurons, tokens, costs, 0.5 * base, share, 1)
+        masks = allocate_with_tokens(heads, neurons, tokens, costs.at, 0.5 * base, params_share=share, num_prefix_tokens=1)
         schedule = masks.tokens_per_layer()
-        h, n, fixed = costs(schedule)
-        total = fixed + float((masks.head_mask.sum(1) * h).sum() + (masks.neuron_mask.sum(1) * n).sum())
+        at = costs.at(schedule)
+        total = at.fixed + float((masks.head_mask.sum(1) * at.head).sum() + (masks.neuron_mask.sum(1) * at.neuron).sum())
         assert total <= 0.5 * base
         totals[share], filled[share] = sum(schedule), total / (0.5 * base)
     assert totals[0.0] < totals[0.3] < totals[1.0] == num_layers * num_tokens  # share 1: heads and neurons only
@@ -87,7 +85,7 @@ def test_neurons_multiple_of_keeps_each_layers_best_in_whole_blocks():
     base = float(head_macs.sum() * 6 + neuron_macs.sum() * 50)
     for budget in (0.8, 0.6, 0.4):
         for multiple in (1, 8):
-            masks = allocate(heads, neurons, head_macs, neuron_macs, budget * base, neurons_multiple_of=multiple)
+            masks = allocate(heads, neurons, MacCosts(head_macs, neuron_macs), budget * base, neurons_multiple_of=multiple)
             kept = masks.neuron_mask.sum(1)
             assert all(int(c) % multiple == 0 or int(c) == 50 for c in kept), kept
             for layer, count in enumerate(kept.tolist()):  # each layer keeps its top-`count` neurons
@@ -173,7 +171,7 @@ def test_allocate_finds_the_best_keep_set_by_brute_force(layers, num_heads, widt
             if fixed + kept_elsewhere > budget:
                 continue
             masks = allocate(
-                heads, neurons, torch.full((layers,), head_cost), torch.full((layers,), neuron_cost), budget, fixed,
+                heads, neurons, MacCosts(torch.full((layers,), head_cost), torch.full((layers,), neuron_cost), fixed), budget,
                 prune_heads=prune_heads, prune_neurons=prune_neurons, neurons_multiple_of=multiple,
             )
             cost = fixed + float(masks.head_mask.sum() * head_cost + masks.neuron_mask.sum() * neuron_cost)
@@ -195,7 +193,7 @@ def test_what_the_split_leaves_is_spent_on_units_that_still_fit(seed):
     neuron_macs = torch.tensor([5.0, 2.0, 1.0])[torch.randperm(layers, generator=g)]
     dense = float(head_macs.sum() * heads + neuron_macs.sum() * width)
     budget = float(torch.empty(1).uniform_(0.3, 0.9, generator=g)) * dense
-    masks = allocate(head_scores, neuron_scores, head_macs, neuron_macs, budget, neurons_multiple_of=multiple)
+    masks = allocate(head_scores, neuron_scores, MacCosts(head_macs, neuron_macs), budget, neurons_multiple_of=multiple)
     kept_h, kept_n = masks.head_mask.sum(1), masks.neuron_mask.sum(1)
     spent = float((kept_h * head_macs).sum() + (kept_n * neuron_macs).sum())
     assert spent <= budget + 1e-9
@@ -229,12 +227,12 @@ def test_what_emptied_attention_frees_is_spent(seed):
         heads, neurons = m.head_mask.sum(1).double(), m.neuron_mask.sum(1).double()
         return fixed - float(shared[heads == 0].sum()) + float((heads * head_macs).sum() + (neurons * neuron_macs).sum())
 
-    masks = allocate(head_scores, neuron_scores, head_macs, neuron_macs, budget, fixed, shared_macs=shared)
+    masks = allocate(head_scores, neuron_scores, MacCosts(head_macs, neuron_macs, fixed, shared=shared), budget)
     left = budget - real(masks)
     assert left >= -1e-9
     kept_h, kept_n = masks.head_mask.sum(1), masks.neuron_mask.sum(1)
     # nothing that still fits is left out: a head of a layer that keeps heads, a neuron anywhere
     assert all(kept_h[l] in (0, 4) or head_macs[l] > left for l in range(3))
     assert all(kept_n[l] == 16 or neuron_macs[l] > left for l in range(3))
-    without = allocate(head_scores, neuron_scores, head_macs, neuron_macs, budget, fixed)
+    without = allocate(head_scores, neuron_scores, MacCosts(head_macs, neuron_macs, fixed), budget)
     assert real(masks) >= real(without)  # never less of the budget used than the search that ignores them

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 import optin_hf.arch
 from optin_hf import ArchAdapter, OptinConfig, OptinPruner, count_macs, register_adapter
-from optin_hf.arch import get_adapter
+from optin_hf.arch import Capabilities, get_adapter
 from optin_hf.arch.base import num_features, select_features
 from optin_hf.arch.bert import BERT
 from optin_hf.data import prepare_calibration
@@ -112,6 +112,29 @@ def test_duplicate_registration_needs_exist_ok():
     assert get_adapter(tiny_model("bert")) is replacement
     with pytest.raises(TypeError, match="takes an ArchAdapter"):
         register_adapter("bert")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"feed_forward": None}, r"The bert adapter declares Capabilities\(fast_engine=True\) but gives no feed_forward"),
+    ({"finish_feed_forward": None}, r"Capabilities\(repairs with 'weights'\) but gives no finish_feed_forward"),
+    ({"capabilities": Capabilities(tokens=True)}, r"Capabilities\(tokens=True\) but gives no patch_embedding"),
+    ({"attn_out": ""}, r"Capabilities\(heads=True, the default\) but gives no attn_out"),
+    ({"capabilities": Capabilities(heads=False)},
+     r"declares Capabilities\(heads=False\) but names attention modules \(attn_core, query, key, value, attn_out\)"),
+])
+def test_a_declared_capability_needs_the_fields_that_back_it(changes, message):
+    """A declaration the adapter's fields cannot back is refused when the adapter is made, not mid-run."""
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(BERT, **changes)
+
+
+@pytest.mark.parametrize(("declared", "message"), [
+    ({"repairs": ("bias",)}, r"names \['bias'\]: the repairs are \['weights', 'scales', 'batchnorm'\]"),
+    ({"heads": False, "neurons": False}, "leaves nothing to prune"),
+])
+def test_a_capability_declaration_names_only_known_features(declared, message):
+    with pytest.raises(ValueError, match=message):
+        Capabilities(**declared)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from optin_hf import ImportanceScores, OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.allocate import allocate
+from optin_hf.macs import MacCosts
 from optin_hf.commands.__main__ import main
 from optin_hf.data import prepare_calibration
 from optin_hf.slim import slim_model
@@ -53,7 +54,7 @@ def test_a_non_finite_or_empty_seq_len_is_refused(seq_len):
         pruner.compute_masks(model, scores=scores)
     unit = torch.ones(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="MAC counts are not finite"):
-        allocate(scores.head_scores, scores.neuron_scores, unit * math.nan, unit, budget=10.0)
+        allocate(scores.head_scores, scores.neuron_scores, MacCosts(unit * math.nan, unit), budget=10.0)
 
 
 @pytest.mark.parametrize(

@@ -4,15 +4,18 @@ a negative speedup, a NaN score or an accuracy of 1.7."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from hub_server import FakeHub
-from tiny import calibration, tiny_model
+from tiny import ARCHS, calibration, tiny_cnn, tiny_mask2former, tiny_model, tiny_segformer, tiny_swin
 
-from optin_hf import OptinConfig, OptinPruner
-from optin_hf.hub import model_card, push_to_hub, write_repo_folder
+from optin_hf import OptinConfig, OptinPruner, PruningMasks, count_macs
+from optin_hf.arch import get_adapter
+from optin_hf.hub import card, model_card, push_to_hub, write_repo_folder
+from optin_hf.result import pruning_result
 
 METRICS = {"task_type": "text-classification", "dataset_type": "SetFit/bbc-news", "pruned": {"accuracy": 0.8}, "dense": {"accuracy": 0.9}}
 
@@ -69,3 +72,34 @@ def test_valid_values_reach_the_card(pruned, tmp_path: Path):
     card = model_card(pruned, "me/x", masks_only=False, base_model=None, base_revision=None, metrics=metrics, speedup=1.5)
     assert "| measured speedup | 1.00x | 1.50x |" in card.text
     assert "| matthews_correlation on SetFit/bbc-news |  | -0.2 |" in card.text
+
+
+DENSE = {
+    **{arch: partial(tiny_model, arch) for arch in ARCHS},
+    "swin": tiny_swin,
+    "resnet": partial(tiny_cnn, "resnet"),
+    "convnext": partial(tiny_cnn, "convnext"),
+    "segformer": tiny_segformer,
+    "mask2former": tiny_mask2former,
+}
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_the_cards_dense_macs_are_those_of_the_dense_model(name):
+    """The card counts the dense base from the slim model: every unit back, and the shared attention of a layer
+    that keeps no head (SegFormer's spatial-reduction conv, which the slim model no longer runs)."""
+    model = DENSE[name]()
+    seq_len = get_adapter(model).default_seq_len(model.config) or 12
+    dense = count_macs(model, seq_len)
+    full = PruningMasks.full(model.config)
+    g = torch.Generator().manual_seed(0)
+    heads = full.head_mask & (torch.rand(full.head_mask.shape, generator=g) > 0.4)
+    neurons = full.neuron_mask & (torch.rand(full.neuron_mask.shape, generator=g) > 0.5)
+    neurons[:, 0] = True
+    if name == "segformer":
+        heads[0] = False  # its first layer reduces keys and values by a conv that serves every head
+    pruner = OptinPruner(OptinConfig(seq_len=seq_len, reconstruct="none"))
+    pruner.prune_model(model, masks=full.with_masks(heads, neurons))
+    assert card._macs(model, pruning_result(model)) == (dense, count_macs(model, seq_len))
+    text = model_card(model, "me/x", masks_only=True, base_model=None, base_revision=None).text
+    assert f"tokens) | {dense:.4g} | {count_macs(model, seq_len):.4g} (" in text

@@ -1,5 +1,6 @@
 """The CLI: `optimum-cli optin ...` through optimum's real entry point, and `python -m optin_hf ...`."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,12 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tiny_task import sentences, stand_in_defaults, trained_text_model, write_csv
 from transformers import AutoTokenizer
 
 from optin_hf import AutoOptinModel, OptinConfig, count_macs
+from optin_hf.commands import jobs as commands_jobs
 from optin_hf.commands.__main__ import main
+from optin_hf.commands.args import build_parser
 from optin_hf.result import pruning_result
+from optin_hf.tasks import recipes as recipes_module
+from optin_hf.tasks.recipes import DEFAULT_RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,3 +280,48 @@ def test_evaluate_refuses_a_max_length_below_one(tmp_path, capsys, max_length):
     assert main(["evaluate", "--model", str(tmp_path / "nosuch"), "--max-length", max_length]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: max_length={max_length} must be a positive integer (or left out: the pruning run's)."]
+
+
+@pytest.fixture
+def built_jobs(monkeypatch, tmp_path) -> list:
+    """The jobs the CLI builds, recorded instead of run (relative output folders land in tmp_path)."""
+    built = []
+    monkeypatch.setattr(commands_jobs, "_finish", built.append)
+    monkeypatch.chdir(tmp_path)
+    return built
+
+
+@pytest.mark.parametrize(
+    "flags, name", [([], "bbc-news"), *((["--default", name], name) for name in DEFAULT_RECIPES)], ids=["no-default", *DEFAULT_RECIPES]
+)
+def test_prune_with_a_default_builds_the_job_of_its_recipe(built_jobs, flags, name):
+    """`prune --default NAME` runs NAME's recipe: its settings have one source, the file under recipes/.
+    (The tweets' max_length 64 and the ResNet's neurons_multiple_of 1 were lost to a second copy in the CLI.)"""
+    assert main(["prune", *flags]) == 0
+    assert main(["recipe", str(REPO / "recipes" / DEFAULT_RECIPES[name])]) == 0
+    by_flags, by_recipe = built_jobs
+    assert (by_flags.optin, by_flags.default, by_flags.output) == (by_recipe.optin, by_recipe.default, by_recipe.output)
+
+
+def test_prune_reads_a_defaults_recipe_file_and_each_flag_given_replaces_one_setting(built_jobs, tmp_path, monkeypatch):
+    recipe = yaml.safe_load((REPO / "recipes" / DEFAULT_RECIPES["digits-vit"]).read_text())
+    recipe["optin"].update(num_samples=5, seed=7, faithful=True, neurons_multiple_of=2)
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / DEFAULT_RECIPES["digits-vit"]).write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(recipes_module, "RECIPES_DIR", tmp_path / "edited")
+    assert main(["prune", "--default", "digits-vit"]) == 0
+    # Flags equal to OptinConfig's defaults still replace the recipe's values: given is given.
+    assert main(["prune", "--default", "digits-vit", "--seed", "0", "--no-faithful", "--num-samples", "9"]) == 0
+    assert main(["prune", "--default", "digits-vit", "--max-scoring-time", "1m"]) == 0  # the budget sizes the run
+    edited, flagged, budgeted = (job.optin for job in built_jobs)
+    assert (edited.num_samples, edited.seed, edited.faithful, edited.neurons_multiple_of) == (5, 7, True, 2)
+    assert (flagged.num_samples, flagged.seed, flagged.faithful, flagged.neurons_multiple_of) == (9, 0, False, 2)
+    assert (budgeted.num_samples, budgeted.neuron_group_size, budgeted.seed) == (OptinConfig.num_samples, OptinConfig.neuron_group_size, 7)
+
+
+def test_every_optin_flag_is_unset_unless_given():
+    """A flag with a value of its own when not given would override every default's recipe silently."""
+    args = build_parser("optin-hf").parse_args(["prune"])
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(OptinConfig) if hasattr(args, f.name)}
+    assert {"mac_constraint", "num_samples", "max_length", "seed"} <= set(flags)
+    assert {name: value for name, value in flags.items() if value is not None} == {}

@@ -1,78 +1,31 @@
 """The whole path of issue 14, for every family it added (resnet, convnext, swin, segformer,
-mask2former), on the tiny models their own test modules build: each criterion's MACs meet
-budgets of 0.8 / 0.6 / 0.5 within 2%, asking for the fast engine gives the reference scores,
-a pruned model pushed to the Hub loads back from a full and from a masks-only repo, and the CLI
-prunes and reports an image classifier.
+mask2former), on their tiny models (tests/tiny.py): each criterion's MACs meet budgets of
+0.8 / 0.6 / 0.5 within 2%, every criterion scores every family, and the CLI prunes and reports
+an image classifier.
 
-What a family's module already asserts at 0.6 (slim == masked, count_macs == FLOP counter,
-save -> load identical) is not repeated here."""
+What tests/test_conformance.py asserts of every family (slim == masked, count_macs == FLOP
+counter, save and reload from a folder and the Hub, the fast engine's scores) is not repeated here."""
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from huggingface_hub import create_repo, list_repo_files, upload_folder
-from hub_server import FakeHub
-from torch import nn
 
-import test_cnn
-import test_mask2former
-import test_segformer
-import test_swin
 from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import check_model
 from optin_hf.commands.__main__ import main
 from optin_hf.criteria import BUILTIN_CRITERIA
-from optin_hf.hooks import apply_masks
-from tiny import ARCHS, calibration, tiny_model
+from tiny import ARCHS, FAMILIES
 
 CRITERIA = ("optin", "magnitude", "random")
 CONSTRAINTS = (0.8, 0.6, 0.5)
+NEW = ("resnet", "convnext", "swin", "segformer", "mask2former")  # the families of issue 14
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run far faster on one thread
-
-
-def _same_attention(model: nn.Module) -> None:
-    """Eager attention wherever the family has it: loads default to sdpa, which rounds differently."""
-    model.config._attn_implementation = "eager"
-
-
-@dataclass(frozen=True)
-class Family:
-    """A family's tiny model and data, as its own test module builds them."""
-
-    build: Callable[[], nn.Module]
-    images: Callable[[int, int], list[dict[str, torch.Tensor]]]
-    pixels: torch.Tensor  # [3, channels, height, width]
-    settings: dict
-    eager: Callable[[nn.Module], None] = _same_attention
-
-
-FAMILIES = {
-    "resnet": Family(lambda: test_cnn.tiny_cnn("resnet"), test_cnn.images, test_cnn.PIXELS, test_cnn.SETTINGS),
-    "convnext": Family(lambda: test_cnn.tiny_cnn("convnext"), test_cnn.images, test_cnn.PIXELS, test_cnn.SETTINGS),
-    "swin": Family(test_swin.tiny_swin, test_swin.images, test_swin.PIXELS, test_swin.SETTINGS),
-    "segformer": Family(test_segformer.tiny_segformer, test_segformer.images, test_segformer.PIXELS, test_segformer.SETTINGS),
-    "mask2former": Family(test_mask2former.tiny_mask2former, test_mask2former.images, test_mask2former.PIXELS,
-                          test_mask2former.SETTINGS, test_mask2former.eager),
-}
-
-
-def outputs(model: nn.Module, family: Family) -> list[torch.Tensor]:
-    """Every tensor of the model's output on the family's pixels (Mask2Former's class and mask logits, and the rest)."""
-    with torch.no_grad():
-        out = model(pixel_values=family.pixels)
-    return [value for value in out.values() if isinstance(value, torch.Tensor)]
-
-
-def parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def pruner_for(name: str, importance: str, **changes) -> OptinPruner:
@@ -83,28 +36,23 @@ def pruner_for(name: str, importance: str, **changes) -> OptinPruner:
 def scored() -> dict[tuple[str, str], ImportanceScores]:
     """Each family's scores by each criterion, on the reference engine."""
     out = {}
-    for name, family in FAMILIES.items():
+    for name in NEW:
+        family = FAMILIES[name]
         model = family.build()
         for importance in CRITERIA:
-            out[name, importance] = pruner_for(name, importance, engine="reference").compute_scores(model, family.images(4, 1))
+            out[name, importance] = pruner_for(name, importance, engine="reference").compute_scores(model, family.examples(4, 1))
     return out
 
 
 @pytest.mark.parametrize("constraint", CONSTRAINTS)
 @pytest.mark.parametrize("importance", CRITERIA)
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", NEW)
 def test_macs_meet_the_budget_within_two_percent(name, importance, constraint, scored):
-    family = FAMILIES[name]
-    model = family.build()
+    model = FAMILIES[name].build()
     dense_model, adapter = copy.deepcopy(model), check_model(model)
     # Exact widths: kept in multiples of 8, a tiny ConvNeXt's FFN channels step by 4% of its MACs.
     pruner = pruner_for(name, importance, mac_constraint=constraint, neurons_multiple_of=1)
-    masks = pruner.compute_masks(model, scores=scored[name, importance])
-    with apply_masks(model, adapter, masks.head_mask.float(), masks.neuron_mask.float()):
-        masked = outputs(model, family)
-    pruner.prune_model(model, masks=masks)
-    for slim, expected in zip(outputs(model, family), masked, strict=True):
-        assert (slim - expected).abs().max() < 1e-4
+    pruner.prune_model(model, masks=pruner.compute_masks(model, scores=scored[name, importance]))
 
     dense, macs = count_macs(dense_model), count_macs(model)
     # The budget pays for fixed convs that a layer keeping no head no longer runs (SegFormer's spatial reduction).
@@ -112,52 +60,12 @@ def test_macs_meet_the_budget_within_two_percent(name, importance, constraint, s
     assert 0.98 * constraint * dense - unrun <= macs <= constraint * dense
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_asking_for_the_fast_engine_gives_the_reference_scores(name, scored):
-    """No new family can run the fast engine's layer pieces: it falls back, with the same result."""
-    family = FAMILIES[name]
-    fast = pruner_for(name, "optin", engine="fast").compute_scores(family.build(), family.images(4, 1))
-    reference = scored[name, "optin"]
-    assert torch.equal(fast.head_scores, reference.head_scores)
-    assert torch.equal(fast.neuron_scores, reference.neuron_scores)
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_hub_full_and_masks_only_repos_load_the_slim_model(name, hub_server: FakeHub, tmp_path: Path):
-    family = FAMILIES[name]
-    dense = family.build()
-    dense.save_pretrained(tmp_path / "base")
-    base_id = create_repo(f"tiny-{name}").repo_id
-    upload_folder(repo_id=base_id, folder_path=tmp_path / "base")
-    model = type(dense).from_pretrained(base_id).eval()  # name_or_path is the repo id: masks-only can name its base
-    family.eager(model)
-    pruner = pruner_for(name, "magnitude")
-    pruner.prune_model(model, family.images(4, 1))
-    expected, slim_size = outputs(model, family), parameters(model)
-    assert slim_size < parameters(dense)
-
-    masks_repo = pruner.push_to_hub(model, f"tiny-{name}-optin").repo_url.repo_id
-    full_repo = pruner.push_to_hub(model, f"tiny-{name}-optin-full", masks_only=False).repo_url.repo_id
-    assert not [file for file in list_repo_files(masks_repo) if file.startswith("model")]
-    assert "model.safetensors" in list_repo_files(full_repo)
-    for repo_id in (masks_repo, full_repo):
-        loaded = AutoOptinModel.from_pretrained(repo_id)
-        family.eager(loaded)
-        assert type(loaded) is type(model) and loaded.config.optin == model.config.optin
-        assert parameters(loaded) == slim_size
-        for got, want in zip(outputs(loaded, family), expected, strict=True):
-            assert torch.equal(got, want)
-
-
 @pytest.mark.parametrize("importance", BUILTIN_CRITERIA)
-@pytest.mark.parametrize("name", [*ARCHS, *FAMILIES])
+@pytest.mark.parametrize("name", [*ARCHS, *NEW])
 def test_every_criterion_scores_every_family(name, importance):
     """Each built-in criterion on each family (issue 24: Fisher failed on all new ones but ResNet): finite scores,
     zero on a narrower layer's padding, some information in every layer that has units, and masks allocated."""
-    if name in FAMILIES:
-        model, data, settings = FAMILIES[name].build(), FAMILIES[name].images(2, 1), FAMILIES[name].settings
-    else:
-        model, data, settings = tiny_model(name), calibration(name, n=2), dict(reconstruct="none", neuron_group_size=16)
+    model, data, settings = FAMILIES[name].build(), FAMILIES[name].examples(2, 1), FAMILIES[name].settings
     pruner = OptinPruner(OptinConfig(**{**settings, "importance": importance, "num_samples": 2, "engine": "reference"}))
     scores = pruner.compute_scores(model, data)
     assert scores.criterion == importance

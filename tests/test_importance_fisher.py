@@ -1,11 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import BLOCK, TEXT, calibration, tiny_model
+from tiny import BLOCK, FAMILIES, TEXT, calibration, tiny_model
 from tiny_task import MARKERS, WORDS, trained_text_model, write_csv
 from transformers import BertConfig, BertForSequenceClassification
-
-from test_families import FAMILIES
 
 from optin_hf import OptinConfig, OptinPruner, count_macs
 from optin_hf.arch import get_adapter
@@ -134,7 +132,7 @@ def test_window_attention_gives_each_example_its_own_gradient(name):
     example's head mask, so the scores are the per-example ones (issue 24: a size-mismatch traceback).
     Without labels, the dense prediction (Mask2Former's semantic map, per pixel) is the target."""
     family = FAMILIES[name]
-    model, data = family.build(), family.images(3, 1)
+    model, data = family.build(), family.examples(3, 1)
     adapter = get_adapter(model)
     with torch.no_grad():
         predicted = [adapter.logits_of(model(pixel_values=ex["pixel_values"][None])).argmax(1)[0] for ex in data]
@@ -150,7 +148,7 @@ def test_window_attention_gives_each_example_its_own_gradient(name):
 def test_segformer_label_maps_give_the_model_own_loss_per_image():
     """A label map per image (at the image's resolution, with unlabelled 255 pixels) is scored by the loss
     SegFormer trains with: the logits upsampled to the map, a cross-entropy over its labelled pixels."""
-    model, images = FAMILIES["segformer"].build(), FAMILIES["segformer"].images(3, 1)
+    model, images = FAMILIES["segformer"].build(), FAMILIES["segformer"].examples(3, 1)
     g = torch.Generator().manual_seed(4)
     maps = [torch.randint(0, model.config.num_labels, (32, 32), generator=g) for _ in images]
     for label in maps:

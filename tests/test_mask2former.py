@@ -1,10 +1,11 @@
-"""Mask2Former (optin_hf/arch/mask2former.py): its Swin backbone scored, allocated, slimmed, counted and saved;
-the pixel decoder and the transformer decoder stay dense."""
+"""Mask2Former (optin_hf/arch/mask2former.py): what is its own (the Swin backbone's blocks are the layers, the KL's
+semantic map, the backbones refused, the CLI's segmentation run); the pixel decoder and the transformer decoder stay
+dense. What every family does (geometry, MACs, slim == masked, save and reload, the fast engine's fallback) is
+tests/test_conformance.py's."""
 
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import datasets
 import numpy as np
@@ -16,99 +17,27 @@ from transformers import (
     Mask2FormerForUniversalSegmentation,
     Mask2FormerImageProcessorPil,
     ResNetConfig,
-    SwinConfig,
 )
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 
-from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs
+from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks
 from optin_hf.arch import check_model
 from optin_hf.arch.mask2former import semantic_logits
-from optin_hf.engine.run import engine_for
-from optin_hf.hooks import apply_masks
 from optin_hf.commands.__main__ import main
-from optin_hf.slim import slim_model
 from optin_hf.tasks import workflow
 from optin_hf.tasks.metrics import mean_iou
 from optin_hf.tasks.report import class_maps, predicted_logits
-from test_masks import same
-from tiny import flop_macs, random_images, scores_by_criterion
+from tiny import FAMILIES, MASK2FORMER_DECODER as DECODER, MASK2FORMER_PIXELS as PIXELS, flop_macs, tiny_mask2former
+from tiny import mask2former_backbone as backbone, mask2former_eager as eager
 
-SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=2, batch_size=2, neuron_group_size=32)
-# Four stages on a 48x48 image: 12x12, 6x6, 3x3 and 2x2 patch maps; the backbone runs the last two padded to one
-# whole 4x4 window (a Swin classifier would shrink the window instead).
-SWIN = dict(image_size=48, patch_size=4, embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4,
-            out_features=["stage1", "stage2", "stage3", "stage4"], initializer_range=0.2)
-DECODER = dict(num_labels=5, num_queries=6, hidden_dim=32, mask_feature_size=32, feature_size=32, encoder_layers=1,
-               decoder_layers=2, encoder_feedforward_dim=32, dim_feedforward=32, num_attention_heads=2)
-
-
-def tiny_mask2former(seed: int = 0, num_labels: int = DECODER["num_labels"]) -> Mask2FormerForUniversalSegmentation:
-    torch.manual_seed(seed)
-    config = Mask2FormerConfig(backbone_config=SwinConfig(**SWIN), **{**DECODER, "num_labels": num_labels})
-    model = Mask2FormerForUniversalSegmentation(config)
-    eager(model)
-    for stage in backbone(model).swin.encoder.layers:  # a trained model's bias tables are not zero
-        for block in stage.blocks:
-            torch.nn.init.normal_(block.attention.relative_position_bias.relative_position_bias_table, std=1.0)
-    return model.eval()
-
-
-def backbone(model):
-    return model.model.pixel_level_module.encoder
-
-
-def eager(model) -> None:
-    """The CPU sdpa kernel is invisible to the FLOP counter (and differs from eager in rounding)."""
-    model.config._attn_implementation = "eager"
-    backbone(model).config._attn_implementation = "eager"
-
-
-images = partial(random_images, size=48)
-
-
-PIXELS = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(5))
-
-
-def outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        out = model(pixel_values=PIXELS)
-    return out.class_queries_logits, out.masks_queries_logits
-
-
-def backbone_macs(model) -> float:
-    """Torch's count of the backbone's matmuls and convs, in MACs (FLOPs / 2), for one image."""
-    return flop_macs(backbone(model), PIXELS[:1])
-
-
-@pytest.fixture(scope="module")
-def scored():
-    """Each criterion's scores of one tiny Mask2Former (optin on the reference engine)."""
-    return scores_by_criterion(tiny_mask2former(), images(4, 1), SETTINGS)
+SETTINGS = FAMILIES["mask2former"].settings
+images = FAMILIES["mask2former"].examples
 
 
 def test_the_backbone_blocks_are_the_layers():
     model = tiny_mask2former()
-    adapter = check_model(model)
-    geometry = adapter.layer_geometry(model.config)
-    assert [(g.heads, g.head_dim, g.hidden, g.neurons) for g in geometry] == [
-        (1, 8, 8, 32), (2, 8, 16, 64), (2, 16, 32, 128), (2, 16, 32, 128), (4, 16, 64, 256)
-    ]
     blocks = [block for stage in backbone(model).swin.encoder.layers for block in stage.blocks]
-    assert list(adapter.layers_of(model)) == blocks
-    full = PruningMasks.full(model.config)
-    assert full.head_counts.tolist() == [1, 2, 2, 2, 4] and full.neuron_counts.tolist() == [32, 64, 128, 128, 256]
-
-
-def test_count_macs_equals_the_flop_counter_on_the_backbone_dense_and_slim():
-    model = tiny_mask2former()
-    assert count_macs(model) == backbone_macs(model)
-    masks = PruningMasks.full(model.config)
-    masks.head_mask[0] = False  # a layer with no head
-    masks.head_mask[4, [0, 3]] = False
-    masks.neuron_mask[1, 5:] = False
-    masks.neuron_mask[3] = False  # and one with no neuron
-    slim_model(model, masks)
-    assert count_macs(model) == backbone_macs(model)
+    assert list(check_model(model).layers_of(model)) == blocks
 
 
 def test_the_kl_logits_are_the_semantic_map_of_the_post_processing():
@@ -131,40 +60,8 @@ def test_the_kl_logits_are_the_semantic_map_of_the_post_processing():
         assert adapter.logits_of(model.model(pixel_values=PIXELS)) is None  # the bare model predicts no classes
 
 
-@pytest.mark.parametrize("importance", ["optin", "magnitude", "random"])
-def test_score_allocate_slim_save_load(importance, scored, tmp_path):
+def test_reconstruction_is_refused_before_scoring():
     model = tiny_mask2former()
-    scores = scored[importance]
-    assert scores.head_scores.shape == (5, 4) and scores.neuron_scores.shape == (5, 256)
-    assert not scores.head_scores[0, 1:].any() and not scores.neuron_scores[:4, 128:].any()  # padding is not scored
-    assert scores.head_scores[4].all() and scores.neuron_scores[:, :32].all()
-    pruner = OptinPruner(OptinConfig(importance=importance, **SETTINGS))
-    masks = pruner.compute_masks(model, scores=scores)
-    assert masks.neurons_per_layer() != [32, 64, 128, 128, 256]
-
-    dense = count_macs(model)
-    with apply_masks(model, check_model(model), masks.head_mask.float(), masks.neuron_mask.float()):
-        masked = outputs(model)
-    pruner.prune_model(model, masks=masks)
-    slim = outputs(model)
-    for a, b in zip(slim, masked):
-        assert (a - b).abs().max() < 1e-4
-    macs = count_macs(model)
-    assert macs == backbone_macs(model)
-    assert 0.98 * 0.6 * dense <= macs <= 0.6 * dense
-
-    pruner.save(model, tmp_path / "m2f")
-    loaded = AutoOptinModel.from_pretrained(tmp_path / "m2f")
-    eager(loaded)
-    assert type(loaded) is Mask2FormerForUniversalSegmentation
-    for a, b in zip(outputs(loaded), slim):
-        assert torch.equal(a, b)
-    assert same(PruningMasks.load(tmp_path / "m2f" / "optin_masks.safetensors"), masks)
-
-
-def test_the_fast_engine_falls_back_and_reconstruction_is_refused_before_scoring():
-    model = tiny_mask2former()
-    assert engine_for(model, check_model(model), OptinConfig(engine="fast")) == "reference"
     pruner = OptinPruner(OptinConfig(mac_constraint=0.6, reconstruct="weights"))
     with pytest.raises(ValueError, match=r"mask2former adapter does not give: prune it with OptinConfig\(reconstruct='none'\)"):
         pruner.prune_model(model, images(2, 1))

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from optin_hf import PruningMasks
 from optin_hf.allocate import allocate
+from optin_hf.macs import MacCosts
 from tiny import tiny_model
 
 # Written by main's code (commit d37f4d2) before masks knew per-layer counts: a tiny bert's masks.
@@ -59,7 +60,7 @@ def test_uniform_masks_file_of_main_loads_unchanged(tmp_path):
 
 
 def test_masks_without_the_models_counts_do_not_fit():
-    from test_swin import tiny_swin
+    from tiny import tiny_swin
 
     config = tiny_swin().config
     full = PruningMasks.full(config)
@@ -75,9 +76,9 @@ def test_allocate_never_keeps_or_counts_padding():
                          head_counts=torch.tensor([2, 4]), neuron_counts=torch.tensor([2, 4]))
     head_macs, neuron_macs = torch.tensor([10.0, 20.0]), torch.tensor([1.0, 2.0])
     dense = 2 * 10 + 4 * 20 + 2 * 1 + 4 * 2
-    masks = allocate(heads, neurons, head_macs, neuron_macs, dense, units=units)
+    masks = allocate(heads, neurons, MacCosts(head_macs, neuron_macs), dense, units=units)
     assert masks.head_mask.tolist() == units.head_mask.tolist()  # the whole budget keeps every real unit, no padding
-    masks = allocate(heads, neurons, head_macs, neuron_macs, 0.5 * dense, units=units)
+    masks = allocate(heads, neurons, MacCosts(head_macs, neuron_macs), 0.5 * dense, units=units)
     kept = float((masks.head_mask.sum(1) * head_macs).sum() + (masks.neuron_mask.sum(1) * neuron_macs).sum())
     assert kept <= 0.5 * dense and not masks.head_mask[0, 2:].any() and not masks.neuron_mask[0, 2:].any()
     assert masks.head_counts.tolist() == [2, 4]

@@ -6,7 +6,10 @@ model with the task's label count. Split choice, columns, pair tokenization, ima
 and label handling are the recipes' real path.
 """
 
+import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import datasets
@@ -15,9 +18,7 @@ import PIL.Image
 import pytest
 import torch
 import yaml
-from test_mask2former import tiny_mask2former
-from test_segformer import tiny_segformer
-from tiny import tiny_model
+from tiny import tiny_mask2former, tiny_model, tiny_segformer
 from tiny_task import stand_in_defaults, tokenizer, trained_text_model, write_csv
 from transformers import Mask2FormerImageProcessorPil, SegformerImageProcessorPil, ViTImageProcessor
 
@@ -25,7 +26,8 @@ from optin_hf import OptinConfig, count_macs
 from optin_hf.tasks import workflow
 from optin_hf.commands.__main__ import main
 from optin_hf.tasks.report import class_maps, predicted_logits
-from optin_hf.tasks.recipes import load_recipe, parse_recipe
+from optin_hf.tasks.defaults import DEFAULT_NAMES
+from optin_hf.tasks.recipes import DEFAULT_RECIPES, RECIPES_DIR, default_recipe, load_recipe, parse_recipe
 from optin_hf.tasks.task_data import Columns, Encoder, calibration_rows, eval_rows, label_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +149,30 @@ def test_the_expected_recipes_ship():
     names = {p.stem for p in RECIPES}
     assert {"minilm-bbc-news", "minilm-tweet-sentiment", "vit-digits"} <= names
     assert {f"bert-base-{t}" for t in GLUE} | set(IMAGENET) | set(ADE20K) <= names
+
+
+def test_every_default_is_pruned_by_a_shipped_recipe_that_names_it():
+    assert tuple(DEFAULT_RECIPES) == DEFAULT_NAMES
+    assert RECIPES_DIR.resolve() == (REPO / "recipes").resolve()  # the package reads the top-level folder itself
+    assert [default_recipe(name).default for name in DEFAULT_NAMES] == list(DEFAULT_NAMES)
+    with pytest.raises(ValueError, match=r"Unknown embedded default 'cifar'; choose one of \['bbc-news'"):
+        default_recipe("cifar")
+
+
+def test_the_wheel_ships_the_recipes(tmp_path):
+    """A wheel install has no repository around it: the defaults' settings must travel inside the package."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("optin_hf", "optimum", "recipes"):
+        shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    build = "from setuptools import build_meta; print(build_meta.build_wheel(%r))" % str(tmp_path / "dist")
+    result = subprocess.run([sys.executable, "-c", build], cwd=source, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / "dist" / result.stdout.split()[-1]) as wheel:
+        shipped = {name: wheel.read(name) for name in wheel.namelist() if name.endswith(".yaml")}
+    assert shipped == {f"optin_hf/recipes/{path.name}": path.read_bytes() for path in RECIPES}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

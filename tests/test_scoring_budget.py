@@ -111,10 +111,9 @@ def test_estimate_counts_the_candidates_the_engine_runs(settings, monkeypatch):
 
 def _ragged(name: str):
     """A family whose layers differ in width: a Swin's two stages, a ResNet's bottlenecks (8, 8, 16 channels)."""
-    import test_cnn
-    import test_swin
+    from tiny import FAMILIES
 
-    return (test_swin.tiny_swin(), test_swin.SETTINGS) if name == "swin" else (test_cnn.tiny_cnn("resnet"), test_cnn.SETTINGS)
+    return FAMILIES[name].build(), FAMILIES[name].settings
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ from optin_hf.commands.__main__ import main
 from optin_hf.losses import kl_loss
 from optin_hf.tasks.metrics import load_metric, mean_iou
 from optin_hf.tasks.task_data import MaskEncoder
-from test_segformer import tiny_segformer
+from tiny import tiny_segformer
 
 
 def test_kl_of_segmentation_logits_is_the_per_pixel_kl_averaged_over_pixels():

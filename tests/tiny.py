@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
 import torch
+from torch import nn
 from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    ConvNextConfig,
+    ConvNextForImageClassification,
     DeiTConfig,
     DeiTForImageClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    ResNetConfig,
+    ResNetForImageClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
+    SwinConfig,
+    SwinForImageClassification,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -86,11 +104,163 @@ def flop_macs(module: torch.nn.Module, pixels: torch.Tensor) -> float:
     return counter.get_total_flops() / 2
 
 
-def scores_by_criterion(model: torch.nn.Module, data: list, settings: dict) -> dict:
-    """`model`'s scores by optin (on the reference engine), magnitude and random, keyed by criterion."""
-    from optin_hf import OptinConfig, OptinPruner
+def tiny_swin(seed: int = 0) -> SwinForImageClassification:
+    """Two stages of different widths: 2 heads over 16 features, then 4 heads over 32."""
+    torch.manual_seed(seed)
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                        num_labels=5, initializer_range=0.2)
+    model = SwinForImageClassification(config)
+    model.config._attn_implementation = "eager"  # the CPU sdpa kernel is invisible to the FLOP counter
+    for stage in model.swin.encoder.layers:  # a trained model's bias tables are not zero
+        for block in stage.blocks:
+            torch.nn.init.normal_(block.attention.relative_position_bias.relative_position_bias_table, std=1.0)
+    return model.eval()
 
-    return {
-        importance: OptinPruner(OptinConfig(importance=importance, engine="reference", **settings)).compute_scores(model, data)
-        for importance in ("optin", "magnitude", "random")
-    }
+
+def tiny_cnn(family: str, seed: int = 0) -> nn.Module:
+    """A tiny trained-looking CNN ("resnet" or "convnext"): random BatchNorm statistics, so eval-mode BatchNorm
+    is not the identity. The ResNet's stem is kept narrow so that its fixed MACs leave room for a 0.6 budget."""
+    torch.manual_seed(seed)
+    if family == "resnet":
+        config = ResNetConfig(embedding_size=4, hidden_sizes=[32, 64], depths=[2, 1], num_labels=5, image_size=32)
+        model = ResNetForImageClassification(config)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                nn.init.normal_(module.weight, 1.0, 0.2)
+                nn.init.normal_(module.bias, 0.0, 0.2)
+    else:
+        config = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[2, 1], num_labels=5, image_size=32,
+                                layer_scale_init_value=0.5)
+        model = ConvNextForImageClassification(config)
+    return model.eval()
+
+
+def tiny_segformer(seed: int = 0, num_labels: int = 4) -> SegformerForSemanticSegmentation:
+    """Two stages: 1 head of 8 (keys and values on a map reduced 2x2), then 2 heads of 8; FFNs 32 wide."""
+    torch.manual_seed(seed)
+    config = SegformerConfig(
+        image_size=32, num_encoder_blocks=2, depths=[1, 2], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
+        strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[4, 2], decoder_hidden_size=16, num_labels=num_labels,
+        initializer_range=0.2, drop_path_rate=0.0,
+    )
+    model = SegformerForSemanticSegmentation(config)
+    model.config._attn_implementation = "eager"  # the CPU sdpa kernel is invisible to the FLOP counter
+    return model.eval()
+
+
+# Four stages on a 48x48 image: 12x12, 6x6, 3x3 and 2x2 patch maps; the backbone runs the last two padded to one
+# whole 4x4 window (a Swin classifier would shrink the window instead).
+MASK2FORMER_SWIN = dict(image_size=48, patch_size=4, embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
+                        window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"], initializer_range=0.2)
+MASK2FORMER_DECODER = dict(num_labels=5, num_queries=6, hidden_dim=32, mask_feature_size=32, feature_size=32,
+                           encoder_layers=1, decoder_layers=2, encoder_feedforward_dim=32, dim_feedforward=32,
+                           num_attention_heads=2)
+
+
+def tiny_mask2former(seed: int = 0, num_labels: int = MASK2FORMER_DECODER["num_labels"]) -> Mask2FormerForUniversalSegmentation:
+    torch.manual_seed(seed)
+    config = Mask2FormerConfig(backbone_config=SwinConfig(**MASK2FORMER_SWIN), **{**MASK2FORMER_DECODER, "num_labels": num_labels})
+    model = Mask2FormerForUniversalSegmentation(config)
+    mask2former_eager(model)
+    for stage in mask2former_backbone(model).swin.encoder.layers:  # a trained model's bias tables are not zero
+        for block in stage.blocks:
+            torch.nn.init.normal_(block.attention.relative_position_bias.relative_position_bias_table, std=1.0)
+    return model.eval()
+
+
+def mask2former_backbone(model: nn.Module) -> nn.Module:
+    """The Swin backbone: what optin-hf prunes and counts of a Mask2Former."""
+    return model.model.pixel_level_module.encoder
+
+
+def mask2former_eager(model: nn.Module) -> None:
+    """The CPU sdpa kernel is invisible to the FLOP counter (and differs from eager in rounding)."""
+    model.config._attn_implementation = "eager"
+    mask2former_backbone(model).config._attn_implementation = "eager"
+
+
+def eager(model: nn.Module) -> None:
+    """Eager attention wherever the family has it: loads default to sdpa, which rounds differently."""
+    model.config._attn_implementation = "eager"
+
+
+LAYER = re.compile(r"\.layers?\.\d+$")
+TEXT_MACS_LEN = 11  # tokens of the one example a text family's MACs are counted on
+
+
+def text_flop_macs(model: nn.Module) -> float:
+    """Torch's count of a text encoder's layers (no embedding lookup, no pooler: what `count_macs` counts), in MACs,
+    on one example of TEXT_MACS_LEN tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = torch.randint(5, 100, (1, TEXT_MACS_LEN), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=inputs)
+    return sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if LAYER.search(name)) / 2
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's tiny model and data, as the tests use them.
+
+    examples(n, seed): calibration examples; inputs: one batch to compare outputs on; settings: the OptinConfig
+    fields its tests prune with; eager: sets eager attention on a loaded model; seq_len: what `count_macs` takes
+    (None: it follows the image size); torch_macs: torch's FLOP counter on what `count_macs` counts, in MACs.
+    """
+
+    build: Callable[[], nn.Module]
+    examples: Callable[[int, int], list[dict[str, torch.Tensor]]]
+    inputs: dict[str, torch.Tensor]
+    settings: dict
+    torch_macs: Callable[[nn.Module], float]
+    seq_len: int | None = None
+    eager: Callable[[nn.Module], None] = eager
+
+
+PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+MASK2FORMER_PIXELS = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(5))
+VISION_SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=4, batch_size=2)
+TEXT_SETTINGS = dict(mac_constraint=0.6, reconstruct="none", num_samples=4, batch_size=2, neuron_group_size=16)
+
+
+def _text(name: str, build: Callable[[], nn.Module]) -> Family:
+    return Family(build, lambda n, seed: calibration(name, n, seed), batch(name), TEXT_SETTINGS, text_flop_macs, TEXT_MACS_LEN)
+
+
+def _vision(build: Callable[[], nn.Module], settings: dict, pixels: torch.Tensor = PIXELS,
+            encoder: Callable[[nn.Module], nn.Module] = lambda model: model.base_model,
+            eager_attention: Callable[[nn.Module], None] = eager) -> Family:
+    size = pixels.shape[-1]
+    return Family(build, lambda n, seed: random_images(n, seed, size), {"pixel_values": pixels}, settings,
+                  lambda model: flop_macs(encoder(model), pixels[:1]), None, eager_attention)
+
+
+FAMILIES: dict[str, Family] = {
+    **{name: _text(name, partial(tiny_model, name)) for name in ("bert", "roberta", "distilbert")},
+    **{name: _vision(partial(tiny_model, name), {**VISION_SETTINGS, "neuron_group_size": 16}, batch(name)["pixel_values"])
+       for name in ("vit", "deit")},
+    "swin": _vision(tiny_swin, {**VISION_SETTINGS, "neuron_group_size": 16}),
+    "resnet": _vision(partial(tiny_cnn, "resnet"), {**VISION_SETTINGS, "neuron_group_size": 8}),
+    "convnext": _vision(partial(tiny_cnn, "convnext"), {**VISION_SETTINGS, "neuron_group_size": 8}),
+    "segformer": _vision(tiny_segformer, {**VISION_SETTINGS, "neuron_group_size": 8, "md_tokens": 64, "neurons_multiple_of": 1}),
+    "mask2former": _vision(tiny_mask2former, {**VISION_SETTINGS, "num_samples": 2, "neuron_group_size": 32},
+                           MASK2FORMER_PIXELS, mask2former_backbone, mask2former_eager),
+}
+
+
+def family(model_type: str) -> Family:
+    """The tiny family of a registered `model_type`. One without an entry in FAMILIES is built as a sequence
+    classifier from its own config class with BERT's tiny sizes: a family laid out as BERT (ELECTRA, say)
+    joins the tests by its registration alone; another adds its entry above."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **TEXT, **BLOCK))
+        eager(model)
+        return model.eval()
+
+    return _text(model_type, build)

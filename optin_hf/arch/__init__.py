@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ArchAdapter, EmptyAttention, Slice, get_submodule, set_submodule
+from .capabilities import FEATURES, REPAIRS, Capabilities, Feature
 from .bert import BERT
 from .convnext import CONVNEXT
 from .distilbert import DISTILBERT
@@ -53,13 +54,28 @@ def get_adapter(model_or_config) -> ArchAdapter:
     return adapter
 
 
+def refusal(adapter: ArchAdapter, feature: Feature, model_type: str | None = None) -> str:
+    """Why `adapter` (of `model_type`, by default its first) does not run `feature`: the one wording of every
+    refusal, naming the model types whose adapters declare it where the fix is another model."""
+    supporters = [name for name, other in ADAPTERS.items() if other.supports(feature)]
+    return adapter.capabilities.refusal(feature, model_type or adapter.model_types[0], supporters)
+
+
+def require(adapter: ArchAdapter, feature: Feature, model_type: str | None = None) -> None:
+    """Refuse, up front, a `feature` the adapter does not declare (`ArchAdapter.capabilities`)."""
+    if not adapter.supports(feature):
+        raise ValueError(refusal(adapter, feature, model_type))
+
+
 def check_model(model: nn.Module) -> ArchAdapter:
     """Adapter for a model instance, checking it has the expected modules."""
     adapter = get_adapter(model)
     layer = adapter.layers_of(model)[0]
-    paths = [adapter.attn_core, adapter.ffn_up, adapter.ffn_down, adapter.feature]
-    if not isinstance(get_submodule(layer, adapter.attn_core), EmptyAttention):
-        paths += [adapter.query, adapter.attn_out]
+    paths = [adapter.ffn_up, adapter.ffn_down, adapter.feature]
+    if adapter.supports("heads"):
+        paths.append(adapter.attn_core)
+        if not isinstance(get_submodule(layer, adapter.attn_core), EmptyAttention):
+            paths += [adapter.query, adapter.attn_out]
     for path in paths:
         try:
             get_submodule(layer, path)
@@ -73,12 +89,18 @@ def check_model(model: nn.Module) -> ArchAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "FEATURES",
+    "REPAIRS",
     "ArchAdapter",
+    "Capabilities",
     "EmptyAttention",
+    "Feature",
     "Slice",
     "check_model",
     "get_adapter",
     "get_submodule",
+    "refusal",
     "register_adapter",
+    "require",
     "set_submodule",
 ]

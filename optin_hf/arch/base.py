@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .capabilities import Capabilities, Feature
+
 # (layer, input of the attention output projection, layer input) -> input of the FFN block
 FinishAttention = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 # (layer, input of the FFN block) -> layer output
@@ -145,6 +147,10 @@ VISION_LAYER_PATHS = dict(
 )
 
 
+# What names a family's heads: required with Capabilities(heads=True), left out without.
+ATTENTION_FIELDS = ("attn_core", "query", "key", "value", "attn_out")
+
+
 @dataclass(frozen=True)
 class ArchAdapter:
     """Module paths of one architecture family.
@@ -152,7 +158,9 @@ class ArchAdapter:
     `layers` is relative to `model.base_model`; the other paths are relative to one layer.
     `ffn_input` is the module whose first input is the FFN sublayer's input, which is also the
     residual that sublayer adds to (the attention sublayer's residual is the layer input).
-    `attn_core` is the module that computes the heads; a layer that keeps no head gets it
+    The attention fields (`ATTENTION_FIELDS`) name a family's heads, and only a family with heads
+    gives them; one without (`Capabilities(heads=False)`, ConvNeXt) leaves them out and keeps no
+    head. `attn_core` is the module that computes the heads; a layer that keeps no head gets it
     replaced by `EmptyAttention`. When `attn_out` lies inside `attn_core`, the replacement
     keeps that projection so the layer still adds its bias.
 
@@ -168,20 +176,26 @@ class ArchAdapter:
     hold the standard multi-head attention and two-matrix FFN; a family that differs (KV heads
     shared by a group of query heads, a relative-position-bias table per head, a gated FFN)
     overrides them in a subclass, and slimming and `count_macs` follow.
+
+    `capabilities` declares what the family supports beyond heads, neurons and the reference
+    engine (the fast engine, each repair, token mode); every refusal of what it does not declare
+    comes from there (`optin_hf.arch.require`). Construction checks that the declaration is
+    backed by the fields it needs (the layer pieces, a patch embedding).
     """
 
     model_types: tuple[str, ...]
     layers: str
-    attn_core: str
-    query: str
-    key: str
-    value: str
-    attn_out: str
     ffn_up: str
     ffn_down: str
     ffn_input: str
     feature: str
-    head_count_attrs: tuple[str, ...]
+    # the heads: given by a family with heads, left out by one without (see `ATTENTION_FIELDS`)
+    attn_core: str = ""
+    query: str = ""
+    key: str = ""
+    value: str = ""
+    attn_out: str = ""
+    head_count_attrs: tuple[str, ...] = ()
     all_head_size_attr: str | None = None
     patch_embedding: str | None = None
     num_prefix_tokens: int = 1
@@ -192,7 +206,41 @@ class ArchAdapter:
     classifiers: Mapping[str, Classifier] = field(default_factory=dict, hash=False, compare=False)
     unit_names: tuple[str, str] = ("attention heads", "FFN neurons")  # what the report calls a head and a neuron
     fixed_parts: str = "the patch embedding"  # what `fixed_macs` counts, as an unreachable budget's error names it
-    batch_norms: bool = False  # BatchNorms follow the pruned convs: reconstruct="batchnorm" re-estimates their means
+    capabilities: Capabilities = Capabilities()
+
+    def __post_init__(self) -> None:
+        """Refuse a declaration the fields cannot back, naming the missing field: a feature declared
+        without it would fail deep inside a scoring run or a refit instead."""
+        declared = self.capabilities
+        family = self.model_types[0] if self.model_types else "new"
+        if not declared.heads and any(getattr(self, name) for name in ATTENTION_FIELDS):
+            named = [name for name in ATTENTION_FIELDS if getattr(self, name)]
+            raise ValueError(
+                f"The {family} adapter declares Capabilities(heads=False) but names attention modules ({', '.join(named)}): "
+                "a family without heads leaves them out."
+            )
+        needs: list[tuple[str, str, object]] = []  # (feature, field it needs, the field's value)
+        if declared.heads:
+            needs += [("heads=True, the default", name, getattr(self, name) or None) for name in ATTENTION_FIELDS]
+        if declared.fast_engine:
+            needs += [("fast_engine=True", name, getattr(self, name)) for name in ("finish_attention", "feed_forward")]
+        for mode in [mode for mode in ("weights", "scales") if mode in declared.repairs]:
+            needs += [(f"repairs with {mode!r}", name, getattr(self, name))
+                      for name in ("finish_attention", "feed_forward", "finish_feed_forward")]
+        if declared.tokens:
+            needs += [("tokens=True", "patch_embedding", self.patch_embedding),
+                      ("tokens=True", "num_prefix_tokens", self.num_prefix_tokens or None)]
+        missing = [(feature, name) for feature, name, value in needs if value is None]
+        if missing:
+            feature, name = missing[0]
+            raise ValueError(
+                f"The {family} adapter declares Capabilities({feature}) but gives no {name}: give {name}, or leave "
+                "that capability undeclared."
+            )
+
+    def supports(self, feature: Feature) -> bool:
+        """Whether the family declares `feature` (`Capabilities`)."""
+        return self.capabilities.supports(feature)
 
     @property
     def is_vision(self) -> bool:
@@ -233,7 +281,7 @@ class ArchAdapter:
 
     def kept_heads(self, layer: nn.Module, config) -> int:
         """Heads a (possibly slimmed) layer runs, read off its query projection."""
-        if isinstance(get_submodule(layer, self.attn_core), EmptyAttention):
+        if not self.supports("heads") or isinstance(get_submodule(layer, self.attn_core), EmptyAttention):
             return 0
         return num_features(get_submodule(layer, self.query), "out") // self.layer_head_dim(layer, config)
 
@@ -257,6 +305,8 @@ class ArchAdapter:
 
         A layer that keeps none gets `EmptyAttention`, which still adds the output bias.
         """
+        if not self.supports("heads"):
+            return  # no heads: nothing to cut
         head_dim = self.layer_head_dim(layer, config)
         _slim(layer, self.head_slices(), keep, head_dim)
         if len(keep) == 0:
@@ -302,12 +352,15 @@ class ArchAdapter:
         """Squared L2 norms of the weights each head ([heads]) and each neuron ([neurons]) of `layer`
         owns (the magnitude criterion): a head's q/k/v rows and output columns, a neuron's FFN up
         row and down column."""
-        head_dim = self.layer_head_dim(layer, config)
         w = lambda path: get_submodule(layer, path).weight.double()  # noqa: E731
+        per_neuron = w(self.ffn_up).pow(2).sum(1) + w(self.ffn_down).pow(2).sum(0)
+        if not self.supports("heads"):
+            return per_neuron.new_zeros(0), per_neuron
+        head_dim = self.layer_head_dim(layer, config)
         qkv = torch.cat([w(p) for p in (self.query, self.key, self.value)], dim=1)
         per_head = qkv.view(-1, head_dim * qkv.shape[1]).pow(2).sum(1)
         per_head += w(self.attn_out).T.reshape(-1, head_dim * w(self.attn_out).shape[0]).pow(2).sum(1)
-        return per_head, w(self.ffn_up).pow(2).sum(1) + w(self.ffn_down).pow(2).sum(0)
+        return per_head, per_neuron
 
     def logits_of(self, output) -> torch.Tensor | None:
         """What the KL term compares, from a model's forward output: its `logits` (None for a bare encoder).

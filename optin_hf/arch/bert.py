@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .base import ArchAdapter
+from .capabilities import Capabilities
 
 
 def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,7 @@ BERT = ArchAdapter(
     finish_attention=_finish_attention,
     feed_forward=_feed_forward,
     finish_feed_forward=_finish_feed_forward,
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales")),
     classifiers={
         "BertForSequenceClassification": _bert_classifier,
         "RobertaForSequenceClassification": _roberta_classifier,

@@ -18,10 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .base import ArchAdapter, LayerGeometry, get_submodule
+from .capabilities import Capabilities
 from .resnet import conv_out, image_size
 
 
@@ -46,8 +46,7 @@ def _layer_maps(config) -> list[tuple[int, tuple[int, int]]]:
 
 @dataclass(frozen=True)
 class ConvNextAdapter(ArchAdapter):
-    """Blocks in order, no heads; see the module docstring. The attention paths name the
-    depthwise conv only so that the layout check finds a module: no head ever reads them."""
+    """Blocks in order, no heads (no attention fields); see the module docstring."""
 
     def check_config(self, config) -> None:
         """The stage lists must describe `num_stages` stages: the encoder builds that many, and its final
@@ -66,16 +65,6 @@ class ConvNextAdapter(ArchAdapter):
 
     def layer_geometry(self, config) -> tuple[LayerGeometry, ...]:
         return tuple(LayerGeometry(0, 1, width, 4 * width) for width, _ in _layer_maps(config))
-
-    def kept_heads(self, layer: nn.Module, config) -> int:
-        return 0
-
-    def slim_heads(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
-        """No heads: nothing to cut."""
-
-    def unit_weight_norms(self, layer: nn.Module, config) -> tuple[torch.Tensor, torch.Tensor]:
-        up, down = get_submodule(layer, self.ffn_up).weight.double(), get_submodule(layer, self.ffn_down).weight.double()
-        return up.new_zeros(0), up.pow(2).sum(1) + down.pow(2).sum(0)
 
     def default_seq_len(self, config) -> int:
         """Positions of the first stage's map; later stages hold fewer (see `neuron_macs`)."""
@@ -110,17 +99,12 @@ CONVNEXT = ConvNextAdapter(
     unit_names=("heads", "MLP channels"),
     fixed_parts="the stem, the downsampling convs and the 7x7 depthwise convs",
     layers="encoder.stages",
-    attn_core="dwconv",
-    query="dwconv",
-    key="dwconv",
-    value="dwconv",
-    attn_out="dwconv",
     ffn_up="pwconv1",
     ffn_down="pwconv2",
     ffn_input="layernorm",
     feature="",
-    head_count_attrs=(),
     patch_embedding="embeddings.patch_embeddings",
     num_prefix_tokens=0,
     pooled_tokens=0,
+    capabilities=Capabilities(heads=False),  # MLP channels only, reference engine, no repair
 )

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .base import ArchAdapter, LayerGeometry, get_submodule, pair, set_submodule
+from .capabilities import Capabilities
 
 IMAGENET_SIZE = 224
 
@@ -221,5 +222,5 @@ RESNET = ResNetAdapter(
     patch_embedding="embedder.embedder.convolution",
     num_prefix_tokens=0,
     pooled_tokens=0,
-    batch_norms=True,
+    capabilities=Capabilities(repairs=("batchnorm",)),  # reference engine; BatchNorms after the pruned convs
 )

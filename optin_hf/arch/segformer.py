@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .base import VISION_LAYER_PATHS, ArchAdapter, EmptyAttention, LayerGeometry, get_submodule, pair
+from .capabilities import Capabilities
 
 DWCONV = "mlp.dwconv.dwconv"
 
@@ -158,4 +159,5 @@ SEGFORMER = SegformerAdapter(
     patch_embedding="stages.0.patch_embeddings.proj",
     num_prefix_tokens=0,
     pooled_tokens=0,
+    capabilities=Capabilities(),  # reference engine, no repair: see the module docstring
 )

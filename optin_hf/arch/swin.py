@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .base import VISION_LAYER_PATHS, ArchAdapter, LayerGeometry, get_submodule, pair
+from .capabilities import Capabilities
 
 
 def stage_grids(config) -> list[tuple[int, int]]:
@@ -128,4 +129,5 @@ SWIN = SwinAdapter(
     num_prefix_tokens=0,
     pooled_tokens=0,
     fixed_parts="the patch embedding and the patch mergings",
+    capabilities=Capabilities(),  # reference engine, no repair, no token mode: see the module docstring
 )

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .base import VISION_LAYER_PATHS, ArchAdapter
+from .capabilities import Capabilities
 
 
 def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,8 @@ VIT = ArchAdapter(
     finish_attention=_finish_attention,
     feed_forward=_feed_forward,
     finish_feed_forward=_finish_feed_forward,
+    # token mode merges patches and keeps the class token apart; DeiT (below) inherits all of it
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), tokens=True),
     classifiers={"ViTForImageClassification": _cls_classifier},
 )
 

@@ -81,39 +81,39 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture (semantic-segmentation for a ...ForSemanticSegmentation or ...ForUniversalSegmentation, image-classification for other vision models, else text)")
     parser.add_argument("--processor", metavar="PATH_OR_REPO", help="tokenizer or image processor, if not stored with the model")
     _add_data(parser)
-    optin = parser.add_argument_group("OPTIN settings (see OptinConfig)")
-    optin.add_argument("--mac-constraint", type=float, default=OptinConfig.mac_constraint, metavar="F",
+    # Each setting defaults to None, read as "not given": an embedded default takes the rest from its recipe.
+    optin = parser.add_argument_group("OPTIN settings (see OptinConfig)", "An embedded default starts from the settings of its "
+                                      "recipe in recipes/ (bbc-news: minilm-bbc-news.yaml); each flag given replaces one.")
+    optin.add_argument("--mac-constraint", type=float, default=None, metavar="F",
                        help=f"fraction of the MACs to keep (default: {OptinConfig.mac_constraint})")
-    optin.add_argument("--importance", default=OptinConfig.importance, metavar="NAME",
+    optin.add_argument("--importance", default=None, metavar="NAME",
                        help=f"importance criterion: {OptinConfig.importance} (default) or a baseline: magnitude, random or fisher")
     optin.add_argument("--num-samples", type=int, default=None, metavar="N",
-                       help=f"calibration examples (default: {OptinConfig.num_samples}; embedded defaults: sized for a CPU, as in their recipes)")
+                       help=f"calibration examples (default: {OptinConfig.num_samples}; embedded defaults: sized for a CPU by their recipes)")
     optin.add_argument("--neuron-group-size", type=int, default=None, metavar="G",
-                       help="score FFN neurons G at a time, grouped by output energy (default: 1, as the paper; embedded defaults: as in their recipes)")
+                       help=f"score FFN neurons G at a time, grouped by output energy (default: {OptinConfig.neuron_group_size}, as the paper)")
     optin.add_argument("--max-scoring-time", type=parse_duration, metavar="T",
                        help="fit scoring in T (90s, 10m, 1.5h or seconds): fewer examples and coarser neuron groups "
                        "are picked from the estimate; replaces an embedded default's CPU sizing (default: no limit)")
-    optin.add_argument("--neurons-multiple-of", type=int, default=OptinConfig.neurons_multiple_of, metavar="M",
+    optin.add_argument("--neurons-multiple-of", type=int, default=None, metavar="M",
                        help=f"each layer keeps a multiple of M FFN neurons, for fast matmuls (default: {OptinConfig.neurons_multiple_of}; 1 = exact)")
-    optin.add_argument("--max-length", type=int, default=OptinConfig.max_length, metavar="N",
+    optin.add_argument("--max-length", type=int, default=None, metavar="N",
                        help=f"truncate texts to N tokens (default: {OptinConfig.max_length})")
-    optin.add_argument("--seed", type=int, default=OptinConfig.seed,
+    optin.add_argument("--seed", type=int, default=None,
                        help=f"seeds the calibration draw and the MD token subset (default: {OptinConfig.seed})")
-    optin.add_argument("--faithful", action=argparse.BooleanOptionalAction, default=OptinConfig.faithful,
-                       help="apply the reference's extra score weights (default: %(default)s)")
+    optin.add_argument("--faithful", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"apply the reference's extra score weights (default: {OptinConfig.faithful})")
     optin.add_argument("--reconstruct", choices=RECONSTRUCT_MODES, default=None,
                        help="after slimming, refit each sublayer's output projection by least squares (weights), one "
                        "factor per kept unit (scales), re-estimate the BatchNorm means of a ResNet (batchnorm), or "
-                       f"not at all (default: {OptinConfig.reconstruct}; digits-resnet: batchnorm; "
-                       "digit-scenes-segformer: none)")
-    optin.add_argument("--reconstruct-samples", type=int, default=OptinConfig.reconstruct_samples, metavar="N",
-                       help="calibration examples the reconstruction fits on (default: %(default)s)")
+                       f"not at all (default: {OptinConfig.reconstruct})")
+    optin.add_argument("--reconstruct-samples", type=int, default=None, metavar="N",
+                       help=f"calibration examples the reconstruction fits on (default: {OptinConfig.reconstruct_samples})")
     optin.add_argument("--checkpoint-dir", metavar="DIR",
                        help="save the scoring losses to DIR as they are computed: a run stopped (Ctrl-C, a crash) and "
                        "run again with the same DIR and settings resumes where it stopped (default: not saved)")
     optin.add_argument("--prune-steps", type=int, default=None, metavar="K",
-                       help=f"cut in K steps, reconstructing and re-scoring between them (default: {OptinConfig.prune_steps}; "
-                       "embedded defaults: as in their recipes)")
+                       help=f"cut in K steps, reconstructing and re-scoring between them (default: {OptinConfig.prune_steps})")
     parser.add_argument("--device", help="where to prune and time, e.g. cpu or cuda (default: cuda if available)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="DIR", help="folder for the pruned model and report (default: <name>-optin-<F>)")

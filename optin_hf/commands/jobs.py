@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Callable
 
 from ..config import OptinConfig
-from ..tasks.recipes import load_recipe
+from ..tasks.recipes import default_recipe, load_recipe
 from ..tasks.report import REPORT_JSON, REPORT_PNG
 from ..tasks.task_data import DataSpec
 from ..tasks.workflow import DEFAULT_TEXT_MODEL, PruneJob, run_evaluate, run_prune
@@ -46,41 +46,25 @@ def _finish(job: PruneJob) -> None:
         print(f"pushed to the Hub: {job.push_to_hub} ({'full weights' if job.push_full else 'masks only'})")
 
 
-# The embedded defaults run on a 2-core CPU in a few minutes: fewer calibration examples and
-# neurons scored in groups, and the cut made in the steps that measured best (each flag given on
-# the command line still wins).
-# Kept equal to recipes/{minilm-bbc-news,minilm-tweet-sentiment,vit-digits,digits-resnet,digit-scenes-segformer}.yaml.
-EMBEDDED_DEFAULT_SETTINGS = {
-    "bbc-news": {"num_samples": 8, "neuron_group_size": 64, "prune_steps": 2},
-    "tweet-sentiment": {"num_samples": 32, "neuron_group_size": 64},
-    "digits-vit": {"num_samples": 64, "neuron_group_size": 4},
-    "digits-resnet": {"num_samples": 64, "neuron_group_size": 1},
-    "digit-scenes-segformer": {"num_samples": 32, "neuron_group_size": 16},
-}
-# A default whose family cannot be refit is repaired as its family can (the ResNet: its BatchNorm means re-estimated)
-# or not at all (SegFormer), unless the flag says otherwise.
-EMBEDDED_DEFAULT_RECONSTRUCT = {"digits-resnet": "batchnorm", "digit-scenes-segformer": "none"}
+# The scoring sizes a time budget picks itself (`--max-scoring-time`), from OptinConfig's defaults down.
+BUDGET_SIZED = ("num_samples", "neuron_group_size", "prune_steps")
+
+
+def optin_config(args: argparse.Namespace) -> OptinConfig:
+    """The prune command's settings: an embedded default's recipe (none for a --model), with each flag given on
+    the command line in place of the recipe's value. Every OptinConfig flag defaults to None, so "given" is
+    "not None"."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(OptinConfig) if getattr(args, f.name, None) is not None}
+    if args.model:
+        return OptinConfig(**given)
+    recipe = default_recipe(args.default or DEFAULT_TEXT_MODEL).optin
+    if args.max_scoring_time is not None:  # the budget replaces the recipe's hand-made sizing for a 2-core CPU
+        given = {**{name: getattr(OptinConfig, name) for name in BUDGET_SIZED}, **given}
+    return dataclasses.replace(recipe, **given)
 
 
 def prune(args: argparse.Namespace) -> None:
-    given = {k: getattr(args, k) for k in ("num_samples", "neuron_group_size", "prune_steps") if getattr(args, k) is not None}
-    # A time budget sizes the run itself, from OptinConfig's defaults down.
-    sized_by_hand = not args.model and args.max_scoring_time is None
-    embedded = EMBEDDED_DEFAULT_SETTINGS.get(args.default or DEFAULT_TEXT_MODEL, {}) if sized_by_hand else {}
-    sized = {**embedded, **given}
-    optin = OptinConfig(
-        mac_constraint=args.mac_constraint,
-        importance=args.importance,
-        max_length=args.max_length,
-        seed=args.seed,
-        faithful=args.faithful,
-        neurons_multiple_of=args.neurons_multiple_of,
-        reconstruct=args.reconstruct or EMBEDDED_DEFAULT_RECONSTRUCT.get(args.default, OptinConfig.reconstruct),
-        reconstruct_samples=args.reconstruct_samples,
-        max_scoring_time=args.max_scoring_time,
-        checkpoint_dir=args.checkpoint_dir,
-        **sized,
-    )
+    optin = optin_config(args)
     job = PruneJob(
         optin=optin,
         output=args.output,  # PruneJob checks it: "" is refused, not read as the default name

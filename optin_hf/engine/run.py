@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchAdapter
+from ..arch import ArchAdapter, refusal
 from .resume import FORMAT, LossCheckpoint, fingerprint
 from .distributed import gather, process_state, share
 from .fast import FastRunner
@@ -77,20 +77,17 @@ def chunks(items: list[Candidate], size: int) -> Iterator[list[Candidate]]:
 
 
 def engine_for(model: nn.Module, adapter: ArchAdapter, config) -> str:
-    """The engine that will run: the fast one falls back to the reference for a model it cannot run in pieces."""
-    fast = adapter.feed_forward is not None and adapter.classifier_of(model) is not None
+    """The engine that will run: the fast one falls back to the reference for a family that does not declare it
+    (`Capabilities.fast_engine`) or a task head whose classifier its adapter does not know."""
+    fast = adapter.supports("fast_engine") and adapter.classifier_of(model) is not None
     return "fast" if config.engine == "fast" and fast else "reference"
 
 
 def _runner(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], config):
     if engine_for(model, adapter, config) == "fast":
         return FastRunner(model, adapter, batches, config)
-    if config.engine == "fast" and adapter.feed_forward is None:
-        warnings.warn(
-            f"The {model.config.model_type} adapter gives no layer pieces (feed_forward, finish_attention) for the fast "
-            "engine to start inside a layer, so this run uses the reference engine (one full forward per candidate).",
-            stacklevel=3,
-        )
+    if config.engine == "fast" and not adapter.supports("fast_engine"):
+        warnings.warn(refusal(adapter, "fast_engine", model.config.model_type), stacklevel=3)
     elif config.engine == "fast":
         warnings.warn(
             f"The fast engine does not know how {type(model).__name__} turns hidden states into logits, so this "

@@ -8,9 +8,8 @@ from typing import TypedDict
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from ..arch import get_adapter
 from ..config import checked_type
-from ..macs import count_macs, pair_macs, unit_macs
+from ..macs import CostModel
 from ..reconstruct import RECONSTRUCTION_NAME
 from ..result import PruningResult, pruning_result
 
@@ -39,19 +38,13 @@ class CardMetrics(TypedDict, total=False):
 def _macs(model: nn.Module, result: PruningResult) -> tuple[float, float] | None:
     """(dense, pruned) encoder MACs at the result's sequence length; None when that length is unknown.
 
-    The dense count comes from the masks' full shape: every head and neuron, every layer at all
-    `seq_len` tokens (a token-merged model's dense base runs no schedule and no matching)."""
+    Both come from the slim model's `CostModel`: the dense count has every head and neuron, every
+    layer at all `seq_len` tokens (a token-merged model's dense base runs no schedule and no
+    matching), and the shared attention of layers the slim model emptied."""
     if result.seq_len is None:
         return None
-    config, masks = model.config, result.masks
-    adapter = get_adapter(config)
-    heads, neurons = unit_macs([result.seq_len] * masks.num_layers, adapter, config)
-    head_present, neuron_present = masks.present()  # a narrower layer's padding is no unit
-    dense = adapter.fixed_macs(model) + float((heads * head_present.sum(1)).sum())
-    dense += float((neurons * neuron_present.sum(1)).sum())
-    pairs = pair_macs([result.seq_len] * masks.num_layers, adapter, config)
-    dense += float((pairs * head_present.sum(1) * neuron_present.sum(1)).sum())
-    return dense, count_macs(model, result.seq_len)
+    costs = CostModel.of(model)
+    return costs.dense(result.seq_len), costs.model_macs(result.seq_len)
 
 
 def _metric_range(name: str) -> tuple[float, float] | None:

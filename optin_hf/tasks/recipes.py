@@ -25,6 +25,18 @@ from ..config import OptinConfig
 from .task_data import DataSpec
 from .workflow import PruneJob
 
+# The shipped recipes: optin_hf/recipes links to the repository's top-level recipes/ (setup.cfg packages the files).
+RECIPES_DIR = Path(__file__).parent.parent / "recipes"
+# The recipe that prunes each embedded default (tasks.defaults.DEFAULT_NAMES): `prune --default NAME` takes its
+# settings from that file, their one source.
+DEFAULT_RECIPES = {
+    "bbc-news": "minilm-bbc-news.yaml",
+    "tweet-sentiment": "minilm-tweet-sentiment.yaml",
+    "digits-vit": "vit-digits.yaml",
+    "digits-resnet": "digits-resnet.yaml",
+    "digit-scenes-segformer": "digit-scenes-segformer.yaml",
+}
+
 # The keys that go to PruneJob's fields of the same name as they are; `optin` and `dataset` are sections.
 JOB_KEYS = ("default", "model", "task", "processor", "metric", "output", "device", "push_to_hub", "push_full")
 RECIPE_KEYS = (*JOB_KEYS, "optin", "dataset")
@@ -104,3 +116,10 @@ def load_recipe(path: str | os.PathLike) -> PruneJob:
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {err}") from err
     return parse_recipe(values, str(path))
+
+
+def default_recipe(name: str) -> PruneJob:
+    """The shipped recipe that prunes embedded default `name`."""
+    if name not in DEFAULT_RECIPES:
+        raise ValueError(f"Unknown embedded default {name!r}; choose one of {list(DEFAULT_RECIPES)}.")
+    return load_recipe(RECIPES_DIR / DEFAULT_RECIPES[name])

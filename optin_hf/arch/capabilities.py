@@ -1,0 +1,93 @@
+"""What an adapter declares it supports (`ArchAdapter.capabilities`), and the message that refuses the rest.
+
+The pruner, the scoring engines and the reconstruction never guess a family's features from
+which adapter fields are None: they ask this declaration (`optin_hf.arch.require`), so a
+feature a family lacks is refused up front with one message, which names the model type, the
+feature, the fix and what the family does support.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Repair = Literal["weights", "scales", "batchnorm"]
+Feature = Literal["fast_engine", "weights", "scales", "batchnorm", "tokens", "heads", "neurons"]
+REPAIRS: tuple[Repair, ...] = ("weights", "scales", "batchnorm")
+FEATURES: tuple[Feature, ...] = ("fast_engine", *REPAIRS, "tokens", "heads", "neurons")
+
+_REFIT = (
+    "refits each layer's output projections through the adapter's layer pieces "
+    "(finish_attention, feed_forward, finish_feed_forward)"
+)
+# feature -> (the setting that asks for it, what it does, so what the adapter must give)
+_ASKED_BY: dict[str, tuple[str, str]] = {
+    "fast_engine": ("engine='fast'", "starts inside a layer through the adapter's layer pieces (finish_attention, feed_forward)"),
+    "weights": ("reconstruct='weights'", _REFIT),
+    "scales": ("reconstruct='scales'", _REFIT),
+    "batchnorm": ("reconstruct='batchnorm'", "re-estimates the running means of the BatchNorms after the pruned convs"),
+    "tokens": ("prune_tokens=True", "reduces image tokens by merging a ViT token sequence, its class token(s) kept apart"),
+    "heads": ("prune_heads=True with prune_neurons=False", "prunes heads only"),
+    "neurons": ("prune_neurons=True with prune_heads=False", "prunes neurons only"),
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The optional features of a family. The defaults are those every family has (heads and neurons
+    to prune, the reference engine, `reconstruct="none"`), so a family declares only what it adds or lacks.
+
+    fast_engine: the fast scoring engine may run it (`ArchAdapter.finish_attention` and `feed_forward` given).
+    repairs: the `reconstruct` modes besides "none" it takes: "weights" and "scales" refit the output
+    projections through the three layer pieces (tokens in sequence order, not in Swin's windows);
+    "batchnorm" re-estimates the running means of the BatchNorms after the pruned convs (ResNet).
+    tokens: token mode (`prune_tokens=True`): a ViT token sequence with class token(s) to keep apart.
+    heads, neurons: the kinds of unit its layers have (ConvNeXt has no heads).
+    """
+
+    fast_engine: bool = False
+    repairs: tuple[Repair, ...] = ()
+    tokens: bool = False
+    heads: bool = True
+    neurons: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [mode for mode in self.repairs if mode not in REPAIRS]
+        if unknown:
+            raise ValueError(f"Capabilities(repairs={self.repairs!r}) names {unknown}: the repairs are {list(REPAIRS)}.")
+        if not (self.heads or self.neurons):
+            raise ValueError("Capabilities(heads=False, neurons=False) leaves nothing to prune: declare one kind of unit.")
+
+    def supports(self, feature: Feature) -> bool:
+        if feature not in FEATURES:
+            raise ValueError(f"{feature!r} is not a capability; the capabilities are {list(FEATURES)}.")
+        return feature in self.repairs if feature in REPAIRS else bool(getattr(self, feature))
+
+    def supported(self) -> list[str]:
+        """The declared features, named by the settings that ask for them."""
+        names = ["engine='fast'"] if self.fast_engine else []
+        names += [f"reconstruct={mode!r}" for mode in self.repairs] + ["reconstruct='none'"]
+        names += ["prune_tokens=True"] if self.tokens else []
+        return names + [kind for kind in ("heads", "neurons") if getattr(self, kind)]
+
+    def refusal(self, feature: Feature, model_type: str, supporters: Sequence[str] = ()) -> str:
+        """Why `feature` is refused for `model_type`, with the fix; `supporters`: the model types that declare it."""
+        asked, does = _ASKED_BY[feature]
+        return (
+            f"{asked} {does}, which the {model_type} adapter does not give: {self._fix(feature, model_type, supporters)}. "
+            f"The {model_type} adapter supports: {', '.join(self.supported())}."
+        )
+
+    def _fix(self, feature: Feature, model_type: str, supporters: Sequence[str]) -> str:
+        if feature == "fast_engine":
+            return "this run uses the reference engine (one full forward per candidate)"
+        if feature in REPAIRS:
+            first, *others = [*self.repairs, "none"]
+            alternatives = f" (or {' or '.join(map(repr, others))})" if others else ""
+            return f"prune it with OptinConfig(reconstruct={first!r}){alternatives}"
+        if feature == "tokens":
+            if not supporters:
+                return "set prune_tokens=False (no registered family declares token mode)"
+            return f"it needs a {' or '.join(supporters)} model, not {model_type!r}; or set prune_tokens=False"
+        return "set prune_neurons=True" if feature == "heads" else "set prune_heads=True"

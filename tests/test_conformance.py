@@ -1,0 +1,375 @@
+"""One conformance suite: the same checks on every registered adapter (`optin_hf.arch.ADAPTERS`), on the tiny
+model `tiny.family` builds of its model type.
+
+A family's own test module keeps only what is its own (its unit geometry's numbers, its refusals, its CLI
+run); what every adapter must do is checked here once:
+- geometry: `layer_geometry` agrees with the model's modules (heads, head size, hidden size, FFN width);
+- `count_macs` equals torch's FLOP counter, dense and slim;
+- the slim model computes what the masked dense model computes, and runs the kept units;
+- save and reload: a folder, a full Hub repo and a masks-only one;
+- the fast engine's scores equal the reference engine's (exactly, where the family falls back to it);
+- each repair the family takes lowers its sublayers' error;
+- refusals match the declared capabilities (`ArchAdapter.capabilities`): what a family declares is accepted,
+  what it does not is refused before any scoring, with the one message `optin_hf.arch.refusal` words.
+A family registered with `register_adapter` joins by that registration alone
+(`test_a_registered_family_joins_the_suite`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import create_repo, list_repo_files, upload_folder
+from hub_server import FakeHub
+from tiny import Family, family
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs, register_adapter
+from optin_hf.arch import ADAPTERS, FEATURES, REPAIRS, check_model, get_submodule, refusal
+from optin_hf.arch.base import num_features
+from optin_hf.arch.bert import BERT
+from optin_hf.data import prepare_calibration
+from optin_hf.engine.run import engine_for
+from optin_hf.hooks import apply_masks
+from optin_hf.reconstruct import batch_norms, output_projection, reconstruct
+from optin_hf.slim import slim_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run far faster on one thread
+
+MODEL_TYPES = sorted(ADAPTERS)
+# feature -> the OptinConfig settings that ask for it ("fast_engine" falls back with a warning: `check_fast_scores`)
+ASKS = {
+    **{mode: {"reconstruct": mode} for mode in REPAIRS},
+    "tokens": {"prune_tokens": True},
+    "heads": {"prune_neurons": False},
+    "neurons": {"prune_heads": False},
+}
+assert set(ASKS) | {"fast_engine"} == set(FEATURES)  # a new capability gets its request here
+
+
+def refit_modes(model_type: str) -> list[str]:
+    """The repairs (`OptinConfig.reconstruct` other than "none") the family declares."""
+    return [mode for mode in REPAIRS if ADAPTERS[model_type].supports(mode)]
+
+
+def outputs(model: nn.Module, tiny: Family) -> list[torch.Tensor]:
+    """Every tensor of the model's output on the family's inputs (Mask2Former's class and mask logits, and the rest)."""
+    with torch.no_grad():
+        out = model(**tiny.inputs)
+    return [value for value in out.values() if isinstance(value, torch.Tensor)]
+
+
+def parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def random_masks(model: nn.Module, seed: int = 0) -> PruningMasks:
+    """About half of the present units; layer 0 keeps no head and the last layer no neuron, every other layer
+    keeps its first head and neuron."""
+    full = PruningMasks.full(model.config)
+    present_heads, present_neurons = full.present()
+    g = torch.Generator().manual_seed(seed)
+    heads = (torch.rand(full.head_mask.shape, generator=g) > 0.4) & present_heads
+    neurons = (torch.rand(full.neuron_mask.shape, generator=g) > 0.5) & present_neurons
+    heads[1:, :1] = present_heads[1:, :1]
+    neurons[:-1, :1] = present_neurons[:-1, :1]
+    heads[0], neurons[-1] = False, False
+    return dataclasses.replace(full, head_mask=heads, neuron_mask=neurons)
+
+
+def features(module: nn.Module, side: str) -> int:
+    """Output or input features of a projection: a Linear's or Conv1D's, or a conv's channels."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return num_features(module, side)
+    return module.out_channels if side == "out" else module.in_channels
+
+
+def check_geometry(model_type: str) -> None:
+    tiny = family(model_type)
+    model = tiny.build()
+    adapter = check_model(model)
+    geometry, layers = adapter.layer_geometry(model.config), adapter.layers_of(model)
+    assert len(layers) == len(geometry)
+    for layer, g in zip(layers, geometry, strict=True):
+        down = get_submodule(layer, adapter.ffn_down)
+        assert (features(down, "in"), features(down, "out")) == (g.neurons, g.hidden)
+        assert adapter.kept_neurons(layer) == g.neurons and adapter.kept_heads(layer, model.config) == g.heads
+        if g.heads:
+            assert adapter.layer_head_dim(layer, model.config) == g.head_dim
+            assert features(get_submodule(layer, adapter.attn_out), "in") == g.heads * g.head_dim
+    full = PruningMasks.full(model.config)
+    assert full.heads_per_layer() == [g.heads for g in geometry]
+    assert full.neurons_per_layer() == [g.neurons for g in geometry]
+    # the declared kinds of unit are the ones its layers have
+    assert adapter.supports("heads") == any(g.heads for g in geometry)
+    assert adapter.supports("neurons") == any(g.neurons for g in geometry)
+
+
+def check_macs(model_type: str) -> None:
+    tiny = family(model_type)
+    model = tiny.build()
+    assert count_macs(model, tiny.seq_len) == tiny.torch_macs(model)
+    slim_model(model, random_masks(model))
+    assert count_macs(model, tiny.seq_len) == tiny.torch_macs(model)
+
+
+def check_slim_equals_masked(model_type: str) -> None:
+    tiny = family(model_type)
+    model = tiny.build()
+    adapter, masks = check_model(model), random_masks(model)
+    dense = outputs(model, tiny)
+    with apply_masks(model, adapter, masks.head_mask.float(), masks.neuron_mask.float()):
+        masked = outputs(model, tiny)
+    assert max(float((a - b).abs().max()) for a, b in zip(masked, dense, strict=True)) > 1e-3  # the masks matter
+    slim_model(model, masks)
+    for slim, expected in zip(outputs(model, tiny), masked, strict=True):
+        assert (slim - expected).abs().max() < 1e-4
+    layers = adapter.layers_of(model)
+    assert [adapter.kept_heads(layer, model.config) for layer in layers] == masks.heads_per_layer()
+    assert [adapter.kept_neurons(layer) for layer in layers] == masks.neurons_per_layer()
+    assert model.config.optin["heads_per_layer"] == masks.heads_per_layer()
+    assert parameters(model) < parameters(tiny.build())
+
+
+def check_save_and_reload(model_type: str, tmp_path: Path) -> None:
+    """A folder, and on the (fake) Hub a full repo and a masks-only one naming its base: each loads the slim model."""
+    tiny = family(model_type)
+    dense = tiny.build()
+    dense.save_pretrained(tmp_path / "base")
+    base_id = create_repo(f"tiny-{model_type}").repo_id
+    upload_folder(repo_id=base_id, folder_path=tmp_path / "base")
+    model = type(dense).from_pretrained(base_id).eval()  # name_or_path is the repo id: masks-only can name its base
+    tiny.eager(model)
+    pruner = OptinPruner(OptinConfig(**{**tiny.settings, "importance": "magnitude"}))
+    pruner.prune_model(model, tiny.examples(4, 1))
+    expected, slim_size = outputs(model, tiny), parameters(model)
+    assert slim_size < parameters(dense)
+
+    pruner.save(model, tmp_path / "slim")
+    masks_repo = pruner.push_to_hub(model, f"tiny-{model_type}-optin").repo_url.repo_id
+    full_repo = pruner.push_to_hub(model, f"tiny-{model_type}-optin-full", masks_only=False).repo_url.repo_id
+    assert not [file for file in list_repo_files(masks_repo) if file.startswith("model")]
+    assert "model.safetensors" in list_repo_files(full_repo)
+    for source in (tmp_path / "slim", masks_repo, full_repo):
+        loaded = AutoOptinModel.from_pretrained(source)
+        tiny.eager(loaded)
+        assert type(loaded) is type(model) and loaded.config.optin == model.config.optin, source
+        assert parameters(loaded) == slim_size
+        for got, want in zip(outputs(loaded, tiny), expected, strict=True):
+            assert torch.equal(got, want), source
+    assert PruningMasks.load(tmp_path / "slim" / "optin_masks.safetensors").heads_per_layer() == pruner.masks.heads_per_layer()
+
+
+def check_fast_scores(model_type: str) -> None:
+    """The fast engine's scores are the reference engine's: to float rounding where the adapter gives its pieces,
+    exactly where it falls back to the reference engine."""
+    tiny = family(model_type)
+    model, data = tiny.build(), tiny.examples(4, 1)
+    adapter = check_model(model)
+    fast = adapter.supports("fast_engine")
+    assert engine_for(model, adapter, OptinConfig(engine="fast")) == ("fast" if fast else "reference")
+    score = lambda engine: OptinPruner(  # noqa: E731
+        OptinConfig(**{**tiny.settings, "importance": "optin", "engine": engine})
+    ).compute_scores(model, data)
+    scores = {"reference": score("reference")}
+    refused = re.escape(refusal(adapter, "fast_engine", model_type))
+    with nullcontext() if fast else pytest.warns(UserWarning, match=f"^{refused}$"):
+        scores["fast"] = score("fast")
+    if fast:
+        for name in ("head_scores", "neuron_scores"):
+            torch.testing.assert_close(getattr(scores["fast"], name), getattr(scores["reference"], name), rtol=1e-4, atol=0)
+    else:
+        assert torch.equal(scores["fast"].head_scores, scores["reference"].head_scores)
+        assert torch.equal(scores["fast"].neuron_scores, scores["reference"].neuron_scores)
+
+
+def sublayer_errors(model: nn.Module, dense: nn.Module, data: list[dict], original: dict) -> dict:
+    """(layer, sublayer) -> (error with the refit projection, error with `original`'s) on the real tokens,
+    measured from plain forwards: each sublayer's input and residual come from `model` (refit below it),
+    its target is the dense sum."""
+    adapter = check_model(model)
+    seen: dict = {}
+    handles = []
+
+    def tap(key):
+        def hook(module, args, output=None):
+            seen[key] = args[0] if output is None else (output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    for tag, net in (("p", model), ("d", dense)):
+        for i, layer in enumerate(adapter.layers_of(net)):
+            handles.append(layer.register_forward_pre_hook(tap((tag, i, "r_attn"))))
+            handles.append(get_submodule(layer, adapter.ffn_input).register_forward_pre_hook(tap((tag, i, "r_ffn"))))
+            for sub in ("attn_out", "ffn_down"):
+                proj = output_projection(adapter, layer, sub)
+                handles.append(proj.register_forward_pre_hook(tap((tag, i, sub, "x"))))
+                handles.append(proj.register_forward_hook(tap((tag, i, sub, "y"))))
+    errors = {}
+    try:
+        with torch.no_grad():
+            for b in data:
+                model(**b), dense(**b)
+                real = b["attention_mask"].bool() if "attention_mask" in b else torch.ones(b["pixel_values"].shape[0], 1, dtype=torch.bool)
+                for i in range(len(adapter.layers_of(model))):
+                    for sub, r in (("attn_out", "r_attn"), ("ffn_down", "r_ffn")):
+                        target = seen[("d", i, sub, "y")] + seen[("d", i, r)] - seen[("p", i, r)]
+                        x = seen[("p", i, sub, "x")]
+                        proj = original[(i, sub)]
+                        for k, y in enumerate((seen[("p", i, sub, "y")], nn.functional.linear(x, proj.weight, proj.bias))):
+                            err = (y - target).pow(2).sum(-1).double()
+                            errors.setdefault((i, sub), [0.0, 0.0])[k] += float(err[real.expand_as(err)].sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return errors
+
+
+def batchnorm_errors(model: nn.Module, data: list[dict]) -> list[float]:
+    """Per layer: how far its BatchNorms' running means are from the mean of what they receive on `data`."""
+    adapter = check_model(model)
+    seen: dict = {}
+    handles = [
+        norm.register_forward_pre_hook(lambda m, a, key=(i, name): seen.setdefault(key, []).append(a[0]))
+        for i, layer in enumerate(adapter.layers_of(model)) for name, norm in batch_norms(layer)
+    ]
+    try:
+        with torch.no_grad():
+            for b in data:
+                model(**b)
+    finally:
+        for h in handles:
+            h.remove()
+    errors = [0.0] * len(adapter.layers_of(model))
+    for i, layer in enumerate(adapter.layers_of(model)):
+        for name, norm in batch_norms(layer):
+            mean = torch.cat(seen[i, name]).double().mean(dim=(0, 2, 3))
+            errors[i] += float((norm.running_mean.double() - mean).pow(2).sum())
+    return errors
+
+
+def check_refit(model_type: str, mode: str) -> None:
+    """Each sublayer the repair touches ends closer to the dense model than the plain slim model is."""
+    tiny = family(model_type)
+    dense = tiny.build()
+    masks = random_masks(dense)
+    data = prepare_calibration(tiny.examples(16, 1), num_samples=16, batch_size=8, max_length=64)
+    model, plain = slim_model(copy.deepcopy(dense), masks), slim_model(copy.deepcopy(dense), masks)
+    adapter = check_model(model)
+    if mode == "batchnorm":
+        before = batchnorm_errors(plain, data)
+        reconstruct(model, dense, data, mode)
+        after = batchnorm_errors(model, data)
+        lost = [h < g.heads or n < g.neurons for h, n, g in
+                zip(masks.heads_per_layer(), masks.neurons_per_layer(), adapter.layer_geometry(model.config), strict=True)]
+        assert any(lost)
+        for i, (a, b) in enumerate(zip(after, before, strict=True)):
+            assert (a < b) if lost[i] else (a == b), (i, a, b)
+        return
+    original = {
+        (i, sub): copy.deepcopy(output_projection(adapter, layer, sub))
+        for i, layer in enumerate(adapter.layers_of(model)) for sub in ("attn_out", "ffn_down")
+    }
+    result = reconstruct(model, dense, data, mode)
+    errors = sublayer_errors(model, dense, data, original)
+    kept = {"attn_out": masks.heads_per_layer(), "ffn_down": masks.neurons_per_layer()}
+    for (i, sub), (after, before) in errors.items():
+        if kept[sub][i] or mode == "weights":
+            assert after < before, (i, sub, after, before)
+        else:  # scales of no column: only a refit bias could move it
+            assert after == pytest.approx(before, rel=1e-9), (i, sub, after, before)
+    # The refit's own bookkeeping (from the normal equations) agrees with the plain forwards.
+    for i, sub, before, after in result.errors:
+        assert after == pytest.approx(errors[(i, sub)][0], rel=1e-3)
+        assert before == pytest.approx(errors[(i, sub)][1], rel=1e-3)
+
+
+def check_refusals(model_type: str) -> None:
+    """Each feature the family declares is accepted: `prune_model` runs with the settings that ask for it. Each
+    one it does not is refused before any scoring, by the one message naming the model type, the setting and
+    what the family supports."""
+    tiny = family(model_type)
+    adapter = ADAPTERS[model_type]
+    for feature, settings in ASKS.items():
+        # a budget every kind alone can reach; "random" scores tokens too
+        config = OptinConfig(**{**tiny.settings, "importance": "random", "mac_constraint": 0.95, **settings})
+        pruner, model = OptinPruner(config), tiny.build()
+        if adapter.supports(feature):
+            pruner.prune_model(model, tiny.examples(4, 1))
+            assert pruner.masks is not None, feature
+            continue
+        with pytest.raises(ValueError) as refused:
+            pruner.prune_model(model, tiny.examples(4, 1))
+        message = str(refused.value)
+        assert message == refusal(adapter, feature, model_type), feature
+        asked = next(iter(settings.items()))
+        assert f"{asked[0]}={asked[1]!r}" in message and f"the {model_type} adapter does not give" in message
+        assert f"The {model_type} adapter supports: " in message
+        assert pruner.scores is None and pruner.masks is None, feature  # refused up front
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_geometry_agrees_with_the_modules(model_type):
+    check_geometry(model_type)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_count_macs_equals_the_flop_counter_dense_and_slim(model_type):
+    check_macs(model_type)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_slim_equals_masked(model_type):
+    check_slim_equals_masked(model_type)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_save_and_reload_from_a_folder_and_the_hub(model_type, hub_server: FakeHub, tmp_path: Path):
+    check_save_and_reload(model_type, tmp_path)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_fast_scores_equal_reference_scores(model_type):
+    check_fast_scores(model_type)
+
+
+@pytest.mark.parametrize(("model_type", "mode"), [(t, m) for t in MODEL_TYPES for m in refit_modes(t)])
+def test_each_refit_lowers_its_sublayers_error(model_type, mode):
+    check_refit(model_type, mode)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_refusals_match_the_declared_capabilities(model_type):
+    check_refusals(model_type)
+
+
+def test_the_suite_covers_every_supported_family():
+    """The ten families optin-hf ships are registered, so the parametrized checks above run on each of them."""
+    expected = {"bert", "roberta", "distilbert", "vit", "deit", "swin", "resnet", "convnext", "segformer", "mask2former"}
+    assert expected <= set(MODEL_TYPES)
+
+
+def test_a_registered_family_joins_the_suite(hub_server: FakeHub, tmp_path: Path):
+    """ELECTRA, laid out as BERT, registered in this test and nowhere else: every check runs on it."""
+    classifiers = {"ElectraForSequenceClassification": lambda model, hidden: model.classifier(hidden)}
+    register_adapter(dataclasses.replace(BERT, model_types=("electra",), classifiers=classifiers))
+    try:
+        check_geometry("electra")
+        check_macs("electra")
+        check_slim_equals_masked("electra")
+        check_save_and_reload("electra", tmp_path)
+        check_fast_scores("electra")
+        modes = refit_modes("electra")
+        assert modes == ["weights", "scales"]
+        for mode in modes:
+            check_refit("electra", mode)
+        check_refusals("electra")
+    finally:  # the registry is one dict every module reads: the next test sees the shipped families only
+        del ADAPTERS["electra"]
