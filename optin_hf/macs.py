@@ -117,7 +117,7 @@ class CostModel:
     @property
     def units(self) -> PruningMasks:
         """Every head and neuron of the dense model."""
-        return PruningMasks.full(self.config)
+        return PruningMasks.full(self.config, self.adapter)
 
     def at(self, schedule: Sequence[float]) -> MacCosts:
         """The costs when layer i holds schedule[i] tokens (token matching between layers included)."""

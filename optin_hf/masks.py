@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .arch import get_adapter
+from .arch import ArchAdapter, get_adapter
 
 MASKS_NAME = "optin_masks.safetensors"
 
@@ -125,9 +125,10 @@ class PruningMasks:
         return replace(self, head_mask=head_mask, neuron_mask=neuron_mask, token_schedule=token_schedule)
 
     @classmethod
-    def full(cls, config) -> "PruningMasks":
-        """Masks that keep everything of a dense model with this config (with layer counts where layers differ)."""
-        geometry = get_adapter(config).layer_geometry(config)
+    def full(cls, config, adapter: ArchAdapter | None = None) -> "PruningMasks":
+        """Masks that keep everything of a dense model with this config (with layer counts where layers differ);
+        `adapter` is the config's adapter where the caller has it."""
+        geometry = (adapter or get_adapter(config)).layer_geometry(config)
         layers = len(geometry)
         counts = {}
         for kind, per_layer in (("head", [g.heads for g in geometry]), ("neuron", [g.neurons for g in geometry])):
@@ -140,9 +141,10 @@ class PruningMasks:
             neuron_counts=counts["neuron"],
         )
 
-    def check_fits(self, config) -> None:
-        """Raise if these masks were not made for a dense model with this config."""
-        expected = PruningMasks.full(config)
+    def check_fits(self, config, adapter: ArchAdapter | None = None) -> None:
+        """Raise if these masks were not made for a dense model with this config (of `adapter`, where known)."""
+        adapter = adapter or get_adapter(config)
+        expected = PruningMasks.full(config, adapter)
         if self.head_mask.shape != expected.head_mask.shape or self.neuron_mask.shape != expected.neuron_mask.shape:
             raise ValueError(
                 f"Masks do not fit this model: head_mask {tuple(self.head_mask.shape)} and neuron_mask "
@@ -156,7 +158,6 @@ class PruningMasks:
                     f"made for {mine.sum(1).tolist()}. Were they computed for another base model?"
                 )
         if self.token_schedule is not None:
-            adapter = get_adapter(config)
             tokens, prefix = adapter.default_seq_len(config), adapter.num_prefix_tokens
             if tokens is None:
                 raise ValueError(f"A token schedule needs a vision model (vit, deit), not {config.model_type!r}.")

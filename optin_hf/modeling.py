@@ -49,12 +49,8 @@ def build_slim(config: PretrainedConfig, masks: PruningMasks) -> nn.Module:
     """The slim model that `masks` give, its parameters on the meta device (buffers are real): no dense model is
     ever allocated. Load weights into it with `checkpoint.load_weights`."""
     masks.check_fits(config)
-    reconstructed = (getattr(config, "optin", None) or {}).get("reconstruct")
     with init_empty_weights():
-        model = slim_model(model_class(config)(config), masks)
-    if reconstructed:  # the saved weights are the refit ones; say so as the pruned model did
-        model.config.optin["reconstruct"] = reconstructed
-    return model
+        return slim_model(model_class(config)(config), masks)
 
 
 def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -170,7 +166,6 @@ def _load_from_base(
                 f"{RECONSTRUCTION_NAME}: re-upload it, or share the full slim checkpoint (masks_only=False)."
             )
         load_reconstruction(model, folder / RECONSTRUCTION_NAME)
-        model.config.optin["reconstruct"] = optin.reconstruct
     return model
 
 

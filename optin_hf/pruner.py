@@ -52,30 +52,40 @@ class OptinPruner:
         self.seq_len: float | None = self.config.seq_len
         self.timings: dict[str, float] = {}
 
-    def _batches(self, model: nn.Module, data: Any, tokenizer, labels: bool = False) -> list[dict[str, torch.Tensor]]:
+    def _batches(
+        self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer, labels: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
         c = self.config
         batches = prepare_calibration(
             data, tokenizer, num_samples=c.num_samples, batch_size=c.batch_size, max_length=c.max_length, labels=labels,
             config=model.config,
         )
-        check_inputs(batches, check_model(model).is_vision, model.config.model_type)
+        check_inputs(batches, adapter.is_vision, model.config.model_type)
         if self.config.seq_len is None:
-            self.seq_len = average_length(batches) or check_model(model).default_seq_len(model.config)
+            self.seq_len = average_length(batches) or adapter.default_seq_len(model.config)
         return batches
 
-    def _reconstruction_batches(self, model: nn.Module, data: Any, tokenizer) -> list[dict[str, torch.Tensor]]:
+    def _reconstruction_batches(
+        self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer
+    ) -> list[dict[str, torch.Tensor]]:
         """The first `reconstruct_samples` examples of `data` (those scoring reads are among them)."""
         c = self.config
         batches = prepare_calibration(
             data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length, config=model.config
         )
-        check_inputs(batches, check_model(model).is_vision, model.config.model_type)
+        check_inputs(batches, adapter.is_vision, model.config.model_type)
         return batches
 
     def _check_model(self, model: nn.Module, repair: bool = False) -> ArchAdapter:
         """The adapter of a dense model that this config can prune (and, with `repair`, reconstruct): what
-        the config asks for and the adapter does not declare is refused here, before any scoring."""
+        the config asks for and the adapter does not declare is refused here, before any scoring. The entry
+        points look the adapter up here, once, and hand it to everything they call."""
         adapter = check_model(model)
+        self._refuse(model, adapter, repair)
+        return adapter
+
+    def _refuse(self, model: nn.Module, adapter: ArchAdapter, repair: bool) -> None:
+        """Raise if `model` is already pruned or this config asks for what `adapter` does not declare."""
         if getattr(model.config, "optin", None):
             raise ValueError("This model is already pruned (config.optin is set); prune the dense base model instead.")
         c, model_type = self.config, model.config.model_type
@@ -92,7 +102,6 @@ class OptinPruner:
                 f"prune_tokens=True needs token scores, and importance={c.importance!r} gives none: use "
                 f"importance={' or '.join(map(repr, scoring))} (the criteria that score tokens), or prune_tokens=False."
             )
-        return adapter
 
     def _check_budget(self, costs: CostModel, mac_constraint: float) -> None:
         """Refuse a `mac_constraint` below the fewest MACs pruning can leave, before any scoring (the search
@@ -139,11 +148,14 @@ class OptinPruner:
         how long it should take. Under `max_scoring_time`, `config` then holds the settings the
         budget picked (and `max_scoring_time=None`), which `save` writes.
         """
-        adapter = self._check_model(model)
+        return self._scores(model, self._check_model(model), data, tokenizer)
+
+    def _scores(self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer) -> ImportanceScores:
+        """`compute_scores` of a model whose adapter the caller checked."""
         data = replayable(data)  # the plan may read it again
         criterion = criterion_from_config(self.config)
         labels = getattr(criterion, "needs_labels", False)
-        batches = self._batches(model, data, tokenizer, labels=labels)
+        batches = self._batches(model, adapter, data, tokenizer, labels=labels)
         was_training = model.training
         model.eval()
         try:
@@ -152,7 +164,7 @@ class OptinPruner:
                 with torch.no_grad():
                     units = criterion.masked_units(model, adapter, self.config)
                     if self._plan_scoring(model, adapter, units, batches):
-                        batches = self._batches(model, data, tokenizer, labels=labels)
+                        batches = self._batches(model, adapter, data, tokenizer, labels=labels)
                 criterion = criterion_from_config(self.config)  # with the neuron grouping the plan picked
             start = time.perf_counter()
             with torch.set_grad_enabled(getattr(criterion, "needs_grad", False)):
@@ -194,50 +206,56 @@ class OptinPruner:
 
         With `prune_steps > 1` and no scores yet, the cut is made in steps with a reconstruction
         and a re-scoring between them (`_masks_in_steps`)."""
-        self._check_model(model)
+        return self._masks(model, self._check_model(model), data, scores, tokenizer)
+
+    def _masks(
+        self, model: nn.Module, adapter: ArchAdapter, data: Any, scores: ImportanceScores | None, tokenizer
+    ) -> PruningMasks:
+        """`compute_masks` of a model whose adapter the caller checked."""
         data = replayable(data)  # each step reads it again
         if scores is None and self.scores is None and self.config.prune_steps > 1:
-            return self._masks_in_steps(model, data, tokenizer)
+            return self._masks_in_steps(model, adapter, data, tokenizer)
         if scores is None and self.scores is None:
-            scores = self.compute_scores(model, data, tokenizer)
+            scores = self._scores(model, adapter, data, tokenizer)
         elif scores is None:
             scores = self.scores
         elif data is not None and self.config.seq_len is None:
-            self._batches(model, data, tokenizer)
-        self.masks = self._allocate(model, scores, self.config.mac_constraint)
+            self._batches(model, adapter, data, tokenizer)
+        self.masks = self._allocate(model, adapter, scores, self.config.mac_constraint)
         return self.masks
 
-    def _masks_in_steps(self, model: nn.Module, data: Any, tokenizer) -> PruningMasks:
+    def _masks_in_steps(self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer) -> PruningMasks:
         """Remove 1/k of the MAC cut, reconstruct, re-score what is left on the repaired model; k times."""
         c = self.config
         if data is None:
             raise ValueError(f"prune_steps={c.prune_steps} scores and reconstructs on calibration data: pass data.")
-        self._check_model(model, repair=True)
-        batches = self._reconstruction_batches(model, data, tokenizer)
+        self._refuse(model, adapter, repair=True)
+        batches = self._reconstruction_batches(model, adapter, data, tokenizer)
         current, masks, scoring_s = model, None, 0.0
         try:
             for step in range(1, c.prune_steps + 1):
                 if c.checkpoint_dir is not None:  # each step scores another (repaired) model: its losses resume apart
                     self.config = dataclasses.replace(self.config, checkpoint_dir=os.path.join(c.checkpoint_dir, f"step{step}"))
-                scores = self.compute_scores(current, data, tokenizer)
+                scores = self._scores(current, adapter, data, tokenizer)
                 scoring_s += self.timings["scoring_s"]
                 if masks is not None:
                     scores = scores.ranking_last(~masks.head_mask, ~masks.neuron_mask)
-                masks = self._allocate(model, scores, 1 - (1 - c.mac_constraint) * step / c.prune_steps)
+                masks = self._allocate(model, adapter, scores, 1 - (1 - c.mac_constraint) * step / c.prune_steps)
                 if step < c.prune_steps:
-                    work = slim_model(copy.deepcopy(model), masks)
-                    reconstruct(work, model, batches, c.reconstruct, c.reconstruct_ridge)
-                    current = unslim(work, model, masks)
+                    work = slim_model(copy.deepcopy(model), masks, adapter)
+                    reconstruct(work, model, batches, c.reconstruct, c.reconstruct_ridge, adapter)
+                    current = unslim(work, model, masks, adapter)
         finally:
             self.config = dataclasses.replace(self.config, checkpoint_dir=c.checkpoint_dir)  # as given, for the saved config
         self.timings["scoring_s"], self.scores, self.masks = scoring_s, scores, masks
         return masks
 
-    def _allocate(self, model: nn.Module, scores: ImportanceScores, mac_constraint: float) -> PruningMasks:
+    def _allocate(
+        self, model: nn.Module, adapter: ArchAdapter, scores: ImportanceScores, mac_constraint: float
+    ) -> PruningMasks:
         """The masks that keep `mac_constraint` of the dense `model`'s MACs by `scores`."""
-        adapter = check_model(model)
         costs = CostModel.of(model, adapter)
-        scores.check_fits(model.config)
+        scores.check_fits(model.config, adapter)
         self.scores = scores
         if self.seq_len is None:
             self.seq_len = adapter.default_seq_len(model.config)
@@ -268,27 +286,26 @@ class OptinPruner:
         reconstruct it on `data` unless `reconstruct="none"`. The slim model carries its result
         (`optin_hf.result.pruning_result`), so it can be saved or pushed without this pruner."""
         c = self.config
-        self._check_model(model, repair=True)
+        adapter = self._check_model(model, repair=True)
         data = replayable(data)  # read for the refit, then for scoring
         if masks is not None:
             check_masks(masks, "prune_model")
-            masks.check_fits(model.config)
+            masks.check_fits(model.config, adapter)
         if c.reconstruct != "none" and data is None:
             raise ValueError(
                 f"reconstruct={c.reconstruct!r} refits the slim model on calibration data, and none was given: pass "
                 "data (e.g. the examples you score on), or set OptinConfig(reconstruct='none') to slim only."
             )
         # Read before scoring, so that a bad example among them fails fast and never after slimming.
-        batches = self._reconstruction_batches(model, data, tokenizer) if c.reconstruct != "none" else None
+        batches = self._reconstruction_batches(model, adapter, data, tokenizer) if c.reconstruct != "none" else None
         if masks is None:
-            masks = self.compute_masks(model, data, tokenizer=tokenizer)
+            masks = self._masks(model, adapter, data, None, tokenizer)
         self.masks = masks
         dense = copy.deepcopy(model) if batches is not None else None
-        slim_model(model, masks)
+        slim_model(model, masks, adapter)
         if dense is not None:
             start = time.perf_counter()
-            self.reconstruction = reconstruct(model, dense, batches, c.reconstruct, c.reconstruct_ridge)
-            model.config.optin["reconstruct"] = c.reconstruct
+            self.reconstruction = reconstruct(model, dense, batches, c.reconstruct, c.reconstruct_ridge, adapter)
             self.timings["reconstruction_s"] = time.perf_counter() - start
         attach_result(model, result_of_pruning(model, self.config, masks, self.seq_len, self.reconstruction))
         return model

@@ -271,22 +271,23 @@ def batch_norms(layer: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batch
     return [(name, m) for name, m in layer.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def batchnorm_means(model: nn.Module) -> dict[str, torch.Tensor]:
+def batchnorm_means(model: nn.Module, adapter: ArchAdapter | None = None) -> dict[str, torch.Tensor]:
     """Every layer's BatchNorm running means, keyed as a "batchnorm" reconstruction keys them."""
     return {
         f"layers.{i}.{name}.{RUNNING_MEAN}": norm.running_mean.detach().cpu().clone()
-        for i, layer in enumerate(check_model(model).layers_of(model))
+        for i, layer in enumerate((adapter or check_model(model)).layers_of(model))
         for name, norm in batch_norms(layer)
     }
 
 
-def _recentre_batchnorms(model: nn.Module, dense: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Reconstruction:
+def _recentre_batchnorms(
+    model: nn.Module, dense: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]]
+) -> Reconstruction:
     """Re-estimate the running means of the slim `model`'s BatchNorms (see the module docstring).
 
     Errors per BatchNorm: Σ over positions of the squared offset of its normalized input's mean
     (n · Σ_c (μ_c - running_mean_c)² / (running_var_c + eps)) before, and after (0: the mean is exact).
     """
-    adapter = check_model(model)
     config = model.config
     layers, dense_layers = adapter.layers_of(model), adapter.layers_of(dense)
     changed = [
@@ -330,23 +331,24 @@ def reconstruct(
     batches: list[dict[str, torch.Tensor]],
     mode: str = "weights",
     ridge: float = 1e-3,
+    adapter: ArchAdapter | None = None,
 ) -> Reconstruction:
     """Refit the slim `model`'s output projections, in place, to rebuild `dense`'s sums on `batches`.
 
     `dense` is the model before slimming (the same weights and task head); `batches` are padded
     calibration batches (see `data.prepare_calibration`). `mode="batchnorm"` re-estimates the
-    BatchNorm running means instead (CNNs).
+    BatchNorm running means instead (CNNs). `adapter` is the model's adapter where the caller has it.
     """
     if mode not in REPAIRS:
         raise ValueError(f"reconstruct={mode!r} is not a repair; choose one of {list(REPAIRS)}.")
-    adapter = check_model(model)
+    adapter = adapter or check_model(model)
     require(adapter, mode, model.config.model_type)  # a refit runs the layer pieces, "batchnorm" needs BatchNorms
     if mode == "batchnorm":
         was_training = (model.training, dense.training)
         model.eval()
         dense.eval()
         try:
-            return _recentre_batchnorms(model, dense, batches)
+            return _recentre_batchnorms(model, dense, adapter, batches)
         finally:
             model.train(was_training[0])
             dense.train(was_training[1])
@@ -405,9 +407,8 @@ def load_reconstruction(model: nn.Module, path: str | os.PathLike) -> None:
     apply_reconstruction(model, load_safetensors(path, "reconstruction"), str(path))
 
 
-def _destination(model: nn.Module, key: str) -> tuple[nn.Module, str, tuple[int, ...]] | None:
+def _destination(model: nn.Module, adapter: ArchAdapter, key: str) -> tuple[nn.Module, str, tuple[int, ...]] | None:
     """Where a reconstruction tensor goes: (module, attribute, the shape it must have); None if nowhere."""
-    adapter = check_model(model)
     layers = adapter.layers_of(model)
     parts = key.split(".")
     if len(parts) < 4 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(layers):
@@ -428,8 +429,9 @@ def _destination(model: nn.Module, key: str) -> tuple[nn.Module, str, tuple[int,
 @torch.no_grad()
 def apply_reconstruction(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the reconstruction") -> None:
     """Set the refit weights (or multiply in the scales, or set the BatchNorm means) that `Reconstruction.tensors` holds."""
+    adapter = check_model(model)
     for key, value in sorted(tensors.items()):
-        destination = _destination(model, key)
+        destination = _destination(model, adapter, key)
         if destination is None:
             raise ValueError(f"{source} holds {key!r}, which is not a reconstruction tensor of this model.")
         module, name, expected = destination
@@ -448,13 +450,14 @@ def apply_reconstruction(model: nn.Module, tensors: dict[str, torch.Tensor], sou
 
 
 @torch.no_grad()
-def unslim(model: nn.Module, dense: nn.Module, masks: PruningMasks) -> nn.Module:
+def unslim(model: nn.Module, dense: nn.Module, masks: PruningMasks, adapter: ArchAdapter | None = None) -> nn.Module:
     """A copy of `dense` that computes what the slim, reconstructed `model` computes.
 
     The removed units' columns of each output projection are zero and the kept ones carry the
     refit weights, so the scoring engine, which runs dense shapes, can score the repaired model.
+    `adapter` is the model's adapter where the caller has it.
     """
-    adapter = check_model(model)
+    adapter = adapter or check_model(model)
     head_dim = adapter.head_dim(model.config)
     copy_ = copy.deepcopy(dense)
     for i, (slim_layer, layer) in enumerate(zip(adapter.layers_of(model), adapter.layers_of(copy_))):

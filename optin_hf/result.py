@@ -3,7 +3,8 @@
 As optimum's GPTQ records `quantization_config` on the model it quantized, a model slimmed by
 `OptinPruner.prune_model` (or loaded by `AutoOptinModel.from_pretrained`) carries its result, so
 saving, pushing and the model card take the model alone and never need the pruner. `config.json`
-keeps recording the per-layer counts (`model.config.optin`); the tensors live on the model object.
+keeps recording the per-layer counts and the repair (`model.config.optin`), derived from the result
+by `record_optin` alone; the tensors live on the model object.
 """
 
 from __future__ import annotations
@@ -42,9 +43,21 @@ class PruningResult:
         return self.config.seq_len
 
 
+def record_optin(config, masks: PruningMasks, reconstruct: str = "none") -> None:
+    """Write `config.optin`, what config.json says of a slim model: its per-layer counts, its token schedule
+    and its repair. The one writer of it, so that the copy in config.json never drifts from the result."""
+    config.optin = {"heads_per_layer": masks.heads_per_layer(), "neurons_per_layer": masks.neurons_per_layer()}
+    if masks.token_schedule is not None:
+        config.optin["token_schedule"] = masks.tokens_per_layer()
+    if reconstruct != "none":  # the saved weights are the refit ones
+        config.optin["reconstruct"] = reconstruct
+
+
 def attach_result(model: nn.Module, result: PruningResult) -> None:
-    """Record `result` on the slim `model` (a plain attribute: deepcopy carries it, state_dict does not)."""
+    """Record `result` on the slim `model` (a plain attribute: deepcopy carries it, state_dict does not), and
+    derive `model.config.optin` from it."""
     setattr(model, RESULT_ATTRIBUTE, result)
+    record_optin(model.config, result.masks, result.config.reconstruct)
 
 
 def pruning_result(model: nn.Module) -> PruningResult:

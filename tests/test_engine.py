@@ -304,7 +304,7 @@ def test_neuron_groups_score_each_group_removed_together():
     ref = OptinPruner(OptinConfig(**{**config.to_dict(), "engine": "reference"})).compute_scores(model, data).neuron_scores
     assert torch.allclose(fast, ref, rtol=1e-4)
     adapter = get_adapter(model)
-    batches = OptinPruner(config)._batches(model, data, None)
+    batches = OptinPruner(config)._batches(model, adapter, data, None)
     order = neuron_energy_order(model, adapter, batches)  # groups are 16 neurons of like output energy
     assert torch.equal(order[0].sort().values, torch.arange(48)) and not torch.equal(order[0], torch.arange(48))
     assert torch.equal(fast[0, order[0, 0]], fast[0, order[0, 15]]) and not torch.equal(fast[0, order[0, 15]], fast[0, order[0, 16]])
@@ -331,7 +331,7 @@ def test_a_last_partial_neuron_group_is_scored_and_shared_by_its_own_neurons():
     ref = OptinPruner(OptinConfig(**{**config.to_dict(), "engine": "reference"})).compute_scores(model, data).neuron_scores
     assert fast.shape == (3, 48) and fast.is_contiguous() and torch.allclose(fast, ref, rtol=1e-4)
     pruner = OptinPruner(config)
-    batches = pruner._batches(model, data, None)
+    batches = pruner._batches(model, get_adapter(model), data, None)
     order = neuron_energy_order(model, get_adapter(model), batches)
     by_place = fast.gather(1, order)
     assert torch.equal(by_place[:, 40], by_place[:, 47]) and not torch.equal(by_place[:, 39], by_place[:, 40])

@@ -256,3 +256,18 @@ def test_saving_before_pruning_is_refused(tmp_path):
         OptinPruner().save(tiny_model("bert"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
+
+
+@pytest.mark.parametrize("importance, steps", [("optin", 1), ("magnitude", 2)])
+def test_prune_model_looks_the_adapter_up_once(monkeypatch, importance, steps):
+    """The entry point finds the adapter and hands it down: every lookup (`get_adapter`, and `check_model`
+    through it) checks the config once, so the checks are counted."""
+    model = tiny_model("bert")
+    adapter_class = type(get_adapter(model))
+    lookups = []
+    check = adapter_class.check_config
+    monkeypatch.setattr(adapter_class, "check_config", lambda self, config: lookups.append(1) or check(self, config))
+    config = OptinConfig(mac_constraint=0.6, importance=importance, reconstruct="weights", prune_steps=steps,
+                         md_tokens=8, num_samples=4, batch_size=4)
+    OptinPruner(config).prune_model(model, calibration("bert", n=4))
+    assert len(lookups) == 1

@@ -105,7 +105,7 @@ def test_estimate_counts_the_candidates_the_engine_runs(settings, monkeypatch):
     pruner.compute_scores(model, data)
     adapter = get_adapter(model)
     units = layer_units(OptinImportance.masked_units(model, adapter, config), adapter.layer_geometry(model.config))
-    cost = scoring_cost(1.0, pruner._batches(model, data, None), None, config.batch_size, 3, units, config.engine)
+    cost = scoring_cost(1.0, pruner._batches(model, adapter, data, None), None, config.batch_size, 3, units, config.engine)
     assert cost.num_candidates(config.neuron_group_size) == sum(ran) == pruner.plan.num_candidates
 
 

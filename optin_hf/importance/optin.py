@@ -57,7 +57,7 @@ class OptinImportance(ConfiguredImportance):
         candidates = grouped(self.masked_units(model, adapter, config), group)
         orders = {"neuron": neuron_energy_order(model, adapter, batches)} if group["neuron"] > 1 and "neuron" in candidates else {}
         raw = compute_raw_losses(model, adapter, batches, config, candidates, groups={"neuron": group["neuron"]}, orders=orders)
-        present = dict(zip(units, PruningMasks.full(model.config).present()))
+        present = dict(zip(units, PruningMasks.full(model.config, adapter).present()))
         scores = {}
         for kind, count in units.items():
             if kind not in raw:

@@ -25,7 +25,7 @@ class RandomImportance(ConfiguredImportance):
     def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config: OptinConfig) -> ImportanceScores:
         generator = torch.Generator().manual_seed(self.seed)
         num_layers = len(adapter.layers_of(model))
-        heads, neurons = PruningMasks.full(model.config).present()  # a narrower layer's padding scores 0
+        heads, neurons = PruningMasks.full(model.config, adapter).present()  # a narrower layer's padding scores 0
         heads = torch.rand(heads.shape, generator=generator) * heads
         neurons = torch.rand(neurons.shape, generator=generator) * neurons
         tokens = None

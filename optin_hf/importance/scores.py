@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from safetensors.torch import save_file
 
-from ..arch import get_adapter
+from ..arch import ArchAdapter, get_adapter
 from ..masks import PruningMasks, load_safetensors
 from .rankings import scores_from_rankings
 
@@ -36,8 +36,10 @@ class ImportanceScores:
         if self.token_scores is not None:
             self.token_scores = torch.as_tensor(self.token_scores, dtype=torch.float64).cpu()
 
-    def check_fits(self, config) -> None:
-        full = PruningMasks.full(config)
+    def check_fits(self, config, adapter: ArchAdapter | None = None) -> None:
+        """Raise unless these scores were made for a dense model with this config (of `adapter`, where known)."""
+        adapter = adapter or get_adapter(config)
+        full = PruningMasks.full(config, adapter)
         for kind, scores, mask in (("head", self.head_scores, full.head_mask), ("neuron", self.neuron_scores, full.neuron_mask)):
             if scores.shape != mask.shape:
                 raise ValueError(
@@ -45,7 +47,7 @@ class ImportanceScores:
                     "Were they computed for another base model?"
                 )
         if self.token_scores is not None:
-            tokens = get_adapter(config).default_seq_len(config)
+            tokens = adapter.default_seq_len(config)
             if self.token_scores.shape != (self.head_scores.shape[0], tokens):
                 raise ValueError(
                     f"token_scores {tuple(self.token_scores.shape)} do not fit this model, which needs "
