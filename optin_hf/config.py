@@ -68,6 +68,9 @@ class OptinConfig:
     recipe alike: a string is never read as a bool or a number, a bool is not an int, an int is a
     float, NaN and infinity are refused, and None is taken only by the fields typed `| None`.
     `importance` names a registered criterion (`optin_hf.criteria`), checked without importing it.
+    `importance_options` sets that criterion's own settings (its dataclass fields that are not OptinConfig
+    fields), so a criterion with a setting of its own needs no new OptinConfig field or CLI flag; they are
+    checked against the criterion's fields when the config is built (importing the criterion only then).
     """
 
     mac_constraint: float = 0.6
@@ -83,6 +86,7 @@ class OptinConfig:
     neurons_multiple_of: int = 8
     faithful: bool = False
     importance: str = "optin"
+    importance_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     seq_len: float | None = None
     engine: str = "fast"
@@ -131,6 +135,8 @@ class OptinConfig:
                 f"importance={self.importance!r} is unknown; choose one of {sorted(CRITERIA)} "
                 "(or register your own with optin_hf.register_criterion)."
             )
+        if self.importance_options:
+            self.importance_options = checked_options(self.importance, self.importance_options)
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r} is unknown; choose one of {list(ENGINES)}.")
         if self.variants_per_batch is not None and self.variants_per_batch < 1:
@@ -261,6 +267,36 @@ def checked_type(name: str, value: Any, hint: Any) -> Any:
     elif isinstance(value, str) and kind in (int, float):
         advice = " Write it unquoted (in YAML an exponent needs a dot: 1.0e-3, not 1e-3)."
     raise ValueError(f"{name}={value!r} is {_a(type(value).__name__)}; expected {expected}.{advice}")
+
+
+def criterion_options(criterion: type) -> dict[str, Any]:
+    """A criterion class's own settings, name -> type hint: its dataclass fields that OptinConfig does not
+    have (those it shares, like `seed`, come from the config). A criterion that is no dataclass has none."""
+    if not dataclasses.is_dataclass(criterion):
+        return {}
+    shared = {f.name for f in dataclasses.fields(OptinConfig)}
+    hints = typing.get_type_hints(criterion)
+    return {f.name: hints[f.name] for f in dataclasses.fields(criterion) if f.name not in shared}
+
+
+def checked_options(importance: str, options: dict[str, Any], criterion: type | None = None) -> dict[str, Any]:
+    """`options` checked against the own settings of `criterion` (default: the one registered as `importance`) (normalised as `checked_type` does), or
+    a ValueError naming the criterion, the key and the settings it accepts. Checked here, when the config is
+    built, so that a typo fails before any model loads, whether it came from Python, JSON, a recipe or the CLI."""
+    accepted = criterion_options(CRITERIA[importance] if criterion is None else criterion)
+    checked = {}
+    for key, value in options.items():
+        if key not in accepted:
+            shared = " (an OptinConfig setting: set it there)" if key in {f.name for f in dataclasses.fields(OptinConfig)} else ""
+            raise ValueError(
+                f"importance_options: importance={importance!r} has no setting {key!r}{shared}; its settings are "
+                f"{sorted(accepted) or 'none'}."
+            )
+        try:
+            checked[key] = checked_type(key, value, accepted[key])
+        except ValueError as err:
+            raise ValueError(f"importance_options of importance={importance!r}: {err}") from err
+    return checked
 
 
 def _a(noun: str) -> str:

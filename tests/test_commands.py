@@ -18,6 +18,7 @@ from optin_hf import AutoOptinModel, OptinConfig, count_macs
 from optin_hf.commands import jobs as commands_jobs
 from optin_hf.commands.__main__ import main
 from optin_hf.commands.args import build_parser
+from optin_hf.criteria import CRITERIA, register_criterion
 from optin_hf.result import pruning_result
 from optin_hf.tasks import recipes as recipes_module
 from optin_hf.tasks.recipes import DEFAULT_RECIPES
@@ -325,3 +326,37 @@ def test_every_optin_flag_is_unset_unless_given():
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(OptinConfig) if hasattr(args, f.name)}
     assert {"mac_constraint", "num_samples", "max_length", "seed"} <= set(flags)
     assert {name: value for name, value in flags.items() if value is not None} == {}
+
+
+@pytest.fixture
+def tilt_registered(monkeypatch):
+    """A third-party criterion with a setting of its own (test_importance's), registered for one test."""
+    from test_importance import LayerTiltImportance
+
+    monkeypatch.setattr(CRITERIA, "_entries", dict(CRITERIA._entries))
+    register_criterion("tilt", LayerTiltImportance)
+
+
+def test_importance_option_flags_reach_a_registered_criterion_without_a_flag_of_its_own(built_jobs, tilt_registered):
+    """`--importance-option KEY=VALUE` values are YAML scalars, checked against the criterion's own settings."""
+    assert main(["prune", "--model", "m", "--dataset", "d.csv", "--importance", "tilt", "--importance-option", "tilt=3"]) == 0
+    recipe = yaml.safe_load((REPO / "recipes" / DEFAULT_RECIPES["bbc-news"]).read_text())
+    assert main(["prune", "--importance", "tilt", "--importance-option", "tilt = 2.5"]) == 0  # over a default's recipe
+    by_model, by_default = (job.optin for job in built_jobs)
+    assert by_model.importance_options == {"tilt": 3.0} and by_model.importance == "tilt"
+    assert by_default.importance_options == {"tilt": 2.5} and by_default.num_samples == recipe["optin"]["num_samples"]
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("tilt=steep", "error: importance_options of importance='tilt': tilt='steep' is a str; expected a finite number."),
+        ("tlit=2", "error: importance_options: importance='tilt' has no setting 'tlit'; its settings are ['tilt']."),
+        ("tilt", "error: --importance-option 'tilt' is not KEY=VALUE"),
+        ("tilt=[1, 2]", "error: --importance-option 'tilt=[1, 2]': the value must be a single scalar"),
+    ],
+)
+def test_a_bad_importance_option_flag_is_one_error_line(built_jobs, tilt_registered, capsys, option, message):
+    assert main(["prune", "--model", "m", "--dataset", "d.csv", "--importance", "tilt", "--importance-option", option]) == 1
+    assert capsys.readouterr().err.strip().startswith(message)
+    assert built_jobs == []

@@ -351,8 +351,9 @@ def test_refusals_match_the_declared_capabilities(model_type):
 
 
 def test_the_suite_covers_every_supported_family():
-    """The ten families optin-hf ships are registered, so the parametrized checks above run on each of them."""
-    expected = {"bert", "roberta", "distilbert", "vit", "deit", "swin", "resnet", "convnext", "segformer", "mask2former"}
+    """The families optin-hf ships are registered, so the parametrized checks above run on each of them."""
+    expected = {"bert", "roberta", "distilbert", "vit", "deit", "swin", "resnet", "convnext", "segformer", "mask2former",
+                "dinov2"}
     assert expected <= set(MODEL_TYPES)
 
 

@@ -118,6 +118,57 @@ def test_registering_a_taken_name_or_a_class_without_from_config_is_refused(regi
     assert "plain" not in registry
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerTiltImportance(ConfiguredImportance):
+    """A third-party criterion with a setting of its own (`tilt`) beside a shared one (`seed`): later layers
+    score `tilt` times more per layer, so the setting shows in the scores."""
+
+    tilt: float = 1.0
+    seed: int = 0
+
+    name: ClassVar[str] = "tilt"
+
+    def __call__(self, model, adapter, batches, config) -> ImportanceScores:
+        layers = len(adapter.layers_of(model))
+        rows = self.tilt ** torch.arange(layers, dtype=torch.float64)[:, None]
+        heads, neurons = adapter.num_heads(model.config), adapter.intermediate_size(model.config)
+        return ImportanceScores(rows.expand(layers, heads), rows.expand(layers, neurons), self.name)
+
+
+def test_a_registered_criterion_takes_its_own_setting_from_importance_options(registry, tmp_path):
+    """Its setting needs no OptinConfig field: importance_options carries it (int given for a float is
+    normalised), shared settings still come from the config, and optin_config.json keeps it."""
+    register_criterion("tilt", LayerTiltImportance)
+    config = OptinConfig(importance="tilt", importance_options={"tilt": 3}, seed=5, mac_constraint=0.5, reconstruct="none")
+    assert criterion_from_config(config) == LayerTiltImportance(tilt=3.0, seed=5)
+    assert isinstance(config.importance_options["tilt"], float)
+    pruner = OptinPruner(config)
+    pruner.compute_masks(tiny_model("bert"), calibration("bert", n=4))
+    assert pruner.scores.head_scores[1, 0] == 3.0 * pruner.scores.head_scores[0, 0]
+    config.save_pretrained(tmp_path)
+    assert OptinConfig.from_pretrained(tmp_path).importance_options == {"tilt": 3.0}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"tlit": 2.0}, "importance='tilt' has no setting 'tlit'; its settings are ['tilt']"),
+        ({"seed": 1}, "importance='tilt' has no setting 'seed' (an OptinConfig setting: set it there); its settings are ['tilt']"),
+        ({"tilt": "2"}, "importance_options of importance='tilt': tilt='2' is a str; expected a finite number"),
+        ({"tilt": True}, "importance_options of importance='tilt': tilt=True is a bool; expected a finite number"),
+    ],
+)
+def test_an_unknown_or_mistyped_importance_option_is_refused_naming_the_criterion(registry, options, message):
+    register_criterion("tilt", LayerTiltImportance)
+    with pytest.raises(ValueError) as err:
+        OptinConfig(importance="tilt", importance_options=options)
+    assert message in str(err.value)
+    with pytest.raises(ValueError, match="importance='optin' has no setting 'tilt'; its settings are none"):
+        OptinConfig(importance_options={"tilt": 2.0})  # options belong to the criterion named
+    with pytest.raises(ValueError, match="tilt='2' is a str"):
+        LayerTiltImportance(tilt="2")  # built directly, the same check
+
+
 def scale_layer(model, layer: int, factor: float) -> None:
     """Multiply every weight magnitude scores in one layer (q, k, v, attention out, FFN up and down)."""
     adapter = get_adapter(model)

@@ -326,3 +326,17 @@ def test_a_key_given_twice_is_refused(tmp_path, text, message):
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(ValueError, match=message):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_a_recipe_sets_a_registered_criterions_own_settings(monkeypatch, tmp_path):
+    """`optin: {importance_options: ...}` reaches the criterion; a mistyped one names the recipe, the criterion and the key."""
+    from test_importance import LayerTiltImportance
+
+    from optin_hf.criteria import CRITERIA, register_criterion
+
+    monkeypatch.setattr(CRITERIA, "_entries", dict(CRITERIA._entries))
+    register_criterion("tilt", LayerTiltImportance)
+    (tmp_path / "r.yaml").write_text("model: m\ndataset: {path: d}\noptin:\n  importance: tilt\n  importance_options: {tilt: 2}\n")
+    assert load_recipe(tmp_path / "r.yaml").optin.importance_options == {"tilt": 2.0}
+    with pytest.raises(ValueError, match=r"^r.yaml: optin: importance_options of importance='tilt': tilt='2' is a str"):
+        parse_recipe({**MODEL, "optin": {"importance": "tilt", "importance_options": {"tilt": "2"}}}, "r.yaml")

@@ -19,6 +19,8 @@ from transformers import (
     ConvNextForImageClassification,
     DeiTConfig,
     DeiTForImageClassification,
+    Dinov2Config,
+    Dinov2ForImageClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     Mask2FormerConfig,
@@ -150,6 +152,20 @@ def tiny_segformer(seed: int = 0, num_labels: int = 4) -> SegformerForSemanticSe
     return model.eval()
 
 
+def tiny_dinov2(seed: int = 0) -> Dinov2ForImageClassification:
+    """ViT's tiny sizes on a 32x32 image, with trained-looking layer scales (the config's constant is 1.0, which
+    would hide a layer scale left out of the adapter's pieces)."""
+    torch.manual_seed(seed)
+    config = Dinov2Config(image_size=32, patch_size=4, num_channels=3, num_labels=5, initializer_range=0.2,
+                          hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2)
+    model = Dinov2ForImageClassification(config)
+    model.config._attn_implementation = "eager"  # the CPU sdpa kernel is invisible to the FLOP counter
+    for layer in model.dinov2.encoder.layer:
+        for scale in (layer.layer_scale1, layer.layer_scale2):
+            torch.nn.init.uniform_(scale.lambda1, 0.2, 1.5)
+    return model.eval()
+
+
 # Four stages on a 48x48 image: 12x12, 6x6, 3x3 and 2x2 patch maps; the backbone runs the last two padded to one
 # whole 4x4 window (a Swin classifier would shrink the window instead).
 MASK2FORMER_SWIN = dict(image_size=48, patch_size=4, embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
@@ -245,6 +261,7 @@ FAMILIES: dict[str, Family] = {
     "resnet": _vision(partial(tiny_cnn, "resnet"), {**VISION_SETTINGS, "neuron_group_size": 8}),
     "convnext": _vision(partial(tiny_cnn, "convnext"), {**VISION_SETTINGS, "neuron_group_size": 8}),
     "segformer": _vision(tiny_segformer, {**VISION_SETTINGS, "neuron_group_size": 8, "md_tokens": 64, "neurons_multiple_of": 1}),
+    "dinov2": _vision(tiny_dinov2, {**VISION_SETTINGS, "neuron_group_size": 16}),
     "mask2former": _vision(tiny_mask2former, {**VISION_SETTINGS, "num_samples": 2, "neuron_group_size": 32},
                            MASK2FORMER_PIXELS, mask2former_backbone, mask2former_eager),
 }

@@ -8,6 +8,7 @@ from .base import ArchAdapter, EmptyAttention, Slice, get_submodule, set_submodu
 from .capabilities import FEATURES, REPAIRS, Capabilities, Feature
 from .bert import BERT
 from .convnext import CONVNEXT
+from .dinov2 import DINOV2
 from .distilbert import DISTILBERT
 from .resnet import RESNET
 from .segformer import SEGFORMER
@@ -35,7 +36,7 @@ def register_adapter(adapter: ArchAdapter, *, exist_ok: bool = False) -> None:
     ADAPTERS.update(dict.fromkeys(adapter.model_types, adapter))
 
 
-for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, RESNET, CONVNEXT, SEGFORMER, MASK2FORMER):
+for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, RESNET, CONVNEXT, SEGFORMER, MASK2FORMER, DINOV2):
     register_adapter(_adapter)
 
 

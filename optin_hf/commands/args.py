@@ -88,6 +88,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help=f"fraction of the MACs to keep (default: {OptinConfig.mac_constraint})")
     optin.add_argument("--importance", default=None, metavar="NAME",
                        help=f"importance criterion: {OptinConfig.importance} (default) or a baseline: magnitude, random or fisher")
+    optin.add_argument("--importance-option", action="append", metavar="KEY=VALUE",
+                       help="a setting of the criterion's own (OptinConfig.importance_options), VALUE read as a YAML "
+                       "scalar (2, 0.5, true, text); repeat for several, each replaces the recipe's of that KEY")
     optin.add_argument("--num-samples", type=int, default=None, metavar="N",
                        help=f"calibration examples (default: {OptinConfig.num_samples}; embedded defaults: sized for a CPU by their recipes)")
     optin.add_argument("--neuron-group-size", type=int, default=None, metavar="G",

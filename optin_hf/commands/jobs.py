@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable
+from typing import Any
+
+import yaml
 
 from ..config import OptinConfig
 from ..tasks.recipes import default_recipe, load_recipe
@@ -50,14 +53,36 @@ def _finish(job: PruneJob) -> None:
 BUDGET_SIZED = ("num_samples", "neuron_group_size", "prune_steps")
 
 
+def importance_options(pairs: list[str]) -> dict[str, Any]:
+    """`--importance-option KEY=VALUE` flags as a mapping, each VALUE read as a YAML scalar (as in a recipe);
+    `OptinConfig` then checks each against the criterion's settings."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--importance-option {pair!r} is not KEY=VALUE, e.g. --importance-option scale=0.5.")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--importance-option {pair!r}: {text!r} is not a YAML scalar ({err}).") from err
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"--importance-option {pair!r}: the value must be a single scalar (a number, true/false or text).")
+        options[key.strip()] = value
+    return options
+
+
 def optin_config(args: argparse.Namespace) -> OptinConfig:
     """The prune command's settings: an embedded default's recipe (none for a --model), with each flag given on
     the command line in place of the recipe's value. Every OptinConfig flag defaults to None, so "given" is
     "not None"."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(OptinConfig) if getattr(args, f.name, None) is not None}
+    options = importance_options(args.importance_option or [])
     if args.model:
-        return OptinConfig(**given)
+        return OptinConfig(**given, importance_options=options)
     recipe = default_recipe(args.default or DEFAULT_TEXT_MODEL).optin
+    if given.get("importance", recipe.importance) == recipe.importance:  # another criterion: the recipe's do not apply
+        options = {**recipe.importance_options, **options}
+    given["importance_options"] = options
     if args.max_scoring_time is not None:  # the budget replaces the recipe's hand-made sizing for a 2-core CPU
         given = {**{name: getattr(OptinConfig, name) for name in BUDGET_SIZED}, **given}
     return dataclasses.replace(recipe, **given)

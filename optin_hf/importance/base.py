@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter
-from ..config import OptinConfig
+from ..config import OptinConfig, checked_options, criterion_options
 from .scores import ImportanceScores
 
 
@@ -45,8 +45,10 @@ class ImportanceCriterion(Protocol):
 
 
 class ConfiguredImportance:
-    """Base of the built-in criteria: frozen dataclasses whose fields are the `OptinConfig`
-    settings of the same name (and defaults), so one config builds them, and checks them."""
+    """Base of the built-in criteria: frozen dataclasses whose settings are their fields. A field named after an
+    `OptinConfig` setting (`seed`, `temperature`, ...) is that setting, and one config builds it; any other
+    field is the criterion's own, set by `OptinConfig.importance_options` (or `--importance-option KEY=VALUE`,
+    or a recipe's `optin: {importance_options: ...}`), so a new criterion's setting needs no new config field."""
 
     name: ClassVar[str]
     needs_grad: ClassVar[bool] = False
@@ -54,11 +56,19 @@ class ConfiguredImportance:
     scores_tokens: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        OptinConfig(**self.settings())  # refuses a bad setting with the config's own message
+        # refuses a bad setting with the config's own message: shared ones as OptinConfig fields, own ones as options
+        own = criterion_options(type(self))
+        settings = self.settings()
+        OptinConfig(**{k: v for k, v in settings.items() if k not in own})
+        checked = checked_options(getattr(self, "name", type(self).__name__), {k: v for k, v in settings.items() if k in own}, type(self))
+        for key, value in checked.items():
+            object.__setattr__(self, key, value)  # normalised (an int given for a float), frozen too
 
     def settings(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_config(cls, config: OptinConfig) -> "ConfiguredImportance":
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+        own = criterion_options(cls)
+        shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.name not in own}
+        return cls(**shared, **config.importance_options)

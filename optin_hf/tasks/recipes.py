@@ -4,7 +4,7 @@
     model: <folder or Hub id>         # with task (optional), processor (optional) and
     dataset: {path: ..., config: ..., calibration_split: ..., eval_split: ..., ...}   # DataSpec
     metric: accuracy | mean_iou | glue/<task>   # optional: the task's (mean_iou for segmentation)
-    optin: {mac_constraint: 0.6, ...}  # OptinConfig
+    optin: {mac_constraint: 0.6, ...}  # OptinConfig; a criterion's own settings under importance_options: {KEY: VALUE}
     output: <folder>
     device: cuda | cpu | ...          # optional; default: the GPU if there is one
     push_to_hub: <repo id>            # optional, with push_full: true for the weights too
