@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 
 from .arch import ArchAdapter
 from .hooks import record_features
+from .losses import KLOutputs
 
 
 @dataclass
@@ -17,15 +20,27 @@ class DenseCapture:
 
     rows[b]: flat indices into batch b's [batch*tokens] of the MD token subset (real tokens
     only, seeded, K in all). grams[z]: [K, K] cosine Gram of layer z's feature on that
-    subset. logits: [num_samples, num_labels], or None for a bare encoder. tokens: the tokens
+    subset. outputs[b]: what the KL compares on batch b (`ArchAdapter.kl_outputs`; None for a
+    bare encoder), kept per batch so batches of different lengths are never joined. tokens: the tokens
     per example that `rows` index (vision), so a layer that holds fewer (Swin's later stages)
     reads the rows at its own resolution (`layer_rows`); None: every layer holds the batch's.
     """
 
     rows: list[torch.Tensor]
     grams: list[torch.Tensor]
-    logits: torch.Tensor | None
+    outputs: list[KLOutputs | None]
     tokens: int | None = None
+
+
+def scoring_forward(model: nn.Module, batch: Mapping[str, torch.Tensor]):
+    """The model's forward on `batch` (moved to the model's device), as every scoring run calls
+    it: with `use_cache=False` where the forward takes it, since a scoring run never decodes on,
+    and a kept key/value cache would only hold memory."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        inputs["use_cache"] = False
+    return model(**inputs)
 
 
 def layer_rows(rows: torch.Tensor, tokens: int | None, layer_tokens: int) -> torch.Tensor:
@@ -76,12 +91,11 @@ def capture_dense(
     if rows is None:
         rows = md_token_rows(batches, md_tokens, seed, tokens)
     per_layer: list[list[torch.Tensor]] = [[] for _ in adapter.layers_of(model)]
-    logits = []
+    outputs = []
     with record_features(model, adapter) as features:
         for batch, batch_rows in zip(batches, rows):
-            out = model(**{k: v.to(device) for k, v in batch.items()})
-            logits.append(adapter.logits_of(out))
+            outputs.append(adapter.kl_outputs(scoring_forward(model, batch), batch))
             for z, feature in enumerate(features):
                 per_layer[z].append(select_rows(feature, batch_rows.to(device), tokens))
     grams = [torch.cat(parts) @ torch.cat(parts).T for parts in per_layer]
-    return DenseCapture(rows, grams, torch.cat(logits).float() if logits[0] is not None else None, tokens)
+    return DenseCapture(rows, grams, outputs, tokens)

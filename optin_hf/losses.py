@@ -4,6 +4,8 @@ reference's extra weights used in faithful mode."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -14,21 +16,70 @@ def md_loss(dense_gram: torch.Tensor, masked_rows: torch.Tensor) -> torch.Tensor
     return (dense_gram - masked_rows @ masked_rows.T).pow(2).sum()
 
 
-def kl_loss(dense_logits: torch.Tensor | None, masked_logits: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """KL(softmax(dense) || softmax(masked)), summed over examples, times T^2.
+@dataclass
+class KLOutputs:
+    """What the KL compares for one batch: logits [examples, positions, classes] and which
+    positions count, valid [examples, positions] (bool).
 
-    Logits are [examples, classes], or a dense prediction [examples, classes, *positions]
-    (a segmentation map [B, C, H, W]): there each example's KL is the mean over its positions of
-    the per-position KL, so a map of one position is a classification example. As in the
-    reference the logits are not divided by T. A bare encoder (no logits) or a one-logit
-    regression head contributes nothing. Computed in float64: removing a structure that barely
-    matters moves the logits so little that a float32 KL is mostly rounding error.
+    A position is a pooled token (classification: one per example), a pixel (segmentation) or
+    a real token (a language model). Batches stay apart, each with its own number of positions,
+    so batches of different lengths are never concatenated.
     """
-    if dense_logits is None or dense_logits.shape[1] < 2:
-        return torch.zeros((), dtype=torch.float64)
-    positions = dense_logits[0, 0].numel()
-    kl = F.kl_div(F.log_softmax(masked_logits.double(), 1), F.softmax(dense_logits.double(), 1), reduction="sum")
-    return kl / positions * temperature**2
+
+    logits: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor | None) -> KLOutputs | None:
+        """From a prediction [examples, classes, *positions] (a classifier's [B, C], a map
+        [B, C, H, W]), every position valid. None for a bare encoder (no logits)."""
+        if logits is None:
+            return None
+        flat = logits.reshape(logits.shape[0], logits.shape[1], -1).transpose(1, 2)
+        return cls(flat, torch.ones(flat.shape[:2], dtype=torch.bool, device=flat.device))
+
+    def select(self, examples: torch.Tensor) -> KLOutputs:
+        """These outputs' `examples` (indices into the batch), in that order."""
+        return KLOutputs(self.logits[examples], self.valid[examples])
+
+
+def select_examples(batches: Sequence[KLOutputs], sizes: Sequence[int], order: torch.Tensor) -> list[KLOutputs]:
+    """The dense outputs regrouped for another batching: the examples `order` indexes (into all
+    batches' examples in turn), in groups of `sizes`. Each group is taken from one batch at a
+    time and padded with invalid positions, so no two batches' positions are ever joined."""
+    where = [(b, i) for b, outputs in enumerate(batches) for i in range(len(outputs.logits))]
+    groups = []
+    for indices in order.cpu().split(list(sizes)):
+        parts = [batches[b].select(torch.tensor([i])) for b, i in (where[j] for j in indices)]
+        width = max(p.logits.shape[1] for p in parts)
+        logits = torch.cat([F.pad(p.logits, (0, 0, 0, width - p.logits.shape[1])) for p in parts])
+        valid = torch.cat([F.pad(p.valid, (0, width - p.valid.shape[1])) for p in parts])
+        groups.append(KLOutputs(logits, valid))
+    return groups
+
+
+def kl_loss(dense: Sequence[KLOutputs | None], masked: Sequence[KLOutputs | None], temperature: float) -> torch.Tensor:
+    """KL(softmax(dense) || softmax(masked)) of each example, as the mean over its valid
+    positions, summed over examples and batches (`dense[b]` pairs with `masked[b]`), times T^2.
+
+    A classifier's example has one position; a segmentation map's are its pixels, so each
+    image weighs the same whatever its size. As in the reference the logits are not divided by
+    T. Batches with no outputs (a bare encoder) or one logit (a regression head) contribute
+    nothing. Computed in float64: removing a structure that barely matters moves the logits so
+    little that a float32 KL is mostly rounding error.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for d, m in zip(dense, masked, strict=True):
+        if d is None or d.logits.shape[-1] < 2:  # a one-logit regression head has no distribution
+            continue
+        per_position = F.kl_div(
+            F.log_softmax(m.logits.double(), -1), F.softmax(d.logits.double(), -1), reduction="none"
+        ).sum(-1)
+        valid = d.valid.to(per_position.device)
+        # garbage at an invalid position (NaN included) must not leak into the sum
+        per_example = per_position.where(valid, 0).sum(1) / valid.sum(1).clamp_min(1)
+        total = total + per_example.sum().cpu()
+    return total * temperature**2
 
 
 def later_layers(layer: int, num_layers: int) -> range:

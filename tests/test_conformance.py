@@ -29,15 +29,18 @@ from huggingface_hub import create_repo, list_repo_files, upload_folder
 from hub_server import FakeHub
 from tiny import Family, family
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs, register_adapter
 from optin_hf.arch import ADAPTERS, FEATURES, REPAIRS, check_model, get_submodule, refusal
 from optin_hf.arch.base import num_features
 from optin_hf.arch.bert import BERT
+from optin_hf.capture import scoring_forward
 from optin_hf.data import prepare_calibration
 from optin_hf.engine.run import engine_for
 from optin_hf.hooks import apply_masks
+from optin_hf.losses import kl_loss
 from optin_hf.reconstruct import batch_norms, output_projection, reconstruct
 from optin_hf.slim import slim_model
 
@@ -190,6 +193,20 @@ def check_fast_scores(model_type: str) -> None:
         assert torch.equal(scores["fast"].neuron_scores, scores["reference"].neuron_scores)
 
 
+def check_kl_outputs(model_type: str) -> None:
+    """What the KL compares (`ArchAdapter.kl_outputs`): logits [examples, positions, classes] with a valid mask
+    [examples, positions], at least one valid position per example, and no KL between the model and itself."""
+    tiny = family(model_type)
+    model = tiny.build()
+    with torch.no_grad():
+        kl = check_model(model).kl_outputs(scoring_forward(model, tiny.inputs), tiny.inputs)
+    examples = next(iter(tiny.inputs.values())).shape[0]
+    assert kl.logits.dim() == 3 and kl.logits.shape[0] == examples and kl.logits.shape[2] >= 2
+    assert kl.valid.dtype == torch.bool and kl.valid.shape == kl.logits.shape[:2]
+    assert kl.valid.any(1).all()
+    assert float(kl_loss([kl], [kl], 4.0)) == pytest.approx(0.0, abs=1e-12)
+
+
 def sublayer_errors(model: nn.Module, dense: nn.Module, data: list[dict], original: dict) -> dict:
     """(layer, sublayer) -> (error with the refit projection, error with `original`'s) on the real tokens,
     measured from plain forwards: each sublayer's input and residual come from `model` (refit below it),
@@ -336,6 +353,11 @@ def test_save_and_reload_from_a_folder_and_the_hub(model_type, hub_server: FakeH
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_kl_outputs_give_logits_per_position_and_the_valid_ones(model_type):
+    check_kl_outputs(model_type)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_fast_scores_equal_reference_scores(model_type):
     check_fast_scores(model_type)
 
@@ -357,6 +379,15 @@ def test_the_suite_covers_every_supported_family():
     assert expected <= set(MODEL_TYPES)
 
 
+def test_scoring_runs_with_use_cache_off():
+    """A model whose forward keeps a key/value cache (GPT-2, use_cache on in its config) keeps none while scored."""
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8)).eval()
+    batch = {"input_ids": torch.tensor([[1, 2, 3]])}
+    with torch.no_grad():
+        assert model(**batch).past_key_values is not None  # what a plain forward keeps
+        assert scoring_forward(model, batch).past_key_values is None
+
+
 def test_a_registered_family_joins_the_suite(hub_server: FakeHub, tmp_path: Path):
     """ELECTRA, laid out as BERT, registered in this test and nowhere else: every check runs on it."""
     classifiers = {"ElectraForSequenceClassification": lambda model, hidden: model.classifier(hidden)}
@@ -366,6 +397,7 @@ def test_a_registered_family_joins_the_suite(hub_server: FakeHub, tmp_path: Path
         check_macs("electra")
         check_slim_equals_masked("electra")
         check_save_and_reload("electra", tmp_path)
+        check_kl_outputs("electra")
         check_fast_scores("electra")
         modes = refit_modes("electra")
         assert modes == ["weights", "scales"]

@@ -3,12 +3,14 @@ import math
 import torch
 
 from optin_hf.losses import (
+    KLOutputs,
     balance,
     faithful_weights,
     kl_loss,
     later_layers,
     md_loss,
     position_prior,
+    select_examples,
     token_gram,
     token_md_loss,
     token_scores,
@@ -39,8 +41,41 @@ def test_kl_is_sum_times_t_squared_without_dividing_logits():
     dense, masked = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]])
     p = torch.softmax(dense.double(), -1)  # kl_loss computes in float64
     expected = float((p * (p.log() - math.log(0.5))).sum()) * 16
-    assert abs(kl_loss(dense, masked, 4.0).item() - expected) < 1e-6
-    assert kl_loss(torch.tensor([[1.0]]), torch.tensor([[3.0]]), 4.0).item() == 0.0  # regression head
+    assert abs(kl_loss([KLOutputs.of(dense)], [KLOutputs.of(masked)], 4.0).item() - expected) < 1e-6
+    regression = [KLOutputs.of(torch.tensor([[1.0]]))], [KLOutputs.of(torch.tensor([[3.0]]))]
+    assert kl_loss(*regression, 4.0).item() == 0.0
+    assert kl_loss([None], [None], 4.0).item() == 0.0  # a bare encoder
+
+
+def test_kl_with_a_valid_mask_is_the_kl_of_the_valid_positions_alone():
+    """Each example's KL is the mean over its valid positions only: garbage logits (NaN included) at
+    masked positions change nothing, and batches of different lengths are summed without being joined."""
+    g = torch.Generator().manual_seed(0)
+    dense, masked = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    valid = torch.tensor([[True, True, False, True, False], [False, True, False, False, False]])
+    garbage = lambda x: x.masked_fill(~valid[..., None], float("nan"))  # noqa: E731
+    got = kl_loss([KLOutputs(garbage(dense), valid)], [KLOutputs(garbage(masked), valid)], 2.0)
+    alone = [kl_loss([KLOutputs(dense[n, valid[n]][None], torch.ones(1, int(valid[n].sum()), dtype=torch.bool))],
+                     [KLOutputs(masked[n, valid[n]][None], torch.ones(1, int(valid[n].sum()), dtype=torch.bool))], 2.0)
+             for n in range(2)]
+    assert torch.isfinite(got) and math.isclose(float(got), float(sum(alone)), rel_tol=1e-12)
+    p, q = dense[1, 1].double().softmax(0), masked[1, 1].double().softmax(0)
+    assert math.isclose(float(alone[1]), 4 * float((p * (p / q).log()).sum()), rel_tol=1e-12)
+    # batches of 5 and 2 positions: their sum, never one tensor
+    short = KLOutputs(dense[:, :2], torch.ones(2, 2, dtype=torch.bool))
+    both = kl_loss([KLOutputs(dense, valid), short], [KLOutputs(masked, valid), KLOutputs(masked[:, :2], short.valid)], 2.0)
+    assert math.isclose(float(both), float(got) + float(kl_loss([short], [KLOutputs(masked[:, :2], short.valid)], 2.0)))
+
+
+def test_select_examples_regroups_without_joining_positions():
+    """The fast engine's packs take their examples from several batches: each keeps its own positions,
+    a shorter one padded with invalid positions, so its KL is unchanged."""
+    a = KLOutputs(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool))
+    b = KLOutputs(torch.randn(1, 1, 4), torch.ones(1, 1, dtype=torch.bool))
+    [first, second] = select_examples([a, b], [2, 1], torch.tensor([2, 0, 1]))
+    assert first.logits.shape == (2, 3, 4) and first.valid.tolist() == [[True, False, False], [True, True, True]]
+    assert torch.equal(first.logits[0, :1], b.logits[0]) and torch.equal(first.logits[1], a.logits[0])
+    assert torch.equal(second.logits, a.logits[1:])
 
 
 def test_later_layers_and_faithful_weights():

@@ -11,7 +11,7 @@ from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner,
 from optin_hf.arch import get_adapter
 from optin_hf.checkpoint import save_pruned
 from optin_hf.hooks import apply_masks
-from optin_hf.losses import kl_loss
+from optin_hf.losses import KLOutputs, kl_loss
 from optin_hf.result import pruning_result
 
 
@@ -89,7 +89,7 @@ def test_top_scored_head_matters_more_than_bottom_on_trained_model():
         mask = torch.ones(flat.numel())
         mask[index] = 0
         with apply_masks(model, adapter, head_mask=mask.view_as(scores.head_scores)):
-            return kl_loss(dense, output(model, inputs), 1.0).item()
+            return kl_loss([KLOutputs.of(dense)], [KLOutputs.of(output(model, inputs))], 1.0).item()
 
     assert kl_without(int(flat.argmax())) > kl_without(int(flat.argmin()))
 

@@ -92,7 +92,7 @@ def test_optin_scores_see_the_per_pixel_kl():
     adapter = check_model(model)
     batches = [{"pixel_values": torch.stack([x["pixel_values"] for x in images(2, 1)])}]
     capture = capture_dense(model, adapter, batches, md_tokens=32, seed=0)
-    assert capture.logits.shape == (2, 4, 8, 8)
+    assert capture.outputs[0].logits.shape == (2, 64, 4)  # 8 x 8 pixels, each a position
     mask = torch.ones(3, 2)
     mask[2, 0] = 0
     with apply_masks(model, adapter, head_mask=mask):

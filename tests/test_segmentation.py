@@ -13,7 +13,7 @@ import torch
 
 from optin_hf import AutoOptinModel
 from optin_hf.commands.__main__ import main
-from optin_hf.losses import kl_loss
+from optin_hf.losses import KLOutputs, kl_loss
 from optin_hf.tasks.metrics import load_metric, mean_iou
 from optin_hf.tasks.task_data import MaskEncoder
 from tiny import tiny_segformer
@@ -30,11 +30,12 @@ def test_kl_of_segmentation_logits_is_the_per_pixel_kl_averaged_over_pixels():
                 p, q = dense[n, :, y, x].double().softmax(0), masked[n, :, y, x].double().softmax(0)
                 per_pixel.append(float((p * (p / q).log()).sum()))
         expected += sum(per_pixel) / len(per_pixel)
-    assert math.isclose(float(kl_loss(dense, masked, 4.0)), 16 * expected, rel_tol=1e-12)
+    kl = lambda d, m, t: kl_loss([KLOutputs.of(d)], [KLOutputs.of(m)], t)  # noqa: E731
+    assert math.isclose(float(kl(dense, masked, 4.0)), 16 * expected, rel_tol=1e-12)
     # a one-pixel map is a classification example: the same number as [examples, classes] logits
-    flat = kl_loss(dense[:, :, 0, 0], masked[:, :, 0, 0], 2.0)
-    assert math.isclose(float(kl_loss(dense[:, :, :1, :1], masked[:, :, :1, :1], 2.0)), float(flat), rel_tol=1e-12)
-    assert float(kl_loss(dense, dense, 4.0)) == pytest.approx(0.0, abs=1e-12)
+    flat = kl(dense[:, :, 0, 0], masked[:, :, 0, 0], 2.0)
+    assert math.isclose(float(kl(dense[:, :, :1, :1], masked[:, :, :1, :1], 2.0)), float(flat), rel_tol=1e-12)
+    assert float(kl(dense, dense, 4.0)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_mean_iou_on_a_hand_example():

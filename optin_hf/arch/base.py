@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..losses import KLOutputs
 from .capabilities import Capabilities, Feature
 
 # (layer, input of the attention output projection, layer input) -> input of the FFN block
@@ -366,6 +367,13 @@ class ArchAdapter:
         """What the KL term compares, from a model's forward output: its `logits` (None for a bare encoder).
         A family whose task head gives no single logits tensor (Mask2Former) derives them here."""
         return getattr(output, "logits", None)
+
+    def kl_outputs(self, output, batch: Mapping[str, torch.Tensor]) -> KLOutputs | None:
+        """What the KL compares for one batch, from the model's forward `output` on `batch`:
+        logits [examples, positions, classes] with the valid positions marked (a classifier's
+        one pooled position, every pixel of a segmentation map). A family whose valid positions
+        depend on its inputs (a language model's real tokens, from `batch`) overrides this."""
+        return KLOutputs.of(self.logits_of(output))
 
     def classifier_of(self, model: nn.Module) -> Classifier | None:
         """How `model` turns its last hidden states into logits; None if unknown here.

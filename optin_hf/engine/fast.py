@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from ..arch import ArchAdapter, get_submodule
 from ..capture import capture_dense
 from ..hooks import scale_input
-from ..losses import kl_loss, later_layers, md_loss
+from ..losses import KLOutputs, kl_loss, later_layers, md_loss, select_examples
 from .buckets import bucket_by_length
 from .memory import auto_variants, bytes_per_variant
 from .packing import pack_calls
@@ -113,7 +113,7 @@ class FastRunner:
             masks = [batch["attention_mask"] for batch in buckets.batches]
             packing = pack_calls(calls, masks, buckets.rows, config.batch_size)
         if packing is None:  # forwards = the buckets, in the dense run's order
-            self.calls, self.grams, self.logits = calls, capture.grams, capture.logits
+            self.calls, self.grams, self.outputs = calls, capture.grams, capture.outputs
             self.rows = [r.to(self.device) for r in buckets.rows]
             self.first: list[torch.Tensor | None] = [None] * len(calls)
             self.real: torch.Tensor | None = None  # the first forward's positions that hold tokens; None: all
@@ -121,7 +121,11 @@ class FastRunner:
             order = packing.md_order.to(self.device)
             self.calls = [pack.calls for pack in packing.packs]
             self.grams = [gram[order][:, order] for gram in capture.grams]
-            self.logits = None if capture.logits is None else capture.logits[packing.example_order.to(self.device)]
+            if capture.outputs[0] is None:  # a bare encoder
+                self.outputs = [None] * len(packing.packs)
+            else:  # each pack's examples, taken from their buckets
+                sizes = [len(pack.first) for pack in packing.packs]
+                self.outputs = select_examples(capture.outputs, sizes, packing.example_order)
             self.rows = [pack.rows.to(self.device) for pack in packing.packs]
             self.first = [pack.first.to(self.device) for pack in packing.packs]
             self.real = packing.packs[0].real.to(self.device)
@@ -169,9 +173,9 @@ class FastRunner:
                 finished_down = self.adapter.finish_feed_forward(layer, down, finished)
                 check(finished_down, want, f"layer {i} from its down projection's output")
             check(_first(layer(calls[i].hidden, *calls[i].args, **calls[i].kwargs)), want, f"layer {i} replayed")
-        if self.logits is not None:
-            logits = self._classify(calls[-1].output, 0, 1)
-            check(logits, self.logits[: len(logits)], "classifier")
+        if self.outputs[0] is not None:
+            got = KLOutputs.of(self._classify(calls[-1].output, 0, 1)).logits
+            check(got.flatten(1), self.outputs[0].logits.flatten(1), "classifier")  # per example, not per token
 
     def _classify(self, hidden: torch.Tensor, forward: int, variants: int) -> torch.Tensor | None:
         """Logits of a stacked forward's examples: a pack's examples start inside its rows, so the
@@ -265,18 +269,19 @@ class FastRunner:
         variants = unit_mask.shape[0]
         unit_mask = unit_mask.to(self.device)
         rows: dict[int, list[torch.Tensor]] = {z: [] for z in later_layers(layer, len(self.layers))}
-        logits: list[torch.Tensor] = []
+        logits: list[torch.Tensor | None] = []  # per forward: [variants, examples, classes, *positions]
         for forward in range(len(self.calls)):
             forward_rows, forward_logits = self._forward(kind, layer, unit_mask, forward)
             for z, r in forward_rows.items():
                 rows[z].append(r)
             if forward_logits is not None:
-                logits.append(forward_logits.float().reshape(variants, -1, forward_logits.shape[-1]))
+                forward_logits = forward_logits.reshape(variants, -1, *forward_logits.shape[1:])
+            logits.append(forward_logits)
         results = []
         for v in range(variants):
             # A judged layer with no rows lies before the mask (a ViT's last-layer feature): its MD is 0.
             md = sum(float(md_loss(self.grams[z], torch.cat([r[v] for r in per_forward])))
                      for z, per_forward in rows.items() if per_forward)
-            masked = torch.cat([out[v] for out in logits]) if logits else None
-            results.append((md, float(kl_loss(self.logits, masked, self.temperature))))
+            masked = [None if out is None else KLOutputs.of(out[v]) for out in logits]
+            results.append((md, float(kl_loss(self.outputs, masked, self.temperature))))
         return results

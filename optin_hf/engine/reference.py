@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter
-from ..capture import DenseCapture, capture_dense, select_rows
+from ..capture import DenseCapture, capture_dense, scoring_forward, select_rows
 from ..hooks import apply_masks, record_features
 from ..losses import kl_loss, later_layers, md_loss
 
@@ -29,16 +29,14 @@ def masked_run_losses(
     num_layers = len(capture.grams)
     judged = later_layers(layer, num_layers)
     rows: dict[int, list[torch.Tensor]] = {z: [] for z in judged}
-    logits = []
+    outputs = []
     with record_features(model, adapter) as features:
         for batch, batch_rows in zip(batches, capture.rows):
-            out = model(**{k: v.to(device) for k, v in batch.items()})
-            logits.append(adapter.logits_of(out))
+            outputs.append(adapter.kl_outputs(scoring_forward(model, batch), batch))
             for z in judged:
                 rows[z].append(select_rows(features[z], batch_rows.to(device), capture.tokens))
     md = sum(float(md_loss(capture.grams[z], torch.cat(rows[z]))) for z in judged)
-    masked_logits = torch.cat(logits) if logits[0] is not None else None
-    kl = float(kl_loss(capture.logits, masked_logits, temperature))
+    kl = float(kl_loss(capture.outputs, outputs, temperature))
     return md, kl
 
 

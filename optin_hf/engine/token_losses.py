@@ -17,8 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchAdapter
+from ..capture import scoring_forward
 from ..hooks import drop_token, record_features
-from ..losses import kl_loss, later_layers, token_gram, token_md_loss
+from ..losses import KLOutputs, kl_loss, later_layers, token_gram, token_md_loss
 from .distributed import gather, process_state, share
 from .resume import FORMAT, LossCheckpoint, fingerprint
 from .run import RawLosses, _store
@@ -32,30 +33,28 @@ class TokenCapture:
 
     grams[b][z]: [batch_b, batch_b] token-averaged inter-sample Gram of layer z's feature on
     calibration batch b (samples are compared within their batch, as the reference does with
-    its one batch). logits: [num_samples, num_labels], or None for a bare encoder.
+    its one batch). outputs[b]: what the KL compares on batch b (`ArchAdapter.kl_outputs`).
     """
 
     grams: list[list[torch.Tensor]]
-    logits: torch.Tensor | None
+    outputs: list[KLOutputs | None]
 
 
 def _run(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], judged: range):
-    """Token-averaged Grams of the `judged` layers per batch, and the concatenated logits."""
-    device = next(model.parameters()).device
-    grams, logits = [], []
+    """Token-averaged Grams of the `judged` layers per batch, and what the KL compares per batch."""
+    grams, outputs = [], []
     with record_features(model, adapter) as features:
         for batch in batches:
-            out = model(**{k: v.to(device) for k, v in batch.items()})
-            logits.append(adapter.logits_of(out))
+            outputs.append(adapter.kl_outputs(scoring_forward(model, batch), batch))
             grams.append({z: token_gram(features[z]) for z in judged})
-    return grams, (torch.cat(logits).float() if logits[0] is not None else None)
+    return grams, outputs
 
 
 @torch.no_grad()
 def capture_token_grams(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]]) -> TokenCapture:
     num_layers = len(adapter.layers_of(model))
-    grams, logits = _run(model, adapter, batches, range(num_layers))
-    return TokenCapture([[g[z] for z in range(num_layers)] for g in grams], logits)
+    grams, outputs = _run(model, adapter, batches, range(num_layers))
+    return TokenCapture([[g[z] for z in range(num_layers)] for g in grams], outputs)
 
 
 def _settings(model: nn.Module, adapter: ArchAdapter, temperature: float, num_layers: int, num_tokens: int) -> dict:
@@ -110,9 +109,9 @@ def reference_token_losses(
     for layer, position in mine:
         judged = later_layers(layer, num_layers)
         with drop_token(model, adapter, layer, position):
-            grams, logits = _run(model, adapter, batches, judged)
+            grams, outputs = _run(model, adapter, batches, judged)
         md = sum(float(token_md_loss(capture.grams[b][z], grams[b][z])) for b in range(len(batches)) for z in judged)
-        kl = float(kl_loss(capture.logits, logits, temperature))
+        kl = float(kl_loss(capture.outputs, outputs, temperature))
         _store(tensors, "token", layer, position, md, kl)
         computed.append(("token", layer, position, md, kl))
         if checkpoint is not None:

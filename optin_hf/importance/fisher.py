@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchAdapter
+from ..capture import scoring_forward
 from ..config import OptinConfig
 from ..hooks import apply_masks
 from .base import ConfiguredImportance
@@ -148,12 +149,12 @@ class FisherImportance(ConfiguredImportance):
         with torch.enable_grad(), _frozen(model):
             for batch in batches:
                 labels = batch.get("labels")
-                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
                 size = next(iter(inputs.values())).shape[0]
                 # masks[kind]: [num_layers, batch, units], one row of ones per example
                 masks = {k: torch.ones(num_layers, size, n, device=device, requires_grad=True) for k, n in units.items() if enabled[k]}
                 with apply_masks(model, adapter, masks.get("head"), masks.get("neuron")):
-                    loss = example_losses(adapter.logits_of(model(**inputs)), labels, model.config).sum()
+                    loss = example_losses(adapter.logits_of(scoring_forward(model, inputs)), labels, model.config).sum()
                 grads = torch.autograd.grad(loss, list(masks.values()))
                 for kind, grad in zip(masks, grads):
                     scores[kind] += grad.double().pow(2).sum(1).cpu()
