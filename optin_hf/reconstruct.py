@@ -9,7 +9,10 @@ From the first layer up, attention then FFN, with the pruned model already refit
 - `A = [x_p, 1]`: the projection's input in the pruned model, real tokens only, plus a ones
   column for the bias; the target `Y = (W x_d + b + r_d) - r_p`: the dense sum minus the
   pruned model's own residual. For post-LN blocks (BERT) the dense sum is the LayerNorm's
-  input, for pre-LN blocks (ViT) the residual stream after the block: the same formula.
+  input, for pre-LN blocks (ViT) the residual stream after the block: the same formula. Where a
+  per-channel layer scale λ multiplies the branch (DINOv2, `ArchAdapter.branch_scale`), the fit is
+  of λ ⊙ (W x_p + b) to `(λ ⊙ (W x_d + b) + r_d) - r_p`: the scaled projection is solved for and λ
+  divided out, so the residual drift counts as (r_d - r_p) / λ in the projection's own units.
 - `AᵀA` and `AᵀY` are accumulated in float64 batch by batch, so memory does not grow with the
   calibration size, and the refit solves `(AᵀA + λI) θ = AᵀY + λ θ₀` with
   `λ = ridge · mean(diag(AᵀA))`: a ridge toward the weights the kept units had (θ₀), so a
@@ -208,19 +211,35 @@ class Reconstruction:
     errors: list[tuple[int, str, float, float]]
 
 
-def _refit(proj: nn.Linear, eq: _NormalEquations, mode: str, ridge: float, unit: int, key: str, tensors: dict) -> tuple[float, float]:
+def _refit(
+    proj: nn.Linear, eq: _NormalEquations, mode: str, ridge: float, unit: int, key: str, tensors: dict,
+    branch: torch.Tensor | None = None,
+) -> tuple[float, float]:
     """Refit `proj` (in place) from its normal equations; record the artifact under `key`; the
-    calibration error (before, after). Every output projection here has a bias."""
+    calibration error (before, after). Every output projection here has a bias. `branch`: the
+    per-channel factor [hidden] on the projection's output before the residual adds it (a layer
+    scale, `ArchAdapter.branch_scale`), or None; with it the equations' target is in the residual
+    stream's units and the refit solves for the scaled projection, then divides the factor out."""
     weight, bias = proj.weight.detach(), proj.bias.detach()
-    theta = lambda w, b: torch.cat([w.T, b[None]]).double()  # noqa: E731
+    if branch is None:
+        theta = lambda w, b: torch.cat([w.T, b[None]]).double()  # noqa: E731
+    else:
+        branch = branch.double()
+        theta = lambda w, b: torch.cat([w.T, b[None]]).double() * branch[None, :]  # noqa: E731
     before = eq.error(theta(weight, bias))
     if mode == "weights":
         solved = _solve_weights(eq, theta(weight, bias), ridge)
+        if branch is not None:
+            solved = solved / branch[None, :]
         weight, bias = solved[:-1].T.to(weight.dtype).contiguous(), solved[-1].to(bias.dtype)
         tensors[f"{key}.weight"], tensors[f"{key}.bias"] = weight.cpu(), bias.cpu()
         proj.bias = nn.Parameter(bias, requires_grad=proj.bias.requires_grad)
     elif proj.in_features:
-        scale = _solve_scales(eq, weight, bias, unit, ridge).to(weight.dtype)
+        if branch is None:
+            scale = _solve_scales(eq, weight, bias, unit, ridge).to(weight.dtype)
+        else:
+            scaled = theta(weight, bias)
+            scale = _solve_scales(eq, scaled[:-1].T, scaled[-1], unit, ridge).to(weight.dtype)
         tensors[f"{key}.scale"] = scale.cpu()
         weight = scale_columns(weight, scale)
     proj.weight = nn.Parameter(weight, requires_grad=proj.weight.requires_grad)
@@ -364,6 +383,7 @@ def reconstruct(
     pairs = list(zip(adapter.layers_of(model), adapter.layers_of(dense)))
     for i, (student, teacher) in enumerate(tqdm(pairs, desc=f"Reconstruction ({mode})", unit="layer")):
         attn, down = output_projection(adapter, student, "attn_out"), output_projection(adapter, student, "ffn_down")
+        attn_scale, ffn_scale = adapter.branch_scale(student, "attn_out"), adapter.branch_scale(student, "ffn_down")
 
         eq = _NormalEquations(attn.in_features, hidden, attn.weight.device)
         for s in streams:
@@ -379,16 +399,21 @@ def reconstruct(
                 "r_ffn": (get_submodule(teacher, adapter.ffn_input), "in"),
                 "y_ffn": (get_submodule(teacher, adapter.ffn_down), "out"),
             })
-            eq.add(s.x, t["y_attn"] + s.teacher - s.student, s.real)
-            s.teacher, s.target = t["output"], t["y_ffn"] + t["r_ffn"]
-        errors.append((i, "attn_out", *_refit(attn, eq, mode, ridge, head_dim, f"layers.{i}.attn_out", tensors)))
+            y_attn, y_ffn = t["y_attn"], t["y_ffn"]
+            if attn_scale is not None:  # the dense branches as the residual adds them
+                y_attn = y_attn * attn_scale.to(y_attn.dtype)
+            if ffn_scale is not None:
+                y_ffn = y_ffn * ffn_scale.to(y_ffn.dtype)
+            eq.add(s.x, y_attn + s.teacher - s.student, s.real)
+            s.teacher, s.target = t["output"], y_ffn + t["r_ffn"]
+        errors.append((i, "attn_out", *_refit(attn, eq, mode, ridge, head_dim, f"layers.{i}.attn_out", tensors, attn_scale)))
 
         eq = _NormalEquations(down.in_features, hidden, down.weight.device)
         for s in streams:  # the rest of the layer in pieces, from the heads' output: no attention rerun
             s.residual = adapter.finish_attention(student, s.x, s.student)
             s.x = _input_of(down, lambda: adapter.feed_forward(student, s.residual))
             eq.add(s.x, s.target - s.residual, s.real)
-        errors.append((i, "ffn_down", *_refit(down, eq, mode, ridge, 1, f"layers.{i}.ffn_down", tensors)))
+        errors.append((i, "ffn_down", *_refit(down, eq, mode, ridge, 1, f"layers.{i}.ffn_down", tensors, ffn_scale)))
 
         for s in streams:
             s.student = adapter.finish_feed_forward(student, down(s.x), s.residual)

@@ -237,10 +237,14 @@ def sublayer_errors(model: nn.Module, dense: nn.Module, data: list[dict], origin
                 real = b["attention_mask"].bool() if "attention_mask" in b else torch.ones(b["pixel_values"].shape[0], 1, dtype=torch.bool)
                 for i in range(len(adapter.layers_of(model))):
                     for sub, r in (("attn_out", "r_attn"), ("ffn_down", "r_ffn")):
-                        target = seen[("d", i, sub, "y")] + seen[("d", i, r)] - seen[("p", i, r)]
+                        # the branch as the residual adds it: times its layer scale where it has one
+                        scale = adapter.branch_scale(adapter.layers_of(model)[i], sub)
+                        branch = (lambda y: y) if scale is None else (lambda y, scale=scale: y * scale)
+                        target = branch(seen[("d", i, sub, "y")]) + seen[("d", i, r)] - seen[("p", i, r)]
                         x = seen[("p", i, sub, "x")]
                         proj = original[(i, sub)]
                         for k, y in enumerate((seen[("p", i, sub, "y")], nn.functional.linear(x, proj.weight, proj.bias))):
+                            y = branch(y)
                             err = (y - target).pow(2).sum(-1).double()
                             errors.setdefault((i, sub), [0.0, 0.0])[k] += float(err[real.expand_as(err)].sum())
     finally:

@@ -363,6 +363,12 @@ class ArchAdapter:
         per_head += w(self.attn_out).T.reshape(-1, head_dim * w(self.attn_out).shape[0]).pow(2).sum(1)
         return per_head, per_neuron
 
+    def branch_scale(self, layer: nn.Module, sublayer: str) -> torch.Tensor | None:
+        """The per-channel factor [hidden] that multiplies `sublayer`'s ("attn_out" or "ffn_down")
+        output before the residual adds it (a layer scale), or None where the output is added as
+        it is. The refit fits the scaled branch to the residual stream's target."""
+        return None
+
     def logits_of(self, output) -> torch.Tensor | None:
         """What the KL term compares, from a model's forward output: its `logits` (None for a bare encoder).
         A family whose task head gives no single logits tensor (Mask2Former) derives them here."""

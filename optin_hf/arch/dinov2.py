@@ -12,9 +12,10 @@ of the position embeddings (the model runs images of other sizes; set `model.con
 to the size you run at, as `facebook/dinov2-*` configs say 518 while their processors crop 224),
 and the classifier on the class token and the mean of the patch tokens.
 
-The fast engine runs it (its layer pieces apply the layer scales). Reconstruction is refused: the
-refit fits the output projection to the residual stream's target as if the projection's output
-were added unscaled, and a layer scale weighs each channel of that error by its square. Token
+The fast engine runs it (its layer pieces apply the layer scales). The refits run: `branch_scale`
+gives each sublayer's layer scale λ, and the refit fits the scaled branch λ ⊙ (W x + b) to the
+residual stream's target (the dense sum minus the pruned residual), so drift in the residual is
+divided by λ per channel and each channel's error is weighed as the residual stream sees it. Token
 mode is refused: the classifier averages the patch tokens, which merged tokens would reweight.
 The SwiGLU FFN of the giant model (`use_swiglu_ffn=True`) is refused by `check_config`.
 """
@@ -60,6 +61,9 @@ class Dinov2Adapter(ArchAdapter):
                 "prunes DINOv2's two-matrix MLP (use_swiglu_ffn=False: facebook/dinov2-small, -base, -large)."
             )
 
+    def branch_scale(self, layer: nn.Module, sublayer: str) -> torch.Tensor | None:
+        return (layer.layer_scale1 if sublayer == "attn_out" else layer.layer_scale2).lambda1.detach()
+
     def layer_geometry(self, config) -> tuple[LayerGeometry, ...]:
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
@@ -78,6 +82,6 @@ DINOV2 = Dinov2Adapter(
     finish_attention=_finish_attention,
     feed_forward=_feed_forward,
     finish_feed_forward=_finish_feed_forward,
-    capabilities=Capabilities(fast_engine=True),  # see the module docstring for the refusals
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales")),  # token mode: see the module docstring
     classifiers={"Dinov2ForImageClassification": _cls_and_mean_classifier},
 )
