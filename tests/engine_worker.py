@@ -38,8 +38,11 @@ def main() -> None:
         LossCheckpoint.save = slow_save
     config = OptinConfig(**WORKER_CONFIG, checkpoint_dir=args.checkpoint_dir, variants_per_batch=args.variants)
     scores = OptinPruner(config).compute_scores(tiny_model("bert"), calibration("bert"))
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         scores.save(args.out)
+    state.wait_for_everyone()
+    state.destroy_process_group()  # as tests/token_worker.py: no process group left to the interpreter's exit
 
 
 if __name__ == "__main__":

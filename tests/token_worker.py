@@ -30,8 +30,13 @@ def main() -> None:
     adapter = get_adapter(model)
     batches = token_batches()
     raw = reference_token_losses(model, adapter, batches, capture_token_grams(model, adapter, batches), 4.0, checkpoint_dir=checkpoint_dir)
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         save_file({"md": raw.md, "kl": raw.kl}, out)
+    # A process group left to the interpreter's exit can abort in gloo's threads ("terminate called without an
+    # active exception"): end it once every process is done, as a launched program should.
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
