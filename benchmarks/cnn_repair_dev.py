@@ -1,19 +1,26 @@
-"""The CNN repairs compared on a development split of digits-resnet (how `reconstruct="batchnorm"` was chosen).
+"""The CNN repairs compared on development splits of digits-resnet (how its repair was chosen); no test image is read.
 
-Scored on calibration images 0-63 (as the recipe), repaired on images 0-127, judged on images 128-255 of
-the default's calibration split: no test image is read. Per criterion and budget, dev accuracy of:
-none; "batchnorm" (optin-hf: running means re-estimated, variances kept); means and variances
-re-estimated by BatchNorm train-mode passes with cumulative averages (momentum=None); and an analytic
-bias correction (each removed channel's mean activation in the dense model times the next conv's
-weights summed over its kernel, folded into the next BatchNorm's running mean).
+Two folds of the default's 256 calibration images: scored on the first 64 images of one half (the recipe
+scores 64), repaired on that half (128 images), judged on the other half; the table gives the accuracy
+over both dev halves (256 images, each judged once). Per criterion and budget, dev accuracy of:
+- none;
+- batchnorm: `reconstruct="batchnorm"`, running means re-estimated, variances kept;
+- weights / scales: the least-squares refit of each block's last 1x1 conv with its BatchNorm to the
+  dense pre-activation sum (`reconstruct="weights"` / `"scales"`);
+- batchnorm+weights: the BatchNorm repair, then the refit on top (it refits the last conv's BatchNorm again);
+- train-mode bn, bias correction (optional, `--repairs`): means and variances re-estimated by BatchNorm
+  train-mode passes with cumulative averages; each removed channel's mean activation in the dense model
+  times the next conv's weights, folded into the next BatchNorm's running mean.
 
-    python benchmarks/cnn_repair_dev.py [--criteria optin magnitude random] [--budgets 0.8 0.6 0.5]
+    nice -n 10 python benchmarks/cnn_repair_dev.py [--criteria optin magnitude random] [--budgets 0.8 0.6 0.5]
+        [--repairs none batchnorm weights scales batchnorm+weights]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -29,7 +36,7 @@ from optin_hf.tasks.report import split_accuracy
 
 
 @torch.no_grad()
-def train_mode_statistics(model: nn.Module, batches: list[dict]) -> None:
+def train_mode_statistics(model: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list[dict]) -> None:
     """Every block BatchNorm's mean and variance re-estimated in train mode, cumulative averages."""
     norms = [norm for layer in check_model(model).layers_of(model) for _, norm in batch_norms(layer)]
     for norm in norms:
@@ -64,34 +71,55 @@ def bias_correction(model: nn.Module, dense: nn.Module, masks: PruningMasks, bat
             get_submodule(slim, consumer).normalization.running_mean.sub_(shift.float())
 
 
+def _repairs(*modes: str) -> Callable:
+    def repair(model: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list[dict]) -> None:
+        for mode in modes:
+            reconstruct(model, dense, batches, mode)
+
+    return repair
+
+
+REPAIRS: dict[str, Callable | None] = {
+    "none": None,
+    "batchnorm": _repairs("batchnorm"),
+    "weights": _repairs("weights"),
+    "scales": _repairs("scales"),
+    "batchnorm+weights": _repairs("batchnorm", "weights"),
+    "train-mode bn": train_mode_statistics,
+    "bias correction": bias_correction,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--criteria", nargs="+", default=["optin", "magnitude", "random"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.8, 0.6, 0.5])
+    parser.add_argument("--repairs", nargs="+", choices=list(REPAIRS), default=["none", "batchnorm", "weights", "scales", "batchnorm+weights"])
     args = parser.parse_args()
     task = load_default("digits-resnet")
     calibration = task.calibration
-    scoring, repair, dev = calibration.select(range(64)), calibration.select(range(128)), calibration.select(range(128, 256))
-    batches = prepare_calibration(repair, None, num_samples=128, batch_size=32, max_length=128)
-    print(f"dense dev accuracy {split_accuracy(task.model, dev, None):.3f} ({len(dev)} images)")
-    repairs = ("none", "batchnorm (means)", "train-mode means+vars", "bias correction")
-    print("| criterion | budget | " + " | ".join(repairs) + " |\n|---|---|" + "---|" * len(repairs))
+    halves = [calibration.select(range(128)), calibration.select(range(128, 256))]
+    folds = [(halves[0], halves[1]), (halves[1], halves[0])]  # (scored and repaired on, judged on)
+    dense_correct = sum(split_accuracy(task.model, dev, None) * len(dev) for _, dev in folds)
+    print(f"dense dev accuracy {dense_correct / len(calibration):.3f} ({len(calibration)} images, two folds)")
+    print("| criterion | budget | " + " | ".join(args.repairs) + " |\n|---|---|" + "---|" * len(args.repairs))
     for criterion in args.criteria:
         base = dict(num_samples=64, neuron_group_size=1, neurons_multiple_of=1, importance=criterion, reconstruct="none", seed=0)
-        pruner = OptinPruner(OptinConfig(**base))
-        scores = pruner.compute_scores(task.model, scoring)
+        correct = {(budget, name): 0.0 for budget in args.budgets for name in args.repairs}
+        for fit, dev in folds:
+            batches = prepare_calibration(fit, None, num_samples=len(fit), batch_size=32, max_length=128)
+            pruner = OptinPruner(OptinConfig(**base))
+            scores = pruner.compute_scores(task.model, fit.select(range(64)))
+            for budget in args.budgets:
+                config = OptinConfig(**{**base, "mac_constraint": budget, "seq_len": pruner.seq_len})
+                masks = OptinPruner(config).compute_masks(task.model, scores=scores)
+                for name in args.repairs:
+                    model = slim_model(copy.deepcopy(task.model), masks).eval()
+                    if REPAIRS[name] is not None:
+                        REPAIRS[name](model, task.model, masks, batches)
+                    correct[budget, name] += split_accuracy(model, dev, None) * len(dev)
         for budget in args.budgets:
-            masks = OptinPruner(OptinConfig(**{**base, "mac_constraint": budget, "seq_len": pruner.seq_len})).compute_masks(task.model, scores=scores)
-            accs = []
-            for name in repairs:
-                model = slim_model(copy.deepcopy(task.model), masks).eval()
-                if name.startswith("batchnorm"):
-                    reconstruct(model, task.model, batches, "batchnorm")
-                elif name.startswith("train-mode"):
-                    train_mode_statistics(model, batches)
-                elif name.startswith("bias"):
-                    bias_correction(model, task.model, masks, batches)
-                accs.append(split_accuracy(model, dev, None))
+            accs = [correct[budget, name] / len(calibration) for name in args.repairs]
             print(f"| {criterion} | {budget} | " + " | ".join(f"{a:.3f}" for a in accs) + " |", flush=True)
 
 

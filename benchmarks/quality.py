@@ -25,8 +25,8 @@ from optin_hf.tasks.report import mean_iou_on, split_accuracy
 
 
 def repairs(model, mode: str) -> bool:
-    """Whether reconstruction `mode` applies to the model's family (a refit is refused by CNNs and Swin,
-    "batchnorm" by families without BatchNorm: their rows are skipped)."""
+    """Whether reconstruction `mode` applies to the model's family (its adapter's declared repairs: every
+    family refits, and only BatchNorm CNNs take "batchnorm"); rows of other modes are skipped."""
     return check_model(model).supports(mode)
 
 

@@ -113,6 +113,64 @@ def allocate(
     return masks.with_masks(head_mask, neuron_mask)
 
 
+def allocate_uniform(
+    head_scores: torch.Tensor,
+    neuron_scores: torch.Tensor,
+    costs: MacCosts,
+    budget: float,
+    *,
+    prune_heads: bool = True,
+    prune_neurons: bool = True,
+    min_fill: float = 0.99,
+    neurons_multiple_of: int = 1,
+    units: PruningMasks | None = None,
+) -> PruningMasks:
+    """The budget search with every layer keeping the same counts (`OptinConfig.uniform_layers`): k heads
+    and n neurons per layer, each layer its own k best heads and n best neurons, for the (k, n) under
+    `budget` that keeps the most summed importance (splits that fill less than `min_fill` of the budget
+    dropped when any fills it, as in `_search`). Every layer keeps at least one head and one block of
+    `neurons_multiple_of` neurons, so the slim model is a standard config; n is a multiple of it (or all).
+    """
+    units = units or PruningMasks(torch.ones_like(head_scores, dtype=torch.bool), torch.ones_like(neuron_scores, dtype=torch.bool))
+    widths = [sorted(set(present.sum(1).tolist())) for present in units.present()]
+    if len(widths[0]) > 1 or len(widths[1]) > 1:
+        raise ValueError(
+            f"uniform_layers=True keeps the same counts in every layer, and this model's layers differ (heads "
+            f"{widths[0]}, neurons {widths[1]} per layer): set uniform_layers=False."
+        )
+    heads, neurons = widths[0][0], widths[1][0]
+    for kind, scores, pruned in (("head", head_scores, prune_heads), ("neuron", neuron_scores, prune_neurons)):
+        if pruned:
+            check_scores(scores, kind)
+    # cumulative[k]: the summed scores of every layer's k best units
+    cumulative = [torch.cat([s.new_zeros(1), s.double().sort(dim=1, descending=True).values.sum(0).cumsum(0)])
+                  for s in (head_scores[:, :heads], neuron_scores[:, :neurons])]
+    step = max(1, min(neurons_multiple_of, neurons))
+    head_counts = range(1, heads + 1) if prune_heads else [heads]
+    neuron_counts = sorted({*range(step, neurons + 1, step), neurons}) if prune_neurons else [neurons]
+    layers = head_scores.shape[0]
+    options = []  # (filled, summed score, k, n)
+    for k in head_counts:
+        for n in neuron_counts:
+            spent = costs.macs([k] * layers, [n] * layers)
+            if spent <= budget + 1e-9:
+                options.append((spent >= min_fill * budget, float(cumulative[0][k] + cumulative[1][n]), k, n))
+    if not options:
+        least = costs.macs([head_counts[0]] * layers, [neuron_counts[0]] * layers)
+        raise ValueError(
+            f"uniform_layers=True cannot reach the budget of {budget:.4g} MACs: keeping {head_counts[0]} head(s) and "
+            f"{neuron_counts[0]} neuron(s) in every layer already costs {least:.4g}. Raise mac_constraint, lower "
+            "neurons_multiple_of, or set uniform_layers=False."
+        )
+    _, _, k, n = max(options)
+    keep = [s[:, :width].double().argsort(dim=1, descending=True, stable=True)[:, :count]
+            for s, width, count in ((head_scores, heads, k), (neuron_scores, neurons, n))]
+    head_mask, neuron_mask = torch.zeros_like(head_scores, dtype=torch.bool), torch.zeros_like(neuron_scores, dtype=torch.bool)
+    head_mask.scatter_(1, keep[0], True)
+    neuron_mask.scatter_(1, keep[1], True)
+    return units.with_masks(head_mask, neuron_mask)
+
+
 def _open_blocks(scores: torch.Tensor, kept: torch.Tensor, present: torch.Tensor, multiple: int) -> torch.Tensor:
     """Each layer's neurons not yet kept, best first, in blocks of `multiple` ([blocks, multiple]
     flat indices, -1 padding the last block of a layer), so taking a layer's blocks in order keeps

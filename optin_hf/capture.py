@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter
+from .data import image_size_of
 from .hooks import record_features
-from .losses import KLOutputs
+from .losses import DenseOutputs, bounded
 
 
 @dataclass
@@ -21,14 +22,16 @@ class DenseCapture:
     rows[b]: flat indices into batch b's [batch*tokens] of the MD token subset (real tokens
     only, seeded, K in all). grams[z]: [K, K] cosine Gram of layer z's feature on that
     subset. outputs[b]: what the KL compares on batch b (`ArchAdapter.kl_outputs`; None for a
-    bare encoder), kept per batch so batches of different lengths are never joined. tokens: the tokens
+    bare encoder), kept per batch so batches of different lengths are never joined, and in
+    top-k form past `losses.KL_FULL_CLASSES` classes (`losses.bounded`: a language model's
+    vocabulary), so their memory does not grow with the vocabulary. tokens: the tokens
     per example that `rows` index (vision), so a layer that holds fewer (Swin's later stages)
     reads the rows at its own resolution (`layer_rows`); None: every layer holds the batch's.
     """
 
     rows: list[torch.Tensor]
     grams: list[torch.Tensor]
-    outputs: list[KLOutputs | None]
+    outputs: list[DenseOutputs | None]
     tokens: int | None = None
 
 
@@ -87,14 +90,14 @@ def capture_dense(
     """The dense run on `batches`. `rows` overrides the MD token subset (an engine that
     re-batches the data passes the same tokens at their new places)."""
     device = next(model.parameters()).device
-    tokens = adapter.default_seq_len(model.config)
+    tokens = adapter.default_seq_len(model.config, image_size_of(batches))  # at the size the images run
     if rows is None:
         rows = md_token_rows(batches, md_tokens, seed, tokens)
     per_layer: list[list[torch.Tensor]] = [[] for _ in adapter.layers_of(model)]
     outputs = []
     with record_features(model, adapter) as features:
         for batch, batch_rows in zip(batches, rows):
-            outputs.append(adapter.kl_outputs(scoring_forward(model, batch), batch))
+            outputs.append(bounded(adapter.kl_outputs(scoring_forward(model, batch), batch)))
             for z, feature in enumerate(features):
                 per_layer[z].append(select_rows(feature, batch_rows.to(device), tokens))
     grams = [torch.cat(parts) @ torch.cat(parts).T for parts in per_layer]

@@ -57,7 +57,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from .arch import ADAPTERS
+from .arch import ADAPTERS, get_adapter
+from .arch.causal_lm import standard_config
 from .importance.scores import SCORES_NAME, ImportanceScores
 from .masks import MASKS_NAME, load_safetensors
 from .reconstruct import RECONSTRUCTION_NAME, save_reconstruction
@@ -341,8 +342,14 @@ def write_checkpoint(
     if not masks_only:
         # Our own key names: save_pretrained would rename keys to legacy checkpoint layouts.
         model.config.architectures = [type(model).__name__]  # the task head to rebuild
-        save_model_config(model.config, folder)
-        save_torch_state_dict(model.state_dict(), folder, max_shard_size=max_shard_size)
+        standard = standard_config(get_adapter(model.config), model.config, result.masks)  # a uniform slim LLM: plain transformers loads it
+        if standard is None:
+            save_model_config(model.config, folder)
+        else:
+            standard.save_pretrained(folder)
+        # A tied LM head is written once, under its source's name (the input embedding), as transformers does.
+        tied = list(getattr(model, "_tied_weights_keys", None) or [])
+        save_torch_state_dict(model.state_dict(), folder, max_shard_size=max_shard_size, shared_tensors_to_discard=tied)
     result.config.save_pretrained(folder)
     result.masks.save(folder / MASKS_NAME)
     if masks_only and result.reconstruction is not None:

@@ -20,7 +20,7 @@ from .criteria import CRITERIA
 CONFIG_NAME = "optin_config.json"
 ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
-RECONSTRUCT_MODES = ("weights", "scales", "batchnorm", "none")
+RECONSTRUCT_MODES = ("auto", "weights", "scales", "batchnorm", "none")
 SCALE_RANGE = (1e-100, 1e100)  # temperature, lambda_contribution: their float64 products stay finite
 INT64 = 2**63  # integer settings reach torch (seeds, sizes, counts) as int64
 
@@ -38,7 +38,11 @@ class OptinConfig:
     `neurons_multiple_of=8` makes every layer keep a multiple of 8 neurons (or all): matmul
     kernels run such widths much faster per column, so the slim model's speed follows its MACs;
     1 keeps the exact best neurons.
-    `seq_len=None` counts MACs at the calibration data's average unpadded length.
+    `uniform_layers=True` makes every layer keep the same number of heads (KV groups) and FFN neurons,
+    the best common counts under the budget: a decoder LLM's slim checkpoint is then its family's
+    standard config, which plain transformers (and serving engines with no per-layer sizes) load.
+    `seq_len=None` counts MACs at the calibration data's average unpadded length; `image_size=None` counts
+    a vision model's at the calibration images' [height, width] (the saved config records it).
     `base_model_*` name the dense model that was pruned (Hub id, commit sha, transformers class), so a
     masks-only repo can rebuild it; `push_to_hub` fills them in, a value set here overrides what it detects.
     A masks-only save over a base in a local folder records `base_model_fingerprint`, the sha256 of its
@@ -49,6 +53,10 @@ class OptinConfig:
     size and neuron grouping are lowered (never raised) until the estimated scoring time fits:
     neurons coarsen first (powers of two up to 128), then examples are dropped (down to 8).
 
+    `reconstruct="auto"` (the default) repairs with the strongest repair the model's family declares
+    (`Capabilities.repairs`, in order of preference; with `prune_steps > 1`, the strongest refit), so one
+    config prunes and repairs every supported model; the pruner records the repair it used in its config
+    (and so in the saved `optin_config.json`).
     `reconstruct="weights"` refits each sublayer's output projection after slimming, by ridge
     least squares on `reconstruct_samples` calibration examples, so that the slim model rebuilds
     the dense model's sums (`optin_hf.reconstruct`); "scales" fits one factor per kept unit
@@ -84,11 +92,13 @@ class OptinConfig:
     md_tokens: int = 768
     neuron_group_size: int = 1
     neurons_multiple_of: int = 8
+    uniform_layers: bool = False
     faithful: bool = False
     importance: str = "optin"
     importance_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     seq_len: float | None = None
+    image_size: list[int] | None = None
     engine: str = "fast"
     variants_per_batch: int | None = None
     dtype: str = "float32"
@@ -98,7 +108,7 @@ class OptinConfig:
     max_patch_envelope: float = 100.0
     patch_metric_decay: float = 1.0
     token_cut_share: float | None = None
-    reconstruct: str = "weights"
+    reconstruct: str = "auto"
     reconstruct_samples: int = 256
     reconstruct_ridge: float = 1e-3
     prune_steps: int = 1
@@ -109,6 +119,8 @@ class OptinConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_size, (int, tuple)) and not isinstance(self.image_size, bool):  # one side, or (h, w)
+            self.image_size = [self.image_size] * 2 if isinstance(self.image_size, int) else list(self.image_size)
         check_field_types(self)
         if not 0.0 < self.mac_constraint <= 1.0:
             raise ValueError(
@@ -164,6 +176,10 @@ class OptinConfig:
             raise ValueError(f"reconstruct_ridge={self.reconstruct_ridge} must be a finite number >= 0 (relative to the Gram's mean diagonal).")
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len={self.seq_len} must be positive (or None to measure it on the data).")
+        if self.image_size is not None and (
+            len(self.image_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.image_size)
+        ):
+            raise ValueError(f"image_size={self.image_size!r} must be [height, width], two positive integers (or None: the calibration images').")
 
     def resolved_token_cut_share(self) -> float:
         """The heads-and-neurons share of the MAC cut in token mode: the given one, or a seeded draw."""

@@ -21,6 +21,8 @@ BUILTIN_CRITERIA = {
     "magnitude": "optin_hf.importance.magnitude:MagnitudeImportance",
     "random": "optin_hf.importance.random:RandomImportance",
     "fisher": "optin_hf.importance.fisher:FisherImportance",
+    "flap": "optin_hf.importance.flap:FlapImportance",
+    "wanda_sp": "optin_hf.importance.wanda:WandaSpImportance",
 }
 
 T = TypeVar("T", bound=type)

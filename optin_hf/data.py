@@ -368,6 +368,15 @@ def prepare_calibration(
     return [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
 
 
+def image_size_of(batches: list[dict[str, torch.Tensor]]) -> tuple[int, int] | None:
+    """(height, width) of calibration images, all of one size (`_check_examples` refuses mixed sizes);
+    None for text. A vision model's MACs and tokens are counted at it."""
+    if "pixel_values" not in batches[0]:
+        return None
+    height, width = batches[0]["pixel_values"].shape[-2:]
+    return int(height), int(width)
+
+
 def average_length(batches: list[dict[str, torch.Tensor]]) -> float | None:
     """Mean unpadded token count of text batches; None for images (their length is fixed)."""
     if "attention_mask" not in batches[0]:

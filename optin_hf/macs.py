@@ -14,6 +14,13 @@ kind of unit feeds the other (a ResNet bottleneck's 3x3 conv reads the reduce ch
 writes the mid channels) each kept pair adds `ArchAdapter.pair_macs`. A layer that keeps no head
 saves its shared attention (`ArchAdapter.shared_attention_macs`, SegFormer's reduction conv).
 
+A vision model is counted at one image size (`ImageSize`, height x width): the calibration
+images' when the pruner counts (all of one size: mixed sizes are refused when the data is read),
+the one a pruned model records (`OptinConfig.image_size`, so a reload and the model card count
+where the pruner did), `count_macs`'s `image_size`, or else the size the config states. Its token
+count (`ArchAdapter.default_seq_len`) and every map a Swin, CNN or SegFormer layer runs follow from
+it, so no config field has to be set by hand.
+
 With a token schedule, layer i uses s = schedule[i], the number of tokens it really holds,
 class (and distillation) tokens included, because every matmul of the layer runs on all of
 them. (The reference counts s = tokens - 1 there, which disagrees both with its own dense base
@@ -32,7 +39,9 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter, check_model
+from .arch.base import ImageSize
 from .masks import PruningMasks
+from .result import RESULT_ATTRIBUTE
 from .tokens import installed_schedule, merge_rounds
 
 
@@ -40,6 +49,21 @@ def check_seq_len(seq_len: float) -> None:
     """Refuse a length the MAC formulas cannot use (NaN would make every budget comparison false)."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, Real) or not math.isfinite(seq_len) or seq_len <= 0:
         raise ValueError(f"seq_len={seq_len!r} is not a positive finite number of tokens: pass e.g. the average unpadded length.")
+
+
+def counted_at(seq_len: float, image_size: Sequence[int] | None, digits: int = 1) -> str:
+    """What MACs were counted at, in the model's own terms: "64x64 images", or "12.3 tokens" (`digits` decimals) for text."""
+    if image_size is not None:
+        return f"{image_size[0]}x{image_size[1]} images"
+    return f"{seq_len:.{digits}f} tokens"
+
+
+def recorded_image_size(model: nn.Module) -> ImageSize | None:
+    """The image size a pruned model's MACs were counted at (`OptinConfig.image_size` of the result it
+    carries); None for a dense model, a text model, or one pruned before the size was recorded."""
+    result = getattr(model, RESULT_ATTRIBUTE, None)
+    size = None if result is None else result.config.image_size
+    return None if size is None else (int(size[0]), int(size[1]))
 
 
 def merge_macs(schedule: Sequence[int], num_prefix_tokens: int, hidden: int) -> float:
@@ -95,7 +119,8 @@ class CostModel:
 
     Built once per model (`CostModel.of`); a bare config (`CostModel(adapter, config)`) counts no
     fixed MACs and no model. `fixed` is what no unit owns as the model runs (`ArchAdapter.fixed_macs`);
-    `kept` the heads and neurons each of its layers runs; `schedule` the token schedule it runs.
+    `kept` the heads and neurons each of its layers runs; `schedule` the token schedule it runs;
+    `image_size` the (height, width) a vision model is counted at (None: text, or the config's).
     """
 
     adapter: ArchAdapter
@@ -103,16 +128,22 @@ class CostModel:
     fixed: float = 0.0
     kept: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     schedule: tuple[int, ...] | None = None
+    image_size: ImageSize | None = None
 
     @classmethod
-    def of(cls, model: nn.Module, adapter: ArchAdapter | None = None) -> CostModel:
-        """The cost model of `model`, dense or slim; `adapter` is its adapter where the caller has it."""
+    def of(cls, model: nn.Module, adapter: ArchAdapter | None = None, image_size: Sequence[int] | int | None = None) -> CostModel:
+        """The cost model of `model`, dense or slim; `adapter` is its adapter where the caller has it.
+
+        A vision model is counted at `image_size` (the calibration images'), else at the size a pruned
+        model records, else at its config's (`ArchAdapter.image_size`, which refuses a text model's)."""
         adapter = adapter or check_model(model)
         config = model.config
+        size = adapter.image_size(config, image_size if image_size is not None else recorded_image_size(model))
         layers = adapter.layers_of(model)
         kept = tuple(adapter.kept_heads(layer, config) for layer in layers), tuple(adapter.kept_neurons(layer) for layer in layers)
         schedule = installed_schedule(model)
-        return cls(adapter, config, float(adapter.fixed_macs(model)), kept, None if schedule is None else tuple(schedule))
+        fixed = float(adapter.fixed_macs(model, size))
+        return cls(adapter, config, fixed, kept, None if schedule is None else tuple(schedule), size)
 
     @property
     def units(self) -> PruningMasks:
@@ -122,7 +153,11 @@ class CostModel:
     def at(self, schedule: Sequence[float]) -> MacCosts:
         """The costs when layer i holds schedule[i] tokens (token matching between layers included)."""
         a, config = self.adapter, self.config
-        per_layer = lambda formula: torch.tensor([formula(s, config, i) for i, s in enumerate(schedule)], dtype=torch.float64)  # noqa: E731
+        # Only a vision model's formulas take the image size: a text family's keep (seq_len, config, layer).
+        sized = {} if self.image_size is None else {"image_size": self.image_size}
+        per_layer = lambda formula: torch.tensor(  # noqa: E731
+            [formula(s, config, i, **sized) for i, s in enumerate(schedule)], dtype=torch.float64
+        )
         shared = per_layer(a.shared_attention_macs)
         fixed = self.fixed
         if self.kept is not None:  # a layer of the counted model that keeps no head runs no shared attention
@@ -134,7 +169,7 @@ class CostModel:
     def uniform(self, seq_len: float | None = None) -> list[float]:
         """Every layer at `seq_len` tokens (default: the image's token count; text needs it given)."""
         if seq_len is None:
-            seq_len = self.adapter.default_seq_len(self.config)
+            seq_len = self.adapter.default_seq_len(self.config, self.image_size)
         if seq_len is None:
             raise ValueError("count_macs needs seq_len for a text model (e.g. the average unpadded length).")
         check_seq_len(seq_len)
@@ -165,11 +200,16 @@ class CostModel:
         return self.at(schedule).macs(*self.kept)
 
 
-def count_macs(model: nn.Module, seq_len: float | None = None, token_schedule: Sequence[int] | None = None) -> float:
+def count_macs(
+    model: nn.Module, seq_len: float | None = None, token_schedule: Sequence[int] | None = None, *,
+    image_size: Sequence[int] | int | None = None,
+) -> float:
     """MACs of one example through the encoder of a dense or slimmed model.
 
-    `seq_len` defaults to the image's token count for vision models; text needs it given.
-    `token_schedule` (tokens per layer) defaults to the one the model runs, if it merges tokens;
-    a `seq_len` given with a schedule must be its input length, schedule[0].
+    A vision model is counted on one `image_size` image ((height, width) or one side): default, the
+    size a pruned model records (the calibration images'), else the size its config states; a config
+    that states none (SegFormer, ResNet) needs it given. `seq_len` defaults to that image's token
+    count; text needs it given. `token_schedule` (tokens per layer) defaults to the one the model runs,
+    if it merges tokens; a `seq_len` given with a schedule must be its input length, schedule[0].
     """
-    return CostModel.of(model).model_macs(seq_len, token_schedule)
+    return CostModel.of(model, image_size=image_size).model_macs(seq_len, token_schedule)

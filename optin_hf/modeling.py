@@ -14,6 +14,8 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .arch import ArchAdapter, get_adapter
+from .arch.causal_lm import dense_config
 from .checkpoint import (
     MODEL_CONFIG_NAME, load_model_config, load_weights, restore_interrupted_save, weights_fingerprint
 )
@@ -45,12 +47,13 @@ def model_class(config: PretrainedConfig) -> type:
     return transformers.AutoModel._model_mapping[type(config)]
 
 
-def build_slim(config: PretrainedConfig, masks: PruningMasks) -> nn.Module:
+def build_slim(config: PretrainedConfig, masks: PruningMasks, adapter: ArchAdapter | None = None) -> nn.Module:
     """The slim model that `masks` give, its parameters on the meta device (buffers are real): no dense model is
-    ever allocated. Load weights into it with `checkpoint.load_weights`."""
-    masks.check_fits(config)
+    ever allocated. Load weights into it with `checkpoint.load_weights`. `adapter`: the config's, where known."""
+    adapter = adapter or get_adapter(config)
+    masks.check_fits(config, adapter)
     with init_empty_weights():
-        return slim_model(model_class(config)(config), masks)
+        return slim_model(model_class(config)(config), masks, adapter)
 
 
 def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -70,17 +73,20 @@ def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
 
 def _load_slim_checkpoint(
     folder: Path, source: str, torch_dtype: torch.dtype | None, attn_implementation: str | None
-) -> nn.Module:
+) -> tuple[nn.Module, ArchAdapter]:
     config = load_model_config(folder, source)  # refuses unsupported model types before anything is built
+    masks = PruningMasks.load(folder / MASKS_NAME)
+    adapter = get_adapter(config)
+    config = dense_config(adapter, config, masks)  # a uniform LLM's config.json holds the slim sizes: slim the dense one
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    model = build_slim(config, PruningMasks.load(folder / MASKS_NAME))
+    model = build_slim(config, masks, adapter)
     load_weights(model, folder)
     # The weights keep their saved dtype; float buffers made at build time follow them.
     dtype = torch_dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
     model.to(dtype)
     model.config.dtype = dtype
-    return model
+    return model, adapter
 
 
 def _check_fingerprint(base: Path, optin: OptinConfig, source: str) -> None:
@@ -113,7 +119,7 @@ def _load_from_base(
     hub_kwargs: dict,
     torch_dtype: torch.dtype | None,
     attn_implementation: str | None,
-) -> nn.Module:
+) -> tuple[nn.Module, ArchAdapter]:
     """Slim the base model (the one named in optin_config.json at its recorded commit, or `base_model`) with the
     masks, and apply the refit parameters of a reconstructed model."""
     optin = OptinConfig.from_pretrained(folder)
@@ -125,7 +131,8 @@ def _load_from_base(
                 f"The masks of {source} were made on a {optin.base_model_class}, and base_model is a {name}: "
                 f"pass a {optin.base_model_class}."
             )
-        masks.check_fits(model.config)
+        adapter = get_adapter(model.config)
+        masks.check_fits(model.config, adapter)
         if torch_dtype is not None:
             model.to(torch_dtype)
         if attn_implementation is not None:
@@ -144,8 +151,9 @@ def _load_from_base(
             _check_fingerprint(base, optin, source)
         if optin.base_model_class:
             config.architectures = [optin.base_model_class]  # the task head that was pruned, whatever the base names
+        adapter = get_adapter(config)
         try:
-            masks.check_fits(config)
+            masks.check_fits(config, adapter)
         except ValueError as err:
             raise ValueError(
                 f"The masks of {source} do not fit its base model {name!r} (revision {revision}): {err}"
@@ -158,15 +166,15 @@ def _load_from_base(
             dtype=torch_dtype or "auto",
             **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
-    model = slim_model(model, masks)
+    model = slim_model(model, masks, adapter)
     if optin.reconstruct != "none":
         if not (folder / RECONSTRUCTION_NAME).is_file():
             raise FileNotFoundError(
                 f"{source} was reconstructed (reconstruct={optin.reconstruct!r} in {CONFIG_NAME}) but has no "
                 f"{RECONSTRUCTION_NAME}: re-upload it, or share the full slim checkpoint (masks_only=False)."
             )
-        load_reconstruction(model, folder / RECONSTRUCTION_NAME)
-    return model
+        load_reconstruction(model, folder / RECONSTRUCTION_NAME, adapter)
+    return model, adapter
 
 
 def _place(model: nn.Module, device_map: DeviceMap | None) -> nn.Module:
@@ -235,16 +243,16 @@ class AutoOptinModel:
         if (folder / MODEL_CONFIG_NAME).is_file():
             if base_model is not None:
                 raise ValueError(f"{source} is a full slim checkpoint: it needs no base_model.")
-            model = _load_slim_checkpoint(folder, source, target_dtype, attn_implementation)
+            model, adapter = _load_slim_checkpoint(folder, source, target_dtype, attn_implementation)
         elif (folder / CONFIG_NAME).is_file():
-            model = _load_from_base(folder, source, base_model, hub_kwargs, target_dtype, attn_implementation)
+            model, adapter = _load_from_base(folder, source, base_model, hub_kwargs, target_dtype, attn_implementation)
         else:
             raise FileNotFoundError(
                 f"{source} has {MASKS_NAME} but neither {MODEL_CONFIG_NAME} (a full slim checkpoint) nor {CONFIG_NAME} "
                 "(a masks-only checkpoint naming its base model)."
             )
         model.config.name_or_path = source
-        result = read_result(folder, model)  # so it can be saved or pushed again
+        result = read_result(folder, model, adapter)  # so it can be saved or pushed again
         # The fingerprint describes the base folder at one save; each masks-only save computes it anew.
         config = dataclasses.replace(result.config, base_model_fingerprint=None)
         attach_result(model, dataclasses.replace(result, config=config))

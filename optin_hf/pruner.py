@@ -15,13 +15,13 @@ from huggingface_hub import CommitInfo
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import allocate, allocate_with_tokens, rearrange_masks
+from .allocate import allocate, allocate_uniform, allocate_with_tokens, rearrange_masks
 from .arch import ArchAdapter, check_model, require
 from .checkpoint import MAX_SHARD_SIZE, save_pruned
 from .config import OptinConfig
-from .data import average_length, check_inputs, prepare_calibration, replayable
+from .data import average_length, check_inputs, image_size_of, prepare_calibration, replayable
 from .engine.distributed import process_state
-from .engine.estimate import ScoringPlan, layer_units, plan_scoring, scoring_cost, time_dense
+from .engine.estimate import ScoringPlan, layer_units, plan_scoring, scoring_cost, time_dense, token_counts
 from .engine.run import engine_for, precision
 from .hub import CardMetrics, push_to_hub
 from .importance import CRITERIA, ImportanceScores, criterion_from_config
@@ -50,6 +50,8 @@ class OptinPruner:
         self.masks: PruningMasks | None = None
         self.reconstruction: Reconstruction | None = None
         self.seq_len: float | None = self.config.seq_len
+        # A vision model's MACs are counted at this (height, width): the config's, else the calibration images'.
+        self.image_size: tuple[int, int] | None = tuple(self.config.image_size) if self.config.image_size else None
         self.timings: dict[str, float] = {}
 
     def _batches(
@@ -61,8 +63,10 @@ class OptinPruner:
             config=model.config,
         )
         check_inputs(batches, adapter.is_vision, model.config.model_type)
+        if self.config.image_size is None:
+            self.image_size = image_size_of(batches)
         if self.config.seq_len is None:
-            self.seq_len = average_length(batches) or adapter.default_seq_len(model.config)
+            self.seq_len = average_length(batches) or adapter.default_seq_len(model.config, self.image_size)
         return batches
 
     def _reconstruction_batches(
@@ -74,6 +78,8 @@ class OptinPruner:
             data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length, config=model.config
         )
         check_inputs(batches, adapter.is_vision, model.config.model_type)
+        if self.config.image_size is None:  # given masks, the refit's images are the only ones read
+            self.image_size = image_size_of(batches)
         return batches
 
     def _check_model(self, model: nn.Module, repair: bool = False) -> ArchAdapter:
@@ -81,8 +87,23 @@ class OptinPruner:
         the config asks for and the adapter does not declare is refused here, before any scoring. The entry
         points look the adapter up here, once, and hand it to everything they call."""
         adapter = check_model(model)
+        self._resolve_repair(model, adapter)
         self._refuse(model, adapter, repair)
         return adapter
+
+    def _resolve_repair(self, model: nn.Module, adapter: ArchAdapter) -> None:
+        """Replace `reconstruct="auto"` in this pruner's config by the repair it runs on `model`'s family, so the
+        result and the saved config record the repair used."""
+        c = self.config
+        if c.reconstruct != "auto":
+            return
+        mode = adapter.capabilities.auto_repair(refit=c.prune_steps > 1)
+        if c.prune_steps > 1 and mode == "none":
+            raise ValueError(
+                f"prune_steps={c.prune_steps} re-scores a refit model between steps, and the {model.config.model_type} adapter "
+                f"declares no refit (it supports: {', '.join(adapter.capabilities.supported())}): set prune_steps=1."
+            )
+        self.config = dataclasses.replace(c, reconstruct=mode)
 
     def _refuse(self, model: nn.Module, adapter: ArchAdapter, repair: bool) -> None:
         """Raise if `model` is already pruned or this config asks for what `adapter` does not declare."""
@@ -108,7 +129,7 @@ class OptinPruner:
         would find out only after it): what no unit owns (`ArchAdapter.fixed_macs`), and all a kind that is
         not pruned costs. In token mode that kind's cost shrinks with the tokens, so only the fixed part counts."""
         c, adapter = self.config, costs.adapter
-        seq_len = self.seq_len if self.seq_len is not None else adapter.default_seq_len(costs.config)
+        seq_len = self.seq_len if self.seq_len is not None else adapter.default_seq_len(costs.config, costs.image_size)
         if seq_len is None:
             return  # a text model with neither data nor seq_len: `_allocate` asks for the length
         at = costs.at(costs.uniform(seq_len))
@@ -159,7 +180,7 @@ class OptinPruner:
         was_training = model.training
         model.eval()
         try:
-            self._check_budget(CostModel.of(model, adapter), self.config.mac_constraint)
+            self._check_budget(CostModel.of(model, adapter, self.image_size), self.config.mac_constraint)
             if hasattr(criterion, "masked_units"):
                 with torch.no_grad():
                     units = criterion.masked_units(model, adapter, self.config)
@@ -179,14 +200,16 @@ class OptinPruner:
         `max_scoring_time`, make `self.config` the fitting settings. True: fewer examples were picked."""
         c = self.config
         device = next(model.parameters()).device
+        geometry = adapter.layer_geometry(model.config)
+        widths = [g.hidden for g in geometry]  # the features MD compares
+        tokens = adapter.default_seq_len(model.config, image_size_of(batches))  # per image, at the size scoring runs
+        md_rows = min(c.md_tokens, sum(token_counts(batches, tokens)[0]))
         with precision(device, getattr(torch, c.dtype)):
-            dense_s = time_dense(model, batches[0])
-        num_layers = len(adapter.layers_of(model))
-        per_layer = layer_units(units, adapter.layer_geometry(model.config))
-        cost = scoring_cost(dense_s, batches, adapter.default_seq_len(model.config), c.batch_size, num_layers, per_layer,
-                            engine_for(model, adapter, c))
+            timing = time_dense(model, adapter, batches[0], tokens, md_rows, widths, c.temperature)
+        cost = scoring_cost(timing, batches, tokens, c.batch_size, layer_units(units, geometry), engine_for(model, adapter, c),
+                            widths, c.md_tokens)
         self.plan = plan_scoring(cost, c.neuron_group_size, c.max_scoring_time, device.type)
-        self.timings.update(dense_forward_s=dense_s, estimated_scoring_s=self.plan.estimated_s)
+        self.timings.update(dense_forward_s=timing.seconds, estimated_scoring_s=self.plan.estimated_s)
         if process_state(device).is_main_process:
             tqdm.write(str(self.plan), file=sys.stderr)
         fewer = self.plan.num_samples < self.plan.available_samples
@@ -219,7 +242,7 @@ class OptinPruner:
             scores = self._scores(model, adapter, data, tokenizer)
         elif scores is None:
             scores = self.scores
-        elif data is not None and self.config.seq_len is None:
+        elif data is not None and (self.config.seq_len is None or (adapter.is_vision and self.config.image_size is None)):
             self._batches(model, adapter, data, tokenizer)
         self.masks = self._allocate(model, adapter, scores, self.config.mac_constraint)
         return self.masks
@@ -254,11 +277,12 @@ class OptinPruner:
         self, model: nn.Module, adapter: ArchAdapter, scores: ImportanceScores, mac_constraint: float
     ) -> PruningMasks:
         """The masks that keep `mac_constraint` of the dense `model`'s MACs by `scores`."""
-        costs = CostModel.of(model, adapter)
+        costs = CostModel.of(model, adapter, self.image_size)
+        self.image_size = costs.image_size  # the size counted at (the config's when no image was read), recorded
         scores.check_fits(model.config, adapter)
         self.scores = scores
         if self.seq_len is None:
-            self.seq_len = adapter.default_seq_len(model.config)
+            self.seq_len = adapter.default_seq_len(model.config, self.image_size)
         if self.seq_len is None:
             raise ValueError("The MAC sequence length is unknown: pass calibration data or set OptinConfig(seq_len=...).")
         self._check_budget(costs, mac_constraint)
@@ -267,26 +291,31 @@ class OptinPruner:
         kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of,
                   units=costs.units)
         if c.prune_tokens:
+            if c.uniform_layers:
+                raise ValueError("uniform_layers=True keeps the same counts in every layer, which a token schedule does not: "
+                                 "set prune_tokens=False or uniform_layers=False.")
             if scores.token_scores is None:
                 raise ValueError(
                     f"prune_tokens=True needs token scores, which these {scores.criterion!r} scores lack: score with "
                     "importance='optin' (or 'random') and prune_tokens=True, or import the reference's rankings."
                 )
-            if self.seq_len != adapter.default_seq_len(model.config):
-                raise ValueError(f"seq_len={self.seq_len}: in token mode the MACs are counted at the image's {adapter.default_seq_len(model.config)} tokens.")
+            tokens = adapter.default_seq_len(model.config, self.image_size)
+            if self.seq_len != tokens:
+                raise ValueError(f"seq_len={self.seq_len}: in token mode the MACs are counted at the image's {tokens} tokens.")
             return allocate_with_tokens(
                 scores.head_scores, scores.neuron_scores, scores.token_scores, costs.at, budget,
                 params_share=c.resolved_token_cut_share(), num_prefix_tokens=adapter.num_prefix_tokens, **kw
             )
-        masks = allocate(scores.head_scores, scores.neuron_scores, costs.at(costs.uniform(self.seq_len)), budget, **kw)
+        search = allocate_uniform if c.uniform_layers else allocate
+        masks = search(scores.head_scores, scores.neuron_scores, costs.at(costs.uniform(self.seq_len)), budget, **kw)
         return rearrange_masks(masks, scores.example_grads) if scores.example_grads else masks
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:
         """Slim `model` in place (scoring and allocating first unless `masks` are given), then
         reconstruct it on `data` unless `reconstruct="none"`. The slim model carries its result
         (`optin_hf.result.pruning_result`), so it can be saved or pushed without this pruner."""
+        adapter = self._check_model(model, repair=True)  # resolves reconstruct="auto" for this family
         c = self.config
-        adapter = self._check_model(model, repair=True)
         data = replayable(data)  # read for the refit, then for scoring
         if masks is not None:
             check_masks(masks, "prune_model")
@@ -307,7 +336,8 @@ class OptinPruner:
             start = time.perf_counter()
             self.reconstruction = reconstruct(model, dense, batches, c.reconstruct, c.reconstruct_ridge, adapter)
             self.timings["reconstruction_s"] = time.perf_counter() - start
-        attach_result(model, result_of_pruning(model, self.config, masks, self.seq_len, self.reconstruction))
+        counted = dataclasses.replace(self.config, image_size=list(self.image_size) if self.image_size else None)
+        attach_result(model, result_of_pruning(model, counted, masks, self.seq_len, self.reconstruction))
         return model
 
     def check_pruned(self, model: nn.Module) -> PruningResult:

@@ -25,6 +25,13 @@ From the first layer up, attention then FFN, with the pruned model already refit
 Token-merged ViTs: the dense stream is merged with the pruned model's own matches, so both
 streams hold the same tokens.
 
+Windowed attention (Swin): the attention output projection runs on the rows of shifted windows
+of a map padded to whole windows; its input and output rows are put back in token order
+(`ArchAdapter.token_order`, the padding dropped) before they are paired with the residual.
+Layers that do not chain (`ArchAdapter.chained_layers` False: Swin's patch mergings, SegFormer's
+stage norms and patch embeddings): the pruned stream reaches the next layer through the model's
+own forward with the layers so far replayed (`_next_input`), the dense one from the dense run.
+
 CNNs with BatchNorm (ResNet) have no output projection to refit through; `mode="batchnorm"`
 repairs them instead. A removed channel is a post-ReLU output with a positive mean, so removing
 it shifts the next conv's output by its mean times the conv's weights, and an eval-mode
@@ -50,12 +57,15 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import REPAIRS, ArchAdapter, check_model, get_submodule, require
+from .arch import REPAIRS, ArchAdapter, Projection, check_model, get_submodule, require
+from .arch.projection import feature_dim
+from .capture import scoring_forward
+from .engine.prefix import LayerCall, record_layer_calls
+from .engine.replay import layer_output, replay_layers
 from .masks import PruningMasks, load_safetensors
 from .tokens import TokenMerging, merge_matched
 
 RECONSTRUCTION_NAME = "optin_reconstruction.safetensors"
-SUBLAYERS = ("attn_out", "ffn_down")
 RUNNING_MEAN = "running_mean"
 
 
@@ -63,9 +73,10 @@ class _Stop(Exception):
     """Ends a layer call once the hooks saw what they need."""
 
 
-def output_projection(adapter: ArchAdapter, layer: nn.Module, sublayer: str) -> nn.Linear:
-    """The attention output (`attn_out`) or FFN down (`ffn_down`) projection of a layer."""
-    return get_submodule(layer, getattr(adapter, sublayer))
+def output_projection(adapter: ArchAdapter, layer: nn.Module, sublayer: str) -> Projection:
+    """The attention output (`attn_out`) or FFN down (`ffn_down`) projection of a layer, read through the
+    projection contract (any weight orientation, bias or none)."""
+    return adapter.projection(layer, sublayer)
 
 
 def _call(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, taps: dict, stop: str | None = None) -> dict:
@@ -90,7 +101,8 @@ def _call(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, tap
 
     def post(name):
         def hook(module, args, output):
-            seen[name] = output[0] if isinstance(output, tuple) else output
+            # a copy: the layer may add to it in place (ResNet adds its shortcut to the last BatchNorm's output)
+            seen[name] = (output[0] if isinstance(output, tuple) else output).clone()
             if name == stop:
                 raise _Stop
 
@@ -111,22 +123,32 @@ def _call(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, tap
     return seen
 
 
-def _input_of(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
-    """The first input `module` receives while `run()` runs; the run stops there."""
-    seen = []
+def _watch(taps: dict[str, tuple[nn.Module, str]], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """What the taps (name -> (module, "in" for its first input | "out" for a copy of its output)) see first
+    while `run()` runs; the run stops once every tap fired."""
+    seen: dict[str, torch.Tensor] = {}
 
-    def hook(module, args):
-        seen.append(args[0])
-        raise _Stop
+    def keep(name: str, value: torch.Tensor) -> None:
+        seen.setdefault(name, value)
+        if len(seen) == len(taps):
+            raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    handles = [module.register_forward_pre_hook(lambda m, args, name=name: keep(name, args[0])) if where == "in" else
+               module.register_forward_hook(lambda m, args, out, name=name: keep(name, _first(out).clone()))
+               for name, (module, where) in taps.items()]
     try:
         run()
     except _Stop:
         pass
     finally:
-        handle.remove()
-    return seen[0]
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _input_of(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """The first input `module` receives while `run()` runs; the run stops there."""
+    return _watch({"x": (module, "in")}, run)["x"]
 
 
 @dataclass
@@ -134,43 +156,50 @@ class _Stream:
     """One calibration batch moving through both models, a layer at a time.
 
     student / teacher: [batch, tokens, hidden], the current layer's input in the pruned and the
-    dense model; real: bool [batch * tokens] of the rows that are real tokens (None: all);
+    dense model; batch: the calibration batch; calls: each layer's call in the dense run (its arguments
+    after the hidden states, replayed for both models; its input and output where the layers do not
+    chain, `ArchAdapter.chained_layers`); real: bool [batch * tokens] of the rows that are real tokens (None: all);
     sizes: patch sizes [batch, patches, 1] of the merged tokens so far, when tokens merge;
-    target: the dense FFN sum of the layer in progress; x, residual: the pruned model's input of
-    the projection being refit and the residual it adds to.
+    target: the dense FFN sum of the layer in progress, as rows of the down projection's output; call: the
+    layer's arguments as the pruned layer received them (after its own pre-hooks: a token merge); x: the
+    pruned model's input of the projection being refit; residual: its FFN input (`finish_attention`'s output).
     """
 
     student: torch.Tensor
     teacher: torch.Tensor
-    args: tuple
-    kwargs: dict
+    batch: dict[str, torch.Tensor]
+    calls: list[LayerCall]
     real: torch.Tensor | None
     sizes: torch.Tensor | None = None
     target: torch.Tensor | None = None
     x: torch.Tensor | None = None
     residual: torch.Tensor | None = None
+    call: tuple[tuple, dict] | None = None
 
 
 class _NormalEquations:
-    """AᵀA and AᵀY (A = [x, 1]) and Σ|Y|², in float64, over real token rows."""
+    """AᵀA and AᵀY (A = [x, 1], or A = x for a projection without a bias) and Σ|Y|², in float64,
+    over real token rows."""
 
-    def __init__(self, width: int, hidden: int, device: torch.device):
-        self.gram = torch.zeros(width + 1, width + 1, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(width + 1, hidden, dtype=torch.float64, device=device)
+    def __init__(self, width: int, hidden: int, device: torch.device, bias: bool = True):
+        self.bias = bias
+        width += int(bias)
+        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(width, hidden, dtype=torch.float64, device=device)
         self.target_sq = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None) -> None:
-        rows = target.shape[:-1].numel()
-        x, target = x.reshape(rows, x.shape[-1]).double(), target.reshape(rows, target.shape[-1]).double()
+        """x [rows, width] and target [rows, hidden], rows in the same order; real: bool [rows] or None."""
+        x, target = x.double(), target.double()
         if real is not None:
             x, target = x[real], target[real]
-        a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if self.bias else x
         self.gram += a.T @ a
         self.cross += a.T @ target
         self.target_sq += target.pow(2).sum()
 
     def error(self, theta: torch.Tensor) -> float:
-        """Σ|Aθ - Y|² from the accumulated sums; θ: [width + 1, hidden]."""
+        """Σ|Aθ - Y|² from the accumulated sums; θ: [width (+ 1 with a bias), hidden]."""
         return float((theta * (self.gram @ theta)).sum() - 2 * (theta * self.cross).sum() + self.target_sq)
 
 
@@ -180,16 +209,18 @@ def _solve_weights(eq: _NormalEquations, theta0: torch.Tensor, ridge: float) -> 
     return torch.linalg.solve(eq.gram + lam * eye, eq.cross + lam * theta0)
 
 
-def _solve_scales(eq: _NormalEquations, weight: torch.Tensor, bias: torch.Tensor, unit: int, ridge: float) -> torch.Tensor:
-    """One factor per unit of `unit` input columns, the bias fixed: [units].
+def _solve_scales(eq: _NormalEquations, weight: torch.Tensor, bias: torch.Tensor | None, unit: int, ridge: float) -> torch.Tensor:
+    """One factor per unit of `unit` input columns, the bias (if any) fixed: [units].
 
     Unit u contributes z_u = W[:, u] x_u, so Σ<z_u, z_v> is the block sum of (WᵀW) ⊙ (xᵀx) and
     Σ<z_u, Y - b> that of Σ_o W[o, j] (xᵀY - (Σx) bᵀ)[j, o]; the ridge pulls toward 1.
     """
     width = weight.shape[1]
     w = weight.double()
-    xx, x1 = eq.gram[:width, :width], eq.gram[:width, width]
-    residual = eq.cross[:width] - x1[:, None] * bias.double()[None, :]
+    xx = eq.gram[:width, :width]
+    residual = eq.cross[:width]
+    if bias is not None:
+        residual = residual - eq.gram[:width, width][:, None] * bias.double()[None, :]
     units = torch.arange(width, device=w.device) // unit
     pick = nn.functional.one_hot(units).to(w.dtype)  # [width, units]
     gram = pick.T @ ((w.T @ w) * xx) @ pick
@@ -211,39 +242,43 @@ class Reconstruction:
     errors: list[tuple[int, str, float, float]]
 
 
+def _theta(weight: torch.Tensor, bias: torch.Tensor | None, branch: torch.Tensor | None) -> torch.Tensor:
+    """θ [in (+ 1), out] of A θ for a weight [out, in] and its bias, times the branch factor where there is one."""
+    theta = weight.T.double() if bias is None else torch.cat([weight.T, bias[None]]).double()
+    return theta if branch is None else theta * branch.double()[None, :]
+
+
 def _refit(
-    proj: nn.Linear, eq: _NormalEquations, mode: str, ridge: float, unit: int, key: str, tensors: dict,
+    proj: Projection, eq: _NormalEquations, mode: str, ridge: float, unit: int, key: str, tensors: dict,
     branch: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Refit `proj` (in place) from its normal equations; record the artifact under `key`; the
-    calibration error (before, after). Every output projection here has a bias. `branch`: the
+    calibration error (before, after). A projection without a bias keeps none. `branch`: the
     per-channel factor [hidden] on the projection's output before the residual adds it (a layer
     scale, `ArchAdapter.branch_scale`), or None; with it the equations' target is in the residual
-    stream's units and the refit solves for the scaled projection, then divides the factor out."""
-    weight, bias = proj.weight.detach(), proj.bias.detach()
-    if branch is None:
-        theta = lambda w, b: torch.cat([w.T, b[None]]).double()  # noqa: E731
-    else:
-        branch = branch.double()
-        theta = lambda w, b: torch.cat([w.T, b[None]]).double() * branch[None, :]  # noqa: E731
-    before = eq.error(theta(weight, bias))
+    stream's units and the refit solves for the scaled projection, then divides the factor out.
+    Weights are recorded as [out, in] matrices, whatever the module's own layout."""
+    weight, bias = proj.weight(), proj.bias()
+    before = eq.error(_theta(weight, bias, branch))
     if mode == "weights":
-        solved = _solve_weights(eq, theta(weight, bias), ridge)
+        solved = _solve_weights(eq, _theta(weight, bias, branch), ridge)
         if branch is not None:
-            solved = solved / branch[None, :]
-        weight, bias = solved[:-1].T.to(weight.dtype).contiguous(), solved[-1].to(bias.dtype)
-        tensors[f"{key}.weight"], tensors[f"{key}.bias"] = weight.cpu(), bias.cpu()
-        proj.bias = nn.Parameter(bias, requires_grad=proj.bias.requires_grad)
+            solved = solved / branch.double()[None, :]
+        weight = solved[: proj.in_features].T.to(weight.dtype).contiguous()
+        tensors[f"{key}.weight"] = weight.cpu()
+        if bias is not None:
+            bias = solved[-1].to(bias.dtype)
+            tensors[f"{key}.bias"] = bias.cpu()
     elif proj.in_features:
-        if branch is None:
-            scale = _solve_scales(eq, weight, bias, unit, ridge).to(weight.dtype)
-        else:
-            scaled = theta(weight, bias)
-            scale = _solve_scales(eq, scaled[:-1].T, scaled[-1], unit, ridge).to(weight.dtype)
+        scaled = _theta(weight, bias, branch)
+        scaled_bias = scaled[-1] if bias is not None else None
+        scale = _solve_scales(eq, scaled[: proj.in_features].T, scaled_bias, unit, ridge).to(weight.dtype)
         tensors[f"{key}.scale"] = scale.cpu()
         weight = scale_columns(weight, scale)
-    proj.weight = nn.Parameter(weight, requires_grad=proj.weight.requires_grad)
-    return before, eq.error(theta(weight, bias))
+    else:  # scales of no column: nothing to refit (and a projection that re-parameterizes on `set` stays as it is)
+        return before, before
+    proj.set(weight, bias)
+    return before, eq.error(_theta(weight, bias, branch))
 
 
 def scale_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -252,28 +287,29 @@ def scale_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _streams(teacher: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]]) -> list[_Stream]:
-    """Each batch's layer-0 call in the dense model; the pruned model starts from the same input."""
+    """Each batch's dense run: layer 0's input, where the pruned model starts too, and every layer's
+    call arguments (a Swin stage's map size, SegFormer's height and width), replayed for both models."""
     device = next(teacher.parameters()).device
-    first = adapter.layers_of(teacher)[0]
     streams = []
     for batch in batches:
-        seen: dict = {}
-
-        def hook(module, args, kwargs):
-            seen["call"] = (args[0], tuple(args[1:]), dict(kwargs))
-            raise _Stop
-
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            teacher(**{k: v.to(device) for k, v in batch.items()})
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        hidden, args, kwargs = seen["call"]
+        with record_layer_calls(teacher, adapter, heads=False) as calls:
+            scoring_forward(teacher, batch)  # no KV cache: the recorded calls are replayed many times
+        [layer_calls] = calls
+        hidden = layer_calls[0].hidden
         real = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
-        streams.append(_Stream(hidden, hidden, args, kwargs, real))
+        streams.append(_Stream(hidden, hidden, batch, layer_calls, real))
     return streams
+
+
+def _next_input(model: nn.Module, adapter: ArchAdapter, layer: int, output: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    """The input of `model`'s layer `layer + 1` when layer `layer` outputs `output`, for a model whose layers
+    do not chain: its own forward on the stream's batch, the layers up to `layer` replayed (those before it
+    with their dense outputs, which reach no later layer: `layer` is replayed), stopped at that input."""
+    layers = adapter.layers_of(model)
+    outputs = {j: layer_output(call.output, call.tuple_size) for j, call in enumerate(stream.calls[:layer])}
+    outputs[layer] = layer_output(output, stream.calls[layer].tuple_size)
+    with replay_layers(layers, outputs):
+        return _input_of(layers[layer + 1], lambda: scoring_forward(model, stream.batch))
 
 
 def _merge_like(x: torch.Tensor, sizes: torch.Tensor, merging: TokenMerging) -> torch.Tensor:
@@ -319,7 +355,7 @@ def _recentre_batchnorms(
         return Reconstruction("batchnorm", tensors, errors)
     first = changed.index(True)
     device = next(model.parameters()).device
-    hidden = [_input_of(layers[first], lambda b=b: model(**{k: v.to(device) for k, v in b.items()})) for b in batches]
+    hidden = [_input_of(layers[first], lambda b=b: scoring_forward(model, b)) for b in batches]
     for i in tqdm(range(first, len(layers)), desc="Reconstruction (batchnorm)", unit="layer"):
         layer = layers[i]
         for name, norm in batch_norms(layer):
@@ -371,53 +407,74 @@ def reconstruct(
         finally:
             model.train(was_training[0])
             dense.train(was_training[1])
-    head_dim = adapter.head_dim(model.config)
     merging: TokenMerging | None = getattr(model.base_model, "token_merging", None)
     was_training = (model.training, dense.training)
     model.eval()
     dense.eval()
-    hidden = model.config.hidden_size
     tensors: dict[str, torch.Tensor] = {}
     errors = []
     streams = _streams(dense, adapter, batches)
     pairs = list(zip(adapter.layers_of(model), adapter.layers_of(dense)))
+    refit_attention = "attn_out" in adapter.refit_sublayers
+    residual_path, residual_side = adapter.ffn_residual()
     for i, (student, teacher) in enumerate(tqdm(pairs, desc=f"Reconstruction ({mode})", unit="layer")):
-        attn, down = output_projection(adapter, student, "attn_out"), output_projection(adapter, student, "ffn_down")
-        attn_scale, ffn_scale = adapter.branch_scale(student, "attn_out"), adapter.branch_scale(student, "ffn_down")
-
-        eq = _NormalEquations(attn.in_features, hidden, attn.weight.device)
+        down, ffn_scale = output_projection(adapter, student, "ffn_down"), adapter.branch_scale(student, "ffn_down")
+        # the heads' output (the attention output projection's input), where the FFN pieces start
+        heads = get_submodule(student, adapter.attn_out) if adapter.supports("heads") else None
+        if refit_attention:
+            attn, attn_scale = output_projection(adapter, student, "attn_out"), adapter.branch_scale(student, "attn_out")
+            eq = _NormalEquations(attn.in_features, attn.out_features, attn.device, attn.has_bias)
+        dense_taps = {
+            "r_ffn": (get_submodule(teacher, residual_path), residual_side),
+            "y_ffn": (output_projection(adapter, teacher, "ffn_down").output_module, "out"),
+            **({"y_attn": (get_submodule(teacher, adapter.attn_out), "out")} if refit_attention else {}),
+        }
         for s in streams:
             before = s.sizes
             if merging is not None:
                 merging.sizes = before  # the patch sizes of this batch, where its merge left them
-            seen = _call(student, s.student, s.args, s.kwargs, {"x": (attn, "in")}, stop="x")
-            s.student, s.x, (args, kwargs) = seen["layer"], seen["x"], seen["layer_args"]
+            taps = {"x": (heads, "in")} if heads is not None else {}
+            seen = _call(student, s.student, s.calls[i].args, s.calls[i].kwargs, taps, stop="x" if taps else "layer")
+            s.student, s.x, s.call = seen["layer"], seen.get("x"), seen["layer_args"]
             if merging is not None:
                 s.sizes, s.teacher = merging.sizes, _merge_like(s.teacher, before, merging)
-            t = _call(teacher, s.teacher, args, kwargs, {
-                "y_attn": (get_submodule(teacher, adapter.attn_out), "out"),
-                "r_ffn": (get_submodule(teacher, adapter.ffn_input), "in"),
-                "y_ffn": (get_submodule(teacher, adapter.ffn_down), "out"),
-            })
-            y_attn, y_ffn = t["y_attn"], t["y_ffn"]
-            if attn_scale is not None:  # the dense branches as the residual adds them
-                y_attn = y_attn * attn_scale.to(y_attn.dtype)
-            if ffn_scale is not None:
+            t = _call(teacher, s.teacher, *s.call, dense_taps)
+            y_ffn = t["y_ffn"]
+            if ffn_scale is not None:  # the dense branches as the residual adds them
                 y_ffn = y_ffn * ffn_scale.to(y_ffn.dtype)
-            eq.add(s.x, y_attn + s.teacher - s.student, s.real)
-            s.teacher, s.target = t["output"], y_ffn + t["r_ffn"]
-        errors.append((i, "attn_out", *_refit(attn, eq, mode, ridge, head_dim, f"layers.{i}.attn_out", tensors, attn_scale)))
+            if refit_attention:
+                y_attn = t["y_attn"] if attn_scale is None else t["y_attn"] * attn_scale.to(t["y_attn"].dtype)
+                # rows in the residual's token order (Swin runs the projection on its windows' rows)
+                args, kwargs = s.call
+                x, y_attn = adapter.token_order(student, s.x, *args, **kwargs), adapter.token_order(teacher, y_attn, *args, **kwargs)
+                eq.add(attn.rows(x), attn.rows(y_attn + s.teacher - s.student), s.real)
+            s.teacher = t["output"] if adapter.chained_layers or i + 1 == len(pairs) else s.calls[i + 1].hidden
+            # the dense FFN sum (a ResNet block's pre-activation sum) as rows of the down projection's output
+            s.target = down.rows(y_ffn) + adapter.stream_rows(teacher, "ffn_down", t["r_ffn"])
+        if refit_attention:
+            unit = adapter.layer_head_dim(student, model.config) if adapter.kept_heads(student, model.config) else 1
+            errors.append((i, "attn_out", *_refit(attn, eq, mode, ridge, unit, f"layers.{i}.attn_out", tensors, attn_scale)))
 
-        eq = _NormalEquations(down.in_features, hidden, down.weight.device)
+        eq = _NormalEquations(down.in_features, down.out_features, down.device, down.has_bias)
+        residual = get_submodule(student, residual_path)
         for s in streams:  # the rest of the layer in pieces, from the heads' output: no attention rerun
-            s.residual = adapter.finish_attention(student, s.x, s.student)
-            s.x = _input_of(down, lambda: adapter.feed_forward(student, s.residual))
-            eq.add(s.x, s.target - s.residual, s.real)
+            args, kwargs = s.call
+
+            def run(s=s, args=args, kwargs=kwargs) -> None:
+                s.residual = adapter.finish_attention(student, s.x, s.student, *args, **kwargs)
+                adapter.feed_forward(student, s.residual, *args, **kwargs)
+
+            seen = _watch({"x": (down.module, "in"), "r": (residual, residual_side)}, run)
+            s.x = seen["x"]
+            eq.add(down.rows(s.x), s.target - adapter.stream_rows(student, "ffn_down", seen["r"]), s.real)
         errors.append((i, "ffn_down", *_refit(down, eq, mode, ridge, 1, f"layers.{i}.ffn_down", tensors, ffn_scale)))
 
         for s in streams:
-            s.student = adapter.finish_feed_forward(student, down(s.x), s.residual)
-            s.x = s.residual = s.target = None
+            args, kwargs = s.call
+            s.student = adapter.finish_feed_forward(student, down(s.x), s.residual, *args, **kwargs)
+            if not adapter.chained_layers and i + 1 < len(pairs):  # what the model runs between the layers
+                s.student = _next_input(model, adapter, i, s.student, s)
+            s.x = s.residual = s.target = s.call = None
     model.train(was_training[0])
     dense.train(was_training[1])
     return Reconstruction(mode, tensors, errors)
@@ -427,13 +484,16 @@ def save_reconstruction(reconstruction: Reconstruction, path: str | os.PathLike)
     save_file(reconstruction.tensors, str(path), metadata={"format": "optin-reconstruction-v1", "mode": reconstruction.mode})
 
 
-def load_reconstruction(model: nn.Module, path: str | os.PathLike) -> None:
+def load_reconstruction(model: nn.Module, path: str | os.PathLike, adapter: ArchAdapter | None = None) -> None:
     """Apply a saved reconstruction to the slim `model` (slimmed from the same base with the same masks)."""
-    apply_reconstruction(model, load_safetensors(path, "reconstruction"), str(path))
+    apply_reconstruction(model, load_safetensors(path, "reconstruction"), str(path), adapter)
 
 
-def _destination(model: nn.Module, adapter: ArchAdapter, key: str) -> tuple[nn.Module, str, tuple[int, ...]] | None:
-    """Where a reconstruction tensor goes: (module, attribute, the shape it must have); None if nowhere."""
+def _destination(
+    model: nn.Module, adapter: ArchAdapter, key: str
+) -> tuple[nn.Module | Projection, str, tuple[int, ...]] | None:
+    """Where a reconstruction tensor goes: (a BatchNorm or an output projection, what it sets, the shape
+    it must have; a weight is an [out, in] matrix); None if nowhere."""
     layers = adapter.layers_of(model)
     parts = key.split(".")
     if len(parts) < 4 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(layers):
@@ -442,19 +502,24 @@ def _destination(model: nn.Module, adapter: ArchAdapter, key: str) -> tuple[nn.M
     if parts[-1] == RUNNING_MEAN:
         norm = dict(batch_norms(layer)).get(".".join(parts[2:-1]))
         return (norm, RUNNING_MEAN, (norm.num_features,)) if norm is not None else None
-    if len(parts) != 4 or parts[2] not in SUBLAYERS or parts[3] not in ("weight", "bias", "scale"):
+    if len(parts) != 4 or parts[2] not in adapter.refit_sublayers or parts[3] not in ("weight", "bias", "scale"):
         return None
     proj = output_projection(adapter, layer, parts[2])
     if parts[3] == "scale":
-        unit = adapter.head_dim(model.config) if parts[2] == "attn_out" else 1
+        unit = adapter.layer_head_dim(layer, model.config) if parts[2] == "attn_out" and proj.in_features else 1
         return proj, "scale", (proj.in_features // unit,)
-    return proj, parts[3], tuple(getattr(proj, parts[3]).shape)
+    if parts[3] == "bias":
+        return (proj, "bias", (proj.out_features,)) if proj.has_bias else None
+    return proj, "weight", (proj.out_features, proj.in_features)
 
 
 @torch.no_grad()
-def apply_reconstruction(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the reconstruction") -> None:
-    """Set the refit weights (or multiply in the scales, or set the BatchNorm means) that `Reconstruction.tensors` holds."""
-    adapter = check_model(model)
+def apply_reconstruction(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "the reconstruction", adapter: ArchAdapter | None = None
+) -> None:
+    """Set the refit weights (or multiply in the scales, or set the BatchNorm means) that `Reconstruction.tensors`
+    holds. `adapter`: the model's, where the caller has it."""
+    adapter = adapter or check_model(model)
     for key, value in sorted(tensors.items()):
         destination = _destination(model, adapter, key)
         if destination is None:
@@ -468,28 +533,36 @@ def apply_reconstruction(model: nn.Module, tensors: dict[str, torch.Tensor], sou
         if name == RUNNING_MEAN:
             module.running_mean.copy_(value.to(module.running_mean))
         elif name == "scale":
-            module.weight = nn.Parameter(scale_columns(module.weight.detach(), value.to(module.weight.device)), requires_grad=module.weight.requires_grad)
+            module.set(scale_columns(module.weight(), value.to(module.device)), None)
+        elif name == "weight":
+            module.set(value.to(module.device).clone(), None)
         else:
-            old = getattr(module, name)
-            setattr(module, name, nn.Parameter(value.to(device=old.device, dtype=old.dtype).clone(), requires_grad=old.requires_grad))
+            module.set(module.weight(), value.to(module.device).clone())
 
 
 @torch.no_grad()
 def unslim(model: nn.Module, dense: nn.Module, masks: PruningMasks, adapter: ArchAdapter | None = None) -> nn.Module:
     """A copy of `dense` that computes what the slim, reconstructed `model` computes.
 
-    The removed units' columns of each output projection are zero and the kept ones carry the
-    refit weights, so the scoring engine, which runs dense shapes, can score the repaired model.
-    `adapter` is the model's adapter where the caller has it.
+    The removed units' input features of each output projection are zero and the kept ones carry
+    the refit weights (a projection the refit leaves, ResNet's 3x3 conv, keeps its own), so the
+    scoring engine, which runs dense shapes, can score the repaired model. `adapter` is the model's
+    adapter where the caller has it.
     """
     adapter = adapter or check_model(model)
-    head_dim = adapter.head_dim(model.config)
     copy_ = copy.deepcopy(dense)
+    geometry = adapter.layer_geometry(dense.config)
     for i, (slim_layer, layer) in enumerate(zip(adapter.layers_of(model), adapter.layers_of(copy_))):
-        kept = {"attn_out": masks.head_mask[i].repeat_interleave(head_dim), "ffn_down": masks.neuron_mask[i]}
-        for sub in SUBLAYERS:
-            source, target = output_projection(adapter, slim_layer, sub), get_submodule(layer, getattr(adapter, sub))
-            target.weight.zero_()
-            target.weight[:, kept[sub].to(target.weight.device)] = source.weight
-            target.bias.copy_(source.bias)
+        g = geometry[i]
+        kept = {"attn_out": masks.head_mask[i][: g.heads].repeat_interleave(g.head_dim), "ffn_down": masks.neuron_mask[i][: g.neurons]}
+        for sub in [sub for sub in ("attn_out", "ffn_down") if kept[sub].numel()]:
+            if sub not in adapter.refit_sublayers:  # not refit: the removed units' inputs only are cut
+                module = get_submodule(layer, getattr(adapter, sub))
+                removed = (~kept[sub]).nonzero().flatten().to(module.weight.device)
+                module.weight.data.index_fill_(feature_dim(module, "in"), removed, 0.0)
+                continue
+            source, target = output_projection(adapter, slim_layer, sub), output_projection(adapter, layer, sub)
+            weight = torch.zeros_like(target.weight())
+            weight[:, kept[sub].to(weight.device)] = source.weight()
+            target.set(weight, source.bias())
     return copy_

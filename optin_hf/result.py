@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import check_model
+from .arch import ArchAdapter, check_model
 from .config import OptinConfig
 from .masks import MASKS_NAME, PruningMasks, load_safetensors
-from .reconstruct import RECONSTRUCTION_NAME, SUBLAYERS, Reconstruction, batchnorm_means, output_projection
+from .reconstruct import RECONSTRUCTION_NAME, Reconstruction, batchnorm_means, output_projection
 
 RESULT_ATTRIBUTE = "optin_result"
 
@@ -92,12 +92,12 @@ def result_of_pruning(model: nn.Module, config: OptinConfig, masks: PruningMasks
     return PruningResult(config, masks, reconstruction)
 
 
-def read_result(folder: str | Path, model: nn.Module) -> PruningResult:
+def read_result(folder: str | Path, model: nn.Module, adapter: ArchAdapter | None = None) -> PruningResult:
     """The result of a checkpoint folder that `model` was just loaded from.
 
     A full checkpoint's weights hold the refit parameters: they are read back from the model as a
     "weights" reconstruction (a "batchnorm" one: the BatchNorm running means), so a loaded model can
-    be saved again as masks only.
+    be saved again as masks only. `adapter`: the model's, where the caller has it.
     """
     folder = Path(folder)
     config = OptinConfig.from_pretrained(folder)
@@ -106,19 +106,20 @@ def read_result(folder: str | Path, model: nn.Module) -> PruningResult:
     if config.reconstruct != "none" and saved.is_file():
         reconstruction = Reconstruction(config.reconstruct, load_safetensors(saved, "reconstruction"), [])
     elif config.reconstruct == "batchnorm":
-        reconstruction = Reconstruction("batchnorm", batchnorm_means(model), [])
+        reconstruction = Reconstruction("batchnorm", batchnorm_means(model, adapter), [])
     elif config.reconstruct != "none":
-        reconstruction = Reconstruction("weights", _output_projections(model), [])
+        reconstruction = Reconstruction("weights", _output_projections(model, adapter), [])
     return PruningResult(config, masks, reconstruction)
 
 
-def _output_projections(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every output projection's weight and bias, keyed as a "weights" reconstruction keys them."""
-    adapter = check_model(model)
+def _output_projections(model: nn.Module, adapter: ArchAdapter | None) -> dict[str, torch.Tensor]:
+    """Every output projection's weight ([out, in]) and bias, keyed as a "weights" reconstruction keys them."""
+    adapter = adapter or check_model(model)
     tensors = {}
     for i, layer in enumerate(adapter.layers_of(model)):
-        for sublayer in SUBLAYERS:
+        for sublayer in adapter.refit_sublayers:
             proj = output_projection(adapter, layer, sublayer)
-            tensors[f"layers.{i}.{sublayer}.weight"] = proj.weight.detach().cpu().clone()
-            tensors[f"layers.{i}.{sublayer}.bias"] = proj.bias.detach().cpu().clone()
+            tensors[f"layers.{i}.{sublayer}.weight"] = proj.weight().cpu().clone()
+            if proj.has_bias:
+                tensors[f"layers.{i}.{sublayer}.bias"] = proj.bias().cpu().clone()
     return tensors

@@ -102,4 +102,5 @@ def test_the_cards_dense_macs_are_those_of_the_dense_model(name):
     pruner.prune_model(model, masks=full.with_masks(heads, neurons))
     assert card._macs(model, pruning_result(model)) == (dense, count_macs(model, seq_len))
     text = model_card(model, "me/x", masks_only=True, base_model=None, base_revision=None).text
-    assert f"tokens) | {dense:.4g} | {count_macs(model, seq_len):.4g} (" in text
+    unit = "images" if get_adapter(model).is_vision else "tokens"  # the model's own terms: 16x16 images, 12.0 tokens
+    assert f"{unit}) | {dense:.4g} | {count_macs(model, seq_len):.4g} (" in text

@@ -1,5 +1,8 @@
-"""The CNN repair, `reconstruct="batchnorm"` (optin_hf/reconstruct.py): a ResNet's BatchNorm running
-means re-estimated on the slim model, saved and reloaded full and masks-only."""
+"""The CNN repairs (optin_hf/reconstruct.py, arch/resnet.py, arch/convnext.py): `reconstruct="batchnorm"`, a
+ResNet's BatchNorm running means re-estimated on the slim model, saved and reloaded full and masks-only; and
+what is the CNNs' own in the least-squares refit (a ResNet's last 1x1 conv and its BatchNorm as one affine map,
+its other BatchNorms re-centred; a ConvNeXt's channels-first rows read as pwconv2's). That each refit lowers its
+sublayers' error and reloads masks-only is tests/test_conformance.py's."""
 
 from __future__ import annotations
 
@@ -11,10 +14,14 @@ from torch import nn
 
 from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks
 from optin_hf.arch import check_model
+from optin_hf.arch.resnet import ConvBatchNorm
 from optin_hf.checkpoint import save_pruned
-from optin_hf.reconstruct import apply_reconstruction, batch_norms
+from optin_hf.data import prepare_calibration
+from optin_hf.reconstruct import apply_reconstruction, batch_norms, reconstruct, unslim
 from optin_hf.slim import slim_model
 from tiny import random_images as images, tiny_cnn, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run far faster on one thread
 
 CALIBRATION = images(16, 1)
 PIXELS = torch.stack([ex["pixel_values"] for ex in images(6, 9)])
@@ -122,20 +129,90 @@ def test_running_means_of_other_masks_are_refused():
         apply_reconstruction(other, {"layers.1.nowhere.running_mean": torch.zeros(4)})
 
 
-@pytest.mark.parametrize(("model", "fix"), [
-    (lambda: tiny_cnn("convnext"), "reconstruct='none'"),
-    (lambda: tiny_model("vit"), r"reconstruct='weights'\) \(or 'scales' or 'none'\)"),
-])
-def test_families_without_batchnorms_are_refused_with_the_fix(model, fix):
+@pytest.mark.parametrize("model", [lambda: tiny_cnn("convnext"), lambda: tiny_model("vit")])
+def test_families_without_batchnorms_are_refused_with_the_fix(model):
+    fix = r"reconstruct='weights'\) \(or 'scales' or 'none'\)"
     with pytest.raises(ValueError, match=rf"reconstruct='batchnorm' re-estimates the running means of the BatchNorms.*adapter does not give: prune it with OptinConfig\({fix}"):
         OptinPruner(OptinConfig(reconstruct="batchnorm")).prune_model(model(), images(2, 1))
 
 
-def test_a_resnet_refit_names_its_repair():
-    with pytest.raises(ValueError, match=r"resnet adapter does not give: prune it with OptinConfig\(reconstruct='batchnorm'"):
-        OptinPruner(OptinConfig(reconstruct="weights")).prune_model(tiny_cnn("resnet"), images(2, 1))
+@torch.no_grad()
+def test_a_resnet_down_projection_is_its_last_conv_and_batchnorm_as_one_affine_map():
+    """weight γ/σ·W and bias β − γμ/σ give the eval-mode conv + BatchNorm; `set` writes a new map into the two
+    modules, which then compute it (the BatchNorm left a plain bias)."""
+    model = trained_resnet()
+    layer = check_model(model).layers_of(model)[1]
+    proj = check_model(model).projection(layer, "ffn_down")
+    assert isinstance(proj, ConvBatchNorm) and proj.output_module is layer.layer[2].normalization
+    x = torch.randn(2, proj.in_features, 3, 5)
+    affine = lambda w, b: proj.unrows(proj.rows(x) @ w.T + b, (2, proj.out_features, 3, 5))  # noqa: E731
+    torch.testing.assert_close(proj(x), layer.layer[2](x))
+    torch.testing.assert_close(proj(x), affine(proj.weight(), proj.bias()), atol=1e-5, rtol=1e-5)
+    weight, bias = torch.randn(proj.out_features, proj.in_features), torch.randn(proj.out_features)
+    proj.set(weight, bias)
+    torch.testing.assert_close(layer.layer[2](x), affine(weight, bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(proj.weight(), weight)
+    assert torch.equal(layer.layer[2].normalization.running_mean, torch.zeros(proj.out_features))
+
+
+@pytest.mark.parametrize("mode", ["weights", "scales"])
+@pytest.mark.parametrize("family", ["resnet", "convnext"])
+def test_a_cnn_refit_with_nothing_pruned_changes_nothing(family, mode):
+    """The ridge keeps the weights that fit exactly (a ResNet's conv and BatchNorm re-parameterized to the same map)."""
+    dense = trained_resnet() if family == "resnet" else tiny_cnn(family)
+    model = slim_model(copy.deepcopy(dense), PruningMasks.full(dense.config))
+    reconstruct(model, dense, prepare_calibration(CALIBRATION, num_samples=16, batch_size=8, max_length=64), mode)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=PIXELS).logits, dense(pixel_values=PIXELS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_resnet_refit_fits_the_last_conv_with_its_batchnorm_only():
+    """The 3x3 conv (the heads' output projection) is never refit: a BatchNorm and a ReLU follow it. The last conv
+    and its BatchNorm are (its BatchNorm left a plain bias); the other BatchNorms keep their statistics."""
+    dense = trained_resnet()
+    model, plain = (slim_model(copy.deepcopy(dense), masks_of(dense)) for _ in range(2))
+    result = reconstruct(model, dense, prepare_calibration(CALIBRATION, num_samples=16, batch_size=8, max_length=64), "weights")
+    assert {key.split(".", 2)[2] for key in result.tensors} == {"ffn_down.weight", "ffn_down.bias"}
+    layers, plain_layers = check_model(model).layers_of(model), check_model(plain).layers_of(plain)
+    for layer, before in zip(layers, plain_layers):
+        for (name, norm), (_, old) in zip(batch_norms(layer), batch_norms(before)):
+            if name == "layer.2.normalization":
+                assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+            else:
+                assert torch.equal(norm.running_mean, old.running_mean) and torch.equal(norm.weight, old.weight)
+        assert torch.equal(layer.layer[1].convolution.weight, before.layer[1].convolution.weight)
+    assert feature_error(model, dense) < feature_error(plain, dense) / 2
+
+
+@torch.no_grad()
+def test_convnext_rows_of_the_channels_first_stream_line_up_with_pwconv2s():
+    """The block adds λ ⊙ pwconv2's output (channels last) to its channels-first input: row r of the stream as
+    `stream_rows` reads it is row r of pwconv2's output, so the refit's target and residual pair up."""
+    model = tiny_cnn("convnext")
+    adapter = check_model(model)
+    layer = adapter.layers_of(model)[0]
+    hidden = torch.randn(2, 8, 4, 6)
+    seen = []
+    handle = layer.pwconv2.register_forward_hook(lambda m, a, out: seen.append(out))
+    output = layer(hidden)
+    handle.remove()
+    branch = adapter.projection(layer, "ffn_down").rows(seen[0]) * adapter.branch_scale(layer, "ffn_down")
+    torch.testing.assert_close(adapter.stream_rows(layer, "ffn_down", output) - adapter.stream_rows(layer, "ffn_down", hidden), branch)
+    torch.testing.assert_close(adapter.finish_feed_forward(layer, seen[0], hidden), output)
 
 
 def test_batchnorm_repair_in_steps_is_refused():
     with pytest.raises(ValueError, match="reconstruct='batchnorm' does not give: set prune_steps=1"):
         OptinConfig(reconstruct="batchnorm", prune_steps=2)
+
+
+def test_a_resnet_refit_unslimmed_computes_what_the_slim_model_computes():
+    """Pruning in steps re-scores the refit model in dense shapes (`unslim`): the removed reduce channels' inputs of
+    the 3x3 conv are cut though that conv is not refit."""
+    dense = trained_resnet()
+    masks = masks_of(dense)
+    model = slim_model(copy.deepcopy(dense), masks)
+    reconstruct(model, dense, prepare_calibration(CALIBRATION, num_samples=16, batch_size=8, max_length=64), "weights")
+    with torch.no_grad():
+        torch.testing.assert_close(unslim(model, dense, masks)(pixel_values=PIXELS).logits, model(pixel_values=PIXELS).logits,
+                                   atol=1e-5, rtol=1e-5)

@@ -99,11 +99,12 @@ def test_evaluate_reuses_the_data_and_metric_recorded_by_prune(pruned_by_optimum
     assert "glue/sst2 on 40 examples" in capsys.readouterr().out  # the pruning run's metric, unless --metric
 
 
-@pytest.mark.parametrize("command", [[], ["prune"], ["evaluate"], ["recipe"]])
+@pytest.mark.parametrize("command", [[], ["prune"], ["evaluate"], ["recipe"], ["export", "onnx"]])
 def test_every_command_has_help(command):
     result = optimum_cli("optin", *command, "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: optimum-cli optin")
-    expected = {(): "{prune,evaluate,recipe}", ("prune",): "--mac-constraint", ("evaluate",): "--model", ("recipe",): "RECIPE.yaml"}
+    expected = {(): "{prune,evaluate,recipe,export}", ("prune",): "--mac-constraint", ("evaluate",): "--model",
+                ("recipe",): "RECIPE.yaml", ("export", "onnx"): "--atol"}
     assert expected[tuple(command)] in result.stdout
     mirrored = python_m(*command, "--help")
     assert mirrored.returncode == 0 and expected[tuple(command)] in mirrored.stdout

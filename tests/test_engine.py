@@ -267,7 +267,7 @@ def test_every_adapter_reproduces_its_models_in_pieces():
 
 def test_an_adapter_that_does_not_reproduce_the_model_is_refused():
     model = tiny_model("bert")
-    wrong = dataclasses.replace(get_adapter(model), feed_forward=lambda layer, hidden: hidden)
+    wrong = dataclasses.replace(get_adapter(model), feed_forward=lambda layer, hidden, *args, **kwargs: hidden)
     batches = prepare_calibration(calibration("bert"), num_samples=12, batch_size=5, max_length=64)
     with pytest.raises(RuntimeError, match="does not reproduce"):
         FastRunner(model, wrong, batches, OptinConfig(**WORKER_CONFIG))

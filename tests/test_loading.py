@@ -194,9 +194,9 @@ def test_the_slim_model_is_built_on_the_meta_device(tmp_path: Path, monkeypatch)
     folder, model = saved(tmp_path)
     seen: list[set[str]] = []
 
-    def recording_slim(dense: torch.nn.Module, masks: PruningMasks) -> torch.nn.Module:
+    def recording_slim(dense: torch.nn.Module, masks: PruningMasks, adapter=None) -> torch.nn.Module:
         seen.append({p.device.type for p in dense.parameters()})
-        return slim_model(dense, masks)
+        return slim_model(dense, masks, adapter)
 
     slim_model = modeling.slim_model
     monkeypatch.setattr(modeling, "slim_model", recording_slim)

@@ -60,12 +60,16 @@ def test_the_kl_logits_are_the_semantic_map_of_the_post_processing():
         assert adapter.logits_of(model.model(pixel_values=PIXELS)) is None  # the bare model predicts no classes
 
 
-def test_reconstruction_is_refused_before_scoring():
+def test_the_refit_changes_the_backbone_only():
+    """The refit fits the backbone blocks' output projections; the pixel decoder and the transformer decoder, which
+    the budget does not count, keep their weights."""
     model = tiny_mask2former()
-    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, reconstruct="weights"))
-    with pytest.raises(ValueError, match=r"mask2former adapter does not give: prune it with OptinConfig\(reconstruct='none'\)"):
-        pruner.prune_model(model, images(2, 1))
-    assert pruner.scores is None
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("model.pixel_level_module.encoder.")}
+    pruner = OptinPruner(OptinConfig(**{**SETTINGS, "importance": "magnitude", "reconstruct": "weights"}))
+    pruner.prune_model(model, images(4, 1))
+    assert pruner.reconstruction.tensors and all(key.startswith("layers.") for key in pruner.reconstruction.tensors)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[name], value) for name, value in before.items())
 
 
 def test_a_backbone_that_is_not_swin_is_refused():

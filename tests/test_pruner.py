@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from tiny import ARCHS, FAMILIES, batch, calibration, output, tiny_model
-from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2Model
+from transformers import AutoModelForSequenceClassification, OPTConfig, OPTModel
 
 from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import get_adapter
@@ -114,7 +114,8 @@ def test_save_then_from_pretrained_gives_identical_outputs(tmp_path, recwarn):
         assert type(loaded) is type(model)
         assert torch.equal(output(loaded, batch(arch)), output(model, batch(arch)))
         assert OptinConfig.from_pretrained(tmp_path / arch) == pruning_result(model).config
-        assert pruning_result(model).config == dataclasses.replace(pruner.config, base_model_class=type(model).__name__)
+        counted = [16, 16] if arch == "vit" else None  # the result records the calibration images' size
+        assert pruning_result(model).config == dataclasses.replace(pruner.config, base_model_class=type(model).__name__, image_size=counted)
         assert torch.equal(PruningMasks.load(tmp_path / arch / "optin_masks.safetensors").head_mask, pruner.masks.head_mask)
     assert not [w for w in recwarn if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
 
@@ -199,8 +200,10 @@ def test_masks_of_another_shape_are_refused():
 
 
 def test_unsupported_model_type_names_the_supported_ones():
-    with pytest.raises(ValueError, match=r"Unsupported model_type 'gpt2'.*bert.*vit"):
-        OptinPruner().compute_scores(GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2)), calibration("bert"))
+    model = OPTModel(OPTConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, ffn_dim=16,
+                               word_embed_proj_dim=8, vocab_size=120, max_position_embeddings=32))
+    with pytest.raises(ValueError, match=r"Unsupported model_type 'opt'.*bert.*vit"):
+        OptinPruner().compute_scores(model, calibration("bert"))
 
 
 def test_unreachable_budget_is_refused():
@@ -270,4 +273,25 @@ def test_prune_model_looks_the_adapter_up_once(monkeypatch, importance, steps):
     config = OptinConfig(mac_constraint=0.6, importance=importance, reconstruct="weights", prune_steps=steps,
                          md_tokens=8, num_samples=4, batch_size=4)
     OptinPruner(config).prune_model(model, calibration("bert", n=4))
+    assert len(lookups) == 1
+
+
+@pytest.mark.parametrize("masks_only", [False, True])
+def test_loading_a_checkpoint_looks_the_adapter_up_once(monkeypatch, tmp_path, masks_only):
+    """`AutoOptinModel.from_pretrained` finds the adapter once (from the checkpoint's or the base's config) and
+    hands it to slimming, the refit and the result it reads back."""
+    base = tiny_model("bert")
+    base.save_pretrained(tmp_path / "base")
+    model = type(base).from_pretrained(tmp_path / "base")
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, reconstruct="weights", md_tokens=8, num_samples=4, batch_size=4))
+    pruner.prune_model(model, calibration("bert", n=4))
+    if masks_only:
+        save_pruned(model, tmp_path / "slim", masks_only=True)
+    else:
+        pruner.save(model, tmp_path / "slim")
+    adapter_class = type(get_adapter(model))
+    lookups = []
+    check = adapter_class.check_config
+    monkeypatch.setattr(adapter_class, "check_config", lambda self, config: lookups.append(1) or check(self, config))
+    AutoOptinModel.from_pretrained(tmp_path / "slim")
     assert len(lookups) == 1

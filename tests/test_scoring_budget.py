@@ -11,7 +11,9 @@ from optin_hf.arch import get_adapter
 from optin_hf.commands import jobs as commands_jobs
 from optin_hf.commands.__main__ import main
 from optin_hf.commands.args import parse_duration
-from optin_hf.engine.estimate import MAX_NEURON_GROUP, MIN_SAMPLES, layer_units, pick_setting, scoring_cost, scoring_ladder
+from optin_hf.engine.estimate import (
+    MAX_NEURON_GROUP, MIN_SAMPLES, DenseTiming, layer_units, pick_setting, scoring_cost, scoring_ladder,
+)
 from optin_hf.engine.fast import FastRunner
 from optin_hf.engine.reference import ReferenceRunner
 from optin_hf.importance.optin import OptinImportance
@@ -105,7 +107,9 @@ def test_estimate_counts_the_candidates_the_engine_runs(settings, monkeypatch):
     pruner.compute_scores(model, data)
     adapter = get_adapter(model)
     units = layer_units(OptinImportance.masked_units(model, adapter, config), adapter.layer_geometry(model.config))
-    cost = scoring_cost(1.0, pruner._batches(model, adapter, data, None), None, config.batch_size, 3, units, config.engine)
+    timing = DenseTiming.uniform(1.0, 3, examples=3, tokens=36)
+    cost = scoring_cost(timing, pruner._batches(model, adapter, data, None), None, config.batch_size, units, config.engine, [32] * 3,
+                        config.md_tokens)
     assert cost.num_candidates(config.neuron_group_size) == sum(ran) == pruner.plan.num_candidates
 
 
@@ -141,7 +145,8 @@ def test_estimate_counts_each_layer_own_units_of_a_ragged_family(name, neuron_gr
 
 
 def test_budgeted_prune_saves_the_settings_it_picked(tmp_path, monkeypatch):
-    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda model, batch: 1000.0)  # a very slow machine
+    slow = DenseTiming.uniform(1000.0, 3, examples=4, tokens=64)  # a very slow machine
+    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda *args: slow)
     model, data = tiny_model("bert"), calibration("bert", n=12)
     dense = tiny_model("bert")
     pruner = OptinPruner(OptinConfig(md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
@@ -158,7 +163,7 @@ def test_budgeted_prune_saves_the_settings_it_picked(tmp_path, monkeypatch):
 
 
 def test_budget_that_fits_keeps_the_asked_settings(monkeypatch):
-    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda model, batch: 1e-6)
+    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda *args: DenseTiming.uniform(1e-6, 3, examples=4, tokens=64))
     pruner = OptinPruner(OptinConfig(md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
     pruner.compute_scores(tiny_model("bert"), calibration("bert", n=12))
     assert pruner.plan.fits and (pruner.config.num_samples, pruner.config.neuron_group_size) == (12, 1)

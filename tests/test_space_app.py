@@ -1,10 +1,12 @@
-"""The Gradio Space (`space_app/app.py`): its calls into the application layer, and the page driven in
-headless Chromium with Selenium on a tiny BERT."""
+"""The Gradio Space (`space_app/app.py`): its calls into the application layer, every embedded default offered,
+the segmentation panel and the language model's samples on tiny stand-ins, and the page driven in headless
+Chromium with Selenium on a tiny BERT and a tiny SegFormer."""
 
 from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import importlib.util
 import re
 import os
@@ -14,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +68,14 @@ from transformers import BertConfig, BertForSequenceClassification, PreTrainedTo
 
 import app as space  # noqa: E402
 from conftest import FAKE_TOKEN  # noqa: E402
+from tiny import tiny_llm, tiny_segformer  # noqa: E402
+from tiny_task import tokenizer as tiny_tokenizer  # noqa: E402
 
+from optin_hf import OptinConfig  # noqa: E402
 from optin_hf.tasks import report  # noqa: E402
+from optin_hf.tasks.defaults import DEFAULT_NAMES  # noqa: E402
+from optin_hf.tasks.recipes import default_recipe  # noqa: E402
+from optin_hf.tasks.windows import evaluation_windows, negative_log_likelihood  # noqa: E402
 from optin_hf.tasks.workflow import load_model  # noqa: E402
 
 
@@ -85,6 +94,160 @@ def tiny_task() -> space.DemoTask:
     data = Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(24)]})
     return space.DemoTask(BertForSequenceClassification(config).eval(), tokenizer, data.select(range(12)),
                           data.select(range(12, 24)), ["negative", "positive"], "text-classification")
+
+
+def tiny_scenes_task() -> space.DemoTask:
+    """A random tiny SegFormer (4 classes) and 16 scenes of 32x32 pixels whose class map is each pixel's
+    brightness quartile: a segmentation default's shape, built offline in well under a second."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(16, 3, 32, 32, generator=g)
+    maps = (pixels.mean(1) * 4).long().clamp(max=3)
+    data = Dataset.from_dict({"pixel_values": pixels.numpy(), "label": maps.numpy()})
+    return space.DemoTask(tiny_segformer(), None, data.select(range(8)), data.select(range(8, 16)),
+                          ["background", "one", "two", "three"], "semantic-segmentation")
+
+
+TINY_SEGFORMER_SETTINGS = {"num_samples": 4, "batch_size": 4, "neuron_group_size": 8, "reconstruct_samples": 8}
+
+
+def tiny_llm_task() -> space.DemoTask:
+    """A random tiny Llama with a word-level tokenizer, and lines of its words as calibration and held-out text."""
+    rng = torch.Generator().manual_seed(0)
+    lines = ["\n".join(" ".join(f"w{int(i)}" for i in torch.randint(0, 100, (8,), generator=rng)) for _ in range(12))
+             for _ in range(4)]
+    data = Dataset.from_dict({"text": lines})
+    return space.DemoTask(tiny_llm("llama"), tiny_tokenizer(), data.select(range(2)), data.select(range(2, 4)), [],
+                          "text-generation", eval_window=16, max_eval_samples=3)
+
+
+def _handler(demo, name: str):
+    return next(block.fn for block in demo.fns.values() if block.name == name)
+
+
+def _shown(outputs: dict) -> dict:
+    return {getattr(component, "elem_id", None): value for component, value in outputs.items()}
+
+
+def _with_settings(settings: dict, lighter: dict | None = None) -> space.DemoTask:
+    """tiny_task() as an embedded default with these recipe settings (and the Space's lighter ones)."""
+    return dataclasses.replace(tiny_task(), settings=settings, lighter=lighter or {})
+
+
+def test_the_space_offers_every_embedded_default_with_its_recipe(tmp_path):
+    """The Model menu lists every default of the registry (ResNet, SegFormer and the language model included), and
+    each runs its CLI recipe's settings, scored once, within the Space's scoring time and refit examples and with its
+    lighter settings, and the status says where that differs from the recipe; building the page loads no model."""
+    demo = space.build_demo()
+    menu = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model")
+    assert [choice[0] for choice in menu.choices] == [*DEFAULT_NAMES, space.HUB_CHOICE]
+    assert {"digits-resnet", "digit-scenes-segformer"} <= set(DEFAULT_NAMES)
+    assert set(space.SPACE_LIGHTER) <= set(DEFAULT_NAMES)  # a stale name would lighten nothing
+    app = space.SpaceApp(space.default_loaders(), dict(space.SPACE_SETTINGS), tmp_path)
+    assert list(app.models) == list(DEFAULT_NAMES)
+    for name in DEFAULT_NAMES:
+        recipe = default_recipe(name).optin.to_dict()
+        settings = app.settings_for(_with_settings(recipe, space.SPACE_LIGHTER.get(name)))
+        assert settings == {**recipe, "max_scoring_time": min(recipe["max_scoring_time"] or 45.0, 45.0),
+                            "reconstruct_samples": min(recipe["reconstruct_samples"], 128), "prune_steps": 1,
+                            **space.SPACE_LIGHTER.get(name, {})}
+        OptinConfig(**settings)  # every default's settings are valid as the Space runs them
+    recipe = {**OptinConfig().to_dict(), "max_scoring_time": 240.0, "reconstruct_samples": 32, "prune_steps": 2}
+    assert app.lighter(_with_settings(recipe)) == ("Lighter than its CLI recipe here: max_scoring_time=45 (its recipe: "
+                                                   "240), prune_steps=1 (its recipe: 2).")
+    assert app.lighter(_with_settings({**recipe, "max_scoring_time": None, "reconstruct_samples": 256},
+                                      {"num_samples": 4})) == (
+        "Lighter than its CLI recipe here: num_samples=4 (its recipe: 128), max_scoring_time=45 (its recipe: none), "
+        "reconstruct_samples=128 (its recipe: 256), prune_steps=1 (its recipe: 2).")
+    assert app.lighter(_with_settings({**recipe, "max_scoring_time": 30.0, "prune_steps": 1})) == ""
+    assert app.lighter(_with_settings({**recipe, "max_scoring_time": 30.0, "prune_steps": 1, "reconstruct_samples": 256,
+                                       "reconstruct": "none"})) == ""  # refit examples matter only to a repair
+    assert app.lighter(tiny_task()) == ""  # a Hub model runs the Space's own settings
+
+
+def test_a_default_loads_with_its_recipe_and_the_spaces_lighter_settings(monkeypatch):
+    """The loader hands the Space what `load_default` gives (a stand-in here: the real one trains), with the settings
+    of the default's CLI recipe and of SPACE_LIGHTER, and the language model's evaluation windows."""
+    import optin_hf.tasks.defaults as defaults
+
+    stand_in = tiny_llm_task()
+    loaded = defaults.DefaultTask("shakespeare-smollm2", stand_in.task, stand_in.model, stand_in.processor,
+                                  stand_in.calibration, stand_in.test, [], Path("unused"), eval_window=128,
+                                  max_eval_samples=64)
+    monkeypatch.setattr(defaults, "load_default", lambda name: loaded if name == loaded.name else pytest.fail(name))
+    task = space.default_loaders()["shakespeare-smollm2"]()
+    assert (task.model, task.processor, task.calibration, task.test) == (stand_in.model, stand_in.processor,
+                                                                        stand_in.calibration, stand_in.test)
+    assert task.settings == default_recipe("shakespeare-smollm2").optin.to_dict()
+    assert task.lighter == space.SPACE_LIGHTER["shakespeare-smollm2"]
+    assert (task.task, task.eval_window, task.max_eval_samples) == ("text-generation", 128, 64)
+
+
+def test_a_hub_model_that_is_no_classifier_is_refused(monkeypatch):
+    """The Hub box prunes classifiers; a segmenter typed there gets one clear message, not a failure deep inside."""
+    monkeypatch.setattr(space, "load_model", lambda *args, **kwargs: (tiny_segformer(), None, "semantic-segmentation"))
+    with pytest.raises(ValueError, match="someone/segformer is a semantic-segmentation model; this Space prunes Hub "
+                                         "text and image classifiers"):
+        space.hub_loader("someone/segformer", "", "org/scenes", 8)()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_segmentation_result_shows_image_truth_dense_and_pruned_side_by_side(monkeypatch):
+    """A Prune of a segmenter shows test scenes as the report draws them (`report.segmentation_figure`): image, ground
+    truth, the dense and the pruned model's masks; Compare shows the chosen scene; the table gives mean IoU."""
+    monkeypatch.setattr(report, "time_models", lambda models, inputs, runs: {"dense": [0.004], "pruned": [0.001]})
+    demo = space.build_demo({"tiny-segformer": tiny_scenes_task}, settings=TINY_SEGFORMER_SETTINGS)
+    outputs = _handler(demo, "on_prune")("tiny-segformer", 0.5, "", "", "", "")
+    shown = _shown(outputs)
+    assert "Pruned" in shown["status"] and "Scored 5 attention heads and 96 Mix-FFN channels" in shown["status"]
+    result = next(value for value in outputs.values() if isinstance(value, space.PruneResult))
+    task = tiny_scenes_task()
+    figure = shown["segmentation"]
+    assert figure._suptitle.get_text() == "semantic segmentation: dense vs pruned"
+    rows = [figure.axes[4 * i: 4 * i + 4] for i in range(space.SEGMENTATION_SCENES)]
+    assert [ax.get_title() for ax in rows[0]] == ["image", "ground truth", "dense", "pruned"]
+    pixels = np.asarray(task.test["pixel_values"][:space.SEGMENTATION_SCENES], dtype=np.float32)
+    batch = {"pixel_values": torch.as_tensor(pixels)}
+    masks = [np.asarray(m) for m in task.test["label"][:space.SEGMENTATION_SCENES]]
+    dense = report.class_maps(report.predicted_logits(task.model, batch), masks)
+    pruned = report.class_maps(report.predicted_logits(result.model, batch), masks)
+    assert any((d != p).any() for d, p in zip(dense, pruned))  # so the columns below tell the two models apart
+    for axes, mask, d, p in zip(rows, masks, dense, pruned):
+        for ax, expected in zip(axes[1:], (mask, d, p)):
+            assert np.array_equal(np.asarray(ax.images[0].get_array()), expected)
+    assert shown["results"].iloc[0, 0] == f"mean iou ({len(task.test)} test examples)"
+
+    compared = _shown(_handler(demo, "on_compare")(result, "", 5))
+    one = compared["segmentation"].axes
+    assert len(one) == 4 and np.array_equal(np.asarray(one[1].images[0].get_array()), np.asarray(task.test["label"][5]))
+    with pytest.warns(UserWarning, match="no test image of that number"):  # gradio's toast
+        assert "Error" in _shown(_handler(demo, "on_compare")(result, "", 8))["compare_msg"]  # past the last test scene
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_language_model_shows_dense_and_pruned_perplexity_and_a_sample_of_each(monkeypatch):
+    """Perplexity on the task's held-out windows (its window length and count), and greedy continuations of a held-out
+    prompt by the dense and by the pruned model."""
+    monkeypatch.setattr(report, "tokens_per_second", lambda models, seq_len, runs: {
+        name: {"forward_batch_16_s": 0.01, "forward_batch_16": 1.0} for name in models})
+    demo = space.build_demo({"tiny-llama": tiny_llm_task}, settings={
+        "num_samples": 4, "batch_size": 4, "max_length": 16, "reconstruct_samples": 4, "neuron_group_size": 8})
+    outputs = _handler(demo, "on_prune")("tiny-llama", 0.6, "", "", "", "")
+    shown = _shown(outputs)
+    assert "Pruned" in shown["status"], shown["status"]
+    result = next(value for value in outputs.values() if isinstance(value, space.PruneResult))
+    task = tiny_llm_task()
+    windows = evaluation_windows(task.test, "text", task.processor, 16, 3)
+    perplexity = [np.exp(nll / tokens) for nll, tokens in (negative_log_likelihood(m, windows)
+                                                           for m in (task.model, result.model))]
+    row = shown["results"].iloc[0]
+    assert row.iloc[0] == "perplexity (3 held-out windows of 16 tokens)"
+    assert [float(row.iloc[1]), float(row.iloc[2])] == pytest.approx(perplexity, abs=0.006)
+    prompt = shown["inp"]["value"]
+    assert prompt.strip() and prompt in task.test[0]["text"] + "\n"
+    samples = [space.continuation(m, task.processor, prompt) for m in (task.model, result.model)]
+    assert [shown["dense_sample"], shown["pruned_sample"]] == samples and samples[0] != samples[1]
+    compared = _shown(_handler(demo, "on_compare")(result, "w1 w2 w3", 0))
+    assert compared["pruned_sample"] == space.continuation(result.model, task.processor, "w1 w2 w3")
 
 
 def test_the_page_shows_what_the_application_layer_measures(tmp_path, monkeypatch):
@@ -185,8 +348,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url():
-    demo = space.build_demo({"tiny-bert": tiny_task}, settings={"num_samples": 8, "batch_size": 8, "md_tokens": 32})
+def url(one_thread):
+    demo = space.build_demo({"tiny-bert": tiny_task, "tiny-segformer": tiny_scenes_task},
+                            settings={"num_samples": 8, "batch_size": 8, "md_tokens": 32, "neuron_group_size": 8})
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}"
@@ -231,10 +395,15 @@ def _click(driver, elem_id: str) -> None:
     driver.find_element(By.CSS_SELECTOR, f"#{elem_id}").click()
 
 
+def _pick_model(driver, choice: str) -> None:
+    """Pick `choice` in the Model dropdown, as a visitor would."""
+    driver.find_element(By.CSS_SELECTOR, "#model input").click()
+    driver.find_element(By.CSS_SELECTOR, f'#model li[aria-label="{choice}"]').click()
+
+
 def _type_hub_model(driver, model_id: str, texts: str, token: str = "") -> None:
     """Pick "Hub model id" in the Model dropdown, open the Hub box and fill it in, as a visitor would."""
-    driver.find_element(By.CSS_SELECTOR, "#model input").click()
-    driver.find_element(By.CSS_SELECTOR, f'#model li[aria-label="{space.HUB_CHOICE}"]').click()
+    _pick_model(driver, space.HUB_CHOICE)
     if not any(box.is_displayed() for box in driver.find_elements(By.CSS_SELECTOR, "#hub_id textarea")):  # starts closed
         driver.find_element(By.CSS_SELECTOR, "#hub_box button.label-wrap").click()
     WebDriverWait(driver, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "#hub_id textarea").is_displayed())
@@ -334,3 +503,18 @@ def test_a_private_repo_typed_by_a_visitor_is_refused_in_browser(url, browser, h
     _type_hub_model(browser, repo_id, "the movie was great\nthe plot was poor", token=FAKE_TOKEN)
     _click(browser, "prune")
     assert f"Pruned {repo_id}" in _wait_text(browser, "#status", "Pruned", timeout=15)
+
+
+@needs_browser
+def test_a_segmenter_shows_its_masks_side_by_side_in_browser(url, browser):
+    """A segmentation model's Prune shows mean IoU and the panel of image, ground truth, dense and pruned masks, in
+    place of the class labels a classifier shows."""
+    browser.get(url)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prune"))
+    _pick_model(browser, "tiny-segformer")
+    _click(browser, "prune")
+    assert "Pruned tiny-segformer" in _wait_text(browser, "#status", "Pruned")
+    assert "mean iou" in _wait_text(browser, "#results", "MACs")
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#segmentation img, #segmentation svg"))
+    assert browser.find_element(By.CSS_SELECTOR, "#segmentation").is_displayed()
+    assert not [label for label in browser.find_elements(By.CSS_SELECTOR, "#dense_pred") if label.is_displayed()]

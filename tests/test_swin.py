@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from optin_hf import OptinConfig, OptinPruner, PruningMasks, count_macs
+from optin_hf.arch import check_model
 from optin_hf.slim import slim_model
 from tiny import random_images as images, tiny_swin
 
@@ -27,12 +28,27 @@ def test_a_head_keeps_its_column_of_the_relative_position_bias_table():
     assert block.attention.num_attention_heads == 2
 
 
-def test_reconstruction_is_refused_before_scoring():
+def test_the_attention_output_goes_from_shifted_padded_windows_back_to_token_order():
+    """A 40x40 image makes a 10x10 first-stage map, padded to 12x12 for the 4x4 windows, which the second block
+    shifts by 2. The attention output projection's rows in token order (`token_order`, what the refit pairs with
+    the residual) added to the layer input are the FFN's input, as the layer computes it."""
     model = tiny_swin()
-    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, reconstruct="weights"))
-    with pytest.raises(ValueError, match=r"swin adapter does not give: prune it with OptinConfig\(reconstruct='none'\)"):
-        pruner.prune_model(model, images(2, 1))
-    assert pruner.scores is None
+    block = model.swin.encoder.layers[0].blocks[1]
+    seen = {}
+    handles = [
+        block.register_forward_pre_hook(lambda m, args, kwargs: seen.update(x=args[0], call=(args[1:], kwargs)), with_kwargs=True),
+        block.attention.o_proj.register_forward_hook(lambda m, args, out: seen.update(y=out)),
+        block.layernorm_after.register_forward_pre_hook(lambda m, args: seen.update(r=args[0])),
+    ]
+    with torch.no_grad():
+        model(pixel_values=torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(0)))
+    for handle in handles:
+        handle.remove()
+    assert block.shift_size == 2 and seen["y"].shape == (2 * 9, 16, 16)  # 9 windows of 16 rows an image
+    args, kwargs = seen["call"]
+    ordered = check_model(model).token_order(block, seen["y"], *args, **kwargs)
+    assert ordered.shape == (2, 100, 16)  # the padding dropped
+    torch.testing.assert_close(seen["x"] + ordered, seen["r"])
 
 
 def test_token_pruning_is_refused():

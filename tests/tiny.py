@@ -23,8 +23,18 @@ from transformers import (
     Dinov2ForImageClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     ResNetConfig,
     ResNetForImageClassification,
     RobertaConfig,
@@ -217,6 +227,48 @@ def text_flop_macs(model: nn.Module) -> float:
     return sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if LAYER.search(name)) / 2
 
 
+# Decoder LLMs: 4 query heads in 2 KV groups (g = 2), so a unit (one KV group) differs from a query head.
+LLM = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+           intermediate_size=48, max_position_embeddings=64, initializer_range=0.2, bos_token_id=None, eos_token_id=None,
+           pad_token_id=0)
+LLM_BUILDERS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLM, tie_word_embeddings=True)),  # tied, as SmolLM2's
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**LLM)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLM)),  # q/k/v biases
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**LLM, head_dim=12)),  # q_norm/k_norm; heads x head_dim != hidden
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=120, n_embd=32, n_layer=3, n_head=4, n_inner=48, n_positions=64,
+                                               initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0)),
+}
+
+
+def tiny_llm(name: str, seed: int = 0) -> nn.Module:
+    """A tiny causal LM (`LLM_BUILDERS`) in eager attention, with trained-looking norms (random gains and, for
+    GPT-2, biases): unit gains would hide a norm applied to the wrong features."""
+    torch.manual_seed(seed)
+    model = LLM_BUILDERS[name]()
+    eager(model)
+    for module in model.modules():
+        if "Norm" in type(module).__name__:
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            if getattr(module, "bias", None) is not None:
+                nn.init.normal_(module.bias, 0.0, 0.2)
+    for path, param in model.named_parameters():
+        if path.endswith(".bias") and ".ln_" not in path:
+            nn.init.normal_(param, 0.0, 0.2)
+    return model.eval()
+
+
+def llm_flop_macs(model: nn.Module) -> float:
+    """Torch's count of a causal LM's forward on one example of TEXT_MACS_LEN tokens, LM head included, per token
+    (what `count_macs(model, TEXT_MACS_LEN)` counts for a decoder)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = torch.randint(5, 100, (1, TEXT_MACS_LEN), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=inputs, use_cache=False)
+    return counter.get_total_flops() / 2 / TEXT_MACS_LEN
+
+
 @dataclass(frozen=True)
 class Family:
     """A family's tiny model and data, as the tests use them.
@@ -262,6 +314,8 @@ FAMILIES: dict[str, Family] = {
     "convnext": _vision(partial(tiny_cnn, "convnext"), {**VISION_SETTINGS, "neuron_group_size": 8}),
     "segformer": _vision(tiny_segformer, {**VISION_SETTINGS, "neuron_group_size": 8, "md_tokens": 64, "neurons_multiple_of": 1}),
     "dinov2": _vision(tiny_dinov2, {**VISION_SETTINGS, "neuron_group_size": 16}),
+    **{name: Family(partial(tiny_llm, name), lambda n, seed: calibration("llm", n, seed), batch("llm"), TEXT_SETTINGS,
+                    llm_flop_macs, TEXT_MACS_LEN) for name in LLM_BUILDERS},
     "mask2former": _vision(tiny_mask2former, {**VISION_SETTINGS, "num_samples": 2, "neuron_group_size": 32},
                            MASK2FORMER_PIXELS, mask2former_backbone, mask2former_eager),
 }

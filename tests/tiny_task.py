@@ -129,7 +129,8 @@ def stand_in_defaults(text_model_dir: Path, calls: list[str]) -> types.ModuleTyp
             split = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]})
             task, processor, labels = "text-classification", AutoTokenizer.from_pretrained(text_model_dir), LABELS
         return types.SimpleNamespace(name=name, task=task, model=model, processor=processor, calibration=split.select(range(16)),
-                                     test=split.select(range(16, len(split))), label_names=labels, model_dir=text_model_dir)
+                                     test=split.select(range(16, len(split))), label_names=labels, model_dir=text_model_dir,
+                                     eval_window=None, max_eval_samples=None)
 
     module.load_default = load_default
     return module

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchAdapter, EmptyAttention, Slice, get_submodule, set_submodule
+from .base import ArchAdapter, EmptyAttention, get_submodule, set_submodule
 from .capabilities import FEATURES, REPAIRS, Capabilities, Feature
+from .projection import Projection, Slice
 from .bert import BERT
 from .convnext import CONVNEXT
 from .dinov2 import DINOV2
 from .distilbert import DISTILBERT
+from .gpt2 import GPT2
+from .llama import LLAMA
 from .resnet import RESNET
 from .segformer import SEGFORMER
 from .mask2former import MASK2FORMER
@@ -36,7 +39,7 @@ def register_adapter(adapter: ArchAdapter, *, exist_ok: bool = False) -> None:
     ADAPTERS.update(dict.fromkeys(adapter.model_types, adapter))
 
 
-for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, RESNET, CONVNEXT, SEGFORMER, MASK2FORMER, DINOV2):
+for _adapter in (BERT, DISTILBERT, VIT, DEIT, SWIN, RESNET, CONVNEXT, SEGFORMER, MASK2FORMER, DINOV2, LLAMA, GPT2):
     register_adapter(_adapter)
 
 
@@ -96,6 +99,7 @@ __all__ = [
     "Capabilities",
     "EmptyAttention",
     "Feature",
+    "Projection",
     "Slice",
     "check_model",
     "get_adapter",

@@ -11,21 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..losses import KLOutputs
 from .capabilities import Capabilities, Feature
+from .projection import Projection, Slice, num_features, owned_norms, select_features, slice_features
 
-# (layer, input of the attention output projection, layer input) -> input of the FFN block
-FinishAttention = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-# (layer, input of the FFN block) -> layer output
-FeedForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-# (layer, output of the FFN down projection, input of the FFN block) -> layer output
-FinishFeedForward = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# The layer pieces take, after their own arguments, the rest of the layer's call as the layer
+# received it (`*args, **kwargs` after the hidden states: BERT's attention mask, a Swin stage's map
+# size, SegFormer's height and width); a piece ignores what it does not need.
+# (layer, input of the attention output projection, layer input, *call) -> input of the FFN block
+FinishAttention = Callable[..., torch.Tensor]
+# (layer, input of the FFN block, *call) -> layer output
+FeedForward = Callable[..., torch.Tensor]
+# (layer, output of the FFN down projection, input of the FFN block, *call) -> layer output
+FinishFeedForward = Callable[..., torch.Tensor]
 # (task model, last layer's output hidden states) -> logits
 Classifier = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -48,10 +49,22 @@ def pair(value) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def num_patches(config) -> int:
-    """Patches a ViT-style patch embedding (a conv whose stride is its kernel) makes of a `config.image_size` image."""
-    (height, width), (patch_h, patch_w) = pair(config.image_size), pair(config.patch_size)
+ImageSize = tuple[int, int]  # (height, width) of the images a vision model's MACs and tokens are counted at
+
+
+def num_patches(config, image_size: ImageSize | None = None) -> int:
+    """Patches a ViT-style patch embedding (a conv whose stride is its kernel) makes of an `image_size`
+    image (default: `config.image_size`)."""
+    (height, width), (patch_h, patch_w) = pair(image_size or config.image_size), pair(config.patch_size)
     return (height // patch_h) * (width // patch_w)
+
+
+def checked_image_size(value) -> ImageSize:
+    """`value` (one side, or (height, width)) as a (height, width) pair of positive ints, or a ValueError."""
+    sides = [value] if isinstance(value, int) else list(value) if isinstance(value, (tuple, list, torch.Size)) else None
+    if not sides or len(sides) > 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sides):
+        raise ValueError(f"image_size={value!r} is not an image size: give one side or (height, width), positive integers.")
+    return pair(sides[0]) if len(sides) == 1 else (int(sides[0]), int(sides[1]))
 
 
 def paper_head_macs(seq_len: float, hidden: int, head_dim: int) -> float:
@@ -73,65 +86,6 @@ class LayerGeometry:
     head_dim: int
     hidden: int
     neurons: int
-
-
-@dataclass(frozen=True)
-class Slice:
-    """The parameters each unit (head or FFN neuron) owns in one projection of a layer.
-
-    path: the projection, relative to the layer. side: "out", its output features (a Linear's
-    weight rows and bias, a transformers `Conv1D`'s weight columns and bias), or "in", its input
-    features. width: features per unit, None = the head size for heads, 1 for FFN units.
-    """
-
-    path: str
-    side: Literal["out", "in"]
-    width: int | None = None
-
-
-def num_features(module: nn.Module, side: Literal["out", "in"]) -> int:
-    """Output or input features of a Linear or a transformers Conv1D."""
-    weight = _feature_weight(module)
-    return weight.shape[_feature_dim(module, side)]
-
-
-def _feature_weight(module: nn.Module) -> torch.Tensor:
-    if not isinstance(module, (nn.Linear, Conv1D)):
-        raise TypeError(
-            f"optin-hf slices Linear and Conv1D projections, not {type(module).__name__}; give the adapter "
-            "its own slim_heads / slim_neurons for this module."
-        )
-    return module.weight
-
-
-def _feature_dim(module: nn.Module, side: Literal["out", "in"]) -> int:
-    """The weight dimension of a side: Linear weights are [out, in], Conv1D ones [in, out]."""
-    return (0 if side == "out" else 1) if isinstance(module, nn.Linear) else (1 if side == "out" else 0)
-
-
-def select_features(module: nn.Module, index: torch.Tensor, side: Literal["out", "in"]) -> nn.Module:
-    """A new Linear (or Conv1D) keeping only output or input features `index`."""
-    weight = _feature_weight(module)
-    index = index.to(weight.device)
-    kept = weight.detach().index_select(_feature_dim(module, side), index).clone()
-    if isinstance(module, nn.Linear):
-        # A 1x1 meta Linear re-dimensioned: no wasted (or zero-size, warning) random init.
-        new = nn.Linear(1, 1, bias=module.bias is not None, device="meta")
-        new.out_features, new.in_features = kept.shape
-    else:
-        new = Conv1D(1, 1)
-        new.nx, new.nf = kept.shape
-    new.weight = nn.Parameter(kept, requires_grad=weight.requires_grad)
-    if module.bias is not None:
-        bias = module.bias.detach()
-        bias = bias.index_select(0, index) if side == "out" else bias
-        new.bias = nn.Parameter(bias.clone(), requires_grad=module.bias.requires_grad)
-    return new
-
-
-def unit_features(keep: torch.Tensor, width: int) -> torch.Tensor:
-    """The feature indices of units `keep` (sorted) that own `width` consecutive features each."""
-    return (keep[:, None] * width + torch.arange(width, device=keep.device)).flatten()
 
 
 # transformers 5 names the parts of its vision encoder layers (ViT, DeiT, Swin, SegFormer) alike.
@@ -173,6 +127,14 @@ class ArchAdapter:
     forward after the last layer, which reads the first `pooled_tokens` tokens of each example
     (the fast engine hands it only those when it packs examples end to end).
 
+    `chained_layers`: each layer's output is the next layer's input and the task head reads the
+    last layer's output only. A family whose model runs more between its layers (Swin's patch
+    mergings, SegFormer's stage norms and patch embeddings) or whose head reads several layers
+    (SegFormer's decode head, Mask2Former's pixel decoder) sets it False: the fast engine and the
+    refit then run the model's own forward around the layers they replay (`engine.replay`), so
+    it needs no `classifiers`. `token_order` pairs the attention output projection's rows with
+    the residual's where the layer runs that projection on other rows (Swin's windows).
+
     The geometry methods below (`head_slices`, `slim_heads`, `head_macs`, their neuron twins)
     hold the standard multi-head attention and two-matrix FFN; a family that differs (KV heads
     shared by a group of query heads, a relative-position-bias table per head, a gated FFN)
@@ -205,8 +167,12 @@ class ArchAdapter:
     feed_forward: FeedForward | None = None
     finish_feed_forward: FinishFeedForward | None = None
     classifiers: Mapping[str, Classifier] = field(default_factory=dict, hash=False, compare=False)
+    chained_layers: bool = True
     unit_names: tuple[str, str] = ("attention heads", "FFN neurons")  # what the report calls a head and a neuron
     fixed_parts: str = "the patch embedding"  # what `fixed_macs` counts, as an unreachable budget's error names it
+    # Text examples may be laid end to end in one row by the fast engine (positions embedded before layer 0,
+    # attention within each example): False for a decoder, whose causal mask and rotary positions are per row.
+    packs_examples: bool = True
     capabilities: Capabilities = Capabilities()
 
     def __post_init__(self) -> None:
@@ -293,11 +259,12 @@ class ArchAdapter:
     def kept_neurons(self, layer: nn.Module) -> int:
         return num_features(get_submodule(layer, self.ffn_up), "out")
 
-    def head_slices(self) -> tuple[Slice, ...]:
-        """What a head owns: its query, key and value rows and its attention-output columns."""
+    def head_slices(self, config=None) -> tuple[Slice, ...]:
+        """What a head owns: its query, key and value rows and its attention-output columns. `config` is
+        for a family whose slice widths follow it (grouped KV heads: a group owns g·dh query rows)."""
         return (Slice(self.query, "out"), Slice(self.key, "out"), Slice(self.value, "out"), Slice(self.attn_out, "in"))
 
-    def neuron_slices(self) -> tuple[Slice, ...]:
+    def neuron_slices(self, config=None) -> tuple[Slice, ...]:
         """What an FFN neuron owns: its up-projection row and its down-projection column."""
         return (Slice(self.ffn_up, "out"), Slice(self.ffn_down, "in"))
 
@@ -309,7 +276,7 @@ class ArchAdapter:
         if not self.supports("heads"):
             return  # no heads: nothing to cut
         head_dim = self.layer_head_dim(layer, config)
-        _slim(layer, self.head_slices(), keep, head_dim)
+        _slim(layer, self.head_slices(config), keep, head_dim)
         if len(keep) == 0:
             inside = self.attn_out.removeprefix(self.attn_core + ".") if self.out_inside_core else None
             out = get_submodule(layer, self.attn_out)
@@ -323,18 +290,22 @@ class ArchAdapter:
 
     def slim_neurons(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
         """Keep only FFN neurons `keep` (sorted indices) of `layer`, in place."""
-        _slim(layer, self.neuron_slices(), keep, 1)
+        _slim(layer, self.neuron_slices(config), keep, 1)
 
-    def head_macs(self, seq_len: float, config, layer: int = 0) -> float:
-        """MACs of one head of layer `layer` when it runs `seq_len` tokens (the paper's formula)."""
+    def head_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
+        """MACs of one head of layer `layer` when it runs `seq_len` tokens (the paper's formula).
+
+        The MAC methods take the images' `image_size` too (None: the config's): a family whose layers
+        run maps of their own sizes (Swin's stages, a CNN's, SegFormer's) counts them from it, and
+        refuses a `seq_len` other than `default_seq_len` at that size."""
         geometry = self.layer_geometry(config)[layer]
         return paper_head_macs(seq_len, geometry.hidden, geometry.head_dim)
 
-    def neuron_macs(self, seq_len: float, config, layer: int = 0) -> float:
+    def neuron_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
         """MACs of one FFN neuron of layer `layer` when it runs `seq_len` tokens (the paper's formula)."""
         return paper_neuron_macs(seq_len, self.layer_geometry(config)[layer].hidden)
 
-    def pair_macs(self, seq_len: float, config, layer: int = 0) -> float:
+    def pair_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
         """MACs of one (kept head, kept neuron) pair of layer `layer`, beyond what each costs alone.
 
         0 here: heads and FFN neurons never meet in one matmul. A CNN bottleneck's middle conv
@@ -343,7 +314,7 @@ class ArchAdapter:
         """
         return 0.0
 
-    def shared_attention_macs(self, seq_len: float, config, layer: int = 0) -> float:
+    def shared_attention_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
         """MACs of layer `layer`'s attention that serve all its heads, counted in `fixed_macs` while
         it keeps one head and saved when it keeps none (SegFormer's spatial-reduction conv): the
         budget search spends what that frees. 0 here."""
@@ -351,23 +322,54 @@ class ArchAdapter:
 
     def unit_weight_norms(self, layer: nn.Module, config) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared L2 norms of the weights each head ([heads]) and each neuron ([neurons]) of `layer`
-        owns (the magnitude criterion): a head's q/k/v rows and output columns, a neuron's FFN up
-        row and down column."""
-        w = lambda path: get_submodule(layer, path).weight.double()  # noqa: E731
-        per_neuron = w(self.ffn_up).pow(2).sum(1) + w(self.ffn_down).pow(2).sum(0)
+        owns (the magnitude criterion), read through `head_slices` / `neuron_slices`: a head's q/k/v
+        rows and output columns, a neuron's FFN up row and down column (biases left out)."""
+
+        def norms(slices: tuple[Slice, ...], units: int, width: int) -> torch.Tensor:
+            return sum(owned_norms(get_submodule(layer, part.path), part, units, width) for part in slices)
+
+        per_neuron = norms(self.neuron_slices(config), self.kept_neurons(layer), 1)
         if not self.supports("heads"):
             return per_neuron.new_zeros(0), per_neuron
-        head_dim = self.layer_head_dim(layer, config)
-        qkv = torch.cat([w(p) for p in (self.query, self.key, self.value)], dim=1)
-        per_head = qkv.view(-1, head_dim * qkv.shape[1]).pow(2).sum(1)
-        per_head += w(self.attn_out).T.reshape(-1, head_dim * w(self.attn_out).shape[0]).pow(2).sum(1)
-        return per_head, per_neuron
+        return norms(self.head_slices(config), self.kept_heads(layer, config), self.layer_head_dim(layer, config)), per_neuron
+
+    def token_order(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The attention output projection's input or output `x` (its rows as `layer` runs them) in the
+        layer input's token order, [batch, tokens, features], given the rest of the layer's call: row
+        t then pairs with token t of the residual the projection's output is added to. The identity
+        here; Swin runs the projection on shifted windows padded to whole windows, and reverses them."""
+        return x
+
+    def projection(self, layer: nn.Module, sublayer: str) -> Projection:
+        """The attention output (`sublayer="attn_out"`) or FFN down (`"ffn_down"`) projection of a
+        layer, as the refit and the fast engine read it (a Linear, a Conv1D or a 1x1 conv, with or
+        without a bias). A family whose output projection is more than one module overrides this."""
+        return Projection(get_submodule(layer, getattr(self, sublayer)))
 
     def branch_scale(self, layer: nn.Module, sublayer: str) -> torch.Tensor | None:
         """The per-channel factor [hidden] that multiplies `sublayer`'s ("attn_out" or "ffn_down")
         output before the residual adds it (a layer scale), or None where the output is added as
         it is. The refit fits the scaled branch to the residual stream's target."""
         return None
+
+    @property
+    def refit_sublayers(self) -> tuple[str, ...]:
+        """The sublayers ("attn_out", "ffn_down") whose output projection the least-squares refit fits: both in a
+        family with heads, the FFN's alone in one without. A family whose heads' output projection feeds a
+        nonlinearity before the residual adds it (ResNet's 3x3 conv, then BatchNorm and ReLU) leaves it out."""
+        return ("attn_out", "ffn_down") if self.supports("heads") else ("ffn_down",)
+
+    def ffn_residual(self) -> tuple[str, str]:
+        """Where the FFN sublayer's residual (what its branch is added to) is read, in the dense and the slim
+        layer alike: (module path, "in" for its first input or "out" for its output). By default the FFN
+        input (`ffn_input`'s input); a family whose branch adds to something else (ResNet's shortcut) overrides it."""
+        return self.ffn_input, "in"
+
+    def stream_rows(self, layer: nn.Module, sublayer: str, x: torch.Tensor) -> torch.Tensor:
+        """A residual-stream tensor of `layer` (a residual, the layer's output) as [positions, hidden] rows in
+        the order of `sublayer`'s projection output rows (`Projection.rows`); a family whose stream is laid out
+        otherwise (ConvNeXt: channels-first maps, a channels-last Linear) overrides it."""
+        return self.projection(layer, sublayer).rows(x)
 
     def logits_of(self, output) -> torch.Tensor | None:
         """What the KL term compares, from a model's forward output: its `logits` (None for a bare encoder).
@@ -390,28 +392,50 @@ class ArchAdapter:
             return _no_logits
         return self.classifiers.get(type(model).__name__)
 
-    def default_seq_len(self, config) -> int | None:
-        """Tokens per image for vision models (patches + prefix tokens); None for text."""
+    def image_size(self, config, given=None) -> ImageSize | None:
+        """(height, width) a vision model's MACs and tokens are counted at: `given` (the calibration
+        images', or `count_macs`'s argument), else the size its config states; None for text.
+
+        The model runs images of other sizes than its config says (DINOv2's Hub configs say 518, its
+        processors crop 224; a SegFormer's or a ResNet's config says none), so the pruner passes the
+        size of the images it calibrates on. A family whose size lives elsewhere (a backbone's config)
+        overrides this."""
+        if not self.is_vision:
+            if given is not None:
+                raise ValueError(f"image_size={given!r} is for image models: a {config.model_type} model's MACs follow seq_len.")
+            return None
+        size = given if given is not None else getattr(config, "image_size", None)
+        if size is None:
+            raise ValueError(
+                f"This {config.model_type} model's MACs depend on the image size, and its config states none: pass "
+                "count_macs(model, image_size=(height, width)), or calibration images (or OptinConfig(image_size=...)) "
+                "to the pruner."
+            )
+        return checked_image_size(size)
+
+    def default_seq_len(self, config, image_size: ImageSize | None = None) -> int | None:
+        """Tokens per image for vision models (patches + prefix tokens) at `image_size` (None: the
+        config's, see `image_size`); None for text."""
         if not self.is_vision:
             return None
-        return num_patches(config) + self.num_prefix_tokens
+        return num_patches(config, self.image_size(config, image_size)) + self.num_prefix_tokens
 
-    def fixed_macs(self, model: nn.Module) -> int:
-        """MACs of the encoder that no unit owns, so no budget can cut (the patch embedding)."""
-        return self.patch_embedding_macs(model)
+    def fixed_macs(self, model: nn.Module, image_size: ImageSize | None = None) -> int:
+        """MACs of the encoder that no unit owns, so no budget can cut (the patch embedding), at `image_size`."""
+        return self.patch_embedding_macs(model, image_size)
 
-    def patch_embedding_macs(self, model: nn.Module) -> int:
+    def patch_embedding_macs(self, model: nn.Module, image_size: ImageSize | None = None) -> int:
         if self.patch_embedding is None:
             return 0
         conv = get_submodule(model.base_model, self.patch_embedding)
         kernel = conv.weight[0].numel()  # in_channels * P * P
-        return num_patches(model.config) * kernel * conv.out_channels
+        return num_patches(model.config, self.image_size(model.config, image_size)) * kernel * conv.out_channels
 
 
 def _slim(layer: nn.Module, slices: tuple[Slice, ...], keep: torch.Tensor, default_width: int) -> None:
     for part in slices:
         module = get_submodule(layer, part.path)
-        set_submodule(layer, part.path, select_features(module, unit_features(keep, part.width or default_width), part.side))
+        set_submodule(layer, part.path, select_features(module, slice_features(module, part, keep, default_width), part.side))
 
 
 class EmptyAttention(nn.Module):

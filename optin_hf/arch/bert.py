@@ -7,15 +7,15 @@ from .base import ArchAdapter
 from .capabilities import Capabilities
 
 
-def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.attention.output(heads, layer_input)
 
 
-def _feed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _feed_forward(layer: nn.Module, hidden: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.output(layer.intermediate(hidden), hidden)
 
 
-def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.output.LayerNorm(layer.output.dropout(down) + hidden)
 
 

@@ -39,9 +39,9 @@ class Capabilities:
     to prune, the reference engine, `reconstruct="none"`), so a family declares only what it adds or lacks.
 
     fast_engine: the fast scoring engine may run it (`ArchAdapter.finish_attention` and `feed_forward` given).
-    repairs: the `reconstruct` modes besides "none" it takes: "weights" and "scales" refit the output
-    projections through the three layer pieces (tokens in sequence order, not in Swin's windows);
-    "batchnorm" re-estimates the running means of the BatchNorms after the pruned convs (ResNet).
+    repairs: the `reconstruct` modes besides "none" it takes, strongest first (`reconstruct="auto"` uses
+    the first, `auto_repair`): "weights" and "scales" refit the output projections through the three
+    layer pieces; "batchnorm" re-estimates the running means of the BatchNorms after the pruned convs (ResNet).
     tokens: token mode (`prune_tokens=True`): a ViT token sequence with class token(s) to keep apart.
     heads, neurons: the kinds of unit its layers have (ConvNeXt has no heads).
     """
@@ -58,6 +58,12 @@ class Capabilities:
             raise ValueError(f"Capabilities(repairs={self.repairs!r}) names {unknown}: the repairs are {list(REPAIRS)}.")
         if not (self.heads or self.neurons):
             raise ValueError("Capabilities(heads=False, neurons=False) leaves nothing to prune: declare one kind of unit.")
+
+    def auto_repair(self, refit: bool = False) -> str:
+        """What `reconstruct="auto"` runs: the first declared repair ("none" if there is none); with `refit`
+        (pruning in steps re-scores a refit model), the first of "weights" and "scales" that is declared."""
+        usable = [mode for mode in self.repairs if not refit or mode in ("weights", "scales")]
+        return usable[0] if usable else "none"
 
     def supports(self, feature: Feature) -> bool:
         if feature not in FEATURES:

@@ -8,9 +8,16 @@ feature is each block's output map [B, C, H, W], read as H*W tokens of C feature
 MACs (`count_macs`, what torch's FLOP counter sees in the encoder): per neuron 2·C·H·W. Fixed:
 the patchify stem, each stage's downsampling conv and every block's 7x7 depthwise conv
 (49·C·H·W). Not counted: LayerNorms, GELUs, layer scales, biases, the residual additions, the
-final pooling, LayerNorm and classifier. Token counts follow `config.image_size`.
+final pooling, LayerNorm and classifier. Map sizes follow the calibration images' size (or
+`count_macs`'s `image_size`, else `config.image_size`).
 
-Scoring runs on the reference engine (no layer pieces for the fast one); reconstruction is refused.
+The block's input is its FFN input and the residual its MLP adds to, so the layer pieces are the
+standard ones, on channels-first maps around a channels-last MLP: the fast engine starts a neuron's
+run from pwconv2's output, and the least-squares refit (`reconstruct="weights"` / `"scales"`) fits
+pwconv2 with its layer scale (`branch_scale`) to the dense block's output, the rows of the
+channels-first stream read as the Linear's channels-last rows (`stream_rows`). A stage's
+downsampling runs between its first block and the block before, so the layers do not chain
+(`chained_layers=False`: runs finish with the model's own forward).
 """
 
 from __future__ import annotations
@@ -18,16 +25,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .base import ArchAdapter, LayerGeometry, get_submodule
+from .base import ArchAdapter, ImageSize, LayerGeometry, get_submodule
 from .capabilities import Capabilities
-from .resnet import conv_out, image_size
+from .resnet import conv_out
 
 
-def stage_maps(config) -> list[tuple[int, int]]:
-    """Each stage's map (height, width): the stem patchifies, every later stage halves it."""
-    size = conv_out(image_size(config), config.patch_size, config.patch_size, 0)
+def stage_maps(config, image_size: ImageSize) -> list[tuple[int, int]]:
+    """Each stage's map (height, width) on an `image_size` image: the stem patchifies, every later stage halves it."""
+    size = conv_out(image_size, config.patch_size, config.patch_size, 0)
     maps = [size]
     for _ in config.depths[1:]:
         size = conv_out(size, 2, 2, 0)
@@ -35,13 +43,28 @@ def stage_maps(config) -> list[tuple[int, int]]:
     return maps
 
 
-def _layer_maps(config) -> list[tuple[int, tuple[int, int]]]:
+def _layer_maps(config, image_size: ImageSize) -> list[tuple[int, tuple[int, int]]]:
     """(channels, map) of every block in order."""
     return [
         (width, size)
-        for width, depth, size in zip(config.hidden_sizes, config.depths, stage_maps(config))
+        for width, depth, size in zip(config.hidden_sizes, config.depths, stage_maps(config, image_size))
         for _ in range(depth)
     ]
+
+
+def _finish_attention(layer: nn.Module, heads: None, layer_input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return layer_input  # no heads: the block input is the FFN input
+
+
+def _feed_forward(layer: nn.Module, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return layer(hidden)
+
+
+def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`down`: pwconv2's output, channels last."""
+    if layer.layer_scale_parameter is not None:
+        down = layer.layer_scale_parameter * down
+    return hidden + layer.drop_path(down.permute(0, 3, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -63,35 +86,47 @@ class ConvNextAdapter(ArchAdapter):
         stages = get_submodule(model.base_model, self.layers)
         return nn.ModuleList([block for stage in stages for block in stage.layers])
 
+    def stream_rows(self, layer: nn.Module, sublayer: str, x: torch.Tensor) -> torch.Tensor:
+        """A [B, C, H, W] map as the B·H·W rows of C channels that pwconv2 reads and writes channels last."""
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+    def branch_scale(self, layer: nn.Module, sublayer: str) -> torch.Tensor | None:
+        scale = layer.layer_scale_parameter
+        return None if scale is None else scale.detach()
+
     def layer_geometry(self, config) -> tuple[LayerGeometry, ...]:
-        return tuple(LayerGeometry(0, 1, width, 4 * width) for width, _ in _layer_maps(config))
+        return tuple(LayerGeometry(0, 1, width, 4 * width)
+                     for width, depth in zip(config.hidden_sizes, config.depths) for _ in range(depth))
 
-    def default_seq_len(self, config) -> int:
+    def default_seq_len(self, config, image_size: ImageSize | None = None) -> int:
         """Positions of the first stage's map; later stages hold fewer (see `neuron_macs`)."""
-        return math.prod(stage_maps(config)[0])
+        return math.prod(stage_maps(config, self.image_size(config, image_size))[0])
 
-    def _layer(self, seq_len: float, config, layer: int) -> tuple[int, tuple[int, int]]:
-        if seq_len != self.default_seq_len(config):
+    def _layer(self, seq_len: float, config, layer: int, image_size: ImageSize | None) -> tuple[int, tuple[int, int]]:
+        size = self.image_size(config, image_size)
+        if seq_len != self.default_seq_len(config, size):
             raise ValueError(
-                f"seq_len={seq_len}: a ConvNeXt's map sizes follow its image size ({image_size(config)}), "
-                f"{self.default_seq_len(config)} positions in the first stage. Leave seq_len unset."
+                f"seq_len={seq_len}: a ConvNeXt's map sizes follow its image size ({size[0]}x{size[1]}), "
+                f"{self.default_seq_len(config, size)} positions in the first stage. Leave seq_len unset "
+                "(count_macs(model, image_size=(height, width)) counts at another size)."
             )
-        return _layer_maps(config)[layer]
+        return _layer_maps(config, size)[layer]
 
-    def head_macs(self, seq_len: float, config, layer: int = 0) -> float:
+    def head_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
         return 0.0
 
-    def neuron_macs(self, seq_len: float, config, layer: int = 0) -> float:
-        width, size = self._layer(seq_len, config, layer)
+    def neuron_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
+        width, size = self._layer(seq_len, config, layer, image_size)
         return 2 * width * math.prod(size)
 
-    def fixed_macs(self, model: nn.Module) -> int:
+    def fixed_macs(self, model: nn.Module, image_size: ImageSize | None = None) -> int:
         """The stem, the downsampling convs and the depthwise convs."""
         config = model.config
-        maps, widths = stage_maps(config), config.hidden_sizes
+        image = self.image_size(config, image_size)
+        maps, widths = stage_maps(config, image), config.hidden_sizes
         total = math.prod(maps[0]) * config.num_channels * config.patch_size**2 * widths[0]
         total += sum(math.prod(size) * widths[s] * 4 * widths[s + 1] for s, size in enumerate(maps[1:]))
-        return total + sum(49 * width * math.prod(size) for width, size in _layer_maps(config))
+        return total + sum(49 * width * math.prod(size) for width, size in _layer_maps(config, image))
 
 
 CONVNEXT = ConvNextAdapter(
@@ -101,10 +136,14 @@ CONVNEXT = ConvNextAdapter(
     layers="encoder.stages",
     ffn_up="pwconv1",
     ffn_down="pwconv2",
-    ffn_input="layernorm",
+    ffn_input="dwconv",
     feature="",
     patch_embedding="embeddings.patch_embeddings",
     num_prefix_tokens=0,
     pooled_tokens=0,
-    capabilities=Capabilities(heads=False),  # MLP channels only, reference engine, no repair
+    finish_attention=_finish_attention,
+    feed_forward=_feed_forward,
+    finish_feed_forward=_finish_feed_forward,
+    chained_layers=False,  # a stage's downsampling runs between its first block and the block before
+    capabilities=Capabilities(heads=False, fast_engine=True, repairs=("weights", "scales")),  # MLP channels only
 )

@@ -5,12 +5,13 @@ column, as in ViT. The layer scales (`layer_scale1`, `layer_scale2`) multiply ea
 output per hidden channel before the residual addition: they act on the hidden size, which
 pruning keeps, so they stay as they are. The MD feature is the first LayerNorm's output (`norm1`).
 
-MACs (`count_macs`, what torch's FLOP counter sees in the encoder with eager attention) at
-`config.image_size`: ViT's, the paper's per-head and per-neuron formulas on patches + 1 tokens
-and the patch embedding fixed. Not counted: LayerNorms, layer scales, the bicubic interpolation
-of the position embeddings (the model runs images of other sizes; set `model.config.image_size`
-to the size you run at, as `facebook/dinov2-*` configs say 518 while their processors crop 224),
-and the classifier on the class token and the mean of the patch tokens.
+MACs (`count_macs`, what torch's FLOP counter sees in the encoder with eager attention) at the
+calibration images' size: ViT's, the paper's per-head and per-neuron formulas on patches + 1
+tokens and the patch embedding fixed. The model runs images of any size, interpolating its
+position embeddings, and `facebook/dinov2-*` configs say 518 while their processors crop 224: the
+pruner counts at the size it calibrates on, and `count_macs` of a dense model at its `image_size`
+argument (else the config's). Not counted: LayerNorms, layer scales, the bicubic interpolation of
+the position embeddings, and the classifier on the class token and the mean of the patch tokens.
 
 The fast engine runs it (its layer pieces apply the layer scales). The refits run: `branch_scale`
 gives each sublayer's layer scale λ, and the refit fits the scaled branch λ ⊙ (W x + b) to the
@@ -31,16 +32,16 @@ from .base import VISION_LAYER_PATHS, ArchAdapter, LayerGeometry
 from .capabilities import Capabilities
 
 
-def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     # drop_path is the identity in eval mode, which is how optin-hf runs a model
     return layer.drop_path(layer.layer_scale1(layer.attention.o_proj(heads))) + layer_input
 
 
-def _feed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _feed_forward(layer: nn.Module, hidden: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden)))) + hidden
 
 
-def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.drop_path(layer.layer_scale2(down)) + hidden  # the MLP ends with fc2
 
 

@@ -7,15 +7,15 @@ from .base import ArchAdapter
 from .capabilities import Capabilities
 
 
-def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.sa_layer_norm(layer.attention.out_lin(heads) + layer_input)
 
 
-def _feed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _feed_forward(layer: nn.Module, hidden: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.output_layer_norm(layer.ffn(hidden) + hidden)
 
 
-def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.output_layer_norm(layer.ffn.dropout(down) + hidden)  # FFN applies its dropout after lin2
 
 

@@ -3,10 +3,17 @@ are pruned exactly as a Swin classifier's (`swin.SwinAdapter`); the pixel decode
 transformer decoder stay dense.
 
 The geometry is read from `config.backbone_config`. MACs (`count_macs`) are the backbone's, as
-torch's FLOP counter sees them at `backbone_config.image_size`: the pixel decoder and the
-transformer decoder are not counted (no budget can cut them), so `mac_constraint` is a fraction
+torch's FLOP counter sees them at the calibration images' size (or `count_macs`'s `image_size`,
+else `backbone_config.image_size`, Swin's default 224 whatever the model is fed): the pixel
+decoder and the transformer decoder are not counted (no budget can cut them), so `mac_constraint` is a fraction
 of the backbone's MACs. The MD features are the backbone blocks' outputs; the KL compares the
 semantic map that Mask2Former's semantic post-processing computes (`semantic_logits`).
+
+The fast engine and the refits run the backbone's blocks with Swin's layer pieces (the backbone
+pads a map smaller than a window rather than shrinking the window: `always_partition`). Every
+stage feeds the pixel decoder, so a scoring run finishes with the model's own forward from the
+replayed blocks (`ArchAdapter.chained_layers`): the pixel decoder and the transformer decoder
+make the semantic map the KL compares, as in a plain forward.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-from torch import nn
 
 from .swin import SWIN, SwinAdapter
 

@@ -14,12 +14,24 @@ MACs (`count_macs`, what torch's FLOP counter sees in the encoder): per head C_i
 1x1 filter on the map after the reduce conv's stride), per neuron C_out·H2·W2 (its column of the
 last conv), per (head, neuron) pair 9·H2·W2 (the 3x3 conv: `pair_macs`). Fixed: the stem conv
 and the shortcut projections. Not counted: BatchNorms, ReLUs, the max and average pooling,
-the residual additions and the classifier. Token counts follow the image size
-(`config.image_size`, 224 when the config has none, as for ImageNet checkpoints).
+the residual additions and the classifier. Map sizes follow the image size: the calibration
+images' (a ResNet config states none; `count_macs(model, image_size=...)` counts a dense model).
 
-Scoring runs on the reference engine (no layer pieces for the fast one). A least-squares refit is
-refused (no output projection to refit through); `reconstruct="batchnorm"` re-estimates the
-running means of the BatchNorms after the pruned convs (`optin_hf.reconstruct`).
+The fast engine runs a block in pieces. The heads' output (the 3x3 conv's input) is finished into the
+FFN input, which carries two maps stacked along the channels: the 3x3 conv layer's output (the last
+conv's input) and the shortcut's output (the residual the branch adds to, computed from the block
+input), both on the block's output map. The last 1x1 conv and its BatchNorm are one affine map
+(`ConvBatchNorm`): the FFN's down projection, whose output the fast engine adjusts per variant.
+
+The least-squares refit (`reconstruct="weights"` / `"scales"`) fits that affine map to the dense
+block's pre-activation sum (its output plus the shortcut's) from the slim block's own inputs, with
+the slim shortcut's output as the residual (`ffn_residual`); the refit weights are written back into
+the conv and the BatchNorm. The 3x3 conv is not refit: a BatchNorm and a ReLU follow it before any
+sum (`refit_sublayers`). `reconstruct="batchnorm"`, the default repair (`"auto"`), re-estimates the
+running means of the BatchNorms after the pruned convs instead (`optin_hf.reconstruct`): on a
+development split of digits-resnet it kept more accuracy at 0.6 and 0.5 of the MACs than the refit,
+whose closer features (a lower squared error of the pooled features, on held-out images too) did
+not give better classes (`benchmarks/cnn_repair_dev.py`).
 """
 
 from __future__ import annotations
@@ -30,16 +42,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ArchAdapter, LayerGeometry, get_submodule, pair, set_submodule
+from .base import ArchAdapter, ImageSize, LayerGeometry, get_submodule, set_submodule
 from .capabilities import Capabilities
-
-IMAGENET_SIZE = 224
-
-
-def image_size(config) -> tuple[int, int]:
-    """The input resolution MACs are counted at: `config.image_size`, else ImageNet's 224."""
-    return pair(getattr(config, "image_size", None) or IMAGENET_SIZE)
-
+from .projection import Projection
 
 def conv_out(size: tuple[int, int], kernel: int, stride: int, padding: int) -> tuple[int, int]:
     return tuple((s + 2 * padding - kernel) // stride + 1 for s in size)
@@ -66,10 +71,10 @@ def _check_bottleneck(config) -> None:
         )
 
 
-def blocks(config) -> list[Block]:
-    """Every bottleneck block of the encoder in order, with the map sizes it runs at."""
+def blocks(config, image_size: ImageSize) -> list[Block]:
+    """Every bottleneck block of the encoder in order, with the map sizes it runs at on an `image_size` image."""
     _check_bottleneck(config)
-    size = conv_out(image_size(config), 7, 2, 3)  # the stem conv
+    size = conv_out(image_size, 7, 2, 3)  # the stem conv
     size = conv_out(size, 3, 2, 1)  # its max pooling
     out, channels = [], config.embedding_size
     for stage, (width, depth) in enumerate(zip(config.hidden_sizes, config.depths)):
@@ -132,6 +137,73 @@ def _slim_channels(block: nn.Module, producer: str, consumer: str, keep: torch.T
     set_submodule(block, consumer, _sliced_conv(get_submodule(block, consumer), keep, 1))
 
 
+@dataclass
+class ConvBatchNorm(Projection):
+    """A 1x1 conv and the eval-mode BatchNorm after it as one affine map, the way the refit reads them:
+    weight γ/σ·W, bias β − γμ/σ (σ = √(running_var + eps)). `set` writes the weight into the conv and
+    leaves the BatchNorm a plain bias (γ = σ, μ = 0, β = the bias), so the pair computes the new map
+    in its own modules and a reload needs nothing else."""
+
+    norm: nn.BatchNorm2d
+
+    def _sigma(self) -> torch.Tensor:
+        return (self.norm.running_var.detach().double() + self.norm.eps).sqrt()
+
+    @property
+    def has_bias(self) -> bool:
+        return True
+
+    @property
+    def output_module(self) -> nn.Module:
+        return self.norm
+
+    def weight(self) -> torch.Tensor:
+        conv = super().weight()
+        return (conv.double() * (self.norm.weight.detach().double() / self._sigma())[:, None]).to(conv.dtype)
+
+    def bias(self) -> torch.Tensor:
+        norm = self.norm
+        shift = norm.weight.detach().double() * norm.running_mean.double() / self._sigma()
+        return (norm.bias.detach().double() - shift).to(norm.bias.dtype)
+
+    def set(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Write an [out, in] weight and the bias (None: the current one) into the conv and the BatchNorm."""
+        bias = self.bias() if bias is None else bias
+        super().set(weight, None)  # the conv has no bias
+        norm = self.norm
+        norm.weight = nn.Parameter(self._sigma().to(norm.weight.dtype), requires_grad=norm.weight.requires_grad)
+        norm.bias = nn.Parameter(bias.to(norm.bias.dtype).clone(), requires_grad=norm.bias.requires_grad)
+        norm.running_mean.zero_()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.module(x))
+
+
+def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The FFN input: the 3x3 conv layer's output with the shortcut's output stacked behind its channels."""
+    return torch.cat([layer.layer[1](heads), layer.shortcut(layer_input)], dim=1)
+
+
+def _split(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the last conv's input, the residual) of a `_finish_attention` output."""
+    inner = layer.layer[2].convolution.in_channels
+    return hidden[:, :inner], hidden[:, inner:]
+
+
+def _feed_forward(layer: nn.Module, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    inner, residual = _split(layer, hidden)
+    return layer.activation(layer.layer[2](inner) + residual)
+
+
+def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`down`: the last conv's output after its BatchNorm (`ConvBatchNorm`, the down projection)."""
+    return layer.activation(down + _split(layer, hidden)[1])
+
+
+def _pooled_classifier(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.classifier(model.base_model.pooler(hidden))
+
+
 @dataclass(frozen=True)
 class ResNetAdapter(ArchAdapter):
     """Bottleneck blocks in order; see the module docstring for the geometry."""
@@ -144,7 +216,9 @@ class ResNetAdapter(ArchAdapter):
         return nn.ModuleList([block for stage in stages for block in stage.layers])
 
     def layer_geometry(self, config) -> tuple[LayerGeometry, ...]:
-        return tuple(LayerGeometry(b.inner, 1, b.out_channels, b.inner) for b in blocks(config))
+        _check_bottleneck(config)
+        return tuple(LayerGeometry(width // 4, 1, width, width // 4)
+                     for width, depth in zip(config.hidden_sizes, config.depths) for _ in range(depth))
 
     def layer_head_dim(self, layer: nn.Module, config) -> int:
         return 1
@@ -161,6 +235,20 @@ class ResNetAdapter(ArchAdapter):
     def slim_neurons(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
         _slim_channels(layer, self.ffn_up, self.ffn_down, keep)
 
+    def projection(self, layer: nn.Module, sublayer: str) -> Projection:
+        """The FFN down projection is the last 1x1 conv with its BatchNorm (`ConvBatchNorm`)."""
+        if sublayer != "ffn_down":
+            return super().projection(layer, sublayer)
+        conv_layer = layer.layer[2]
+        return ConvBatchNorm(conv_layer.convolution, conv_layer.normalization)
+
+    @property
+    def refit_sublayers(self) -> tuple[str, ...]:
+        return ("ffn_down",)  # the 3x3 conv feeds a BatchNorm and a ReLU before any sum
+
+    def ffn_residual(self) -> tuple[str, str]:
+        return "shortcut", "out"
+
     def unit_weight_norms(self, layer: nn.Module, config) -> tuple[torch.Tensor, torch.Tensor]:
         """A channel's filter and its input slice of the next conv (BatchNorm scales left out)."""
 
@@ -171,37 +259,39 @@ class ResNetAdapter(ArchAdapter):
 
         return owned(self.attn_core, self.attn_out), owned(self.ffn_up, self.ffn_down)
 
-    def default_seq_len(self, config) -> int:
+    def default_seq_len(self, config, image_size: ImageSize | None = None) -> int:
         """Positions of the first block's output map; later stages hold fewer (see `head_macs`)."""
-        height, width = blocks(config)[0].out_map
+        height, width = blocks(config, self.image_size(config, image_size))[0].out_map
         return height * width
 
-    def _block(self, seq_len: float, config, layer: int) -> Block:
-        if seq_len != self.default_seq_len(config):
+    def _block(self, seq_len: float, config, layer: int, image_size: ImageSize | None) -> Block:
+        size = self.image_size(config, image_size)
+        if seq_len != self.default_seq_len(config, size):
             raise ValueError(
-                f"seq_len={seq_len}: a ResNet's map sizes follow its image size ({image_size(config)}), "
-                f"{self.default_seq_len(config)} positions in the first block. Leave seq_len unset "
-                "(set config.image_size to count at another resolution)."
+                f"seq_len={seq_len}: a ResNet's map sizes follow its image size ({size[0]}x{size[1]}), "
+                f"{self.default_seq_len(config, size)} positions in the first block. Leave seq_len unset "
+                "(count_macs(model, image_size=(height, width)) counts at another size)."
             )
-        return blocks(config)[layer]
+        return blocks(config, size)[layer]
 
-    def head_macs(self, seq_len: float, config, layer: int = 0) -> float:
-        block = self._block(seq_len, config, layer)
+    def head_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
+        block = self._block(seq_len, config, layer, image_size)
         return block.in_channels * math.prod(block.reduced)
 
-    def neuron_macs(self, seq_len: float, config, layer: int = 0) -> float:
-        block = self._block(seq_len, config, layer)
+    def neuron_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
+        block = self._block(seq_len, config, layer, image_size)
         return block.out_channels * math.prod(block.out_map)
 
-    def pair_macs(self, seq_len: float, config, layer: int = 0) -> float:
-        return 9 * math.prod(self._block(seq_len, config, layer).out_map)
+    def pair_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
+        return 9 * math.prod(self._block(seq_len, config, layer, image_size).out_map)
 
-    def fixed_macs(self, model: nn.Module) -> int:
+    def fixed_macs(self, model: nn.Module, image_size: ImageSize | None = None) -> int:
         """The stem conv and the shortcut projections."""
         config = model.config
-        stem = conv_out(image_size(config), 7, 2, 3)
+        size = self.image_size(config, image_size)
+        stem = conv_out(size, 7, 2, 3)
         total = math.prod(stem) * config.num_channels * 49 * config.embedding_size
-        return total + sum(b.in_channels * b.out_channels * math.prod(b.out_map) for b in blocks(config) if b.shortcut)
+        return total + sum(b.in_channels * b.out_channels * math.prod(b.out_map) for b in blocks(config, size) if b.shortcut)
 
 
 RESNET = ResNetAdapter(
@@ -222,5 +312,11 @@ RESNET = ResNetAdapter(
     patch_embedding="embedder.embedder.convolution",
     num_prefix_tokens=0,
     pooled_tokens=0,
-    capabilities=Capabilities(repairs=("batchnorm",)),  # reference engine; BatchNorms after the pruned convs
+    finish_attention=_finish_attention,
+    feed_forward=_feed_forward,
+    finish_feed_forward=_finish_feed_forward,
+    classifiers={"ResNetForImageClassification": _pooled_classifier},
+    # the BatchNorm repair first (reconstruct="auto"): on a development split of digits-resnet it kept more
+    # accuracy at 0.6 and 0.5 than the refit (benchmarks/cnn_repair_dev.py)
+    capabilities=Capabilities(fast_engine=True, repairs=("batchnorm", "weights", "scales")),
 )

@@ -6,7 +6,8 @@ A head owns its q/k/v rows, its output-projection columns and its column of the 
 position bias table; an MLP neuron its fc1 row and fc2 column. Window attention, the shifted
 windows and patch merging stay as they are. The MD feature is each layer's output.
 
-MACs (`count_macs`, what torch's FLOP counter sees in the encoder with eager attention): per head
+MACs (`count_macs`, what torch's FLOP counter sees in the encoder with eager attention) at the
+image size of the calibration images (or `count_macs`'s `image_size`, else `config.image_size`): per head
 of a layer with hidden d, head size dh, window w (the configured one, or the feature map's side
 where that is smaller) on a map padded to whole windows of Np tokens: 3·Np·d·dh (q, k, v) +
 2·Np·w²·dh (scores and context within each window) + Np·dh·d (output columns); per neuron
@@ -14,8 +15,13 @@ where that is smaller) on a map padded to whole windows of Np tokens: 3·Np·d·
 reduction, (N/4)·4d·2d. Not counted: LayerNorms, the relative-position bias and shift-mask
 additions, the average pooling and the classifier.
 
-Scoring runs on the reference engine (the fast engine has no window-attention pieces), and
-reconstruction is refused (its layer pieces assume tokens in sequence order, not in windows).
+The layer pieces run a layer from its heads' output on: the attention output projection runs on
+the rows of the shifted windows (the map padded to whole windows), which the pieces put back in
+token order (`token_order`: reverse the windows and the shift, drop the padding) before the
+residual adds them. The layers do not chain (a patch merging ends each stage but the last), so
+the fast engine and the refit run the model's own forward around the layers they replay
+(`ArchAdapter.chained_layers`). The refits pair each token's attention-output row with its
+residual through `token_order`. Token mode is refused (a merged token has no place in a window).
 """
 
 from __future__ import annotations
@@ -26,14 +32,42 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import VISION_LAYER_PATHS, ArchAdapter, LayerGeometry, get_submodule, pair
+from .base import VISION_LAYER_PATHS, ArchAdapter, ImageSize, LayerGeometry, get_submodule, pair
 from .capabilities import Capabilities
 
 
-def stage_grids(config) -> list[tuple[int, int]]:
-    """Each stage's feature map (height, width) in patches: the patch embedding pads the image
-    to whole patches, each patch merging pads to even sides and halves them."""
-    (image_h, image_w), (patch_h, patch_w) = pair(config.image_size), pair(config.patch_size)
+def _token_order(layer: nn.Module, rows: torch.Tensor, input_dimensions: tuple[int, int], always_partition: bool = False,
+                 **kwargs) -> torch.Tensor:
+    """rows [batch * windows, window², features], as a SwinLayer runs its attention (its map padded to whole
+    windows, cyclically shifted, cut into windows), back in token order: [batch, height * width, features]."""
+    if not always_partition:  # as the layer does: a window larger than the map shrinks to it, unshifted
+        layer.set_shift_and_window_size(input_dimensions)
+    (height, width), window, features = input_dimensions, int(layer.window_size), rows.shape[-1]
+    padded_h, padded_w = math.ceil(height / window) * window, math.ceil(width / window) * window
+    # the batch given, not -1: the rows of a layer that keeps no head have 0 features
+    batch = rows.shape[0] // ((padded_h // window) * (padded_w // window))
+    grid = rows.reshape(batch, padded_h // window, padded_w // window, window, window, features)
+    grid = layer.cyclic_shift(grid.transpose(2, 3).reshape(batch, padded_h, padded_w, features), reverse=True)
+    return grid[:, :height, :width].reshape(batch, height * width, features)
+
+
+def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    attention = _token_order(layer, layer.dropout(layer.attention.o_proj(heads)), *args, **kwargs)
+    return layer_input + layer.drop_path(attention)
+
+
+def _feed_forward(layer: nn.Module, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return layer.dropout(layer.mlp(layer.layernorm_after(hidden))) + hidden
+
+
+def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return layer.dropout(down) + hidden  # the MLP ends with fc2
+
+
+def stage_grids(config, image_size: ImageSize) -> list[tuple[int, int]]:
+    """Each stage's feature map (height, width) in patches on an `image_size` image: the patch
+    embedding pads the image to whole patches, each patch merging pads to even sides and halves them."""
+    (image_h, image_w), (patch_h, patch_w) = image_size, pair(config.patch_size)
     grid = (math.ceil(image_h / patch_h), math.ceil(image_w / patch_w))
     grids = []
     for _ in config.depths:
@@ -64,6 +98,10 @@ class SwinAdapter(ArchAdapter):
     def layer_head_dim(self, layer: nn.Module, config) -> int:
         return get_submodule(layer, self.attn_core).head_dim
 
+    def token_order(self, layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The windows' rows back in token order, the padding dropped (see `_token_order`)."""
+        return _token_order(layer, x, *args, **kwargs)
+
     def slim_heads(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
         """Also keep only the kept heads' columns of the relative position bias table ([positions, heads])."""
         if len(keep):
@@ -73,21 +111,27 @@ class SwinAdapter(ArchAdapter):
             bias.relative_position_bias_table = nn.Parameter(kept, requires_grad=table.requires_grad)
         super().slim_heads(layer, keep, config)
 
-    def default_seq_len(self, config) -> int:
+    def image_size(self, config, given=None) -> ImageSize:
+        """The Swin config's `image_size` where none is given (a backbone's, for a model around one)."""
+        return super().image_size(self.swin_config(config), given)
+
+    def default_seq_len(self, config, image_size: ImageSize | None = None) -> int:
         """Patches of the first stage (no class token); later stages hold fewer, see `head_macs`."""
-        height, width = stage_grids(self.swin_config(config))[0]
+        height, width = stage_grids(self.swin_config(config), self.image_size(config, image_size))[0]
         return height * width
 
-    def _layer_tokens(self, seq_len: float, config, layer: int) -> tuple[int, int, int]:
+    def _layer_tokens(self, seq_len: float, config, layer: int, image_size: ImageSize | None) -> tuple[int, int, int]:
         """(tokens, tokens padded to whole windows, window side) of layer `layer`."""
-        if seq_len != self.default_seq_len(config):
+        size = self.image_size(config, image_size)
+        if seq_len != self.default_seq_len(config, size):
             raise ValueError(
-                f"seq_len={seq_len}: a Swin model's token counts follow its image size, {self.default_seq_len(config)} "
-                "patches in the first stage. Leave seq_len unset."
+                f"seq_len={seq_len}: a Swin model's token counts follow its image size, {self.default_seq_len(config, size)} "
+                f"patches in the first stage of a {size[0]}x{size[1]} image. Leave seq_len unset (count_macs(model, "
+                "image_size=(height, width)) counts at another size)."
             )
         swin = self.swin_config(config)
         stage = next(s for s, end in enumerate(torch.tensor(swin.depths).cumsum(0).tolist()) if layer < end)
-        height, width = stage_grids(swin)[stage]
+        height, width = stage_grids(swin, size)[stage]
         window = self.window_side(swin, height, width)
         padded = math.ceil(height / window) * window * math.ceil(width / window) * window
         return height * width, padded, window
@@ -96,24 +140,24 @@ class SwinAdapter(ArchAdapter):
         """Side of the attention windows on a height x width map: SwinLayer shrinks a window larger than the map."""
         return min(swin_config.window_size, height, width)
 
-    def head_macs(self, seq_len: float, config, layer: int = 0) -> float:
-        _, padded, window = self._layer_tokens(seq_len, config, layer)
+    def head_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
+        _, padded, window = self._layer_tokens(seq_len, config, layer, image_size)
         g = self.layer_geometry(config)[layer]
         return 4 * padded * g.hidden * g.head_dim + 2 * padded * window * window * g.head_dim
 
-    def neuron_macs(self, seq_len: float, config, layer: int = 0) -> float:
-        tokens, _, _ = self._layer_tokens(seq_len, config, layer)
+    def neuron_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
+        tokens, _, _ = self._layer_tokens(seq_len, config, layer, image_size)
         return 2 * tokens * self.layer_geometry(config)[layer].hidden
 
-    def patch_embedding_macs(self, model: nn.Module) -> int:
+    def patch_embedding_macs(self, model: nn.Module, image_size: ImageSize | None = None) -> int:
         conv = get_submodule(model.base_model, self.patch_embedding)
-        return self.default_seq_len(model.config) * conv.weight[0].numel() * conv.out_channels
+        return self.default_seq_len(model.config, image_size) * conv.weight[0].numel() * conv.out_channels
 
-    def fixed_macs(self, model: nn.Module) -> int:
+    def fixed_macs(self, model: nn.Module, image_size: ImageSize | None = None) -> int:
         """The patch embedding and every patch merging's reduction (4d -> 2d on the merged map's tokens)."""
         config = self.swin_config(model.config)
-        grids = stage_grids(config)
-        total = self.patch_embedding_macs(model)
+        grids = stage_grids(config, self.image_size(model.config, image_size))
+        total = self.patch_embedding_macs(model, image_size)
         for stage, (height, width) in enumerate(grids[1:]):
             dim = config.embed_dim * 2**stage
             total += height * width * 4 * dim * 2 * dim
@@ -129,5 +173,9 @@ SWIN = SwinAdapter(
     num_prefix_tokens=0,
     pooled_tokens=0,
     fixed_parts="the patch embedding and the patch mergings",
-    capabilities=Capabilities(),  # reference engine, no repair, no token mode: see the module docstring
+    finish_attention=_finish_attention,
+    feed_forward=_feed_forward,
+    finish_feed_forward=_finish_feed_forward,
+    chained_layers=False,  # patch mergings between stages: see the module docstring
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales")),  # no token mode
 )

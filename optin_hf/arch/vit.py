@@ -9,15 +9,15 @@ from .base import VISION_LAYER_PATHS, ArchAdapter
 from .capabilities import Capabilities
 
 
-def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+def _finish_attention(layer: nn.Module, heads: torch.Tensor, layer_input: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.dropout(layer.attention.o_proj(heads)) + layer_input
 
 
-def _feed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _feed_forward(layer: nn.Module, hidden: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.dropout(layer.mlp(layer.layernorm_after(hidden))) + hidden
 
 
-def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def _finish_feed_forward(layer: nn.Module, down: torch.Tensor, hidden: torch.Tensor, *call_args, **call_kwargs) -> torch.Tensor:
     return layer.dropout(down) + hidden  # the MLP ends with fc2
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from ..config import RECONSTRUCT_MODES, OptinConfig
+from ..criteria import BUILTIN_CRITERIA
+from ..export.settings import ATOL, DEFAULT_OPSET, LATENCY_BATCH_SIZES, OPSETS, RTOL
 from ..tasks.names import TASKS
 
 
@@ -49,7 +51,8 @@ def parse_duration(text: str) -> float:
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data (a local folder or file, or a Hub dataset)")
-    group.add_argument("--default", metavar="NAME", help="an embedded default (bbc-news, tweet-sentiment, digits-vit, digits-resnet, digit-scenes-segformer): its "
+    group.add_argument("--default", metavar="NAME", help="an embedded default (bbc-news, tweet-sentiment, digits-vit, digits-resnet, digit-scenes-segformer, "
+                       "shakespeare-smollm2): its "
                        "data, and for prune its model; prune uses bbc-news when neither --model nor --default is given")
     group.add_argument("--dataset", metavar="PATH_OR_NAME",
                        help="a datasets.save_to_disk folder, a .csv/.json/.jsonl/.parquet file, or a Hub dataset name")
@@ -65,20 +68,23 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--text-pair-column", metavar="COLUMN", help="second text of sentence pairs (e.g. hypothesis)")
     group.add_argument("--image-column", metavar="COLUMN", help="image column (default: detected: pixel_values, image, img)")
     group.add_argument("--label-column", default="label", metavar="COLUMN", help="label column (default: label)")
-    group.add_argument("--max-eval-samples", type=int, metavar="N", help="evaluate on the first N examples only")
+    group.add_argument("--max-eval-samples", type=int, metavar="N", help="evaluate on the first N examples only "
+                       "(text-generation: on N windows spread evenly over the split)")
+    group.add_argument("--eval-window", type=int, metavar="N", help="text-generation: tokens per perplexity window, "
+                       "consecutive and non-overlapping (default: --max-length)")
     group.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading whole splits")
     group.add_argument("--reduce-labels", action=argparse.BooleanOptionalAction, default=None,
                        help="segmentation: mask id 0 is unlabelled (ignored) and ids 1..K are classes 0..K-1, as in ADE20K's "
                        "scene_parse_150 (default: the image processor's do_reduce_labels)")
-    group.add_argument("--metric", metavar="NAME", help="accuracy (default; segmentation: mean_iou; evaluate: the pruning run's) or glue/<task>, "
-                       "e.g. glue/mrpc (accuracy, f1), glue/stsb (pearson, spearmanr)")
+    group.add_argument("--metric", metavar="NAME", help="accuracy (default; segmentation: mean_iou; text-generation: perplexity; "
+                       "evaluate: the pruning run's) or glue/<task>, e.g. glue/mrpc (accuracy, f1), glue/stsb (pearson, spearmanr)")
 
 
 def add_prune_args(parser: argparse.ArgumentParser) -> None:
     one_line_errors(parser)
     _add_debug(parser)
     parser.add_argument("--model", metavar="PATH_OR_REPO", help="fine-tuned model folder or Hub id (default: an embedded default)")
-    parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture (semantic-segmentation for a ...ForSemanticSegmentation or ...ForUniversalSegmentation, image-classification for other vision models, else text)")
+    parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture (semantic-segmentation for a ...ForSemanticSegmentation or ...ForUniversalSegmentation, text-generation for a ...ForCausalLM or ...LMHeadModel, image-classification for other vision models, else text)")
     parser.add_argument("--processor", metavar="PATH_OR_REPO", help="tokenizer or image processor, if not stored with the model")
     _add_data(parser)
     # Each setting defaults to None, read as "not given": an embedded default takes the rest from its recipe.
@@ -87,7 +93,8 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     optin.add_argument("--mac-constraint", type=float, default=None, metavar="F",
                        help=f"fraction of the MACs to keep (default: {OptinConfig.mac_constraint})")
     optin.add_argument("--importance", default=None, metavar="NAME",
-                       help=f"importance criterion: {OptinConfig.importance} (default) or a baseline: magnitude, random or fisher")
+                       help=f"importance criterion: {OptinConfig.importance} (default) or a baseline: "
+                       f"{', '.join(name for name in BUILTIN_CRITERIA if name != OptinConfig.importance)}, or a registered one")
     optin.add_argument("--importance-option", action="append", metavar="KEY=VALUE",
                        help="a setting of the criterion's own (OptinConfig.importance_options), VALUE read as a YAML "
                        "scalar (2, 0.5, true, text); repeat for several, each replaces the recipe's of that KEY")
@@ -147,6 +154,32 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="override the recipe's output folder")
 
 
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    one_line_errors(parser)
+    formats = parser.add_subparsers(dest="format", metavar="{onnx}", required=True)
+    onnx = formats.add_parser(
+        "onnx", help="an ONNX graph checked in ONNX Runtime against PyTorch (needs pip install 'optin-hf[onnx]')",
+        description="Export a pruned model (a folder written by `optin prune`, or a Hub repo, full or masks-only) to "
+        "OUTPUT/model.onnx with OUTPUT/optin_onnx.json describing it (per-layer heads and neurons, inputs, outputs, "
+        "the validation) and its tokenizer or image processor. The graph takes any batch size and text length (and "
+        "image size: ResNet, ConvNeXt, SegFormer); attention stays unfused, so each layer keeps its own head count.",
+    )
+    one_line_errors(onnx)
+    _add_debug(onnx)
+    onnx.add_argument("--model", required=True, metavar="DIR_OR_HUB_ID", help="an optin-hf checkpoint: a folder or a Hub repo")
+    onnx.add_argument("output", metavar="OUTPUT", help="folder to write into: new, empty, or an earlier export (replaced whole)")
+    onnx.add_argument("--revision", metavar="REV", help="the Hub repo's branch, tag or commit")
+    onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, choices=OPSETS, metavar="N",
+                      help=f"ONNX opset, {OPSETS.start} to {OPSETS.stop - 1} (default: {DEFAULT_OPSET})")
+    onnx.add_argument("--atol", type=float, default=ATOL, help=f"absolute tolerance of the check against PyTorch (default: {ATOL:g})")
+    onnx.add_argument("--rtol", type=float, default=RTOL, help=f"relative tolerance of the check against PyTorch (default: {RTOL:g})")
+    onnx.add_argument("--latency", action="store_true",
+                      help="also time the slim model and its dense twin (same architecture, random weights) in ONNX "
+                      f"Runtime and PyTorch at batch {' and '.join(map(str, LATENCY_BATCH_SIZES))}: printed and "
+                      "written to optin_onnx.json")
+    onnx.add_argument("--threads", type=int, metavar="N", help="threads of both runtimes for --latency (default: torch's)")
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -158,6 +191,7 @@ COMMANDS = (
     Command("prune", "prune a model (default: the embedded BBC News MiniLM) and report what it gained", add_prune_args),
     Command("evaluate", "measure a pruned or dense model: metric, MACs, latency", add_evaluate_args),
     Command("recipe", "run a YAML recipe end to end", add_recipe_args),
+    Command("export", "export a pruned model for deployment (onnx: ONNX Runtime)", add_export_args),
 )
 DESCRIPTION = "OPTIN structured pruning (retraining-free) of transformers into physically smaller models."
 

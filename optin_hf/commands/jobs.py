@@ -19,7 +19,7 @@ from ..tasks.workflow import DEFAULT_TEXT_MODEL, PruneJob, run_evaluate, run_pru
 def data_spec(args: argparse.Namespace) -> DataSpec | None:
     if args.dataset is None:
         flags = ("dataset_config", "dataset_revision", "data_dir", "text_column", "text_pair_column", "image_column",
-                 "max_eval_samples", "reduce_labels")
+                 "max_eval_samples", "reduce_labels", "eval_window")
         for flag in flags:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} needs --dataset.")
@@ -38,6 +38,7 @@ def data_spec(args: argparse.Namespace) -> DataSpec | None:
         max_eval_samples=args.max_eval_samples,
         streaming=args.streaming,
         reduce_labels=args.reduce_labels,
+        eval_window=args.eval_window,
     )
 
 
@@ -119,4 +120,16 @@ def recipe(args: argparse.Namespace) -> None:
     _finish(job)
 
 
-RUNNERS: dict[str, Callable[[argparse.Namespace], None]] = {"prune": prune, "evaluate": evaluate, "recipe": recipe}
+def export(args: argparse.Namespace) -> None:
+    from ..export.deploy import export_onnx, export_summary  # onnx and onnxruntime: the `onnx` extra
+    from ..export.settings import LATENCY_BATCH_SIZES
+
+    described = export_onnx(args.model, args.output, revision=args.revision, opset=args.opset, atol=args.atol,
+                            rtol=args.rtol, latency_batch_sizes=LATENCY_BATCH_SIZES if args.latency else (),
+                            threads=args.threads)
+    print(export_summary(described, args.output))
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "prune": prune, "evaluate": evaluate, "recipe": recipe, "export": export,
+}

@@ -2,10 +2,15 @@
 fit a time budget.
 
 One dense forward over the first calibration batch is timed (the cost grows with the tokens,
-and timing all of them would take a good share of a short budget); a candidate then costs the layers it
-reruns over the examples' real tokens: for the fast engine layers i..N-1 for a head of layer i
-and i+1..N-1 for a neuron (its own layer's FFN runs once per layer, then a cheap correction),
-for the reference engine the whole model over the padded batches.
+and timing all of them would take a good share of a short budget), each layer's part of it apart
+(`time_dense`), and so are the losses each candidate pays (one MD Gram comparison, the KL). A
+candidate then costs what it reruns over the examples' tokens, and its losses: for the fast
+engine layers i..N-1 for a head of layer i and i+1..N-1 for a neuron (its own layer's FFN runs
+once per layer, then a cheap correction), then the task head; for the reference engine the whole
+model over the padded batches. Each layer is charged its own measured time, so the cheap late
+stages of a ragged family (Swin's, a CNN's, SegFormer's, whose first stage holds 16 times the
+tokens of its second) are not charged as its first; and only real candidates are counted: a layer
+narrower than the widest runs its own units (`layer_units`), never the padding of the masks.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..arch import ArchAdapter
 from ..arch.base import LayerGeometry
+from ..capture import scoring_forward
+from ..losses import bounded, kl_loss, later_layers, md_loss
 from .distributed import gather, process_state
 from .run import grouped
 
@@ -28,31 +36,72 @@ THROUGHPUT = {"fast": 0.8, "reference": 0.85}
 # The picker's bounds: never fewer calibration examples, never coarser neuron groups.
 MIN_SAMPLES = 8
 MAX_NEURON_GROUP = 128
+# A dense forward shorter than this is timed again (up to TIMED_RUNS times, the median run kept): one
+# run of a small model takes milliseconds, which a busy machine's scheduler can double.
+MIN_TIMED_S = 0.05
+TIMED_RUNS = 5
 
 
-def _rerun_layers(kind: str, layer: int, num_layers: int, engine: str) -> int:
-    if engine == "reference":
-        return num_layers
-    # At least one: a candidate always pays its losses (MD Grams, KL) and the classifier.
-    return max(1, num_layers - layer - (kind == "neuron"))
+@dataclass
+class DenseTiming:
+    """One timed dense forward over a batch of `examples` examples and `tokens` padded tokens (an image's
+    tokens are its first stage's): `seconds` in all, `layers[j]` of them in layer j, `before` before the
+    first layer (the embeddings; the rest, after the last layer, is the task head). `positions[j]`: the
+    positions per example of layer j's output (a later stage's smaller map; None where unknown). `md_s`:
+    one MD comparison of `md_rows` rows of `md_width` features; `kl_s`: the KL of the batch's outputs."""
+
+    seconds: float
+    layers: list[float]
+    before: float
+    examples: int
+    tokens: int
+    positions: list[int | None] | None = None
+    md_s: float = 0.0
+    md_rows: int = 1
+    md_width: int = 1
+    kl_s: float = 0.0
+
+    @classmethod
+    def uniform(cls, seconds: float, num_layers: int, examples: int, tokens: int) -> DenseTiming:
+        """A forward of `seconds` spent evenly over its layers, with no embedding, head or loss cost."""
+        return cls(seconds, [seconds / num_layers] * num_layers, 0.0, examples, tokens)
+
+    @property
+    def after(self) -> float:
+        return max(self.seconds - self.before - sum(self.layers), 0.0)
 
 
 @dataclass
 class ScoringCost:
     """Seconds of scoring as a function of (num_samples, neuron_group_size) on this machine.
 
-    token_layer_s: seconds per padded token-layer of the timed dense forward.
-    real_tokens[e]: real tokens of calibration example e, in the order examples are taken.
+    token_layer_s[j]: seconds per padded token in layer j of the timed dense forward; token_before_s: per
+    padded token before the first layer; example_after_s: per example after the last (the task head).
+    md_s: seconds of one MD comparison per squared row per feature; example_kl_s: seconds of the KL per
+    example. real_tokens[e]: real tokens of calibration example e, in the order examples are taken.
+    positions[j]: an image's positions in layer j, which bound the MD rows there (a Swin's, a CNN's or a
+    SegFormer's later stage holds fewer); None for text, whose every layer holds the real tokens.
     units: each layer's own units of each kind scored ({"head": [12, 12, ...], "neuron": [1536, ...]},
     `layer_units`): a narrower layer of a ragged family (Swin's, a CNN's stages) runs fewer candidates.
+    widths[j]: the features of layer j that MD compares; md_tokens: the rows it compares at most.
     """
 
-    token_layer_s: float
+    token_layer_s: list[float]
+    token_before_s: float
+    example_after_s: float
+    md_s: float
+    example_kl_s: float
     real_tokens: list[int]
     batch_size: int
-    num_layers: int
     units: dict[str, list[int]]
     engine: str
+    widths: list[int]
+    md_tokens: int
+    positions: list[int] | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.token_layer_s)
 
     def candidates(self, neuron_group_size: int) -> dict[str, list[int]]:
         """Candidates each layer runs of each kind, its neurons in groups of `neuron_group_size` (a layer's last may be partial)."""
@@ -63,18 +112,27 @@ class ScoringCost:
         return sum(sum(counts) for counts in self.candidates(neuron_group_size).values())
 
     def seconds(self, num_samples: int, neuron_group_size: int) -> float:
-        layers = sum(
-            count * _rerun_layers(kind, layer, self.num_layers, self.engine)
-            for kind, counts in self.candidates(neuron_group_size).items()
-            for layer, count in enumerate(counts)
-        )
+        real = self.real_tokens[:num_samples]
         if self.engine == "reference":  # batches padded to their longest example
-            real = self.real_tokens[:num_samples]
             tokens = sum(len(real[i : i + self.batch_size]) * max(real[i : i + self.batch_size])
                          for i in range(0, len(real), self.batch_size))
         else:  # the fast engine packs text examples: it computes real tokens only
-            tokens = sum(self.real_tokens[:num_samples])
-        return tokens * layers * self.token_layer_s / THROUGHPUT[self.engine]
+            tokens = sum(real)
+        rows = min(self.md_tokens, sum(real))
+        # MD at layer j: its rows (as many distinct positions as the layer holds at most) squared, times its features
+        md = [self.md_s * width * min(rows, len(real) * self.positions[j] if self.positions else rows) ** 2
+              for j, width in enumerate(self.widths)]
+        total = 0.0
+        for kind, counts in self.candidates(neuron_group_size).items():
+            for layer, count in enumerate(counts):
+                if self.engine == "reference":  # the whole model, embeddings included
+                    forward = tokens * (self.token_before_s + sum(self.token_layer_s))
+                else:
+                    forward = tokens * sum(self.token_layer_s[layer + (kind == "neuron"):])
+                forward += len(real) * self.example_after_s
+                losses = sum(md[z] for z in later_layers(layer, self.num_layers))
+                total += count * (forward / THROUGHPUT[self.engine] + losses + len(real) * self.example_kl_s)
+        return total
 
 
 def layer_units(units: dict[str, int], geometry: Sequence[LayerGeometry]) -> dict[str, list[int]]:
@@ -85,8 +143,8 @@ def layer_units(units: dict[str, int], geometry: Sequence[LayerGeometry]) -> dic
     return {kind: [min(count, n) for n in own[kind]] for kind, count in units.items()}
 
 
-def _lengths(batches: list[dict[str, torch.Tensor]], tokens_per_image: int | None) -> tuple[list[int], int]:
-    """(real tokens of every example, padded tokens in all)."""
+def token_counts(batches: list[dict[str, torch.Tensor]], tokens_per_image: int | None) -> tuple[list[int], int]:
+    """(real tokens of every example, padded tokens in all); an image holds `tokens_per_image`."""
     real, padded = [], 0
     for batch in batches:
         if "attention_mask" in batch:
@@ -98,30 +156,99 @@ def _lengths(batches: list[dict[str, torch.Tensor]], tokens_per_image: int | Non
     return real, padded
 
 
-@torch.no_grad()
-def time_dense(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    """Seconds of one dense forward over `batch` (after a one-example warm-up), the main process's on every
-    process so that all of them pick the same setting."""
-    device = next(model.parameters()).device
-    process_state(device)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    model(**{k: v[:1] for k, v in batch.items()})
-    start = time.perf_counter()
-    model(**batch)
+def _clock(device: torch.device) -> float:
+    """Now, after the device has finished what it was given (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return float(gather([time.perf_counter() - start])[0])
+    return time.perf_counter()
+
+
+def _median_s(run, device: torch.device) -> float:
+    """Median seconds of `run()` after a warm-up, over at least 3 runs, more (up to TIMED_RUNS) while they add up
+    to less than MIN_TIMED_S: a loss that takes a millisecond is paid by every candidate."""
+    run()
+    seconds: list[float] = []
+    while len(seconds) < 3 or (sum(seconds) < MIN_TIMED_S and len(seconds) < TIMED_RUNS):
+        start = _clock(device)
+        run()
+        seconds.append(_clock(device) - start)
+    return sorted(seconds)[len(seconds) // 2]
+
+
+@torch.no_grad()
+def time_dense(
+    model: nn.Module, adapter: ArchAdapter, batch: dict[str, torch.Tensor], tokens_per_image: int | None,
+    md_rows: int, widths: Sequence[int], temperature: float,
+) -> DenseTiming:
+    """One dense forward over `batch` (after a one-example warm-up; repeated while short, the median run
+    kept), timed in all and in each of `adapter`'s layers (whose outputs have `widths[j]` features), and
+    the losses a candidate pays on it: one MD comparison of `md_rows` rows of the widest layer's
+    features, the KL of its outputs. The main process's timings on every process, so that all of them
+    pick the same setting."""
+    device = next(model.parameters()).device
+    process_state(device)
+    layers = adapter.layers_of(model)
+    scoring_forward(model, {k: v[:1] for k, v in batch.items()})
+    marks: list[float] = []  # the start and the end of each layer, in the order they run
+    sizes: list[int | None] = []  # the elements of each layer's output
+
+    def started(module: nn.Module, args) -> None:
+        marks.append(_clock(device))
+
+    def finished(module: nn.Module, args, output) -> None:
+        marks.append(_clock(device))
+        first = output if torch.is_tensor(output) else output[0] if isinstance(output, (tuple, list)) else None
+        sizes.append(first.numel() if torch.is_tensor(first) else None)
+
+    handles = [hook for layer in layers for hook in (layer.register_forward_pre_hook(started), layer.register_forward_hook(finished))]
+    runs: list[tuple[float, list[float], float]] = []
+    try:
+        while not runs or (sum(end - start for start, _, end in runs) < MIN_TIMED_S and len(runs) < TIMED_RUNS):
+            marks.clear()
+            sizes.clear()
+            start = _clock(device)
+            output = scoring_forward(model, batch)
+            runs.append((start, list(marks), _clock(device)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    start, marks, end = sorted(runs, key=lambda run: run[2] - run[0])[len(runs) // 2]
+    _, padded = token_counts([batch], tokens_per_image)
+    examples = next(iter(batch.values())).shape[0]
+    if len(marks) == 2 * len(layers):
+        positions = [None if size is None else size // (examples * width) for size, width in zip(sizes, widths)]
+        timing = DenseTiming(end - start, [b - a for a, b in zip(marks[::2], marks[1::2])], marks[0] - start, examples, padded,
+                             positions)
+    else:  # a layer ran more than once, or not at all: its share is unknown, every layer gets an even one
+        timing = DenseTiming.uniform(end - start, len(layers), examples, padded)
+
+    md_width = max(widths)
+    rows = torch.randn(md_rows, md_width, device=device)
+    gram = rows @ rows.T
+    timing.md_s, timing.md_rows, timing.md_width = _median_s(lambda: float(md_loss(gram, rows)), device), md_rows, md_width
+    dense = bounded(adapter.kl_outputs(output, batch))
+    timing.kl_s = _median_s(lambda: float(kl_loss([dense], [adapter.kl_outputs(output, batch)], temperature)), device)
+
+    values = [timing.seconds, timing.before, timing.md_s, timing.kl_s, *timing.layers]
+    seconds, before, timing.md_s, timing.kl_s, *per_layer = gather(values)[: len(values)]
+    timing.seconds, timing.before, timing.layers = seconds, before, per_layer
+    return timing
 
 
 def scoring_cost(
-    dense_s: float, batches: list[dict[str, torch.Tensor]], tokens_per_image: int | None, batch_size: int,
-    num_layers: int, units: dict[str, list[int]], engine: str,
+    timing: DenseTiming, batches: list[dict[str, torch.Tensor]], tokens_per_image: int | None, batch_size: int,
+    units: dict[str, list[int]], engine: str, widths: Sequence[int], md_tokens: int,
 ) -> ScoringCost:
-    """The cost model of scoring `units` (per layer, `layer_units`) on `batches`, from `dense_s`, one dense
-    forward over the first of them."""
-    real, _ = _lengths(batches, tokens_per_image)
-    _, padded = _lengths(batches[:1], tokens_per_image)
-    return ScoringCost(dense_s / max(padded * num_layers, 1), real, batch_size, num_layers, units, engine)
+    """The cost model of scoring `units` (per layer, `layer_units`) on `batches`, from `timing`, one dense
+    forward over the first of them; MD compares `widths[j]` features of layer j on at most `md_tokens` rows."""
+    real, _ = token_counts(batches, tokens_per_image)
+    tokens, examples = max(timing.tokens, 1), max(timing.examples, 1)
+    md_s = timing.md_s / (timing.md_rows**2 * timing.md_width)
+    known = tokens_per_image is not None and timing.positions is not None and None not in timing.positions
+    return ScoringCost(
+        [s / tokens for s in timing.layers], timing.before / tokens, timing.after / examples, md_s, timing.kl_s / examples,
+        real, batch_size, units, engine, list(widths), md_tokens, list(timing.positions) if known else None,
+    )
 
 
 def scoring_ladder(num_samples: int, neuron_group_size: int, intermediate: int | None) -> list[tuple[int, int]]:

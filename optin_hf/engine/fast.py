@@ -14,6 +14,10 @@
   (`buckets`). The MD rows and the examples' logits are the same at their new places, so the
   losses do not change.
 - The dense FFN of a neuron's layer is computed once per layer and kept for all its stacks.
+- Layers that do not form a chain (`ArchAdapter.chained_layers` False: Swin, SegFormer,
+  Mask2Former) finish a run with the model's own forward, the layers up to the masked one
+  replayed from their outputs (`replay`), instead of running the later layers and a classifier
+  piece.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..arch import ArchAdapter, get_submodule
-from ..capture import capture_dense
+from ..arch import ArchAdapter, Projection, get_submodule
+from ..capture import capture_dense, layer_rows, scoring_forward
+from ..data import image_size_of
 from ..hooks import scale_input
-from ..losses import KLOutputs, kl_loss, later_layers, md_loss, select_examples
+from ..losses import KLOutputs, comparable, kl_loss, later_layers, md_loss, select_examples
 from .buckets import bucket_by_length
 from .memory import auto_variants, bytes_per_variant
 from .packing import pack_calls
 from .prefix import LayerCall, record_layer_calls
+from .replay import layer_output, replay_layers
 
 # Largest relative error the adapter's layer pieces may show against the dense run.
 REPLAY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -42,24 +48,36 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _down_in_out(adapter: ArchAdapter, layer: nn.Module, ffn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The FFN down projection's input [batch, tokens, width] and output [batch, tokens, hidden], unmasked."""
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    down = get_submodule(layer, adapter.ffn_down)
-    handle = down.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+def _feature(output) -> torch.Tensor:
+    """A feature module's output as [batch, tokens, features] (`hooks.record_features` reads it so): a whole
+    layer's tuple gives its first element, a CNN's map [batch, channels, height, width] its positions."""
+    feature = _first(output)
+    return feature.flatten(2).transpose(1, 2) if feature.dim() == 4 else feature
+
+
+def _down_in_out(adapter: ArchAdapter, layer: nn.Module, ffn_input: torch.Tensor, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFN down projection's input [batch, tokens, width] and output [batch, tokens, hidden], unmasked:
+    its output where `Projection.output_module` gives it (after the BatchNorm a projection includes)."""
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    down = adapter.projection(layer, "ffn_down")
+    handles = [down.module.register_forward_pre_hook(lambda module, args: inputs.append(args[0])),
+               # a copy: the layer may add its residual to it in place (ResNet)
+               down.output_module.register_forward_hook(lambda module, args, output: outputs.append(output.clone()))]
     try:
-        adapter.feed_forward(layer, ffn_input)
+        adapter.feed_forward(layer, ffn_input, *call.args, **call.kwargs)
     finally:
-        handle.remove()
-    [(inputs, outputs)] = seen
-    return inputs, outputs
+        for handle in handles:
+            handle.remove()
+    [x], [y] = inputs, outputs
+    return x, y
 
 
-def _masked_down(
-    inputs: torch.Tensor, output: torch.Tensor, weight: torch.Tensor, unit_mask: torch.Tensor
-) -> torch.Tensor:
-    """[variants * batch, tokens, hidden] (variant-major): the down projection's output with its
-    input scaled by each row of unit_mask ([variants, width]), from the dense `inputs` and `output`.
+def _masked_down(inputs: torch.Tensor, output: torch.Tensor, down: Projection, unit_mask: torch.Tensor) -> torch.Tensor:
+    """[variants * batch, ...] (variant-major, the layout of `output`): the down projection's output
+    with its input scaled by each row of unit_mask ([variants, width]), from the dense `inputs` and
+    `output`, read through the projection contract (any weight orientation, features last or a
+    conv's channels).
 
     The projection is linear, so a variant only subtracts its changed units' share: tokens x
     changed units x hidden per variant instead of the whole FFN.
@@ -69,10 +87,11 @@ def _masked_down(
     # Each variant's changed units come first; one that changes fewer pads with unchanged units, weighted 0.
     picked = changed.to(torch.uint8).argsort(dim=1, descending=True)[:, :count]  # [variants, count]
     share = (1 - unit_mask).gather(1, picked).to(inputs.dtype)
-    flat = inputs.reshape(-1, inputs.shape[-1])
-    removed = (flat[:, picked] * share).transpose(0, 1)  # [variants, batch * tokens, count]
-    delta = torch.bmm(removed, weight.T[picked])  # [variants, batch * tokens, hidden]
-    return (output.reshape(1, -1, output.shape[-1]) - delta).reshape(-1, *output.shape[1:])
+    flat = down.rows(inputs)
+    removed = (flat[:, picked] * share).transpose(0, 1)  # [variants, positions, count]
+    delta = torch.bmm(removed, down.weight().T[picked])  # [variants, positions, hidden]
+    rows = (down.rows(output)[None] - delta).reshape(-1, delta.shape[-1])
+    return down.unrows(rows, (unit_mask.shape[0] * output.shape[0], *output.shape[1:]))
 
 
 class _Tiler:
@@ -103,15 +122,17 @@ class FastRunner:
         self.temperature = config.temperature
         self.device = next(model.parameters()).device
         buckets = bucket_by_length(
-            batches, config.batch_size, config.md_tokens, config.seed, adapter.default_seq_len(model.config)
+            batches, config.batch_size, config.md_tokens, config.seed, adapter.default_seq_len(model.config, image_size_of(batches))
         )
         with record_layer_calls(model, adapter) as calls:
             capture = capture_dense(model, adapter, buckets.batches, config.md_tokens, config.seed, buckets.rows)
-        texts = all("attention_mask" in batch for batch in buckets.batches)
+        packable = adapter.packs_examples and all("attention_mask" in batch for batch in buckets.batches)
         packing = None
-        if texts:
+        if packable:
             masks = [batch["attention_mask"] for batch in buckets.batches]
             packing = pack_calls(calls, masks, buckets.rows, config.batch_size)
+        self.tokens = capture.tokens  # per example, what the MD rows index (`capture.layer_rows`)
+        self.batches = buckets.batches  # the model's own forward runs them where the layers do not chain
         if packing is None:  # forwards = the buckets, in the dense run's order
             self.calls, self.grams, self.outputs = calls, capture.grams, capture.outputs
             self.rows = [r.to(self.device) for r in buckets.rows]
@@ -134,12 +155,15 @@ class FastRunner:
         self.variants = config.variants_per_batch or self._auto_variants(config.md_tokens)
 
     def _auto_variants(self, md_tokens: int) -> int:
-        batch, tokens = max((calls[0].hidden.shape[:2] for calls in self.calls), key=lambda shape: shape[0] * shape[1])
+        # tokens per example: a CNN's [batch, channels, height, width] map holds height * width
+        shapes = [(c[0].hidden.shape[0], c[0].hidden.shape[1] if c[0].hidden.dim() == 3 else c[0].hidden[0, 0].numel())
+                  for c in self.calls]
+        batch, tokens = max(shapes, key=lambda shape: shape[0] * shape[1])
         config = self.model.config
         per_variant = bytes_per_variant(
             batch,
             tokens,
-            config.hidden_size,
+            max(g.hidden for g in self.adapter.layer_geometry(config)),  # a staged model's config may name none
             self.adapter.intermediate_size(config),
             self.adapter.num_heads(config),
             len(self.layers),
@@ -164,18 +188,25 @@ class FastRunner:
                 )
 
         calls = self.calls[0]
+        chained = self.adapter.chained_layers
         for i, layer in enumerate(self.layers):
-            want = calls[i + 1].hidden if i + 1 < len(self.layers) else calls[i].output
-            finished = self.adapter.finish_attention(layer, calls[i].heads, calls[i].hidden)
-            check(self.adapter.feed_forward(layer, finished), want, f"layer {i} in pieces")
+            want = calls[i + 1].hidden if chained and i + 1 < len(self.layers) else calls[i].output
+            call = calls[i]
+            finished = self.adapter.finish_attention(layer, call.heads, call.hidden, *call.args, **call.kwargs)
+            check(self.adapter.feed_forward(layer, finished, *call.args, **call.kwargs), want, f"layer {i} in pieces")
             if self.adapter.finish_feed_forward is not None:
-                _, down = _down_in_out(self.adapter, layer, finished)
-                finished_down = self.adapter.finish_feed_forward(layer, down, finished)
+                _, down = _down_in_out(self.adapter, layer, finished, call)
+                finished_down = self.adapter.finish_feed_forward(layer, down, finished, *call.args, **call.kwargs)
                 check(finished_down, want, f"layer {i} from its down projection's output")
             check(_first(layer(calls[i].hidden, *calls[i].args, **calls[i].kwargs)), want, f"layer {i} replayed")
         if self.outputs[0] is not None:
-            got = KLOutputs.of(self._classify(calls[-1].output, 0, 1)).logits
-            check(got.flatten(1), self.outputs[0].logits.flatten(1), "classifier")  # per example, not per token
+            last = calls[-1].output
+            if chained:
+                logits = self._classify(last, 0, 1)
+            else:  # the model's own forward from the replayed layers: checks the replay too
+                logits = self._finish(len(self.layers) - 1, last, 0, _Tiler(last.shape[0], 1))
+            got, want = comparable(self.outputs[0], KLOutputs.of(logits))  # the logits, or the top-k log-probabilities kept
+            check(got.flatten(1), want.flatten(1), "classifier")  # per example, not per token
 
     def _classify(self, hidden: torch.Tensor, forward: int, variants: int) -> torch.Tensor | None:
         """Logits of a stacked forward's examples: a pack's examples start inside its rows, so the
@@ -193,8 +224,8 @@ class FastRunner:
         kept for the next stack of the same layer: a layer's neurons come in many stacks."""
         if self._down is None or self._down[:2] != (layer, forward):
             module, call = self.layers[layer], self.calls[forward][layer]
-            ffn_input = self.adapter.finish_attention(module, call.heads, call.hidden)
-            self._down = (layer, forward, ffn_input, *_down_in_out(self.adapter, module, ffn_input))
+            ffn_input = self.adapter.finish_attention(module, call.heads, call.hidden, *call.args, **call.kwargs)
+            self._down = (layer, forward, ffn_input, *_down_in_out(self.adapter, module, ffn_input, call))
         return self._down[2:]
 
     @contextmanager
@@ -218,10 +249,24 @@ class FastRunner:
             for handle in handles:
                 handle.remove()
 
-    def _rows(self, feature: torch.Tensor, forward: int, variants: int) -> torch.Tensor:
-        """[variants, k, hidden]: the normalised MD rows of a stacked feature of forward `forward`."""
-        rows = feature.reshape(variants, -1, feature.shape[-1]).index_select(1, self.rows[forward])
+    def _rows(self, feature, forward: int, variants: int) -> torch.Tensor:
+        """[variants, k, hidden]: the normalised MD rows of a stacked feature (a feature module's output) of
+        forward `forward`, at the feature's own resolution (a later Swin stage holds fewer tokens)."""
+        feature = _feature(feature)
+        picked = layer_rows(self.rows[forward], self.tokens, feature.shape[1])
+        rows = feature.reshape(variants, -1, feature.shape[-1]).index_select(1, picked)
         return F.normalize(rows.float(), dim=-1)
+
+    def _finish(self, layer: int, hidden: torch.Tensor, forward: int, tile: _Tiler) -> torch.Tensor | None:
+        """The logits of the model's own forward on forward `forward`'s tiled batch, layer `layer` giving
+        `hidden` (tiled) and the layers before it their dense outputs, none of them run (`replay`): what the
+        model runs between and after its layers (Swin's patch mergings, a decode head) runs as it does."""
+        calls = self.calls[forward]
+        outputs = {j: layer_output(tile(calls[j].output), calls[j].tuple_size) for j in range(layer)}
+        outputs[layer] = layer_output(hidden, calls[layer].tuple_size)
+        with replay_layers(self.layers, outputs):
+            output = scoring_forward(self.model, {k: tile(v) for k, v in self.batches[forward].items()})
+        return self.adapter.logits_of(output)
 
     def _forward(
         self, kind: str, layer: int, unit_mask: torch.Tensor, forward: int
@@ -234,40 +279,47 @@ class FastRunner:
         module = self.layers[layer]
         judged = later_layers(layer, len(self.layers))
         shortcut = kind == "neuron" and self.adapter.finish_feed_forward is not None
+        args, kwargs = tile.call(call)
         if shortcut:  # the dense FFN once, before any hook sees the stacked variants
             ffn_input, inputs, output = self._cached_down(layer, forward)
-            down = _masked_down(inputs, output, get_submodule(module, self.adapter.ffn_down).weight, unit_mask)
+            down = _masked_down(inputs, output, self.adapter.projection(module, "ffn_down"), unit_mask)
             masking = nullcontext()
         else:
             if kind == "head":
-                target, width = self.adapter.attn_out, self.adapter.head_dim(self.model.config)
+                target, width = self.adapter.attn_out, self.adapter.layer_head_dim(module, self.model.config)
             else:
                 target, width = self.adapter.ffn_down, 1
             masking = scale_input(get_submodule(module, target), unit_mask.repeat_interleave(batch, 0), width)
         with masking, self._record_rows(judged, forward, variants) as rows:
             if shortcut:
-                hidden = self.adapter.finish_feed_forward(module, down, tile(ffn_input))
+                hidden = self.adapter.finish_feed_forward(module, down, tile(ffn_input), *args, **kwargs)
                 if layer in judged and self.adapter.feature == self.adapter.ffn_down:  # its hook did not run
                     rows[layer] = self._rows(down, forward, variants)
-            elif kind == "head":
+            elif kind == "head":  # the heads' input may hold several rows per example (windows): tiled whole
+                heads = call.heads.repeat(variants, *([1] * (call.heads.dim() - 1)))
                 hidden = self.adapter.feed_forward(
-                    module, self.adapter.finish_attention(module, tile(call.heads), tile(call.hidden))
+                    module, self.adapter.finish_attention(module, heads, tile(call.hidden), *args, **kwargs), *args, **kwargs
                 )
             else:  # the attention of the layer is unchanged: finish it once, then tile
-                hidden = self.adapter.feed_forward(
-                    module, tile(self.adapter.finish_attention(module, call.heads, call.hidden))
-                )
-            for z in range(layer + 1, len(self.layers)):
-                args, kwargs = tile.call(calls[z])
-                hidden = _first(self.layers[z](hidden, *args, **kwargs))
-            logits = self._classify(hidden, forward, variants)
+                finished = self.adapter.finish_attention(module, call.heads, call.hidden, *call.args, **call.kwargs)
+                hidden = self.adapter.feed_forward(module, tile(finished), *args, **kwargs)
+            if self.adapter.chained_layers:
+                if layer in judged and not self.adapter.feature:  # the feature is the layer's output: the pieces gave it
+                    rows[layer] = self._rows(hidden, forward, variants)
+                for z in range(layer + 1, len(self.layers)):
+                    args, kwargs = tile.call(calls[z])
+                    hidden = _first(self.layers[z](hidden, *args, **kwargs))
+                logits = self._classify(hidden, forward, variants)
+            else:
+                logits = self._finish(layer, hidden, forward, tile)
         return rows, logits
 
     @torch.no_grad()
     def run(self, kind: str, layer: int, unit_mask: torch.Tensor) -> list[tuple[float, float]]:
         """(MD, KL) of each candidate of `layer` (unit_mask: [variants, units]), all in stacked forwards."""
         variants = unit_mask.shape[0]
-        unit_mask = unit_mask.to(self.device)
+        g = self.adapter.layer_geometry(self.model.config)[layer]
+        unit_mask = unit_mask.to(self.device)[:, : g.heads if kind == "head" else g.neurons]  # a narrower layer's own units
         rows: dict[int, list[torch.Tensor]] = {z: [] for z in later_layers(layer, len(self.layers))}
         logits: list[torch.Tensor | None] = []  # per forward: [variants, examples, classes, *positions]
         for forward in range(len(self.calls)):

@@ -23,7 +23,9 @@ class LayerCall:
     hidden: [batch, tokens, hidden], the layer input. args/kwargs: the rest of the call (the
     extended attention mask, ...), replayed as they were. heads: [batch, tokens, heads*head_dim],
     the input of the attention output projection. output: the layer output (kept for the last
-    layer only, to check the replay).
+    layer only, to check the replay, or for every layer where the layers do not form a chain,
+    `ArchAdapter.chained_layers`, to replay them); tuple_size: the length of the tuple the layer
+    returned it in (0: it returned the tensor), to replay it as the layer returns it.
     """
 
     hidden: torch.Tensor
@@ -31,11 +33,13 @@ class LayerCall:
     kwargs: dict
     heads: torch.Tensor | None = None
     output: torch.Tensor | None = None
+    tuple_size: int = 0
 
 
 @contextmanager
-def record_layer_calls(model: nn.Module, adapter: ArchAdapter) -> Iterator[list[list[LayerCall]]]:
-    """calls[b][i]: layer i's call in the b-th forward run inside the context."""
+def record_layer_calls(model: nn.Module, adapter: ArchAdapter, heads: bool = True) -> Iterator[list[list[LayerCall]]]:
+    """calls[b][i]: layer i's call in the b-th forward run inside the context (with the input of its
+    attention output projection where `heads` and the family has heads)."""
     layers = adapter.layers_of(model)
     calls: list[list[LayerCall]] = []
 
@@ -53,14 +57,21 @@ def record_layer_calls(model: nn.Module, adapter: ArchAdapter) -> Iterator[list[
 
         return hook
 
-    def keep_output(module, args, output):
-        calls[-1][-1].output = output[0] if isinstance(output, tuple) else output
+    def keep_output(i: int):
+        def hook(module, args, output):
+            call = calls[-1][i]
+            call.output, call.tuple_size = (output[0], len(output)) if isinstance(output, tuple) else (output, 0)
 
-    handles = [layers[-1].register_forward_hook(keep_output)]
+        return hook
+
+    handles = []
     try:
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(enter(i), with_kwargs=True))
-            handles.append(get_submodule(layer, adapter.attn_out).register_forward_pre_hook(keep_heads(i)))
+            if i == len(layers) - 1 or not adapter.chained_layers:
+                handles.append(layer.register_forward_hook(keep_output(i)))
+            if heads and adapter.supports("heads"):
+                handles.append(get_submodule(layer, adapter.attn_out).register_forward_pre_hook(keep_heads(i)))
         yield calls
     finally:
         for handle in handles:

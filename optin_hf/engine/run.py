@@ -78,8 +78,10 @@ def chunks(items: list[Candidate], size: int) -> Iterator[list[Candidate]]:
 
 def engine_for(model: nn.Module, adapter: ArchAdapter, config) -> str:
     """The engine that will run: the fast one falls back to the reference for a family that does not declare it
-    (`Capabilities.fast_engine`) or a task head whose classifier its adapter does not know."""
-    fast = adapter.supports("fast_engine") and adapter.classifier_of(model) is not None
+    (`Capabilities.fast_engine`) or a task head whose classifier its adapter does not know (a family whose
+    layers do not chain needs none: the model's own forward finishes its runs)."""
+    head_known = not adapter.chained_layers or adapter.classifier_of(model) is not None
+    fast = adapter.supports("fast_engine") and head_known
     return "fast" if config.engine == "fast" and fast else "reference"
 
 

@@ -9,7 +9,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from ..config import checked_type
-from ..macs import CostModel
+from ..macs import CostModel, counted_at
 from ..reconstruct import RECONSTRUCTION_NAME
 from ..result import PruningResult, pruning_result
 
@@ -35,15 +35,21 @@ class CardMetrics(TypedDict, total=False):
     dense: dict[str, float]
 
 
+def _costs(model: nn.Module, result: PruningResult) -> CostModel:
+    """The slim model's cost model at the image size the result records (a checkpoint saved before the
+    size was recorded: the config's), so the card counts where the pruner counted."""
+    return CostModel.of(model, image_size=result.config.image_size)
+
+
 def _macs(model: nn.Module, result: PruningResult) -> tuple[float, float] | None:
-    """(dense, pruned) encoder MACs at the result's sequence length; None when that length is unknown.
+    """(dense, pruned) encoder MACs at the result's sequence length and image size; None when that length is unknown.
 
     Both come from the slim model's `CostModel`: the dense count has every head and neuron, every
     layer at all `seq_len` tokens (a token-merged model's dense base runs no schedule and no
     matching), and the shared attention of layers the slim model emptied."""
     if result.seq_len is None:
         return None
-    costs = CostModel.of(model)
+    costs = _costs(model, result)
     return costs.dense(result.seq_len), costs.model_macs(result.seq_len)
 
 
@@ -148,7 +154,8 @@ def model_card(
     if macs is not None:
         dense, pruned = macs
         share = f"{pruned:.4g} ({pruned / dense:.1%})"
-        table.append(f"| encoder MACs per example ({result.seq_len:.1f} tokens) | {dense:.4g} | {share} |")
+        at = counted_at(result.seq_len, _costs(model, result).image_size)
+        table.append(f"| encoder MACs per example ({at}) | {dense:.4g} | {share} |")
     for name, value in (metrics or {}).get("pruned", {}).items():
         table.append(f"| {name} on {metrics['dataset_type']} | {metrics.get('dense', {}).get(name, '')} | {value} |")
     if speedup is not None:

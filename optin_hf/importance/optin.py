@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..arch import ArchAdapter, get_submodule
+from ..arch import ArchAdapter
 from ..config import OptinConfig
 from ..engine import compute_raw_losses
 from ..engine.run import grouped
@@ -95,13 +95,13 @@ def neuron_energy_order(model: nn.Module, adapter: ArchAdapter, batches) -> torc
 
     def keep(i: int):
         def hook(module, args):
-            x = args[0].movedim(1, -1) if isinstance(module, nn.Conv2d) else args[0]  # a conv's channels go last
-            x = x.reshape(-1, x.shape[-1]).double()
+            x = downs[i].rows(args[0]).double()  # [positions, features], a conv's channels last
             sums[i] = sums[i] + (x if real is None else x[real]).pow(2).sum(0)
 
         return hook
 
-    handles = [get_submodule(layer, adapter.ffn_down).register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
+    downs = [adapter.projection(layer, "ffn_down") for layer in layers]
+    handles = [down.module.register_forward_pre_hook(keep(i)) for i, down in enumerate(downs)]
     try:
         for batch in batches:
             real = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
@@ -109,8 +109,8 @@ def neuron_energy_order(model: nn.Module, adapter: ArchAdapter, batches) -> torc
     finally:
         for handle in handles:
             handle.remove()
-    # the norm of each input feature's weights: a Linear's column, a conv's filters' input slices
-    norms = [get_submodule(layer, adapter.ffn_down).weight.double().transpose(0, 1).flatten(1).norm(dim=1) for layer in layers]
+    # the norm of each input feature's weights: a column of the [out, in] matrix
+    norms = [down.weight().double().norm(dim=0) for down in downs]
     width = adapter.intermediate_size(model.config)  # a narrower layer's padding goes last, in place
     orders = [(s.sqrt() * n).argsort(descending=True).cpu() for s, n in zip(sums, norms)]
     return torch.stack([torch.cat([o, torch.arange(len(o), width)]) for o in orders])

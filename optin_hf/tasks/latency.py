@@ -16,8 +16,11 @@ from torch import nn
 from ..arch import check_model
 
 
-def synthetic_inputs(model: nn.Module, batch_size: int, seq_len: float, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A batch shaped like the MAC count assumes: `round(seq_len)` real tokens (text), or images.
+def synthetic_inputs(
+    model: nn.Module, batch_size: int, seq_len: float, seed: int = 0, image_size: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """A batch shaped like the MAC count assumes: `round(seq_len)` real tokens (text), or `image_size`
+    images (None: the config's).
 
     Text gets no padding, so the timed work is what the MAC formulas count at `seq_len`.
     """
@@ -25,9 +28,8 @@ def synthetic_inputs(model: nn.Module, batch_size: int, seq_len: float, seed: in
     generator = torch.Generator().manual_seed(seed)
     if check_model(model).is_vision:
         # A model around a backbone (Mask2Former) keeps the image geometry in its backbone's config.
-        images = config if getattr(config, "image_size", None) is not None else config.backbone_config
-        size = images.image_size
-        height, width = (size, size) if isinstance(size, int) else size
+        images = config if getattr(config, "backbone_config", None) is None else config.backbone_config
+        height, width = check_model(model).image_size(config, image_size)
         shape = (batch_size, images.num_channels, height, width)
         return {"pixel_values": torch.randn(shape, generator=generator)}
     tokens = max(1, round(seq_len))

@@ -7,6 +7,7 @@ for every metric. The local formulas give the same keys and values as `evaluate`
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE")
 BINARY_METRICS = ("glue/mrpc", "glue/qqp")
 DEFAULT_METRIC = "accuracy"
 SEGMENTATION_METRIC = "mean_iou"
+PERPLEXITY = "perplexity"  # a causal language model's, and only its (lower is better)
 IGNORE_INDEX = 255  # pixels labelled so count for no class (transformers' semantic_loss_ignore_index)
 
 
@@ -98,6 +100,13 @@ def mean_iou(predictions, references, num_labels: int | None = None, ignore_inde
     }
 
 
+def perplexity(nll: np.ndarray, tokens: np.ndarray) -> dict[str, float]:
+    """exp of the mean negative log-likelihood per predicted token, from summed NLLs (nats) and the
+    tokens they predict (one entry per chunk of text: the chunks' totals are added first)."""
+    mean = float(np.sum(nll, dtype=np.float64) / np.sum(tokens))
+    return {"perplexity": math.exp(mean), "nll_per_token": mean}
+
+
 def _local_formulas(name: str) -> dict[str, Callable[[np.ndarray, np.ndarray], float]]:
     task = name.partition("/")[2]
     if task == "cola":
@@ -111,10 +120,11 @@ def _local_formulas(name: str) -> dict[str, Callable[[np.ndarray, np.ndarray], f
 
 @dataclass
 class Metric:
-    """A named metric: `compute(predictions, references)` -> {key: value in [0, 1] or [-1, 1]}.
+    """A named metric: `compute(predictions, references)` -> {key: value in [0, 1] or [-1, 1]}
+    (perplexity: `compute(summed NLLs, predicted tokens)` -> {perplexity >= 1, nll_per_token}).
 
-    `main` is the key a report plots (Spearman for STS-B, Matthews for CoLA, mean IoU, else
-    accuracy); `regression` says the predictions are scores, not class ids; `per_pixel` that they
+    `main` is the key a report plots (Spearman for STS-B, Matthews for CoLA, mean IoU, perplexity,
+    else accuracy); `regression` says the predictions are scores, not class ids; `per_pixel` that they
     are one class map per image (a list of [H, W] arrays), not one value per example; `binary` that
     it needs a model with two classes.
     """
@@ -125,6 +135,11 @@ class Metric:
     regression: bool
     _compute: Callable[[np.ndarray, np.ndarray], dict[str, float]]
     per_pixel: bool = False
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Whether a smaller value is the better model (perplexity), so a report shows its rise."""
+        return self.name == PERPLEXITY
 
     @property
     def binary(self) -> bool:
@@ -140,7 +155,7 @@ class Metric:
 
 
 def metric_names() -> list[str]:
-    return ["accuracy", SEGMENTATION_METRIC] + [f"glue/{task}" for task in GLUE_TASKS]
+    return ["accuracy", SEGMENTATION_METRIC, PERPLEXITY] + [f"glue/{task}" for task in GLUE_TASKS]
 
 
 def _offline() -> bool:
@@ -155,6 +170,8 @@ def load_metric(name: str, offline: bool | None = None) -> Metric:
     """
     if name not in metric_names():
         raise ValueError(f"Unknown metric {name!r}; choose one of {metric_names()}.")
+    if name == PERPLEXITY:  # evaluate's perplexity module loads a model of its own by name: not this one
+        return Metric(name, "optin_hf.tasks.metrics, local", "perplexity", False, perplexity)
     formulas = _local_formulas(name)
     main = {"glue/cola": "matthews_correlation", "glue/stsb": "spearmanr", SEGMENTATION_METRIC: "mean_iou"}.get(name, "accuracy")
     per_pixel = name == SEGMENTATION_METRIC

@@ -9,7 +9,12 @@ MODEL_CLASSES = {
     "text-classification": "AutoModelForSequenceClassification",
     "image-classification": "AutoModelForImageClassification",
     "semantic-segmentation": "AutoModelForSemanticSegmentation",
+    "text-generation": "AutoModelForCausalLM",
 }
+# A decoder-only language model, judged by its perplexity on held-out text (`tasks.windows`).
+CAUSAL_LM = "text-generation"
+CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")  # class name endings: LlamaForCausalLM, GPT2LMHeadModel
+TEXT_TASKS = ("text-classification", CAUSAL_LM)  # the tasks whose processor is a tokenizer
 # Mask2Former predicts a mask and a class per query, not per-pixel logits, so transformers files it
 # under universal segmentation; its semantic map (ArchAdapter.logits_of) serves the same task.
 UNIVERSAL_SEGMENTATION = "AutoModelForUniversalSegmentation"

@@ -3,7 +3,8 @@
     default: bbc-news                 # an embedded default, or:
     model: <folder or Hub id>         # with task (optional), processor (optional) and
     dataset: {path: ..., config: ..., calibration_split: ..., eval_split: ..., ...}   # DataSpec
-    metric: accuracy | mean_iou | glue/<task>   # optional: the task's (mean_iou for segmentation)
+    metric: accuracy | mean_iou | perplexity | glue/<task>   # optional: the task's (mean_iou for segmentation,
+                                                            # perplexity for text-generation)
     optin: {mac_constraint: 0.6, ...}  # OptinConfig; a criterion's own settings under importance_options: {KEY: VALUE}
     output: <folder>
     device: cuda | cpu | ...          # optional; default: the GPU if there is one
@@ -35,6 +36,7 @@ DEFAULT_RECIPES = {
     "digits-vit": "vit-digits.yaml",
     "digits-resnet": "digits-resnet.yaml",
     "digit-scenes-segformer": "digit-scenes-segformer.yaml",
+    "shakespeare-smollm2": "smollm2-shakespeare.yaml",
 }
 
 # The keys that go to PruneJob's fields of the same name as they are; `optin` and `dataset` are sections.

@@ -21,9 +21,12 @@ from torch import nn
 
 from ..arch import check_model
 from .latency import median, synthetic_inputs, time_models
-from ..macs import count_macs
-from .metrics import Metric, load_metric
+from ..macs import count_macs, counted_at, recorded_image_size
+from .generation import GENERATED_TOKENS, PROMPT_TOKENS, TOKEN_BATCHES, tokens_per_second
+from .metrics import PERPLEXITY, Metric, load_metric
+from .names import CAUSAL_LM
 from .task_data import Encoder, LabelEncoder, MaskEncoder, TaskData, eval_rows, in_memory_task_data, label_encoder
+from .windows import negative_log_likelihood
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -37,7 +40,8 @@ LATENCY_RUNS = 7
 
 @dataclass
 class ModelStats:
-    """One model's numbers. metrics: None when there was no evaluation split."""
+    """One model's numbers. metrics: None when there was no evaluation split. tokens_per_s: a language
+    model's speeds (`generation.tokens_per_second`: forward and generate, at batch 1 and 16)."""
 
     metrics: dict[str, float] | None
     macs: float
@@ -46,6 +50,7 @@ class ModelStats:
     throughput: float
     heads_per_layer: list[int]
     neurons_per_layer: list[int]
+    tokens_per_s: dict[str, float] | None = None
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Report:
     metric: str
     metric_source: str
     main_metric: str
-    seq_len: float
+    seq_len: float  # text: the average tokens MACs are counted at; images: the tokens of one `image_size` image
     eval_samples: int
     latency: dict[str, Any]
     stats: dict[str, ModelStats]
@@ -67,9 +72,18 @@ class Report:
     optin: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    image_size: list[int] | None = None  # [height, width] an image model's MACs are counted at
+    eval_window: int | None = None  # a language model's evaluation windows, in tokens (`tasks.windows`)
+
+    @property
+    def counted_at(self) -> str:
+        """What the MACs were counted at, in the model's terms: "64x64 images", or "12.00 tokens"."""
+        return counted_at(self.seq_len, self.image_size, digits=2)
 
     def ratios(self) -> dict[str, float] | None:
-        """pruned / dense for MACs, parameters and latency; speedup = dense / pruned latency."""
+        """pruned / dense for MACs, parameters and latency; speedup = dense / pruned latency. A metric
+        where lower is better (perplexity) gives `{key}_ratio` = pruned / dense, any other `{key}_drop` =
+        dense - pruned; a language model's speeds give `tokens_per_s_{speed}` = pruned / dense."""
         if not {"dense", "pruned"} <= set(self.stats):
             return None
         dense, pruned = self.stats["dense"], self.stats["pruned"]
@@ -79,8 +93,12 @@ class Report:
             "latency": pruned.latency_s / dense.latency_s,
             "speedup": dense.latency_s / pruned.latency_s,
         }
-        if dense.metrics and pruned.metrics:
+        if dense.metrics and pruned.metrics and self.metric == PERPLEXITY:
+            ratios.update({f"{k}_ratio": pruned.metrics[k] / dense.metrics[k] for k in dense.metrics})
+        elif dense.metrics and pruned.metrics:
             ratios.update({f"{k}_drop": dense.metrics[k] - pruned.metrics[k] for k in dense.metrics})
+        if dense.tokens_per_s and pruned.tokens_per_s:
+            ratios.update({f"tokens_per_s_{k}": pruned.tokens_per_s[k] / dense.tokens_per_s[k] for k in _speeds(dense)})
         return ratios
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,17 +120,28 @@ class Report:
         def row(label: str, values: list[str], ratio: str = "") -> None:
             rows.append((label, *values, *([ratio] if compare else [])))
 
+        language_model = self.task == CAUSAL_LM
         for key in self.stats[names[0]].metrics or []:
+            if self.metric == PERPLEXITY:  # lower is better: its values as they are, and the relative rise
+                rise = f"{100 * (ratios[f'{key}_ratio'] - 1) + 0.0:+.1f}%" if f"{key}_ratio" in ratios else ""
+                row(key, [_plain(self.stats[n].metrics, key) for n in names], rise)
+                continue
             drop = f"{-100 * ratios[f'{key}_drop'] + 0.0:+.2f} pt" if f"{key}_drop" in ratios else ""
             row(f"{key} (x100)", [_points(self.stats[n].metrics, key) for n in names], drop)
-        row(f"MACs at {self.seq_len:.2f} tokens", [format_si(self.stats[n].macs) for n in names], f"{ratios.get('macs', 0):.3f}")
-        row("parameters", [format_si(self.stats[n].parameters) for n in names], f"{ratios.get('parameters', 0):.3f}")
+        macs = f"MACs per token at a {self.seq_len:.0f}-token context" if language_model else f"MACs at {self.counted_at}"
+        row(macs, [format_si(self.stats[n].macs) for n in names], f"{ratios.get('macs', 0):.3f}")
+        removed = f" ({100 * (1 - ratios['parameters']):.1f}% removed)" if language_model and "parameters" in ratios else ""
+        row("parameters", [format_si(self.stats[n].parameters) for n in names], f"{ratios.get('parameters', 0):.3f}{removed}")
         row(
             f"latency, batch {self.latency['batch_size']}",
             [f"{1000 * self.stats[n].latency_s:.1f} ms" for n in names],
             _speed(ratios.get("speedup", 1.0)),
         )
         row("throughput", [f"{self.stats[n].throughput:.1f} ex/s" for n in names])
+        for speed in _speeds(self.stats[names[0]]):
+            kind, batch = speed.split("_batch_")
+            ratio = f"x{ratios[f'tokens_per_s_{speed}']:.2f}" if f"tokens_per_s_{speed}" in ratios else ""
+            row(f"tokens/s, {kind}, batch {batch}", [f"{self.stats[n].tokens_per_s[speed]:.1f}" for n in names], ratio)
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [f"optin-hf report: {self.model} ({self.task})"]
         if self.optin:
@@ -133,10 +162,16 @@ class Report:
         if self.timings:
             lines.append("pruning took " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in self.timings.items()))
         lat = self.latency
+        inputs = f"on {self.counted_at}" if self.image_size else f"at {lat['tokens']} tokens/example"
+        evaluated = (f"{self.eval_samples} windows of {self.eval_window} tokens" if language_model and self.eval_window
+                     else f"{self.eval_samples} examples")
         lines.append(
-            f"{self.metric} on {self.eval_samples} examples, computed by {self.metric_source}; latency on {lat['device']}: "
-            f"median of {lat['runs']} interleaved runs at {lat['tokens']} tokens/example, {lat['threads']} torch threads"
+            f"{self.metric} on {evaluated}, computed by {self.metric_source}; latency on {lat['device']}: "
+            f"median of {lat['runs']} interleaved runs {inputs}, {lat['threads']} torch threads"
         )
+        if language_model and self.stats[names[0]].tokens_per_s:
+            lines.append(f"tokens/s: forward over {lat['tokens']}-token windows; generate: {GENERATED_TOKENS} new tokens "
+                         f"(greedy, KV cache) after a {PROMPT_TOKENS}-token prompt")
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike) -> None:
@@ -177,10 +212,11 @@ class Report:
             ax.legend(loc="upper left", ncols=2, fontsize=8, frameon=False)
         ax = axes[2]
         key = self.main_metric
+        scale = 1.0 if self.metric == PERPLEXITY else 100.0  # perplexity is no fraction
         if dense.metrics and pruned.metrics:
             points = [
-                (100.0, 100 * dense.metrics[key], "dense", "#7f7f7f"),
-                (100 * ratios["macs"], 100 * pruned.metrics[key], "pruned", "#3b75af"),
+                (100.0, scale * dense.metrics[key], "dense", "#7f7f7f"),
+                (100 * ratios["macs"], scale * pruned.metrics[key], "pruned", "#3b75af"),
             ]
             ax.plot([p[0] for p in points], [p[1] for p in points], color="#bbbbbb", zorder=1)
             for x, y, name, color in points:
@@ -189,11 +225,12 @@ class Report:
             values = [p[1] for p in points]
             spread = max(1.0, max(values) - min(values))
             ax.set_ylim(min(values) - spread, max(values) + spread)
-            ax.set_ylabel(f"{key} (x100)")
+            ax.set_ylabel(key if scale == 1.0 else f"{key} (x100)")
         else:
             ax.text(0.5, 0.5, "no evaluation split", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlim(0, 120)
-        ax.set_xlabel(f"MACs, % of dense ({format_si(dense.macs)} at {self.seq_len:.1f} tokens)")
+        at = f"per token at a {self.seq_len:.0f}-token context" if self.task == CAUSAL_LM else f"at {self.counted_at}"
+        ax.set_xlabel(f"MACs, % of dense ({format_si(dense.macs)} {at})")
         batch = self.latency["batch_size"]
         ax.set_title(f"{self.metric} vs MACs; measured {_speed(ratios['speedup'])} at batch {batch}")
         ax.grid(alpha=0.3)
@@ -207,6 +244,15 @@ def _speed(speedup: float) -> str:
 
 def _points(metrics: dict[str, float] | None, key: str) -> str:
     return f"{100 * metrics[key]:.2f}" if metrics else "n/a"
+
+
+def _plain(metrics: dict[str, float] | None, key: str) -> str:
+    return f"{metrics[key]:.3f}" if metrics else "n/a"
+
+
+def _speeds(stats: ModelStats) -> list[str]:
+    """A language model's speeds (`generation.tokens_per_second`'s keys, without the seconds)."""
+    return [key for key in stats.tokens_per_s or {} if not key.endswith("_s")]
 
 
 def format_si(value: float) -> str:
@@ -240,10 +286,15 @@ def class_maps(logits: torch.Tensor, masks: list[np.ndarray]) -> list[np.ndarray
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, data: TaskData, encoder: Encoder, labels: LabelEncoder | MaskEncoder, metric: Metric, batch_size: int = 32
+    model: nn.Module, data: TaskData, encoder: Encoder, labels: LabelEncoder | MaskEncoder | None, metric: Metric, batch_size: int = 32
 ) -> tuple[dict[str, float], int, float | None]:
-    """(metric values, examples, average unpadded tokens or None for images) on the evaluation split."""
+    """(metric values, examples, average unpadded tokens or None for images) on the evaluation split;
+    a language model's: (perplexity, its windows, the window length; `tasks.windows`)."""
     model.eval()
+    if data.task == CAUSAL_LM:
+        windows = encoder.windows(data.evaluation, data.max_eval_samples)
+        nll, tokens = negative_log_likelihood(model, windows)
+        return metric.compute([nll], [tokens]), len(windows), float(windows.shape[1])
     rows = eval_rows(data.evaluation, data.max_eval_samples)
     predictions, references, tokens = [], [], []
     while chunk := list(islice(rows, batch_size)):
@@ -267,12 +318,20 @@ def evaluate_model(
     return values, len(np.concatenate(references)), average
 
 
-@torch.no_grad()
 def plot_segmentations(
     models: dict[str, nn.Module], data: TaskData, encoder: Encoder, labels: MaskEncoder, path: str | os.PathLike, examples: int = 4
 ) -> None:
+    """Write `segmentation_figure` as the report's segmentation PNG."""
+    segmentation_figure(models, data, encoder, labels, examples).savefig(path, dpi=90)
+
+
+@torch.no_grad()
+def segmentation_figure(
+    models: dict[str, nn.Module], data: TaskData, encoder: Encoder, labels: MaskEncoder, examples: int = 4
+) -> Figure:
     """A panel of the first `examples` evaluation images: the image, its ground truth, and each
-    model's prediction (dense and pruned), one row per image; ignored pixels are white."""
+    model's prediction (dense and pruned), one row per image; ignored pixels are white. One drawing
+    for the CLI's `optin_segmentation.png` and the Space's panel."""
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
@@ -302,7 +361,7 @@ def plot_segmentations(
             if i == 0:
                 ax.set_title(columns[j])
     fig.suptitle("semantic segmentation: dense vs pruned")
-    fig.savefig(path, dpi=90)
+    return fig
 
 
 def _palette(n: int) -> np.ndarray:
@@ -349,6 +408,7 @@ def measure(
     labels: LabelEncoder | None,
     metric: Metric,
     seq_len: float | None = None,
+    image_size: tuple[int, int] | None = None,
     optin: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
     runs: int = LATENCY_RUNS,
@@ -356,37 +416,52 @@ def measure(
 ) -> Report:
     """Evaluate and time `models` (same base architecture) and gather a `Report`.
 
-    `seq_len` is the length MACs are counted at; None takes the evaluation split's average.
+    `seq_len` is the length MACs are counted at; None takes the evaluation split's average. An image
+    model's are counted (and timed) at `image_size`; None takes the size a pruned model among `models`
+    records (its calibration images'), else the config's.
     `known_metrics`: metric values of some models measured before on the same data (a dense
-    model compared with one pruned copy after another), not evaluated again.
+    model compared with one pruned copy after another), not evaluated again. A language model is
+    timed in tokens/s instead, forward and generate at batch 1 and 16 (`generation.tokens_per_second`);
+    its latency is the forward at batch 16.
     """
     metrics: dict[str, dict[str, float] | None] = dict(known_metrics or {})
     samples, average = 0, None
+    language_model = data.task == CAUSAL_LM
     for key, model in models.items():
         if key in metrics:
             continue
         metrics[key] = None
-        if data.evaluation is not None and labels is not None:
+        if data.evaluation is not None and (labels is not None or language_model):
             metrics[key], samples, average = evaluate_model(model, data, encoder, labels, metric)
     reference = next(iter(models.values()))
     adapter = check_model(reference)
-    seq_len = seq_len or average or adapter.default_seq_len(reference.config)
+    recorded = next((size for size in map(recorded_image_size, models.values()) if size is not None), None)
+    image_size = adapter.image_size(reference.config, image_size or recorded)
+    seq_len = seq_len or average or adapter.default_seq_len(reference.config, image_size)
     if seq_len is None:
         raise ValueError("The MAC sequence length is unknown: there is no evaluation text to measure it on.")
-    inputs = synthetic_inputs(reference, LATENCY_BATCH, seq_len)
-    times = time_models(models, inputs, runs=runs)
+    batch = TOKEN_BATCHES[-1] if language_model else LATENCY_BATCH
+    if language_model:
+        speeds = tokens_per_second(models, seq_len, runs=min(runs, 3))  # each run is seconds long on a CPU
+        times = {key: [speed.pop(f"forward_batch_{batch}_s")] for key, speed in speeds.items()}
+        speeds = {key: {k: v for k, v in speed.items() if not k.endswith("_s")} for key, speed in speeds.items()}
+        runs = min(runs, 3)
+    else:
+        speeds = {key: None for key in models}
+        times = time_models(models, synthetic_inputs(reference, batch, seq_len, image_size=image_size), runs=runs)
     stats = {}
     for key, model in models.items():
         latency = median(times[key])
         heads, neurons = kept_per_layer(model)
         stats[key] = ModelStats(
             metrics=metrics[key],
-            macs=count_macs(model, seq_len),
+            macs=count_macs(model, seq_len, image_size=image_size),
             parameters=sum(p.numel() for p in model.parameters()),
             latency_s=latency,
-            throughput=LATENCY_BATCH / latency,
+            throughput=batch / latency,
             heads_per_layer=heads,
             neurons_per_layer=neurons,
+            tokens_per_s=speeds[key],
         )
     return Report(
         model=name,
@@ -397,7 +472,7 @@ def measure(
         seq_len=float(seq_len),
         eval_samples=samples,
         latency={
-            "batch_size": LATENCY_BATCH,
+            "batch_size": batch,
             "tokens": max(1, round(seq_len)),
             "runs": runs,
             "threads": torch.get_num_threads(),
@@ -410,4 +485,6 @@ def measure(
         optin=optin,
         timings=timings or {},
         data=data.record,
+        image_size=None if image_size is None else list(image_size),
+        eval_window=encoder.max_length if language_model else None,
     )

@@ -19,9 +19,10 @@ import torch
 from datasets.arrow_reader import ReadInstruction
 
 from ..config import check_field_types
-from ..data import collate, encode_texts, text_columns
+from ..data import TEXT_COLUMNS, collate, encode_texts, text_columns
 from .metrics import IGNORE_INDEX
-from .names import IMAGE_TASKS, TASKS
+from .names import CAUSAL_LM, IMAGE_TASKS, TASKS
+from .windows import evaluation_windows
 
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 IMAGES = ("pixel_values", "image", "img")
@@ -40,7 +41,10 @@ class DataSpec:
     (which datasets >= 4 no longer runs) loads from its parquet export, `revision:
     refs/convert/parquet` with `data_dir` its configuration. `reduce_labels` (segmentation): True
     when mask id 0 means "unlabelled" and ids 1..K are the model's classes 0..K-1 (ADE20K's
-    `scene_parse_150`); None follows the image processor's `do_reduce_labels`.
+    `scene_parse_150`); None follows the image processor's `do_reduce_labels`. `eval_window`
+    (text-generation): the evaluation windows' length in tokens (`tasks.windows`); None: the run's
+    max_length. For a language model `max_eval_samples` caps the evaluation windows (spread evenly
+    over the split), not its rows.
     """
 
     path: str
@@ -56,6 +60,7 @@ class DataSpec:
     max_eval_samples: int | None = None
     streaming: bool = False
     reduce_labels: bool | None = None
+    eval_window: int | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self)  # a recipe's or a report's `streaming: "false"` must not read as True
@@ -63,6 +68,8 @@ class DataSpec:
             raise ValueError("text_pair_column needs text_column (the first text of each pair).")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             raise ValueError(f"max_eval_samples={self.max_eval_samples} must be a positive integer.")
+        if self.eval_window is not None and self.eval_window < 2:
+            raise ValueError(f"eval_window={self.eval_window}: a window predicts its tokens from the ones before it, so it needs at least 2.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,6 +150,10 @@ def resolve_columns(
         raise ValueError(f"Column(s) {missing} not in the dataset; it has {names}.")
     if task in IMAGE_TASKS:
         inputs = (image,) if image else next(((c,) for c in IMAGES if c in names), ())
+    elif task == CAUSAL_LM:  # one stream of text: a pair means nothing here
+        if text_pair:
+            raise ValueError("A language model reads one text column: drop the text pair column.")
+        inputs = (text,) if text else next(((c,) for c in TEXT_COLUMNS if c in names), ())
     elif text:
         inputs = (text, text_pair) if text_pair else (text,)
     else:
@@ -157,7 +168,8 @@ class Encoder:
     """Rows -> model inputs: text through the tokenizer (pairs as pairs), images through the
     image processor, or a ready `pixel_values` column as is.
 
-    `max_length` None truncates at the tokenizer's own `model_max_length`.
+    `max_length` None truncates at the tokenizer's own `model_max_length`. A language model's text is
+    read as token windows of `max_length` tokens instead (`windows`).
     """
 
     def __init__(self, task: str, columns: Columns, processor: Any, max_length: int | None):
@@ -165,8 +177,19 @@ class Encoder:
         self.columns = columns
         self.processor = processor
         self.max_length = max_length
+        self._windows: tuple[Any, int | None, torch.Tensor] | None = None
         if processor is None and columns.inputs[0] != "pixel_values":
             raise ValueError(f"Column {columns.inputs[0]!r} needs a tokenizer or image processor, and the model has none.")
+
+    def windows(self, dataset: AnyDataset, max_windows: int | None) -> torch.Tensor:
+        """[windows, max_length]: a language model's evaluation windows of `dataset` (`tasks.windows`),
+        tokenized once for every model a report compares."""
+        if self._windows is None or self._windows[0] is not dataset or self._windows[1] != max_windows:
+            if self.max_length is None:
+                raise ValueError("A language model's evaluation needs a window length: give max_length (--max-length).")
+            windows = evaluation_windows(dataset, self.columns.inputs[0], self.processor, self.max_length, max_windows)
+            self._windows = (dataset, max_windows, windows)
+        return self._windows[2]
 
     def examples(self, rows: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """One unpadded dict of tensors per row."""
@@ -276,12 +299,13 @@ class TaskData:
     record: dict[str, Any]
     max_eval_samples: int | None = None
     reduce_labels: bool | None = None  # segmentation masks: see MaskEncoder
+    eval_window: int | None = None  # a language model's evaluation windows, in tokens: see DataSpec
 
 
 def label_encoder(data: TaskData, config, processor: Any = None) -> LabelEncoder | MaskEncoder | None:
     """The evaluation split's labels in the order of the model with `config` (class maps for
     segmentation, see `MaskEncoder`); None without a split."""
-    if data.evaluation is None:
+    if data.evaluation is None or data.task == CAUSAL_LM:  # a text predicts its own next tokens
         return None
     if data.task == SEGMENTATION:
         return MaskEncoder(processor, data.reduce_labels)
@@ -291,10 +315,12 @@ def label_encoder(data: TaskData, config, processor: Any = None) -> LabelEncoder
 def in_memory_task_data(
     task: str, calibration: AnyDataset | None, evaluation: AnyDataset | None, record: dict[str, Any] | None = None,
     max_eval_samples: int | None = None,
+    eval_window: int | None = None,
 ) -> TaskData:
     """TaskData of splits already loaded (an embedded default, a Space's model), columns detected."""
     names = column_names(calibration if calibration is not None else evaluation)
-    return TaskData(task, calibration, evaluation, resolve_columns(names, task), record or {}, max_eval_samples)
+    return TaskData(task, calibration, evaluation, resolve_columns(names, task), record or {}, max_eval_samples,
+                    eval_window=eval_window)
 
 
 def load_task_data(spec: DataSpec, task: str, calibration: bool = True) -> TaskData:
@@ -307,6 +333,7 @@ def load_task_data(spec: DataSpec, task: str, calibration: bool = True) -> TaskD
     evaluation = load_split(spec, spec.eval_split) if spec.eval_split else None
     names = column_names(calib if calib is not None else evaluation)
     columns = resolve_columns(names, task, spec.text_column, spec.text_pair_column, spec.image_column, spec.label_column)
-    if evaluation is not None and columns.label not in column_names(evaluation):  # a detected mask column counts
+    if evaluation is not None and task != CAUSAL_LM and columns.label not in column_names(evaluation):  # a detected mask column counts
         raise ValueError(f"The evaluation split has no label column {columns.label!r}; name it with --label-column.")
-    return TaskData(task, calib, evaluation, columns, {"dataset": spec.to_dict()}, spec.max_eval_samples, spec.reduce_labels)
+    return TaskData(task, calib, evaluation, columns, {"dataset": spec.to_dict()}, spec.max_eval_samples, spec.reduce_labels,
+                    spec.eval_window)

@@ -23,8 +23,8 @@ from ..config import OptinConfig, check_field_types
 from ..data import evaluation_max_length
 from ..hub.download import PROCESSOR_FILES, download_model
 from ..masks import MASKS_NAME
-from .metrics import DEFAULT_METRIC, SEGMENTATION_METRIC, Metric, load_metric, metric_names
-from .names import SEGMENTATION_HEADS, TASKS, model_class
+from .metrics import DEFAULT_METRIC, PERPLEXITY, SEGMENTATION_METRIC, Metric, load_metric, metric_names
+from .names import CAUSAL_LM, CAUSAL_LM_HEADS, SEGMENTATION_HEADS, TASKS, TEXT_TASKS, model_class
 from .report import REPORT_JSON, SEGMENTATION_PNG, Report, measure, plot_segmentations
 from .task_data import (
     SEGMENTATION,
@@ -36,6 +36,7 @@ from .task_data import (
     label_encoder,
     load_task_data,
 )
+from .windows import calibration_windows, check_window
 
 DEFAULT_TEXT_MODEL = "bbc-news"
 
@@ -119,26 +120,31 @@ def load_default_task(name: str) -> Loaded:
     if name not in DEFAULT_NAMES:
         raise ValueError(f"Unknown embedded default {name!r}; choose one of {list(DEFAULT_NAMES)}.")
     task = load_default(name)
-    data = in_memory_task_data(task.task, task.calibration, task.test, {"default": name})
+    data = in_memory_task_data(task.task, task.calibration, task.test, {"default": name}, task.max_eval_samples, task.eval_window)
     return Loaded(f"{name} (embedded default)", str(task.model_dir), task.model, task.processor, data)
 
 
 def task_of(config) -> str:
     """The task a model's config says it does: segmentation for a `...ForSemanticSegmentation` or
-    `...ForUniversalSegmentation` (Mask2Former), image classification for other vision models, else
-    text classification."""
-    if any(name.endswith(SEGMENTATION_HEADS) for name in getattr(config, "architectures", None) or ()):
+    `...ForUniversalSegmentation` (Mask2Former), text generation for a `...ForCausalLM` or
+    `...LMHeadModel` (GPT-2), image classification for other vision models, else text classification."""
+    architectures = getattr(config, "architectures", None) or ()
+    if any(name.endswith(SEGMENTATION_HEADS) for name in architectures):
         return SEGMENTATION
+    if any(name.endswith(CAUSAL_LM_HEADS) for name in architectures):
+        return CAUSAL_LM
     return "image-classification" if get_adapter(config).is_vision else "text-classification"
 
 
 def task_metric(name: str | None, task: str) -> str:
-    """The metric to report: `name`, or the task's own; mean IoU for segmentation and only there."""
+    """The metric to report: `name`, or the task's own; mean IoU for segmentation and only there,
+    perplexity for a language model and only there."""
+    own = {SEGMENTATION: SEGMENTATION_METRIC, CAUSAL_LM: PERPLEXITY}
     if name is None:
-        return SEGMENTATION_METRIC if task == SEGMENTATION else DEFAULT_METRIC
-    if (name == SEGMENTATION_METRIC) != (task == SEGMENTATION):
+        return own.get(task, DEFAULT_METRIC)
+    if own.get(task) != name and (task in own or name in own.values()):
         raise ValueError(f"Metric {name} does not fit the task {task}: segmentation is measured by {SEGMENTATION_METRIC}, "
-                         "classification by accuracy or glue/<task>.")
+                         f"a language model ({CAUSAL_LM}) by {PERPLEXITY}, classification by accuracy or glue/<task>.")
     return name
 
 
@@ -211,7 +217,7 @@ def load_processor(folder: str | Path, task: str) -> Any:
     (a Hub processor is fetched by `download_model` first)."""
     import transformers
 
-    if task == "text-classification":
+    if task in TEXT_TASKS:
         return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     try:
         return transformers.AutoImageProcessor.from_pretrained(folder, trust_remote_code=False)
@@ -221,6 +227,8 @@ def load_processor(folder: str | Path, task: str) -> Any:
 
 def _check_metric(metric: Metric, model: nn.Module) -> None:
     """Refuse a metric whose numbers would mean nothing for this model, before any data loads."""
+    if metric.name == PERPLEXITY:  # no labels: a text predicts its own next tokens (`task_metric` pairs it with the task)
+        return
     labels = model.config.num_labels
     if metric.regression != (labels == 1):
         raise ValueError(
@@ -276,11 +284,17 @@ def run_prune(job: PruneJob) -> Report:
     encoder = Encoder(data.task, data.columns, loaded.processor, config.max_length)
     # Scoring reads the first num_samples rows, reconstruction the first reconstruct_samples.
     wanted = max(config.num_samples, config.reconstruct_samples if config.reconstruct != "none" else 0)
-    rows = calibration_rows(data.calibration, wanted, config.seed)
-    calibration = encoder.examples(rows)
-    evaluation = Encoder(data.task, data.columns, loaded.processor, evaluation_max_length(config.max_length, model.config))
-    if getattr(CRITERIA[config.importance], "needs_labels", False):
-        calibration = _with_labels(calibration, rows, data, model)
+    window = evaluation_max_length(config.max_length, model.config)
+    if data.task == CAUSAL_LM:  # windows of max_length tokens drawn from the calibration text (`tasks.windows`)
+        window = check_window(data.eval_window or config.max_length, model.config)
+        calibration = calibration_windows(data.calibration, data.columns.inputs[0], loaded.processor, config.max_length,
+                                          wanted, config.seed)
+    else:
+        rows = calibration_rows(data.calibration, wanted, config.seed)
+        calibration = encoder.examples(rows)
+        if getattr(CRITERIA[config.importance], "needs_labels", False):
+            calibration = _with_labels(calibration, rows, data, model)
+    evaluation = Encoder(data.task, data.columns, loaded.processor, window)
     labels = label_encoder(data, model.config, loaded.processor)
     dense = copy.deepcopy(model)
     pruner = OptinPruner(config)
@@ -359,7 +373,8 @@ def run_evaluate(
 
     Without `data` or `default`, the data recorded in the folder's report is used again, and
     without `metric_name` its metric (else the task's); without `max_length`, a pruned model's
-    own calibration truncation.
+    own calibration truncation. A language model's `max_length` is its evaluation window (`tasks.windows`);
+    without it, the data's own window (an embedded default's, a dataset's `eval_window`), else as above.
     """
     from ..modeling import AutoOptinModel
 
@@ -368,6 +383,7 @@ def run_evaluate(
     if max_length is not None and not max_length >= 1:  # 0 would read as "not given", a negative fail in the tokenizer
         raise ValueError(f"max_length={max_length} must be a positive integer (or left out: the pruning run's).")
     folder = Path(model_path)
+    given_length = max_length
     pruned = (folder / MASKS_NAME).is_file()
     if pruned:
         model = AutoOptinModel.from_pretrained(folder)
@@ -394,7 +410,10 @@ def run_evaluate(
         task_data = load_task_data(data, task, calibration=False)
     if task_data.evaluation is None:
         raise ValueError("Nothing to evaluate: give an evaluation split (--eval-split).")
-    encoder = Encoder(task, task_data.columns, processor, evaluation_max_length(max_length or OptinConfig.max_length, model.config))
+    length = evaluation_max_length(max_length or OptinConfig.max_length, model.config)
+    if task == CAUSAL_LM:
+        length = check_window(given_length or task_data.eval_window or max_length or OptinConfig.max_length, model.config)
+    encoder = Encoder(task, task_data.columns, processor, length)
     return measure(
         {"pruned" if pruned else "dense": model},
         name=model_path,

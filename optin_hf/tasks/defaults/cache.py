@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 CACHE_ENV = "OPTIN_HF_DEFAULTS_CACHE"
 KEY_PACKAGES = ("torch", "transformers")
-NOT_IN_KEY = ("description",)
+NOT_IN_KEY = ("description", "evaluation")  # neither changes the model built
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -36,7 +36,7 @@ def package_versions(packages: tuple[str, ...]) -> dict[str, str]:
 def cache_key(recipe: Recipe, versions: dict[str, str]) -> str:
     """Short hash of the recipe and the versions, so any change trains a fresh model beside the old one.
 
-    The prose description is left out: rewording it must not trigger a retrain.
+    The prose description and the evaluation protocol are left out: changing them must not trigger a retrain.
     """
     data = {field: value for field, value in asdict(recipe).items() if field not in NOT_IN_KEY}
     payload = json.dumps({"recipe": data, "versions": versions}, sort_keys=True, default=str)

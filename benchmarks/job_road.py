@@ -1,0 +1,107 @@
+"""The road through a prune job: which optin_hf modules a job passes through, and how often control
+climbs back up to a higher-level module.
+
+Traced, not read: every Python call made while the job runs is recorded (`sys.setprofile`), and each
+call from a function of one optin_hf module into a function of another is one step of the road.
+A step "climbs up" when the module it enters depends on the module it leaves (imports it, directly or
+through others, counting imports inside functions, as tests/test_imports.py does): control then
+flows against the import graph, through a callback or an object handed down. Two roads, on a tiny
+BERT fine-tuned on synthetic sentences (tests/tiny_task.py):
+- `prune_model`: `OptinPruner.prune_model` then `OptinPruner.save`;
+- `run_prune`: the CLI's job from its entry to the saved checkpoint and report.
+
+    python benchmarks/job_road.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests")]
+
+from test_imports import PACKAGE, import_graph  # noqa: E402
+from tiny_task import sentences, tokenizer, trained_text_model, write_csv  # noqa: E402
+
+
+def depends_on(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """module -> every module it imports, directly or through others."""
+    closure: dict[str, set[str]] = {}
+
+    def reach(name: str) -> set[str]:
+        if name not in closure:
+            closure[name] = set()
+            for dep in graph[name]:
+                closure[name] |= {dep} | reach(dep)
+        return closure[name]
+
+    for name in graph:
+        reach(name)
+    return closure
+
+
+def trace(run: Callable[[], object]) -> list[tuple[str, str]]:
+    """The (caller module, callee module) of every call between two optin_hf modules while `run()` runs."""
+    steps: list[tuple[str, str]] = []
+
+    def profile(frame, event, arg):
+        if event != "call":
+            return
+        callee = frame.f_globals.get("__name__", "")
+        caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back else ""
+        if callee.startswith("optin_hf") and caller.startswith("optin_hf") and callee != caller:
+            steps.append((caller, callee))
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return steps
+
+
+def report(name: str, steps: list[tuple[str, str]], above: dict[str, set[str]]) -> None:
+    modules = sorted({m for step in steps for m in step})
+    climbs = Counter(step for step in steps if step[0] in above.get(step[1], set()))
+    entries = Counter(callee for _, callee in steps)
+    print(f"\n{name}: {len(modules)} modules, {len(steps)} calls between modules, "
+          f"{sum(climbs.values())} climbs up ({len(climbs)} distinct)")
+    print("  modules: " + ", ".join(m.removeprefix("optin_hf.") for m in modules))
+    for (caller, callee), count in climbs.most_common():
+        print(f"  climb: {caller.removeprefix('optin_hf.')} -> {callee.removeprefix('optin_hf.')} x{count}")
+    print("  most entered: " + ", ".join(f"{m.removeprefix('optin_hf.')} {n}" for m, n in entries.most_common(5)))
+
+
+def main() -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from optin_hf import OptinConfig, OptinPruner
+    from optin_hf.commands.__main__ import main as cli
+
+    above = depends_on(import_graph(PACKAGE))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        trained_text_model(work / "model")
+        tokenizer().save_pretrained(work / "model")
+        csv = write_csv(work / "data.csv")
+        model = AutoModelForSequenceClassification.from_pretrained(work / "model")
+        texts = [text for text, _ in sentences(32, 0)]
+        pruner = OptinPruner(OptinConfig(mac_constraint=0.6, num_samples=16, reconstruct_samples=32))
+
+        def prune_and_save() -> None:
+            pruner.prune_model(model, texts, tokenizer=tokenizer())
+            pruner.save(model, work / "slim")
+
+        report("prune_model + save", trace(prune_and_save), above)
+        argv = ["prune", "--model", str(work / "model"), "--dataset", str(csv), "--mac-constraint", "0.6",
+                "--num-samples", "16", "--reconstruct-samples", "32", "--output", str(work / "cli"),
+                "--calibration-split", "train[:50%]", "--eval-split", "train[50%:]"]
+        report("run_prune (CLI)", trace(lambda: cli(argv)), above)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Held-out perplexity of the language-model default (SmolLM2-135M on Shakespeare) pruned at several MAC budgets, per
+criterion (OPTIN, FLAP, Wanda-sp) with and without the refit, per-layer and uniform, and tokens/s against dense.
+
+Every criterion scores once, on the recipe's calibration windows (recipes/smollm2-shakespeare.yaml: its window
+length, number of windows and neuron groups; without its scoring time budget, so the number of windows does not
+depend on the machine's load); every budget is allocated from those scores, slimmed, refit (or not) on the
+recipe's refit windows, and measured on the default's held-out windows (4 plays never used for calibration, 64
+windows of 128 tokens spread evenly over them). One seed (the recipe's).
+
+    nice -n 10 python benchmarks/llm_quality.py [--budgets 0.8 0.6] [--criteria optin flap wanda_sp] [--speed]
+
+`--dev N --lambdas 10 1 0.1` instead measures OPTIN + refit at each balance weight `lambda_contribution` (the raw
+losses are computed once) on N windows of 4 development plays, which neither the calibration nor the held-out
+plays include: a setting chosen there was not chosen on the test plays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import tempfile
+import time
+
+import torch
+
+from optin_hf import OptinConfig, OptinPruner, count_macs
+from optin_hf.tasks.defaults import load_default
+from optin_hf.tasks.defaults.corpora import CORPORA
+from optin_hf.tasks.defaults.registry import RECIPES
+from optin_hf.tasks.generation import tokens_per_second
+from optin_hf.tasks.recipes import default_recipe
+from optin_hf.tasks.windows import calibration_windows, evaluation_windows, negative_log_likelihood
+
+NAME = "shakespeare-smollm2"
+# (criterion, reconstruction, uniform_layers): the rows of the table, in order.
+ROWS = [
+    ("optin", "weights", False), ("optin", "none", False), ("optin", "weights", True),
+    ("flap", "weights", False), ("flap", "none", False),
+    ("wanda_sp", "weights", False), ("wanda_sp", "none", False),
+]
+
+
+def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    nll, tokens = negative_log_likelihood(model, windows)
+    return math.exp(nll / tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.8, 0.6])
+    parser.add_argument("--criteria", nargs="+", default=["optin", "flap", "wanda_sp"])
+    parser.add_argument("--speed", action="store_true", help="also time tokens/s of each OPTIN + refit model against dense")
+    parser.add_argument("--dev", type=int, metavar="N", help="measure on N windows of 4 development plays, not the held-out ones")
+    parser.add_argument("--lambdas", nargs="+", type=float, help="OPTIN + refit at each lambda_contribution (with --dev)")
+    parser.add_argument("--reconstruct-samples", type=int, metavar="N", help="refit on N windows (default: the recipe's)")
+    args = parser.parse_args()
+    task = load_default(NAME)
+    recipe = default_recipe(NAME).optin
+    if args.reconstruct_samples:
+        recipe = dataclasses.replace(recipe, reconstruct_samples=args.reconstruct_samples)
+    base = {**recipe.to_dict(), "max_scoring_time": None}
+    wanted = max(recipe.num_samples, recipe.reconstruct_samples)
+    calibration = calibration_windows(task.calibration, "text", task.processor, recipe.max_length, wanted, recipe.seed)
+    held_out = evaluation_windows(task.test, "text", task.processor, task.eval_window, task.max_eval_samples)
+    if args.dev:
+        registry = RECIPES[NAME]
+        development = CORPORA[registry.corpus]().unused(registry.split).select(range(4))
+        print(f"development plays: {development['play']}")
+        held_out = evaluation_windows(development, "text", task.processor, task.eval_window, args.dev)
+    if args.lambdas:
+        lambda_rows(task, calibration, held_out, base, args.budgets, args.lambdas)
+        return
+    print(f"{NAME}: {len(calibration)} calibration windows of {recipe.max_length} tokens (scoring reads the first "
+          f"{recipe.num_samples}, the refit {recipe.reconstruct_samples}); {len(held_out)} held-out windows of "
+          f"{held_out.shape[1]} tokens; {torch.get_num_threads()} torch threads", flush=True)
+    start = time.perf_counter()
+    dense = perplexity(task.model, held_out)
+    dense_macs, dense_parameters = count_macs(task.model, recipe.seq_len), sum(p.numel() for p in task.model.parameters())
+    print(f"dense perplexity {dense:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    rows, scores, scoring_s = [], {}, {}
+    for criterion, mode, uniform in [r for r in ROWS if r[0] in args.criteria]:
+        if criterion not in scores:
+            pruner = OptinPruner(OptinConfig.from_dict({**base, "importance": criterion}))
+            start = time.perf_counter()
+            scores[criterion] = pruner.compute_scores(task.model, calibration)
+            scoring_s[criterion] = time.perf_counter() - start
+            print(f"{criterion} scored in {scoring_s[criterion]:.0f} s", flush=True)
+        results = []
+        for budget in args.budgets:
+            settings = {**base, "importance": criterion, "mac_constraint": budget, "reconstruct": mode, "uniform_layers": uniform}
+            pruner = OptinPruner(OptinConfig.from_dict(settings))
+            model = copy.deepcopy(task.model)
+            start = time.perf_counter()
+            masks = pruner.compute_masks(model, calibration, scores=scores[criterion])
+            pruner.prune_model(model, calibration, masks=masks)
+            seconds = time.perf_counter() - start
+            value = perplexity(model, held_out)
+            macs = count_macs(model, recipe.seq_len) / dense_macs
+            removed = 1 - sum(p.numel() for p in model.parameters()) / dense_parameters
+            speeds = None
+            if args.speed and criterion == "optin" and mode == "weights":
+                measured = tokens_per_second({"dense": task.model, "pruned": model}, recipe.seq_len)
+                speeds = {k: measured["pruned"][k] / measured["dense"][k] for k in measured["dense"] if not k.endswith("_s")}
+            results.append((budget, value, macs, removed, speeds))
+            label = criterion + ("" if mode == "none" else " + refit") + (", uniform" if uniform else "")
+            print(f"{label:24} @{budget}: perplexity {value:.3f} ({100 * (value / dense - 1):+.1f}%), MACs x{macs:.3f}, "
+                  f"{100 * removed:.1f}% of the parameters removed, slim+refit {seconds:.0f} s"
+                  + (f", tokens/s pruned/dense {speeds}" if speeds else ""), flush=True)
+        rows.append((criterion + ("" if mode == "none" else " + refit") + (", uniform" if uniform else ""), results))
+    print(f"\n| criterion | dense | " + " | ".join(f"@{b} MACs" for b in args.budgets) + " |")
+    print("|---|---|" + "---|" * len(args.budgets))
+    for label, results in rows:
+        cells = " | ".join(f"{value:.2f} ({100 * (value / dense - 1):+.1f}%; {100 * removed:.0f}% params)" for _, value, _, removed, _ in results)
+        print(f"| {label} | {dense:.2f} | {cells} |")
+    print("\nscoring seconds: " + ", ".join(f"{c} {s:.0f}" for c, s in scoring_s.items()))
+
+
+def lambda_rows(task, calibration, windows: torch.Tensor, base: dict, budgets: list[float], lambdas: list[float]) -> None:
+    """OPTIN + refit at each balance weight: the raw MD and KL do not depend on it, so they are computed once
+    (kept in a scoring checkpoint) and re-balanced."""
+    dense = perplexity(task.model, windows)
+    print(f"dense perplexity {dense:.3f} on {len(windows)} windows", flush=True)
+    with tempfile.TemporaryDirectory() as losses_dir:
+        for value in lambdas:
+            pruner = OptinPruner(OptinConfig.from_dict({**base, "lambda_contribution": value, "checkpoint_dir": losses_dir}))
+            scores = pruner.compute_scores(task.model, calibration)
+            cells = []
+            for budget in budgets:
+                pruner = OptinPruner(OptinConfig.from_dict({**base, "mac_constraint": budget, "lambda_contribution": value}))
+                model = copy.deepcopy(task.model)
+                pruner.prune_model(model, calibration, masks=pruner.compute_masks(model, calibration, scores=scores))
+                result = perplexity(model, windows)
+                cells.append(f"@{budget}: {result:.2f} ({100 * (result / dense - 1):+.1f}%)")
+            print(f"lambda_contribution {value:g}: " + ", ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Development runs for the digit-scenes SegFormer's pruning settings, on scenes the test split never uses.
+
+The default's calibration digits (disjoint from the training and the test digits) are cut in two
+halves: development calibration scenes are made of one half, development evaluation scenes of the
+other, so settings are chosen on handwriting that neither the model's training nor the test split
+holds, and the development calibration never shares a digit with what it is judged on. Each
+variant (OptinConfig settings over the recipe's) scores once per calibration draw (a seeded
+shuffle, as the CLI draws) and is allocated, slimmed and refit at every budget.
+
+    python benchmarks/segformer_dev.py [--budgets 0.6 0.5] [--draws 0 1 2] [--variants recipe ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+from optin_hf import OptinConfig, OptinPruner
+from optin_hf.tasks.defaults import load_default
+from optin_hf.tasks.defaults.corpora import CORPORA
+from optin_hf.tasks.defaults.registry import RECIPES
+from optin_hf.tasks.defaults.scenes import scene_dataset
+from optin_hf.tasks.recipes import default_recipe
+from optin_hf.tasks.report import kept_per_layer, mean_iou_on
+
+NAME = "digit-scenes-segformer"
+DEV_SEEDS = (7001, 7002)  # scene draws of their own: no split of the default uses these seeds
+
+
+def development_splits(calibration_scenes: int = 128, evaluation_scenes: int = 300):
+    """(calibration, evaluation) scenes of the two halves of the default's calibration digits."""
+    recipe = RECIPES[NAME]
+    corpus = CORPORA[recipe.corpus](**recipe.corpus_options)
+    pool = corpus.pools(recipe.split)["calibration"]
+    half = len(pool) // 2
+    return (scene_dataset(corpus.images, corpus.digits, pool[:half], calibration_scenes, DEV_SEEDS[0]),
+            scene_dataset(corpus.images, corpus.digits, pool[half:], evaluation_scenes, DEV_SEEDS[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.5])
+    parser.add_argument("--draws", nargs="+", type=int, default=[0, 1, 2], help="calibration shuffle seeds")
+    parser.add_argument("--variant", action="append", default=[], help='label=JSON settings, e.g. \'kl={"num_samples": 64}\'')
+    parser.add_argument("--calibration-scenes", type=int, default=128)
+    args = parser.parse_args()
+    task = load_default(NAME)
+    calibration, evaluation = development_splits(args.calibration_scenes)
+    dense = mean_iou_on(task.model, evaluation)
+    print(f"development: {len(calibration)} calibration scenes, {len(evaluation)} evaluation scenes; dense mIoU {dense:.3f}", flush=True)
+    recipe = default_recipe(NAME).optin.to_dict()
+    for text in args.variant or ["recipe={}"]:
+        label, settings = text.split("=", 1)
+        for draw in args.draws:
+            data = calibration.shuffle(seed=draw)
+            base = {**recipe, **json.loads(settings)}
+            scorer = OptinPruner(OptinConfig.from_dict(base))
+            # one step: every budget is allocated from the same scores (as benchmarks/quality.py does)
+            scores = scorer.compute_scores(task.model, data) if base.get("prune_steps", 1) == 1 else None
+            cells = []
+            for budget in args.budgets:
+                model = copy.deepcopy(task.model)
+                pruner = OptinPruner(OptinConfig.from_dict({**base, "mac_constraint": budget, "seq_len": scorer.seq_len}))
+                start = time.perf_counter()
+                masks = pruner.compute_masks(model, scores=scores) if scores is not None else None
+                pruner.prune_model(model, data, masks=masks)
+                seconds = time.perf_counter() - start
+                miou = mean_iou_on(model, evaluation)
+                heads, neurons = kept_per_layer(model)
+                cells.append(f"@{budget}: {miou:.3f} ({100 * (miou - dense):+.1f}) heads {heads} neurons {neurons} {seconds:.0f}s")
+            print(f"{label:24} draw {draw}  " + "  ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
