@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--dev", type=int, metavar="N", help="measure on N windows of 4 development plays, not the held-out ones")
     parser.add_argument("--lambdas", nargs="+", type=float, help="OPTIN + refit at each lambda_contribution (with --dev)")
     parser.add_argument("--reconstruct-samples", type=int, metavar="N", help="refit on N windows (default: the recipe's)")
+    parser.add_argument("--reconstruct", nargs="+", default=["weights", "none"], help="the rows' repairs to run")
     args = parser.parse_args()
     task = load_default(NAME)
     recipe = default_recipe(NAME).optin
@@ -80,7 +81,7 @@ def main() -> None:
     dense_macs, dense_parameters = count_macs(task.model, recipe.seq_len), sum(p.numel() for p in task.model.parameters())
     print(f"dense perplexity {dense:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     rows, scores, scoring_s = [], {}, {}
-    for criterion, mode, uniform in [r for r in ROWS if r[0] in args.criteria]:
+    for criterion, mode, uniform in [r for r in ROWS if r[0] in args.criteria and r[1] in args.reconstruct]:
         if criterion not in scores:
             pruner = OptinPruner(OptinConfig.from_dict({**base, "importance": criterion}))
             start = time.perf_counter()

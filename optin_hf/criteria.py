@@ -10,11 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from importlib import import_module
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from .config import OptinConfig
-    from .importance.base import ImportanceCriterion
+from typing import Any, TypeVar
 
 BUILTIN_CRITERIA = {
     "optin": "optin_hf.importance.optin:OptinImportance",
@@ -80,7 +76,3 @@ def register_criterion(name: str, criterion: T | None = None) -> Any:
     CRITERIA.add(name, criterion)
     return criterion
 
-
-def criterion_from_config(config: OptinConfig) -> ImportanceCriterion:
-    """The criterion `config.importance` names, built from the config's settings."""
-    return CRITERIA[config.importance].from_config(config)

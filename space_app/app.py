@@ -51,7 +51,7 @@ SPACE_CAPS = ("max_scoring_time", "reconstruct_samples")
 # Defaults whose recipe still takes more than a press may (measured on one CPU thread: space_app/README.md) run these
 # instead; the status line names every setting that differs from the recipe.
 SPACE_LIGHTER: dict[str, dict[str, Any]] = {
-    "shakespeare-smollm2": {"num_samples": 4, "neuron_group_size": 512, "reconstruct_samples": 16},
+    "shakespeare-smollm2": {"num_samples": 4, "max_length": 32, "neuron_group_size": 512, "reconstruct_samples": 16},
 }
 # Metrics on a free 2-core Space: the first 300 held-out examples (the table says how many), dense measured once;
 # a language model's evaluation windows are its recipe's, at most this many.
@@ -129,6 +129,14 @@ def default_loaders() -> dict[str, Loader]:
         return load
 
     return {name: loader(name) for name in DEFAULT_NAMES}
+
+
+def default_budgets() -> dict[str, float]:
+    """Each embedded default's MAC budget in its CLI recipe: the slider moves there when the default is picked."""
+    from optin_hf.tasks.defaults import DEFAULT_NAMES
+    from optin_hf.tasks.recipes import default_recipe
+
+    return {name: default_recipe(name).optin.mac_constraint for name in DEFAULT_NAMES}
 
 
 # ---- measurements (the application layer's, shown as the page's table) ------------------------
@@ -413,6 +421,8 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
     `settings`: OptinConfig fields other than the budget (default: SPACE_SETTINGS)."""
     app = SpaceApp(models or default_loaders(), {**SPACE_SETTINGS, **(settings or {})},
                    Path(tempfile.mkdtemp(prefix="optin-space-")))
+    budgets = {} if models else default_budgets()
+    first = next(iter(app.models))
     scoring_s = app.settings.get("max_scoring_time")
     with gr.Blocks(title="OPTIN pruning") as demo:
         gr.Markdown(
@@ -433,10 +443,9 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
         result_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=2):
-                model_choice = gr.Dropdown([*app.models, HUB_CHOICE], value=next(iter(app.models)), label="Model",
-                                           elem_id="model")
-                budget = gr.Slider(0.2, 1.0, value=0.6, step=0.05, label="MAC budget (fraction of the dense MACs to keep)",
-                                   elem_id="budget")
+                model_choice = gr.Dropdown([*app.models, HUB_CHOICE], value=first, label="Model", elem_id="model")
+                budget = gr.Slider(0.2, 1.0, value=budgets.get(first, 0.6), step=0.05,
+                                   label="MAC budget (fraction of the dense MACs to keep)", elem_id="budget")
                 prune_btn = gr.Button("Prune", variant="primary", elem_id="prune")
             with gr.Column(scale=3):
                 with gr.Accordion("Any Hub text or image classifier (BERT, RoBERTa, DistilBERT, ViT, DeiT; needs network)",
@@ -491,7 +500,7 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 task = app.task(key, loader)
                 budget_s = app.settings_for(task).get("max_scoring_time")
                 within = f", within about {budget_s:.0f} s" if budget_s else ""
-                progress(0.05, desc=f"Scoring heads and neurons (once per model{within})")
+                progress(0.05, desc=f"Scoring heads, neurons or channels (once per model{within})")
                 start = time.perf_counter()
                 result, cached, reused = app.prune(key, task, float(fraction))
                 slim_s = time.perf_counter() - start
@@ -599,6 +608,10 @@ def build_demo(models: dict[str, Loader] | None = None, settings: dict[str, Any]
                 return {push_msg: _error(err)}
             return {push_msg: f"Pushed to [{repo.strip()}]({getattr(info, 'commit_url', '') or repo.strip()})."}
 
+        def on_pick(choice):  # an embedded default's own budget; others keep the slider where it is
+            return gr.update(value=budgets[choice]) if choice in budgets else gr.update()
+
+        model_choice.change(on_pick, [model_choice], [budget])
         prune_btn.click(on_prune, [model_choice, budget, hub_id, hub_texts, hub_dataset, read_token],
                         {status, table, chart, result_state, text_box, image_box, label_box, sample_box, segmentation_box,
                          image, example, download, segmentation, text, dense_sample, pruned_sample})

@@ -140,6 +140,9 @@ def test_the_space_offers_every_embedded_default_with_its_recipe(tmp_path):
     demo = space.build_demo()
     menu = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model")
     assert [choice[0] for choice in menu.choices] == [*DEFAULT_NAMES, space.HUB_CHOICE]
+    for name in DEFAULT_NAMES:  # picking a default moves the slider to its recipe's budget
+        assert _handler(demo, "on_pick")(name)["value"] == default_recipe(name).optin.mac_constraint
+    assert "value" not in _handler(demo, "on_pick")(space.HUB_CHOICE)
     assert {"digits-resnet", "digit-scenes-segformer"} <= set(DEFAULT_NAMES)
     assert set(space.SPACE_LIGHTER) <= set(DEFAULT_NAMES)  # a stale name would lighten nothing
     app = space.SpaceApp(space.default_loaders(), dict(space.SPACE_SETTINGS), tmp_path)

@@ -1,6 +1,7 @@
 """Interchangeable importance criteria, looked up by `OptinConfig.importance` (`optin_hf.criteria`)."""
 
-from ..criteria import CRITERIA, criterion_from_config, register_criterion
+from ..config import OptinConfig
+from ..criteria import CRITERIA, register_criterion
 from .base import ConfiguredImportance, ImportanceCriterion
 from .fisher import FisherImportance
 from .flap import FlapImportance
@@ -9,6 +10,13 @@ from .optin import OptinImportance
 from .random import RandomImportance
 from .scores import SCORES_NAME, ImportanceScores
 from .wanda import WandaSpImportance
+
+
+def criterion_from_config(config: OptinConfig) -> ImportanceCriterion:
+    """The criterion `config.importance` names, built from the config's settings (here, above the criteria, so
+    the registry only names them and never calls into them)."""
+    return CRITERIA[config.importance].from_config(config)
+
 
 __all__ = [
     "CRITERIA",
