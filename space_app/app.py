@@ -48,13 +48,12 @@ HUB_TASKS = ("text-classification", "image-classification")
 # A Hub model runs these; an embedded default runs its CLI recipe's settings, each of SPACE_CAPS at most the Space's.
 SPACE_SETTINGS = {"num_samples": 64, "batch_size": 32, "max_length": 128, "max_scoring_time": 45.0, "reconstruct_samples": 128}
 SPACE_CAPS = ("max_scoring_time", "reconstruct_samples")
-# Defaults whose recipe still takes more than a press may (measured on one CPU thread: space_app/README.md) run these
-# instead; the status line names every setting that differs from the recipe.
+# Defaults whose recipe, capped, still takes more than a press may run these instead (SmolLM2: 123 CPU s on one thread
+# with 64-token windows, 104 s with these; benchmarks/RESULTS.md); the status line names every setting that differs.
 SPACE_LIGHTER: dict[str, dict[str, Any]] = {
-    "shakespeare-smollm2": {"num_samples": 4, "max_length": 32, "neuron_group_size": 512, "reconstruct_samples": 16},
+    "shakespeare-smollm2": {"num_samples": 4, "max_length": 32, "neuron_group_size": 512},
 }
-# Metrics on a free 2-core Space: the first 300 held-out examples (the table says how many), dense measured once;
-# a language model's evaluation windows are its recipe's, at most this many.
+# Metrics on a free 2-core Space: the first 300 held-out examples (the table says how many), dense measured once.
 SPACE_TEST_EXAMPLES = 300
 # A language model: at most this many of its held-out windows, and its tokens/s timed once after a warm-up (the
 # forward at batch 16 alone costs SmolLM2 seconds on a CPU).
