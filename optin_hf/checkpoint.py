@@ -58,7 +58,6 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from .arch import ADAPTERS, get_adapter
-from .arch.causal_lm import standard_config
 from .importance.scores import SCORES_NAME, ImportanceScores
 from .masks import MASKS_NAME, load_safetensors
 from .reconstruct import RECONSTRUCTION_NAME, save_reconstruction
@@ -342,7 +341,7 @@ def write_checkpoint(
     if not masks_only:
         # Our own key names: save_pretrained would rename keys to legacy checkpoint layouts.
         model.config.architectures = [type(model).__name__]  # the task head to rebuild
-        standard = standard_config(get_adapter(model.config), model.config, result.masks)  # a uniform slim LLM: plain transformers loads it
+        standard = get_adapter(model.config).standard_config(model.config, result.masks)  # a uniform slim LLM: plain transformers loads it
         if standard is None:
             save_model_config(model.config, folder)
         else:

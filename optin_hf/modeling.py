@@ -15,7 +15,6 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .arch import ArchAdapter, get_adapter
-from .arch.causal_lm import dense_config
 from .checkpoint import (
     MODEL_CONFIG_NAME, load_model_config, load_weights, restore_interrupted_save, weights_fingerprint
 )
@@ -77,7 +76,7 @@ def _load_slim_checkpoint(
     config = load_model_config(folder, source)  # refuses unsupported model types before anything is built
     masks = PruningMasks.load(folder / MASKS_NAME)
     adapter = get_adapter(config)
-    config = dense_config(adapter, config, masks)  # a uniform LLM's config.json holds the slim sizes: slim the dense one
+    config = adapter.dense_config(config, masks)  # a uniform LLM's config.json holds the slim sizes: slim the dense one
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     model = build_slim(config, masks, adapter)

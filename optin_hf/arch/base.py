@@ -420,6 +420,17 @@ class ArchAdapter:
             return None
         return num_patches(config, self.image_size(config, image_size)) + self.num_prefix_tokens
 
+    def standard_config(self, config, masks):
+        """The family's own config of the model that `masks` make of a dense `config`, when plain transformers
+        builds that slim model (a decoder LLM whose layers keep the same counts), else None: the checkpoint then
+        saves optin-hf's per-layer config."""
+        return None
+
+    def dense_config(self, config, masks):
+        """The dense config of a slim checkpoint's `config`: `config` itself, unless it is a `standard_config`,
+        whose sizes are the slim ones."""
+        return config
+
     def fixed_macs(self, model: nn.Module, image_size: ImageSize | None = None) -> int:
         """MACs of the encoder that no unit owns, so no budget can cut (the patch embedding), at `image_size`."""
         return self.patch_embedding_macs(model, image_size)

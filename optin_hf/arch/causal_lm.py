@@ -122,40 +122,30 @@ class CausalLMAdapter(ArchAdapter):
         return heads.pop(), neurons.pop()
 
     def standard_config(self, config, masks):
-        """The family's own config of the slim model when every layer keeps the same counts (None
-        otherwise): plain transformers builds that model at the slim shapes. Subclasses set the sizes."""
+        """Subclasses set the slim sizes when every layer keeps the same counts (`uniform_counts`)."""
         return None
 
     def dense_config(self, config, masks):
-        """The inverse of `standard_config`: the dense config that a standard slim `config` was made from by
-        `masks` (their widths are the dense counts). Subclasses set the sizes."""
+        if self.uniform_counts(masks) is None:
+            return config
+        try:
+            masks.check_fits(config, self)
+            return config
+        except ValueError:  # the masks' widths are the dense counts: `config` holds the slim sizes
+            dense = self.standard_dense_config(config, masks)
+        kept = self.uniform_counts(masks)
+        standard = all((g.heads, g.neurons) == kept for g in self.layer_geometry(config))
+        return dense if dense is not None and standard else config
+
+    def standard_dense_config(self, config, masks):
+        """The inverse of `standard_config`: the dense config a standard slim `config` was made from by `masks`
+        (their widths are the dense counts). Subclasses set the sizes."""
         return None
 
 
 def empty_input_safe(module: nn.Module) -> nn.Module:
     """`module`, or a Conv1D left with no input feature as one whose forward runs (`EmptyInputConv1D`)."""
     return EmptyInputConv1D.like(module) if isinstance(module, Conv1D) and module.nx == 0 else module
-
-
-def standard_config(adapter: ArchAdapter, config, masks):
-    """The standard config (slim sizes) of the model that `masks` make of a dense `config` (of `adapter`), or
-    None where the family has none or the layers differ: a checkpoint saved with it loads in plain transformers."""
-    return adapter.standard_config(config, masks) if isinstance(adapter, CausalLMAdapter) else None
-
-
-def dense_config(adapter: ArchAdapter, config, masks):
-    """The dense config of a slim checkpoint: `config` itself, unless it is the standard config of a uniform
-    slim model (`standard_config`), whose sizes are the slim ones; then the dense config it came from."""
-    if not isinstance(adapter, CausalLMAdapter) or adapter.uniform_counts(masks) is None:
-        return config
-    try:
-        masks.check_fits(config, adapter)
-        return config
-    except ValueError:
-        dense = adapter.dense_config(config, masks)
-    kept = adapter.uniform_counts(masks)
-    standard = all((g.heads, g.neurons) == kept for g in adapter.layer_geometry(config))
-    return dense if dense is not None and standard else config
 
 
 def with_sizes(config, **sizes):

@@ -73,7 +73,7 @@ class GPT2Adapter(CausalLMAdapter):
             return None
         return with_sizes(config, n_inner=counts[1])
 
-    def dense_config(self, config, masks):
+    def standard_dense_config(self, config, masks):
         return with_sizes(config, n_inner=masks.neuron_mask.shape[1])
 
 

@@ -93,7 +93,7 @@ class GroupedQueryAdapter(CausalLMAdapter):
         return with_sizes(config, num_attention_heads=groups * (heads // kv), num_key_value_heads=groups,
                          head_dim=head_dim, intermediate_size=neurons)
 
-    def dense_config(self, config, masks):
+    def standard_dense_config(self, config, masks):
         heads, kv, head_dim = self.sizes(config)
         groups = masks.head_mask.shape[1]
         return with_sizes(config, num_attention_heads=groups * (heads // kv), num_key_value_heads=groups,
