@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+from pathlib import Path
 from collections.abc import Callable
 
 import torch
@@ -28,6 +30,7 @@ from torch import nn
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf.arch import check_model, get_submodule
 from optin_hf.data import prepare_calibration
+from optin_hf.importance import ImportanceScores
 from optin_hf.masks import PruningMasks
 from optin_hf.reconstruct import batch_norms, reconstruct
 from optin_hf.slim import slim_model
@@ -95,6 +98,9 @@ def main() -> None:
     parser.add_argument("--criteria", nargs="+", default=["optin", "magnitude", "random"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.8, 0.6, 0.5])
     parser.add_argument("--repairs", nargs="+", choices=list(REPAIRS), default=["none", "batchnorm", "weights", "scales", "batchnorm+weights"])
+    parser.add_argument("--channels", nargs="+", choices=["off", "on"], default=["off"],
+                        help="prune_channels settings to compare (on: coupled residual channels too; the refits refuse it)")
+    parser.add_argument("--scores-dir", help="a folder keeping each fold's scores, read back by later runs (no re-scoring)")
     args = parser.parse_args()
     task = load_default("digits-resnet")
     calibration = task.calibration
@@ -102,26 +108,38 @@ def main() -> None:
     folds = [(halves[0], halves[1]), (halves[1], halves[0])]  # (scored and repaired on, judged on)
     dense_correct = sum(split_accuracy(task.model, dev, None) * len(dev) for _, dev in folds)
     print(f"dense dev accuracy {dense_correct / len(calibration):.3f} ({len(calibration)} images, two folds)")
-    print("| criterion | budget | " + " | ".join(args.repairs) + " |\n|---|---|" + "---|" * len(args.repairs))
+    print("| criterion | channels | budget | " + " | ".join(args.repairs) + " |\n|---|---|---|" + "---|" * len(args.repairs))
     for criterion in args.criteria:
         base = dict(num_samples=64, neuron_group_size=1, neurons_multiple_of=1, importance=criterion, reconstruct="none", seed=0)
-        correct = {(budget, name): 0.0 for budget in args.budgets for name in args.repairs}
-        for fit, dev in folds:
+        correct = {(channels, budget, name): 0.0 for channels in args.channels for budget in args.budgets for name in args.repairs}
+        for fold, (fit, dev) in enumerate(folds):
             batches = prepare_calibration(fit, None, num_samples=len(fit), batch_size=32, max_length=128)
-            pruner = OptinPruner(OptinConfig(**base))
-            scores = pruner.compute_scores(task.model, fit.select(range(64)))
-            for budget in args.budgets:
-                config = OptinConfig(**{**base, "mac_constraint": budget, "seq_len": pruner.seq_len})
-                masks = OptinPruner(config).compute_masks(task.model, scores=scores)
+            # scored once (with the channels when any row prunes them): the heads' and neurons' scores do not depend on it
+            pruner = OptinPruner(OptinConfig(**base, prune_channels="on" in args.channels))
+            cached = args.scores_dir and Path(args.scores_dir) / f"{criterion}-fold{fold}.safetensors"
+            if cached and cached.is_file():
+                scores = ImportanceScores.load(cached)
+            else:
+                scores = pruner.compute_scores(task.model, fit.select(range(64)))
+                if cached:
+                    scores.save(cached)
+            for channels, budget in [(ch, b) for ch in args.channels for b in args.budgets]:
+                # with channels the residual share is judged by the BatchNorm-repaired model on this fold's images
+                config = OptinConfig(**{**base, "mac_constraint": budget, "prune_channels": channels == "on",
+                                        "reconstruct": "batchnorm" if channels == "on" else "none"})
+                masks = OptinPruner(config).compute_masks(  # the images also say the size the MACs are counted at
+                    task.model, fit, scores=scores if channels == "on" else dataclasses.replace(scores, channel_scores=None))
                 for name in args.repairs:
+                    if channels == "on" and name in ("weights", "scales", "batchnorm+weights", "bias correction"):
+                        continue  # these refit or correct at the dense residual widths
                     model = slim_model(copy.deepcopy(task.model), masks).eval()
                     if REPAIRS[name] is not None:
                         REPAIRS[name](model, task.model, masks, batches)
-                    correct[budget, name] += split_accuracy(model, dev, None) * len(dev)
-        for budget in args.budgets:
-            accs = [correct[budget, name] / len(calibration) for name in args.repairs]
-            print(f"| {criterion} | {budget} | " + " | ".join(f"{a:.3f}" for a in accs) + " |", flush=True)
-
+                    correct[channels, budget, name] += split_accuracy(model, dev, None) * len(dev)
+        for channels, budget in [(ch, b) for ch in args.channels for b in args.budgets]:
+            accs = [correct[channels, budget, name] / len(calibration) for name in args.repairs]
+            cells = [f"{a:.3f}" if a else "-" for a in accs]
+            print(f"| {criterion} | {channels} | {budget} | " + " | ".join(cells) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

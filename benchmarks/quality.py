@@ -8,7 +8,7 @@ Prints one table with the wall time of the slowest budget (scoring + slimming + 
 
     python benchmarks/quality.py [--defaults bbc-news tweet-sentiment digits-vit digits-resnet digit-scenes-segformer]
         [--budgets 0.8 0.6 0.5]
-        [--criteria optin fisher magnitude random]
+        [--criteria optin fisher magnitude random] [--repairs none weights scales batchnorm] [--selections scores refit] [--steps 1 2]
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def main() -> None:
     parser.add_argument("--defaults", nargs="+", default=list(DEFAULT_RECIPES))
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.8, 0.6, 0.5])
     parser.add_argument("--criteria", nargs="+", default=["optin", "fisher", "magnitude", "random"])
+    parser.add_argument("--repairs", nargs="+", default=["none", "weights", "scales", "batchnorm"],
+                        help="the reconstruction modes whose rows run (a family's undeclared ones are skipped anyway)")
+    parser.add_argument("--selections", nargs="+", default=["scores"], choices=["scores", "refit"],
+                        help="OptinConfig.selection of each refit row: refit adds a 'refit-selected' row (same counts)")
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 2], help="the prune_steps whose rows run")
     parser.add_argument("--reconstruct-samples", type=int, default=256)
     args = parser.parse_args()
     rows = []
@@ -60,24 +65,33 @@ def main() -> None:
         base = {**recipe.to_dict(), "reconstruct_samples": args.reconstruct_samples}
         dense = held_out_metric(task, task.model)
         scores, scoring_s, seq_len = {}, {}, None
-        for criterion, mode, steps in [r for r in ROWS if r[0] in args.criteria and (r[1] == "none" or repairs(task.model, r[1]))]:
+        runs = [r for r in ROWS if r[0] in args.criteria and r[1] in args.repairs and r[2] in args.steps
+                and (r[1] == "none" or repairs(task.model, r[1]))]
+        for criterion, mode, steps, selection in [(*r, sel) for r in runs for sel in args.selections
+                                                  if sel == "scores" or r[1] in ("weights", "scales")]:
             if criterion not in scores:
                 pruner = OptinPruner(OptinConfig.from_dict({**base, "importance": criterion}))
                 start = time.perf_counter()
                 scores[criterion] = pruner.compute_scores(task.model, task.calibration, tokenizer=task.processor)
                 scoring_s[criterion], seq_len = time.perf_counter() - start, pruner.seq_len
             accs, seconds = [], []
+            # a recipe's allocation="refit" needs a refit and one step: the other rows allocate by the scores
+            allocation = base["allocation"] if mode in ("weights", "scales") and steps == 1 else "scores"
             for budget in args.budgets:
-                settings = {**base, "importance": criterion, "mac_constraint": budget, "seq_len": seq_len, "reconstruct": mode, "prune_steps": steps}
+                settings = {**base, "importance": criterion, "mac_constraint": budget, "seq_len": seq_len, "reconstruct": mode, "prune_steps": steps,
+                            "selection": selection, "allocation": allocation}
                 pruner = OptinPruner(OptinConfig.from_dict(settings))
                 model = copy.deepcopy(task.model)
                 start = time.perf_counter()
                 # One step re-allocates the shared scores; more steps re-score the repaired model between them.
-                masks = pruner.compute_masks(model, scores=scores[criterion]) if steps == 1 else None
-                pruner.prune_model(model, task.calibration, masks=masks, tokenizer=task.processor)
+                masks = pruner.compute_masks(model, task.calibration, scores=scores[criterion], tokenizer=task.processor) if steps == 1 else None
+                # selection="refit" re-chooses the units of masks the pruner allocates itself (here from the scores it holds)
+                pruner.prune_model(model, task.calibration, masks=masks if selection == "scores" else None, tokenizer=task.processor)
                 seconds.append(time.perf_counter() - start + (scoring_s[criterion] if steps == 1 else 0.0))
                 accs.append(held_out_metric(task, model))
             label = criterion + ("" if mode == "none" else f" + {mode}") + ("" if steps == 1 else f", {steps} steps")
+            label += ", refit-selected" if selection == "refit" else ""
+            label += ", refit-allocated" if allocation == "refit" else ""
             rows.append((name, label, dense, accs, max(seconds)))
             print(f"{name:16} {label:28} dense {dense:.3f} " + " ".join(f"@{b}: {a:.3f}" for b, a in zip(args.budgets, accs))
                   + f"  prune <= {max(seconds):.0f} s", flush=True)

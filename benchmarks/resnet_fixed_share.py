@@ -9,9 +9,11 @@ plus the stem, num_channels·49·E·S (E stem channels on S positions). Today th
 fixed and C_in, C_out never shrink. With coupled channels a stage keeps a share ρ of its width (and the stem of
 its E), so the stem costs ρ·stem, a shortcut ρ²·C_in·C_out·P, and the 1x1 convs ρ·r·(...) at an inner share r.
 
-Printed per model: its MACs, today's fixed share (checked against `ArchAdapter.fixed_macs`), and for each
-budget the uniform inner share r that reaches it today (none where the fixed share alone exceeds it), and the
-uniform share r = ρ of every unit with stage channels.
+Printed per model: its MACs, the fixed share without channel pruning (checked against `ArchAdapter.fixed_macs`),
+the fixed share with `prune_channels=True` at a uniform ρ = 0.5 and at one channel per group (the least the
+stem and shortcuts can cost, `ResNetAdapter.fixed_macs_at`), and for each budget the uniform inner share r that
+reaches it without channels (none where the fixed share alone exceeds it), and the uniform share r = ρ of every
+unit with them.
 
     PYTHONPATH=. python benchmarks/resnet_fixed_share.py [--budgets 0.8 0.6 0.5 0.3]
 """
@@ -61,19 +63,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.8, 0.6, 0.5, 0.3])
     args = parser.parse_args()
-    print("| model | MACs | fixed today | " + " | ".join(f"r at {b} today / coupled" for b in args.budgets) + " |")
-    print("|---|---|---|" + "---|" * len(args.budgets))
+    print("| model | MACs | fixed, no channels | fixed at ρ = 0.5 | fixed at 1 channel/group | "
+          + " | ".join(f"r at {b} without / with channels" for b in args.budgets) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(args.budgets))
     for name, config, size in MODELS:
         model = ResNetForImageClassification(config).eval()
         dense = macs(config, size, 1.0, 1.0)
         counted = count_macs(model, image_size=size)
         assert abs(counted - dense) < 1e-6 * dense, (counted, dense)  # the formula is what count_macs counts
-        fixed = check_model(model).fixed_macs(model, (size, size))
+        adapter = check_model(model)
+        fixed = adapter.fixed_macs(model, (size, size))
+        widths = adapter.channel_widths(config)
+        half = adapter.fixed_macs_at(config, (size, size), tuple(w // 2 for w in widths))
+        least = adapter.fixed_macs_at(config, (size, size), (1,) * len(widths))
         cells = []
         for budget in args.budgets:
             today, coupled = share_for(budget, config, size, False), share_for(budget, config, size, True)
             cells.append(f"{'out of reach' if today is None else f'{today:.2f}'} / {coupled:.2f}")
-        print(f"| {name} | {dense / 1e6:.1f} M | {fixed / dense:.1%} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {dense / 1e6:.1f} M | {fixed / dense:.1%} | {half / dense:.1%} | {least / dense:.2%} | "
+              + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

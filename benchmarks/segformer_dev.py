@@ -5,9 +5,14 @@ halves: development calibration scenes are made of one half, development evaluat
 other, so settings are chosen on handwriting that neither the model's training nor the test split
 holds, and the development calibration never shares a digit with what it is judged on. Each
 variant (OptinConfig settings over the recipe's) scores once per calibration draw (a seeded
-shuffle, as the CLI draws) and is allocated, slimmed and refit at every budget.
+shuffle, as the CLI draws) and is allocated, slimmed and refit at every budget; with
+`allocation: refit` the refit cuts are measured once per draw and every budget allocated from them
+(as `OptinPruner` does for one budget).
 
-    python benchmarks/segformer_dev.py [--budgets 0.6 0.5] [--draws 0 1 2] [--variants recipe ...]
+`--split test` runs the same on the default's own calibration and test splits (the figures RESULTS
+reports, once the settings are chosen here on the development split).
+
+    python benchmarks/segformer_dev.py [--budgets 0.6 0.5] [--draws 0 1 2] [--variant label=JSON ...] [--split test]
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import json
 import time
 
 from optin_hf import OptinConfig, OptinPruner
+from optin_hf.arch import check_model
+from optin_hf.macs import CostModel
+from optin_hf.refit_allocation import allocate_cuts, measure_cuts, unit_orders
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA
 from optin_hf.tasks.defaults.registry import RECIPES
@@ -39,17 +47,34 @@ def development_splits(calibration_scenes: int = 128, evaluation_scenes: int = 3
             scene_dataset(corpus.images, corpus.digits, pool[half:], evaluation_scenes, DEV_SEEDS[1]))
 
 
+def refit_counts(pruner: OptinPruner, model, scores, data):
+    """`allocation="refit"` for every budget from one measurement: a function budget -> masks."""
+    adapter, c = check_model(model), pruner.config
+    costs = CostModel.of(model, adapter, pruner.image_size)
+    orders = unit_orders(scores.head_scores, scores.neuron_scores, costs.units)
+    batches = pruner._reconstruction_batches(model, adapter, data, None)
+    reconstruct = c.reconstruct if c.reconstruct != "auto" else adapter.capabilities.auto_repair()
+    cuts = measure_cuts(model, adapter, orders, costs.units, batches, reconstruct, c.reconstruct_ridge,
+                        prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of)
+    at = costs.at(costs.uniform(pruner.seq_len))
+    return lambda budget: allocate_cuts(copy.deepcopy(cuts), orders, at, costs.units, budget * costs.dense(pruner.seq_len))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.5])
     parser.add_argument("--draws", nargs="+", type=int, default=[0, 1, 2], help="calibration shuffle seeds")
     parser.add_argument("--variant", action="append", default=[], help='label=JSON settings, e.g. \'kl={"num_samples": 64}\'')
     parser.add_argument("--calibration-scenes", type=int, default=128)
+    parser.add_argument("--split", choices=["development", "test"], default="development")
     args = parser.parse_args()
     task = load_default(NAME)
-    calibration, evaluation = development_splits(args.calibration_scenes)
+    if args.split == "test":
+        calibration, evaluation = task.calibration, task.test
+    else:
+        calibration, evaluation = development_splits(args.calibration_scenes)
     dense = mean_iou_on(task.model, evaluation)
-    print(f"development: {len(calibration)} calibration scenes, {len(evaluation)} evaluation scenes; dense mIoU {dense:.3f}", flush=True)
+    print(f"{args.split}: {len(calibration)} calibration scenes, {len(evaluation)} evaluation scenes; dense mIoU {dense:.3f}", flush=True)
     recipe = default_recipe(NAME).optin.to_dict()
     for text in args.variant or ["recipe={}"]:
         label, settings = text.split("=", 1)
@@ -59,12 +84,16 @@ def main() -> None:
             scorer = OptinPruner(OptinConfig.from_dict(base))
             # one step: every budget is allocated from the same scores (as benchmarks/quality.py does)
             scores = scorer.compute_scores(task.model, data) if base.get("prune_steps", 1) == 1 else None
+            counts = refit_counts(scorer, task.model, scores, data) if base.get("allocation") == "refit" else None
             cells = []
             for budget in args.budgets:
                 model = copy.deepcopy(task.model)
                 pruner = OptinPruner(OptinConfig.from_dict({**base, "mac_constraint": budget, "seq_len": scorer.seq_len}))
                 start = time.perf_counter()
-                masks = pruner.compute_masks(model, scores=scores) if scores is not None else None
+                if counts is not None:
+                    masks = counts(budget)
+                else:
+                    masks = pruner.compute_masks(model, scores=scores) if scores is not None else None
                 pruner.prune_model(model, data, masks=masks)
                 seconds = time.perf_counter() - start
                 miou = mean_iou_on(model, evaluation)

@@ -21,6 +21,8 @@ CONFIG_NAME = "optin_config.json"
 ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 RECONSTRUCT_MODES = ("auto", "weights", "scales", "batchnorm", "none")
+SELECTIONS = ("scores", "refit")  # which units a layer drops, given how many (`selection`)
+ALLOCATIONS = ("scores", "refit")  # how many units each layer keeps (`allocation`)
 SCALE_RANGE = (1e-100, 1e100)  # temperature, lambda_contribution: their float64 products stay finite
 INT64 = 2**63  # integer settings reach torch (seeds, sizes, counts) as int64
 
@@ -38,6 +40,9 @@ class OptinConfig:
     `neurons_multiple_of=8` makes every layer keep a multiple of 8 neurons (or all): matmul
     kernels run such widths much faster per column, so the slim model's speed follows its MACs;
     1 keeps the exact best neurons.
+    `prune_channels=True` (ResNet) also prunes each stage's residual width: a channel tied by the residual adds
+    (the block outputs, the shortcut convs, the next stage's input; the stem's with the first stage's) goes in
+    every one of them at once, scored by the masked run that zeroes it in them all (`optin_hf.channel_search`).
     `uniform_layers=True` makes every layer keep the same number of heads (KV groups) and FFN neurons,
     the best common counts under the budget: a decoder LLM's slim checkpoint is then its family's
     standard config, which plain transformers (and serving engines with no per-layer sizes) load.
@@ -64,6 +69,15 @@ class OptinConfig:
     running means of the slim model instead; "none" keeps the base weights of the kept units.
     `prune_steps=k` makes the search see the repair: each step removes 1/k of the MAC cut,
     reconstructs, and re-scores the remaining units on the repaired model (k scoring runs).
+    `selection` says which units each layer drops, the allocation having said how many: "scores" (the default)
+    the worst-scored; "refit" those whose removal the refit repairs best, chosen greedily by the error left
+    after refitting the rest (the OBS / Schur-complement update on the dense model's calibration Grams,
+    `optin_hf.refit_selection`). "refit" needs a refit repair (`reconstruct="weights"` or "scales"; "auto"
+    then picks one) and applies to masks the pruner allocates, not to masks given to `prune_model`.
+    `allocation` says how many units each layer keeps: "scores" (the default) the budget search over the
+    importance scores; "refit" by the loss left after the refit, each layer's heads and neurons cut alone to a
+    few depths, refit and measured on the calibration data (`optin_hf.refit_allocation`: layers x kinds x 4
+    slim-and-refit runs, for small models whose refit repairs some layers far better than others).
 
     `prune_tokens=True` is the reference's vision "tau" mode: heads and neurons take
     `token_cut_share` of the MAC cut and a per-layer token schedule (run by token merging)
@@ -84,6 +98,7 @@ class OptinConfig:
     mac_constraint: float = 0.6
     prune_heads: bool = True
     prune_neurons: bool = True
+    prune_channels: bool = False
     num_samples: int = 128
     batch_size: int = 32
     max_length: int = 128
@@ -112,6 +127,8 @@ class OptinConfig:
     reconstruct_samples: int = 256
     reconstruct_ridge: float = 1e-3
     prune_steps: int = 1
+    selection: str = "scores"
+    allocation: str = "scores"
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     base_model_class: str | None = None
@@ -129,6 +146,11 @@ class OptinConfig:
             )
         if not (self.prune_heads or self.prune_neurons):
             raise ValueError("prune_heads and prune_neurons are both False: nothing would be pruned; enable one.")
+        if self.prune_channels and (self.prune_tokens or self.uniform_layers or self.prune_steps > 1):
+            raise ValueError(
+                "prune_channels=True prunes residual widths in one step, which token mode, uniform_layers and prune_steps "
+                "do not: set prune_channels=False, or prune_tokens=False, uniform_layers=False and prune_steps=1."
+            )
         for name in ("num_samples", "batch_size", "max_length", "md_tokens", "neuron_group_size", "neurons_multiple_of", "reconstruct_samples", "prune_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
@@ -172,6 +194,20 @@ class OptinConfig:
             raise ValueError(f"prune_steps={self.prune_steps} re-scores a refit model between steps, which reconstruct='batchnorm' does not give: set prune_steps=1.")
         if self.prune_steps > 1 and self.reconstruct == "none":
             raise ValueError(f"prune_steps={self.prune_steps} re-scores a reconstructed model between steps: set reconstruct='weights' (or 'scales'), or prune_steps=1.")
+        for name, choices, what in (("selection", SELECTIONS, "chooses units"), ("allocation", ALLOCATIONS, "counts units")):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is unknown; choose one of {list(choices)}.")
+            if value == "refit" and self.reconstruct in ("batchnorm", "none"):
+                raise ValueError(
+                    f"{name}='refit' {what} by the loss left after the refit, which reconstruct={self.reconstruct!r} does not "
+                    f"run: set reconstruct='weights' (or 'scales', or 'auto'), or {name}='scores'."
+                )
+        if self.allocation == "refit" and (self.prune_tokens or self.uniform_layers or self.prune_steps > 1 or self.prune_channels):
+            raise ValueError(
+                "allocation='refit' counts heads and neurons per layer in one step, which prune_tokens, uniform_layers, "
+                "prune_steps > 1 and prune_channels do not: set allocation='scores', or turn those off."
+            )
         if not self.reconstruct_ridge >= 0.0:
             raise ValueError(f"reconstruct_ridge={self.reconstruct_ridge} must be a finite number >= 0 (relative to the Gram's mean diagonal).")
         if self.seq_len is not None and self.seq_len <= 0:

@@ -21,6 +21,11 @@ BUILTIN_CRITERIA = {
     "wanda_sp": "optin_hf.importance.wanda:WandaSpImportance",
 }
 
+# importance="auto" is no criterion: the pruner tries the searched criteria and keeps the recipe whose pruned model
+# stays closest to the dense one on held-out calibration examples (`optin_hf.recipe_search`). It is registered beside
+# the criteria, so that configs accept the name and its settings (`importance_options`), and is not a built-in one.
+AUTO_IMPORTANCE = "auto"
+
 T = TypeVar("T", bound=type)
 
 
@@ -59,7 +64,7 @@ class CriterionRegistry(Mapping):
         self._entries[name] = criterion
 
 
-CRITERIA = CriterionRegistry(BUILTIN_CRITERIA)
+CRITERIA = CriterionRegistry({**BUILTIN_CRITERIA, AUTO_IMPORTANCE: "optin_hf.recipe_search:RecipeSearch"})
 
 
 def register_criterion(name: str, criterion: T | None = None) -> Any:

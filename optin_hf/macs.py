@@ -11,7 +11,9 @@ sequence length s, hidden d, head size dh: 3*s*d*dh (q, k, v) + 2*s*s*dh (scores
 counted; a vision model's patch embedding is, and so is all an adapter's `fixed_macs` gives
 (Swin: also its patch-merging reductions; CNNs: the stem and every conv no unit owns). Where one
 kind of unit feeds the other (a ResNet bottleneck's 3x3 conv reads the reduce channels and
-writes the mid channels) each kept pair adds `ArchAdapter.pair_macs`. A layer that keeps no head
+writes the mid channels) each kept pair adds `ArchAdapter.pair_macs`. Where residual channels are pruned
+too (`OptinConfig.prune_channels`, ResNet), the formulas and the fixed MACs take the residual widths kept
+(`channels=`): a block's reduce-conv channel reads its input width, its shortcut conv costs in x out. A layer that keeps no head
 saves its shared attention (`ArchAdapter.shared_attention_macs`, SegFormer's reduction conv).
 
 A vision model is counted at one image size (`ImageSize`, height x width): the calibration
@@ -120,7 +122,8 @@ class CostModel:
     Built once per model (`CostModel.of`); a bare config (`CostModel(adapter, config)`) counts no
     fixed MACs and no model. `fixed` is what no unit owns as the model runs (`ArchAdapter.fixed_macs`);
     `kept` the heads and neurons each of its layers runs; `schedule` the token schedule it runs;
-    `image_size` the (height, width) a vision model is counted at (None: text, or the config's).
+    `image_size` the (height, width) a vision model is counted at (None: text, or the config's); `channels` the
+    residual width of each channel group the model runs (`ArchAdapter.kept_channels`), None for a family without.
     """
 
     adapter: ArchAdapter
@@ -129,6 +132,7 @@ class CostModel:
     kept: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     schedule: tuple[int, ...] | None = None
     image_size: ImageSize | None = None
+    channels: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, model: nn.Module, adapter: ArchAdapter | None = None, image_size: Sequence[int] | int | None = None) -> CostModel:
@@ -143,23 +147,28 @@ class CostModel:
         kept = tuple(adapter.kept_heads(layer, config) for layer in layers), tuple(adapter.kept_neurons(layer) for layer in layers)
         schedule = installed_schedule(model)
         fixed = float(adapter.fixed_macs(model, size))
-        return cls(adapter, config, fixed, kept, None if schedule is None else tuple(schedule), size)
+        channels = tuple(adapter.kept_channels(model)) if adapter.supports("channels") else None
+        return cls(adapter, config, fixed, kept, None if schedule is None else tuple(schedule), size, channels)
 
     @property
     def units(self) -> PruningMasks:
         """Every head and neuron of the dense model."""
         return PruningMasks.full(self.config, self.adapter)
 
-    def at(self, schedule: Sequence[float]) -> MacCosts:
-        """The costs when layer i holds schedule[i] tokens (token matching between layers included)."""
+    def at(self, schedule: Sequence[float], channels: Sequence[int] | None = None) -> MacCosts:
+        """The costs when layer i holds schedule[i] tokens (token matching between layers included), with the
+        residual widths `channels` (default: the counted model's own)."""
         a, config = self.adapter, self.config
         # Only a vision model's formulas take the image size: a text family's keep (seq_len, config, layer).
         sized = {} if self.image_size is None else {"image_size": self.image_size}
+        widths = self.channels if channels is None else tuple(channels)
+        if widths is not None:  # only a family with channel groups takes them
+            sized["channels"] = widths
         per_layer = lambda formula: torch.tensor(  # noqa: E731
             [formula(s, config, i, **sized) for i, s in enumerate(schedule)], dtype=torch.float64
         )
         shared = per_layer(a.shared_attention_macs)
-        fixed = self.fixed
+        fixed = self.fixed if widths == self.channels else float(a.fixed_macs_at(config, self.image_size, widths))
         if self.kept is not None:  # a layer of the counted model that keeps no head runs no shared attention
             fixed += sum(float(s) for s, heads in zip(shared.tolist(), self.kept[0]) if heads == 0)
         if len(set(schedule)) > 1:
@@ -182,7 +191,13 @@ class CostModel:
     def masked(self, masks: PruningMasks, seq_len: float | None = None) -> float:
         """MACs of the units `masks` keep, at their token schedule or else at `seq_len` tokens."""
         schedule = masks.tokens_per_layer()
-        return self.at(schedule if schedule is not None else self.uniform(seq_len)).masked(masks)
+        return self.at(schedule if schedule is not None else self.uniform(seq_len), self.kept_widths(masks)).masked(masks)
+
+    def kept_widths(self, masks: PruningMasks) -> tuple[int, ...] | None:
+        """The residual widths `masks` keep (every channel where they prune none); None for a family without."""
+        if not self.adapter.supports("channels"):
+            return None
+        return masks.channels_per_group(self.adapter.channel_widths(self.config))
 
     def model_macs(self, seq_len: float | None = None, token_schedule: Sequence[int] | None = None) -> float:
         """MACs of the model as it is (see `count_macs`)."""

@@ -60,7 +60,9 @@ class PruningMasks:
     None when no tokens are merged. head_counts / neuron_counts: int64 [num_layers], the heads
     and neurons each layer has when layers differ (Swin's stages); the masks are as wide as the
     widest layer, and a layer's units from its count on are padding, never kept. None: every
-    layer has the masks' full width.
+    layer has the masks' full width. channel_mask: bool [channels of every group, group after group], the
+    residual channels kept where they are pruned too (`OptinConfig.prune_channels`; the groups' widths are
+    `ArchAdapter.channel_widths`), or None: every residual channel kept.
     """
 
     head_mask: torch.Tensor
@@ -68,6 +70,7 @@ class PruningMasks:
     token_schedule: torch.Tensor | None = None
     head_counts: torch.Tensor | None = None
     neuron_counts: torch.Tensor | None = None
+    channel_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.head_mask = _bool_mask("head_mask", self.head_mask)
@@ -96,6 +99,10 @@ class PruningMasks:
                     "a unit past a layer's count is padding and cannot be kept."
                 )
             setattr(self, f"{kind}_counts", counts)
+        if self.channel_mask is not None:
+            self.channel_mask = _bool_mask("channel_mask", self.channel_mask)
+            if self.channel_mask.dim() != 1:
+                raise ValueError(f"channel_mask must be 1-D (every group's channels in turn); got {tuple(self.channel_mask.shape)}.")
         if self.token_schedule is not None:
             self.token_schedule = torch.as_tensor(self.token_schedule).to(torch.int64).cpu()
             if self.token_schedule.shape != (self.num_layers,):
@@ -112,6 +119,15 @@ class PruningMasks:
 
     def neurons_per_layer(self) -> list[int]:
         return self.neuron_mask.sum(1).tolist()
+
+    def channel_keeps(self, widths: tuple[int, ...]) -> list[torch.Tensor]:
+        """The kept residual channels of each group of `widths` (`ArchAdapter.channel_widths`), as indices."""
+        if self.channel_mask is None:
+            return [torch.arange(width) for width in widths]
+        return [part.nonzero().flatten() for part in self.channel_mask.split(list(widths))]
+
+    def channels_per_group(self, widths: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(len(keep) for keep in self.channel_keeps(widths))
 
     def present(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Which heads and neurons the dense model has (bool, the masks' shapes): all but the padding."""
@@ -157,6 +173,18 @@ class PruningMasks:
                     f"Masks do not fit this model: its layers have {needed.sum(1).tolist()} {kind}s, the masks were "
                     f"made for {mine.sum(1).tolist()}. Were they computed for another base model?"
                 )
+        if self.channel_mask is not None:
+            if not adapter.supports("channels"):
+                raise ValueError(f"These masks prune residual channels, which a {config.model_type} model has none of.")
+            widths = adapter.channel_widths(config)
+            if len(self.channel_mask) != sum(widths):
+                raise ValueError(
+                    f"Masks do not fit this model: channel_mask has {len(self.channel_mask)} channels, the model's "
+                    f"residual groups have {list(widths)}. Were they computed for another base model?"
+                )
+            if 0 in self.channels_per_group(widths):
+                raise ValueError(f"channel_mask keeps {list(self.channels_per_group(widths))} channels of the groups "
+                                 f"{list(widths)}: every group keeps at least one.")
         if self.token_schedule is not None:
             tokens, prefix = adapter.default_seq_len(config), adapter.num_prefix_tokens
             if tokens is None:
@@ -175,6 +203,8 @@ class PruningMasks:
         for name in ("token_schedule", "head_counts", "neuron_counts"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
+        if self.channel_mask is not None:
+            tensors["channel_mask"] = self.channel_mask.to(torch.uint8)
         save_file(tensors, str(path), metadata={"format": "optin-masks-v1"})
 
     @classmethod
@@ -189,4 +219,5 @@ class PruningMasks:
             tensors.get("token_schedule"),
             tensors.get("head_counts"),
             tensors.get("neuron_counts"),
+            tensors.get("channel_mask"),
         )

@@ -19,15 +19,20 @@ from .allocate import allocate, allocate_uniform, allocate_with_tokens, rearrang
 from .arch import ArchAdapter, check_model, require
 from .checkpoint import MAX_SHARD_SIZE, save_pruned
 from .config import OptinConfig
+from .criteria import AUTO_IMPORTANCE
 from .data import average_length, check_inputs, image_size_of, prepare_calibration, replayable
 from .engine.distributed import process_state
 from .engine.estimate import ScoringPlan, layer_units, plan_scoring, scoring_cost, time_dense, token_counts
 from .engine.run import engine_for, precision
+from .engine.streaming import check_streaming
 from .hub import CardMetrics, push_to_hub
 from .importance import CRITERIA, ImportanceScores, criterion_from_config
 from .macs import CostModel
+from .channel_search import Judge, allocate_with_channels, channel_judge, least_widths
 from .masks import PruningMasks, check_masks
 from .reconstruct import Reconstruction, reconstruct, unslim
+from .refit_allocation import allocate_by_refit
+from .refit_selection import select_by_refit
 from .result import PruningResult, attach_result, pruning_result, result_of_pruning
 from .slim import slim_model
 
@@ -89,6 +94,7 @@ class OptinPruner:
         adapter = check_model(model)
         self._resolve_repair(model, adapter)
         self._refuse(model, adapter, repair)
+        check_streaming(model, adapter, self.config, repair)  # offloaded decoder layers: what streaming cannot run
         return adapter
 
     def _resolve_repair(self, model: nn.Module, adapter: ArchAdapter) -> None:
@@ -97,7 +103,12 @@ class OptinPruner:
         c = self.config
         if c.reconstruct != "auto":
             return
-        mode = adapter.capabilities.auto_repair(refit=c.prune_steps > 1)
+        mode = adapter.capabilities.auto_repair(refit=c.prune_steps > 1 or c.selection == "refit")
+        if c.selection == "refit" and mode == "none":
+            raise ValueError(
+                f"selection='refit' chooses units by the error left after the refit, and the {model.config.model_type} adapter "
+                f"declares no refit (it supports: {', '.join(adapter.capabilities.supported())}): set selection='scores'."
+            )
         if c.prune_steps > 1 and mode == "none":
             raise ValueError(
                 f"prune_steps={c.prune_steps} re-scores a refit model between steps, and the {model.config.model_type} adapter "
@@ -112,6 +123,15 @@ class OptinPruner:
         c, model_type = self.config, model.config.model_type
         if c.prune_tokens:
             require(adapter, "tokens", model_type)
+        if c.prune_channels:
+            require(adapter, "channels", model_type)
+            if c.reconstruct in ("weights", "scales"):
+                raise ValueError(f"reconstruct={c.reconstruct!r} refits to the dense model's full residual widths, which "
+                                 "prune_channels=True cuts: use reconstruct='batchnorm' (or 'none'), or prune_channels=False.")
+            if not getattr(CRITERIA[c.importance], "scores_channels", False):
+                scoring = [name for name in CRITERIA if getattr(CRITERIA[name], "scores_channels", False)]
+                raise ValueError(f"prune_channels=True needs residual channel scores, and importance={c.importance!r} "
+                                 f"gives none: use importance={' or '.join(map(repr, scoring))}, or prune_channels=False.")
         for kind, with_other in (("heads", c.prune_neurons), ("neurons", c.prune_heads)):
             if not with_other:  # this kind alone is asked for: the family must have it
                 require(adapter, kind, model_type)
@@ -134,6 +154,8 @@ class OptinPruner:
             return  # a text model with neither data nor seq_len: `_allocate` asks for the length
         at = costs.at(costs.uniform(seq_len))
         dense = at.masked(costs.units)
+        if c.prune_channels:  # the least is at the narrowest residual widths the search tries
+            at = costs.at(costs.uniform(seq_len), least_widths(costs.channels))
         floor = {adapter.fixed_parts: at.fixed}
         kept_whole: list[str] = []  # settings that would let the search cut a kind it now keeps whole
         if not c.prune_tokens:
@@ -173,6 +195,11 @@ class OptinPruner:
 
     def _scores(self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer) -> ImportanceScores:
         """`compute_scores` of a model whose adapter the caller checked."""
+        if self.config.importance == AUTO_IMPORTANCE:
+            raise ValueError(
+                "importance='auto' chooses its criterion by pruning with each candidate: call prune_model(model, data) to run "
+                "that search, or name a criterion (e.g. importance='optin') to compute scores or masks."
+            )
         data = replayable(data)  # the plan may read it again
         criterion = criterion_from_config(self.config)
         labels = getattr(criterion, "needs_labels", False)
@@ -244,8 +271,35 @@ class OptinPruner:
             scores = self.scores
         elif data is not None and (self.config.seq_len is None or (adapter.is_vision and self.config.image_size is None)):
             self._batches(model, adapter, data, tokenizer)
-        self.masks = self._allocate(model, adapter, scores, self.config.mac_constraint)
+        judge = None
+        if self.config.prune_channels:  # the residual share is judged on calibration data (`channel_search`)
+            if data is None:
+                raise ValueError("prune_channels=True picks the residual share by the slim, repaired model's loss on "
+                                 "calibration data: pass data.")
+            c = self.config
+            batches = self._reconstruction_batches(model, adapter, data, tokenizer)
+            judge = channel_judge(model, adapter, batches, c.reconstruct, c.reconstruct_ridge, c.temperature)
+        self.masks = self._allocate(model, adapter, scores, self.config.mac_constraint, judge)
+        if self.config.allocation == "refit":
+            self.masks = self._allocate_by_refit(model, adapter, data, tokenizer, scores)
         return self.masks
+
+    def _allocate_by_refit(self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer, scores: ImportanceScores) -> PruningMasks:
+        """`allocation="refit"`: the per-layer counts by the loss each layer's cuts leave after the refit."""
+        c = self.config
+        if data is None:
+            raise ValueError("allocation='refit' measures refit cuts on calibration data: pass data (or set allocation='scores').")
+        self._refuse(model, adapter, repair=True)
+        batches = self._reconstruction_batches(model, adapter, data, tokenizer)
+        costs = CostModel.of(model, adapter, self.image_size)
+        start = time.perf_counter()
+        masks = allocate_by_refit(
+            model, adapter, scores.head_scores, scores.neuron_scores, costs.at(costs.uniform(self.seq_len)), costs.units,
+            c.mac_constraint * costs.dense(self.seq_len), batches, c.reconstruct, c.reconstruct_ridge,
+            prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of,
+        )
+        self.timings["allocation_s"] = time.perf_counter() - start
+        return masks
 
     def _masks_in_steps(self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer) -> PruningMasks:
         """Remove 1/k of the MAC cut, reconstruct, re-score what is left on the repaired model; k times."""
@@ -274,9 +328,10 @@ class OptinPruner:
         return masks
 
     def _allocate(
-        self, model: nn.Module, adapter: ArchAdapter, scores: ImportanceScores, mac_constraint: float
+        self, model: nn.Module, adapter: ArchAdapter, scores: ImportanceScores, mac_constraint: float, judge: Judge | None = None
     ) -> PruningMasks:
-        """The masks that keep `mac_constraint` of the dense `model`'s MACs by `scores`."""
+        """The masks that keep `mac_constraint` of the dense `model`'s MACs by `scores` (`judge`: what picks the residual
+        share under `prune_channels`, `channel_search.channel_judge`)."""
         costs = CostModel.of(model, adapter, self.image_size)
         self.image_size = costs.image_size  # the size counted at (the config's when no image was read), recorded
         scores.check_fits(model.config, adapter)
@@ -307,13 +362,20 @@ class OptinPruner:
                 params_share=c.resolved_token_cut_share(), num_prefix_tokens=adapter.num_prefix_tokens, **kw
             )
         search = allocate_uniform if c.uniform_layers else allocate
+        if c.prune_channels:
+            return allocate_with_channels(scores, costs, self.seq_len, budget, search, judge, **kw)
         masks = search(scores.head_scores, scores.neuron_scores, costs.at(costs.uniform(self.seq_len)), budget, **kw)
         return rearrange_masks(masks, scores.example_grads) if scores.example_grads else masks
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:
         """Slim `model` in place (scoring and allocating first unless `masks` are given), then
         reconstruct it on `data` unless `reconstruct="none"`. The slim model carries its result
-        (`optin_hf.result.pruning_result`), so it can be saved or pushed without this pruner."""
+        (`optin_hf.result.pruning_result`), so it can be saved or pushed without this pruner.
+        Under `importance="auto"` (and no `masks`), the recipe is chosen first (`optin_hf.recipe_search`)."""
+        if masks is None and self.config.importance == AUTO_IMPORTANCE:
+            from .recipe_search import prune_by_search  # it builds a pruner per candidate
+
+            return prune_by_search(self, model, data, tokenizer)
         adapter = self._check_model(model, repair=True)  # resolves reconstruct="auto" for this family
         c = self.config
         data = replayable(data)  # read for the refit, then for scoring
@@ -329,6 +391,10 @@ class OptinPruner:
         batches = self._reconstruction_batches(model, adapter, data, tokenizer) if c.reconstruct != "none" else None
         if masks is None:
             masks = self._masks(model, adapter, data, None, tokenizer)
+            if c.selection == "refit":  # the allocation's counts, its units re-chosen by the error the refit leaves
+                start = time.perf_counter()
+                masks = select_by_refit(model, masks, batches, c.reconstruct_ridge, adapter)
+                self.timings["selection_s"] = time.perf_counter() - start
         self.masks = masks
         dense = copy.deepcopy(model) if batches is not None else None
         slim_model(model, masks, adapter)

@@ -343,12 +343,9 @@ def _recentre_batchnorms(
     Errors per BatchNorm: Σ over positions of the squared offset of its normalized input's mean
     (n · Σ_c (μ_c - running_mean_c)² / (running_var_c + eps)) before, and after (0: the mean is exact).
     """
-    config = model.config
     layers, dense_layers = adapter.layers_of(model), adapter.layers_of(dense)
-    changed = [
-        adapter.kept_heads(s, config) != adapter.kept_heads(d, dense.config) or adapter.kept_neurons(s) != adapter.kept_neurons(d)
-        for s, d in zip(layers, dense_layers)
-    ]
+    # a layer that lost a unit or an input channel (pruned residual channels) has other parameter shapes
+    changed = [[p.shape for p in s.parameters()] != [p.shape for p in d.parameters()] for s, d in zip(layers, dense_layers)]
     tensors: dict[str, torch.Tensor] = {}
     errors = []
     if not any(changed):
@@ -387,12 +384,14 @@ def reconstruct(
     mode: str = "weights",
     ridge: float = 1e-3,
     adapter: ArchAdapter | None = None,
+    progress: bool = True,
 ) -> Reconstruction:
     """Refit the slim `model`'s output projections, in place, to rebuild `dense`'s sums on `batches`.
 
     `dense` is the model before slimming (the same weights and task head); `batches` are padded
     calibration batches (see `data.prepare_calibration`). `mode="batchnorm"` re-estimates the
     BatchNorm running means instead (CNNs). `adapter` is the model's adapter where the caller has it.
+    `progress=False` hides the per-layer bar (a caller that refits many trial models shows its own).
     """
     if mode not in REPAIRS:
         raise ValueError(f"reconstruct={mode!r} is not a repair; choose one of {list(REPAIRS)}.")
@@ -417,7 +416,7 @@ def reconstruct(
     pairs = list(zip(adapter.layers_of(model), adapter.layers_of(dense)))
     refit_attention = "attn_out" in adapter.refit_sublayers
     residual_path, residual_side = adapter.ffn_residual()
-    for i, (student, teacher) in enumerate(tqdm(pairs, desc=f"Reconstruction ({mode})", unit="layer")):
+    for i, (student, teacher) in enumerate(tqdm(pairs, desc=f"Reconstruction ({mode})", unit="layer", disable=not progress)):
         down, ffn_scale = output_projection(adapter, student, "ffn_down"), adapter.branch_scale(student, "ffn_down")
         # the heads' output (the attention output projection's input), where the FFN pieces start
         heads = get_submodule(student, adapter.attn_out) if adapter.supports("heads") else None

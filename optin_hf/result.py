@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import ArchAdapter, check_model
+from .arch import ArchAdapter, check_model, get_adapter
 from .config import OptinConfig
 from .masks import MASKS_NAME, PruningMasks, load_safetensors
 from .reconstruct import RECONSTRUCTION_NAME, Reconstruction, batchnorm_means, output_projection
@@ -49,6 +49,8 @@ def record_optin(config, masks: PruningMasks, reconstruct: str = "none") -> None
     config.optin = {"heads_per_layer": masks.heads_per_layer(), "neurons_per_layer": masks.neurons_per_layer()}
     if masks.token_schedule is not None:
         config.optin["token_schedule"] = masks.tokens_per_layer()
+    if masks.channel_mask is not None:
+        config.optin["channels_per_group"] = list(masks.channels_per_group(get_adapter(config).channel_widths(config)))
     if reconstruct != "none":  # the saved weights are the refit ones
         config.optin["reconstruct"] = reconstruct
 

@@ -30,6 +30,8 @@ def slim_model(model: nn.Module, masks: PruningMasks, adapter: ArchAdapter | Non
     for i, layer in enumerate(adapter.layers_of(model)):
         adapter.slim_heads(layer, masks.head_mask[i].nonzero().flatten(), model.config)
         adapter.slim_neurons(layer, masks.neuron_mask[i].nonzero().flatten(), model.config)
+    if masks.channel_mask is not None:  # residual channels, tied across layers (`OptinConfig.prune_channels`)
+        adapter.slim_channels(model, masks.channel_keeps(adapter.channel_widths(model.config)))
     if masks.token_schedule is not None:
         install_token_merging(model, adapter, masks.tokens_per_layer())
     record_optin(model.config, masks)  # the repair, if any, is added with the result (`result.attach_result`)

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from optin_hf import ImportanceScores, OptinConfig, OptinPruner
+from optin_hf.criteria import AUTO_IMPORTANCE
 from optin_hf.hub.download import check_hub_id, hub_commit
 from optin_hf.tasks import report
 from optin_hf.tasks.generation import GENERATED_TOKENS
@@ -322,7 +323,10 @@ class SpaceApp:
             return self.settings
         capped = {key: min((v for v in (task.settings.get(key), self.settings.get(key)) if v is not None), default=None)
                   for key in SPACE_CAPS}
-        return {**task.settings, **capped, "prune_steps": 1, **task.lighter}
+        # importance="auto" prunes with every candidate recipe to choose one: the slider re-allocates one criterion's
+        # cached scores instead, OPTIN's (named in the status line).
+        searched = {"importance": "optin"} if task.settings.get("importance") == AUTO_IMPORTANCE else {}
+        return {**task.settings, **capped, "prune_steps": 1, **searched, **task.lighter}
 
     def lighter(self, task: DemoTask) -> str:
         """Each setting `settings_for` runs other than the task's recipe, for the status line ("" if none); the
@@ -387,7 +391,8 @@ class SpaceApp:
         cached, reused = self.cached_scores(key, task)
         pruner = OptinPruner(dataclasses.replace(cached.config, mac_constraint=budget, seq_len=cached.seq_len))
         model = copy.deepcopy(task.model)
-        masks = pruner.compute_masks(model, scores=cached.scores)
+        # the calibration data too: a recipe's allocation="refit" measures refit cuts on it
+        masks = pruner.compute_masks(model, cached.calibration, scores=cached.scores, tokenizer=task.processor)
         pruner.prune_model(model, cached.calibration, masks=masks, tokenizer=task.processor)
         return PruneResult(key, pruner, model), cached, reused
 

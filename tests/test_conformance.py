@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import pytest
@@ -40,6 +40,7 @@ from optin_hf.capture import scoring_forward
 from optin_hf.data import prepare_calibration
 from optin_hf.engine.run import engine_for
 from optin_hf.hooks import apply_masks
+from optin_hf.importance.residual_channels import zero_channel
 from optin_hf.losses import kl_loss
 from optin_hf.reconstruct import batch_norms, output_projection, reconstruct
 from optin_hf.slim import slim_model
@@ -53,6 +54,7 @@ ASKS = {
     "tokens": {"prune_tokens": True},
     "heads": {"prune_neurons": False},
     "neurons": {"prune_heads": False},
+    "channels": {"prune_channels": True},
 }
 assert set(ASKS) | {"fast_engine"} == set(FEATURES)  # a new capability gets its request here
 
@@ -139,6 +141,29 @@ def check_slim_equals_masked(model_type: str) -> None:
     assert [adapter.kept_neurons(layer) for layer in layers] == masks.neurons_per_layer()
     assert model.config.optin["heads_per_layer"] == masks.heads_per_layer()
     assert parameters(model) < parameters(tiny.build())
+
+
+def check_channels(model_type: str) -> None:
+    """A family with coupled residual channels: slimming about half of each group's channels computes what zeroing
+    them wherever the group is carried computes, and `count_macs` still equals torch's FLOP counter."""
+    tiny = family(model_type)
+    model = tiny.build()
+    adapter = check_model(model)
+    widths = adapter.channel_widths(model.config)
+    keep = torch.rand(sum(widths), generator=torch.Generator().manual_seed(0)) > 0.5
+    keep[torch.tensor(widths).cumsum(0) - 1] = True  # every group keeps one
+    masks = dataclasses.replace(random_masks(model), channel_mask=keep)
+    with ExitStack() as stack:
+        stack.enter_context(apply_masks(model, adapter, masks.head_mask.float(), masks.neuron_mask.float()))
+        for (carriers, _), kept, width in zip(adapter.channel_carriers(model), masks.channel_keeps(widths), widths):
+            for channel in sorted(set(range(width)) - set(kept.tolist())):
+                stack.enter_context(zero_channel(carriers, channel))
+        masked = outputs(model, tiny)
+    slim_model(model, masks)
+    for slim, expected in zip(outputs(model, tiny), masked, strict=True):
+        assert (slim - expected).abs().max() < 1e-4
+    assert adapter.kept_channels(model) == masks.channels_per_group(widths)
+    assert count_macs(model, tiny.seq_len) == tiny.torch_macs(model)
 
 
 def check_save_and_reload(model_type: str, tmp_path: Path) -> None:
@@ -409,6 +434,11 @@ def test_count_macs_equals_the_flop_counter_dense_and_slim(model_type):
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_slim_equals_masked(model_type):
     check_slim_equals_masked(model_type)
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if ADAPTERS[t].supports("channels")])
+def test_pruned_residual_channels_compute_as_masked_and_count_as_the_flop_counter(model_type):
+    check_channels(model_type)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

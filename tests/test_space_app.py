@@ -150,9 +150,10 @@ def test_the_space_offers_every_embedded_default_with_its_recipe(tmp_path):
     for name in DEFAULT_NAMES:
         recipe = default_recipe(name).optin.to_dict()
         settings = app.settings_for(_with_settings(recipe, space.SPACE_LIGHTER.get(name)))
+        # A recipe's importance="auto" prunes with every candidate: the Space re-allocates OPTIN's cached scores.
         assert settings == {**recipe, "max_scoring_time": min(recipe["max_scoring_time"] or 45.0, 45.0),
                             "reconstruct_samples": min(recipe["reconstruct_samples"], 128), "prune_steps": 1,
-                            **space.SPACE_LIGHTER.get(name, {})}
+                            "importance": "optin", **space.SPACE_LIGHTER.get(name, {})}
         OptinConfig(**settings)  # every default's settings are valid as the Space runs them
     recipe = {**OptinConfig().to_dict(), "max_scoring_time": 240.0, "reconstruct_samples": 32, "prune_steps": 2}
     assert app.lighter(_with_settings(recipe)) == ("Lighter than its CLI recipe here: max_scoring_time=45 (its recipe: "
@@ -164,6 +165,8 @@ def test_the_space_offers_every_embedded_default_with_its_recipe(tmp_path):
     assert app.lighter(_with_settings({**recipe, "max_scoring_time": 30.0, "prune_steps": 1})) == ""
     assert app.lighter(_with_settings({**recipe, "max_scoring_time": 30.0, "prune_steps": 1, "reconstruct_samples": 256,
                                        "reconstruct": "none"})) == ""  # refit examples matter only to a repair
+    assert app.lighter(_with_settings({**recipe, "importance": "auto", "max_scoring_time": 30.0, "prune_steps": 1})) == (
+        "Lighter than its CLI recipe here: importance=optin (its recipe: auto).")
     assert app.lighter(tiny_task()) == ""  # a Hub model runs the Space's own settings
 
 

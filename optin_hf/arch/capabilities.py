@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Repair = Literal["weights", "scales", "batchnorm"]
-Feature = Literal["fast_engine", "weights", "scales", "batchnorm", "tokens", "heads", "neurons"]
+Feature = Literal["fast_engine", "weights", "scales", "batchnorm", "tokens", "heads", "neurons", "channels"]
 REPAIRS: tuple[Repair, ...] = ("weights", "scales", "batchnorm")
-FEATURES: tuple[Feature, ...] = ("fast_engine", *REPAIRS, "tokens", "heads", "neurons")
+FEATURES: tuple[Feature, ...] = ("fast_engine", *REPAIRS, "tokens", "heads", "neurons", "channels")
 
 _REFIT = (
     "refits each layer's output projections through the adapter's layer pieces "
@@ -30,6 +30,7 @@ _ASKED_BY: dict[str, tuple[str, str]] = {
     "tokens": ("prune_tokens=True", "reduces image tokens by merging a ViT token sequence, its class token(s) kept apart"),
     "heads": ("prune_heads=True with prune_neurons=False", "prunes heads only"),
     "neurons": ("prune_neurons=True with prune_heads=False", "prunes neurons only"),
+    "channels": ("prune_channels=True", "prunes the residual channels that a stage's residual adds tie together"),
 }
 
 
@@ -44,6 +45,10 @@ class Capabilities:
     layer pieces; "batchnorm" re-estimates the running means of the BatchNorms after the pruned convs (ResNet).
     tokens: token mode (`prune_tokens=True`): a ViT token sequence with class token(s) to keep apart.
     heads, neurons: the kinds of unit its layers have (ConvNeXt has no heads).
+    channels: coupled residual channels (`prune_channels=True`): the adapter gives `channel_widths(config)` (the
+    width of each group of channels tied by residual adds), `kept_channels(model)`, `channel_carriers(model)`
+    (the modules whose outputs carry each group, and the first layer reading it) and `slim_channels(model, keep)`,
+    and its MAC formulas take the groups' widths (`channels=`; ResNet).
     """
 
     fast_engine: bool = False
@@ -51,6 +56,7 @@ class Capabilities:
     tokens: bool = False
     heads: bool = True
     neurons: bool = True
+    channels: bool = False
 
     def __post_init__(self) -> None:
         unknown = [mode for mode in self.repairs if mode not in REPAIRS]
@@ -75,6 +81,7 @@ class Capabilities:
         names = ["engine='fast'"] if self.fast_engine else []
         names += [f"reconstruct={mode!r}" for mode in self.repairs] + ["reconstruct='none'"]
         names += ["prune_tokens=True"] if self.tokens else []
+        names += ["prune_channels=True"] if self.channels else []
         return names + [kind for kind in ("heads", "neurons") if getattr(self, kind)]
 
     def refusal(self, feature: Feature, model_type: str, supporters: Sequence[str] = ()) -> str:
@@ -96,4 +103,6 @@ class Capabilities:
             if not supporters:
                 return "set prune_tokens=False (no registered family declares token mode)"
             return f"it needs a {' or '.join(supporters)} model, not {model_type!r}; or set prune_tokens=False"
+        if feature == "channels":
+            return "set prune_channels=False (its residual widths stay whole)"
         return "set prune_neurons=True" if feature == "heads" else "set prune_heads=True"

@@ -17,6 +17,17 @@ and the shortcut projections. Not counted: BatchNorms, ReLUs, the max and averag
 the residual additions and the classifier. Map sizes follow the image size: the calibration
 images' (a ResNet config states none; `count_macs(model, image_size=...)` counts a dense model).
 
+Coupled residual channels (`OptinConfig.prune_channels=True`, off by default): a stage's residual width
+is tied by its residual adds, so channel c of it is one unit in every block output of the stage, the
+shortcut conv and last conv (with their BatchNorms) that write it, and every reduce conv, next shortcut
+conv and the classifier that read it; the stem's output is one more group, tied to the first stage's where
+that stage adds it as it is (`channel_groups`). `slim_channels` cuts a channel from all of them, and the
+MAC formulas take the kept widths (`channels=`): a head costs per kept input channel, a neuron per kept
+output channel, the stem per kept filter and a shortcut conv per kept (input, output) pair. Scored by the
+run that zeroes the channel in every output that carries it (`channel_carriers`,
+`optin_hf.importance.residual_channels`); the allocation is `optin_hf.channel_search`. On digits-resnet it
+lost accuracy on the development folds at every budget (benchmarks/cnn_repair_dev.py), so it stays opt-in.
+
 The fast engine runs a block in pieces. The heads' output (the 3x3 conv's input) is finished into the
 FFN input, which carries two maps stacked along the channels: the 3x3 conv layer's output (the last
 conv's input) and the shortcut's output (the residual the branch adds to, computed from the block
@@ -36,6 +47,7 @@ not give better classes (`benchmarks/cnn_repair_dev.py`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -71,20 +83,49 @@ def _check_bottleneck(config) -> None:
         )
 
 
-def blocks(config, image_size: ImageSize) -> list[Block]:
-    """Every bottleneck block of the encoder in order, with the map sizes it runs at on an `image_size` image."""
+def _stride(config, stage: int) -> int:
+    """The stride of a stage's first block (the others run at 1)."""
+    return 2 if stage or config.downsample_in_first_stage else 1
+
+
+def channel_groups(config) -> list[int]:
+    """The channel group of each residual site: the stem's output (site 0), then each stage's width (site s + 1).
+    A stage whose first block adds its input as it is (an identity shortcut: same width, stride 1) is tied to the
+    site before it, so both are one group."""
     _check_bottleneck(config)
+    groups, previous = [0], config.embedding_size
+    for stage, width in enumerate(config.hidden_sizes):
+        identity = width == previous and _stride(config, stage) == 1
+        groups.append(groups[-1] if identity else groups[-1] + 1)
+        previous = width
+    return groups
+
+
+def blocks(config, image_size: ImageSize, channels: tuple[int, ...] | None = None) -> list[Block]:
+    """Every bottleneck block of the encoder in order, with the map sizes it runs at on an `image_size` image;
+    `channels`: the residual width of each channel group (`channel_groups`; None: the config's)."""
+    _check_bottleneck(config)
+    groups = channel_groups(config)
+    widths = [config.embedding_size, *config.hidden_sizes]
+    if channels is not None:
+        widths = [channels[group] for group in groups]
     size = conv_out(image_size, 7, 2, 3)  # the stem conv
     size = conv_out(size, 3, 2, 1)  # its max pooling
-    out, channels = [], config.embedding_size
-    for stage, (width, depth) in enumerate(zip(config.hidden_sizes, config.depths)):
+    out, previous = [], widths[0]
+    for stage, (width, inner, depth) in enumerate(zip(widths[1:], config.hidden_sizes, config.depths)):
         for j in range(depth):
-            stride = (2 if stage or config.downsample_in_first_stage else 1) if j == 0 else 1
+            stride = _stride(config, stage) if j == 0 else 1
             reduced = conv_out(size, 1, stride if config.downsample_in_bottleneck else 1, 0)
             out_map = conv_out(size, 1, stride, 0)
-            out.append(Block(channels, width, width // 4, reduced, out_map, channels != width or stride != 1))
-            channels, size = width, out_map
+            shortcut = j == 0 and groups[stage] != groups[stage + 1]
+            out.append(Block(previous, width, inner // 4, reduced, out_map, shortcut))
+            previous, size = width, out_map
     return out
+
+
+def stem_macs(config, image_size: ImageSize, channels: int) -> int:
+    """The stem conv (7x7, stride 2) with `channels` filters."""
+    return math.prod(conv_out(image_size, 7, 2, 3)) * config.num_channels * 49 * channels
 
 
 class ChannelConv(nn.Conv2d):
@@ -122,7 +163,12 @@ def _sliced_conv(conv: nn.Conv2d, keep: torch.Tensor, side: int) -> ChannelConv:
 def _slim_channels(block: nn.Module, producer: str, consumer: str, keep: torch.Tensor) -> None:
     """Keep channels `keep` of conv layer `producer` (its conv's filters and its BatchNorm) and the
     matching input channels of conv `consumer`, in place."""
-    conv_layer = get_submodule(block, producer)
+    _slim_outputs(get_submodule(block, producer), keep)
+    set_submodule(block, consumer, _sliced_conv(get_submodule(block, consumer), keep, 1))
+
+
+def _slim_outputs(conv_layer: nn.Module, keep: torch.Tensor) -> None:
+    """Keep output channels `keep` of a conv layer or a shortcut (its `convolution` and `normalization`), in place."""
     conv_layer.convolution = _sliced_conv(conv_layer.convolution, keep, 0)
     norm = conv_layer.normalization
     new = ChannelBatchNorm(1, norm.eps, norm.momentum, device="meta")
@@ -134,7 +180,11 @@ def _slim_channels(block: nn.Module, producer: str, consumer: str, keep: torch.T
     new.num_batches_tracked = norm.num_batches_tracked.clone()
     new.train(norm.training)
     conv_layer.normalization = new
-    set_submodule(block, consumer, _sliced_conv(get_submodule(block, consumer), keep, 1))
+
+
+def _slim_inputs(module: nn.Module, path: str, keep: torch.Tensor) -> None:
+    """Keep input channels `keep` of the conv at `path` of `module`, in place."""
+    set_submodule(module, path, _sliced_conv(get_submodule(module, path), keep, 1))
 
 
 @dataclass
@@ -264,7 +314,8 @@ class ResNetAdapter(ArchAdapter):
         height, width = blocks(config, self.image_size(config, image_size))[0].out_map
         return height * width
 
-    def _block(self, seq_len: float, config, layer: int, image_size: ImageSize | None) -> Block:
+    def _block(self, seq_len: float, config, layer: int, image_size: ImageSize | None,
+               channels: tuple[int, ...] | None = None) -> Block:
         size = self.image_size(config, image_size)
         if seq_len != self.default_seq_len(config, size):
             raise ValueError(
@@ -272,26 +323,91 @@ class ResNetAdapter(ArchAdapter):
                 f"{self.default_seq_len(config, size)} positions in the first block. Leave seq_len unset "
                 "(count_macs(model, image_size=(height, width)) counts at another size)."
             )
-        return blocks(config, size)[layer]
+        return blocks(config, size, channels)[layer]
 
-    def head_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
-        block = self._block(seq_len, config, layer, image_size)
+    def head_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None,
+                  channels: tuple[int, ...] | None = None) -> float:
+        """A reduce channel's 1x1 filter over the block's input width (`channels`: the groups' kept widths)."""
+        block = self._block(seq_len, config, layer, image_size, channels)
         return block.in_channels * math.prod(block.reduced)
 
-    def neuron_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
-        block = self._block(seq_len, config, layer, image_size)
+    def neuron_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None,
+                    channels: tuple[int, ...] | None = None) -> float:
+        """A 3x3 channel's column of the last conv, as wide as the block's output."""
+        block = self._block(seq_len, config, layer, image_size, channels)
         return block.out_channels * math.prod(block.out_map)
 
-    def pair_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None) -> float:
+    def pair_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None,
+                  channels: tuple[int, ...] | None = None) -> float:
         return 9 * math.prod(self._block(seq_len, config, layer, image_size).out_map)
 
+    def shared_attention_macs(self, seq_len: float, config, layer: int = 0, *, image_size: ImageSize | None = None,
+                              channels: tuple[int, ...] | None = None) -> float:
+        return 0.0  # no attention
+
     def fixed_macs(self, model: nn.Module, image_size: ImageSize | None = None) -> int:
-        """The stem conv and the shortcut projections."""
-        config = model.config
+        """The stem conv and the shortcut projections, at the residual widths the model runs."""
+        return self.fixed_macs_at(model.config, self.image_size(model.config, image_size), self.kept_channels(model))
+
+    def fixed_macs_at(self, config, image_size: ImageSize, channels: tuple[int, ...] | None = None) -> int:
+        """The stem conv and the shortcut projections when the channel groups keep `channels` (None: all)."""
         size = self.image_size(config, image_size)
-        stem = conv_out(size, 7, 2, 3)
-        total = math.prod(stem) * config.num_channels * 49 * config.embedding_size
-        return total + sum(b.in_channels * b.out_channels * math.prod(b.out_map) for b in blocks(config, size) if b.shortcut)
+        stem = config.embedding_size if channels is None else channels[0]
+        return stem_macs(config, size, stem) + sum(
+            b.in_channels * b.out_channels * math.prod(b.out_map) for b in blocks(config, size, channels) if b.shortcut
+        )
+
+    # Coupled residual channels (`OptinConfig.prune_channels`): one group per residual site (`channel_groups`).
+
+    def channel_widths(self, config) -> tuple[int, ...]:
+        """The width of each channel group: the stem's, then each stage's not tied to the site before it."""
+        widths = [config.embedding_size, *config.hidden_sizes]
+        groups = channel_groups(config)
+        return tuple(widths[groups.index(group)] for group in range(groups[-1] + 1))
+
+    def kept_channels(self, model: nn.Module) -> tuple[int, ...]:
+        """The width each channel group has in `model` (dense or slim): its first site's output channels."""
+        base, groups = model.base_model, channel_groups(model.config)
+        widths = [base.embedder.embedder.convolution.out_channels]
+        widths += [stage.layers[0].layer[2].convolution.out_channels for stage in base.encoder.stages]
+        return tuple(widths[groups.index(group)] for group in range(groups[-1] + 1))
+
+    def channel_carriers(self, model: nn.Module) -> list[tuple[list[nn.Module], int]]:
+        """Per channel group: the modules whose outputs carry it (the stem, every block of its stages), and the
+        first layer (block) that reads it. Zeroing a channel in all those outputs is what removing it computes."""
+        base, groups = model.base_model, channel_groups(model.config)
+        sites: list[list[nn.Module]] = [[base.embedder]] + [list(stage.layers) for stage in base.encoder.stages]
+        first_reader = [0] + list(itertools.accumulate(len(stage.layers) for stage in base.encoder.stages))
+        carriers: list[tuple[list[nn.Module], int]] = []
+        for site, group in enumerate(groups):
+            if group == len(carriers):
+                carriers.append(([], first_reader[site]))
+            carriers[group][0].extend(sites[site])
+        return carriers
+
+    def slim_channels(self, model: nn.Module, keep: list[torch.Tensor]) -> None:
+        """Keep channels `keep[g]` of each group g, in place: the stem's filters, each stage's block outputs (last
+        conv and shortcut, with their BatchNorms), and every conv and the classifier reading them."""
+        base, groups = model.base_model, channel_groups(model.config)
+        _slim_outputs(base.embedder.embedder, keep[groups[0]])
+        for stage, module in enumerate(base.encoder.stages):
+            into, out = keep[groups[stage]], keep[groups[stage + 1]]
+            for block in module.layers:
+                _slim_inputs(block, "layer.0.convolution", into)
+                _slim_outputs(block.layer[2], out)
+                if not isinstance(block.shortcut, nn.Identity):
+                    _slim_inputs(block, "shortcut.convolution", into)
+                    _slim_outputs(block.shortcut, out)
+                into = out
+        head = getattr(model, "classifier", None)
+        linear = head[-1] if isinstance(head, nn.Sequential) and len(head) else None
+        if isinstance(linear, nn.Linear):
+            last = keep[groups[-1]].to(linear.weight.device)
+            new = nn.Linear(len(last), linear.out_features, bias=linear.bias is not None, device="meta")
+            new.weight = nn.Parameter(_select(linear.weight, 1, last), requires_grad=linear.weight.requires_grad)
+            if linear.bias is not None:
+                new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+            head[-1] = new
 
 
 RESNET = ResNetAdapter(
@@ -318,5 +434,5 @@ RESNET = ResNetAdapter(
     classifiers={"ResNetForImageClassification": _pooled_classifier},
     # the BatchNorm repair first (reconstruct="auto"): on a development split of digits-resnet it kept more
     # accuracy at 0.6 and 0.5 than the refit (benchmarks/cnn_repair_dev.py)
-    capabilities=Capabilities(fast_engine=True, repairs=("batchnorm", "weights", "scales")),
+    capabilities=Capabilities(fast_engine=True, repairs=("batchnorm", "weights", "scales"), channels=True),
 )

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from ..config import RECONSTRUCT_MODES, OptinConfig
-from ..criteria import BUILTIN_CRITERIA
+from ..config import ALLOCATIONS, RECONSTRUCT_MODES, SELECTIONS, OptinConfig
+from ..criteria import AUTO_IMPORTANCE, BUILTIN_CRITERIA
 from ..export.settings import ATOL, DEFAULT_OPSET, LATENCY_BATCH_SIZES, OPSETS, RTOL
 from ..tasks.names import TASKS
 
@@ -94,7 +94,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help=f"fraction of the MACs to keep (default: {OptinConfig.mac_constraint})")
     optin.add_argument("--importance", default=None, metavar="NAME",
                        help=f"importance criterion: {OptinConfig.importance} (default) or a baseline: "
-                       f"{', '.join(name for name in BUILTIN_CRITERIA if name != OptinConfig.importance)}, or a registered one")
+                       f"{', '.join(name for name in BUILTIN_CRITERIA if name != OptinConfig.importance)}, or a registered one; "
+                       f"{AUTO_IMPORTANCE}: the recipe (criterion and repair) whose pruned model is closest to the dense one on "
+                       "held-out calibration examples")
     optin.add_argument("--importance-option", action="append", metavar="KEY=VALUE",
                        help="a setting of the criterion's own (OptinConfig.importance_options), VALUE read as a YAML "
                        "scalar (2, 0.5, true, text); repeat for several, each replaces the recipe's of that KEY")
@@ -124,6 +126,12 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        "run again with the same DIR and settings resumes where it stopped (default: not saved)")
     optin.add_argument("--prune-steps", type=int, default=None, metavar="K",
                        help=f"cut in K steps, reconstructing and re-scoring between them (default: {OptinConfig.prune_steps})")
+    optin.add_argument("--selection", choices=SELECTIONS, default=None,
+                       help="which units each layer drops, given how many: the worst-scored (scores) or those whose removal "
+                       f"the refit repairs best (refit; needs a refit repair) (default: {OptinConfig.selection})")
+    optin.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                       help="how many units each layer keeps: by the scores (scores) or by the loss each layer's cuts leave "
+                       f"after the refit, measured (refit; small models) (default: {OptinConfig.allocation})")
     parser.add_argument("--device", help="where to prune and time, e.g. cpu or cuda (default: cuda if available)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="DIR", help="folder for the pruned model and report (default: <name>-optin-<F>)")

@@ -39,6 +39,7 @@ from .memory import auto_variants, bytes_per_variant
 from .packing import pack_calls
 from .prefix import LayerCall, record_layer_calls
 from .replay import layer_output, replay_layers
+from .streaming import resident
 
 # Largest relative error the adapter's layer pieces may show against the dense run.
 REPLAY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -192,13 +193,14 @@ class FastRunner:
         for i, layer in enumerate(self.layers):
             want = calls[i + 1].hidden if chained and i + 1 < len(self.layers) else calls[i].output
             call = calls[i]
-            finished = self.adapter.finish_attention(layer, call.heads, call.hidden, *call.args, **call.kwargs)
-            check(self.adapter.feed_forward(layer, finished, *call.args, **call.kwargs), want, f"layer {i} in pieces")
-            if self.adapter.finish_feed_forward is not None:
-                _, down = _down_in_out(self.adapter, layer, finished, call)
-                finished_down = self.adapter.finish_feed_forward(layer, down, finished, *call.args, **call.kwargs)
-                check(finished_down, want, f"layer {i} from its down projection's output")
-            check(_first(layer(calls[i].hidden, *calls[i].args, **calls[i].kwargs)), want, f"layer {i} replayed")
+            with resident(layer):  # its pieces run outside its forward (`streaming`)
+                finished = self.adapter.finish_attention(layer, call.heads, call.hidden, *call.args, **call.kwargs)
+                check(self.adapter.feed_forward(layer, finished, *call.args, **call.kwargs), want, f"layer {i} in pieces")
+                if self.adapter.finish_feed_forward is not None:
+                    _, down = _down_in_out(self.adapter, layer, finished, call)
+                    finished_down = self.adapter.finish_feed_forward(layer, down, finished, *call.args, **call.kwargs)
+                    check(finished_down, want, f"layer {i} from its down projection's output")
+                check(_first(layer(calls[i].hidden, *calls[i].args, **calls[i].kwargs)), want, f"layer {i} replayed")
         if self.outputs[0] is not None:
             last = calls[-1].output
             if chained:
@@ -281,8 +283,9 @@ class FastRunner:
         shortcut = kind == "neuron" and self.adapter.finish_feed_forward is not None
         args, kwargs = tile.call(call)
         if shortcut:  # the dense FFN once, before any hook sees the stacked variants
-            ffn_input, inputs, output = self._cached_down(layer, forward)
-            down = _masked_down(inputs, output, self.adapter.projection(module, "ffn_down"), unit_mask)
+            with resident(module):  # reads the down projection's weight (`streaming`)
+                ffn_input, inputs, output = self._cached_down(layer, forward)
+                down = _masked_down(inputs, output, self.adapter.projection(module, "ffn_down"), unit_mask)
             masking = nullcontext()
         else:
             if kind == "head":
@@ -291,18 +294,19 @@ class FastRunner:
                 target, width = self.adapter.ffn_down, 1
             masking = scale_input(get_submodule(module, target), unit_mask.repeat_interleave(batch, 0), width)
         with masking, self._record_rows(judged, forward, variants) as rows:
-            if shortcut:
-                hidden = self.adapter.finish_feed_forward(module, down, tile(ffn_input), *args, **kwargs)
-                if layer in judged and self.adapter.feature == self.adapter.ffn_down:  # its hook did not run
-                    rows[layer] = self._rows(down, forward, variants)
-            elif kind == "head":  # the heads' input may hold several rows per example (windows): tiled whole
-                heads = call.heads.repeat(variants, *([1] * (call.heads.dim() - 1)))
-                hidden = self.adapter.feed_forward(
-                    module, self.adapter.finish_attention(module, heads, tile(call.hidden), *args, **kwargs), *args, **kwargs
-                )
-            else:  # the attention of the layer is unchanged: finish it once, then tile
-                finished = self.adapter.finish_attention(module, call.heads, call.hidden, *call.args, **call.kwargs)
-                hidden = self.adapter.feed_forward(module, tile(finished), *args, **kwargs)
+            with resident(module):  # the masked layer runs in pieces, outside its forward (`streaming`)
+                if shortcut:
+                    hidden = self.adapter.finish_feed_forward(module, down, tile(ffn_input), *args, **kwargs)
+                    if layer in judged and self.adapter.feature == self.adapter.ffn_down:  # its hook did not run
+                        rows[layer] = self._rows(down, forward, variants)
+                elif kind == "head":  # the heads' input may hold several rows per example (windows): tiled whole
+                    heads = call.heads.repeat(variants, *([1] * (call.heads.dim() - 1)))
+                    hidden = self.adapter.feed_forward(
+                        module, self.adapter.finish_attention(module, heads, tile(call.hidden), *args, **kwargs), *args, **kwargs
+                    )
+                else:  # the attention of the layer is unchanged: finish it once, then tile
+                    finished = self.adapter.finish_attention(module, call.heads, call.hidden, *call.args, **call.kwargs)
+                    hidden = self.adapter.feed_forward(module, tile(finished), *args, **kwargs)
             if self.adapter.chained_layers:
                 if layer in judged and not self.adapter.feature:  # the feature is the layer's output: the pieces gave it
                     rows[layer] = self._rows(hidden, forward, variants)

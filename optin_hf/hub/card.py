@@ -11,6 +11,7 @@ from torch import nn
 from ..config import checked_type
 from ..macs import CostModel, counted_at
 from ..reconstruct import RECONSTRUCTION_NAME
+from ..search_record import search_record
 from ..result import PruningResult, pruning_result
 
 LIBRARY_NAME = "optin-hf"
@@ -189,6 +190,14 @@ def model_card(
     if base_model:
         how += f" The tokenizer (or image processor) is the base model's: load it from `{base_model}`."
     settings = {k: v for k, v in config.to_dict().items() if not k.startswith("base_model") and v not in ({}, None)}
+    searched = search_record(settings)
+    chosen = [] if searched is None else [
+        "## How the recipe was chosen", "", searched.lines()[0] + ". Distance from the dense model on those examples "
+        "(lower is closer):", "", "| recipe | held-out distance | KL | MD |", "|---|---|---|---|",
+        *(f"| {c.label}{' (chosen)' if i == searched.chosen else ''} | "
+          + (f"{c.distance:.5g} | {c.kl:.5g} | {c.md:.5g} |" if c.distance is not None else f"{c.skipped} | | |")
+          for i, c in enumerate(searched.candidates)), "",
+    ]
     body = [
         f"# {model_name}",
         "",
@@ -212,6 +221,7 @@ def model_card(
         "",
         how,
         "",
+        *chosen,
         "## Pruning settings",
         "",
         "```json",

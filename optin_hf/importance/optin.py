@@ -15,10 +15,12 @@ from ..arch import ArchAdapter
 from ..config import OptinConfig
 from ..engine import compute_raw_losses
 from ..engine.run import grouped
+from ..engine.streaming import resident
 from ..engine.token_losses import capture_token_grams, reference_token_losses
 from ..losses import balance, faithful_weights, token_scores
 from ..masks import PruningMasks
 from .base import ConfiguredImportance
+from .residual_channels import residual_channel_scores
 from .scores import ImportanceScores
 
 
@@ -37,6 +39,7 @@ class OptinImportance(ConfiguredImportance):
 
     name: ClassVar[str] = "optin"
     scores_tokens: ClassVar[bool] = True
+    scores_channels: ClassVar[bool] = True  # residual channels, by masked runs (`importance.residual_channels`)
 
     @staticmethod
     def masked_units(model: nn.Module, adapter: ArchAdapter, config) -> dict[str, int]:
@@ -77,7 +80,11 @@ class OptinImportance(ConfiguredImportance):
             capture = capture_token_grams(model, adapter, batches)
             token_raw = reference_token_losses(model, adapter, batches, capture, self.temperature, checkpoint_dir=config.checkpoint_dir)
             tokens = token_scores(token_raw.md, token_raw.kl, self.lambda_contribution, self.max_patch_envelope, self.patch_metric_decay)
-        return ImportanceScores(scores["head"], scores["neuron"], self.name, tokens)
+        channels = None
+        if config.prune_channels:
+            channels = residual_channel_scores(model, adapter, batches, self.md_tokens, config.seed, self.temperature,
+                                               self.lambda_contribution)
+        return ImportanceScores(scores["head"], scores["neuron"], self.name, tokens, channel_scores=channels)
 
 
 @torch.no_grad()
@@ -109,8 +116,11 @@ def neuron_energy_order(model: nn.Module, adapter: ArchAdapter, batches) -> torc
     finally:
         for handle in handles:
             handle.remove()
-    # the norm of each input feature's weights: a column of the [out, in] matrix
-    norms = [down.weight().double().norm(dim=0) for down in downs]
+    # the norm of each input feature's weights: a column of the [out, in] matrix (an offloaded layer's read resident)
+    norms = []
+    for layer, down in zip(layers, downs):
+        with resident(layer):
+            norms.append(down.weight().double().norm(dim=0))
     width = adapter.intermediate_size(model.config)  # a narrower layer's padding goes last, in place
     orders = [(s.sqrt() * n).argsort(descending=True).cpu() for s, n in zip(sums, norms)]
     return torch.stack([torch.cat([o, torch.arange(len(o), width)]) for o in orders])

@@ -21,6 +21,7 @@ class RandomImportance(ConfiguredImportance):
 
     name: ClassVar[str] = "random"
     scores_tokens: ClassVar[bool] = True
+    scores_channels: ClassVar[bool] = True
 
     def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config: OptinConfig) -> ImportanceScores:
         generator = torch.Generator().manual_seed(self.seed)
@@ -31,4 +32,7 @@ class RandomImportance(ConfiguredImportance):
         tokens = None
         if config.prune_tokens:
             tokens = torch.rand(num_layers, adapter.default_seq_len(model.config), generator=generator)
-        return ImportanceScores(heads, neurons, self.name, tokens)
+        channels = None
+        if config.prune_channels:
+            channels = torch.rand(sum(adapter.channel_widths(model.config)), generator=generator)
+        return ImportanceScores(heads, neurons, self.name, tokens, channel_scores=channels)

@@ -22,19 +22,23 @@ class ImportanceScores:
     token_scores: [num_layers, tokens] of removing token position p from layer l onward (vision
     token mode; layer 0 and the prefix tokens are never removed), or None. example_grads: a
     gradient criterion's per-example gradients ({"head": [examples, num_layers, num_heads], ...})
-    for PTF's mask rearrangement (`allocate.rearrange_masks`); kept in memory, not saved."""
+    for PTF's mask rearrangement (`allocate.rearrange_masks`); kept in memory, not saved. channel_scores:
+    [channels of every residual group in turn] (`OptinConfig.prune_channels`), or None."""
 
     head_scores: torch.Tensor
     neuron_scores: torch.Tensor
     criterion: str = "optin"
     token_scores: torch.Tensor | None = None
     example_grads: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    channel_scores: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.head_scores = torch.as_tensor(self.head_scores, dtype=torch.float64).cpu()
         self.neuron_scores = torch.as_tensor(self.neuron_scores, dtype=torch.float64).cpu()
         if self.token_scores is not None:
             self.token_scores = torch.as_tensor(self.token_scores, dtype=torch.float64).cpu()
+        if self.channel_scores is not None:
+            self.channel_scores = torch.as_tensor(self.channel_scores, dtype=torch.float64).cpu()
 
     def check_fits(self, config, adapter: ArchAdapter | None = None) -> None:
         """Raise unless these scores were made for a dense model with this config (of `adapter`, where known)."""
@@ -52,6 +56,13 @@ class ImportanceScores:
                 raise ValueError(
                     f"token_scores {tuple(self.token_scores.shape)} do not fit this model, which needs "
                     f"[{self.head_scores.shape[0]}, {tokens}] (layers x tokens per image)."
+                )
+        if self.channel_scores is not None:
+            widths = adapter.channel_widths(config) if adapter.supports("channels") else ()
+            if self.channel_scores.shape != (sum(widths),):
+                raise ValueError(
+                    f"channel_scores {tuple(self.channel_scores.shape)} do not fit this model, whose residual channel "
+                    f"groups are {list(widths)} wide. Were they computed for another base model?"
                 )
 
     def ranking_last(self, heads: torch.Tensor, neurons: torch.Tensor) -> "ImportanceScores":
@@ -81,6 +92,8 @@ class ImportanceScores:
         tensors = {"head_scores": self.head_scores, "neuron_scores": self.neuron_scores}
         if self.token_scores is not None:
             tensors["token_scores"] = self.token_scores
+        if self.channel_scores is not None:
+            tensors["channel_scores"] = self.channel_scores
         save_file(tensors, str(path), metadata={"format": "optin-scores-v1", "criterion": self.criterion})
 
     @classmethod
@@ -92,4 +105,5 @@ class ImportanceScores:
             raise ValueError(f"{path} lacks head_scores/neuron_scores: it is not an optin-hf scores file.")
         with safe_open(str(path), "pt") as f:
             criterion = (f.metadata() or {}).get("criterion", "unknown")
-        return cls(tensors["head_scores"], tensors["neuron_scores"], criterion, tensors.get("token_scores"))
+        return cls(tensors["head_scores"], tensors["neuron_scores"], criterion, tensors.get("token_scores"),
+                   channel_scores=tensors.get("channel_scores"))

@@ -1,0 +1,274 @@
+"""`importance="auto"`: the pruner tries candidate recipes and keeps the one whose pruned model stays closest
+to the dense model on calibration examples it held out.
+
+No single recipe wins everywhere once the refit repairs the slim model (issue 25: magnitude + refit beats
+OPTIN + refit on a ViT at 0.5 of the MACs, Fisher without refit beats both on a text classifier at 0.8), and a
+user cannot know which one fits their model. So the search holds out a seeded share of the calibration
+examples (the data passed to the pruner, never a test split), scores each criterion once on the rest, prunes a
+copy of the dense model with each criterion x repair (the family's refit, with the units chosen by the scores or by
+the refit's own error, `selection`; and none), and measures how far each copy's outputs are from the
+dense model's on the held-out examples: the KL of the task's logits plus OPTIN's manifold distance (MD) of every
+layer's features. Neither needs a label. The closest candidate's recipe is kept, the model pruned with it, and
+what was tried is recorded in the config (`extra["recipe_search"]`), and so in `optin_config.json`, the report
+and the model card.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .arch import ArchAdapter, check_model
+from .capture import md_token_rows, scoring_forward, select_rows
+from .config import OptinConfig
+from .criteria import CRITERIA
+from .data import image_size_of, prepare_calibration, replayable
+from .hooks import record_features
+from .importance import ImportanceScores
+from .losses import bounded, kl_loss, md_loss
+from .result import attach_result, pruning_result
+from .search_record import RECORD_KEY, Candidate, SearchRecord
+from .slim import slim_model
+
+if TYPE_CHECKING:  # the pruner calls this module; its class is handed in (`pruner_class`), never imported
+    from .pruner import OptinPruner
+
+SEARCHED_CRITERIA = ("optin", "magnitude", "fisher")  # in the order tried: the first is the one a budget of 0 keeps
+MIN_HELD_OUT = 4  # fewer held-out examples than this would rank candidates by noise
+
+
+@dataclass
+class RecipeSearch:
+    """The settings of `importance="auto"` (its `OptinConfig.importance_options`).
+
+    held_out: the share of the calibration examples kept apart to measure the candidates on (at least
+    MIN_HELD_OUT of them); the others are scored and refit on. max_search_time (seconds): no candidate is
+    started once this much time has passed since the search began (the first always runs, so 0 keeps
+    OPTIN with the family's repair, validated); None tries every candidate. refit_selection: also try each criterion
+    with the refit choosing the units (`selection="refit"`): its greedy choice costs minutes per layer on a CPU where
+    the FFN is wide (MiniLM's 1,536 neurons), so it is asked for, not tried by default.
+    """
+
+    held_out: float = 0.25
+    max_search_time: float | None = None
+    refit_selection: bool = False
+    # One of the candidates (Fisher) reads labels where the data has them: the CLI then passes them.
+    needs_labels = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.held_out < 1.0:
+            raise ValueError(f"importance_options held_out={self.held_out}: the share of calibration examples held out must be in (0, 1).")
+        if self.max_search_time is not None and self.max_search_time < 0:
+            raise ValueError(f"importance_options max_search_time={self.max_search_time}: give seconds >= 0, or None for no limit.")
+
+    @classmethod
+    def from_config(cls, config: OptinConfig) -> "RecipeSearch":
+        return cls(**config.importance_options)
+
+
+@dataclass
+class HeldOut:
+    """The dense model's outputs on the held-out batches, what each candidate is compared with: the KL's
+    outputs per batch, the MD token rows per batch and each layer's [K, K] cosine Gram and token count."""
+
+    batches: list[dict[str, torch.Tensor]]
+    rows: list[torch.Tensor]
+    tokens: int | None
+    outputs: list
+    grams: list[torch.Tensor]
+    layer_tokens: list[int]
+
+    @property
+    def examples(self) -> int:
+        return sum(len(next(iter(batch.values()))) for batch in self.batches)
+
+
+@torch.no_grad()
+def _run(model: nn.Module, adapter: ArchAdapter, batches, rows, tokens) -> tuple[list, list[torch.Tensor], list[int]]:
+    """(outputs the KL compares, each layer's normalised MD rows, each layer's tokens per example) of `model`."""
+    device = next(model.parameters()).device
+    per_layer: list[list[torch.Tensor]] = [[] for _ in adapter.layers_of(model)]
+    layer_tokens = [0] * len(per_layer)
+    outputs = []
+    with record_features(model, adapter) as features:
+        for batch, batch_rows in zip(batches, rows):
+            outputs.append(adapter.kl_outputs(scoring_forward(model, batch), batch))
+            for z, feature in enumerate(features):
+                per_layer[z].append(select_rows(feature, batch_rows.to(device), tokens))
+                layer_tokens[z] = feature.shape[1]
+    return outputs, [torch.cat(parts) for parts in per_layer], layer_tokens
+
+
+def held_out_run(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], config: OptinConfig) -> HeldOut:
+    """The dense `model` on the held-out `batches`, as OPTIN's scoring captures it (`capture.capture_dense`)."""
+    tokens = adapter.default_seq_len(model.config, image_size_of(batches))
+    rows = md_token_rows(batches, config.md_tokens, config.seed, tokens)
+    outputs, features, layer_tokens = _run(model, adapter, batches, rows, tokens)
+    return HeldOut(batches, rows, tokens, [bounded(o) for o in outputs], [f @ f.T for f in features], layer_tokens)
+
+
+def distance(pruned: nn.Module, adapter: ArchAdapter, dense: HeldOut) -> tuple[float, float]:
+    """(kl, md) of the `pruned` model from the dense one on the held-out examples: the mean over examples of
+    KL(dense || pruned) of the task's logits (0 for a bare encoder), and the mean over layers of the mean
+    squared difference of the cosine Grams of their MD token rows. A layer whose tokens the pruned model
+    dropped (vision token mode) has other rows: it is compared by the KL alone."""
+    outputs, features, layer_tokens = _run(pruned, adapter, dense.batches, dense.rows, dense.tokens)
+    kl = float(kl_loss(dense.outputs, outputs, 1.0)) / dense.examples
+    same = [z for z, n in enumerate(layer_tokens) if n == dense.layer_tokens[z]]
+    md = sum(float(md_loss(dense.grams[z], features[z])) / dense.grams[z].numel() for z in same) / max(len(same), 1)
+    return kl, md
+
+
+def split_calibration(
+    model: nn.Module, data: Any, tokenizer, config: OptinConfig, held_out: float, wanted: int
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """(fit, held): the first examples of `data` (enough that `wanted` remain to fit on, where there are),
+    each a one-example batch with its label where it has one, split at random (seeded by `config.seed`): a
+    `held_out` share (at least MIN_HELD_OUT) is held out, the others keep their order for scoring and the refit."""
+    if data is None:
+        raise ValueError("importance='auto' measures its candidates on held-out calibration examples: pass data.")
+    read = math.ceil(wanted / (1.0 - held_out))
+    examples = prepare_calibration(data, tokenizer, num_samples=read, batch_size=1, max_length=config.max_length,
+                                   labels=True, config=model.config)
+    count = max(MIN_HELD_OUT, round(held_out * len(examples)))
+    if len(examples) <= count:
+        raise ValueError(
+            f"importance='auto' holds out {count} calibration examples to measure its candidates on and needs at least one "
+            f"more to score with; {len(examples)} were given: pass at least {count + 1}, or name a criterion "
+            "(importance='optin')."
+        )
+    generator = torch.Generator().manual_seed(config.seed)
+    held = set(torch.randperm(len(examples), generator=generator)[:count].tolist())
+    return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
+
+
+def candidates(config: OptinConfig, adapter: ArchAdapter, asked_repair: str, refit_selection: bool = False) -> list[Candidate]:
+    """The recipes to try, in order: each criterion (those that score tokens, in token mode) with the family's repair,
+    then, with `refit_selection`, with the refit choosing the units (`selection="refit"`, where the repair is a refit
+    and the selection was not named), then without a repair; with a named repair, only it. The first is the recipe a
+    budget of 0 keeps."""
+    criteria = [name for name in SEARCHED_CRITERIA if not config.prune_tokens or getattr(CRITERIA[name], "scores_tokens", False)]
+    repair = adapter.capabilities.auto_repair(refit=config.prune_steps > 1) if asked_repair == "auto" else asked_repair
+    searched = refit_selection and repair in ("weights", "scales") and config.selection == "scores"
+    selections = ["scores", "refit"] if searched else [config.selection]
+    recipes = [(repair, selection) for selection in selections]
+    if asked_repair == "auto" and repair != "none" and config.selection == "scores":
+        recipes.append(("none", "scores"))
+    return [Candidate(name, mode, selection) for mode, selection in recipes for name in criteria]
+
+
+class CandidateRunner:
+    """Prunes copies of one dense model with candidate recipes and measures each on the held-out examples.
+
+    Each criterion scores the dense model once, on the fit examples, and every candidate (and budget) of it
+    reuses those scores, as `benchmarks/quality.py` does; a refit in steps re-scores on its own.
+    """
+
+    def __init__(
+        self, model: nn.Module, adapter: ArchAdapter, fit: list[dict[str, torch.Tensor]], dense: HeldOut, base: OptinConfig,
+        pruner_class: type[OptinPruner],
+    ):
+        self.model, self.adapter, self.fit, self.dense, self.base = model, adapter, fit, dense, base
+        self.pruner_class = pruner_class
+        self.scored: dict[str, tuple[OptinPruner, ImportanceScores] | ValueError] = {}
+
+    def scores(self, name: str) -> tuple[OptinPruner, ImportanceScores]:
+        """The dense model's scores by criterion `name` and the pruner that computed them (a failure: raised again)."""
+        if name not in self.scored:
+            scorer = self.pruner_class(dataclasses.replace(self.base, importance=name, reconstruct="none", prune_steps=1))
+            try:
+                self.scored[name] = (scorer, scorer.compute_scores(self.model, self.fit))
+            except ValueError as err:  # a criterion this model or data cannot take: Fisher on a regressor without labels
+                self.scored[name] = err
+        if isinstance(self.scored[name], ValueError):
+            raise self.scored[name]
+        return self.scored[name]
+
+    def run(self, candidate: Candidate, mac_constraint: float | None = None) -> tuple[nn.Module, OptinPruner]:
+        """A copy of the dense model pruned with `candidate`'s recipe (at `mac_constraint`, default the base
+        config's) and the pruner that pruned it; `candidate` gets its distance and the seconds it took."""
+        began = time.perf_counter()
+        scorer, scores = self.scores(candidate.importance)
+        # The scorer's config holds what a scoring time budget picked (fewer examples, coarser neuron groups).
+        steps = self.base.prune_steps if candidate.reconstruct != "none" else 1
+        changes = dict(reconstruct=candidate.reconstruct, selection=candidate.selection, prune_steps=steps)
+        pruner = self.pruner_class(dataclasses.replace(scorer.config, **changes, mac_constraint=mac_constraint or self.base.mac_constraint))
+        pruner.seq_len, pruner.image_size, pruner.plan = scorer.seq_len, scorer.image_size, scorer.plan
+        if steps == 1:  # allocated from the shared scores (then re-chosen by the refit under selection="refit")
+            pruner.scores = scores
+            pruner.timings["scoring_s"] = scorer.timings["scoring_s"]
+        work = copy.deepcopy(self.model)
+        pruner.prune_model(work, self.fit)
+        candidate.kl, candidate.md = distance(work, self.adapter, self.dense)
+        candidate.distance = candidate.kl + candidate.md
+        candidate.seconds = time.perf_counter() - began
+        return work, pruner
+
+
+def prepare_search(
+    model: nn.Module, data: Any, tokenizer, config: OptinConfig, search: RecipeSearch, asked_repair: str,
+    pruner_class: type[OptinPruner],
+) -> tuple[CandidateRunner, list[Candidate]]:
+    """The runner of `model`'s candidates on `data` (split into fit and held-out examples) and the candidates;
+    `pruner_class` prunes each candidate (`OptinPruner`, or the subclass that started the search)."""
+    base = dataclasses.replace(config, importance="optin", importance_options={})
+    adapter = check_model(model)
+    tried = candidates(base, adapter, asked_repair, search.refit_selection)
+    refits = any(c.reconstruct != "none" for c in tried)
+    fit, held = split_calibration(model, replayable(data), tokenizer, base, search.held_out,
+                                  max(base.num_samples, base.reconstruct_samples if refits else 0))
+    batches = prepare_calibration(held, num_samples=len(held), batch_size=base.batch_size, max_length=base.max_length)
+    return CandidateRunner(model, adapter, fit, held_out_run(model, adapter, batches, base), base, pruner_class), tried
+
+
+def prune_by_search(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=None) -> nn.Module:
+    """`pruner.prune_model(model, data)` under `importance="auto"`: try the candidates on copies of the dense
+    `model` until the time budget has passed, then give `model` (in place) the closest candidate's pruned
+    weights; `pruner` then holds that run's config (the criterion and repair chosen, the record in `extra`),
+    scores, masks and refit, as if that recipe had been named."""
+    start = time.perf_counter()
+    search = RecipeSearch.from_config(pruner.config)
+    was_training = model.training
+    model.eval()
+    try:
+        runner, tried = prepare_search(model, data, tokenizer, pruner.config, search, pruner.config.reconstruct, type(pruner))
+        record = SearchRecord(runner.dense.examples, len(runner.fit), search.max_search_time)
+        best: tuple[nn.Module, OptinPruner] | None = None
+        first_error: ValueError | None = None
+        for candidate in tried:
+            record.candidates.append(candidate)
+            if best is not None and search.max_search_time is not None and time.perf_counter() - start >= search.max_search_time:
+                candidate.skipped = f"not tried: max_search_time={search.max_search_time:g} s had passed"
+                continue
+            try:
+                trial = runner.run(candidate)
+            except ValueError as err:  # a criterion this model or data cannot take
+                candidate.skipped = f"failed: {err}"
+                first_error = first_error or err
+                continue
+            if best is None or candidate.distance < record.candidates[record.chosen].distance:
+                record.chosen, best = len(record.candidates) - 1, trial
+            del trial  # the runner-up's copy is freed as the next one is made
+    finally:
+        model.train(was_training)
+    if best is None:
+        raise first_error
+    work, chosen = best
+    record.seconds = time.perf_counter() - start
+    extra = {**pruner.config.extra, RECORD_KEY: {**record.to_dict(), "options": dict(pruner.config.importance_options)}}
+    chosen.config = dataclasses.replace(chosen.config, extra=extra)
+    # `model` becomes the chosen copy: the same slimming, then its (refit) weights; a refit adds no parameter.
+    slim_model(model, chosen.masks, runner.adapter)
+    model.load_state_dict(work.state_dict())
+    result = pruning_result(work)
+    attach_result(model, dataclasses.replace(result, config=dataclasses.replace(result.config, extra=extra)))
+    chosen.timings = {**chosen.timings, "search_s": time.perf_counter() - start}
+    vars(pruner).update(vars(chosen))  # the pruner now describes the run it kept: config, scores, masks, refit, timings
+    return model

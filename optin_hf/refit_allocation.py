@@ -1,0 +1,213 @@
+"""Refit-aware allocation: how many heads and neurons each layer keeps, judged by the loss the refit leaves.
+
+OPTIN scores one unit at a time on the dense model, before any repair, and the budget search ranks
+those scores across layers. The least-squares refit (`optin_hf.reconstruct`) then repairs some cuts
+almost wholly and others hardly at all: on the digit-scenes SegFormer, removing a whole attention of
+the first stage's second layer costs 44.5 mIoU points unrepaired and 0.6 refit (the next sublayers'
+refits rebuild its sum), while removing a first-stage Mix-FFN costs 52 unrepaired and still 32 refit.
+Scores taken before the refit cannot tell these apart, so the search keeps attention that the refit
+would have replaced and cuts the FFN channels that nothing replaces (`benchmarks/RESULTS.md`).
+
+Here each (layer, kind) is cut alone, its worst-scored units first, at `LEVELS` depths (a quarter of
+its units, half, ...; all): the cut model is slimmed, refit as the run will refit it, and its KL from
+the dense outputs on the refit's calibration batches measured. Taking the cuts as additive, the
+counts follow greedily: the cut of least added loss per MAC saved, until the budget is met, then
+units given back, most loss-relieving per MAC first, while they fit (a layer's loss between two
+measured depths is read off the straight line between them). Which units a layer keeps stays the
+scores' choice (or `selection="refit"`'s). It costs (layers x kinds x LEVELS) slim-and-refit runs,
+so it is meant for small models (`OptinConfig.allocation`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchAdapter
+from .capture import scoring_forward
+from .losses import bounded, kl_loss
+from .macs import MacCosts
+from .masks import PruningMasks
+from .reconstruct import reconstruct
+from .slim import slim_model
+
+LEVELS = 4  # measured depths per (layer, kind): a quarter of its units, half, three quarters, all
+
+
+@dataclass
+class _Cut:
+    """One (layer, kind)'s measured loss curve: kept counts (all first, then each depth) and the KL at each."""
+
+    kind: str
+    layer: int
+    width: int
+    step: int  # a count moves by this (neurons_multiple_of for neurons: every layer keeps a multiple, or all)
+    kept: list[int]
+    loss: list[float]
+
+    def loss_at(self, count: int) -> float:
+        """The loss with `count` units kept, on the straight line between the measured depths around it."""
+        for high, low, at_high, at_low in zip(self.kept, self.kept[1:], self.loss, self.loss[1:]):
+            if low <= count <= high:
+                return at_high + (at_low - at_high) * (high - count) / (high - low)
+        raise ValueError(f"{count} {self.kind}s is outside layer {self.layer}'s 0..{self.width}")
+
+
+def _depths(width: int, step: int) -> list[int]:
+    """Kept counts at each depth, all first, every count a multiple of `step` (or all), distinct, ending at 0."""
+    counts = [width]
+    for level in range(1, LEVELS + 1):
+        count = (width * (LEVELS - level) // LEVELS) // step * step
+        if count < counts[-1]:
+            counts.append(count)
+    return counts
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]]) -> list:
+    return [adapter.kl_outputs(scoring_forward(model, batch), batch) for batch in batches]
+
+
+def _keep(order: torch.Tensor, count: int, width: int) -> torch.Tensor:
+    """bool [width]: the `count` best units of a layer whose units `order` ranks best first."""
+    mask = torch.zeros(width, dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask
+
+
+def measure_cuts(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    orders: dict[str, torch.Tensor],
+    units: PruningMasks,
+    batches: list[dict[str, torch.Tensor]],
+    mode: str,
+    ridge: float,
+    *,
+    prune_heads: bool = True,
+    prune_neurons: bool = True,
+    neurons_multiple_of: int = 1,
+) -> list[_Cut]:
+    """Each (layer, kind)'s loss curve: the dense `model` with that kind of that layer cut alone to each depth
+    (its units ranked by `orders[kind]`, [layers, width] best first), slimmed, refit (`mode`, `ridge`) on
+    `batches`, and its KL from the dense outputs on them measured. Independent of the budget."""
+    head_present, neuron_present = units.present()
+    widths = {"head": head_present.sum(1).tolist(), "neuron": neuron_present.sum(1).tolist()}
+    steps = {"head": 1, "neuron": max(1, neurons_multiple_of)}
+    cuts = [_Cut(kind, layer, width, steps[kind], _depths(width, steps[kind]), [0.0])
+            for kind, pruned in (("head", prune_heads), ("neuron", prune_neurons)) if pruned
+            for layer, width in enumerate(widths[kind]) if width]
+    was_training = model.training
+    model.eval()
+    try:
+        dense = [bounded(o) for o in _outputs(model, adapter, batches)]
+        with tqdm(total=sum(len(cut.kept) - 1 for cut in cuts), desc="Refit-aware allocation", unit="cut") as bar:
+            for cut in cuts:
+                for count in cut.kept[1:]:
+                    masks = {"head": units.head_mask.clone(), "neuron": units.neuron_mask.clone()}
+                    masks[cut.kind][cut.layer] = _keep(orders[cut.kind][cut.layer], count, masks[cut.kind].shape[1])
+                    trial = copy.deepcopy(model)
+                    slim_model(trial, units.with_masks(masks["head"], masks["neuron"]), adapter)
+                    reconstruct(trial, model, batches, mode, ridge, adapter, progress=False)
+                    cut.loss.append(float(kl_loss(dense, _outputs(trial, adapter, batches), 1.0)))
+                    bar.update()
+    finally:
+        model.train(was_training)
+    return cuts
+
+
+def unit_orders(head_scores: torch.Tensor, neuron_scores: torch.Tensor, units: PruningMasks) -> dict[str, torch.Tensor]:
+    """Each layer's units best-scored first ([layers, width] per kind), its padding last."""
+    return {kind: scores.double().masked_fill(~present, float("-inf")).argsort(dim=1, descending=True, stable=True)
+            for kind, scores, present in zip(("head", "neuron"), (head_scores, neuron_scores), units.present())}
+
+
+def allocate_cuts(cuts: list[_Cut], orders: dict[str, torch.Tensor], costs: MacCosts, units: PruningMasks, budget: float) -> PruningMasks:
+    """The masks within `budget` MACs (at `costs`) that the measured `cuts` pick (see the module docstring)."""
+    head_present, neuron_present = units.present()
+    counts = {"head": head_present.sum(1).tolist(), "neuron": neuron_present.sum(1).tolist()}
+    _remove(cuts, counts, costs, budget)
+    _give_back(cuts, counts, costs, budget)
+    head_mask = torch.stack([_keep(orders["head"][i], k, units.head_mask.shape[1]) for i, k in enumerate(counts["head"])])
+    neuron_mask = torch.stack([_keep(orders["neuron"][i], k, units.neuron_mask.shape[1]) for i, k in enumerate(counts["neuron"])])
+    return units.with_masks(head_mask, neuron_mask)
+
+
+def allocate_by_refit(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    head_scores: torch.Tensor,
+    neuron_scores: torch.Tensor,
+    costs: MacCosts,
+    units: PruningMasks,
+    budget: float,
+    batches: list[dict[str, torch.Tensor]],
+    mode: str,
+    ridge: float,
+    *,
+    prune_heads: bool = True,
+    prune_neurons: bool = True,
+    neurons_multiple_of: int = 1,
+) -> PruningMasks:
+    """Masks of the dense `model` within `budget` MACs (at `costs`), their per-layer counts chosen by the loss
+    left after the `mode` refit on `batches` (see the module docstring), the units within a layer by the scores."""
+    orders = unit_orders(head_scores, neuron_scores, units)
+    cuts = measure_cuts(model, adapter, orders, units, batches, mode, ridge, prune_heads=prune_heads,
+                        prune_neurons=prune_neurons, neurons_multiple_of=neurons_multiple_of)
+    return allocate_cuts(cuts, orders, costs, units, budget)
+
+
+def _macs(costs: MacCosts, counts: dict[str, list[int]], cut: _Cut | None = None, count: int = 0) -> float:
+    """MACs at `counts`, with `cut`'s layer at `count` where given."""
+    trial = {kind: list(values) for kind, values in counts.items()}
+    if cut is not None:
+        trial[cut.kind][cut.layer] = count
+    return costs.macs(trial["head"], trial["neuron"])
+
+
+def _remove(cuts: list[_Cut], counts: dict[str, list[int]], costs: MacCosts, budget: float) -> None:
+    """Deepen, in place, the cut of least added loss per MAC saved (looking past any depth, so a cut whose last
+    step saves most, as a whole attention with its reduction conv does, is seen) until `counts` fit `budget`."""
+    depth = {id(cut): 0 for cut in cuts}
+    while (now := _macs(costs, counts)) > budget * (1 + 1e-9):
+        best = None
+        for cut in cuts:
+            at = depth[id(cut)]
+            for level in range(at + 1, len(cut.kept)):
+                saved = now - _macs(costs, counts, cut, cut.kept[level])
+                if saved > 0:
+                    rate = (cut.loss[level] - cut.loss[at]) / saved
+                    if best is None or rate < best[0]:
+                        best = (rate, cut, level)
+        if best is None:
+            raise ValueError(f"The budget of {budget:.4g} MACs cannot be reached by cutting heads and neurons: raise mac_constraint.")
+        _, cut, level = best
+        depth[id(cut)] = level
+        counts[cut.kind][cut.layer] = cut.kept[level]
+
+
+def _give_back(cuts: list[_Cut], counts: dict[str, list[int]], costs: MacCosts, budget: float) -> None:
+    """Restore, in place, one step of units at a time where it relieves the most loss per MAC and still fits."""
+    while True:
+        now, best = _macs(costs, counts), None
+        for cut in cuts:
+            count = counts[cut.kind][cut.layer]
+            if count >= cut.width:
+                continue
+            more = min(count + cut.step, cut.width)
+            added = _macs(costs, counts, cut, more) - now
+            if now + added > budget * (1 + 1e-9):
+                continue
+            rate = (cut.loss_at(count) - cut.loss_at(more)) / max(added, 1e-12)
+            if rate <= 0:  # units that, by the measured curve, relieve nothing stay out
+                continue
+            if best is None or rate > best[0]:
+                best = (rate, cut, more)
+        if best is None:
+            return
+        _, cut, more = best
+        counts[cut.kind][cut.layer] = more

@@ -1,0 +1,180 @@
+"""Refit-aware unit selection: which heads and neurons each layer drops, given how many it drops.
+
+The allocation (`optin_hf.allocate`) decides how many units each layer keeps from importance scores,
+and by default which ones too: the best-scored. But the refit (`optin_hf.reconstruct`) then re-solves
+each output projection for the units that are left, so a unit whose contribution the others can
+rebuild costs little however large it is, and a small unit nothing else carries costs a lot. This
+module keeps the allocation's counts and re-chooses the units by the error left after the refit.
+
+For an output projection with weight θ₀ (as [in (+1 for the bias), out] rows) and input rows X
+(plus a constant column with a bias) on the dense model's calibration tokens, let
+G = XᵀX + λI with the refit's ridge λ = ridge · mean(diag XᵀX). The refit minimises
+|X θ - X θ₀|² + λ|θ - θ₀|² = (θ - θ₀)ᵀ G (θ - θ₀) over the kept rows; removing the rows R of a set of
+units and refitting the rest raises it by tr(θ₀_Rᵀ ((G⁻¹)_RR)⁻¹ θ₀_R) (the Schur complement; the
+Optimal Brain Surgeon step of Hassibi & Stork, used for structured pruning by ZipLM, SlimGPT and
+OSSCAR), and the optimal rest moves by -(G⁻¹)_SR ((G⁻¹)_RR)⁻¹ θ₀_R. A head owns its head_dim rows
+(a KV group its query heads' rows, `ArchAdapter.head_slices`), a neuron one (`neuron_slices`).
+
+Greedy removal: score every remaining unit by that increase, remove the cheapest, update θ and G⁻¹
+(G⁻¹ of the rest is the Schur complement of the removed block, so the matrices shrink), repeat until
+the layer keeps its allocated count. Beyond `MAX_ROUNDS` removals in a layer (wide FFNs), each round
+removes the several cheapest units together, with the exact joint update, so the work stays at
+`MAX_ROUNDS` rounds of O(n²·b) matrix products.
+
+The Grams come from the dense model's own calibration stream (every layer's input as the dense model
+computes it), so all layers are chosen independently, before slimming; the refit then runs as usual.
+Sublayers the family does not refit (`ArchAdapter.refit_sublayers`: ResNet's 3x3 conv) keep the
+allocation's choice, as do layers that keep all or none of a kind.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch import ArchAdapter, check_model, get_submodule
+from .arch.projection import unit_features
+from .masks import PruningMasks
+from .reconstruct import _call, _NormalEquations, _streams, _theta, output_projection
+
+MAX_ROUNDS = 256  # greedy rounds per sublayer; more removals than this go several per round
+
+KINDS = (("attn_out", "head"), ("ffn_down", "neuron"))  # refit sublayer -> the unit whose columns it reads
+
+
+def unit_columns(adapter: ArchAdapter, config, sublayer: str, units: int, width: int, total: int) -> torch.Tensor:
+    """[units, features per unit]: the input columns of `sublayer`'s projection that each unit owns, read off
+    the slice the adapter slims them by (a head's `width` columns, a KV group's g query heads', a neuron's one);
+    `total`: the projection's input features."""
+    slices = adapter.head_slices(config) if sublayer == "attn_out" else adapter.neuron_slices(config)
+    path = getattr(adapter, sublayer)
+    part = next((p for p in slices if p.path == path and p.side == "in"), None)
+    if part is None:
+        raise TypeError(
+            f"selection='refit' reads which {sublayer} input columns a unit owns off the adapter's slices, and the "
+            f"{adapter.model_types[0]} adapter slices no input of {path!r}: use selection='scores'."
+        )
+    w = part.width or width
+    flat = unit_features(torch.arange(units), w, part.segments, total)  # [segments * units * w], segment-major
+    return flat.view(part.segments, units, w).transpose(0, 1).reshape(units, part.segments * w)
+
+
+def removal_costs(theta: torch.Tensor, inverse: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """[units]: tr(θ_gᵀ ((G⁻¹)_gg)⁻¹ θ_g), the error one unit's removal adds after the refit, for each unit
+    g owning rows `columns[g]` of θ [rows, out]; `inverse` = G⁻¹ [rows, rows]."""
+    block = inverse[columns[:, :, None], columns[:, None, :]]  # [units, w, w]
+    rows = theta[columns]  # [units, w, out]
+    return (rows * torch.linalg.solve(block, rows)).sum((1, 2))
+
+
+def greedy_removal(
+    gram: torch.Tensor, theta: torch.Tensor, columns: torch.Tensor, remove: int, ridge: float, rounds: int = MAX_ROUNDS
+) -> tuple[list[int], float]:
+    """Which `remove` units to drop, greedily by the post-refit error, and that error's increase.
+
+    gram: XᵀX [rows, rows] (a trailing constant column included where the projection has a bias, never
+    removed); theta: θ₀ [rows, out]; columns: [units, w], the rows each unit owns. Each of at most
+    `rounds` rounds drops the cheapest ceil(left / rounds left) units together (one at a time when
+    `remove <= rounds`).
+    """
+    g = gram.double()
+    ridge_term = ridge * g.diagonal().mean()
+    inverse = torch.linalg.inv(g + ridge_term * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+    theta = theta.double().clone()
+    alive = torch.arange(columns.shape[0], device=columns.device)  # unit ids still kept
+    where = columns.clone()  # their rows in the shrinking matrices
+    removed: list[int] = []
+    increase = 0.0
+    rounds = max(1, min(rounds, remove))
+    for step in range(rounds):
+        count = -(-(remove - len(removed)) // (rounds - step))
+        if count == 0:
+            continue
+        picked = removal_costs(theta, inverse, where).topk(count, largest=False).indices
+        gone = where[picked].flatten()
+        keep = torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
+        keep[gone] = False
+        # the joint OBS step for the dropped rows R, with S the rest:
+        # θ_S -= G⁻¹_SR (G⁻¹_RR)⁻¹ θ_R and G⁻¹_SS -= G⁻¹_SR (G⁻¹_RR)⁻¹ G⁻¹_RS
+        solved = torch.linalg.solve(inverse[gone][:, gone], torch.cat([theta[gone], inverse[gone][:, keep]], dim=1))
+        increase += float((theta[gone] * solved[:, : theta.shape[1]]).sum())
+        link = inverse[keep][:, gone]
+        theta = theta[keep] - link @ solved[:, : theta.shape[1]]
+        inverse = inverse[keep][:, keep] - link @ solved[:, theta.shape[1]:]
+        removed += alive[picked].tolist()
+        stay = torch.ones(len(alive), dtype=torch.bool, device=alive.device)
+        stay[picked] = False
+        alive, where = alive[stay], (keep.cumsum(0) - 1)[where[stay]]
+    return removed, increase
+
+
+def _pending(masks: PruningMasks, adapter: ArchAdapter, config) -> dict[tuple[int, str], int]:
+    """(layer, sublayer) -> units to remove, where the refit fits that sublayer and the layer keeps some but not
+    all of its units of that kind."""
+    geometry = adapter.layer_geometry(config)
+    pending = {}
+    for sublayer, kind in KINDS:
+        if sublayer not in adapter.refit_sublayers or (kind == "head" and not adapter.supports("heads")):
+            continue
+        mask = masks.head_mask if kind == "head" else masks.neuron_mask
+        for i, g in enumerate(geometry):
+            units = g.heads if kind == "head" else g.neurons
+            kept = int(mask[i, :units].sum())
+            if 0 < kept < units:
+                pending[(i, sublayer)] = units - kept
+    return pending
+
+
+@torch.no_grad()
+def select_by_refit(
+    model: nn.Module,
+    masks: PruningMasks,
+    batches: list[dict[str, torch.Tensor]],
+    ridge: float = 1e-3,
+    adapter: ArchAdapter | None = None,
+) -> PruningMasks:
+    """Masks with `masks`' per-layer counts, each refit sublayer's units chosen by the greedy post-refit error
+    (module docstring) on the dense `model`'s calibration `batches` (padded, as `reconstruct` takes them);
+    `ridge`: the refit's (`OptinConfig.reconstruct_ridge`). `adapter`: the model's, where the caller has it."""
+    adapter = adapter or check_model(model)
+    config = model.config
+    masks.check_fits(config, adapter)
+    pending = _pending(masks, adapter, config)
+    heads, neurons = masks.head_mask.clone(), masks.neuron_mask.clone()
+    if not pending:
+        return masks.with_masks(heads, neurons, masks.token_schedule)
+    was_training = model.training
+    model.eval()
+    try:
+        streams = _streams(model, adapter, batches)
+        geometry = adapter.layer_geometry(config)
+        for i, layer in enumerate(adapter.layers_of(model)):
+            subs = [sub for sub, _ in KINDS if (i, sub) in pending]
+            if not subs:
+                continue
+            projections = {sub: output_projection(adapter, layer, sub) for sub in subs}
+            grams = {sub: _NormalEquations(p.in_features, 0, p.device, p.has_bias) for sub, p in projections.items()}
+            taps = {sub: (p.module, "in") for sub, p in projections.items()}
+            for s in streams:
+                call = s.calls[i]
+                seen = _call(layer, call.hidden, call.args, call.kwargs, taps, stop=subs[-1])
+                for sub, proj in projections.items():
+                    x = seen[sub]
+                    if sub == "attn_out":  # rows in token order, padding windows dropped (Swin), as the refit pairs them
+                        args, kwargs = seen["layer_args"]
+                        x = adapter.token_order(layer, x, *args, **kwargs)
+                    rows = proj.rows(x)
+                    grams[sub].add(rows, rows.new_zeros(rows.shape[0], 0), s.real)  # only the Gram: no target
+            for sub, proj in projections.items():
+                g = geometry[i]
+                units, width = (g.heads, g.head_dim) if sub == "attn_out" else (g.neurons, 1)
+                columns = unit_columns(adapter, config, sub, units, width, proj.in_features).to(proj.device)
+                theta = _theta(proj.weight(), proj.bias(), adapter.branch_scale(layer, sub))
+                removed, _ = greedy_removal(grams[sub].gram, theta, columns, pending[(i, sub)], ridge)
+                mask = heads if sub == "attn_out" else neurons
+                mask[i, :units] = True
+                mask[i, removed] = False
+            del grams
+    finally:
+        model.train(was_training)
+    return masks.with_masks(heads, neurons, masks.token_schedule)

@@ -1,0 +1,72 @@
+"""What `importance="auto"` tried and chose (`optin_hf.recipe_search`), as the saved config, the report and the
+model card hold it: plain JSON in `OptinConfig.extra["recipe_search"]`. Torch-free, so the card and the report read it
+without importing the search (which imports the pruner)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+RECORD_KEY = "recipe_search"  # where the record lives in OptinConfig.extra
+
+
+@dataclass
+class Candidate:
+    """One recipe tried: its criterion, repair and unit selection, and its pruned model's distance from the dense model
+    on the held-out examples (kl: mean KL per example of the task's logits; md: mean squared difference of the
+    layers' cosine Grams; distance = kl + md), or why it was not measured (`skipped`)."""
+
+    importance: str
+    reconstruct: str
+    selection: str = "scores"
+    kl: float | None = None
+    md: float | None = None
+    distance: float | None = None
+    seconds: float = 0.0
+    skipped: str | None = None
+
+    @property
+    def label(self) -> str:
+        """"optin + weights (refit selection)": the recipe in a few words."""
+        return (self.importance + ("" if self.reconstruct == "none" else f" + {self.reconstruct}")
+                + (" (refit selection)" if self.selection == "refit" else ""))
+
+
+@dataclass
+class SearchRecord:
+    """What `importance="auto"` tried (`candidates`, in order) and chose (`chosen`: an index into them), on how many
+    held-out and fit examples, under which time budget, in how many seconds."""
+
+    held_out_examples: int
+    fit_examples: int
+    max_search_time: float | None
+    candidates: list[Candidate] = field(default_factory=list)
+    chosen: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SearchRecord":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in values.items() if k in fields}
+        return cls(**{**kept, "candidates": [Candidate(**c) for c in kept.get("candidates", [])]})
+
+    def lines(self) -> list[str]:
+        """The record for people: what was chosen, then each candidate's held-out distance (or why it has none)."""
+        chosen = self.candidates[self.chosen]
+        head = (f"importance='auto' chose {chosen.label}: the smallest held-out distance (KL + MD) of {len(self.candidates)} "
+                f"candidate recipes, on {self.held_out_examples} held-out calibration examples ({self.fit_examples} scored "
+                f"and refit on), in {self.seconds:.0f} s")
+        rows = [f"  {'*' if i == self.chosen else ' '} {c.label}: "
+                + (c.skipped if c.distance is None else f"{c.distance:.5g} (KL {c.kl:.5g}, MD {c.md:.5g}), {c.seconds:.1f} s")
+                for i, c in enumerate(self.candidates)]
+        return [head, *rows]
+
+
+def search_record(config_dict: dict[str, Any]) -> SearchRecord | None:
+    """The record in a config's dict (`OptinConfig.to_dict()`), or None when the recipe was named, not searched."""
+    record = (config_dict.get("extra") or {}).get(RECORD_KEY)
+    return SearchRecord.from_dict(record) if isinstance(record, dict) else None

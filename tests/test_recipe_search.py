@@ -1,0 +1,154 @@
+"""importance="auto" (optin_hf.recipe_search): candidates measured on held-out calibration examples, never on a test
+split; the closest one kept; every candidate recorded; a named criterion or repair respected; a time budget obeyed."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny import calibration, tiny_model
+from tiny_task import trained_text_model, write_csv
+
+from optin_hf import OptinConfig, OptinPruner
+from optin_hf import recipe_search
+from optin_hf.commands.__main__ import main
+from optin_hf.hub import model_card
+from optin_hf.recipe_search import RecipeSearch, distance, prepare_search, split_calibration
+from optin_hf.result import pruning_result
+from optin_hf.search_record import search_record
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SETTINGS = dict(importance="auto", mac_constraint=0.5, num_samples=8, batch_size=4, neuron_group_size=16, reconstruct_samples=16)
+LABELS = ["optin + weights", "magnitude + weights", "fisher + weights", "optin", "magnitude", "fisher"]
+WITH_REFIT_SELECTION = [*LABELS[:3], "optin + weights (refit selection)", "magnitude + weights (refit selection)",
+                        "fisher + weights (refit selection)", *LABELS[3:]]
+
+
+def ids(examples: list[dict[str, torch.Tensor]]) -> list[tuple[int, ...]]:
+    """Each example's real tokens, which identify it."""
+    return [tuple(ex["input_ids"][ex["attention_mask"].bool()].tolist()) if "attention_mask" in ex else tuple(ex["input_ids"].flatten().tolist())
+            for ex in examples]
+
+
+@pytest.fixture(scope="module")
+def searched() -> tuple[torch.nn.Module, torch.nn.Module, OptinPruner, list]:
+    """(dense, pruned, pruner, data): a tiny BERT pruned under importance="auto" on 16 examples, the refit's unit
+    selection among the candidates."""
+    dense, data = tiny_model("bert"), calibration("bert", 16)
+    model = copy.deepcopy(dense)
+    pruner = OptinPruner(OptinConfig(**SETTINGS, importance_options={"refit_selection": True}))
+    pruner.prune_model(model, data)
+    return dense, model, pruner, data
+
+
+def test_the_held_out_examples_are_a_seeded_share_apart_from_those_scored():
+    model, data = tiny_model("bert"), calibration("bert", 16)
+    fit, held = split_calibration(model, data, None, OptinConfig(**SETTINGS), 0.25, 16)
+    again = split_calibration(model, data, None, OptinConfig(**SETTINGS), 0.25, 16)
+    assert len(held) == 4 and len(fit) == 12 and ids(held) == ids(again[1])
+    assert not set(ids(fit)) & set(ids(held))
+    assert sorted(ids(fit) + ids(held)) == sorted(ids(calibration("bert", 16)))
+    assert ids(held) != ids(split_calibration(model, data, None, OptinConfig(**SETTINGS, seed=1), 0.25, 16)[1])
+    with pytest.raises(ValueError, match="holds out 4 calibration examples .* 4 were given: pass at least 5"):
+        split_calibration(model, data[:4], None, OptinConfig(**SETTINGS), 0.25, 16)
+
+
+def test_the_search_keeps_the_candidate_closest_to_the_dense_model(searched):
+    dense, model, pruner, data = searched
+    record = search_record(pruner.config.to_dict())
+    assert [c.label for c in record.candidates] == WITH_REFIT_SELECTION  # every candidate, in order, each measured
+    distances = [c.distance for c in record.candidates]
+    assert all(d is not None and d > 0 for d in distances) and len(set(distances)) == len(distances)
+    assert record.chosen == distances.index(min(distances))
+    chosen = record.candidates[record.chosen]
+    assert (pruner.config.importance, pruner.config.reconstruct, pruner.config.selection) == (chosen.importance, chosen.reconstruct, chosen.selection)
+    assert pruner.scores.criterion == chosen.importance
+    # The model kept is the chosen candidate's: measured again on the same held-out examples, it is as far.
+    runner, _ = prepare_search(dense, data, None, OptinConfig(**SETTINGS), RecipeSearch(refit_selection=True), "auto", OptinPruner)
+    assert distance(model, runner.adapter, runner.dense) == pytest.approx((chosen.kl, chosen.md), rel=1e-6)
+    assert (record.held_out_examples, record.fit_examples) == (4, 12)
+    assert pruning_result(model).config.extra["recipe_search"] == pruner.config.extra["recipe_search"]
+
+
+def test_the_record_is_saved_and_shown_on_the_card(searched, tmp_path):
+    _, model, pruner, _ = searched
+    pruner.save(model, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "optin_config.json").read_text())
+    assert saved["importance"] != "auto" and [c.label for c in search_record(saved).candidates] == WITH_REFIT_SELECTION
+    card = str(model_card(model, "me/x", masks_only=True, base_model=None, base_revision=None))
+    chosen = search_record(saved).candidates[search_record(saved).chosen]
+    assert "## How the recipe was chosen" in card and f"| {chosen.label} (chosen) | {chosen.distance:.5g} |" in card
+    assert all(f"| {label}" in card for label in WITH_REFIT_SELECTION)
+
+
+def test_a_named_criterion_is_used_as_named():
+    model, data = tiny_model("bert"), calibration("bert", 16)
+    pruner = OptinPruner(OptinConfig(**{**SETTINGS, "importance": "magnitude"}))
+    pruner.prune_model(model, data)
+    assert pruner.scores.criterion == "magnitude" and pruner.config.importance == "magnitude"
+    assert "recipe_search" not in pruner.config.extra and "search_s" not in pruner.timings
+    named = OptinPruner(OptinConfig(**{**SETTINGS, "importance": "magnitude"}))
+    assert torch.equal(named.compute_masks(tiny_model("bert"), data).neuron_mask, pruner.masks.neuron_mask)
+
+
+def test_a_named_repair_limits_the_search_to_it():
+    model, data = tiny_model("bert"), calibration("bert", 16)
+    pruner = OptinPruner(OptinConfig(**SETTINGS, reconstruct="none"))
+    pruner.prune_model(model, data)
+    record = search_record(pruner.config.to_dict())
+    assert [c.label for c in record.candidates] == ["optin", "magnitude", "fisher"] and pruner.config.reconstruct == "none"
+
+
+def test_a_time_budget_of_zero_measures_the_first_candidate_only():
+    model, data = tiny_model("bert"), calibration("bert", 16)
+    pruner = OptinPruner(OptinConfig(**SETTINGS, importance_options={"max_search_time": 0.0}))
+    pruner.prune_model(model, data)
+    record = search_record(pruner.config.to_dict())
+    assert record.chosen == 0 and record.candidates[0].distance is not None
+    assert len(record.candidates) == len(LABELS) and all(c.distance is None for c in record.candidates[1:])
+    assert all(c.skipped == "not tried: max_search_time=0 s had passed" for c in record.candidates[1:])
+    assert (pruner.config.importance, pruner.config.reconstruct) == ("optin", "weights")
+
+
+def test_auto_scores_nothing_alone_and_checks_its_options():
+    with pytest.raises(ValueError, match="importance='auto' chooses its criterion by pruning with each candidate"):
+        OptinPruner(OptinConfig(**SETTINGS)).compute_scores(tiny_model("bert"), calibration("bert", 16))
+    with pytest.raises(ValueError, match="importance='auto' has no setting 'held_ou'"):
+        OptinConfig(**SETTINGS, importance_options={"held_ou": 0.5})
+    with pytest.raises(ValueError, match=r"held_out=1.5: the share .* must be in \(0, 1\)"):
+        OptinPruner(OptinConfig(**SETTINGS, importance_options={"held_out": 1.5})).prune_model(tiny_model("bert"), calibration("bert", 16))
+
+
+def test_the_cli_never_holds_out_a_test_example(tmp_path, monkeypatch, capsys):
+    """The CLI hands the pruner its calibration split only: the held-out examples are among those rows, none is an
+    evaluation row, and the report names the recipe chosen."""
+    trained_text_model(tmp_path / "model")
+    write_csv(tmp_path / "data.csv", n=40, label_names=True)
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["fit"], seen["held"] = split_calibration(*args, **kwargs)
+        return seen["fit"], seen["held"]
+
+    monkeypatch.setattr(recipe_search, "split_calibration", spy)
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data.csv"), "--calibration-split",
+            "train[:20]", "--eval-split", "train[20:]", "--num-samples", "8", "--importance", "auto", "--mac-constraint",
+            "0.5", "--neuron-group-size", "16", "--output", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "importance='auto' chose" in capsys.readouterr().out
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    import datasets
+
+    rows = datasets.load_dataset("csv", data_files=str(tmp_path / "data.csv"), split="train")
+    encode = lambda texts: {tuple(tokenizer(t, truncation=True, max_length=128)["input_ids"]) for t in texts}  # noqa: E731
+    calibration_rows, test_rows = encode(rows["text"][:20]), encode(rows["text"][20:])
+    held = set(ids(seen["held"]))
+    assert len(held) == 5 and held <= calibration_rows and not held & test_rows
+    assert "labels" in seen["fit"][0]  # Fisher, a candidate, reads the calibration labels
+    report = json.loads((out / "optin_report.json").read_text())
+    assert report["optin"]["extra"]["recipe_search"]["held_out_examples"] == 5
