@@ -263,12 +263,14 @@ def prune_by_search(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=
     work, chosen = best
     record.seconds = time.perf_counter() - start
     extra = {**pruner.config.extra, RECORD_KEY: {**record.to_dict(), "options": dict(pruner.config.importance_options)}}
-    chosen.config = dataclasses.replace(chosen.config, extra=extra)
+    # the refit saw only the fit examples: the config says so, not the number asked for
+    used = dict(extra=extra, reconstruct_samples=min(chosen.config.reconstruct_samples, len(runner.fit)))
+    chosen.config = dataclasses.replace(chosen.config, **used)
     # `model` becomes the chosen copy: the same slimming, then its (refit) weights; a refit adds no parameter.
     slim_model(model, chosen.masks, runner.adapter)
     model.load_state_dict(work.state_dict())
     result = pruning_result(work)
-    attach_result(model, dataclasses.replace(result, config=dataclasses.replace(result.config, extra=extra)))
+    attach_result(model, dataclasses.replace(result, config=dataclasses.replace(result.config, **used)))
     chosen.timings = {**chosen.timings, "search_s": time.perf_counter() - start}
     vars(pruner).update(vars(chosen))  # the pruner now describes the run it kept: config, scores, masks, refit, timings
     return model

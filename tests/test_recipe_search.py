@@ -152,3 +152,10 @@ def test_the_cli_never_holds_out_a_test_example(tmp_path, monkeypatch, capsys):
     assert "labels" in seen["fit"][0]  # Fisher, a candidate, reads the calibration labels
     report = json.loads((out / "optin_report.json").read_text())
     assert report["optin"]["extra"]["recipe_search"]["held_out_examples"] == 5
+
+
+def test_the_kept_config_states_how_many_examples_the_refit_saw(searched):
+    _, pruned, pruner, _ = searched
+    record = pruner.config.extra["recipe_search"]
+    assert record["fit_examples"] < SETTINGS["reconstruct_samples"]  # 16 given, a quarter held out
+    assert pruner.config.reconstruct_samples == pruning_result(pruned).config.reconstruct_samples == record["fit_examples"]
