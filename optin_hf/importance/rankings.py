@@ -1,95 +1,56 @@
-"""Import of the reference's published rankings, Python pickles, without running their code.
+"""Import of the reference's published rankings, Python pickles, without unpickling them.
 
 Each file (`head_ranking_body.pkl`, `neuron_ranking_body.pkl`) is a list of
 `(score, layer, index, "head" | "neuron")` sorted ascending by score, where score is the
 NEGATED loss (so the most important structure comes first). In vision files a neuron index
 >= intermediate_size is the token position `index - intermediate_size`.
 
-The scores are tensors written with `pickle.dump`, possibly CUDA tensors. Such a pickle names
-three globals: `torch._utils._rebuild_tensor_v2` (the tensor), `torch.storage._load_from_bytes`
-(its storage: a legacy `torch.save` blob) and `collections.OrderedDict` (empty backward hooks).
-`RankingUnpickler` resolves only those, and to checked stand-ins: the storage blob goes to
-`torch.load(weights_only=True, map_location="cpu")`, torch's own restricted loader, because
-torch's `_load_from_bytes` would unpickle it with no restriction.
+The scores are tensors written with `pickle.dump` (possibly CUDA tensors), or the list was
+written with `torch.save`. `pickled_data` reads either as data: its own interpreter of the
+pickle opcodes builds lists, numbers, strings and tensors (on the CPU) and refuses everything
+else, so a file that would run code when unpickled is an error and nothing of it runs. Neither
+`pickle` nor `torch.load` is used.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
-import zipfile
-from collections import OrderedDict
+import reprlib
 from typing import Any
 
 import torch
 
 from ..arch import get_adapter
-
-
-def _storage_from_bytes(blob: bytes) -> torch.storage.TypedStorage:
-    if not isinstance(blob, bytes):
-        raise pickle.UnpicklingError(f"A tensor storage must be bytes, got {type(blob).__name__}.")
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None) -> torch.Tensor:
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise pickle.UnpicklingError(f"A tensor must be rebuilt from a torch storage, got {type(storage).__name__}.")
-    if backward_hooks or metadata:
-        raise pickle.UnpicklingError("A ranking score tensor carries backward hooks or metadata; refusing it.")
-    return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
-
-
-SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-    ("collections", "OrderedDict"): OrderedDict,
-}
-
-
-class RankingUnpickler(pickle.Unpickler):
-    """Unpickles a ranking file, refusing every global that is not a tensor's own rebuild step."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in SAFE_GLOBALS:
-            raise pickle.UnpicklingError(
-                f"Refusing the forbidden global {module}.{name}: a ranking file holds only tensors, numbers and "
-                "strings, so this pickle would run code it should not. Do not load it with pickle either."
-            )
-        return SAFE_GLOBALS[(module, name)]
+from .pickled_data import CutShort, load_pickled_data
 
 
 def load_rankings(path: str | os.PathLike) -> list:
-    """The ranking list in `path`: a `pickle.dump` file (read restricted), or a `torch.save`
-    archive (read by torch with weights_only=True)."""
-    if zipfile.is_zipfile(path):
-        rankings = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        with open(path, "rb") as f:
-            try:
-                rankings = RankingUnpickler(f).load()
-            except pickle.UnpicklingError as err:
-                raise pickle.UnpicklingError(f"{path}: {err}") from err
-            except EOFError as err:
-                raise ValueError(
-                    f"{path} is empty or cut short: not a complete rankings pickle. Download the reference's "
-                    "*_ranking_body.pkl file again."
-                ) from err
+    """The ranking list in `path`: a `pickle.dump` file or a `torch.save` archive, read as data only."""
+    try:
+        rankings = load_pickled_data(path)
+    except CutShort as err:
+        raise ValueError(
+            f"{path} is empty or cut short: not a complete rankings pickle. Download the reference's "
+            "*_ranking_body.pkl file again."
+        ) from err
     if not isinstance(rankings, (list, tuple)):
-        raise ValueError(f"{path} holds a {type(rankings).__name__}, not the reference's list of (score, layer, index, kind).")
+        raise ValueError(
+            f"{path} holds a {type(rankings).__name__}, not the reference's list of (score, layer, index, kind)."
+        )
     return list(rankings)
 
 
 def _entry(item: Any, path: str | os.PathLike) -> tuple[float, int, int, str]:
     if not (isinstance(item, (tuple, list)) and len(item) == 4 and item[3] in ("head", "neuron")):
-        raise ValueError(f"{path}: {item!r} is not a (score, layer, index, 'head'|'neuron') entry.")
+        raise ValueError(f"{path}: {reprlib.repr(item)} is not a (score, layer, index, 'head'|'neuron') entry.")
     score, layer, index, kind = item
+    if not (isinstance(score, (torch.Tensor, int, float)) and type(layer) is int and type(index) is int):
+        raise ValueError(f"{path}: {reprlib.repr(item)} is not a (score, layer, index, kind) entry of numbers.")
     if isinstance(score, torch.Tensor):
-        if score.numel() != 1:
-            raise ValueError(f"{path}: a score holds {score.numel()} numbers, not one.")
+        if score.numel() != 1 or score.is_complex():
+            raise ValueError(f"{path}: a score holds {score.numel()} {score.dtype} numbers, not one real number.")
         score = score.item()
-    return float(score), int(layer), int(index), kind
+    return float(score), layer, index, kind
 
 
 def scores_from_rankings(

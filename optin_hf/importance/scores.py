@@ -82,8 +82,9 @@ class ImportanceScores:
         """Import the reference's published rankings (`head_ranking_body.pkl`,
         `neuron_ranking_body.pkl`) for a model with `model_config`, without running their code.
 
-        The pickles are read by a restricted unpickler that only rebuilds tensors (see
-        `importance.rankings`); anything else is refused with an error naming the global.
+        The files (`pickle.dump` or `torch.save`) are read as data, never unpickled: `importance.pickled_data`
+        interprets their opcodes itself and builds only lists, numbers, strings and tensors; any other global,
+        call or opcode is refused with a `ValueError` naming it, and nothing of the file runs.
         """
         heads, neurons, tokens = scores_from_rankings(head_pkl, neuron_pkl, model_config)
         return cls(heads, neurons, "optin-reference", tokens)
