@@ -9,6 +9,7 @@ flows against the import graph, through a callback or an object handed down. Two
 BERT fine-tuned on synthetic sentences (tests/tiny_task.py):
 - `prune_model`: `OptinPruner.prune_model` then `OptinPruner.save`;
 - `run_prune`: the CLI's job from its entry to the saved checkpoint and report.
+tests/test_imports.py runs the first and asserts that it never climbs.
 
     python benchmarks/job_road.py
 """
@@ -19,6 +20,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,43 +66,76 @@ def trace(run: Callable[[], object]) -> list[tuple[str, str]]:
     return steps
 
 
-def report(name: str, steps: list[tuple[str, str]], above: dict[str, set[str]]) -> None:
-    modules = sorted({m for step in steps for m in step})
-    climbs = Counter(step for step in steps if step[0] in above.get(step[1], set()))
-    entries = Counter(callee for _, callee in steps)
-    print(f"\n{name}: {len(modules)} modules, {len(steps)} calls between modules, "
-          f"{sum(climbs.values())} climbs up ({len(climbs)} distinct)")
-    print("  modules: " + ", ".join(m.removeprefix("optin_hf.") for m in modules))
-    for (caller, callee), count in climbs.most_common():
-        print(f"  climb: {caller.removeprefix('optin_hf.')} -> {callee.removeprefix('optin_hf.')} x{count}")
-    print("  most entered: " + ", ".join(f"{m.removeprefix('optin_hf.')} {n}" for m, n in entries.most_common(5)))
+@dataclass
+class Road:
+    """The modules a traced run passed through, its calls between modules, and its climbs up
+    ((caller, callee) -> count) and entries (module -> calls into it)."""
+
+    modules: list[str]
+    calls: int
+    climbs: Counter
+    entries: Counter
 
 
-def main() -> None:
+def road(run: Callable[[], object]) -> Road:
+    """The road `run()` takes through optin_hf."""
+    steps = trace(run)
+    above = depends_on(import_graph(PACKAGE))
+    return Road(
+        sorted({m for step in steps for m in step}),
+        len(steps),
+        Counter(step for step in steps if step[0] in above.get(step[1], set())),
+        Counter(callee for _, callee in steps),
+    )
+
+
+def short(module: str) -> str:
+    return module.removeprefix("optin_hf.")
+
+
+def report(name: str, found: Road) -> None:
+    print(f"\n{name}: {len(found.modules)} modules, {found.calls} calls between modules, "
+          f"{sum(found.climbs.values())} climbs up ({len(found.climbs)} distinct)")
+    print("  modules: " + ", ".join(map(short, found.modules)))
+    for (caller, callee), count in found.climbs.most_common():
+        print(f"  climb: {short(caller)} -> {short(callee)} x{count}")
+    print("  most entered: " + ", ".join(f"{short(m)} {n}" for m, n in found.entries.most_common(5)))
+
+
+def prune_model_road(work: Path) -> Road:
+    """`prune_model` then `save` of the tiny BERT classifier, written under the folder `work`."""
     from transformers import AutoModelForSequenceClassification
 
     from optin_hf import OptinConfig, OptinPruner
+
+    trained_text_model(work / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(work / "model")
+    texts = [text for text, _ in sentences(32, 0)]
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, num_samples=16, reconstruct_samples=32))
+
+    def prune_and_save() -> None:
+        pruner.prune_model(model, texts, tokenizer=tokenizer())
+        pruner.save(model, work / "slim")
+
+    return road(prune_and_save)
+
+
+def run_prune_road(work: Path) -> Road:
+    """The CLI's `prune` job on the tiny BERT classifier (saved under `work` by `prune_model_road`)."""
     from optin_hf.commands.__main__ import main as cli
 
-    above = depends_on(import_graph(PACKAGE))
+    csv = write_csv(work / "data.csv")
+    argv = ["prune", "--model", str(work / "model"), "--dataset", str(csv), "--mac-constraint", "0.6",
+            "--num-samples", "16", "--reconstruct-samples", "32", "--output", str(work / "cli"),
+            "--calibration-split", "train[:50%]", "--eval-split", "train[50%:]"]
+    return road(lambda: cli(argv))
+
+
+def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        trained_text_model(work / "model")
-        tokenizer().save_pretrained(work / "model")
-        csv = write_csv(work / "data.csv")
-        model = AutoModelForSequenceClassification.from_pretrained(work / "model")
-        texts = [text for text, _ in sentences(32, 0)]
-        pruner = OptinPruner(OptinConfig(mac_constraint=0.6, num_samples=16, reconstruct_samples=32))
-
-        def prune_and_save() -> None:
-            pruner.prune_model(model, texts, tokenizer=tokenizer())
-            pruner.save(model, work / "slim")
-
-        report("prune_model + save", trace(prune_and_save), above)
-        argv = ["prune", "--model", str(work / "model"), "--dataset", str(csv), "--mac-constraint", "0.6",
-                "--num-samples", "16", "--reconstruct-samples", "32", "--output", str(work / "cli"),
-                "--calibration-split", "train[:50%]", "--eval-split", "train[50%:]"]
-        report("run_prune (CLI)", trace(lambda: cli(argv)), above)
+        report("prune_model + save", prune_model_road(work))
+        report("run_prune (CLI)", run_prune_road(work))
 
 
 if __name__ == "__main__":

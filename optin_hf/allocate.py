@@ -1,15 +1,30 @@
-"""The budget search: which heads and neurons to keep under a MAC budget, and in token mode
-how many tokens each layer holds."""
+"""The choice of masks: which heads and neurons to keep under a MAC budget, and in token mode
+how many tokens each layer holds.
+
+`choose_masks` is the pruner's one search step, from scores to masks. Its core is the budget search
+over the scores (`allocate`, `allocate_uniform`, `allocate_with_tokens`, below); the options that
+measure candidate masks on calibration data live in their own modules and are reached only from
+here: the residual share (`channel_search`, `prune_channels`), the per-layer counts by the loss left
+after the refit (`refit_allocation`, `allocation="refit"`), the units by the error the refit leaves
+(`refit_selection`, `selection="refit"`).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+import time
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
-from .macs import MacCosts
+from .channel_search import allocate_with_channels, channel_judge, least_widths
+from .config import OptinConfig
+from .importance import ImportanceScores
+from .macs import CostModel, MacCosts
 from .masks import PruningMasks
+from .refit_allocation import allocate_by_refit
+from .refit_selection import select_by_refit
 
 
 def _ranked(
@@ -460,3 +475,128 @@ def rearrange_masks(masks: PruningMasks, grads: dict[str, torch.Tensor]) -> Prun
             new[kind][layer, :n] = rearrange_layer(new[kind][layer, :n], g[:, layer, :n])
     return masks.with_masks(new["head"], new["neuron"], masks.token_schedule)
 
+
+def check_budget(costs: CostModel, config: OptinConfig, seq_len: float | None, mac_constraint: float) -> None:
+    """Refuse a `mac_constraint` below the fewest MACs pruning can leave, before any scoring (the search
+    would find out only after it): what no unit owns (`ArchAdapter.fixed_macs`), and all a kind that is
+    not pruned costs. In token mode that kind's cost shrinks with the tokens, so only the fixed part counts.
+    `seq_len`: the MAC length (None: the adapter's; a text model with none is not checked here)."""
+    c, adapter = config, costs.adapter
+    seq_len = seq_len if seq_len is not None else adapter.default_seq_len(costs.config, costs.image_size)
+    if seq_len is None:
+        return  # a text model with neither data nor seq_len: the pruner asks for the length
+    at = costs.at(costs.uniform(seq_len))
+    dense = at.masked(costs.units)
+    if c.prune_channels:  # the least is at the narrowest residual widths the search tries
+        at = costs.at(costs.uniform(seq_len), least_widths(costs.channels))
+    floor = {adapter.fixed_parts: at.fixed}
+    kept_whole: list[str] = []  # settings that would let the search cut a kind it now keeps whole
+    if not c.prune_tokens:
+        kinds = zip(("prune_heads", "prune_neurons"), adapter.unit_names, (at.head, at.neuron), costs.units.present())
+        for setting, name, unit_cost, present in kinds:
+            total = float((unit_cost * present.sum(1)).sum())
+            if not getattr(c, setting) and total:
+                floor[f"its {name}, which {setting}=False keeps whole"] = total
+                kept_whole.append(f"{setting}=True")
+    least = sum(floor.values())
+    if least <= mac_constraint * dense:
+        return
+
+    def share(macs: float) -> float:
+        """A share of the dense MACs, rounded up: a mac_constraint of it is reachable."""
+        return math.ceil(macs / dense * 1000) / 1000
+
+    parts = " and ".join(f"{name} ({macs / dense:.3f})" for name, macs in floor.items() if macs)
+    advice = f"Set mac_constraint to at least {share(least)}"
+    if kept_whole:
+        fixed = floor[adapter.fixed_parts]
+        advice += f", or {' and '.join(kept_whole)}" + (f" (then the least is {share(fixed)})" if fixed else "")
+    tokens = ", which token pruning does not reduce" if c.prune_tokens else ""
+    raise ValueError(
+        f"mac_constraint={mac_constraint:g} cannot be reached on this {costs.config.model_type} model: the least "
+        f"pruning can leave is {least / dense:.3f} of its {dense:.4g} MACs, {parts}{tokens}. {advice}."
+    )
+
+
+def choose_masks(
+    model: nn.Module,
+    scores: ImportanceScores,
+    costs: CostModel,
+    seq_len: float,
+    config: OptinConfig,
+    mac_constraint: float,
+    batches: list[dict[str, torch.Tensor]] | None = None,
+    *,
+    select: bool = False,
+) -> tuple[PruningMasks, dict[str, float]]:
+    """The masks of the dense `model` (`costs`: its cost model) that keep `mac_constraint` of its MACs at `seq_len`,
+    chosen from `scores` as `config` asks, and the seconds the refit-measured options took ({"allocation_s": ...}).
+
+    How many units each layer keeps: the budget search over the scores (per-layer-uniform under `uniform_layers`,
+    with a token schedule in token mode, at the residual share `channel_search` judges best under
+    `prune_channels`), then, under `allocation="refit"`, the counts by the loss each layer's cuts leave after the
+    refit. Which units: the best-scored (re-picked by PTF's rearrangement where the scores carry per-example
+    gradients), or, with `select` and `selection="refit"`, those whose removal the refit repairs best. `batches`:
+    the refit's calibration batches, on which those options measure (None: no data was given)."""
+    c = config
+    check_budget(costs, c, seq_len, mac_constraint)
+    budget = mac_constraint * costs.dense(seq_len)
+    kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of)
+    # The scores' search runs under allocation="refit" too: it refuses scores that cannot rank and a budget
+    # it cannot reach before the refit's many slim-and-refit runs.
+    masks = _by_scores(model, scores, costs, seq_len, c, budget, batches, units=costs.units, **kw)
+    timings: dict[str, float] = {}
+    if c.allocation == "refit":
+        if batches is None:
+            raise ValueError("allocation='refit' measures refit cuts on calibration data: pass data (or set allocation='scores').")
+        start = time.perf_counter()
+        masks = allocate_by_refit(
+            model, costs.adapter, scores.head_scores, scores.neuron_scores, costs.at(costs.uniform(seq_len)), costs.units,
+            budget, batches, c.reconstruct, c.reconstruct_ridge, **kw,
+        )
+        timings["allocation_s"] = time.perf_counter() - start
+    if select and c.selection == "refit":  # the allocation's counts, its units re-chosen by the error the refit leaves
+        start = time.perf_counter()
+        masks = select_by_refit(model, masks, batches, c.reconstruct_ridge, costs.adapter)
+        timings["selection_s"] = time.perf_counter() - start
+    return masks, timings
+
+
+def _by_scores(
+    model: nn.Module, scores: ImportanceScores, costs: CostModel, seq_len: float, config: OptinConfig, budget: float,
+    batches: list[dict[str, torch.Tensor]] | None, **kw: Any,
+) -> PruningMasks:
+    """`choose_masks`' budget search over the scores alone (`kw`: the searches' settings)."""
+    c, adapter = config, costs.adapter
+    if c.prune_channels:  # the residual share is judged on calibration data (`channel_search`)
+        if batches is None:
+            raise ValueError("prune_channels=True picks the residual share by the slim, repaired model's loss on "
+                             "calibration data: pass data.")
+        if scores.channel_scores is None:
+            raise ValueError(
+                f"prune_channels=True needs residual channel scores, which these {scores.criterion!r} scores lack: score "
+                "with importance='optin' (or 'random') and prune_channels=True."
+            )
+        check_scores(scores.channel_scores, "channel")
+        judge = channel_judge(model, adapter, batches, c.reconstruct, c.reconstruct_ridge, c.temperature)
+    if c.prune_tokens:
+        if c.uniform_layers:
+            raise ValueError("uniform_layers=True keeps the same counts in every layer, which a token schedule does not: "
+                             "set prune_tokens=False or uniform_layers=False.")
+        if scores.token_scores is None:
+            raise ValueError(
+                f"prune_tokens=True needs token scores, which these {scores.criterion!r} scores lack: score with "
+                "importance='optin' (or 'random') and prune_tokens=True, or import the reference's rankings."
+            )
+        tokens = adapter.default_seq_len(costs.config, costs.image_size)
+        if seq_len != tokens:
+            raise ValueError(f"seq_len={seq_len}: in token mode the MACs are counted at the image's {tokens} tokens.")
+        return allocate_with_tokens(
+            scores.head_scores, scores.neuron_scores, scores.token_scores, costs.at, budget,
+            params_share=c.resolved_token_cut_share(), num_prefix_tokens=adapter.num_prefix_tokens, **kw
+        )
+    search = allocate_uniform if c.uniform_layers else allocate
+    if c.prune_channels:
+        return allocate_with_channels(scores, costs, seq_len, budget, search, judge, **kw)
+    masks = search(scores.head_scores, scores.neuron_scores, costs.at(costs.uniform(seq_len)), budget, **kw)
+    return rearrange_masks(masks, scores.example_grads) if scores.example_grads else masks

@@ -23,7 +23,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .allocate import check_scores
 from .arch import ArchAdapter
 from .capture import scoring_forward
 from .importance import ImportanceScores
@@ -64,14 +63,9 @@ def allocate_with_channels(
     **kwargs: Any,
 ) -> PruningMasks:
     """The masks (heads, neurons and residual channels) under `budget` MACs whose slim model `judge` finds best, of
-    one per residual share; `search` is the head/neuron search (`allocate.allocate`) with its settings `kwargs`."""
+    one per residual share; `search` is the head/neuron search (`allocate.allocate`) with its settings `kwargs`.
+    `scores` carry finite channel scores (`allocate.choose_masks` refuses others)."""
     widths = costs.adapter.channel_widths(costs.config)
-    if scores.channel_scores is None:
-        raise ValueError(
-            f"prune_channels=True needs residual channel scores, which these {scores.criterion!r} scores lack: score "
-            "with importance='optin' (or 'random') and prune_channels=True."
-        )
-    check_scores(scores.channel_scores, "channel")
     best: tuple[float, PruningMasks] | None = None
     for share in SHARES:
         channel_mask = share_mask(scores.channel_scores, widths, share)

@@ -145,7 +145,7 @@ class CostModel:
         size = adapter.image_size(config, image_size if image_size is not None else recorded_image_size(model))
         layers = adapter.layers_of(model)
         kept = tuple(adapter.kept_heads(layer, config) for layer in layers), tuple(adapter.kept_neurons(layer) for layer in layers)
-        schedule = installed_schedule(model)
+        schedule = installed_schedule(model) if adapter.supports("tokens") else None  # only a token-mode family merges
         fixed = float(adapter.fixed_macs(model, size))
         channels = tuple(adapter.kept_channels(model)) if adapter.supports("channels") else None
         return cls(adapter, config, fixed, kept, None if schedule is None else tuple(schedule), size, channels)

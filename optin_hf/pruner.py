@@ -1,38 +1,32 @@
-"""`OptinPruner`: calibrate, score, allocate, slim and save; the orchestration and only that."""
+"""`OptinPruner`: the orchestration of a prune, and only that: check what is asked against the model's adapter,
+score (`importance`), choose the masks (`allocate.choose_masks`), slim, repair (`reconstruct`), attach the result;
+then save or push."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
-import sys
 import time
 from typing import Any
 
 import torch
 from huggingface_hub import CommitInfo
 from torch import nn
-from tqdm.auto import tqdm
 
-from .allocate import allocate, allocate_uniform, allocate_with_tokens, rearrange_masks
+from .allocate import check_budget, choose_masks
 from .arch import ArchAdapter, check_model, require
 from .checkpoint import MAX_SHARD_SIZE, save_pruned
 from .config import OptinConfig
 from .criteria import AUTO_IMPORTANCE
 from .data import average_length, check_inputs, image_size_of, prepare_calibration, replayable
-from .engine.distributed import process_state
-from .engine.estimate import ScoringPlan, layer_units, plan_scoring, scoring_cost, time_dense, token_counts
-from .engine.run import engine_for, precision
+from .engine.estimate import ScoringPlan, plan_model_scoring
 from .engine.streaming import check_streaming
 from .hub import CardMetrics, push_to_hub
 from .importance import CRITERIA, ImportanceScores, criterion_from_config
 from .macs import CostModel
-from .channel_search import Judge, allocate_with_channels, channel_judge, least_widths
 from .masks import PruningMasks, check_masks
 from .reconstruct import Reconstruction, reconstruct, unslim
-from .refit_allocation import allocate_by_refit
-from .refit_selection import select_by_refit
 from .result import PruningResult, attach_result, pruning_result, result_of_pruning
 from .slim import slim_model
 
@@ -93,8 +87,11 @@ class OptinPruner:
         points look the adapter up here, once, and hand it to everything they call."""
         adapter = check_model(model)
         self._resolve_repair(model, adapter)
-        self._refuse(model, adapter, repair)
-        check_streaming(model, adapter, self.config, repair)  # offloaded decoder layers: what streaming cannot run
+        c = self.config
+        # A refit allocation, and a refit between steps, run the repair even where the model is not slimmed.
+        self._refuse(model, adapter, repair or c.allocation == "refit" or c.prune_steps > 1)
+        if any(p.is_meta for p in model.parameters()):  # offloaded weights: what layer-streamed scoring cannot run
+            check_streaming(model, adapter, c, repair)
         return adapter
 
     def _resolve_repair(self, model: nn.Module, adapter: ArchAdapter) -> None:
@@ -144,46 +141,6 @@ class OptinPruner:
                 f"importance={' or '.join(map(repr, scoring))} (the criteria that score tokens), or prune_tokens=False."
             )
 
-    def _check_budget(self, costs: CostModel, mac_constraint: float) -> None:
-        """Refuse a `mac_constraint` below the fewest MACs pruning can leave, before any scoring (the search
-        would find out only after it): what no unit owns (`ArchAdapter.fixed_macs`), and all a kind that is
-        not pruned costs. In token mode that kind's cost shrinks with the tokens, so only the fixed part counts."""
-        c, adapter = self.config, costs.adapter
-        seq_len = self.seq_len if self.seq_len is not None else adapter.default_seq_len(costs.config, costs.image_size)
-        if seq_len is None:
-            return  # a text model with neither data nor seq_len: `_allocate` asks for the length
-        at = costs.at(costs.uniform(seq_len))
-        dense = at.masked(costs.units)
-        if c.prune_channels:  # the least is at the narrowest residual widths the search tries
-            at = costs.at(costs.uniform(seq_len), least_widths(costs.channels))
-        floor = {adapter.fixed_parts: at.fixed}
-        kept_whole: list[str] = []  # settings that would let the search cut a kind it now keeps whole
-        if not c.prune_tokens:
-            kinds = zip(("prune_heads", "prune_neurons"), adapter.unit_names, (at.head, at.neuron), costs.units.present())
-            for setting, name, unit_cost, present in kinds:
-                total = float((unit_cost * present.sum(1)).sum())
-                if not getattr(c, setting) and total:
-                    floor[f"its {name}, which {setting}=False keeps whole"] = total
-                    kept_whole.append(f"{setting}=True")
-        least = sum(floor.values())
-        if least <= mac_constraint * dense:
-            return
-
-        def share(macs: float) -> float:
-            """A share of the dense MACs, rounded up: a mac_constraint of it is reachable."""
-            return math.ceil(macs / dense * 1000) / 1000
-
-        parts = " and ".join(f"{name} ({macs / dense:.3f})" for name, macs in floor.items() if macs)
-        advice = f"Set mac_constraint to at least {share(least)}"
-        if kept_whole:
-            fixed = floor[adapter.fixed_parts]
-            advice += f", or {' and '.join(kept_whole)}" + (f" (then the least is {share(fixed)})" if fixed else "")
-        tokens = ", which token pruning does not reduce" if c.prune_tokens else ""
-        raise ValueError(
-            f"mac_constraint={mac_constraint:g} cannot be reached on this {costs.config.model_type} model: the least "
-            f"pruning can leave is {least / dense:.3f} of its {dense:.4g} MACs, {parts}{tokens}. {advice}."
-        )
-
     def compute_scores(self, model: nn.Module, data: Any, tokenizer=None) -> ImportanceScores:
         """Score every head and neuron (and token, in token mode) of the dense `model` on calibration `data`.
 
@@ -207,7 +164,7 @@ class OptinPruner:
         was_training = model.training
         model.eval()
         try:
-            self._check_budget(CostModel.of(model, adapter, self.image_size), self.config.mac_constraint)
+            check_budget(CostModel.of(model, adapter, self.image_size), self.config, self.seq_len, self.config.mac_constraint)
             if hasattr(criterion, "masked_units"):
                 with torch.no_grad():
                     units = criterion.masked_units(model, adapter, self.config)
@@ -223,22 +180,11 @@ class OptinPruner:
         return self.scores
 
     def _plan_scoring(self, model: nn.Module, adapter, units: dict[str, int], batches: list[dict[str, torch.Tensor]]) -> bool:
-        """Estimate the scoring time from one timed dense forward (the first batch) and say it; under
-        `max_scoring_time`, make `self.config` the fitting settings. True: fewer examples were picked."""
+        """Estimate the scoring time (`engine.estimate.plan_model_scoring`); under `max_scoring_time`, make
+        `self.config` the fitting settings. True: fewer examples were picked."""
         c = self.config
-        device = next(model.parameters()).device
-        geometry = adapter.layer_geometry(model.config)
-        widths = [g.hidden for g in geometry]  # the features MD compares
-        tokens = adapter.default_seq_len(model.config, image_size_of(batches))  # per image, at the size scoring runs
-        md_rows = min(c.md_tokens, sum(token_counts(batches, tokens)[0]))
-        with precision(device, getattr(torch, c.dtype)):
-            timing = time_dense(model, adapter, batches[0], tokens, md_rows, widths, c.temperature)
-        cost = scoring_cost(timing, batches, tokens, c.batch_size, layer_units(units, geometry), engine_for(model, adapter, c),
-                            widths, c.md_tokens)
-        self.plan = plan_scoring(cost, c.neuron_group_size, c.max_scoring_time, device.type)
+        self.plan, timing = plan_model_scoring(model, adapter, units, batches, c)
         self.timings.update(dense_forward_s=timing.seconds, estimated_scoring_s=self.plan.estimated_s)
-        if process_state(device).is_main_process:
-            tqdm.write(str(self.plan), file=sys.stderr)
         fewer = self.plan.num_samples < self.plan.available_samples
         if c.max_scoring_time is not None:
             self.timings["max_scoring_time_s"] = c.max_scoring_time
@@ -255,59 +201,42 @@ class OptinPruner:
         """Allocate the MAC budget; with `scores` given (or kept from before) nothing is re-scored.
 
         With `prune_steps > 1` and no scores yet, the cut is made in steps with a reconstruction
-        and a re-scoring between them (`_masks_in_steps`)."""
+        and a re-scoring between them (`_masks_in_steps`). `selection="refit"` re-chooses units in
+        `prune_model` only."""
         return self._masks(model, self._check_model(model), data, scores, tokenizer)
 
     def _masks(
-        self, model: nn.Module, adapter: ArchAdapter, data: Any, scores: ImportanceScores | None, tokenizer
+        self, model: nn.Module, adapter: ArchAdapter, data: Any, scores: ImportanceScores | None, tokenizer,
+        batches: list[dict[str, torch.Tensor]] | None = None, select: bool = False,
     ) -> PruningMasks:
-        """`compute_masks` of a model whose adapter the caller checked."""
+        """`compute_masks` of a model whose adapter the caller checked; `batches`: the refit's calibration batches
+        where the caller read them; `select`: apply `selection` (`allocate.choose_masks`)."""
         data = replayable(data)  # each step reads it again
         if scores is None and self.scores is None and self.config.prune_steps > 1:
-            return self._masks_in_steps(model, adapter, data, tokenizer)
+            return self._masks_in_steps(model, adapter, data, tokenizer, batches, select)
         if scores is None and self.scores is None:
             scores = self._scores(model, adapter, data, tokenizer)
         elif scores is None:
             scores = self.scores
         elif data is not None and (self.config.seq_len is None or (adapter.is_vision and self.config.image_size is None)):
             self._batches(model, adapter, data, tokenizer)
-        judge = None
-        if self.config.prune_channels:  # the residual share is judged on calibration data (`channel_search`)
-            if data is None:
-                raise ValueError("prune_channels=True picks the residual share by the slim, repaired model's loss on "
-                                 "calibration data: pass data.")
-            c = self.config
+        c = self.config
+        measured = c.prune_channels or c.allocation == "refit" or (select and c.selection == "refit")
+        if batches is None and measured and data is not None:  # the options the search measures on calibration data
             batches = self._reconstruction_batches(model, adapter, data, tokenizer)
-            judge = channel_judge(model, adapter, batches, c.reconstruct, c.reconstruct_ridge, c.temperature)
-        self.masks = self._allocate(model, adapter, scores, self.config.mac_constraint, judge)
-        if self.config.allocation == "refit":
-            self.masks = self._allocate_by_refit(model, adapter, data, tokenizer, scores)
+        self.masks = self._choose(model, adapter, scores, c.mac_constraint, batches, select)
         return self.masks
 
-    def _allocate_by_refit(self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer, scores: ImportanceScores) -> PruningMasks:
-        """`allocation="refit"`: the per-layer counts by the loss each layer's cuts leave after the refit."""
-        c = self.config
-        if data is None:
-            raise ValueError("allocation='refit' measures refit cuts on calibration data: pass data (or set allocation='scores').")
-        self._refuse(model, adapter, repair=True)
-        batches = self._reconstruction_batches(model, adapter, data, tokenizer)
-        costs = CostModel.of(model, adapter, self.image_size)
-        start = time.perf_counter()
-        masks = allocate_by_refit(
-            model, adapter, scores.head_scores, scores.neuron_scores, costs.at(costs.uniform(self.seq_len)), costs.units,
-            c.mac_constraint * costs.dense(self.seq_len), batches, c.reconstruct, c.reconstruct_ridge,
-            prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of,
-        )
-        self.timings["allocation_s"] = time.perf_counter() - start
-        return masks
-
-    def _masks_in_steps(self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer) -> PruningMasks:
+    def _masks_in_steps(
+        self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer, batches: list[dict[str, torch.Tensor]] | None,
+        select: bool,
+    ) -> PruningMasks:
         """Remove 1/k of the MAC cut, reconstruct, re-score what is left on the repaired model; k times."""
         c = self.config
         if data is None:
             raise ValueError(f"prune_steps={c.prune_steps} scores and reconstructs on calibration data: pass data.")
-        self._refuse(model, adapter, repair=True)
-        batches = self._reconstruction_batches(model, adapter, data, tokenizer)
+        if batches is None:
+            batches = self._reconstruction_batches(model, adapter, data, tokenizer)
         current, masks, scoring_s = model, None, 0.0
         try:
             for step in range(1, c.prune_steps + 1):
@@ -317,8 +246,10 @@ class OptinPruner:
                 scoring_s += self.timings["scoring_s"]
                 if masks is not None:
                     scores = scores.ranking_last(~masks.head_mask, ~masks.neuron_mask)
-                masks = self._allocate(model, adapter, scores, 1 - (1 - c.mac_constraint) * step / c.prune_steps)
-                if step < c.prune_steps:
+                last = step == c.prune_steps
+                masks = self._choose(model, adapter, scores, 1 - (1 - c.mac_constraint) * step / c.prune_steps, batches,
+                                     select and last)
+                if not last:
                     work = slim_model(copy.deepcopy(model), masks, adapter)
                     reconstruct(work, model, batches, c.reconstruct, c.reconstruct_ridge, adapter)
                     current = unslim(work, model, masks, adapter)
@@ -327,11 +258,12 @@ class OptinPruner:
         self.timings["scoring_s"], self.scores, self.masks = scoring_s, scores, masks
         return masks
 
-    def _allocate(
-        self, model: nn.Module, adapter: ArchAdapter, scores: ImportanceScores, mac_constraint: float, judge: Judge | None = None
+    def _choose(
+        self, model: nn.Module, adapter: ArchAdapter, scores: ImportanceScores, mac_constraint: float,
+        batches: list[dict[str, torch.Tensor]] | None, select: bool,
     ) -> PruningMasks:
-        """The masks that keep `mac_constraint` of the dense `model`'s MACs by `scores` (`judge`: what picks the residual
-        share under `prune_channels`, `channel_search.channel_judge`)."""
+        """The masks that keep `mac_constraint` of the dense `model`'s MACs by `scores` (`allocate.choose_masks`), at
+        the MAC length and image size this pruner counts at, which it records."""
         costs = CostModel.of(model, adapter, self.image_size)
         self.image_size = costs.image_size  # the size counted at (the config's when no image was read), recorded
         scores.check_fits(model.config, adapter)
@@ -340,32 +272,9 @@ class OptinPruner:
             self.seq_len = adapter.default_seq_len(model.config, self.image_size)
         if self.seq_len is None:
             raise ValueError("The MAC sequence length is unknown: pass calibration data or set OptinConfig(seq_len=...).")
-        self._check_budget(costs, mac_constraint)
-        c = self.config
-        budget = mac_constraint * costs.dense(self.seq_len)
-        kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of,
-                  units=costs.units)
-        if c.prune_tokens:
-            if c.uniform_layers:
-                raise ValueError("uniform_layers=True keeps the same counts in every layer, which a token schedule does not: "
-                                 "set prune_tokens=False or uniform_layers=False.")
-            if scores.token_scores is None:
-                raise ValueError(
-                    f"prune_tokens=True needs token scores, which these {scores.criterion!r} scores lack: score with "
-                    "importance='optin' (or 'random') and prune_tokens=True, or import the reference's rankings."
-                )
-            tokens = adapter.default_seq_len(model.config, self.image_size)
-            if self.seq_len != tokens:
-                raise ValueError(f"seq_len={self.seq_len}: in token mode the MACs are counted at the image's {tokens} tokens.")
-            return allocate_with_tokens(
-                scores.head_scores, scores.neuron_scores, scores.token_scores, costs.at, budget,
-                params_share=c.resolved_token_cut_share(), num_prefix_tokens=adapter.num_prefix_tokens, **kw
-            )
-        search = allocate_uniform if c.uniform_layers else allocate
-        if c.prune_channels:
-            return allocate_with_channels(scores, costs, self.seq_len, budget, search, judge, **kw)
-        masks = search(scores.head_scores, scores.neuron_scores, costs.at(costs.uniform(self.seq_len)), budget, **kw)
-        return rearrange_masks(masks, scores.example_grads) if scores.example_grads else masks
+        masks, timings = choose_masks(model, scores, costs, self.seq_len, self.config, mac_constraint, batches, select=select)
+        self.timings.update(timings)
+        return masks
 
     def prune_model(self, model: nn.Module, data: Any = None, masks: PruningMasks | None = None, tokenizer=None) -> nn.Module:
         """Slim `model` in place (scoring and allocating first unless `masks` are given), then
@@ -390,11 +299,7 @@ class OptinPruner:
         # Read before scoring, so that a bad example among them fails fast and never after slimming.
         batches = self._reconstruction_batches(model, adapter, data, tokenizer) if c.reconstruct != "none" else None
         if masks is None:
-            masks = self._masks(model, adapter, data, None, tokenizer)
-            if c.selection == "refit":  # the allocation's counts, its units re-chosen by the error the refit leaves
-                start = time.perf_counter()
-                masks = select_by_refit(model, masks, batches, c.reconstruct_ridge, adapter)
-                self.timings["selection_s"] = time.perf_counter() - start
+            masks = self._masks(model, adapter, data, None, tokenizer, batches, select=True)
         self.masks = masks
         dense = copy.deepcopy(model) if batches is not None else None
         slim_model(model, masks, adapter)

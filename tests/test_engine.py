@@ -23,9 +23,8 @@ from optin_hf import ImportanceScores, OptinConfig, OptinPruner
 from optin_hf.arch import get_adapter
 from optin_hf.capture import md_token_rows
 from optin_hf.data import prepare_calibration
-from optin_hf.engine.buckets import bucket_by_length, split_points
-from optin_hf.engine.fast import FastRunner
-from optin_hf.engine.memory import SATURATING_TOKENS, auto_variants
+from optin_hf.engine.fast import SATURATING_TOKENS, FastRunner, auto_variants
+from optin_hf.engine.prefix import bucket_by_length, split_points
 from optin_hf.engine.reference import ReferenceRunner
 from optin_hf.engine import compute_raw_losses
 from optin_hf.importance.optin import neuron_energy_order

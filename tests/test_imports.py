@@ -11,6 +11,7 @@ so the importer depends on that package too.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_optin_hf_has_no_import_cycle():
     graph = import_graph(PACKAGE)
-    assert {"optin_hf.allocate", "optin_hf.engine.distributed"} <= graph["optin_hf.pruner"]  # the walker sees imports
+    assert {"optin_hf.allocate", "optin_hf.engine.estimate"} <= graph["optin_hf.pruner"]  # the walker sees imports
+    assert "optin_hf.recipe_search" in graph["optin_hf.pruner"]  # an import inside a function counts
     assert "optin_hf.engine.run" in graph["optin_hf.engine.token_losses"]
     cycle = find_cycle(graph)
     assert cycle is None, (
@@ -147,3 +149,18 @@ def test_an_import_inside_a_function_or_block_still_closes_a_cycle(tmp_path, whe
     (pkg / "a.py").write_text("from .c import x\n")
     (pkg / "c.py").write_text(where)
     assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.c", "pkg.a"]
+
+
+def test_a_prune_job_never_climbs_back_up_the_import_graph(tmp_path):
+    """`prune_model` then `save`, traced call by call (benchmarks/job_road.py): control never enters a module that
+    depends on the one it leaves (a callback or a base class calling down into its subclass's module), and no module
+    runs only to find it has nothing to do (streaming on a model in memory, token merging on a text model)."""
+    sys.path.insert(0, str(PACKAGE.parent / "benchmarks"))
+    from job_road import prune_model_road
+
+    road = prune_model_road(tmp_path)
+    steps = {"optin_hf.pruner", "optin_hf.importance.optin", "optin_hf.allocate", "optin_hf.slim", "optin_hf.reconstruct",
+             "optin_hf.checkpoint"}
+    assert steps <= set(road.modules)  # the trace followed the whole job
+    assert not road.climbs, f"climbs up: {dict(road.climbs)}"
+    assert not {"optin_hf.engine.streaming", "optin_hf.tokens", "optin_hf.recipe_search"} & set(road.modules)

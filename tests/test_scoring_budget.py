@@ -146,7 +146,7 @@ def test_estimate_counts_each_layer_own_units_of_a_ragged_family(name, neuron_gr
 
 def test_budgeted_prune_saves_the_settings_it_picked(tmp_path, monkeypatch):
     slow = DenseTiming.uniform(1000.0, 3, examples=4, tokens=64)  # a very slow machine
-    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda *args: slow)
+    monkeypatch.setattr("optin_hf.engine.estimate.time_dense", lambda *args: slow)
     model, data = tiny_model("bert"), calibration("bert", n=12)
     dense = tiny_model("bert")
     pruner = OptinPruner(OptinConfig(md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
@@ -163,7 +163,7 @@ def test_budgeted_prune_saves_the_settings_it_picked(tmp_path, monkeypatch):
 
 
 def test_budget_that_fits_keeps_the_asked_settings(monkeypatch):
-    monkeypatch.setattr("optin_hf.pruner.time_dense", lambda *args: DenseTiming.uniform(1e-6, 3, examples=4, tokens=64))
+    monkeypatch.setattr("optin_hf.engine.estimate.time_dense", lambda *args: DenseTiming.uniform(1e-6, 3, examples=4, tokens=64))
     pruner = OptinPruner(OptinConfig(md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
     pruner.compute_scores(tiny_model("bert"), calibration("bert", n=12))
     assert pruner.plan.fits and (pruner.config.num_samples, pruner.config.neuron_group_size) == (12, 1)

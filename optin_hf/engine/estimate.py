@@ -15,19 +15,21 @@ narrower than the widest runs its own units (`layer_units`), never the padding o
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..arch import ArchAdapter
 from ..arch.base import LayerGeometry
 from ..capture import scoring_forward
+from ..data import image_size_of
 from ..losses import bounded, kl_loss, later_layers, md_loss
-from .distributed import gather, process_state
-from .run import grouped
+from .run import engine_for, gather, grouped, precision, process_state
 
 # An engine's real token-layers per second as a fraction of a padded dense forward's, measured
 # with one thread on MiniLM (benchmarks/RESULTS.md, "Search speed"): fast 0.78 on BBC News
@@ -327,3 +329,24 @@ def plan_scoring(cost: ScoringCost, neuron_group_size: int, budget_s: float | No
         samples, group, estimate, fits = pick_setting(ladder, cost.seconds, budget_s)
     return ScoringPlan(samples, available, None if neurons is None else group, cost.num_candidates(group),
                        estimate, device, budget_s, fits)
+
+
+def plan_model_scoring(
+    model: nn.Module, adapter: ArchAdapter, units: dict[str, int], batches: list[dict[str, torch.Tensor]], config
+) -> tuple[ScoringPlan, DenseTiming]:
+    """The plan of scoring the masked `units` of `model` ({"head": 12, ...}, `ImportanceCriterion.masked_units`) on
+    `batches` with `config`'s engine, precision, neuron grouping and `max_scoring_time`, and the timed dense forward
+    over the first batch it is estimated from; the main process says it (each process would say the same)."""
+    device = next(model.parameters()).device
+    geometry = adapter.layer_geometry(model.config)
+    widths = [g.hidden for g in geometry]  # the features MD compares
+    tokens = adapter.default_seq_len(model.config, image_size_of(batches))  # per image, at the size scoring runs
+    md_rows = min(config.md_tokens, sum(token_counts(batches, tokens)[0]))
+    with precision(device, getattr(torch, config.dtype)):
+        timing = time_dense(model, adapter, batches[0], tokens, md_rows, widths, config.temperature)
+    cost = scoring_cost(timing, batches, tokens, config.batch_size, layer_units(units, geometry),
+                        engine_for(model, adapter, config), widths, config.md_tokens)
+    plan = plan_scoring(cost, config.neuron_group_size, config.max_scoring_time, device.type)
+    if process_state(device).is_main_process:
+        tqdm.write(str(plan), file=sys.stderr)
+    return plan, timing

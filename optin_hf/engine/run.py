@@ -1,8 +1,10 @@
 """A scoring run: every candidate's raw MD and KL, by the chosen engine, shared between
-processes, checkpointed as it goes, with a progress bar on the main process.
+processes (torchrun, accelerate launch), checkpointed as it goes, with a progress bar on the
+main process.
 
 Engines return raw losses only; balancing and weights come afterwards in the reference
-order (`losses.balance`), so the order in which candidates are run does not matter.
+order (`losses.balance`), so the order in which candidates are run does not matter. Launched
+normally there is one process: it gets every candidate and gathers only its own.
 """
 
 from __future__ import annotations
@@ -12,21 +14,23 @@ import hashlib
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Iterator
+from typing import Any, ContextManager, Iterator, Sequence, TypeVar
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchAdapter, refusal
 from .resume import FORMAT, LossCheckpoint, fingerprint
-from .distributed import gather, process_state, share
 from .fast import FastRunner
 from .reference import ReferenceRunner
 
 KINDS = ("head", "neuron")
 
 Candidate = tuple[str, int, int]  # (kind, layer, index)
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,6 +39,26 @@ class RawLosses:
 
     md: torch.Tensor
     kl: torch.Tensor
+
+
+def process_state(device: torch.device) -> PartialState:
+    """The process group, on gloo when the model is on CPU (nccl on GPUs under accelerate launch)."""
+    return PartialState(cpu=device.type == "cpu")
+
+
+def share(items: Sequence[T], state: PartialState) -> list[T]:
+    """This process's share: every num_processes-th item.
+
+    Dealt round-robin, not in contiguous blocks, because a candidate in an early layer costs
+    more than one in a late layer (more layers to rerun): blocks would leave the process with
+    the last layers idle while the one with the first layers works.
+    """
+    return list(items[state.process_index :: state.num_processes])
+
+
+def gather(items: list[Any]) -> list[Any]:
+    """Every process's items, on every process."""
+    return gather_object(items)
 
 
 def precision(device: torch.device, dtype: torch.dtype) -> ContextManager:

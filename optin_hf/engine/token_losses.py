@@ -20,9 +20,8 @@ from ..arch import ArchAdapter
 from ..capture import scoring_forward
 from ..hooks import drop_token, record_features
 from ..losses import KLOutputs, kl_loss, later_layers, token_gram, token_md_loss
-from .distributed import gather, process_state, share
 from .resume import FORMAT, LossCheckpoint, fingerprint
-from .run import RawLosses, _store
+from .run import RawLosses, _store, gather, process_state, share
 
 CHECKPOINT_PREFIX = "token_losses"  # beside the head/neuron files of the same checkpoint_dir, never mixed with them
 

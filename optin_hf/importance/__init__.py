@@ -13,9 +13,13 @@ from .wanda import WandaSpImportance
 
 
 def criterion_from_config(config: OptinConfig) -> ImportanceCriterion:
-    """The criterion `config.importance` names, built from the config's settings (here, above the criteria, so
-    the registry only names them and never calls into them)."""
-    return CRITERIA[config.importance].from_config(config)
+    """The criterion `config.importance` names, built from the config's settings. Built here, above the criteria:
+    the registry only names them, and a configured criterion's base gives its settings
+    (`ConfiguredImportance.settings_from`) rather than building the subclass it does not know."""
+    criterion = CRITERIA[config.importance]
+    if isinstance(criterion, type) and issubclass(criterion, ConfiguredImportance):
+        return criterion(**criterion.settings_from(config))
+    return criterion.from_config(config)
 
 
 __all__ = [

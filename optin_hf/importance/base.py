@@ -68,7 +68,13 @@ class ConfiguredImportance:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_config(cls, config: OptinConfig) -> "ConfiguredImportance":
+    def settings_from(cls, config: OptinConfig) -> dict[str, Any]:
+        """The settings `config` gives this criterion: its fields named after config settings, and its own
+        (`importance_options`, which the config checked are its own)."""
         own = criterion_options(cls)
         shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.name not in own}
-        return cls(**shared, **config.importance_options)
+        return {**shared, **config.importance_options}
+
+    @classmethod
+    def from_config(cls, config: OptinConfig) -> "ConfiguredImportance":
+        return cls(**cls.settings_from(config))

@@ -22,7 +22,7 @@ from torch import nn
 from ..arch import check_model
 from .latency import median, synthetic_inputs, time_models
 from ..macs import count_macs, counted_at, recorded_image_size
-from ..search_record import search_record
+from ..search_record import RECORD_KEY, search_record
 from .generation import GENERATED_TOKENS, PROMPT_TOKENS, TOKEN_BATCHES, tokens_per_second
 from .metrics import PERPLEXITY, Metric, load_metric
 from .names import CAUSAL_LM
@@ -153,7 +153,7 @@ class Report:
                 + (f", reconstruct={o['reconstruct']} on {o['reconstruct_samples']} examples" if o.get("reconstruct", "none") != "none" else "")
                 + (f", prune_steps={o['prune_steps']}" if o.get("prune_steps", 1) > 1 else "")
             )
-            searched = search_record(o)
+            searched = search_record(o) if RECORD_KEY in (o.get("extra") or {}) else None  # importance="auto" chose it
             lines += searched.lines() if searched is not None else []
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
         for n in [n for n in names if not (compare and n == "dense")]:  # dense keeps everything
