@@ -12,8 +12,16 @@ over both dev halves (256 images, each judged once). Per criterion and budget, d
   train-mode passes with cumulative averages; each removed channel's mean activation in the dense model
   times the next conv's weights, folded into the next BatchNorm's running mean.
 
+`--allocations refit` also counts each block's channels by the loss its cuts leave after the row's repair
+(`optin_hf.refit_allocation`, measured once per fold and repair on the repair's images, every budget allocated
+from it); `--selections refit` re-chooses the units at those counts by the refit's greedy OBS error
+(`optin_hf.refit_selection`), whatever the repair run afterwards.
+
     nice -n 10 python benchmarks/cnn_repair_dev.py [--criteria optin magnitude random] [--budgets 0.8 0.6 0.5]
-        [--repairs none batchnorm weights scales batchnorm+weights]
+        [--repairs none batchnorm weights scales batchnorm+weights] [--allocations scores refit]
+        [--selections scores refit] [--scored-images 64] [--levels 4] [--options JSON] [--scores-dir DIR]
+
+Every repair takes (slim model, dense model, masks, batches, ridge); the scratch repairs ignore the ridge.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 from pathlib import Path
 from collections.abc import Callable
 
@@ -31,15 +40,19 @@ from optin_hf import OptinConfig, OptinPruner
 from optin_hf.arch import check_model, get_submodule
 from optin_hf.data import prepare_calibration
 from optin_hf.importance import ImportanceScores
+from optin_hf.macs import CostModel
 from optin_hf.masks import PruningMasks
 from optin_hf.reconstruct import batch_norms, reconstruct
+from optin_hf import refit_allocation
+from optin_hf.refit_allocation import allocate_cuts, measure_cuts, unit_orders
+from optin_hf.refit_selection import select_by_refit
 from optin_hf.slim import slim_model
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.report import split_accuracy
 
 
 @torch.no_grad()
-def train_mode_statistics(model: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list[dict]) -> None:
+def train_mode_statistics(model: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list[dict], ridge: float) -> None:
     """Every block BatchNorm's mean and variance re-estimated in train mode, cumulative averages."""
     norms = [norm for layer in check_model(model).layers_of(model) for _, norm in batch_norms(layer)]
     for norm in norms:
@@ -52,7 +65,7 @@ def train_mode_statistics(model: nn.Module, dense: nn.Module, masks: PruningMask
 
 
 @torch.no_grad()
-def bias_correction(model: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list[dict]) -> None:
+def bias_correction(model: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list[dict], ridge: float) -> None:
     """Fold the removed channels' expected contribution to the next conv into the next BatchNorm's mean."""
     adapter = check_model(dense)
     for i, (slim, layer) in enumerate(zip(adapter.layers_of(model), adapter.layers_of(dense))):
@@ -75,9 +88,9 @@ def bias_correction(model: nn.Module, dense: nn.Module, masks: PruningMasks, bat
 
 
 def _repairs(*modes: str) -> Callable:
-    def repair(model: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list[dict]) -> None:
+    def repair(model: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list[dict], ridge: float) -> None:
         for mode in modes:
-            reconstruct(model, dense, batches, mode)
+            reconstruct(model, dense, batches, mode, ridge)
 
     return repair
 
@@ -93,6 +106,17 @@ REPAIRS: dict[str, Callable | None] = {
 }
 
 
+def refit_counts(pruner: OptinPruner, model: nn.Module, scores: ImportanceScores, batches: list[dict], mode: str):
+    """`allocation="refit"` with the `mode` repair for every budget from one measurement: budget -> masks."""
+    adapter, c = check_model(model), pruner.config
+    costs = CostModel.of(model, adapter, pruner.image_size)
+    orders = unit_orders(scores.head_scores, scores.neuron_scores, costs.units)
+    cuts = measure_cuts(model, adapter, orders, costs.units, batches, mode, c.reconstruct_ridge,
+                        neurons_multiple_of=c.neurons_multiple_of)
+    at = costs.at(costs.uniform(pruner.seq_len))
+    return lambda budget: allocate_cuts(copy.deepcopy(cuts), orders, at, costs.units, budget * costs.dense(pruner.seq_len))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--criteria", nargs="+", default=["optin", "magnitude", "random"])
@@ -101,29 +125,42 @@ def main() -> None:
     parser.add_argument("--channels", nargs="+", choices=["off", "on"], default=["off"],
                         help="prune_channels settings to compare (on: coupled residual channels too; the refits refuse it)")
     parser.add_argument("--scores-dir", help="a folder keeping each fold's scores, read back by later runs (no re-scoring)")
+    parser.add_argument("--allocations", nargs="+", choices=["scores", "refit"], default=["scores"])
+    parser.add_argument("--selections", nargs="+", choices=["scores", "refit"], default=["scores"])
+    parser.add_argument("--scored-images", type=int, default=64, help="images of the fold's half scored on (at most 128)")
+    parser.add_argument("--options", default="{}", help="JSON OptinConfig settings over the recipe's (e.g. num_samples)")
+    parser.add_argument("--levels", type=int, default=refit_allocation.LEVELS, help="measured depths per (block, kind) of the refit allocation")
     args = parser.parse_args()
+    refit_allocation.LEVELS = args.levels  # read by measure_cuts (a library constant: this compares finer depths)
     task = load_default("digits-resnet")
     calibration = task.calibration
     halves = [calibration.select(range(128)), calibration.select(range(128, 256))]
     folds = [(halves[0], halves[1]), (halves[1], halves[0])]  # (scored and repaired on, judged on)
     dense_correct = sum(split_accuracy(task.model, dev, None) * len(dev) for _, dev in folds)
     print(f"dense dev accuracy {dense_correct / len(calibration):.3f} ({len(calibration)} images, two folds)")
-    print("| criterion | channels | budget | " + " | ".join(args.repairs) + " |\n|---|---|---|" + "---|" * len(args.repairs))
+    print("| criterion | channels | allocation | selection | budget | " + " | ".join(args.repairs) + " |\n|---|---|---|---|---|"
+          + "---|" * len(args.repairs))
+    variants = [(ch, al, se) for ch in args.channels for al in args.allocations for se in args.selections
+                if ch == "off" or (al, se) == ("scores", "scores")]  # the refit counts and choices refuse prune_channels
     for criterion in args.criteria:
-        base = dict(num_samples=64, neuron_group_size=1, neurons_multiple_of=1, importance=criterion, reconstruct="none", seed=0)
-        correct = {(channels, budget, name): 0.0 for channels in args.channels for budget in args.budgets for name in args.repairs}
+        base = {**dict(num_samples=args.scored_images, neuron_group_size=1, neurons_multiple_of=1, importance=criterion,
+                       reconstruct="none", seed=0), **json.loads(args.options)}
+        correct = {(*variant, budget, name): 0.0 for variant in variants for budget in args.budgets for name in args.repairs}
         for fold, (fit, dev) in enumerate(folds):
             batches = prepare_calibration(fit, None, num_samples=len(fit), batch_size=32, max_length=128)
             # scored once (with the channels when any row prunes them): the heads' and neurons' scores do not depend on it
             pruner = OptinPruner(OptinConfig(**base, prune_channels="on" in args.channels))
-            cached = args.scores_dir and Path(args.scores_dir) / f"{criterion}-fold{fold}.safetensors"
+            extra = "" if json.loads(args.options) == {} else "-" + "-".join(f"{k}{v}" for k, v in sorted(json.loads(args.options).items()))
+            cached = args.scores_dir and Path(args.scores_dir) / f"{criterion}-{args.scored_images}{extra}-fold{fold}.safetensors"
             if cached and cached.is_file():
                 scores = ImportanceScores.load(cached)
+                pruner.compute_masks(task.model, fit, scores=dataclasses.replace(scores, channel_scores=None))  # the image size
             else:
-                scores = pruner.compute_scores(task.model, fit.select(range(64)))
+                scores = pruner.compute_scores(task.model, fit.select(range(args.scored_images)))
                 if cached:
                     scores.save(cached)
-            for channels, budget in [(ch, b) for ch in args.channels for b in args.budgets]:
+            counts = {}  # repair -> budget -> masks, measured when first asked
+            for (channels, allocation, selection), budget in [(v, b) for v in variants for b in args.budgets]:
                 # with channels the residual share is judged by the BatchNorm-repaired model on this fold's images
                 config = OptinConfig(**{**base, "mac_constraint": budget, "prune_channels": channels == "on",
                                         "reconstruct": "batchnorm" if channels == "on" else "none"})
@@ -132,14 +169,25 @@ def main() -> None:
                 for name in args.repairs:
                     if channels == "on" and name in ("weights", "scales", "batchnorm+weights", "bias correction"):
                         continue  # these refit or correct at the dense residual widths
-                    model = slim_model(copy.deepcopy(task.model), masks).eval()
+                    chosen = masks
+                    if allocation == "refit":
+                        # the cuts are judged after the row's repair (its last refit; the scratch repairs: batchnorm)
+                        mode = name.split("+")[-1] if name in ("none", "batchnorm", "weights", "scales", "batchnorm+weights") else "batchnorm"
+                        if mode not in counts:
+                            counts[mode] = refit_counts(pruner, task.model, scores, batches, mode)
+                        chosen = counts[mode](budget)
+                    if selection == "refit":
+                        chosen = select_by_refit(task.model, chosen, batches)
+                    model = slim_model(copy.deepcopy(task.model), chosen).eval()
                     if REPAIRS[name] is not None:
-                        REPAIRS[name](model, task.model, masks, batches)
-                    correct[channels, budget, name] += split_accuracy(model, dev, None) * len(dev)
-        for channels, budget in [(ch, b) for ch in args.channels for b in args.budgets]:
-            accs = [correct[channels, budget, name] / len(calibration) for name in args.repairs]
+                        REPAIRS[name](model, task.model, chosen, batches, config.reconstruct_ridge)
+                    correct[channels, allocation, selection, budget, name] += split_accuracy(model, dev, None) * len(dev)
+                    print(f"  fold {fold} {criterion} {channels} {allocation} {selection} @{budget} {name}: heads "
+                          f"{chosen.head_mask.sum(1).tolist()} neurons {chosen.neuron_mask.sum(1).tolist()}", flush=True)
+        for variant, budget in [(v, b) for v in variants for b in args.budgets]:
+            accs = [correct[(*variant, budget, name)] / len(calibration) for name in args.repairs]
             cells = [f"{a:.3f}" if a else "-" for a in accs]
-            print(f"| {criterion} | {channels} | {budget} | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {criterion} | {' | '.join(variant)} | {budget} | " + " | ".join(cells) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,13 @@ shuffle, as the CLI draws) and is allocated, slimmed and refit at every budget; 
 `--split test` runs the same on the default's own calibration and test splits (the figures RESULTS
 reports, once the settings are chosen here on the development split).
 
+`--rounds N` runs the refit allocation in N rounds down a ladder of budgets (`resnet_refit_rounds.py`).
+`--levels N` measures each (layer, kind) at N depths instead of the library's 4; `--held-out N` refits each
+measured cut on all but every N-th calibration batch and judges it on those (the library does both on all).
+A variant with `selection: refit` re-chooses the units at the refit allocation's counts, as `prune_model` does.
+
     python benchmarks/segformer_dev.py [--budgets 0.6 0.5] [--draws 0 1 2] [--variant label=JSON ...] [--split test]
+        [--levels 4] [--held-out 0] [--calibration-scenes 128]
 """
 
 from __future__ import annotations
@@ -25,13 +31,17 @@ import time
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf.arch import check_model
 from optin_hf.macs import CostModel
+from optin_hf import refit_allocation
 from optin_hf.refit_allocation import allocate_cuts, measure_cuts, unit_orders
+from optin_hf.refit_selection import select_by_refit
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA
 from optin_hf.tasks.defaults.registry import RECIPES
 from optin_hf.tasks.defaults.scenes import scene_dataset
 from optin_hf.tasks.recipes import default_recipe
 from optin_hf.tasks.report import kept_per_layer, mean_iou_on
+
+from resnet_refit_rounds import rounds
 
 NAME = "digit-scenes-segformer"
 DEV_SEEDS = (7001, 7002)  # scene draws of their own: no split of the default uses these seeds
@@ -47,17 +57,37 @@ def development_splits(calibration_scenes: int = 128, evaluation_scenes: int = 3
             scene_dataset(corpus.images, corpus.digits, pool[half:], evaluation_scenes, DEV_SEEDS[1]))
 
 
-def refit_counts(pruner: OptinPruner, model, scores, data):
-    """`allocation="refit"` for every budget from one measurement: a function budget -> masks."""
+def refit_counts(pruner: OptinPruner, model, scores, data, held_out: int = 0):
+    """`allocation="refit"` for every budget from one measurement: a function budget -> masks. `held_out` > 0: each
+    cut is refit on all but every `held_out`-th calibration batch and its loss measured on those (the library refits
+    and measures on the same batches)."""
     adapter, c = check_model(model), pruner.config
     costs = CostModel.of(model, adapter, pruner.image_size)
     orders = unit_orders(scores.head_scores, scores.neuron_scores, costs.units)
     batches = pruner._reconstruction_batches(model, adapter, data, None)
     reconstruct = c.reconstruct if c.reconstruct != "auto" else adapter.capabilities.auto_repair()
-    cuts = measure_cuts(model, adapter, orders, costs.units, batches, reconstruct, c.reconstruct_ridge,
-                        prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of)
+    library = refit_allocation.reconstruct
+    if held_out:
+        fit = [b for i, b in enumerate(batches) if i % held_out]
+        batches = [b for i, b in enumerate(batches) if not i % held_out]
+        refit_allocation.reconstruct = lambda trial, dense, _, *args, **kwargs: library(trial, dense, fit, *args, **kwargs)
+    try:
+        cuts = measure_cuts(model, adapter, orders, costs.units, batches, reconstruct, c.reconstruct_ridge,
+                            prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of)
+    finally:
+        refit_allocation.reconstruct = library
     at = costs.at(costs.uniform(pruner.seq_len))
     return lambda budget: allocate_cuts(copy.deepcopy(cuts), orders, at, costs.units, budget * costs.dense(pruner.seq_len))
+
+
+def ladder(pruner: OptinPruner, model, scores, data, steps: int):
+    """budget -> masks of the refit allocation in `steps` rounds, each measured from the previous round's model."""
+    adapter, c = check_model(model), pruner.config
+    costs = CostModel.of(model, adapter, pruner.image_size)
+    batches = pruner._reconstruction_batches(model, adapter, data, None)
+    at, dense = costs.at(costs.uniform(pruner.seq_len)), costs.dense(pruner.seq_len)
+    return lambda budget: rounds(model, scores, costs.units, at, dense, [1 - (1 - budget) * (i + 1) / steps for i in range(steps)],
+                                 batches, c.reconstruct, c.reconstruct_ridge, c.neurons_multiple_of)
 
 
 def main() -> None:
@@ -67,7 +97,11 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help='label=JSON settings, e.g. \'kl={"num_samples": 64}\'')
     parser.add_argument("--calibration-scenes", type=int, default=128)
     parser.add_argument("--split", choices=["development", "test"], default="development")
+    parser.add_argument("--rounds", type=int, default=1, help="allocation: refit in this many rounds (1: the library's)")
+    parser.add_argument("--held-out", type=int, default=0, help="allocation: refit judged on every N-th calibration batch, refit on the rest")
+    parser.add_argument("--levels", type=int, default=refit_allocation.LEVELS, help="measured depths per (layer, kind) of allocation: refit")
     args = parser.parse_args()
+    refit_allocation.LEVELS = args.levels  # read by measure_cuts (a library constant: this compares finer depths)
     task = load_default(NAME)
     if args.split == "test":
         calibration, evaluation = task.calibration, task.test
@@ -84,7 +118,9 @@ def main() -> None:
             scorer = OptinPruner(OptinConfig.from_dict(base))
             # one step: every budget is allocated from the same scores (as benchmarks/quality.py does)
             scores = scorer.compute_scores(task.model, data) if base.get("prune_steps", 1) == 1 else None
-            counts = refit_counts(scorer, task.model, scores, data) if base.get("allocation") == "refit" else None
+            counts = refit_counts(scorer, task.model, scores, data, args.held_out) if base.get("allocation") == "refit" else None
+            if counts is not None and args.rounds > 1:  # the refit allocation down a ladder of budgets (resnet_refit_rounds.py)
+                counts = ladder(scorer, task.model, scores, data, args.rounds)
             cells = []
             for budget in args.budgets:
                 model = copy.deepcopy(task.model)
@@ -92,6 +128,9 @@ def main() -> None:
                 start = time.perf_counter()
                 if counts is not None:
                     masks = counts(budget)
+                    if base.get("selection") == "refit":  # prune_model re-chooses only the masks it allocates itself
+                        batches = pruner._reconstruction_batches(model, check_model(model), data, None)
+                        masks = select_by_refit(model, masks, batches, pruner.config.reconstruct_ridge)
                 else:
                     masks = pruner.compute_masks(model, scores=scores) if scores is not None else None
                 pruner.prune_model(model, data, masks=masks)

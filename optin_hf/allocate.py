@@ -556,6 +556,9 @@ def choose_masks(
         )
         timings["allocation_s"] = time.perf_counter() - start
     if select and c.selection == "refit":  # the allocation's counts, its units re-chosen by the error the refit leaves
+        if batches is None:
+            raise ValueError("selection='refit' chooses units by the refit's error on calibration data: pass data (or set "
+                             "selection='scores').")
         start = time.perf_counter()
         masks = select_by_refit(model, masks, batches, c.reconstruct_ridge, costs.adapter)
         timings["selection_s"] = time.perf_counter() - start

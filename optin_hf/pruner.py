@@ -201,9 +201,9 @@ class OptinPruner:
         """Allocate the MAC budget; with `scores` given (or kept from before) nothing is re-scored.
 
         With `prune_steps > 1` and no scores yet, the cut is made in steps with a reconstruction
-        and a re-scoring between them (`_masks_in_steps`). `selection="refit"` re-chooses units in
-        `prune_model` only."""
-        return self._masks(model, self._check_model(model), data, scores, tokenizer)
+        and a re-scoring between them (`_masks_in_steps`). `selection="refit"` re-chooses units on `data`, so
+        `prune_model(model, data, masks=compute_masks(model, data))` prunes as `prune_model(model, data)` does."""
+        return self._masks(model, self._check_model(model), data, scores, tokenizer, select=True)
 
     def _masks(
         self, model: nn.Module, adapter: ArchAdapter, data: Any, scores: ImportanceScores | None, tokenizer,

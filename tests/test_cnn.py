@@ -83,7 +83,7 @@ def test_digits_resnet_default_is_wired_to_32x32_digits_and_a_bottleneck_resnet(
 
 
 def test_cli_prunes_digits_resnet_with_its_recipe_settings(monkeypatch):
-    """`prune --default digits-resnet` scores and repairs (BatchNorm means) as its recipe does."""
+    """`prune --default digits-resnet` scores, allocates and repairs as its recipe says."""
     from optin_hf.commands import jobs
     from optin_hf.commands.args import build_parser
     from optin_hf.tasks.recipes import load_recipe

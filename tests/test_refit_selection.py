@@ -7,6 +7,7 @@ refit does not fit)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -148,6 +149,23 @@ def test_masks_given_to_prune_model_are_kept() -> None:
     pruner = OptinPruner(OptinConfig(reconstruct="weights", selection="refit"))
     pruner.prune_model(model, calibration("bert", 8), masks=masks)
     assert pruner.masks is masks
+
+
+def test_compute_masks_applies_the_selection_so_the_space_prunes_as_the_cli() -> None:
+    """The Space allocates with compute_masks (from cached scores) and hands the masks to prune_model: the refit's
+    unit choice must be in them, the same masks prune_model chooses itself; without data it is one clear error."""
+    config = OptinConfig(mac_constraint=0.5, importance="magnitude", reconstruct="weights", selection="refit")
+    data = calibration("bert", 8)
+    chosen = OptinPruner(config)
+    chosen.prune_model(tiny_model("bert"), data)
+    model = tiny_model("bert")
+    masks = OptinPruner(config).compute_masks(model, data)
+    assert torch.equal(masks.head_mask, chosen.masks.head_mask) and torch.equal(masks.neuron_mask, chosen.masks.neuron_mask)
+    unselected = OptinPruner(dataclasses.replace(config, selection="scores")).compute_masks(model, data)
+    assert not torch.equal(unselected.neuron_mask, masks.neuron_mask)
+    scores = OptinPruner(config).compute_scores(model, data)
+    with pytest.raises(ValueError, match="selection='refit' chooses units by the refit's error on calibration data: pass data"):
+        OptinPruner(dataclasses.replace(config, seq_len=8)).compute_masks(model, scores=scores)
 
 
 def test_a_kv_group_owns_its_query_heads_columns_and_the_cheapest_group_goes() -> None:
