@@ -25,6 +25,7 @@ class Candidate:
     distance: float | None = None
     seconds: float = 0.0
     skipped: str | None = None
+    folds: list[float] | None = None  # each fold's distance, where the search measured several (`distance`: their mean)
 
     @property
     def label(self) -> str:
@@ -36,7 +37,8 @@ class Candidate:
 @dataclass
 class SearchRecord:
     """What `importance="auto"` tried (`candidates`, in order) and chose (`chosen`: an index into them), on how many
-    held-out and fit examples, under which time budget, in how many seconds."""
+    held-out and fit examples (per fold, over `folds` disjoint folds), under which time budget, in how many seconds,
+    and on how many examples the kept model was pruned."""
 
     held_out_examples: int
     fit_examples: int
@@ -44,6 +46,8 @@ class SearchRecord:
     candidates: list[Candidate] = field(default_factory=list)
     chosen: int | None = None
     seconds: float = 0.0
+    folds: int = 1
+    kept_examples: int | None = None  # the examples the kept model was pruned on: the fit ones, or all (re-pruned)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -57,11 +61,16 @@ class SearchRecord:
     def lines(self) -> list[str]:
         """The record for people: what was chosen, then each candidate's held-out distance (or why it has none)."""
         chosen = self.candidates[self.chosen]
+        where = (f"{self.held_out_examples} held-out calibration examples ({self.fit_examples} scored and refit on)" if self.folds == 1
+                 else f"{self.folds} disjoint folds of {self.held_out_examples} held-out calibration examples each "
+                      f"({self.fit_examples} scored and refit on), the mean distance")
+        kept = (f"; the kept model pruned with it on all {self.kept_examples} calibration examples"
+                if self.kept_examples is not None and self.kept_examples > self.fit_examples else "")
         head = (f"importance='auto' chose {chosen.label}: the smallest held-out distance (KL + MD) of {len(self.candidates)} "
-                f"candidate recipes, on {self.held_out_examples} held-out calibration examples ({self.fit_examples} scored "
-                f"and refit on), in {self.seconds:.0f} s")
+                f"candidate recipes, on {where}{kept}, in {self.seconds:.0f} s")
         rows = [f"  {'*' if i == self.chosen else ' '} {c.label}: "
-                + (c.skipped if c.distance is None else f"{c.distance:.5g} (KL {c.kl:.5g}, MD {c.md:.5g}), {c.seconds:.1f} s")
+                + (c.skipped if c.distance is None else f"{c.distance:.5g} (KL {c.kl:.5g}, MD {c.md:.5g}"
+                   + (f"; folds {', '.join(f'{d:.5g}' for d in c.folds)}" if c.folds else "") + f"), {c.seconds:.1f} s")
                 for i, c in enumerate(self.candidates)]
         return [head, *rows]
 

@@ -8,20 +8,21 @@ import json
 
 import pytest
 import torch
-from tiny import calibration, tiny_model
+from tiny import batch, calibration, tiny_model
 from tiny_task import trained_text_model, write_csv
 
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf import recipe_search
 from optin_hf.commands.__main__ import main
 from optin_hf.hub import model_card
-from optin_hf.recipe_search import RecipeSearch, distance, prepare_search, split_calibration
+from optin_hf.recipe_search import RecipeSearch, calibration_examples, distance, prepare_search, split_examples
 from optin_hf.result import pruning_result
 from optin_hf.search_record import search_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = dict(importance="auto", mac_constraint=0.5, num_samples=8, batch_size=4, neuron_group_size=16, reconstruct_samples=16)
 LABELS = ["optin + weights", "magnitude + weights", "fisher + weights", "optin", "magnitude", "fisher"]
+ONE_FOLD = {"folds": 1, "reprune": False}  # the kept model is the chosen candidate's copy, measured on one fold
 WITH_REFIT_SELECTION = [*LABELS[:3], "optin + weights (refit selection)", "magnitude + weights (refit selection)",
                         "fisher + weights (refit selection)", *LABELS[3:]]
 
@@ -38,21 +39,36 @@ def searched() -> tuple[torch.nn.Module, torch.nn.Module, OptinPruner, list]:
     selection among the candidates."""
     dense, data = tiny_model("bert"), calibration("bert", 16)
     model = copy.deepcopy(dense)
-    pruner = OptinPruner(OptinConfig(**SETTINGS, importance_options={"refit_selection": True}))
+    pruner = OptinPruner(OptinConfig(**SETTINGS, importance_options={"refit_selection": True, **ONE_FOLD}))
     pruner.prune_model(model, data)
     return dense, model, pruner, data
 
 
+def split(data, fold: int = 0, **changes):
+    """(fit, held) of `data` as the search splits it: fold `fold` of a quarter held out."""
+    config = OptinConfig(**{**SETTINGS, **changes})
+    return split_examples(calibration_examples(tiny_model("bert"), data, None, config, 0.25, 16), config, 0.25, fold)
+
+
 def test_the_held_out_examples_are_a_seeded_share_apart_from_those_scored():
-    model, data = tiny_model("bert"), calibration("bert", 16)
-    fit, held = split_calibration(model, data, None, OptinConfig(**SETTINGS), 0.25, 16)
-    again = split_calibration(model, data, None, OptinConfig(**SETTINGS), 0.25, 16)
-    assert len(held) == 4 and len(fit) == 12 and ids(held) == ids(again[1])
+    data = calibration("bert", 16)
+    fit, held = split(data)
+    assert len(held) == 4 and len(fit) == 12 and ids(held) == ids(split(data)[1])
     assert not set(ids(fit)) & set(ids(held))
     assert sorted(ids(fit) + ids(held)) == sorted(ids(calibration("bert", 16)))
-    assert ids(held) != ids(split_calibration(model, data, None, OptinConfig(**SETTINGS, seed=1), 0.25, 16)[1])
+    assert ids(held) != ids(split(data, seed=1)[1])
     with pytest.raises(ValueError, match="holds out 4 calibration examples .* 4 were given: pass at least 5"):
-        split_calibration(model, data[:4], None, OptinConfig(**SETTINGS), 0.25, 16)
+        split(data[:4])
+
+
+def test_the_folds_hold_out_disjoint_shares_that_cover_the_examples():
+    data = calibration("bert", 16)
+    folds = [split(data, fold) for fold in range(4)]
+    helds = [set(ids(held)) for _, held in folds]
+    assert all(len(held) == 4 for held in helds) and set().union(*helds) == set(ids(data))  # 4 disjoint quarters
+    assert all(not set(ids(fit)) & set(ids(held)) and len(fit) == 12 for fit, held in folds)
+    with pytest.raises(ValueError, match="folds=5: give 1 to 4 folds"):
+        RecipeSearch(folds=5)
 
 
 def test_the_search_keeps_the_candidate_closest_to_the_dense_model(searched):
@@ -66,7 +82,8 @@ def test_the_search_keeps_the_candidate_closest_to_the_dense_model(searched):
     assert (pruner.config.importance, pruner.config.reconstruct, pruner.config.selection) == (chosen.importance, chosen.reconstruct, chosen.selection)
     assert pruner.scores.criterion == chosen.importance
     # The model kept is the chosen candidate's: measured again on the same held-out examples, it is as far.
-    runner, _ = prepare_search(dense, data, None, OptinConfig(**SETTINGS), RecipeSearch(refit_selection=True), "auto", OptinPruner)
+    (runner,), _, _ = prepare_search(dense, data, None, OptinConfig(**SETTINGS), RecipeSearch(refit_selection=True, **ONE_FOLD),
+                                     "auto", OptinPruner)
     assert distance(model, runner.adapter, runner.dense) == pytest.approx((chosen.kl, chosen.md), rel=1e-6)
     assert (record.held_out_examples, record.fit_examples) == (4, 12)
     assert pruning_result(model).config.extra["recipe_search"] == pruner.config.extra["recipe_search"]
@@ -126,13 +143,14 @@ def test_the_cli_never_holds_out_a_test_example(tmp_path, monkeypatch, capsys):
     evaluation row, and the report names the recipe chosen."""
     trained_text_model(tmp_path / "model")
     write_csv(tmp_path / "data.csv", n=40, label_names=True)
-    seen = {}
+    seen = {"held": []}
 
     def spy(*args, **kwargs):
-        seen["fit"], seen["held"] = split_calibration(*args, **kwargs)
-        return seen["fit"], seen["held"]
+        seen["fit"], held = split_examples(*args, **kwargs)
+        seen["held"] += held
+        return seen["fit"], held
 
-    monkeypatch.setattr(recipe_search, "split_calibration", spy)
+    monkeypatch.setattr(recipe_search, "split_examples", spy)
     out = tmp_path / "out"
     args = ["prune", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data.csv"), "--calibration-split",
             "train[:20]", "--eval-split", "train[20:]", "--num-samples", "8", "--importance", "auto", "--mac-constraint",
@@ -147,8 +165,8 @@ def test_the_cli_never_holds_out_a_test_example(tmp_path, monkeypatch, capsys):
     rows = datasets.load_dataset("csv", data_files=str(tmp_path / "data.csv"), split="train")
     encode = lambda texts: {tuple(tokenizer(t, truncation=True, max_length=128)["input_ids"]) for t in texts}  # noqa: E731
     calibration_rows, test_rows = encode(rows["text"][:20]), encode(rows["text"][20:])
-    held = set(ids(seen["held"]))
-    assert len(held) == 5 and held <= calibration_rows and not held & test_rows
+    held = set(ids(seen["held"]))  # every fold's
+    assert len(held) == 5 * RecipeSearch().folds and held <= calibration_rows and not held & test_rows
     assert "labels" in seen["fit"][0]  # Fisher, a candidate, reads the calibration labels
     report = json.loads((out / "optin_report.json").read_text())
     assert report["optin"]["extra"]["recipe_search"]["held_out_examples"] == 5
@@ -159,3 +177,37 @@ def test_the_kept_config_states_how_many_examples_the_refit_saw(searched):
     record = pruner.config.extra["recipe_search"]
     assert record["fit_examples"] < SETTINGS["reconstruct_samples"]  # 16 given, a quarter held out
     assert pruner.config.reconstruct_samples == pruning_result(pruned).config.reconstruct_samples == record["fit_examples"]
+
+
+def test_folds_average_the_distance_and_reprune_keeps_the_named_recipe_on_every_example():
+    """With 2 folds each candidate's distance is the mean of its two folds'; re-pruned, the kept model is the chosen
+    recipe named and run on all 16 calibration examples (the held-out ones too), and the config says it saw 16."""
+    dense, data = tiny_model("bert"), calibration("bert", 16)
+    model = copy.deepcopy(dense)
+    pruner = OptinPruner(OptinConfig(**SETTINGS, importance_options={"folds": 2, "reprune": True}))
+    pruner.prune_model(model, data)
+    record = search_record(pruner.config.to_dict())
+    assert record.folds == 2 and record.kept_examples == 16 and pruner.config.reconstruct_samples == 16
+    assert all(len(c.folds) == 2 and c.distance == pytest.approx(c.folds[0] / 2 + c.folds[1] / 2) for c in record.candidates)
+    assert all(c.folds[0] != c.folds[1] for c in record.candidates)  # two held-out shares, two measurements
+    assert "2 disjoint folds of 4 held-out" in record.lines()[0] and "on all 16 calibration examples" in record.lines()[0]
+    chosen = record.candidates[record.chosen]
+    assert chosen.distance == min(c.distance for c in record.candidates)
+    named = copy.deepcopy(dense)
+    settings = {**SETTINGS, "importance": chosen.importance, "reconstruct": chosen.reconstruct}
+    examples = calibration_examples(dense, data, None, OptinConfig(**settings), 0.25, 16)
+    OptinPruner(OptinConfig(**settings)).prune_model(named, examples)
+    inputs = batch("bert")
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, named(**inputs).logits, atol=1e-6)
+
+
+def test_a_refit_allocation_is_kept_and_rules_out_the_bare_candidates():
+    """allocation='refit' counts units by the loss the refit leaves: every candidate keeps it, so none goes without
+    the repair, and the scoring (which runs no repair) is not refused for it."""
+    model, data = tiny_model("bert"), calibration("bert", 8)
+    pruner = OptinPruner(OptinConfig(**{**SETTINGS, "num_samples": 4}, allocation="refit", importance_options=ONE_FOLD))
+    pruner.prune_model(model, data)
+    record = search_record(pruner.config.to_dict())
+    assert [c.label for c in record.candidates] == LABELS[:3] and all(c.distance is not None for c in record.candidates)
+    assert pruner.config.allocation == "refit" and pruner.config.reconstruct == "weights"
