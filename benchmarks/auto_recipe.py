@@ -33,7 +33,8 @@ from scipy.stats import spearmanr
 from optin_hf import OptinPruner
 from optin_hf.arch import check_model
 from optin_hf.data import replayable
-from optin_hf.recipe_search import CandidateRunner, RecipeSearch, calibration_examples, candidates, make_runner, search_base, split_examples
+from optin_hf.pruner import CandidateRunner, make_runner
+from optin_hf.recipe_search import RecipeSearch, calibration_examples, candidates, search_base, split_examples
 from optin_hf.search_record import Candidate
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA

@@ -102,20 +102,23 @@ def report(name: str, found: Road) -> None:
     print("  most entered: " + ", ".join(f"{short(m)} {n}" for m, n in found.entries.most_common(5)))
 
 
-def prune_model_road(work: Path) -> Road:
-    """`prune_model` then `save` of the tiny BERT classifier, written under the folder `work`."""
+def prune_model_road(work: Path, **settings: object) -> Road:
+    """`prune_model` then `save` of the tiny BERT classifier, written under the folder `work` (`settings`: more
+    OptinConfig settings, e.g. importance="auto")."""
     from transformers import AutoModelForSequenceClassification
 
     from optin_hf import OptinConfig, OptinPruner
 
-    trained_text_model(work / "model")
+    if not (work / "model").is_dir():
+        trained_text_model(work / "model")
     model = AutoModelForSequenceClassification.from_pretrained(work / "model")
     texts = [text for text, _ in sentences(32, 0)]
-    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, num_samples=16, reconstruct_samples=32))
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, num_samples=16, reconstruct_samples=32, **settings))
+    saved = work / ("slim-" + "-".join(f"{key}-{value}" for key, value in settings.items()) if settings else "slim")
 
     def prune_and_save() -> None:
         pruner.prune_model(model, texts, tokenizer=tokenizer())
-        pruner.save(model, work / "slim")
+        pruner.save(model, saved)
 
     return road(prune_and_save)
 
@@ -135,6 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         report("prune_model + save", prune_model_road(work))
+        report('prune_model + save, importance="auto"', prune_model_road(work, importance="auto"))
         report("run_prune (CLI)", run_prune_road(work))
 
 

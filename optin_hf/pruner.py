@@ -1,6 +1,7 @@
 """`OptinPruner`: the orchestration of a prune, and only that: check what is asked against the model's adapter,
 score (`importance`), choose the masks (`allocate.choose_masks`), slim, repair (`reconstruct`), attach the result;
-then save or push."""
+then save or push. Under `importance="auto"` that run is repeated per candidate recipe (`prune_by_search`), each
+measured with `recipe_search`'s parts: the search is pruning runs, so it lives here and calls only downwards."""
 
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ from .importance import CRITERIA, ImportanceScores, criterion_from_config
 from .macs import CostModel
 from .masks import PruningMasks, check_masks
 from .reconstruct import Reconstruction, reconstruct, unslim
+from .recipe_search import (
+    HeldOut, RecipeSearch, calibration_examples, candidates, distance, held_out_run, search_base, split_examples,
+)
 from .result import PruningResult, attach_result, pruning_result, result_of_pruning
+from .search_record import RECORD_KEY, Candidate, SearchRecord
 from .slim import slim_model
 
 
@@ -280,10 +285,8 @@ class OptinPruner:
         """Slim `model` in place (scoring and allocating first unless `masks` are given), then
         reconstruct it on `data` unless `reconstruct="none"`. The slim model carries its result
         (`optin_hf.result.pruning_result`), so it can be saved or pushed without this pruner.
-        Under `importance="auto"` (and no `masks`), the recipe is chosen first (`optin_hf.recipe_search`)."""
+        Under `importance="auto"` (and no `masks`), the recipe is chosen first (`prune_by_search`)."""
         if masks is None and self.config.importance == AUTO_IMPORTANCE:
-            from .recipe_search import prune_by_search  # it builds a pruner per candidate
-
             return prune_by_search(self, model, data, tokenizer)
         adapter = self._check_model(model, repair=True)  # resolves reconstruct="auto" for this family
         c = self.config
@@ -375,3 +378,156 @@ class OptinPruner:
             speedup=speedup,
             max_shard_size=max_shard_size,
         )
+
+
+class CandidateRunner:
+    """Prunes copies of one dense model with candidate recipes and measures each on the held-out examples (none:
+    the runner that prunes the kept model on every calibration example measures nothing).
+
+    Each criterion scores the dense model once, on the fit examples, and every candidate (and budget) of it
+    reuses those scores, as `benchmarks/quality.py` does; a refit in steps re-scores on its own.
+    """
+
+    def __init__(
+        self, model: nn.Module, adapter: ArchAdapter, fit: list[dict[str, torch.Tensor]], dense: HeldOut | None,
+        base: OptinConfig, pruner_class: type[OptinPruner],
+    ):
+        self.model, self.adapter, self.fit, self.dense, self.base = model, adapter, fit, dense, base
+        self.pruner_class = pruner_class
+        self.scored: dict[str, tuple[OptinPruner, ImportanceScores] | ValueError] = {}
+
+    def scores(self, name: str) -> tuple[OptinPruner, ImportanceScores]:
+        """The dense model's scores by criterion `name` and the pruner that computed them (a failure: raised again)."""
+        if name not in self.scored:
+            # scoring only: no repair, so neither the refit's unit choice nor its per-layer counts (they need one)
+            scorer = self.pruner_class(dataclasses.replace(self.base, importance=name, reconstruct="none", prune_steps=1,
+                                                           selection="scores", allocation="scores"))
+            try:
+                self.scored[name] = (scorer, scorer.compute_scores(self.model, self.fit))
+            except ValueError as err:  # a criterion this model or data cannot take: Fisher on a regressor without labels
+                self.scored[name] = err
+        if isinstance(self.scored[name], ValueError):
+            raise self.scored[name]
+        return self.scored[name]
+
+    def run(self, candidate: Candidate, mac_constraint: float | None = None) -> tuple[nn.Module, OptinPruner]:
+        """A copy of the dense model pruned with `candidate`'s recipe (at `mac_constraint`, default the base
+        config's) and the pruner that pruned it; `candidate` gets its distance (where there are held-out examples)
+        and the seconds it took."""
+        began = time.perf_counter()
+        scorer, scores = self.scores(candidate.importance)
+        # The scorer's config holds what a scoring time budget picked (fewer examples, coarser neuron groups).
+        steps = self.base.prune_steps if candidate.reconstruct != "none" else 1
+        changes = dict(reconstruct=candidate.reconstruct, selection=candidate.selection, prune_steps=steps, allocation=self.base.allocation)
+        pruner = self.pruner_class(dataclasses.replace(scorer.config, **changes, mac_constraint=mac_constraint or self.base.mac_constraint))
+        pruner.seq_len, pruner.image_size, pruner.plan = scorer.seq_len, scorer.image_size, scorer.plan
+        if steps == 1:  # allocated from the shared scores (then re-chosen by the refit under selection="refit")
+            pruner.scores = scores
+            pruner.timings["scoring_s"] = scorer.timings["scoring_s"]
+        work = copy.deepcopy(self.model)
+        pruner.prune_model(work, self.fit)
+        if self.dense is not None:
+            candidate.kl, candidate.md = distance(work, self.adapter, self.dense)
+            candidate.distance = candidate.kl + candidate.md
+        candidate.seconds = time.perf_counter() - began
+        return work, pruner
+
+
+def measure(runners: list[CandidateRunner], candidate: Candidate, keep: bool) -> tuple[nn.Module, OptinPruner] | None:
+    """Measure `candidate` on every runner's fold: its kl, md and distance become their means over the folds (each
+    fold's distance in `candidate.folds` where there are several). Returns the first fold's pruned copy and pruner
+    where `keep`, else frees each copy as the next one is made."""
+    began = time.perf_counter()
+    parts, kept = [], None
+    for runner in runners:
+        part = Candidate(candidate.importance, candidate.reconstruct, candidate.selection)
+        trial = runner.run(part)
+        if keep and kept is None:
+            kept = trial
+        del trial
+        parts.append(part)
+    candidate.kl = sum(p.kl for p in parts) / len(parts)
+    candidate.md = sum(p.md for p in parts) / len(parts)
+    candidate.distance = candidate.kl + candidate.md
+    candidate.folds = [p.distance for p in parts] if len(parts) > 1 else None
+    candidate.seconds = time.perf_counter() - began
+    return kept
+
+
+def prepare_search(
+    model: nn.Module, data: Any, tokenizer, config: OptinConfig, search: RecipeSearch, asked_repair: str,
+    pruner_class: type[OptinPruner],
+) -> tuple[list[CandidateRunner], list[Candidate], list[dict[str, torch.Tensor]]]:
+    """The runners of `model`'s candidates, one per fold of `data` (`search.folds` splits into fit and held-out
+    examples), the candidates, and every calibration example read; `pruner_class` prunes each candidate
+    (`OptinPruner`, or the subclass that started the search)."""
+    base = search_base(config)
+    adapter = check_model(model)
+    tried = candidates(base, adapter, asked_repair, search.refit_selection)
+    refits = any(c.reconstruct != "none" for c in tried)
+    examples = calibration_examples(model, replayable(data), tokenizer, base, search.held_out,
+                                    max(base.num_samples, base.reconstruct_samples if refits else 0))
+    splits = [split_examples(examples, base, search.held_out, fold) for fold in range(search.folds)]
+    return [make_runner(model, adapter, fit, held, base, pruner_class) for fit, held in splits], tried, examples
+
+
+def make_runner(
+    model: nn.Module, adapter: ArchAdapter, fit: list[dict[str, torch.Tensor]], held: list[dict[str, torch.Tensor]],
+    base: OptinConfig, pruner_class: type[OptinPruner],
+) -> CandidateRunner:
+    """The runner that prunes `model` on the `fit` examples and measures each candidate on the `held` ones."""
+    batches = prepare_calibration(held, num_samples=len(held), batch_size=base.batch_size, max_length=base.max_length)
+    return CandidateRunner(model, adapter, fit, held_out_run(model, adapter, batches, base), base, pruner_class)
+
+
+def prune_by_search(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=None) -> nn.Module:
+    """`pruner.prune_model(model, data)` under `importance="auto"`: try the candidates on copies of the dense
+    `model` until the time budget has passed, then give `model` (in place) the closest candidate's pruned
+    weights (re-pruned on every calibration example under `reprune`); `pruner` then holds that run's config (the
+    criterion and repair chosen, the record in `extra`), scores, masks and refit, as if that recipe had been named."""
+    start = time.perf_counter()
+    search = RecipeSearch.from_config(pruner.config)
+    was_training = model.training
+    model.eval()
+    try:
+        runners, tried, examples = prepare_search(model, data, tokenizer, pruner.config, search, pruner.config.reconstruct, type(pruner))
+        record = SearchRecord(runners[0].dense.examples, len(runners[0].fit), search.max_search_time, folds=len(runners))
+        best: tuple[nn.Module, OptinPruner] | None = None
+        first_error: ValueError | None = None
+        for candidate in tried:
+            record.candidates.append(candidate)
+            if record.chosen is not None and search.max_search_time is not None and time.perf_counter() - start >= search.max_search_time:
+                candidate.skipped = f"not tried: max_search_time={search.max_search_time:g} s had passed"
+                continue
+            try:
+                trial = measure(runners, candidate, keep=not search.reprune)
+            except ValueError as err:  # a criterion this model or data cannot take
+                candidate.skipped = f"failed: {err}"
+                first_error = first_error or err
+                continue
+            if record.chosen is None or candidate.distance < record.candidates[record.chosen].distance:
+                record.chosen, best = len(record.candidates) - 1, trial
+            del trial  # the runner-up's copy is freed as the next one is made
+        if record.chosen is None:
+            raise first_error
+        if search.reprune:  # the chosen recipe on every calibration example, as if it had been named
+            picked = record.candidates[record.chosen]
+            final = CandidateRunner(model, runners[0].adapter, examples, None, runners[0].base, type(pruner))
+            best = final.run(Candidate(picked.importance, picked.reconstruct, picked.selection))
+        record.kept_examples = len(examples) if search.reprune else len(runners[0].fit)
+    finally:
+        model.train(was_training)
+    work, chosen = best
+    record.seconds = time.perf_counter() - start
+    extra = {**pruner.config.extra, RECORD_KEY: {**record.to_dict(), "options": dict(pruner.config.importance_options)}}
+    # the refit saw only the examples the kept model was pruned on: the config says so, not the number asked for
+    used = dict(extra=extra, reconstruct_samples=min(chosen.config.reconstruct_samples, record.kept_examples))
+    chosen.config = dataclasses.replace(chosen.config, **used)
+    # `model` becomes the chosen copy: the same slimming, then its (refit) weights; a refit adds no parameter.
+    slim_model(model, chosen.masks, runners[0].adapter)
+    model.load_state_dict(work.state_dict())
+    result = pruning_result(work)
+    attach_result(model, dataclasses.replace(result, config=dataclasses.replace(result.config, **used)))
+    chosen.timings = {**chosen.timings, "search_s": time.perf_counter() - start}
+    vars(pruner).update(vars(chosen))  # the pruner now describes the run it kept: config, scores, masks, refit, timings
+    return model

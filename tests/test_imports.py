@@ -164,3 +164,14 @@ def test_a_prune_job_never_climbs_back_up_the_import_graph(tmp_path):
     assert steps <= set(road.modules)  # the trace followed the whole job
     assert not road.climbs, f"climbs up: {dict(road.climbs)}"
     assert not {"optin_hf.engine.streaming", "optin_hf.tokens", "optin_hf.recipe_search"} & set(road.modules)
+
+
+def test_the_recipe_search_never_climbs_back_up_either(tmp_path):
+    """importance="auto" prunes a copy per candidate recipe: the pruner runs them and calls the search's parts
+    (split, candidates, distance) below it, so control still only flows down the import graph."""
+    sys.path.insert(0, str(PACKAGE.parent / "benchmarks"))
+    from job_road import prune_model_road
+
+    road = prune_model_road(tmp_path, importance="auto")
+    assert {"optin_hf.pruner", "optin_hf.recipe_search", "optin_hf.checkpoint"} <= set(road.modules)
+    assert not road.climbs, f"climbs up: {dict(road.climbs)}"

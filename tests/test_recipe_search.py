@@ -12,10 +12,11 @@ from tiny import batch, calibration, tiny_model
 from tiny_task import trained_text_model, write_csv
 
 from optin_hf import OptinConfig, OptinPruner
-from optin_hf import recipe_search
+from optin_hf import pruner as pruner_module
 from optin_hf.commands.__main__ import main
 from optin_hf.hub import model_card
-from optin_hf.recipe_search import RecipeSearch, calibration_examples, distance, prepare_search, split_examples
+from optin_hf.pruner import prepare_search
+from optin_hf.recipe_search import RecipeSearch, calibration_examples, distance, split_examples
 from optin_hf.result import pruning_result
 from optin_hf.search_record import search_record
 
@@ -150,7 +151,7 @@ def test_the_cli_never_holds_out_a_test_example(tmp_path, monkeypatch, capsys):
         seen["held"] += held
         return seen["fit"], held
 
-    monkeypatch.setattr(recipe_search, "split_examples", spy)
+    monkeypatch.setattr(pruner_module, "split_examples", spy)  # where the search splits
     out = tmp_path / "out"
     args = ["prune", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data.csv"), "--calibration-split",
             "train[:20]", "--eval-split", "train[20:]", "--num-samples", "8", "--importance", "auto", "--mac-constraint",
