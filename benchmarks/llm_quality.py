@@ -7,7 +7,13 @@ depend on the machine's load); every budget is allocated from those scores, slim
 recipe's refit windows, and measured on the default's held-out windows (4 plays never used for calibration, 64
 windows of 128 tokens spread evenly over them). One seed (the recipe's).
 
-    nice -n 10 python benchmarks/llm_quality.py [--budgets 0.8 0.6] [--criteria optin flap wanda_sp] [--speed]
+    nice -n 10 python benchmarks/llm_quality.py [--budgets 0.8 0.6 0.5] [--criteria optin flap wanda_sp] [--speed]
+        [--reconstruct weights none] [--selection scores refit] [--layouts per-layer uniform] [--scores-dir DIR]
+
+`--selection refit` adds the rows that re-choose each layer's units by the error the refit leaves
+(`OptinConfig(selection="refit")`, at the allocation's counts); `--layouts` which allocations run (per-layer, and
+`uniform_layers`: OPTIN only); `--scores-dir` keeps each criterion's scores there and reads them back, so that runs
+in parallel processes (one row set each) score once.
 
 `--dev N --lambdas 10 1 0.1` instead measures OPTIN + refit at each balance weight `lambda_contribution` (the raw
 losses are computed once) on N windows of 4 development plays, which neither the calibration nor the held-out
@@ -22,10 +28,13 @@ import dataclasses
 import math
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from optin_hf import OptinConfig, OptinPruner, count_macs
+from optin_hf import ImportanceScores, OptinConfig, OptinPruner, count_macs
+from optin_hf.data import prepare_calibration
+from optin_hf.refit_selection import select_by_refit
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA
 from optin_hf.tasks.defaults.registry import RECIPES
@@ -34,12 +43,30 @@ from optin_hf.tasks.recipes import default_recipe
 from optin_hf.tasks.windows import calibration_windows, evaluation_windows, negative_log_likelihood
 
 NAME = "shakespeare-smollm2"
-# (criterion, reconstruction, uniform_layers): the rows of the table, in order.
+# (criterion, reconstruction, uniform_layers, selection): the rows of the table, in order.
 ROWS = [
-    ("optin", "weights", False), ("optin", "none", False), ("optin", "weights", True),
-    ("flap", "weights", False), ("flap", "none", False),
-    ("wanda_sp", "weights", False), ("wanda_sp", "none", False),
+    ("optin", "weights", False, "scores"), ("optin", "none", False, "scores"), ("optin", "weights", True, "scores"),
+    ("optin", "weights", True, "refit"), ("optin", "weights", False, "refit"),
+    ("flap", "weights", False, "scores"), ("flap", "none", False, "scores"), ("flap", "weights", False, "refit"),
+    ("wanda_sp", "weights", False, "scores"), ("wanda_sp", "none", False, "scores"), ("wanda_sp", "weights", False, "refit"),
 ]
+
+
+def row_label(criterion: str, mode: str, uniform: bool, selection: str) -> str:
+    return (criterion + ("" if mode == "none" else " + refit") + (", refit selection" if selection == "refit" else "")
+            + (", uniform" if uniform else ""))
+
+
+def criterion_scores(pruner: OptinPruner, model: torch.nn.Module, calibration: list, folder: str | None, criterion: str):
+    """The criterion's scores, read from `folder` where an earlier run kept them (then kept there)."""
+    path = Path(folder, f"{criterion}.safetensors") if folder else None
+    if path is not None and path.exists():
+        return ImportanceScores.load(path)
+    scores = pruner.compute_scores(model, calibration)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scores.save(path)
+    return scores
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
@@ -56,6 +83,9 @@ def main() -> None:
     parser.add_argument("--lambdas", nargs="+", type=float, help="OPTIN + refit at each lambda_contribution (with --dev)")
     parser.add_argument("--reconstruct-samples", type=int, metavar="N", help="refit on N windows (default: the recipe's)")
     parser.add_argument("--reconstruct", nargs="+", default=["weights", "none"], help="the rows' repairs to run")
+    parser.add_argument("--selection", nargs="+", default=["scores"], choices=["scores", "refit"], help="the rows' unit choices to run")
+    parser.add_argument("--layouts", nargs="+", default=["per-layer", "uniform"], choices=["per-layer", "uniform"])
+    parser.add_argument("--scores-dir", help="keep each criterion's scores here and read them back")
     args = parser.parse_args()
     task = load_default(NAME)
     recipe = default_recipe(NAME).optin
@@ -81,20 +111,29 @@ def main() -> None:
     dense_macs, dense_parameters = count_macs(task.model, recipe.seq_len), sum(p.numel() for p in task.model.parameters())
     print(f"dense perplexity {dense:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     rows, scores, scoring_s = [], {}, {}
-    for criterion, mode, uniform in [r for r in ROWS if r[0] in args.criteria and r[1] in args.reconstruct]:
+    layouts = {"per-layer": False, "uniform": True}
+    wanted_rows = [r for r in ROWS if r[0] in args.criteria and r[1] in args.reconstruct and r[3] in args.selection
+                   and r[2] in [layouts[k] for k in args.layouts]]
+    for criterion, mode, uniform, selection in wanted_rows:
         if criterion not in scores:
             pruner = OptinPruner(OptinConfig.from_dict({**base, "importance": criterion}))
             start = time.perf_counter()
-            scores[criterion] = pruner.compute_scores(task.model, calibration)
+            scores[criterion] = criterion_scores(pruner, task.model, calibration, args.scores_dir, criterion)
             scoring_s[criterion] = time.perf_counter() - start
             print(f"{criterion} scored in {scoring_s[criterion]:.0f} s", flush=True)
         results = []
         for budget in args.budgets:
-            settings = {**base, "importance": criterion, "mac_constraint": budget, "reconstruct": mode, "uniform_layers": uniform}
+            settings = {**base, "importance": criterion, "mac_constraint": budget, "reconstruct": mode, "uniform_layers": uniform,
+                        "selection": selection}
             pruner = OptinPruner(OptinConfig.from_dict(settings))
             model = copy.deepcopy(task.model)
             start = time.perf_counter()
             masks = pruner.compute_masks(model, calibration, scores=scores[criterion])
+            if selection == "refit":  # what prune_model does after its own allocation, here after the shared scores'
+                c = pruner.config
+                batches = prepare_calibration(calibration, None, num_samples=c.reconstruct_samples, batch_size=c.batch_size,
+                                              max_length=c.max_length, config=model.config)
+                masks = select_by_refit(model, masks, batches, c.reconstruct_ridge)
             pruner.prune_model(model, calibration, masks=masks)
             seconds = time.perf_counter() - start
             value = perplexity(model, held_out)
@@ -105,11 +144,11 @@ def main() -> None:
                 measured = tokens_per_second({"dense": task.model, "pruned": model}, recipe.seq_len)
                 speeds = {k: measured["pruned"][k] / measured["dense"][k] for k in measured["dense"] if not k.endswith("_s")}
             results.append((budget, value, macs, removed, speeds))
-            label = criterion + ("" if mode == "none" else " + refit") + (", uniform" if uniform else "")
-            print(f"{label:24} @{budget}: perplexity {value:.3f} ({100 * (value / dense - 1):+.1f}%), MACs x{macs:.3f}, "
+            name = row_label(criterion, mode, uniform, selection)
+            print(f"{name:40} @{budget}: perplexity {value:.3f} ({100 * (value / dense - 1):+.1f}%), MACs x{macs:.3f}, "
                   f"{100 * removed:.1f}% of the parameters removed, slim+refit {seconds:.0f} s"
                   + (f", tokens/s pruned/dense {speeds}" if speeds else ""), flush=True)
-        rows.append((criterion + ("" if mode == "none" else " + refit") + (", uniform" if uniform else ""), results))
+        rows.append((row_label(criterion, mode, uniform, selection), results))
     print(f"\n| criterion | dense | " + " | ".join(f"@{b} MACs" for b in args.budgets) + " |")
     print("|---|---|" + "---|" * len(args.budgets))
     for label, results in rows:
