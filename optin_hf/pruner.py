@@ -208,17 +208,17 @@ class OptinPruner:
         With `prune_steps > 1` and no scores yet, the cut is made in steps with a reconstruction
         and a re-scoring between them (`_masks_in_steps`). `selection="refit"` re-chooses units on `data`, so
         `prune_model(model, data, masks=compute_masks(model, data))` prunes as `prune_model(model, data)` does."""
-        return self._masks(model, self._check_model(model), data, scores, tokenizer, select=True)
+        return self._masks(model, self._check_model(model), data, scores, tokenizer)
 
     def _masks(
         self, model: nn.Module, adapter: ArchAdapter, data: Any, scores: ImportanceScores | None, tokenizer,
-        batches: list[dict[str, torch.Tensor]] | None = None, select: bool = False,
+        batches: list[dict[str, torch.Tensor]] | None = None,
     ) -> PruningMasks:
         """`compute_masks` of a model whose adapter the caller checked; `batches`: the refit's calibration batches
-        where the caller read them; `select`: apply `selection` (`allocate.choose_masks`)."""
+        where the caller read them."""
         data = replayable(data)  # each step reads it again
         if scores is None and self.scores is None and self.config.prune_steps > 1:
-            return self._masks_in_steps(model, adapter, data, tokenizer, batches, select)
+            return self._masks_in_steps(model, adapter, data, tokenizer, batches)
         if scores is None and self.scores is None:
             scores = self._scores(model, adapter, data, tokenizer)
         elif scores is None:
@@ -226,15 +226,14 @@ class OptinPruner:
         elif data is not None and (self.config.seq_len is None or (adapter.is_vision and self.config.image_size is None)):
             self._batches(model, adapter, data, tokenizer)
         c = self.config
-        measured = c.prune_channels or c.allocation == "refit" or (select and c.selection == "refit")
+        measured = c.prune_channels or c.allocation == "refit" or c.selection == "refit"
         if batches is None and measured and data is not None:  # the options the search measures on calibration data
             batches = self._reconstruction_batches(model, adapter, data, tokenizer)
-        self.masks = self._choose(model, adapter, scores, c.mac_constraint, batches, select)
+        self.masks = self._choose(model, adapter, scores, c.mac_constraint, batches, select=True)
         return self.masks
 
     def _masks_in_steps(
         self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer, batches: list[dict[str, torch.Tensor]] | None,
-        select: bool,
     ) -> PruningMasks:
         """Remove 1/k of the MAC cut, reconstruct, re-score what is left on the repaired model; k times."""
         c = self.config
@@ -253,7 +252,7 @@ class OptinPruner:
                     scores = scores.ranking_last(~masks.head_mask, ~masks.neuron_mask)
                 last = step == c.prune_steps
                 masks = self._choose(model, adapter, scores, 1 - (1 - c.mac_constraint) * step / c.prune_steps, batches,
-                                     select and last)
+                                     select=last)  # the refit's unit choice for the final masks only
                 if not last:
                     work = slim_model(copy.deepcopy(model), masks, adapter)
                     reconstruct(work, model, batches, c.reconstruct, c.reconstruct_ridge, adapter)
@@ -268,7 +267,8 @@ class OptinPruner:
         batches: list[dict[str, torch.Tensor]] | None, select: bool,
     ) -> PruningMasks:
         """The masks that keep `mac_constraint` of the dense `model`'s MACs by `scores` (`allocate.choose_masks`), at
-        the MAC length and image size this pruner counts at, which it records."""
+        the MAC length and image size this pruner counts at, which it records; `select`: apply `selection` (the final
+        masks; a step between refits keeps the scores' units)."""
         costs = CostModel.of(model, adapter, self.image_size)
         self.image_size = costs.image_size  # the size counted at (the config's when no image was read), recorded
         scores.check_fits(model.config, adapter)
@@ -302,7 +302,7 @@ class OptinPruner:
         # Read before scoring, so that a bad example among them fails fast and never after slimming.
         batches = self._reconstruction_batches(model, adapter, data, tokenizer) if c.reconstruct != "none" else None
         if masks is None:
-            masks = self._masks(model, adapter, data, None, tokenizer, batches, select=True)
+            masks = self._masks(model, adapter, data, None, tokenizer, batches)
         self.masks = masks
         dense = copy.deepcopy(model) if batches is not None else None
         slim_model(model, masks, adapter)
