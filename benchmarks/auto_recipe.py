@@ -12,10 +12,14 @@ fold; every budget reuses the scores.
 `--dev N` also measures accuracy on a development split: up to N examples of the default's corpus that no split uses
 (neither training, calibration nor test: the text defaults cap their training set, so the rest of the corpus is
 unused). Rules for choosing are judged on it; the test split is read only to report each candidate's accuracy (mIoU
-for segmentation), never by the search. One seed.
+for segmentation), never by the search, and `--no-test` reads none of it (rules judged on the development split
+alone). Each candidate's held-out loss (its task loss on the held-out examples' labels, which the search's label-aware
+ranks read) is in the JSON beside its distance, so ranks can be compared offline. One seed: the recipe's, or `--seed`
+(it draws the calibration examples, the held-out split and the scoring's token rows; the splits stay the recipe's).
 
     nice -n 10 python benchmarks/auto_recipe.py [--defaults bbc-news tweet-sentiment digits-vit]
         [--budgets 0.8 0.6 0.5 0.4] [--json out.json] [--refit-selection] [--folds 4] [--all-data] [--dev 1000]
+        [--no-test] [--seed 1]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from optin_hf import OptinPruner
 from optin_hf.arch import check_model
 from optin_hf.data import replayable
 from optin_hf.pruner import CandidateRunner, make_runner
-from optin_hf.recipe_search import RecipeSearch, calibration_examples, candidates, search_base, split_examples
+from optin_hf.recipe_search import RecipeSearch, calibration_examples, candidates, choose, search_base, split_examples
 from optin_hf.search_record import Candidate
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA
@@ -42,7 +46,8 @@ from optin_hf.tasks.defaults.registry import RECIPES
 from optin_hf.tasks.recipes import default_recipe
 from optin_hf.tasks.report import split_accuracy
 
-HELD_OUT = RecipeSearch().held_out  # the search's own share
+SEARCH = RecipeSearch()  # the search's own settings: its held-out share and its rank
+HELD_OUT = SEARCH.held_out
 
 
 def dev_split(name: str, size: int):
@@ -70,18 +75,28 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=1, help="held-out folds each candidate is measured on (fold 0: the search's)")
     parser.add_argument("--all-data", action="store_true", help="also prune each candidate on every calibration example")
     parser.add_argument("--dev", type=int, default=0, help="examples of the unused development split to measure accuracy on")
+    parser.add_argument("--no-test", action="store_true", help="read no test example (judging rules on --dev alone)")
+    parser.add_argument("--seed", type=int, help="the seed of the calibration draw, the held-out split and the scoring "
+                        "(default: the recipe's)")
     args = parser.parse_args()
+    if args.no_test and not args.dev:
+        parser.error("--no-test judges on the development split alone: give --dev N")
+    metric = "dev" if args.no_test else "test"  # what the summary lines rank the candidates by
     torch.set_num_threads(1)
     results = []
     for name in args.defaults:
         task = load_default(name)
         recipe = default_recipe(name).optin
-        config = dataclasses.replace(recipe, importance="auto", importance_options={}, reconstruct="auto", prune_steps=1)
+        config = dataclasses.replace(recipe, importance="auto", importance_options={}, reconstruct="auto", prune_steps=1,
+                                     seed=recipe.seed if args.seed is None else args.seed)
         base = search_base(config)
         wanted = max(config.num_samples, config.reconstruct_samples)
         data = task.calibration.shuffle(seed=config.seed).select(range(min(wanted, len(task.calibration))))
         dev = dev_split(name, args.dev) if args.dev else None
-        dense = held_out_metric(task, task.model)
+        if args.no_test and dev is None:
+            print(f"{name}: no development split, and --no-test reads no test example: skipped", flush=True)
+            continue
+        dense = None if args.no_test else held_out_metric(task, task.model)
         dense_dev = split_accuracy(task.model, dev, task.processor) if dev is not None else None
         start = time.perf_counter()
         adapter = check_model(task.model)
@@ -91,12 +106,12 @@ def main() -> None:
         runners = [make_runner(task.model, adapter, fit, held, base, OptinPruner) for fit, held in splits]
         # every calibration example, none held out: it measures no distance
         everything = CandidateRunner(task.model, adapter, examples, None, base, OptinPruner) if args.all_data else None
-        print(f"{name}: dense test {dense:.4f}" + (f", dev {dense_dev:.4f} ({len(dev)} examples)" if dev is not None else "")
+        print(f"{name}: dense test " + ("not read" if dense is None else f"{dense:.4f}") + (f", dev {dense_dev:.4f} ({len(dev)} examples)" if dev is not None else "")
               + f"; {args.folds} fold(s) of {runners[0].dense.examples} held-out and {len(runners[0].fit)} fit examples; "
               f"recipe {recipe.importance}/{recipe.reconstruct}/{recipe.allocation} ({time.perf_counter() - start:.0f} s)", flush=True)
 
         def measured(work) -> dict[str, float | None]:
-            return {"test": held_out_metric(task, work),
+            return {"test": None if args.no_test else held_out_metric(task, work),
                     "dev": split_accuracy(work, dev, task.processor) if dev is not None else None}
 
         for budget in args.budgets:
@@ -107,7 +122,7 @@ def main() -> None:
                     for k, runner in enumerate(runners):
                         candidate = Candidate(template.importance, template.reconstruct, template.selection)
                         work, _ = runner.run(candidate, budget)
-                        folds.append({"kl": candidate.kl, "md": candidate.md, "seconds": candidate.seconds})
+                        folds.append({"kl": candidate.kl, "md": candidate.md, "loss": candidate.loss, "seconds": candidate.seconds})
                         if k == 0:
                             row = {**dataclasses.asdict(candidate), "label": candidate.label, **measured(work)}
                         del work
@@ -121,21 +136,26 @@ def main() -> None:
                     del work
                 rows.append(row)
                 print(f"  @{budget} {row['label']:38} distance {row['distance']:.5f} (kl {row['kl']:.5f}, md {row['md']:.5f}) "
-                      f"folds {' '.join(format(f['kl'] + f['md'], '.5f') for f in folds)}  test {row['test']:.4f}"
+                      + (f"loss {row['loss']:.5f} " if row["loss"] is not None else "")
+                      + f"folds {' '.join(format(f['kl'] + f['md'], '.5f') for f in folds)}"
+                      + (f"  test {row['test']:.4f}" if row["test"] is not None else "")
                       + (f" dev {row['dev']:.4f}" if dev is not None else "")
-                      + (f"  all-data test {row['all_data']['test']:.4f}" if everything is not None else "")
+                      + (f"  all-data test {row['all_data']['test']:.4f}" if everything is not None and not args.no_test else "")
                       + (f" dev {row['all_data']['dev']:.4f}" if everything is not None and dev is not None else "")
                       + f"  {row['seconds']:.0f} s", flush=True)
             if not rows:
                 continue
-            chosen = min(range(len(rows)), key=lambda i: rows[i]["distance"])
-            best = max(row["test"] for row in rows)
-            rho = spearmanr([-row["distance"] for row in rows], [row["test"] for row in rows]).statistic
+            # what importance="auto" keeps, under its default rank (the distance, screened by the held-out loss)
+            fields = {f.name for f in dataclasses.fields(Candidate)}
+            chosen = choose([Candidate(**{k: v for k, v in row.items() if k in fields}) for row in rows], SEARCH.rank, SEARCH.loss_tolerance)
+            best = max(row[metric] for row in rows)
+            reference = dense if metric == "test" else dense_dev
+            rho = spearmanr([-row["distance"] for row in rows], [row[metric] for row in rows]).statistic
             results.append({"default": name, "budget": budget, "dense": dense, "dense_dev": dense_dev, "candidates": rows,
                             "chosen": chosen, "spearman": float(rho)})
             print(f"  @{budget} chosen {rows[chosen]['label']}: "
-                  f"test {rows[chosen]['test']:.4f} ({100 * (rows[chosen]['test'] - dense):+.2f} vs dense, "
-                  f"{100 * (rows[chosen]['test'] - best):+.2f} vs the best candidate); Spearman {rho:+.2f}", flush=True)
+                  f"{metric} {rows[chosen][metric]:.4f} ({100 * (rows[chosen][metric] - reference):+.2f} vs dense, "
+                  f"{100 * (rows[chosen][metric] - best):+.2f} vs the best candidate); Spearman {rho:+.2f}", flush=True)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
@@ -144,11 +164,12 @@ def main() -> None:
     print("\n| default | budget | " + " | ".join(r["label"] for r in results[0]["candidates"])
           + " | chosen | vs best | Spearman |")
     for r in results:
-        cells = " | ".join(f"{100 * (c['test'] - r['dense']):+.2f} ({c['distance']:.4f})" for c in r["candidates"])
+        reference = r["dense"] if metric == "test" else r["dense_dev"]
+        cells = " | ".join(f"{100 * (c[metric] - reference):+.2f} ({c['distance']:.4f})" for c in r["candidates"])
         chosen = r["candidates"][r["chosen"]]
-        best = max(c["test"] for c in r["candidates"])
+        best = max(c[metric] for c in r["candidates"])
         print(f"| {r['default']} | {r['budget']} | {cells} | {chosen['label']} "
-              f"{100 * (chosen['test'] - r['dense']):+.2f} | {100 * (chosen['test'] - best):+.2f} | {r['spearman']:+.2f} |")
+              f"{100 * (chosen[metric] - reference):+.2f} | {100 * (chosen[metric] - best):+.2f} | {r['spearman']:+.2f} |")
 
 
 if __name__ == "__main__":

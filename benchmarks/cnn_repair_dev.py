@@ -14,12 +14,12 @@ over both dev halves (256 images, each judged once). Per criterion and budget, d
 
 `--allocations refit` also counts each block's channels by the loss its cuts leave after the row's repair
 (`optin_hf.refit_allocation`, measured once per fold and repair on the repair's images, every budget allocated
-from it); `--selections refit` re-chooses the units at those counts by the refit's greedy OBS error
+from it; with `--rounds N` > 1, `allocation_rounds=N`: N measurements down a ladder per budget); `--selections refit` re-chooses the units at those counts by the refit's greedy OBS error
 (`optin_hf.refit_selection`), whatever the repair run afterwards.
 
     nice -n 10 python benchmarks/cnn_repair_dev.py [--criteria optin magnitude random] [--budgets 0.8 0.6 0.5]
         [--repairs none batchnorm weights scales batchnorm+weights] [--allocations scores refit]
-        [--selections scores refit] [--scored-images 64] [--levels 4] [--options JSON] [--scores-dir DIR]
+        [--selections scores refit] [--scored-images 64] [--levels 4] [--rounds 1] [--options JSON] [--scores-dir DIR]
 
 Every repair takes (slim model, dense model, masks, batches, ridge); the scratch repairs ignore the ridge.
 """
@@ -44,7 +44,7 @@ from optin_hf.macs import CostModel
 from optin_hf.masks import PruningMasks
 from optin_hf.reconstruct import batch_norms, reconstruct
 from optin_hf import refit_allocation
-from optin_hf.refit_allocation import allocate_cuts, measure_cuts, unit_orders
+from optin_hf.refit_allocation import allocate_by_refit, allocate_cuts, measure_cuts, unit_orders
 from optin_hf.refit_selection import select_by_refit
 from optin_hf.slim import slim_model
 from optin_hf.tasks.defaults import load_default
@@ -87,6 +87,16 @@ def bias_correction(model: nn.Module, dense: nn.Module, masks: PruningMasks, bat
             get_submodule(slim, consumer).normalization.running_mean.sub_(shift.float())
 
 
+@torch.no_grad()
+def dev_losses(model: nn.Module, dense: nn.Module, dev) -> tuple[float, float]:
+    """Summed cross-entropy on the dev images' labels and summed KL(dense || model): smoother guides than the
+    accuracy where one image is 0.4 point."""
+    pixels, labels = torch.tensor(dev["pixel_values"]), torch.tensor(dev["label"])
+    logits, reference = model.eval()(pixel_values=pixels).logits, dense.eval()(pixel_values=pixels).logits
+    log_p, log_q = logits.log_softmax(-1), reference.log_softmax(-1)
+    return float(-log_p.gather(1, labels[:, None]).sum()), float((log_q.exp() * (log_q - log_p)).sum())
+
+
 def _repairs(*modes: str) -> Callable:
     def repair(model: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list[dict], ridge: float) -> None:
         for mode in modes:
@@ -106,15 +116,20 @@ REPAIRS: dict[str, Callable | None] = {
 }
 
 
-def refit_counts(pruner: OptinPruner, model: nn.Module, scores: ImportanceScores, batches: list[dict], mode: str):
-    """`allocation="refit"` with the `mode` repair for every budget from one measurement: budget -> masks."""
+def refit_counts(pruner: OptinPruner, model: nn.Module, scores: ImportanceScores, batches: list[dict], mode: str, rounds: int = 1):
+    """`allocation="refit"` with the `mode` repair: budget -> masks (one round: every budget from one measurement;
+    `rounds` > 1: the library's `allocation_rounds`, measured for each budget)."""
     adapter, c = check_model(model), pruner.config
     costs = CostModel.of(model, adapter, pruner.image_size)
+    at, dense = costs.at(costs.uniform(pruner.seq_len)), costs.dense(pruner.seq_len)
+    if rounds > 1:
+        return lambda budget: allocate_by_refit(model, adapter, scores.head_scores, scores.neuron_scores, at, costs.units,
+                                                budget * dense, batches, mode, c.reconstruct_ridge,
+                                                neurons_multiple_of=c.neurons_multiple_of, rounds=rounds)
     orders = unit_orders(scores.head_scores, scores.neuron_scores, costs.units)
     cuts = measure_cuts(model, adapter, orders, costs.units, batches, mode, c.reconstruct_ridge,
                         neurons_multiple_of=c.neurons_multiple_of)
-    at = costs.at(costs.uniform(pruner.seq_len))
-    return lambda budget: allocate_cuts(copy.deepcopy(cuts), orders, at, costs.units, budget * costs.dense(pruner.seq_len))
+    return lambda budget: allocate_cuts(copy.deepcopy(cuts), orders, at, costs.units, budget * dense)
 
 
 def main() -> None:
@@ -130,6 +145,7 @@ def main() -> None:
     parser.add_argument("--scored-images", type=int, default=64, help="images of the fold's half scored on (at most 128)")
     parser.add_argument("--options", default="{}", help="JSON OptinConfig settings over the recipe's (e.g. num_samples)")
     parser.add_argument("--levels", type=int, default=refit_allocation.LEVELS, help="measured depths per (block, kind) of the refit allocation")
+    parser.add_argument("--rounds", type=int, default=1, help="allocation_rounds of the refit allocation")
     args = parser.parse_args()
     refit_allocation.LEVELS = args.levels  # read by measure_cuts (a library constant: this compares finer depths)
     task = load_default("digits-resnet")
@@ -146,6 +162,7 @@ def main() -> None:
         base = {**dict(num_samples=args.scored_images, neuron_group_size=1, neurons_multiple_of=1, importance=criterion,
                        reconstruct="none", seed=0), **json.loads(args.options)}
         correct = {(*variant, budget, name): 0.0 for variant in variants for budget in args.budgets for name in args.repairs}
+        losses = {key: [0.0, 0.0] for key in correct}
         for fold, (fit, dev) in enumerate(folds):
             batches = prepare_calibration(fit, None, num_samples=len(fit), batch_size=32, max_length=128)
             # scored once (with the channels when any row prunes them): the heads' and neurons' scores do not depend on it
@@ -174,7 +191,7 @@ def main() -> None:
                         # the cuts are judged after the row's repair (its last refit; the scratch repairs: batchnorm)
                         mode = name.split("+")[-1] if name in ("none", "batchnorm", "weights", "scales", "batchnorm+weights") else "batchnorm"
                         if mode not in counts:
-                            counts[mode] = refit_counts(pruner, task.model, scores, batches, mode)
+                            counts[mode] = refit_counts(pruner, task.model, scores, batches, mode, args.rounds)
                         chosen = counts[mode](budget)
                     if selection == "refit":
                         chosen = select_by_refit(task.model, chosen, batches)
@@ -182,12 +199,17 @@ def main() -> None:
                     if REPAIRS[name] is not None:
                         REPAIRS[name](model, task.model, chosen, batches, config.reconstruct_ridge)
                     correct[channels, allocation, selection, budget, name] += split_accuracy(model, dev, None) * len(dev)
+                    for i, value in enumerate(dev_losses(model, task.model, dev)):
+                        losses[channels, allocation, selection, budget, name][i] += value
                     print(f"  fold {fold} {criterion} {channels} {allocation} {selection} @{budget} {name}: heads "
                           f"{chosen.head_mask.sum(1).tolist()} neurons {chosen.neuron_mask.sum(1).tolist()}", flush=True)
         for variant, budget in [(v, b) for v in variants for b in args.budgets]:
             accs = [correct[(*variant, budget, name)] / len(calibration) for name in args.repairs]
             cells = [f"{a:.3f}" if a else "-" for a in accs]
             print(f"| {criterion} | {' | '.join(variant)} | {budget} | " + " | ".join(cells) + " |", flush=True)
+            print("  dev cross-entropy / KL from dense, mean per image: " + ", ".join(
+                f"{name} {losses[(*variant, budget, name)][0] / len(calibration):.4f} / {losses[(*variant, budget, name)][1] / len(calibration):.4f}"
+                for name in args.repairs), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -137,8 +137,8 @@ def run_prune_road(work: Path) -> Road:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        report("prune_model + save", prune_model_road(work))
-        report('prune_model + save, importance="auto"', prune_model_road(work, importance="auto"))
+        report('prune_model + save, importance="optin"', prune_model_road(work, importance="optin"))
+        report('prune_model + save, importance="auto" (the default)', prune_model_road(work))
         report("run_prune (CLI)", run_prune_road(work))
 
 

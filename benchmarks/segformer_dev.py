@@ -12,7 +12,7 @@ shuffle, as the CLI draws) and is allocated, slimmed and refit at every budget; 
 `--split test` runs the same on the default's own calibration and test splits (the figures RESULTS
 reports, once the settings are chosen here on the development split).
 
-`--rounds N` runs the refit allocation in N rounds down a ladder of budgets (`resnet_refit_rounds.py`).
+`--rounds N` runs the refit allocation in N rounds down a ladder of budgets (`allocation_rounds=N`).
 `--levels N` measures each (layer, kind) at N depths instead of the library's 4; `--held-out N` refits each
 measured cut on all but every N-th calibration batch and judges it on those (the library does both on all).
 A variant with `selection: refit` re-chooses the units at the refit allocation's counts, as `prune_model` does.
@@ -32,7 +32,7 @@ from optin_hf import OptinConfig, OptinPruner
 from optin_hf.arch import check_model
 from optin_hf.macs import CostModel
 from optin_hf import refit_allocation
-from optin_hf.refit_allocation import allocate_cuts, measure_cuts, unit_orders
+from optin_hf.refit_allocation import allocate_by_refit, allocate_cuts, measure_cuts, unit_orders
 from optin_hf.refit_selection import select_by_refit
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA
@@ -40,8 +40,6 @@ from optin_hf.tasks.defaults.registry import RECIPES
 from optin_hf.tasks.defaults.scenes import scene_dataset
 from optin_hf.tasks.recipes import default_recipe
 from optin_hf.tasks.report import kept_per_layer, mean_iou_on
-
-from resnet_refit_rounds import rounds
 
 NAME = "digit-scenes-segformer"
 DEV_SEEDS = (7001, 7002)  # scene draws of their own: no split of the default uses these seeds
@@ -81,13 +79,15 @@ def refit_counts(pruner: OptinPruner, model, scores, data, held_out: int = 0):
 
 
 def ladder(pruner: OptinPruner, model, scores, data, steps: int):
-    """budget -> masks of the refit allocation in `steps` rounds, each measured from the previous round's model."""
+    """budget -> masks of the refit allocation in `steps` rounds (`allocation_rounds`), each measured from the
+    previous round's counts."""
     adapter, c = check_model(model), pruner.config
     costs = CostModel.of(model, adapter, pruner.image_size)
     batches = pruner._reconstruction_batches(model, adapter, data, None)
     at, dense = costs.at(costs.uniform(pruner.seq_len)), costs.dense(pruner.seq_len)
-    return lambda budget: rounds(model, scores, costs.units, at, dense, [1 - (1 - budget) * (i + 1) / steps for i in range(steps)],
-                                 batches, c.reconstruct, c.reconstruct_ridge, c.neurons_multiple_of)
+    return lambda budget: allocate_by_refit(model, adapter, scores.head_scores, scores.neuron_scores, at, costs.units, budget * dense,
+                                            batches, c.reconstruct, c.reconstruct_ridge, prune_heads=c.prune_heads,
+                                            prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of, rounds=steps)
 
 
 def main() -> None:
@@ -118,9 +118,10 @@ def main() -> None:
             scorer = OptinPruner(OptinConfig.from_dict(base))
             # one step: every budget is allocated from the same scores (as benchmarks/quality.py does)
             scores = scorer.compute_scores(task.model, data) if base.get("prune_steps", 1) == 1 else None
-            counts = refit_counts(scorer, task.model, scores, data, args.held_out) if base.get("allocation") == "refit" else None
-            if counts is not None and args.rounds > 1:  # the refit allocation down a ladder of budgets (resnet_refit_rounds.py)
-                counts = ladder(scorer, task.model, scores, data, args.rounds)
+            counts = None
+            if base.get("allocation") == "refit":  # in rounds: down a ladder of budgets (allocation_rounds)
+                counts = (ladder(scorer, task.model, scores, data, args.rounds) if args.rounds > 1
+                          else refit_counts(scorer, task.model, scores, data, args.held_out))
             cells = []
             for budget in args.budgets:
                 model = copy.deepcopy(task.model)

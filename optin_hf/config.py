@@ -78,6 +78,8 @@ class OptinConfig:
     importance scores; "refit" by the loss left after the refit, each layer's heads and neurons cut alone to a
     few depths, refit and measured on the calibration data (`optin_hf.refit_allocation`: layers x kinds x 4
     slim-and-refit runs, for small models whose refit repairs some layers far better than others).
+    `allocation_rounds=k` runs that measurement k times down a ladder of budgets, each round's cuts measured
+    from the counts the previous round left, so cuts that interact are priced together (k times the cost).
 
     `prune_tokens=True` is the reference's vision "tau" mode: heads and neurons take
     `token_cut_share` of the MAC cut and a per-layer token schedule (run by token merging)
@@ -89,7 +91,15 @@ class OptinConfig:
     Every field's type and range is checked when the config is built, from Python, JSON or a YAML
     recipe alike: a string is never read as a bool or a number, a bool is not an int, an int is a
     float, NaN and infinity are refused, and None is taken only by the fields typed `| None`.
-    `importance` names a registered criterion (`optin_hf.criteria`), checked without importing it.
+    `importance="auto"` (the default) chooses the recipe: optin, magnitude and fisher, each with the family's repair
+    and without one, prune copies of the model, and the one whose pruned model stays closest to the dense model on
+    held-out calibration examples is kept (`optin_hf.recipe_search`), since no single recipe is best on every model.
+    The pruner's config then names the criterion and repair chosen, with the search's record in `extra`, so the saved
+    config says what pruned the model. Any other value names a registered criterion
+    (`optin_hf.criteria`), checked without importing it, and is used as named ("optin": the paper's).
+    The search has no default time budget (`importance_options={"max_search_time": S}` sets one): a clock would make
+    one config choose differently on a faster machine, and the search costs a bounded multiple of naming OPTIN (one
+    scoring per criterion, OPTIN's masked runs the bulk of them, then a prune, refit and held-out forward per candidate).
     `importance_options` sets that criterion's own settings (its dataclass fields that are not OptinConfig
     fields), so a criterion with a setting of its own needs no new OptinConfig field or CLI flag; they are
     checked against the criterion's fields when the config is built (importing the criterion only then).
@@ -109,7 +119,7 @@ class OptinConfig:
     neurons_multiple_of: int = 8
     uniform_layers: bool = False
     faithful: bool = False
-    importance: str = "optin"
+    importance: str = "auto"
     importance_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     seq_len: float | None = None
@@ -129,6 +139,7 @@ class OptinConfig:
     prune_steps: int = 1
     selection: str = "scores"
     allocation: str = "scores"
+    allocation_rounds: int = 1
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     base_model_class: str | None = None
@@ -151,7 +162,7 @@ class OptinConfig:
                 "prune_channels=True prunes residual widths in one step, which token mode, uniform_layers and prune_steps "
                 "do not: set prune_channels=False, or prune_tokens=False, uniform_layers=False and prune_steps=1."
             )
-        for name in ("num_samples", "batch_size", "max_length", "md_tokens", "neuron_group_size", "neurons_multiple_of", "reconstruct_samples", "prune_steps"):
+        for name in ("num_samples", "batch_size", "max_length", "md_tokens", "neuron_group_size", "neurons_multiple_of", "reconstruct_samples", "prune_steps", "allocation_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.temperature <= 0 or self.lambda_contribution <= 0:
@@ -203,6 +214,9 @@ class OptinConfig:
                     f"{name}='refit' {what} by the loss left after the refit, which reconstruct={self.reconstruct!r} does not "
                     f"run: set reconstruct='weights' (or 'scales', or 'auto'), or {name}='scores'."
                 )
+        if self.allocation_rounds > 1 and self.allocation != "refit":
+            raise ValueError(f"allocation_rounds={self.allocation_rounds} repeats the refit allocation's measurement: set "
+                             "allocation='refit', or allocation_rounds=1.")
         if self.allocation == "refit" and (self.prune_tokens or self.uniform_layers or self.prune_steps > 1 or self.prune_channels):
             raise ValueError(
                 "allocation='refit' counts heads and neurons per layer in one step, which prune_tokens, uniform_layers, "

@@ -22,14 +22,15 @@ from .config import OptinConfig
 from .criteria import AUTO_IMPORTANCE
 from .data import average_length, check_inputs, image_size_of, prepare_calibration, replayable
 from .engine.estimate import ScoringPlan, plan_model_scoring
-from .engine.streaming import check_streaming
+from .engine.streaming import STREAMED_CRITERIA, check_streaming
 from .hub import CardMetrics, push_to_hub
 from .importance import CRITERIA, ImportanceScores, criterion_from_config
 from .macs import CostModel
 from .masks import PruningMasks, check_masks
 from .reconstruct import Reconstruction, reconstruct, unslim
 from .recipe_search import (
-    HeldOut, RecipeSearch, calibration_examples, candidates, distance, held_out_run, search_base, split_examples,
+    SEARCHED_CRITERIA, HeldOut, RecipeSearch, calibration_examples, candidates, choose, distance, held_out_run,
+    screened, search_base, split_examples,
 )
 from .result import PruningResult, attach_result, pruning_result, result_of_pruning
 from .search_record import RECORD_KEY, Candidate, SearchRecord
@@ -95,9 +96,33 @@ class OptinPruner:
         c = self.config
         # A refit allocation, and a refit between steps, run the repair even where the model is not slimmed.
         self._refuse(model, adapter, repair or c.allocation == "refit" or c.prune_steps > 1)
-        if any(p.is_meta for p in model.parameters()):  # offloaded weights: what layer-streamed scoring cannot run
+        if _offloaded(model):  # what layer-streamed scoring cannot run
             check_streaming(model, adapter, c, repair)
         return adapter
+
+    def _resolve_auto(self, model: nn.Module) -> bool:
+        """Whether an entry point must run importance="auto"'s recipe search first (`prune_by_search`; `_search`).
+        An offloaded (layer-streamed) model cannot have pruned copies to measure, so there "auto" becomes OPTIN, the
+        first searched criterion that streamed scoring runs, named in this pruner's config (and so in the saved one)."""
+        if self.config.importance != AUTO_IMPORTANCE:
+            return False
+        if not _offloaded(model):
+            # What every candidate would refuse (an already pruned model, a setting the family does not declare) is
+            # refused before the search reads any data, as it is for a named criterion; OPTIN, the first candidate,
+            # takes every setting a criterion can (tokens, channels).
+            type(self)(search_base(self.config))._check_model(model, repair=True)
+            return True
+        streamed = next(name for name in SEARCHED_CRITERIA if name in STREAMED_CRITERIA)
+        self.config = dataclasses.replace(self.config, importance=streamed, importance_options={})
+        return False
+
+    def _search(self, model: nn.Module, data: Any, tokenizer) -> None:
+        """Run importance="auto"'s recipe search (`prune_by_search`) on a copy of the dense `model`, which stays as it
+        is. This pruner then holds the kept run's config (the chosen criterion and repair, the search record in
+        `extra`), scores and masks, as if that recipe had been named; so `prune_model(model, data, masks=self.masks)`
+        slims `model` with the very masks `prune_model(model, data)` would (its refit then reads `data`'s first
+        `reconstruct_samples` examples, where the search's kept copy was refit on the fit share, or all under `reprune`)."""
+        prune_by_search(self, copy.deepcopy(model), data, tokenizer)
 
     def _resolve_repair(self, model: nn.Module, adapter: ArchAdapter) -> None:
         """Replace `reconstruct="auto"` in this pruner's config by the repair it runs on `model`'s family, so the
@@ -152,16 +177,17 @@ class OptinPruner:
         A criterion that scores by masked runs is first timed: `plan` says what it will run and
         how long it should take. Under `max_scoring_time`, `config` then holds the settings the
         budget picked (and `max_scoring_time=None`), which `save` writes.
+
+        Under `importance="auto"` the recipe search runs first (`_search`): the scores are the chosen
+        criterion's (its last step's with `prune_steps > 1`), and `config` names that recipe.
         """
+        if self._resolve_auto(model):
+            self._search(model, data, tokenizer)
+            return self.scores
         return self._scores(model, self._check_model(model), data, tokenizer)
 
     def _scores(self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer) -> ImportanceScores:
         """`compute_scores` of a model whose adapter the caller checked."""
-        if self.config.importance == AUTO_IMPORTANCE:
-            raise ValueError(
-                "importance='auto' chooses its criterion by pruning with each candidate: call prune_model(model, data) to run "
-                "that search, or name a criterion (e.g. importance='optin') to compute scores or masks."
-            )
         data = replayable(data)  # the plan may read it again
         criterion = criterion_from_config(self.config)
         labels = getattr(criterion, "needs_labels", False)
@@ -207,7 +233,12 @@ class OptinPruner:
 
         With `prune_steps > 1` and no scores yet, the cut is made in steps with a reconstruction
         and a re-scoring between them (`_masks_in_steps`). `selection="refit"` re-chooses units on `data`, so
-        `prune_model(model, data, masks=compute_masks(model, data))` prunes as `prune_model(model, data)` does."""
+        `prune_model(model, data, masks=compute_masks(model, data))` prunes as `prune_model(model, data)` does.
+        Under `importance="auto"` with no scores, the recipe search runs first (`_search`, on a copy of `model`): the
+        masks are the chosen recipe's, and `config` names that recipe, so the same holds."""
+        if scores is None and self.scores is None and self._resolve_auto(model):
+            self._search(model, data, tokenizer)
+            return self.masks
         return self._masks(model, self._check_model(model), data, scores, tokenizer)
 
     def _masks(
@@ -286,7 +317,7 @@ class OptinPruner:
         reconstruct it on `data` unless `reconstruct="none"`. The slim model carries its result
         (`optin_hf.result.pruning_result`), so it can be saved or pushed without this pruner.
         Under `importance="auto"` (and no `masks`), the recipe is chosen first (`prune_by_search`)."""
-        if masks is None and self.config.importance == AUTO_IMPORTANCE:
+        if masks is None and self._resolve_auto(model):
             return prune_by_search(self, model, data, tokenizer)
         adapter = self._check_model(model, repair=True)  # resolves reconstruct="auto" for this family
         c = self.config
@@ -380,6 +411,11 @@ class OptinPruner:
         )
 
 
+def _offloaded(model: nn.Module) -> bool:
+    """Whether some of `model`'s weights are offloaded (on the meta device, loaded per forward)."""
+    return any(p.is_meta for p in model.parameters())
+
+
 class CandidateRunner:
     """Prunes copies of one dense model with candidate recipes and measures each on the held-out examples (none:
     the runner that prunes the kept model on every calibration example measures nothing).
@@ -401,7 +437,7 @@ class CandidateRunner:
         if name not in self.scored:
             # scoring only: no repair, so neither the refit's unit choice nor its per-layer counts (they need one)
             scorer = self.pruner_class(dataclasses.replace(self.base, importance=name, reconstruct="none", prune_steps=1,
-                                                           selection="scores", allocation="scores"))
+                                                           selection="scores", allocation="scores", allocation_rounds=1))
             try:
                 self.scored[name] = (scorer, scorer.compute_scores(self.model, self.fit))
             except ValueError as err:  # a criterion this model or data cannot take: Fisher on a regressor without labels
@@ -418,7 +454,8 @@ class CandidateRunner:
         scorer, scores = self.scores(candidate.importance)
         # The scorer's config holds what a scoring time budget picked (fewer examples, coarser neuron groups).
         steps = self.base.prune_steps if candidate.reconstruct != "none" else 1
-        changes = dict(reconstruct=candidate.reconstruct, selection=candidate.selection, prune_steps=steps, allocation=self.base.allocation)
+        changes = dict(reconstruct=candidate.reconstruct, selection=candidate.selection, prune_steps=steps, allocation=self.base.allocation,
+                       allocation_rounds=self.base.allocation_rounds)
         pruner = self.pruner_class(dataclasses.replace(scorer.config, **changes, mac_constraint=mac_constraint or self.base.mac_constraint))
         pruner.seq_len, pruner.image_size, pruner.plan = scorer.seq_len, scorer.image_size, scorer.plan
         if steps == 1:  # allocated from the shared scores (then re-chosen by the refit under selection="refit")
@@ -427,14 +464,14 @@ class CandidateRunner:
         work = copy.deepcopy(self.model)
         pruner.prune_model(work, self.fit)
         if self.dense is not None:
-            candidate.kl, candidate.md = distance(work, self.adapter, self.dense)
+            candidate.kl, candidate.md, candidate.loss = distance(work, self.adapter, self.dense)
             candidate.distance = candidate.kl + candidate.md
         candidate.seconds = time.perf_counter() - began
         return work, pruner
 
 
 def measure(runners: list[CandidateRunner], candidate: Candidate, keep: bool) -> tuple[nn.Module, OptinPruner] | None:
-    """Measure `candidate` on every runner's fold: its kl, md and distance become their means over the folds (each
+    """Measure `candidate` on every runner's fold: its kl, md, distance and loss become their means over the folds (each
     fold's distance in `candidate.folds` where there are several). Returns the first fold's pruned copy and pruner
     where `keep`, else frees each copy as the next one is made."""
     began = time.perf_counter()
@@ -449,6 +486,7 @@ def measure(runners: list[CandidateRunner], candidate: Candidate, keep: bool) ->
     candidate.kl = sum(p.kl for p in parts) / len(parts)
     candidate.md = sum(p.md for p in parts) / len(parts)
     candidate.distance = candidate.kl + candidate.md
+    candidate.loss = None if any(p.loss is None for p in parts) else sum(p.loss for p in parts) / len(parts)
     candidate.folds = [p.distance for p in parts] if len(parts) > 1 else None
     candidate.seconds = time.perf_counter() - began
     return kept
@@ -467,6 +505,7 @@ def prepare_search(
     refits = any(c.reconstruct != "none" for c in tried)
     examples = calibration_examples(model, replayable(data), tokenizer, base, search.held_out,
                                     max(base.num_samples, base.reconstruct_samples if refits else 0))
+    check_inputs(examples, adapter.is_vision, model.config.model_type)  # before the dense model runs on them
     splits = [split_examples(examples, base, search.held_out, fold) for fold in range(search.folds)]
     return [make_runner(model, adapter, fit, held, base, pruner_class) for fit, held in splits], tried, examples
 
@@ -476,23 +515,27 @@ def make_runner(
     base: OptinConfig, pruner_class: type[OptinPruner],
 ) -> CandidateRunner:
     """The runner that prunes `model` on the `fit` examples and measures each candidate on the `held` ones."""
-    batches = prepare_calibration(held, num_samples=len(held), batch_size=base.batch_size, max_length=base.max_length)
+    batches = prepare_calibration(held, num_samples=len(held), batch_size=base.batch_size, max_length=base.max_length, labels=True)
     return CandidateRunner(model, adapter, fit, held_out_run(model, adapter, batches, base), base, pruner_class)
 
 
 def prune_by_search(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=None) -> nn.Module:
     """`pruner.prune_model(model, data)` under `importance="auto"`: try the candidates on copies of the dense
-    `model` until the time budget has passed, then give `model` (in place) the closest candidate's pruned
-    weights (re-pruned on every calibration example under `reprune`); `pruner` then holds that run's config (the
-    criterion and repair chosen, the record in `extra`), scores, masks and refit, as if that recipe had been named."""
+    `model` until the time budget has passed, then give `model` (in place) the best-ranked candidate's pruned weights
+    (`RecipeSearch.rank`: the closest, where labels allow among those near the lowest held-out loss; re-pruned on
+    every calibration example under `reprune`); `pruner` then holds that run's config (the criterion and repair
+    chosen, the record in `extra`), scores, masks and refit, as if that recipe had been named."""
     start = time.perf_counter()
     search = RecipeSearch.from_config(pruner.config)
     was_training = model.training
     model.eval()
     try:
         runners, tried, examples = prepare_search(model, data, tokenizer, pruner.config, search, pruner.config.reconstruct, type(pruner))
-        record = SearchRecord(runners[0].dense.examples, len(runners[0].fit), search.max_search_time, folds=len(runners))
-        best: tuple[nn.Module, OptinPruner] | None = None
+        # a label-aware rank needs the held-out labels; without them the distance ranks, as the record says
+        rank = search.rank if runners[0].dense.labels is not None else "distance"
+        record = SearchRecord(runners[0].dense.examples, len(runners[0].fit), search.max_search_time, folds=len(runners),
+                              rank=rank, tolerance=search.loss_tolerance if rank == "screened" else None)
+        copies: dict[int, tuple[nn.Module, OptinPruner]] = {}  # the measured candidates' copies that may still be kept
         first_error: ValueError | None = None
         for candidate in tried:
             record.candidates.append(candidate)
@@ -505,19 +548,26 @@ def prune_by_search(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=
                 candidate.skipped = f"failed: {err}"
                 first_error = first_error or err
                 continue
-            if record.chosen is None or candidate.distance < record.candidates[record.chosen].distance:
-                record.chosen, best = len(record.candidates) - 1, trial
-            del trial  # the runner-up's copy is freed as the next one is made
+            if trial is not None:
+                copies[len(record.candidates) - 1] = trial
+            del trial
+            record.chosen = choose(record.candidates, rank, search.loss_tolerance)
+            # Free each copy no later candidate can make the choice: all but the chosen one, or, screened by the loss,
+            # those above the lowest loss plus the tolerance (the lowest only falls). Memory: the dense model, the
+            # copies kept, and the one being measured.
+            live = set(screened(record.candidates, search.loss_tolerance)) if rank == "screened" else {record.chosen}
+            for index in [i for i in copies if i not in live]:
+                del copies[index]
         if record.chosen is None:
             raise first_error
         if search.reprune:  # the chosen recipe on every calibration example, as if it had been named
             picked = record.candidates[record.chosen]
             final = CandidateRunner(model, runners[0].adapter, examples, None, runners[0].base, type(pruner))
-            best = final.run(Candidate(picked.importance, picked.reconstruct, picked.selection))
+            copies = {record.chosen: final.run(Candidate(picked.importance, picked.reconstruct, picked.selection))}
         record.kept_examples = len(examples) if search.reprune else len(runners[0].fit)
     finally:
         model.train(was_training)
-    work, chosen = best
+    work, chosen = copies[record.chosen]
     record.seconds = time.perf_counter() - start
     extra = {**pruner.config.extra, RECORD_KEY: {**record.to_dict(), "options": dict(pruner.config.importance_options)}}
     # the refit saw only the examples the kept model was pruned on: the config says so, not the number asked for

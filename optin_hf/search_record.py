@@ -9,13 +9,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RECORD_KEY = "recipe_search"  # where the record lives in OptinConfig.extra
+# How the search may rank its candidates (`RecipeSearch.rank`), each as the record states it ({tolerance}: the record's).
+# The label-aware ones need labels on the held-out examples: without them the search ranks by the distance.
+RANKS = {
+    "screened": "the smallest held-out distance (KL + MD) among the candidates whose task loss on the held-out labels is "
+                "within {tolerance:g} of the lowest",
+    "distance": "the smallest held-out distance (KL + MD)",
+    "loss": "the smallest task loss on the held-out examples' labels",
+}
 
 
 @dataclass
 class Candidate:
     """One recipe tried: its criterion, repair and unit selection, and its pruned model's distance from the dense model
     on the held-out examples (kl: mean KL per example of the task's logits; md: mean squared difference of the
-    layers' cosine Grams; distance = kl + md), or why it was not measured (`skipped`)."""
+    layers' cosine Grams; distance = kl + md) and its task loss on their labels (`loss`, where they had labels), or why
+    it was not measured (`skipped`)."""
 
     importance: str
     reconstruct: str
@@ -26,6 +35,7 @@ class Candidate:
     seconds: float = 0.0
     skipped: str | None = None
     folds: list[float] | None = None  # each fold's distance, where the search measured several (`distance`: their mean)
+    loss: float | None = None  # mean task loss on the held-out labels (a classifier's cross-entropy); None without labels
 
     @property
     def label(self) -> str:
@@ -48,6 +58,8 @@ class SearchRecord:
     seconds: float = 0.0
     folds: int = 1
     kept_examples: int | None = None  # the examples the kept model was pruned on: the fit ones, or all (re-pruned)
+    rank: str = "distance"  # what ranked the candidates (a key of RANKS): a record saved before the label-aware ranks has none
+    tolerance: float | None = None  # under rank "screened": how far above the lowest held-out loss a candidate stays in
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -59,18 +71,20 @@ class SearchRecord:
         return cls(**{**kept, "candidates": [Candidate(**c) for c in kept.get("candidates", [])]})
 
     def lines(self) -> list[str]:
-        """The record for people: what was chosen, then each candidate's held-out distance (or why it has none)."""
+        """The record for people: what was chosen and by what, then each candidate's held-out distance and task loss
+        (where the held-out examples had labels), or why it has none."""
         chosen = self.candidates[self.chosen]
         where = (f"{self.held_out_examples} held-out calibration examples ({self.fit_examples} scored and refit on)" if self.folds == 1
                  else f"{self.folds} disjoint folds of {self.held_out_examples} held-out calibration examples each "
                       f"({self.fit_examples} scored and refit on), the mean distance")
         kept = (f"; the kept model pruned with it on all {self.kept_examples} calibration examples"
                 if self.kept_examples is not None and self.kept_examples > self.fit_examples else "")
-        head = (f"importance='auto' chose {chosen.label}: the smallest held-out distance (KL + MD) of {len(self.candidates)} "
-                f"candidate recipes, on {where}{kept}, in {self.seconds:.0f} s")
+        head = (f"importance='auto' chose {chosen.label} of {len(self.candidates)} candidate recipes: "
+                f"{RANKS[self.rank].format(tolerance=self.tolerance)}, on {where}{kept}, in {self.seconds:.0f} s")
         rows = [f"  {'*' if i == self.chosen else ' '} {c.label}: "
                 + (c.skipped if c.distance is None else f"{c.distance:.5g} (KL {c.kl:.5g}, MD {c.md:.5g}"
-                   + (f"; folds {', '.join(f'{d:.5g}' for d in c.folds)}" if c.folds else "") + f"), {c.seconds:.1f} s")
+                   + (f"; folds {', '.join(f'{d:.5g}' for d in c.folds)}" if c.folds else "") + ")"
+                   + (f", held-out loss {c.loss:.5g}" if c.loss is not None else "") + f", {c.seconds:.1f} s")
                 for i, c in enumerate(self.candidates)]
         return [head, *rows]
 

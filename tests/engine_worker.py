@@ -18,7 +18,7 @@ from tiny import calibration, tiny_model
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf.engine.resume import LossCheckpoint
 
-WORKER_CONFIG = dict(md_tokens=40, num_samples=12, batch_size=5)
+WORKER_CONFIG = dict(importance="optin", md_tokens=40, num_samples=12, batch_size=5)
 
 
 def main() -> None:

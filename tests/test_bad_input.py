@@ -60,11 +60,12 @@ def test_a_non_finite_or_empty_seq_len_is_refused(seq_len):
 @pytest.mark.parametrize(
     "arch, data, message",
     [
-        ("bert", [{"pixel_values": torch.randn(3, 16, 16)}] * 4, r"has \['pixel_values'\], but this bert model takes text, as input_ids"),
-        ("vit", [{"input_ids": ids(8)}] * 4, r"has \['attention_mask', 'input_ids'\], but this vit model takes images only, as pixel_values"),
+        ("bert", [{"pixel_values": torch.randn(3, 16, 16)}] * 8, r"has \['pixel_values'\], but this bert model takes text, as input_ids"),
+        ("vit", [{"input_ids": ids(8)}] * 8, r"has \['attention_mask', 'input_ids'\], but this vit model takes images only, as pixel_values"),
     ],
 )
 def test_images_to_a_text_model_and_text_to_a_vit_are_refused_up_front(arch, data, message):
+    """Under the default importance="auto" too: the search checks them before the dense model runs on its held-out share."""
     with pytest.raises(ValueError, match=message):
         OptinPruner(OptinConfig(reconstruct="none", num_samples=4)).compute_scores(tiny_model(arch), data)
 
@@ -128,7 +129,8 @@ def test_masks_given_as_a_dict_are_refused_naming_pruning_masks(tmp_path):
 def test_a_neuron_group_size_that_does_not_divide_the_ffn_prunes(engine):
     """5 does not divide 48: the last group holds 3 neurons; both engines score, allocate and slim."""
     model, data = tiny_model("bert"), calibration("bert", n=4)
-    config = OptinConfig(neuron_group_size=5, engine=engine, num_samples=4, md_tokens=24, reconstruct="none", mac_constraint=0.7)
+    config = OptinConfig(importance="optin", neuron_group_size=5, engine=engine, num_samples=4, md_tokens=24, reconstruct="none",
+                         mac_constraint=0.7)
     pruner = OptinPruner(config)
     scores = pruner.compute_scores(model, data)
     assert scores.neuron_scores.shape == (3, 48) and torch.isfinite(scores.neuron_scores).all()

@@ -1,7 +1,7 @@
 """The digits-resnet and digit-scenes-segformer recipes' repair settings on tiny models of their families.
 
-digits-resnet counts each block's channels by the loss left after the refit (ragged stages: 8 and 16 inner
-channels); digit-scenes-segformer also re-chooses the units at those counts by the refit's error. Both must meet
+digits-resnet counts each block's channels by the loss left after the refit, in two measured rounds (ragged stages:
+8 and 16 inner channels); digit-scenes-segformer also re-chooses the units at those counts by the refit's error. Both must meet
 their budget, keep the counts the refit allocation chose, and record what ran."""
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ def _recipe(name: str) -> dict:
 
 def test_the_resnet_recipe_refits_and_counts_by_the_refit_on_ragged_stages():
     settings = _recipe("digits-resnet")
-    assert (settings["reconstruct"], settings["allocation"]) == ("weights", "refit")
+    assert (settings["reconstruct"], settings["allocation"], settings["allocation_rounds"]) == ("weights", "refit", 2)
     model = tiny_cnn("resnet")
     dense = count_macs(model, image_size=32)
     pruner = OptinPruner(OptinConfig(**settings))
     pruner.prune_model(model, random_images(8, seed=3))
     assert count_macs(model) <= 0.6 * dense * (1 + 1e-9)
-    assert pruning_result(model).config.allocation == "refit" and pruning_result(model).config.reconstruct == "weights"
+    config = pruning_result(model).config
+    assert (config.allocation, config.allocation_rounds, config.reconstruct) == ("refit", 2, "weights")
     assert pruner.timings["allocation_s"] > 0
     adapter = check_model(model)
     # the stages' blocks are 8, 8 and 16 channels wide: the slim blocks keep what the masks say, within their own width

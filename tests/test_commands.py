@@ -242,7 +242,7 @@ def test_prune_resumes_from_its_checkpoint_dir(workspace, tmp_path, capsys, monk
     checkpoint = tmp_path / "losses"
     args = ["prune", "--model", str(workspace / "model"), "--dataset", str(workspace / "data.csv"), "--calibration-split",
             "train[:8]", "--eval-split", "train[8:16]", "--num-samples", "8", "--neuron-group-size", "16", "--reconstruct-samples", "8",
-            "--prune-steps", "2", "--checkpoint-dir", str(checkpoint)]
+            "--prune-steps", "2", "--checkpoint-dir", str(checkpoint), "--importance", "optin"]
     assert main([*args, "--output", str(tmp_path / "first")]) == 0
     assert OptinConfig.from_pretrained(tmp_path / "first").checkpoint_dir == str(checkpoint)
     saved = sorted(checkpoint.rglob("raw_losses.*.safetensors"))

@@ -12,7 +12,8 @@ from optin_hf.tasks.recipes import parse_recipe
 def test_defaults_follow_the_paper():
     c = OptinConfig()
     assert (c.mac_constraint, c.temperature, c.lambda_contribution, c.md_tokens, c.num_samples) == (0.6, 4.0, 10.0, 768, 128)
-    assert c.importance == "optin" and not c.faithful  # the paper's score: MD + balanced KL
+    assert not c.faithful  # the paper's score, MD + balanced KL: OPTIN's, the first recipe importance="auto" tries
+    assert c.importance == "auto"
 
 
 def test_round_trip_dict_and_json(tmp_path):

@@ -297,8 +297,8 @@ def test_neuron_groups_score_each_group_removed_together():
     from optin_hf.hooks import apply_masks
 
     model, data = tiny_model("bert"), calibration("bert", n=6)
-    config = OptinConfig(md_tokens=24, num_samples=6, batch_size=3, neuron_group_size=16, prune_heads=False, faithful=False,
-                         mac_constraint=0.8)  # heads kept whole cost 0.62 of this tiny model
+    config = OptinConfig(importance="optin", md_tokens=24, num_samples=6, batch_size=3, neuron_group_size=16, prune_heads=False,
+                         faithful=False, mac_constraint=0.8)  # heads kept whole cost 0.62 of this tiny model
     fast = OptinPruner(config).compute_scores(model, data).neuron_scores
     ref = OptinPruner(OptinConfig(**{**config.to_dict(), "engine": "reference"})).compute_scores(model, data).neuron_scores
     assert torch.allclose(fast, ref, rtol=1e-4)
@@ -325,7 +325,8 @@ def test_a_last_partial_neuron_group_is_scored_and_shared_by_its_own_neurons():
     """48 neurons in groups of 20: 20 + 20 + 8; the 8 share their group's score 8 ways (and groups wider than
     the layer are one group); both engines agree."""
     model, data = tiny_model("bert"), calibration("bert", n=6)
-    config = OptinConfig(md_tokens=24, num_samples=6, batch_size=3, neuron_group_size=20, prune_heads=False, mac_constraint=0.8)
+    config = OptinConfig(importance="optin", md_tokens=24, num_samples=6, batch_size=3, neuron_group_size=20, prune_heads=False,
+                         mac_constraint=0.8)
     fast = OptinPruner(config).compute_scores(model, data).neuron_scores
     ref = OptinPruner(OptinConfig(**{**config.to_dict(), "engine": "reference"})).compute_scores(model, data).neuron_scores
     assert fast.shape == (3, 48) and fast.is_contiguous() and torch.allclose(fast, ref, rtol=1e-4)

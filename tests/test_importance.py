@@ -40,7 +40,7 @@ def test_config_knows_the_criteria_without_importing_them():
 
 
 def test_each_criterion_is_built_from_its_config_settings():
-    config = OptinConfig(temperature=2.0, lambda_contribution=3.0, md_tokens=24, neuron_group_size=4, faithful=True,
+    config = OptinConfig(importance="optin", temperature=2.0, lambda_contribution=3.0, md_tokens=24, neuron_group_size=4, faithful=True,
                          max_patch_envelope=10.0, patch_metric_decay=0.5, seed=7)
     assert criterion_from_config(config) == OptinImportance(
         temperature=2.0, lambda_contribution=3.0, md_tokens=24, neuron_group_size=4, faithful=True,
@@ -66,7 +66,7 @@ def test_the_criterion_settings_rule_over_the_run_config():
     model, data = tiny_model("bert"), calibration("bert", n=4)
     adapter = get_adapter(model)
     batches = prepare_calibration(data, None, num_samples=4, batch_size=4, max_length=32)
-    run = OptinConfig(md_tokens=16, prune_neurons=False)
+    run = OptinConfig(importance="optin", md_tokens=16, prune_neurons=False)
     with torch.no_grad():
         own = OptinImportance(temperature=1.0, lambda_contribution=2.0, md_tokens=16)(model, adapter, batches, run)
         configured = criterion_from_config(dataclasses.replace(run, temperature=1.0, lambda_contribution=2.0))
@@ -164,7 +164,7 @@ def test_an_unknown_or_mistyped_importance_option_is_refused_naming_the_criterio
         OptinConfig(importance="tilt", importance_options=options)
     assert message in str(err.value)
     with pytest.raises(ValueError, match="importance='optin' has no setting 'tilt'; its settings are none"):
-        OptinConfig(importance_options={"tilt": 2.0})  # options belong to the criterion named
+        OptinConfig(importance="optin", importance_options={"tilt": 2.0})  # options belong to the criterion named
     with pytest.raises(ValueError, match="tilt='2' is a str"):
         LayerTiltImportance(tilt="2")  # built directly, the same check
 

@@ -158,7 +158,7 @@ def test_a_prune_job_never_climbs_back_up_the_import_graph(tmp_path):
     sys.path.insert(0, str(PACKAGE.parent / "benchmarks"))
     from job_road import prune_model_road
 
-    road = prune_model_road(tmp_path)
+    road = prune_model_road(tmp_path, importance="optin")
     steps = {"optin_hf.pruner", "optin_hf.importance.optin", "optin_hf.allocate", "optin_hf.slim", "optin_hf.reconstruct",
              "optin_hf.checkpoint"}
     assert steps <= set(road.modules)  # the trace followed the whole job
@@ -172,6 +172,6 @@ def test_the_recipe_search_never_climbs_back_up_either(tmp_path):
     sys.path.insert(0, str(PACKAGE.parent / "benchmarks"))
     from job_road import prune_model_road
 
-    road = prune_model_road(tmp_path, importance="auto")
+    road = prune_model_road(tmp_path)  # the default: importance="auto"
     assert {"optin_hf.pruner", "optin_hf.recipe_search", "optin_hf.checkpoint"} <= set(road.modules)
     assert not road.climbs, f"climbs up: {dict(road.climbs)}"

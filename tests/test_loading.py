@@ -248,6 +248,6 @@ def test_an_empty_rankings_pickle_is_named(tmp_path: Path) -> None:
 
 def test_a_junk_raw_losses_file_is_named_on_resume(tmp_path: Path) -> None:
     (tmp_path / "raw_losses.process0.safetensors").write_bytes(b"junk, not safetensors")
-    pruner = OptinPruner(OptinConfig(num_samples=4, checkpoint_dir=str(tmp_path), seq_len=12))
+    pruner = OptinPruner(OptinConfig(importance="optin", num_samples=4, checkpoint_dir=str(tmp_path), seq_len=12))
     with pytest.raises(ValueError, match=r"raw_losses\.process0\.safetensors is not a readable raw-losses file .*Delete"):
         pruner.compute_scores(tiny_model("bert"), calibration("bert", n=4))

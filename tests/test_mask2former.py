@@ -78,7 +78,7 @@ def test_a_backbone_that_is_not_swin_is_refused():
     with pytest.raises(ValueError, match="prunes the Swin backbone of a Mask2Former, and this one's backbone is 'resnet'"):
         PruningMasks.full(config)
     with pytest.raises(ValueError, match="backbone is 'resnet'"):
-        OptinPruner(OptinConfig(importance="random", **SETTINGS)).compute_scores(
+        OptinPruner(OptinConfig(**{**SETTINGS, "importance": "random"})).compute_scores(
             Mask2FormerForUniversalSegmentation(config).eval(), images(2, 1)
         )
 

@@ -40,11 +40,11 @@ def test_seq_len_is_average_unpadded_length():
 
 def test_optin_scores_deterministic_for_fixed_seed():
     data = calibration("bert", n=6)
-    config = OptinConfig(md_tokens=20, num_samples=6, batch_size=4)
+    config = OptinConfig(importance="optin", md_tokens=20, num_samples=6, batch_size=4)
     a = OptinPruner(config).compute_scores(tiny_model("bert"), data)
     b = OptinPruner(config).compute_scores(tiny_model("bert"), data)
     assert torch.equal(a.head_scores, b.head_scores) and torch.equal(a.neuron_scores, b.neuron_scores)
-    c = OptinPruner(OptinConfig(md_tokens=20, num_samples=6, batch_size=4, seed=1)).compute_scores(tiny_model("bert"), data)
+    c = OptinPruner(dataclasses.replace(config, seed=1)).compute_scores(tiny_model("bert"), data)
     assert not torch.equal(a.neuron_scores, c.neuron_scores)  # the seed picks the MD token subset
     assert (a.head_scores > 0).all() and a.head_scores.shape == (3, 4) and a.neuron_scores.shape == (3, 48)
 
@@ -79,7 +79,7 @@ def train_tiny_classifier() -> tuple[torch.nn.Module, list[dict[str, torch.Tenso
 
 def test_top_scored_head_matters_more_than_bottom_on_trained_model():
     model, data = train_tiny_classifier()
-    scores = OptinPruner(OptinConfig(faithful=False, prune_neurons=False, num_samples=32)).compute_scores(model, data)
+    scores = OptinPruner(OptinConfig(importance="optin", faithful=False, prune_neurons=False, num_samples=32)).compute_scores(model, data)
     flat = scores.head_scores.flatten()
     adapter = get_adapter(model)
     inputs = {"input_ids": torch.stack([d["input_ids"] for d in data])}
@@ -283,7 +283,8 @@ def test_loading_a_checkpoint_looks_the_adapter_up_once(monkeypatch, tmp_path, m
     base = tiny_model("bert")
     base.save_pretrained(tmp_path / "base")
     model = type(base).from_pretrained(tmp_path / "base")
-    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, reconstruct="weights", md_tokens=8, num_samples=4, batch_size=4))
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, importance="optin", reconstruct="weights", md_tokens=8, num_samples=4,
+                                     batch_size=4))
     pruner.prune_model(model, calibration("bert", n=4))
     if masks_only:
         save_pruned(model, tmp_path / "slim", masks_only=True)

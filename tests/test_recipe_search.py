@@ -8,15 +8,18 @@ import json
 
 import pytest
 import torch
-from tiny import batch, calibration, tiny_model
+from tiny import batch, calibration, random_images, tiny_llm, tiny_model, tiny_segformer
 from tiny_task import trained_text_model, write_csv
+from transformers import BertForSequenceClassification
 
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf import pruner as pruner_module
+from optin_hf.arch import check_model
 from optin_hf.commands.__main__ import main
+from optin_hf.data import prepare_calibration
 from optin_hf.hub import model_card
 from optin_hf.pruner import prepare_search
-from optin_hf.recipe_search import RecipeSearch, calibration_examples, distance, split_examples
+from optin_hf.recipe_search import RecipeSearch, calibration_examples, distance, held_out_run, split_examples
 from optin_hf.result import pruning_result
 from optin_hf.search_record import search_record
 
@@ -85,7 +88,7 @@ def test_the_search_keeps_the_candidate_closest_to_the_dense_model(searched):
     # The model kept is the chosen candidate's: measured again on the same held-out examples, it is as far.
     (runner,), _, _ = prepare_search(dense, data, None, OptinConfig(**SETTINGS), RecipeSearch(refit_selection=True, **ONE_FOLD),
                                      "auto", OptinPruner)
-    assert distance(model, runner.adapter, runner.dense) == pytest.approx((chosen.kl, chosen.md), rel=1e-6)
+    assert distance(model, runner.adapter, runner.dense)[:2] == pytest.approx((chosen.kl, chosen.md), rel=1e-6)
     assert (record.held_out_examples, record.fit_examples) == (4, 12)
     assert pruning_result(model).config.extra["recipe_search"] == pruner.config.extra["recipe_search"]
 
@@ -101,8 +104,116 @@ def test_the_record_is_saved_and_shown_on_the_card(searched, tmp_path):
     assert all(f"| {label}" in card for label in WITH_REFIT_SELECTION)
 
 
-def test_a_named_criterion_is_used_as_named():
-    model, data = tiny_model("bert"), calibration("bert", 16)
+def labelled(n: int = 16, seed: int = 6) -> list[dict[str, torch.Tensor]]:
+    """`calibration("bert", n)` with a seeded class label (of the tiny BERT's 3) on each example."""
+    g = torch.Generator().manual_seed(seed)
+    return [{**ex, "labels": torch.randint(0, 3, (), generator=g)} for ex in calibration("bert", n)]
+
+
+def search(data: list[dict[str, torch.Tensor]], **options) -> tuple[torch.nn.Module, OptinPruner]:
+    """(pruned, pruner): a tiny BERT pruned under importance="auto" (one fold) on `data`."""
+    model = tiny_model("bert")
+    pruner = OptinPruner(OptinConfig(**SETTINGS, importance_options={**ONE_FOLD, **options}))
+    pruner.prune_model(model, data)
+    return model, pruner
+
+
+def test_the_held_out_loss_reads_the_held_out_labels_and_nothing_else():
+    """The task loss is the dense model's cross-entropy on exactly the held-out examples' labels; relabelling every
+    other calibration example leaves it as it is, relabelling one held-out example moves it, and no forward sees a label."""
+    dense, data = tiny_model("bert"), labelled()
+    config = OptinConfig(**SETTINGS)
+
+    def held_out(examples):
+        (runner,), _, _ = prepare_search(dense, examples, None, config, RecipeSearch(), "auto", OptinPruner)
+        return runner.dense
+
+    measured = held_out(data)
+    _, held = split(data)
+    assert torch.cat(measured.labels).tolist() == [int(ex["labels"]) for ex in held]
+    assert all("labels" not in batch for batch in measured.batches)
+    with torch.no_grad():
+        logits = torch.cat([dense(input_ids=ex["input_ids"]).logits for ex in held])  # each a batch of one
+    expected = torch.nn.functional.cross_entropy(logits, torch.cat([ex["labels"] for ex in held])).item()
+    assert measured.loss == pytest.approx(expected, rel=1e-5)
+    held_ids = set(ids(held))
+    others = [{**ex, "labels": (ex["labels"] + 1) % 3} if ids([ex])[0] not in held_ids else ex for ex in data]
+    assert held_out(others).loss == measured.loss
+    first = next(i for i, ex in enumerate(data) if ids([ex])[0] in held_ids)
+    one = [{**ex, "labels": (ex["labels"] + 1) % 3} if i == first else ex for i, ex in enumerate(data)]
+    assert held_out(one).loss != pytest.approx(measured.loss)
+
+
+def test_the_held_out_loss_is_the_heads_task_loss_or_none():
+    """A segmenter's held-out loss is its per-pixel cross-entropy against the label maps (logits upsampled to them),
+    each image weighing the same; a regressor and a language model's per-token logits have none: no label is kept."""
+    segmenter, g = tiny_segformer(), torch.Generator().manual_seed(0)
+    images = [{**ex, "labels": torch.randint(0, 4, (32, 32), generator=g)} for ex in random_images(6, 0)]
+    batches = prepare_calibration(images, num_samples=6, batch_size=3, max_length=64, labels=True)
+    measured = held_out_run(segmenter, check_model(segmenter), batches, OptinConfig())
+    with torch.no_grad():
+        logits = segmenter(pixel_values=torch.stack([ex["pixel_values"] for ex in images])).logits
+    logits = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    expected = torch.nn.functional.cross_entropy(logits, torch.stack([ex["labels"] for ex in images])).item()
+    assert measured.loss == pytest.approx(expected, rel=1e-5)
+    config = copy.deepcopy(tiny_model("bert").config)
+    config.num_labels = 1
+    regressor = BertForSequenceClassification(config).eval()
+    scores = [{**ex, "labels": torch.tensor(0.5)} for ex in calibration("bert", 6)]
+    batches = prepare_calibration(scores, num_samples=6, batch_size=3, max_length=64, labels=True)
+    measured = held_out_run(regressor, check_model(regressor), batches, OptinConfig())
+    assert measured.loss is None and measured.labels is None  # a squared error in the labels' units: no tolerance fits
+    llm = tiny_llm("llama")
+    texts = [{"input_ids": torch.randint(5, 100, (12,), generator=g), "labels": torch.tensor(1)} for _ in range(6)]
+    batches = prepare_calibration(texts, num_samples=6, batch_size=3, max_length=64, labels=True)
+    measured = held_out_run(llm, check_model(llm), batches, OptinConfig())
+    assert measured.loss is None and measured.labels is None
+
+
+def test_without_labels_the_distance_ranks_whatever_rank_is_asked(searched):
+    _, _, pruner, _ = searched
+    record = search_record(pruner.config.to_dict())
+    assert record.rank == "distance" and all(c.loss is None for c in record.candidates)
+    model = tiny_model("bert")
+    asked = OptinPruner(OptinConfig(**SETTINGS, importance_options={"rank": "loss", **ONE_FOLD}))
+    asked.prune_model(model, calibration("bert", 16))
+    record = search_record(asked.config.to_dict())
+    assert record.rank == "distance" and all(c.loss is None for c in record.candidates)
+    assert record.chosen == min(range(len(record.candidates)), key=lambda i: record.candidates[i].distance)
+    assert "the smallest held-out distance (KL + MD)" in record.lines()[0]
+
+
+def test_the_held_out_loss_screens_the_candidates_the_distance_ranks():
+    """On labelled data the default rank keeps the closest candidate among those whose held-out loss is within 0.02 of
+    the lowest: here neither the closest candidate (rank="distance") nor the one of lowest loss (rank="loss"). The kept
+    model is that candidate's copy (made before the one of lowest loss), and the record, report and card say why."""
+    dense, data = tiny_model("bert"), labelled()
+    model, pruner = search(data)
+    record = search_record(pruner.config.to_dict())
+    losses, distances = [c.loss for c in record.candidates], [c.distance for c in record.candidates]
+    assert (record.rank, record.tolerance) == ("screened", 0.02) and None not in losses
+    near = [i for i, loss in enumerate(losses) if loss <= min(losses) + 0.02]
+    assert record.chosen == min(near, key=distances.__getitem__)
+    assert record.chosen != distances.index(min(distances)) and record.chosen != losses.index(min(losses))
+    assert record.chosen < losses.index(min(losses))  # its copy was kept while a lower loss was measured after it
+    chosen = record.candidates[record.chosen]
+    assert (pruner.config.importance, pruner.config.reconstruct) == (chosen.importance, chosen.reconstruct)
+    (runner,), _, _ = prepare_search(dense, data, None, OptinConfig(**SETTINGS), RecipeSearch(**ONE_FOLD), "auto", OptinPruner)
+    assert distance(model, runner.adapter, runner.dense) == pytest.approx((chosen.kl, chosen.md, chosen.loss), rel=1e-6)
+    assert "among the candidates whose task loss on the held-out labels is within 0.02 of the lowest" in record.lines()[0]
+    assert f"held-out loss {chosen.loss:.5g}" in record.lines()[1 + record.chosen]
+    card = str(model_card(model, "me/x", masks_only=True, base_model=None, base_revision=None))
+    assert "| recipe | held-out distance | KL | MD | held-out loss |" in card and f" {chosen.loss:.5g} |" in card
+    for rank, expected in (("loss", losses.index(min(losses))), ("distance", distances.index(min(distances)))):
+        other = search_record(search(data, rank=rank)[1].config.to_dict())
+        assert other.rank == rank and other.chosen == expected and [c.loss for c in other.candidates] == pytest.approx(losses)
+    with pytest.raises(ValueError, match="rank='accuracy': give one of 'screened', 'distance', 'loss'"):
+        RecipeSearch(rank="accuracy")
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_a_named_criterion_is_used_as_named(labels):
+    model, data = tiny_model("bert"), labelled() if labels else calibration("bert", 16)
     pruner = OptinPruner(OptinConfig(**{**SETTINGS, "importance": "magnitude"}))
     pruner.prune_model(model, data)
     assert pruner.scores.criterion == "magnitude" and pruner.config.importance == "magnitude"
@@ -130,9 +241,7 @@ def test_a_time_budget_of_zero_measures_the_first_candidate_only():
     assert (pruner.config.importance, pruner.config.reconstruct) == ("optin", "weights")
 
 
-def test_auto_scores_nothing_alone_and_checks_its_options():
-    with pytest.raises(ValueError, match="importance='auto' chooses its criterion by pruning with each candidate"):
-        OptinPruner(OptinConfig(**SETTINGS)).compute_scores(tiny_model("bert"), calibration("bert", 16))
+def test_auto_checks_its_options():
     with pytest.raises(ValueError, match="importance='auto' has no setting 'held_ou'"):
         OptinConfig(**SETTINGS, importance_options={"held_ou": 0.5})
     with pytest.raises(ValueError, match=r"held_out=1.5: the share .* must be in \(0, 1\)"):
@@ -171,6 +280,8 @@ def test_the_cli_never_holds_out_a_test_example(tmp_path, monkeypatch, capsys):
     assert "labels" in seen["fit"][0]  # Fisher, a candidate, reads the calibration labels
     report = json.loads((out / "optin_report.json").read_text())
     assert report["optin"]["extra"]["recipe_search"]["held_out_examples"] == 5
+    # the labels the CLI passes reach the held-out measure: every candidate has a held-out loss
+    assert all(c["loss"] is not None for c in report["optin"]["extra"]["recipe_search"]["candidates"])
 
 
 def test_the_kept_config_states_how_many_examples_the_refit_saw(searched):

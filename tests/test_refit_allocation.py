@@ -1,7 +1,8 @@
 """optin_hf/refit_allocation.py: per-layer counts chosen by the loss each layer's cuts leave after the refit.
 
 The greedy choice is checked on hand-made loss curves (which cut it takes, what it gives back), the measured
-curves against an independent prune-refit-KL run, and the pipeline on a tiny SegFormer."""
+curves against an independent prune-refit-KL run, and the pipeline on a tiny SegFormer; the same for the
+allocation in rounds (`allocation_rounds`), whose cuts are measured from the previous round's counts."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import copy
 
 import pytest
 import torch
-from tiny import FAMILIES, random_images, tiny_segformer
+from tiny import FAMILIES, calibration, random_images, tiny_model, tiny_segformer
 
 from optin_hf import OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import check_model
 from optin_hf.capture import scoring_forward
 from optin_hf.losses import kl_loss
-from optin_hf.macs import MacCosts
-from optin_hf.refit_allocation import _Cut, _depths, allocate_cuts, measure_cuts, unit_orders
+from optin_hf.macs import CostModel, MacCosts
+from optin_hf.refit_allocation import _Cut, _depths, _keep, allocate_by_refit, allocate_cuts, ladder, measure_cuts, unit_orders
 from optin_hf.result import pruning_result
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,7 +65,8 @@ def test_depths_keep_multiples_and_end_empty():
     assert _depths(12, 8) == [12, 8, 0]
 
 
-def test_each_measured_loss_is_the_kl_of_that_cut_pruned_and_refit():
+def _scored_segformer():
+    """A tiny SegFormer, its adapter, calibration images, full unit counts, the units' score order and its refit batches."""
     model = tiny_segformer()
     adapter = check_model(model)
     images = random_images(8, seed=3)
@@ -73,6 +75,11 @@ def test_each_measured_loss_is_the_kl_of_that_cut_pruned_and_refit():
     units = PruningMasks.full(model.config, adapter)
     orders = unit_orders(scores.head_scores, scores.neuron_scores, units)
     batches = pruner._reconstruction_batches(model, adapter, images, None)
+    return model, adapter, images, units, orders, batches
+
+
+def test_each_measured_loss_is_the_kl_of_that_cut_pruned_and_refit():
+    model, adapter, images, units, orders, batches = _scored_segformer()
     cuts = measure_cuts(model, adapter, orders, units, batches, "weights", 1e-3)
     assert [(c.kind, c.layer) for c in cuts] == [("head", i) for i in range(3)] + [("neuron", i) for i in range(3)]
     cut = next(c for c in cuts if c.kind == "neuron" and c.layer == 1)
@@ -99,6 +106,8 @@ def test_a_segformer_pruned_with_refit_allocation_meets_its_budget():
 
 @pytest.mark.parametrize("settings, words", [
     ({"allocation": "refit", "reconstruct": "none"}, "does not run"),
+    ({"allocation_rounds": 2}, "allocation='refit'"),
+    ({"allocation": "refit", "reconstruct": "weights", "allocation_rounds": 0}, "positive integer"),
     ({"allocation": "refit", "reconstruct": "weights", "prune_steps": 2}, "prune_steps"),
     ({"allocation": "layers"}, "unknown"),
 ])
@@ -114,3 +123,78 @@ def test_refit_allocation_without_data_says_so():
     refit = OptinPruner(OptinConfig(**SETTINGS, allocation="refit", image_size=[32, 32]))
     with pytest.raises(ValueError, match="pass data"):
         refit.compute_masks(model, scores=scores)
+
+
+def test_a_round_from_given_counts_deepens_from_them_and_gives_back_only_what_they_kept():
+    # from 70 MACs (layer 1 at 1 head), cutting layer 1's neurons to 2 saves 10 at the best rate; one neuron fits back
+    # in 65; layer 1's cut head stays out (counting from every unit instead, 80 MACs, would cut more)
+    costs, units, orders = _two_layers()
+    start = {"head": [2, 1], "neuron": [4, 4]}
+    cuts = [_Cut("head", 0, 2, 1, [2, 1, 0], [0.0, 5.0, 10.0]), _Cut("head", 1, 1, 1, [1, 0], [0.0, 4.0]),
+            _Cut("neuron", 0, 4, 1, [4, 2, 0], [0.0, 5.0, 10.0]), _Cut("neuron", 1, 4, 1, [4, 2, 0], [0.0, 0.1, 3.0])]
+    masks = allocate_cuts(cuts, orders, costs, units, 65.0, start)
+    assert masks.head_mask.sum(1).tolist() == [2, 1] and masks.neuron_mask.sum(1).tolist() == [4, 3]
+    assert masks.head_mask[1].tolist() == [True, False]  # the start's best-scored head, not the other
+
+
+def test_ladder_steps_evenly_down_to_the_budget():
+    assert ladder(100.0, 40.0, 3) == [80.0, 60.0, 40.0]
+    assert ladder(100.0, 0.3, 1) == [0.3]
+
+
+def test_a_cut_measured_from_given_counts_adds_its_loss_to_theirs():
+    model, adapter, images, units, orders, batches = _scored_segformer()
+    start = {"head": [1, 2, 1], "neuron": [32, 16, 32]}
+    cuts = measure_cuts(model, adapter, orders, units, batches, "weights", 1e-3, start=start)
+    assert [(c.kind, c.layer, c.width) for c in cuts] == [
+        ("head", 0, 1), ("head", 1, 2), ("head", 2, 1), ("neuron", 0, 32), ("neuron", 1, 16), ("neuron", 2, 32)]
+    cut = next(c for c in cuts if c.kind == "neuron" and c.layer == 1)
+    assert cut.kept == [16, 12, 8, 4, 0]
+
+    def kl_at(heads: list[int], neurons: list[int]) -> float:
+        masks = units.with_masks(*(torch.stack([_keep(orders[kind][i], k, w) for i, k in enumerate(counts)])
+                                   for kind, counts, w in (("head", heads, 2), ("neuron", neurons, 32))))
+        pruned = copy.deepcopy(model)
+        OptinPruner(OptinConfig(**SETTINGS)).prune_model(pruned, images, masks=masks)
+        with torch.no_grad():
+            return float(kl_loss([adapter.kl_outputs(scoring_forward(model, b), b) for b in batches],
+                                 [adapter.kl_outputs(scoring_forward(pruned, b), b) for b in batches], 1.0))
+
+    assert cut.loss[2] == pytest.approx(kl_at([1, 2, 1], [32, 8, 32]) - kl_at([1, 2, 1], [32, 16, 32]), rel=1e-5, abs=1e-9)
+
+
+def test_rounds_meet_the_budget_and_only_deepen_the_first_round():
+    model = tiny_segformer()
+    adapter = check_model(model)
+    images = random_images(8, seed=3)
+    dense = count_macs(model, image_size=32)
+    pruner = OptinPruner(OptinConfig(**SETTINGS, allocation="refit", allocation_rounds=2))
+    pruner.prune_model(model, images)
+    assert count_macs(model) <= 0.6 * dense * (1 + 1e-9)
+    assert pruning_result(model).config.allocation_rounds == 2  # saved in optin_config.json
+    # the first round is the one-round allocation at the ladder's first step, measured from the dense model
+    dense_model = tiny_segformer()
+    costs = CostModel.of(dense_model, adapter, [32, 32])
+    at, units = costs.at(costs.uniform(pruner.seq_len)), costs.units
+    batches = pruner._reconstruction_batches(dense_model, adapter, images, None)
+    step = ladder(at.masked(units.with_masks(*units.present())), 0.6 * costs.dense(pruner.seq_len), 2)[0]
+    first = allocate_by_refit(dense_model, adapter, pruner.scores.head_scores, pruner.scores.neuron_scores, at, units, step,
+                              batches, "weights", 1e-3)
+    last = pruner.masks
+    assert (last.head_mask.sum(1) <= first.head_mask.sum(1)).all() and (last.neuron_mask.sum(1) <= first.neuron_mask.sum(1)).all()
+    assert at.masked(last) < at.masked(first)
+    # one round is the single measurement from the dense model, allocated as before rounds existed
+    orders = unit_orders(pruner.scores.head_scores, pruner.scores.neuron_scores, units)
+    once = allocate_cuts(measure_cuts(dense_model, adapter, orders, units, batches, "weights", 1e-3), orders, at, units, step)
+    assert torch.equal(once.head_mask, first.head_mask) and torch.equal(once.neuron_mask, first.neuron_mask)
+
+
+def test_the_recipe_search_prunes_its_candidates_in_the_configs_rounds():
+    # importance="auto" scores with the plain allocation (no repair to measure with), then allocates each candidate
+    # with the config's: the rounds must not be refused for the scoring nor dropped for the candidates
+    settings = dict(importance="auto", mac_constraint=0.7, num_samples=4, batch_size=4, neuron_group_size=16, prune_heads=False,
+                    reconstruct_samples=8, importance_options={"folds": 1, "reprune": False})
+    pruner = OptinPruner(OptinConfig(**settings, allocation="refit", allocation_rounds=2))
+    pruner.prune_model(tiny_model("bert"), calibration("bert", 8))
+    assert (pruner.config.allocation, pruner.config.allocation_rounds) == ("refit", 2)
+    assert pruner.timings["allocation_s"] > 0

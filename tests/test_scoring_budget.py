@@ -93,7 +93,7 @@ def test_picker_keeps_all_examples_while_coarser_neurons_fit():
                                       {"neuron_group_size": 64, "engine": "reference"}])
 def test_estimate_counts_the_candidates_the_engine_runs(settings, monkeypatch):
     model, data = tiny_model("bert"), calibration("bert", n=6)
-    config = OptinConfig(md_tokens=24, num_samples=6, batch_size=3, **settings)
+    config = OptinConfig(importance="optin", md_tokens=24, num_samples=6, batch_size=3, **settings)
     ran = []
     for runner in (FastRunner, ReferenceRunner):
         original = runner.run
@@ -149,7 +149,7 @@ def test_budgeted_prune_saves_the_settings_it_picked(tmp_path, monkeypatch):
     monkeypatch.setattr("optin_hf.engine.estimate.time_dense", lambda *args: slow)
     model, data = tiny_model("bert"), calibration("bert", n=12)
     dense = tiny_model("bert")
-    pruner = OptinPruner(OptinConfig(md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
+    pruner = OptinPruner(OptinConfig(importance="optin", md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
     pruner.prune_model(model, data)
     assert not pruner.plan.fits and "does not fit" in str(pruner.plan)
     assert (pruner.plan.num_samples, pruner.plan.neuron_group_size) == (MIN_SAMPLES, 64)  # 48 neurons: one group
@@ -164,7 +164,7 @@ def test_budgeted_prune_saves_the_settings_it_picked(tmp_path, monkeypatch):
 
 def test_budget_that_fits_keeps_the_asked_settings(monkeypatch):
     monkeypatch.setattr("optin_hf.engine.estimate.time_dense", lambda *args: DenseTiming.uniform(1e-6, 3, examples=4, tokens=64))
-    pruner = OptinPruner(OptinConfig(md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
+    pruner = OptinPruner(OptinConfig(importance="optin", md_tokens=24, num_samples=12, batch_size=4, max_scoring_time=60))
     pruner.compute_scores(tiny_model("bert"), calibration("bert", n=12))
     assert pruner.plan.fits and (pruner.config.num_samples, pruner.config.neuron_group_size) == (12, 1)
     assert "12 of 12 examples" in str(pruner.plan)

@@ -155,7 +155,7 @@ def test_the_space_offers_every_embedded_default_with_its_recipe(tmp_path):
                             "reconstruct_samples": min(recipe["reconstruct_samples"], 128), "prune_steps": 1,
                             "importance": "optin", **space.SPACE_LIGHTER.get(name, {})}
         OptinConfig(**settings)  # every default's settings are valid as the Space runs them
-    recipe = {**OptinConfig().to_dict(), "max_scoring_time": 240.0, "reconstruct_samples": 32, "prune_steps": 2}
+    recipe = {**OptinConfig(importance="optin").to_dict(), "max_scoring_time": 240.0, "reconstruct_samples": 32, "prune_steps": 2}
     assert app.lighter(_with_settings(recipe)) == ("Lighter than its CLI recipe here: max_scoring_time=45 (its recipe: "
                                                    "240), prune_steps=1 (its recipe: 2).")
     assert app.lighter(_with_settings({**recipe, "max_scoring_time": None, "reconstruct_samples": 256},

@@ -93,10 +93,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     optin.add_argument("--mac-constraint", type=float, default=None, metavar="F",
                        help=f"fraction of the MACs to keep (default: {OptinConfig.mac_constraint})")
     optin.add_argument("--importance", default=None, metavar="NAME",
-                       help=f"importance criterion: {OptinConfig.importance} (default) or a baseline: "
-                       f"{', '.join(name for name in BUILTIN_CRITERIA if name != OptinConfig.importance)}, or a registered one; "
-                       f"{AUTO_IMPORTANCE}: the recipe (criterion and repair) whose pruned model is closest to the dense one on "
-                       "held-out calibration examples")
+                       help=f"{AUTO_IMPORTANCE}: the recipe (criterion and repair) whose pruned model is closest to the dense one "
+                       f"on held-out calibration examples; or a criterion, used as named: {', '.join(BUILTIN_CRITERIA)} (optin: the "
+                       f"paper's), or a registered one (default: {OptinConfig.importance}; an embedded default: its recipe's)")
     optin.add_argument("--importance-option", action="append", metavar="KEY=VALUE",
                        help="a setting of the criterion's own (OptinConfig.importance_options), VALUE read as a YAML "
                        "scalar (2, 0.5, true, text); repeat for several, each replaces the recipe's of that KEY")

@@ -191,11 +191,15 @@ def model_card(
         how += f" The tokenizer (or image processor) is the base model's: load it from `{base_model}`."
     settings = {k: v for k, v in config.to_dict().items() if not k.startswith("base_model") and v not in ({}, None)}
     searched = search_record(settings)
+    # the task loss on the held-out labels, where the examples had labels (lower is better)
+    losses = searched is not None and any(c.loss is not None for c in searched.candidates)
     chosen = [] if searched is None else [
         "## How the recipe was chosen", "", searched.lines()[0] + ". Distance from the dense model on those examples "
-        "(lower is closer):", "", "| recipe | held-out distance | KL | MD |", "|---|---|---|---|",
+        "(lower is closer)" + (" and task loss on their labels" if losses else "") + ":", "",
+        "| recipe | held-out distance | KL | MD |" + (" held-out loss |" if losses else ""), "|---|---|---|---|" + ("---|" if losses else ""),
         *(f"| {c.label}{' (chosen)' if i == searched.chosen else ''} | "
           + (f"{c.distance:.5g} | {c.kl:.5g} | {c.md:.5g} |" if c.distance is not None else f"{c.skipped} | | |")
+          + ((" |" if c.loss is None else f" {c.loss:.5g} |") if losses else "")
           for i, c in enumerate(searched.candidates)), "",
     ]
     body = [

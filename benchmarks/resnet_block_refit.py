@@ -1,0 +1,207 @@
+"""ResNet repairs with the 3x3 conv refit on digits-resnet's development folds (no test image is read).
+
+The last 1x1 conv's refit rebuilds each bottleneck block's pre-activation sum. A cut of the block's 1x1-reduce
+channels ("heads") reaches that sum only through the 3x3 conv, its BatchNorm and ReLU, which the 1x1 refit cannot
+undo. The 3x3 conv is refit too, by ridge least squares (toward its own weights) from the slim model's input to it
+onto the dense model's 3x3 output at the kept channels, with a bias folded into its BatchNorm's running mean.
+Repairs (`--repairs`): `library`, the library's `reconstruct="weights"` (per block in forward order: the 3x3 conv,
+then the last 1x1 conv); `projections`, the last 1x1 convs alone (`refit_convs=False`, the library's refit before
+the 3x3 refit); `wide`, the prototype that chose the 3x3 refit (the 1x1 refit, the 3x3 convs block by block, the 1x1
+refit again); `inner-bn`. The refit allocation's cuts are measured with any of them (`--allocation-repair`; the
+library measures them with `projections`). `--split test` reads the test split (once per setting chosen here on
+the development folds).
+
+    PYTHONPATH=.:benchmarks nice -n 10 python benchmarks/resnet_block_refit.py [--budgets 0.6 0.5] [--rounds 1] [--scores-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from optin_hf import OptinConfig, OptinPruner
+from optin_hf import refit_allocation
+from optin_hf.arch import check_model
+from optin_hf.capture import scoring_forward
+from optin_hf.data import prepare_calibration
+from optin_hf.importance import ImportanceScores
+from optin_hf.macs import CostModel
+from optin_hf.refit_allocation import allocate_by_refit
+from optin_hf.slim import slim_model
+from optin_hf.tasks.defaults import load_default
+from optin_hf.tasks.report import split_accuracy
+
+from cnn_repair_dev import dev_losses
+
+LIBRARY = refit_allocation.reconstruct
+
+# Each repair below has `reconstruct`'s signature and ignores the allocation's own `refit_convs`: it names its repair.
+
+
+def library(model: nn.Module, dense: nn.Module, batches: list[dict], mode: str = "weights", ridge: float = 1e-3,
+            adapter=None, progress: bool = True, **_):
+    """The library's refit: each block's 3x3 conv, then its last 1x1 conv."""
+    return LIBRARY(model, dense, batches, mode, ridge, adapter, progress=False)
+
+
+def projections(model: nn.Module, dense: nn.Module, batches: list[dict], mode: str = "weights", ridge: float = 1e-3,
+                adapter=None, progress: bool = True, **_):
+    """The library's refit without the 3x3 convs (`refit_convs=False`): the last 1x1 convs alone, as before."""
+    return LIBRARY(model, dense, batches, mode, ridge, adapter, progress=False, refit_convs=False)
+
+
+def _seen(model: nn.Module, module: nn.Module, batches: list[dict], side: str) -> list[torch.Tensor]:
+    """`module`'s input (side "in") or output ("out") on each batch of a full forward of `model`."""
+    seen = []
+    hook = module.register_forward_hook(lambda m, a, out: seen.append((a[0] if side == "in" else out).detach()))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                scoring_forward(model, batch)
+    finally:
+        hook.remove()
+    return seen
+
+
+def _kept(slim_norm: nn.BatchNorm2d, dense_norm: nn.BatchNorm2d) -> torch.Tensor:
+    """Indices of the dense BatchNorm's channels the slim one kept (matched by their untouched parameters)."""
+    keys = torch.stack([dense_norm.weight, dense_norm.bias, dense_norm.running_var], 1)
+    slim = torch.stack([slim_norm.weight, slim_norm.bias, slim_norm.running_var], 1)
+    return torch.tensor([int((keys == row).all(1).nonzero()[0]) for row in slim], dtype=torch.long)
+
+
+@torch.no_grad()
+def refit_3x3(model: nn.Module, dense: nn.Module, batches: list[dict], ridge: float) -> None:
+    """Each block's 3x3 conv (and its BatchNorm's mean) refit to the dense 3x3 output, block by block, in place."""
+    adapter = check_model(model)
+    for slim_layer, dense_layer in zip(adapter.layers_of(model), adapter.layers_of(dense)):
+        conv_layer, dense_conv_layer = slim_layer.layer[1], dense_layer.layer[1]
+        conv = conv_layer.convolution
+        if not conv.in_channels or not conv.out_channels:
+            continue
+        keep = _kept(conv_layer.normalization, dense_conv_layer.normalization)
+        inputs = _seen(model, conv, batches, "in")
+        targets = _seen(dense, dense_conv_layer.convolution, batches, "out")
+        width = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
+        gram = torch.zeros(width, width, dtype=torch.float64)
+        cross = torch.zeros(width, conv.out_channels, dtype=torch.float64)
+        for x, y in zip(inputs, targets):
+            cols = F.unfold(x.double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [B, in*k*k, L]
+            rows = torch.cat([cols.transpose(1, 2).reshape(-1, width - 1), torch.ones(cols.shape[0] * cols.shape[2], 1, dtype=torch.float64)], 1)
+            gram += rows.T @ rows
+            cross += rows.T @ y.double()[:, keep].permute(0, 2, 3, 1).reshape(-1, len(keep))
+        theta0 = torch.cat([conv.weight.double().reshape(conv.out_channels, -1).T, torch.zeros(1, conv.out_channels, dtype=torch.float64)])
+        lam = ridge * gram.diagonal().mean()
+        theta = torch.linalg.solve(gram + lam * torch.eye(width, dtype=torch.float64), cross + lam * theta0)
+        conv.weight.copy_(theta[:-1].T.reshape(conv.weight.shape).to(conv.weight.dtype))
+        conv_layer.normalization.running_mean.sub_(theta[-1].to(conv_layer.normalization.running_mean.dtype))
+
+
+@torch.no_grad()
+def recentre_inner(model: nn.Module, dense: nn.Module, batches: list[dict], ridge: float) -> None:
+    """Each block's first two BatchNorms (after the 1x1 reduce and the 3x3 conv) re-centred, in forward order: the
+    running mean shifted by the slim model's calibration mean minus the dense model's at the kept channels."""
+    adapter = check_model(model)
+    for slim_layer, dense_layer in zip(adapter.layers_of(model), adapter.layers_of(dense)):
+        for index in (0, 1):
+            norm, dense_norm = slim_layer.layer[index].normalization, dense_layer.layer[index].normalization
+            if not norm.num_features:
+                continue
+            keep = _kept(norm, dense_norm)
+            slim_mean = torch.cat([x.double().mean((0, 2, 3))[None] for x in _seen(model, norm, batches, "in")]).mean(0)
+            dense_mean = torch.cat([x.double().mean((0, 2, 3))[None] for x in _seen(dense, dense_norm, batches, "in")]).mean(0)[keep]
+            norm.running_mean.add_((slim_mean - dense_mean).to(norm.running_mean.dtype))
+
+
+def bn_repair(model: nn.Module, dense: nn.Module, batches: list[dict], mode: str = "weights", ridge: float = 1e-3,
+              adapter=None, progress: bool = True, **_):
+    """The 1x1 refit, the inner BatchNorms re-centred, the 1x1 refit again."""
+    projections(model, dense, batches, mode, ridge, adapter)
+    recentre_inner(model, dense, batches, ridge)
+    return projections(model, dense, batches, mode, ridge, adapter)
+
+
+def wide_repair(model: nn.Module, dense: nn.Module, batches: list[dict], mode: str = "weights", ridge: float = 1e-3,
+                adapter=None, progress: bool = True, **_):
+    """The prototype: the 1x1 refit, the 3x3 convs, the 1x1 refit again (the signature of `reconstruct`)."""
+    projections(model, dense, batches, mode, ridge, adapter)
+    refit_3x3(model, dense, batches, ridge)
+    return projections(model, dense, batches, mode, ridge, adapter)
+
+
+REPAIRS = {"library": library, "projections": projections, "wide": wide_repair, "inner-bn": bn_repair}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.5])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--scored-images", type=int, default=128)
+    parser.add_argument("--allocation-repair", nargs="+", choices=["library", "projections", "wide"], default=["projections"])
+    parser.add_argument("--repairs", nargs="+", choices=list(REPAIRS), default=["projections", "library", "wide"],
+                        help="library: the library's refit (3x3 then 1x1 conv per block); projections: the 1x1 convs "
+                             "alone; wide: the prototype (1x1, 3x3, 1x1); inner-bn: the 1x1 refit, each block's first "
+                             "two BatchNorms re-centred, the 1x1 refit again")
+    parser.add_argument("--scores-dir", help="cnn_repair_dev.py's --scores-dir (the same fold scores)")
+    parser.add_argument("--split", choices=["development", "test"], default="development",
+                        help="test: scored and repaired on all 256 calibration images (the recipe's), judged on the test split")
+    args = parser.parse_args()
+    task = load_default("digits-resnet")
+    calibration = task.calibration
+    halves = [calibration.select(range(128)), calibration.select(range(128, 256))]
+    folds = [(halves[0], halves[1]), (halves[1], halves[0])]
+    if args.split == "test":
+        folds, args.scored_images = [(calibration, task.test)], len(calibration)
+    judged = sum(len(dev) for _, dev in folds)
+    correct: dict = {}
+    for fold, (fit, dev) in enumerate(folds):
+        batches = prepare_calibration(fit, None, num_samples=len(fit), batch_size=32, max_length=128)
+        pruner = OptinPruner(OptinConfig(num_samples=args.scored_images, neuron_group_size=1, neurons_multiple_of=1,
+                                         importance="optin", reconstruct="none", seed=0))
+        cached = args.scores_dir and Path(args.scores_dir) / f"optin-{args.scored_images}{'-test' if args.split == 'test' else ''}-fold{fold}.safetensors"
+        if cached and cached.is_file():
+            scores = ImportanceScores.load(cached)
+            pruner.compute_masks(task.model, fit, scores=dataclasses.replace(scores, channel_scores=None))
+        else:
+            scores = pruner.compute_scores(task.model, fit.select(range(args.scored_images)))
+            if cached:
+                scores.save(cached)
+        adapter = check_model(task.model)
+        costs = CostModel.of(task.model, adapter, pruner.image_size)
+        at, dense_macs = costs.at(costs.uniform(pruner.seq_len)), costs.dense(pruner.seq_len)
+        for allocation in args.allocation_repair:
+            for budget in args.budgets:
+                refit_allocation.reconstruct = REPAIRS[allocation]
+                try:
+                    masks = allocate_by_refit(task.model, adapter, scores.head_scores, scores.neuron_scores, at, costs.units,
+                                              budget * dense_macs, batches, "weights", 1e-3, neurons_multiple_of=1,
+                                              rounds=args.rounds)
+                finally:
+                    refit_allocation.reconstruct = LIBRARY
+                for repair in args.repairs:
+                    model = slim_model(copy.deepcopy(task.model), masks).eval()
+                    start = time.perf_counter()
+                    REPAIRS[repair](model, task.model, batches, "weights", 1e-3, progress=False)
+                    seconds = time.perf_counter() - start
+                    key = (allocation, repair, budget)
+                    ce, kl = dev_losses(model, task.model, dev)
+                    correct[key] = [a + b for a, b in zip(correct.get(key, [0, 0, 0]), [split_accuracy(model, dev, None) * len(dev), ce, kl])]
+                    print(f"  fold {fold} cuts by {allocation}, repair {repair} ({seconds:.1f} s) @{budget}: heads "
+                          f"{masks.head_mask.sum(1).tolist()} neurons {masks.neuron_mask.sum(1).tolist()}", flush=True)
+    print(f"rounds {args.rounds}, {args.scored_images} scored\n| cuts measured with | repair | "
+          + " | ".join(f"@{b}" for b in args.budgets) + " |")
+    for allocation in args.allocation_repair:
+        for repair in args.repairs:
+            print(f"| {allocation} | {repair} | " + " | ".join(
+                "{:.3f} (CE {:.4f}, KL {:.4f})".format(*(v / judged for v in correct[allocation, repair, b])) for b in args.budgets) + " |")
+
+
+if __name__ == "__main__":
+    main()
