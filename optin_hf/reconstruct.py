@@ -32,13 +32,18 @@ Layers that do not chain (`ArchAdapter.chained_layers` False: Swin's patch mergi
 stage norms and patch embeddings): the pruned stream reaches the next layer through the model's
 own forward with the layers so far replayed (`_next_input`), the dense one from the dense run.
 
-CNNs with BatchNorm (ResNet) have no output projection to refit through; `mode="batchnorm"`
-repairs them instead. A removed channel is a post-ReLU output with a positive mean, so removing
-it shifts the next conv's output by its mean times the conv's weights, and an eval-mode
-BatchNorm, whose running statistics are fixed, passes that shift on; many removed channels'
-shifts add up and carry into later blocks. So, from the first block that lost a channel on, each
-BatchNorm's running mean is re-estimated as the exact mean of what it receives on the
-calibration data in the slim model in eval mode, BatchNorm by BatchNorm in forward order (each
+A conv before a BatchNorm (`ArchAdapter.refit_conv`: ResNet's 3x3 conv, from the heads to the neurons) is
+refit first in `mode="weights"`, as a linear map of its input's patches: `A = [patches of x_p, 1]`, `Y` the dense
+conv's output at the channels it keeps, the same ridge toward its weights; its bias is folded into the
+BatchNorm's running mean (BN(Wx + b) with mean μ is BN(Wx) with mean μ - b). The artifact holds the conv's
+weight and that running mean.
+
+CNNs with BatchNorm (ResNet) can also take `mode="batchnorm"`, which refits no weight. A removed
+channel is a post-ReLU output with a positive mean, so removing it shifts the next conv's output by
+its mean times the conv's weights, and an eval-mode BatchNorm, whose running statistics are fixed,
+passes that shift on; many removed channels' shifts add up and carry into later blocks. So, from the
+first block that lost a channel on, each BatchNorm's running mean is re-estimated as the exact mean
+of what it receives on the calibration data in the slim model in eval mode, BatchNorm by BatchNorm in forward order (each
 one measured with the earlier ones already re-centred: the statistics the repaired model really
 meets). The running variances are kept: re-estimating them too (also BatchNorm train-mode
 passes with cumulative averages) scaled up channels that pruning left near-constant and did worse
@@ -48,6 +53,7 @@ on a development split (`benchmarks/RESULTS.md`). The artifact is the new runnin
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +73,7 @@ from .tokens import TokenMerging, merge_matched
 
 RECONSTRUCTION_NAME = "optin_reconstruction.safetensors"
 RUNNING_MEAN = "running_mean"
+CONV_WEIGHT = "convolution.weight"
 
 
 class _Stop(Exception):
@@ -233,8 +240,9 @@ def _solve_scales(eq: _NormalEquations, weight: torch.Tensor, bias: torch.Tensor
 @dataclass
 class Reconstruction:
     """What a reconstruction changed. tensors: the artifact (`layers.{i}.{sublayer}.weight/bias`
-    in weights mode, `.scale` [kept units] in scales mode, `layers.{i}.{path}.running_mean` of a
-    BatchNorm in batchnorm mode); errors: (layer, sublayer or BatchNorm path, error before, error
+    in weights mode, with a refit conv's `layers.{i}.{path}.convolution.weight` and its BatchNorm's
+    `.normalization.running_mean`; `.scale` [kept units] in scales mode, `layers.{i}.{path}.running_mean` of a
+    BatchNorm in batchnorm mode); errors: (layer, sublayer, refit conv or BatchNorm path, error before, error
     after) on the calibration tokens, Σ of squared differences to the target."""
 
     mode: str
@@ -279,6 +287,44 @@ def _refit(
         return before, before
     proj.set(weight, bias)
     return before, eq.error(_theta(weight, bias, branch))
+
+
+def _patches(conv: nn.Conv2d, x: torch.Tensor, positions: int) -> torch.Tensor:
+    """The rows [batch * positions, in * kernel area] of `conv`'s input patches, one per output position, in the
+    order of its output map's rows (`_map_rows`); a conv with no input channel has rows of no column."""
+    if not conv.in_channels:
+        return x.new_zeros(x.shape[0] * positions, 0)
+    cols = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [B, in * k, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _map_rows(y: torch.Tensor) -> torch.Tensor:
+    """A map [batch, channels, height, width] as rows [batch * positions, channels]."""
+    return y.permute(0, 2, 3, 1).reshape(y.shape[0] * y.shape[2] * y.shape[3], y.shape[1])
+
+
+def refit_conv_tensors(layer: nn.Module, index: int, adapter: ArchAdapter) -> dict[str, torch.Tensor]:
+    """The artifact of `layer`'s refit conv (`ArchAdapter.refit_conv`; none if the family has none): its weight and
+    its BatchNorm's running mean, keyed `layers.{index}.{path}.convolution.weight` / `.normalization.running_mean`."""
+    if adapter.refit_conv is None:
+        return {}
+    conv_layer = get_submodule(layer, adapter.refit_conv)
+    key = f"layers.{index}.{adapter.refit_conv}"
+    return {f"{key}.{CONV_WEIGHT}": conv_layer.convolution.weight.detach().cpu().clone(),
+            f"{key}.normalization.{RUNNING_MEAN}": conv_layer.normalization.running_mean.detach().cpu().clone()}
+
+
+def _refit_conv(conv_layer: nn.Module, eq: _NormalEquations, ridge: float) -> tuple[float, float]:
+    """Refit a conv (no bias) and its BatchNorm's running mean (in place) from its normal equations over its
+    input's patches; the calibration error (before, after)."""
+    conv, norm = conv_layer.convolution, conv_layer.normalization
+    weight = conv.weight.detach()
+    theta0 = torch.cat([weight.double().flatten(1).T, weight.new_zeros(1, conv.out_channels, dtype=torch.float64)])
+    before = eq.error(theta0)
+    solved = _solve_weights(eq, theta0, ridge)
+    conv.weight.copy_(solved[:-1].T.reshape(weight.shape).to(weight.dtype))
+    norm.running_mean.sub_(solved[-1].to(norm.running_mean.dtype))
+    return before, eq.error(torch.cat([conv.weight.detach().double().flatten(1).T, solved[-1:]]))
 
 
 def scale_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -385,6 +431,7 @@ def reconstruct(
     ridge: float = 1e-3,
     adapter: ArchAdapter | None = None,
     progress: bool = True,
+    refit_convs: bool = True,
 ) -> Reconstruction:
     """Refit the slim `model`'s output projections, in place, to rebuild `dense`'s sums on `batches`.
 
@@ -392,6 +439,7 @@ def reconstruct(
     calibration batches (see `data.prepare_calibration`). `mode="batchnorm"` re-estimates the
     BatchNorm running means instead (CNNs). `adapter` is the model's adapter where the caller has it.
     `progress=False` hides the per-layer bar (a caller that refits many trial models shows its own).
+    `refit_convs=False` leaves a family's refit conv (`ArchAdapter.refit_conv`) as it is: the output projections alone.
     """
     if mode not in REPAIRS:
         raise ValueError(f"reconstruct={mode!r} is not a repair; choose one of {list(REPAIRS)}.")
@@ -415,6 +463,7 @@ def reconstruct(
     streams = _streams(dense, adapter, batches)
     pairs = list(zip(adapter.layers_of(model), adapter.layers_of(dense)))
     refit_attention = "attn_out" in adapter.refit_sublayers
+    conv_path = adapter.refit_conv if mode == "weights" and refit_convs else None
     residual_path, residual_side = adapter.ffn_residual()
     for i, (student, teacher) in enumerate(tqdm(pairs, desc=f"Reconstruction ({mode})", unit="layer", disable=not progress)):
         down, ffn_scale = output_projection(adapter, student, "ffn_down"), adapter.branch_scale(student, "ffn_down")
@@ -423,10 +472,16 @@ def reconstruct(
         if refit_attention:
             attn, attn_scale = output_projection(adapter, student, "attn_out"), adapter.branch_scale(student, "attn_out")
             eq = _NormalEquations(attn.in_features, attn.out_features, attn.device, attn.has_bias)
+        conv_layer = get_submodule(student, conv_path) if conv_path is not None else None
+        if conv_layer is not None:  # the heads' output projection, fit before its BatchNorm (module docstring)
+            conv = conv_layer.convolution
+            conv_eq = _NormalEquations(conv.in_channels * math.prod(conv.kernel_size), conv.out_channels, conv.weight.device)
+            conv_kept = adapter.kept_conv_outputs(student).to(conv.weight.device)
         dense_taps = {
             "r_ffn": (get_submodule(teacher, residual_path), residual_side),
             "y_ffn": (output_projection(adapter, teacher, "ffn_down").output_module, "out"),
             **({"y_attn": (get_submodule(teacher, adapter.attn_out), "out")} if refit_attention else {}),
+            **({"y_conv": (get_submodule(teacher, conv_path).convolution, "out")} if conv_layer is not None else {}),
         }
         for s in streams:
             before = s.sizes
@@ -438,6 +493,9 @@ def reconstruct(
             if merging is not None:
                 s.sizes, s.teacher = merging.sizes, _merge_like(s.teacher, before, merging)
             t = _call(teacher, s.teacher, *s.call, dense_taps)
+            if conv_layer is not None:
+                y_conv = _map_rows(t["y_conv"][:, conv_kept])
+                conv_eq.add(_patches(conv, s.x, y_conv.shape[0] // s.x.shape[0]), y_conv, None)
             y_ffn = t["y_ffn"]
             if ffn_scale is not None:  # the dense branches as the residual adds them
                 y_ffn = y_ffn * ffn_scale.to(y_ffn.dtype)
@@ -450,6 +508,9 @@ def reconstruct(
             s.teacher = t["output"] if adapter.chained_layers or i + 1 == len(pairs) else s.calls[i + 1].hidden
             # the dense FFN sum (a ResNet block's pre-activation sum) as rows of the down projection's output
             s.target = down.rows(y_ffn) + adapter.stream_rows(teacher, "ffn_down", t["r_ffn"])
+        if conv_layer is not None and conv.out_channels:
+            errors.append((i, conv_path, *_refit_conv(conv_layer, conv_eq, ridge)))
+            tensors.update(refit_conv_tensors(student, i, adapter))
         if refit_attention:
             unit = adapter.layer_head_dim(student, model.config) if adapter.kept_heads(student, model.config) else 1
             errors.append((i, "attn_out", *_refit(attn, eq, mode, ridge, unit, f"layers.{i}.attn_out", tensors, attn_scale)))
@@ -498,6 +559,9 @@ def _destination(
     if len(parts) < 4 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(layers):
         return None
     layer = layers[int(parts[1])]
+    if adapter.refit_conv is not None and ".".join(parts[2:]) == f"{adapter.refit_conv}.{CONV_WEIGHT}":
+        conv = get_submodule(layer, adapter.refit_conv).convolution
+        return conv, CONV_WEIGHT, tuple(conv.weight.shape)
     if parts[-1] == RUNNING_MEAN:
         norm = dict(batch_norms(layer)).get(".".join(parts[2:-1]))
         return (norm, RUNNING_MEAN, (norm.num_features,)) if norm is not None else None
@@ -531,6 +595,8 @@ def apply_reconstruction(
             )
         if name == RUNNING_MEAN:
             module.running_mean.copy_(value.to(module.running_mean))
+        elif name == CONV_WEIGHT:
+            module.weight.copy_(value.to(module.weight))
         elif name == "scale":
             module.set(scale_columns(module.weight(), value.to(module.device)), None)
         elif name == "weight":
@@ -544,7 +610,8 @@ def unslim(model: nn.Module, dense: nn.Module, masks: PruningMasks, adapter: Arc
     """A copy of `dense` that computes what the slim, reconstructed `model` computes.
 
     The removed units' input features of each output projection are zero and the kept ones carry
-    the refit weights (a projection the refit leaves, ResNet's 3x3 conv, keeps its own), so the
+    the refit weights (a projection the refit leaves keeps its own); a refit conv (`ArchAdapter.refit_conv`)
+    carries its refit filters at its kept (input, output) channels and its BatchNorm's refit means, so the
     scoring engine, which runs dense shapes, can score the repaired model. `adapter` is the model's
     adapter where the caller has it.
     """
@@ -564,4 +631,10 @@ def unslim(model: nn.Module, dense: nn.Module, masks: PruningMasks, adapter: Arc
             weight = torch.zeros_like(target.weight())
             weight[:, kept[sub].to(weight.device)] = source.weight()
             target.set(weight, source.bias())
+        if adapter.refit_conv is not None and kept["attn_out"].numel():  # from the heads to the neurons
+            source, target = get_submodule(slim_layer, adapter.refit_conv), get_submodule(layer, adapter.refit_conv)
+            ins = kept["attn_out"].nonzero().flatten().to(target.convolution.weight.device)
+            outs = adapter.kept_conv_outputs(slim_layer).to(ins.device)
+            target.convolution.weight.data[outs[:, None], ins[None, :]] = source.convolution.weight.detach()
+            target.normalization.running_mean[outs] = source.normalization.running_mean
     return copy_

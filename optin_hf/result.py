@@ -19,7 +19,7 @@ from torch import nn
 from .arch import ArchAdapter, check_model, get_adapter
 from .config import OptinConfig
 from .masks import MASKS_NAME, PruningMasks, load_safetensors
-from .reconstruct import RECONSTRUCTION_NAME, Reconstruction, batchnorm_means, output_projection
+from .reconstruct import RECONSTRUCTION_NAME, Reconstruction, batchnorm_means, output_projection, refit_conv_tensors
 
 RESULT_ATTRIBUTE = "optin_result"
 
@@ -115,7 +115,8 @@ def read_result(folder: str | Path, model: nn.Module, adapter: ArchAdapter | Non
 
 
 def _output_projections(model: nn.Module, adapter: ArchAdapter | None) -> dict[str, torch.Tensor]:
-    """Every output projection's weight ([out, in]) and bias, keyed as a "weights" reconstruction keys them."""
+    """Every output projection's weight ([out, in]) and bias, and a refit conv's weight and means, keyed as a
+    "weights" reconstruction keys them."""
     adapter = adapter or check_model(model)
     tensors = {}
     for i, layer in enumerate(adapter.layers_of(model)):
@@ -124,4 +125,5 @@ def _output_projections(model: nn.Module, adapter: ArchAdapter | None) -> dict[s
             tensors[f"layers.{i}.{sublayer}.weight"] = proj.weight().cpu().clone()
             if proj.has_bias:
                 tensors[f"layers.{i}.{sublayer}.bias"] = proj.bias().cpu().clone()
+        tensors.update(refit_conv_tensors(layer, i, adapter))  # ResNet's 3x3 conv and its BatchNorm's means
     return tensors

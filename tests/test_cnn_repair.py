@@ -1,8 +1,8 @@
 """The CNN repairs (optin_hf/reconstruct.py, arch/resnet.py, arch/convnext.py): `reconstruct="batchnorm"`, a
 ResNet's BatchNorm running means re-estimated on the slim model, saved and reloaded full and masks-only; and
-what is the CNNs' own in the least-squares refit (a ResNet's last 1x1 conv and its BatchNorm as one affine map,
-its other BatchNorms re-centred; a ConvNeXt's channels-first rows read as pwconv2's). That each refit lowers its
-sublayers' error and reloads masks-only is tests/test_conformance.py's."""
+what is the CNNs' own in the least-squares refit (a ResNet's 3x3 conv fit to the dense conv's output, its last 1x1
+conv and its BatchNorm as one affine map, its other BatchNorms re-centred; a ConvNeXt's channels-first rows read as
+pwconv2's). That each refit lowers its sublayers' error and reloads masks-only is tests/test_conformance.py's."""
 
 from __future__ import annotations
 
@@ -100,12 +100,14 @@ def test_the_repair_brings_the_features_back_toward_the_dense_model():
     assert feature_error(repaired, dense) < 0.5 * feature_error(plain, dense)
 
 
+@pytest.mark.parametrize("repair", ["batchnorm", "weights"])
 @pytest.mark.parametrize("masks_only", [False, True])
-def test_save_and_load_reproduce_the_repaired_model(masks_only, tmp_path):
+def test_save_and_load_reproduce_the_repaired_model(masks_only, repair, tmp_path):
+    """The BatchNorm repair's running means, and the refit's 3x3 and last convs with their BatchNorms, reload."""
     base = trained_resnet()
     base.save_pretrained(tmp_path / "base")  # the base a masks-only checkpoint names
     base = type(base).from_pretrained(tmp_path / "base").eval()
-    repaired, pruner = pruned("batchnorm", base)
+    repaired, pruner = pruned(repair, base)
     plain, _ = pruned("none", base)
     save_pruned(repaired, tmp_path / "slim", masks_only=masks_only)
     assert (tmp_path / "slim" / "optin_reconstruction.safetensors").is_file() == masks_only
@@ -161,26 +163,67 @@ def test_a_cnn_refit_with_nothing_pruned_changes_nothing(family, mode):
     """The ridge keeps the weights that fit exactly (a ResNet's conv and BatchNorm re-parameterized to the same map)."""
     dense = trained_resnet() if family == "resnet" else tiny_cnn(family)
     model = slim_model(copy.deepcopy(dense), PruningMasks.full(dense.config))
-    reconstruct(model, dense, prepare_calibration(CALIBRATION, num_samples=16, batch_size=8, max_length=64), mode)
+    result = reconstruct(model, dense, prepare_calibration(CALIBRATION, num_samples=16, batch_size=8, max_length=64), mode)
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=PIXELS).logits, dense(pixel_values=PIXELS).logits, atol=1e-5, rtol=1e-5)
+    if family == "resnet" and mode == "weights":  # the 3x3 convs refit too, to their own weights
+        assert sum(sub == "layer.1" for _, sub, _, _ in result.errors) == 3
+        for layer, before in zip(check_model(model).layers_of(model), check_model(dense).layers_of(dense)):
+            torch.testing.assert_close(layer.layer[1].convolution.weight, before.layer[1].convolution.weight, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(layer.layer[1].normalization.running_mean, before.layer[1].normalization.running_mean,
+                                       atol=1e-6, rtol=1e-5)
 
 
-def test_a_resnet_refit_fits_the_last_conv_with_its_batchnorm_only():
-    """The 3x3 conv (the heads' output projection) is never refit: a BatchNorm and a ReLU follow it. The last conv
-    and its BatchNorm are (its BatchNorm left a plain bias); the other BatchNorms keep their statistics."""
+@torch.no_grad()
+def conv_errors(model: nn.Module, dense: nn.Module, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, float]:
+    """Block -> Σ over the calibration images of |W x + (μ₀ - μ) - y|² for its 3x3 conv: x its input in `model`, y the
+    dense conv's output at the kept channels, (W, μ) = `weights[block]` (a conv weight and its BatchNorm's running
+    mean), μ₀ the dense mean at those channels: what the refit fits, measured from plain forwards."""
+    adapter = check_model(model)
+    seen: dict = {}
+    handles = [layer.layer[1].convolution.register_forward_pre_hook(lambda m, a, key=(tag, i): seen.setdefault(key, a[0]))
+               for tag, net in (("p", model), ("d", dense)) for i, layer in enumerate(adapter.layers_of(net))]
+    pixels = torch.stack([ex["pixel_values"] for ex in CALIBRATION])
+    model(pixel_values=pixels), dense(pixel_values=pixels)
+    for handle in handles:
+        handle.remove()
+    errors = {}
+    for i, (layer, dense_layer) in enumerate(zip(adapter.layers_of(model), adapter.layers_of(dense))):
+        conv, kept = layer.layer[1].convolution, adapter.kept_conv_outputs(layer)
+        weight, mean = weights[i]
+        fit = nn.functional.conv2d(seen["p", i], weight, None, conv.stride, conv.padding) - mean[:, None, None]
+        target = dense_layer.layer[1].convolution(seen["d", i])[:, kept] - dense_layer.layer[1].normalization.running_mean[kept, None, None]
+        errors[i] = float((fit - target).double().pow(2).sum())
+    return errors
+
+
+def test_a_resnet_refit_fits_each_3x3_conv_then_the_last_conv_and_their_batchnorms():
+    """Forward order per block: the 3x3 conv (a BatchNorm and a ReLU follow it, so it is fit to the dense conv's output
+    at the channels it keeps, its bias folded into its BatchNorm's mean), then the last conv and its BatchNorm (left a
+    plain bias). The 3x3 refit lowers that conv's calibration error, measured from plain forwards as the refit counts
+    it; the reduce conv's BatchNorm and the 3x3's scale and variance keep their values."""
     dense = trained_resnet()
     model, plain = (slim_model(copy.deepcopy(dense), masks_of(dense)) for _ in range(2))
     result = reconstruct(model, dense, prepare_calibration(CALIBRATION, num_samples=16, batch_size=8, max_length=64), "weights")
-    assert {key.split(".", 2)[2] for key in result.tensors} == {"ffn_down.weight", "ffn_down.bias"}
+    assert {key.split(".", 2)[2] for key in result.tensors} == {
+        "ffn_down.weight", "ffn_down.bias", "layer.1.convolution.weight", "layer.1.normalization.running_mean"}
+    assert [(i, sub) for i, sub, _, _ in result.errors] == [(i, sub) for i in range(3) for sub in ("layer.1", "ffn_down")]
     layers, plain_layers = check_model(model).layers_of(model), check_model(plain).layers_of(plain)
     for layer, before in zip(layers, plain_layers):
         for (name, norm), (_, old) in zip(batch_norms(layer), batch_norms(before)):
             if name == "layer.2.normalization":
                 assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
             else:
-                assert torch.equal(norm.running_mean, old.running_mean) and torch.equal(norm.weight, old.weight)
-        assert torch.equal(layer.layer[1].convolution.weight, before.layer[1].convolution.weight)
+                assert torch.equal(norm.weight, old.weight) and torch.equal(norm.running_var, old.running_var)
+                assert name == "layer.1.normalization" or torch.equal(norm.running_mean, old.running_mean), name
+    def conv_weights(net):
+        return {i: (l.layer[1].convolution.weight, l.layer[1].normalization.running_mean) for i, l in enumerate(check_model(net).layers_of(net))}
+    after, before = conv_errors(model, dense, conv_weights(model)), conv_errors(model, dense, conv_weights(plain))
+    recorded = {i: (b, a) for i, sub, b, a in result.errors if sub == "layer.1"}
+    for i in (1, 2):  # the blocks that lost channels (block 0's 3x3 conv fits exactly before and after)
+        assert after[i] < 0.8 * before[i], (i, after[i], before[i])
+        assert not torch.equal(layers[i].layer[1].normalization.running_mean, plain_layers[i].layer[1].normalization.running_mean)
+        assert recorded[i] == (pytest.approx(before[i], rel=1e-3), pytest.approx(after[i], rel=1e-3))
     assert feature_error(model, dense) < feature_error(plain, dense) / 2
 
 
@@ -207,8 +250,8 @@ def test_batchnorm_repair_in_steps_is_refused():
 
 
 def test_a_resnet_refit_unslimmed_computes_what_the_slim_model_computes():
-    """Pruning in steps re-scores the refit model in dense shapes (`unslim`): the removed reduce channels' inputs of
-    the 3x3 conv are cut though that conv is not refit."""
+    """Pruning in steps re-scores the refit model in dense shapes (`unslim`): the 3x3 conv carries its refit filters
+    at its kept (reduce, 3x3) channels and its BatchNorm its refit means, and the removed reduce channels' inputs are cut."""
     dense = trained_resnet()
     masks = masks_of(dense)
     model = slim_model(copy.deepcopy(dense), masks)

@@ -359,6 +359,17 @@ class ArchAdapter:
         nonlinearity before the residual adds it (ResNet's 3x3 conv, then BatchNorm and ReLU) leaves it out."""
         return ("attn_out", "ffn_down") if self.supports("heads") else ("ffn_down",)
 
+    @property
+    def refit_conv(self) -> str | None:
+        """A conv layer (its `convolution`, the heads' output projection `attn_out`, then its BatchNorm
+        `normalization`) that the weights refit fits first, to the dense conv's output at the channels it keeps
+        (`kept_conv_outputs`): None here; ResNet's 3x3 conv."""
+        return None
+
+    def kept_conv_outputs(self, layer: nn.Module) -> torch.Tensor:
+        """The dense output channels that the slim `refit_conv` of `layer` keeps (a family with a `refit_conv`)."""
+        raise NotImplementedError(f"{type(self).__name__} refits no conv layer")
+
     def ffn_residual(self) -> tuple[str, str]:
         """Where the FFN sublayer's residual (what its branch is added to) is read, in the dense and the slim
         layer alike: (module path, "in" for its first input or "out" for its output). By default the FFN

@@ -37,8 +37,13 @@ input), both on the block's output map. The last 1x1 conv and its BatchNorm are 
 The least-squares refit (`reconstruct="weights"` / `"scales"`) fits that affine map to the dense
 block's pre-activation sum (its output plus the shortcut's) from the slim block's own inputs, with
 the slim shortcut's output as the residual (`ffn_residual`); the refit weights are written back into
-the conv and the BatchNorm. The 3x3 conv is not refit: a BatchNorm and a ReLU follow it before any
-sum (`refit_sublayers`). `reconstruct="batchnorm"`, the default repair (`"auto"`), re-estimates the
+the conv and the BatchNorm. `reconstruct="weights"` refits each block's 3x3 conv first (`refit_conv`).
+A BatchNorm and a ReLU follow it before any sum, so it is no output projection (`refit_sublayers`),
+but its own output is linear in its weights: it is fit by least squares from the 3x3 patches of the
+slim block's input to the dense 3x3 conv's output at the channels it keeps
+(`ChannelConv.kept_outputs`), its bias folded into its BatchNorm's running mean. A cut of the reduce
+channels reaches the sum only through that conv, which the last conv's refit cannot undo
+(`benchmarks/resnet_block_refit.py`). `reconstruct="batchnorm"`, the default repair (`"auto"`), re-estimates the
 running means of the BatchNorms after the pruned convs instead (`optin_hf.reconstruct`): on a
 development split of digits-resnet it kept more accuracy at 0.6 and 0.5 of the MACs than the refit,
 whose closer features (a lower squared error of the pooled features, on held-out images too) did
@@ -130,7 +135,11 @@ def stem_macs(config, image_size: ImageSize, channels: int) -> int:
 
 class ChannelConv(nn.Conv2d):
     """A Conv2d that also runs with no input or no output channel, as a slim block may keep: torch's
-    conv fails with no filter and returns no channel for no input, where the conv gives zeros."""
+    conv fails with no filter and returns no channel for no input, where the conv gives zeros.
+    `kept_outputs`: the dense conv's output channels it keeps (a plain attribute: the refit pairs them with the
+    dense conv's; a checkpoint does not need it)."""
+
+    kept_outputs: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_channels and self.out_channels:
@@ -157,7 +166,15 @@ def _sliced_conv(conv: nn.Conv2d, keep: torch.Tensor, side: int) -> ChannelConv:
     new = ChannelConv(1, 1, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False, device="meta")
     new.out_channels, new.in_channels = weight.shape[:2]
     new.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    before = kept_outputs(conv)
+    new.kept_outputs = before if side == 1 else before[keep.to(before.device)]
     return new
+
+
+def kept_outputs(conv: nn.Conv2d) -> torch.Tensor:
+    """The dense conv's output channels that `conv` (dense, or sliced from it) computes, in its order."""
+    kept = getattr(conv, "kept_outputs", None)
+    return torch.arange(conv.out_channels) if kept is None else kept
 
 
 def _slim_channels(block: nn.Module, producer: str, consumer: str, keep: torch.Tensor) -> None:
@@ -295,6 +312,13 @@ class ResNetAdapter(ArchAdapter):
     @property
     def refit_sublayers(self) -> tuple[str, ...]:
         return ("ffn_down",)  # the 3x3 conv feeds a BatchNorm and a ReLU before any sum
+
+    @property
+    def refit_conv(self) -> str | None:
+        return "layer.1"  # the 3x3 conv and its BatchNorm, fit to the dense conv's output (module docstring)
+
+    def kept_conv_outputs(self, layer: nn.Module) -> torch.Tensor:
+        return kept_outputs(layer.layer[1].convolution)
 
     def ffn_residual(self) -> tuple[str, str]:
         return "shortcut", "out"
