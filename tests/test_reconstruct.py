@@ -128,7 +128,7 @@ def test_unslim_computes_what_the_slim_model_computes() -> None:
 
 def test_pruning_in_steps_keeps_a_subset_of_each_step_and_meets_the_budget() -> None:
     model, data = tiny_model("bert"), calibration("bert")
-    config = OptinConfig(mac_constraint=0.5, md_tokens=40, prune_steps=2, neurons_multiple_of=4)
+    config = OptinConfig(mac_constraint=0.5, importance="optin", md_tokens=40, prune_steps=2, neurons_multiple_of=4)
     pruner = OptinPruner(config)
     first = OptinPruner(OptinConfig(**{**config.to_dict(), "prune_steps": 1, "mac_constraint": 0.75}))
     step_one = first.compute_masks(model, data)
