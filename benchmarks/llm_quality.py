@@ -12,12 +12,14 @@ windows of 128 tokens spread evenly over them). One seed (the recipe's).
 
 `--selection refit` adds the rows that re-choose each layer's units by the error the refit leaves
 (`OptinConfig(selection="refit")`, at the allocation's counts); `--layouts` which allocations run (per-layer, and
-`uniform_layers`: OPTIN only); `--scores-dir` keeps each criterion's scores there and reads them back, so that runs
+`uniform_layers`: OPTIN's rows, and FLAP's and Wanda-sp's with the refit selection, the recipe's setting with their
+scores); `--scores-dir` keeps each criterion's scores there and reads them back, so that runs
 in parallel processes (one row set each) score once.
 
 `--dev N --lambdas 10 1 0.1` instead measures OPTIN + refit at each balance weight `lambda_contribution` (the raw
 losses are computed once) on N windows of 4 development plays, which neither the calibration nor the held-out
-plays include: a setting chosen there was not chosen on the test plays.
+plays include: a setting chosen there was not chosen on the test plays. `--then-test` measures each model pruned
+for `--dev` on the held-out plays as well (rows whose setting is already fixed: one pruning for both).
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ from pathlib import Path
 import torch
 
 from optin_hf import ImportanceScores, OptinConfig, OptinPruner, count_macs
-from optin_hf.data import prepare_calibration
-from optin_hf.refit_selection import select_by_refit
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA
 from optin_hf.tasks.defaults.registry import RECIPES
@@ -48,7 +48,9 @@ ROWS = [
     ("optin", "weights", False, "scores"), ("optin", "none", False, "scores"), ("optin", "weights", True, "scores"),
     ("optin", "weights", True, "refit"), ("optin", "weights", False, "refit"),
     ("flap", "weights", False, "scores"), ("flap", "none", False, "scores"), ("flap", "weights", False, "refit"),
+    ("flap", "weights", True, "refit"),
     ("wanda_sp", "weights", False, "scores"), ("wanda_sp", "none", False, "scores"), ("wanda_sp", "weights", False, "refit"),
+    ("wanda_sp", "weights", True, "refit"),
 ]
 
 
@@ -81,12 +83,16 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="also time tokens/s of each OPTIN + refit model against dense")
     parser.add_argument("--dev", type=int, metavar="N", help="measure on N windows of 4 development plays, not the held-out ones")
     parser.add_argument("--lambdas", nargs="+", type=float, help="OPTIN + refit at each lambda_contribution (with --dev)")
+    parser.add_argument("--then-test", action="store_true",
+                        help="with --dev: measure each pruned model on the held-out plays too, after the development plays")
     parser.add_argument("--reconstruct-samples", type=int, metavar="N", help="refit on N windows (default: the recipe's)")
     parser.add_argument("--reconstruct", nargs="+", default=["weights", "none"], help="the rows' repairs to run")
     parser.add_argument("--selection", nargs="+", default=["scores"], choices=["scores", "refit"], help="the rows' unit choices to run")
     parser.add_argument("--layouts", nargs="+", default=["per-layer", "uniform"], choices=["per-layer", "uniform"])
     parser.add_argument("--scores-dir", help="keep each criterion's scores here and read them back")
     args = parser.parse_args()
+    if args.then_test and not args.dev:
+        parser.error("--then-test measures the held-out plays after --dev N's development plays: give --dev N")
     task = load_default(NAME)
     recipe = default_recipe(NAME).optin
     if args.reconstruct_samples:
@@ -94,7 +100,7 @@ def main() -> None:
     base = {**recipe.to_dict(), "max_scoring_time": None}
     wanted = max(recipe.num_samples, recipe.reconstruct_samples)
     calibration = calibration_windows(task.calibration, "text", task.processor, recipe.max_length, wanted, recipe.seed)
-    held_out = evaluation_windows(task.test, "text", task.processor, task.eval_window, task.max_eval_samples)
+    held_out = test = evaluation_windows(task.test, "text", task.processor, task.eval_window, task.max_eval_samples)
     if args.dev:
         registry = RECIPES[NAME]
         development = CORPORA[registry.corpus]().unused(registry.split).select(range(4))
@@ -110,6 +116,7 @@ def main() -> None:
     dense = perplexity(task.model, held_out)
     dense_macs, dense_parameters = count_macs(task.model, recipe.seq_len), sum(p.numel() for p in task.model.parameters())
     print(f"dense perplexity {dense:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    dense_test = perplexity(task.model, test) if args.then_test else None
     rows, scores, scoring_s = [], {}, {}
     layouts = {"per-layer": False, "uniform": True}
     wanted_rows = [r for r in ROWS if r[0] in args.criteria and r[1] in args.reconstruct and r[3] in args.selection
@@ -128,15 +135,14 @@ def main() -> None:
             pruner = OptinPruner(OptinConfig.from_dict(settings))
             model = copy.deepcopy(task.model)
             start = time.perf_counter()
-            masks = pruner.compute_masks(model, calibration, scores=scores[criterion])
-            if selection == "refit":  # what prune_model does after its own allocation, here after the shared scores'
-                c = pruner.config
-                batches = prepare_calibration(calibration, None, num_samples=c.reconstruct_samples, batch_size=c.batch_size,
-                                              max_length=c.max_length, config=model.config)
-                masks = select_by_refit(model, masks, batches, c.reconstruct_ridge)
+            masks = pruner.compute_masks(model, calibration, scores=scores[criterion])  # applies selection="refit" too
             pruner.prune_model(model, calibration, masks=masks)
             seconds = time.perf_counter() - start
             value = perplexity(model, held_out)
+            if dense_test is not None:  # the same model, measured once on the held-out plays after the development ones
+                tested = perplexity(model, test)
+                print(f"{row_label(criterion, mode, uniform, selection):40} @{budget}: held-out test perplexity {tested:.3f} "
+                      f"({100 * (tested / dense_test - 1):+.1f}% of dense {dense_test:.3f})", flush=True)
             macs = count_macs(model, recipe.seq_len) / dense_macs
             removed = 1 - sum(p.numel() for p in model.parameters()) / dense_parameters
             speeds = None
@@ -149,7 +155,7 @@ def main() -> None:
                   f"{100 * removed:.1f}% of the parameters removed, slim+refit {seconds:.0f} s"
                   + (f", tokens/s pruned/dense {speeds}" if speeds else ""), flush=True)
         rows.append((row_label(criterion, mode, uniform, selection), results))
-    print(f"\n| criterion | dense | " + " | ".join(f"@{b} MACs" for b in args.budgets) + " |")
+    print("\n| criterion | dense | " + " | ".join(f"@{b} MACs" for b in args.budgets) + " |")
     print("|---|---|" + "---|" * len(args.budgets))
     for label, results in rows:
         cells = " | ".join(f"{value:.2f} ({100 * (value / dense - 1):+.1f}%; {100 * removed:.0f}% params)" for _, value, _, removed, _ in results)

@@ -47,14 +47,17 @@ HUB_TASKS = ("text-classification", "image-classification")
 # Prune should answer within about 2 minutes on 2 cores: the scoring budget leaves the rest to
 # slimming, evaluation and timing; the pruner picks the calibration size and neuron grouping that fit.
 # A Hub model runs these; an embedded default runs its CLI recipe's settings, each of SPACE_CAPS at most the Space's.
-SPACE_SETTINGS = {"num_samples": 64, "batch_size": 32, "max_length": 128, "max_scoring_time": 45.0, "reconstruct_samples": 128}
+# OPTIN is named (OptinConfig's default, importance="auto", prunes with every candidate recipe): the slider re-allocates
+# its cached scores.
+SPACE_SETTINGS = {"importance": "optin", "num_samples": 64, "batch_size": 32, "max_length": 128, "max_scoring_time": 45.0,
+                  "reconstruct_samples": 128}
 SPACE_CAPS = ("max_scoring_time", "reconstruct_samples")
 # Defaults whose recipe, capped, still takes more than a press may run these instead (SmolLM2: 123 CPU s on one thread
-# with 64-token windows, 104 s with these; with its recipe's refit selection, a greedy choice over 1,536 channels in
-# each of 30 layers, 142 s on the idle 2-core machine; benchmarks/RESULTS.md); the status line names every setting
-# that differs.
+# with 64-token windows, 104 s with these); the status line names every setting that differs. SmolLM2 keeps its
+# recipe's refit selection: with the in-place greedy (refit_selection.greedy_removal) it adds about 59 CPU s to a
+# press (165 CPU s on one thread in all); a press took 104 s on 2 threads at load 1.8 (benchmarks/space_press.py).
 SPACE_LIGHTER: dict[str, dict[str, Any]] = {
-    "shakespeare-smollm2": {"num_samples": 4, "max_length": 32, "neuron_group_size": 512, "selection": "scores"},
+    "shakespeare-smollm2": {"num_samples": 4, "max_length": 32, "neuron_group_size": 512},
 }
 # Metrics on a free 2-core Space: the first 300 held-out examples (the table says how many), dense measured once.
 SPACE_TEST_EXAMPLES = 300

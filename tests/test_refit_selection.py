@@ -6,7 +6,6 @@ refit does not fit)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 
@@ -99,6 +98,52 @@ def test_several_removals_per_round_keep_the_exact_joint_update() -> None:
     assert len(set(blocks)) == 9
     assert joint == pytest.approx(refit_error(x, theta, columns, blocks), rel=1e-6)
     assert exact == pytest.approx(refit_error(x, theta, columns, one_each), rel=1e-6)
+
+
+def shrinking_greedy(gram: torch.Tensor, theta: torch.Tensor, columns: torch.Tensor, remove: int, ridge: float,
+                     rounds: int) -> tuple[list[int], float]:
+    """The greedy OBS removal written the direct way (the implementation before the in-place factor): each round
+    solves every remaining unit's block, then shrinks θ and G⁻¹ to the kept rows by the Schur complement."""
+    g = gram.double()
+    inverse = torch.linalg.inv(g + ridge * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype))
+    theta, alive, where = theta.double().clone(), torch.arange(columns.shape[0]), columns.clone()
+    removed, increase = [], 0.0
+    rounds = max(1, min(rounds, remove))
+    for step in range(rounds):
+        count = -(-(remove - len(removed)) // (rounds - step))
+        block, rows = inverse[where[:, :, None], where[:, None, :]], theta[where]
+        picked = (rows * torch.linalg.solve(block, rows)).sum((1, 2)).topk(count, largest=False).indices
+        gone = where[picked].flatten()
+        keep = torch.ones(theta.shape[0], dtype=torch.bool)
+        keep[gone] = False
+        solved = torch.linalg.solve(inverse[gone][:, gone], torch.cat([theta[gone], inverse[gone][:, keep]], dim=1))
+        increase += float((theta[gone] * solved[:, : theta.shape[1]]).sum())
+        link = inverse[keep][:, gone]
+        theta = theta[keep] - link @ solved[:, : theta.shape[1]]
+        inverse = inverse[keep][:, keep] - link @ solved[:, theta.shape[1]:]
+        removed += alive[picked].tolist()
+        stay = torch.ones(len(alive), dtype=torch.bool)
+        stay[picked] = False
+        alive, where = alive[stay], (keep.cumsum(0) - 1)[where[stay]]
+    return removed, increase
+
+
+@pytest.mark.parametrize(
+    "units, width, segments, remove, rounds",
+    [(64, 1, 1, 40, 256), (64, 1, 1, 50, 7), (12, 4, 1, 7, 256), (6, 3, 2, 4, 2), (3, 8, 2, 1, 256), (4, 8, 2, 3, 256)],
+)
+def test_the_in_place_factor_makes_the_direct_greedys_choices(units, width, segments, remove, rounds) -> None:
+    """greedy_removal keeps G⁻¹ as a fixed inverse minus a growing factor instead of shrinking it each round: the
+    same units, in the same order, and the same predicted error as the direct computation, for one-column neurons,
+    heads, and KV groups whose rows lie in separate segments (q heads of a group: segments of one unit's columns),
+    one or several units a round."""
+    x, theta, _ = layer(seed=units, units=units, width=width * segments, out=7, rows=4 * units * width * segments)
+    columns = torch.arange(units * width * segments).view(segments, units, width).transpose(0, 1).reshape(units, -1)
+    removed, increase = greedy_removal(gram(x), theta, columns, remove, RIDGE, rounds)
+    expected, expected_increase = shrinking_greedy(gram(x), theta, columns, remove, RIDGE, rounds)
+    assert removed == expected
+    assert increase == pytest.approx(expected_increase, rel=1e-9)
+    assert increase == pytest.approx(refit_error(x, theta, columns, removed), rel=1e-6)
 
 
 def batches(name: str, n: int = 16) -> list[dict[str, torch.Tensor]]:
