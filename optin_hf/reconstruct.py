@@ -634,7 +634,7 @@ def unslim(model: nn.Module, dense: nn.Module, masks: PruningMasks, adapter: Arc
         if adapter.refit_conv is not None and kept["attn_out"].numel():  # from the heads to the neurons
             source, target = get_submodule(slim_layer, adapter.refit_conv), get_submodule(layer, adapter.refit_conv)
             ins = kept["attn_out"].nonzero().flatten().to(target.convolution.weight.device)
-            outs = adapter.kept_conv_outputs(slim_layer).to(ins.device)
+            outs = kept["ffn_down"].nonzero().flatten().to(ins.device)  # its outputs are the block's kept neurons
             target.convolution.weight.data[outs[:, None], ins[None, :]] = source.convolution.weight.detach()
             target.normalization.running_mean[outs] = source.normalization.running_mean
     return copy_

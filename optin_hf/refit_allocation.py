@@ -193,9 +193,8 @@ def allocate_by_refit(
 ) -> PruningMasks:
     """Masks of the dense `model` within `budget` MACs (at `costs`), their per-layer counts chosen by the loss
     left after the `mode` refit on `batches` (see the module docstring), the units within a layer by the scores.
-    `rounds`: measured rounds down a ladder of budgets to `budget` (1: every cut measured from the dense model)."""
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds={rounds!r} must be a positive integer: the measured rounds of the refit allocation (1: one).")
+    `rounds`: measured rounds down a ladder of budgets to `budget` (1: every cut measured from the dense model;
+    `OptinConfig.allocation_rounds`, checked there)."""
     orders = unit_orders(head_scores, neuron_scores, units)
     full, start = _all_counts(units), None
     for step in ladder(costs.macs(full["head"], full["neuron"]), budget, rounds):
