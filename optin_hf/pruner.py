@@ -117,12 +117,12 @@ class OptinPruner:
         return False
 
     def _search(self, model: nn.Module, data: Any, tokenizer) -> None:
-        """Run importance="auto"'s recipe search (`prune_by_search`) on a copy of the dense `model`, which stays as it
+        """Run importance="auto"'s recipe search (`search_recipe`) on copies of the dense `model`, which stays as it
         is. This pruner then holds the kept run's config (the chosen criterion and repair, the search record in
         `extra`), scores and masks, as if that recipe had been named; so `prune_model(model, data, masks=self.masks)`
         slims `model` with the very masks `prune_model(model, data)` would (its refit then reads `data`'s first
         `reconstruct_samples` examples, where the search's kept copy was refit on the fit share, or all under `reprune`)."""
-        prune_by_search(self, copy.deepcopy(model), data, tokenizer)
+        search_recipe(self, model, data, tokenizer)
 
     def _resolve_repair(self, model: nn.Module, adapter: ArchAdapter) -> None:
         """Replace `reconstruct="auto"` in this pruner's config by the repair it runs on `model`'s family, so the
@@ -234,7 +234,7 @@ class OptinPruner:
         With `prune_steps > 1` and no scores yet, the cut is made in steps with a reconstruction
         and a re-scoring between them (`_masks_in_steps`). `selection="refit"` re-chooses units on `data`, so
         `prune_model(model, data, masks=compute_masks(model, data))` prunes as `prune_model(model, data)` does.
-        Under `importance="auto"` with no scores, the recipe search runs first (`_search`, on a copy of `model`): the
+        Under `importance="auto"` with no scores, the recipe search runs first (`_search`, on copies of `model`): the
         masks are the chosen recipe's, and `config` names that recipe, so the same holds."""
         if scores is None and self.scores is None and self._resolve_auto(model):
             self._search(model, data, tokenizer)
@@ -519,12 +519,12 @@ def make_runner(
     return CandidateRunner(model, adapter, fit, held_out_run(model, adapter, batches, base), base, pruner_class)
 
 
-def prune_by_search(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=None) -> nn.Module:
-    """`pruner.prune_model(model, data)` under `importance="auto"`: try the candidates on copies of the dense
-    `model` until the time budget has passed, then give `model` (in place) the best-ranked candidate's pruned weights
-    (`RecipeSearch.rank`: the closest, where labels allow among those near the lowest held-out loss; re-pruned on
-    every calibration example under `reprune`); `pruner` then holds that run's config (the criterion and repair
-    chosen, the record in `extra`), scores, masks and refit, as if that recipe had been named."""
+def search_recipe(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=None) -> nn.Module:
+    """Try `importance="auto"`'s candidates on copies of the dense `model` (left as it is) until the time budget has
+    passed; return the best-ranked candidate's pruned copy (`RecipeSearch.rank`: the closest, where labels allow among
+    those near the lowest held-out loss; re-pruned on every calibration example under `reprune`), carrying its
+    result. `pruner` then holds that run's config (the criterion and repair chosen, the record in `extra`), scores,
+    masks and refit, as if that recipe had been named."""
     start = time.perf_counter()
     search = RecipeSearch.from_config(pruner.config)
     was_training = model.training
@@ -573,11 +573,18 @@ def prune_by_search(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=
     # the refit saw only the examples the kept model was pruned on: the config says so, not the number asked for
     used = dict(extra=extra, reconstruct_samples=min(chosen.config.reconstruct_samples, record.kept_examples))
     chosen.config = dataclasses.replace(chosen.config, **used)
-    # `model` becomes the chosen copy: the same slimming, then its (refit) weights; a refit adds no parameter.
-    slim_model(model, chosen.masks, runners[0].adapter)
-    model.load_state_dict(work.state_dict())
     result = pruning_result(work)
-    attach_result(model, dataclasses.replace(result, config=dataclasses.replace(result.config, **used)))
+    attach_result(work, dataclasses.replace(result, config=dataclasses.replace(result.config, **used)))
     chosen.timings = {**chosen.timings, "search_s": time.perf_counter() - start}
     vars(pruner).update(vars(chosen))  # the pruner now describes the run it kept: config, scores, masks, refit, timings
+    return work
+
+
+def prune_by_search(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=None) -> nn.Module:
+    """`pruner.prune_model(model, data)` under `importance="auto"`: `search_recipe`, then `model` (in place) becomes
+    the kept copy: the same slimming, then its (refit) weights (a refit adds no parameter) and its result."""
+    work = search_recipe(pruner, model, data, tokenizer)
+    slim_model(model, pruner.masks, check_model(model))
+    model.load_state_dict(work.state_dict())
+    attach_result(model, pruning_result(work))
     return model
