@@ -4,8 +4,9 @@ the search chose, and how well the distance ranks the candidates as test accurac
 Each default's calibration examples are drawn as the CLI draws them (seeded rows of its calibration split,
 `max(num_samples, reconstruct_samples)` of them) and split as `importance="auto"` splits them: a quarter held out, the
 rest scored and refit on. With `--folds K` the same examples are split K times (fold k holds out the k-th quarter of
-one seeded permutation; fold 0 is the search's own split) and each candidate's distance is measured on every fold, so
-rules that average folds can be compared offline from the JSON; `--all-data` also prunes each candidate on every
+one seeded permutation; fold 0 is the search's own split) and each candidate's distance, loss and every held-out
+example's loss are measured on every fold (in the JSON), so rules that average folds or compare candidates in pairs
+can be judged offline; the "chosen" column replays the search's own folds (`searched_choice`); `--all-data` also prunes each candidate on every
 calibration example (what a search that re-prunes its choice on all the data keeps). Each criterion scores once per
 fold; every budget reuses the scores.
 
@@ -38,7 +39,9 @@ from optin_hf import OptinPruner
 from optin_hf.arch import check_model
 from optin_hf.data import replayable
 from optin_hf.pruner import CandidateRunner, make_runner
-from optin_hf.recipe_search import RecipeSearch, calibration_examples, candidates, choose, search_base, split_examples
+from optin_hf.recipe_search import (
+    RecipeSearch, add_fold, calibration_examples, candidates, choose, contenders, search_base, split_examples,
+)
 from optin_hf.search_record import Candidate
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA
@@ -64,6 +67,27 @@ def dev_split(name: str, size: int):
     rest = order[len(used):][:size]
     assert not {corpus.keys[i] for i in rest} & {corpus.keys[i] for i in used}, "the development split overlaps a used split"
     return corpus.to_dataset(rest) if rest else None
+
+
+def searched_choice(rows: list[dict], search: RecipeSearch = SEARCH) -> tuple[int, list[Candidate]]:
+    """(the index chosen, the candidates as measured) where `importance="auto"` under `search` chooses among the measured
+    `rows` (each with its per-fold measurements in "folds"): every candidate on the first fold, then each later fold for
+    the candidates still in contention (`recipe_search.contenders`), as `pruner.search_recipe` runs them."""
+    def part(row: dict, fold: int) -> Candidate:
+        f = row["folds"][fold]
+        return Candidate(row["importance"], row["reconstruct"], row["selection"], kl=f["kl"], md=f["md"],
+                         distance=f["kl"] + f["md"], loss=f["loss"], losses=f["losses"], seconds=f["seconds"])
+
+    tried = [Candidate(row["importance"], row["reconstruct"], row["selection"]) for row in rows]
+    for candidate, row in zip(tried, rows):
+        add_fold(candidate, part(row, 0))
+    for fold in range(1, min(search.folds, min(len(row["folds"]) for row in rows))):
+        rivals = contenders(tried, search)
+        if len(rivals) < 2:
+            break
+        for i in rivals:
+            add_fold(tried[i], part(rows[i], fold))
+    return choose(tried, search.rank, search.loss_tolerance, search.standard_errors), tried
 
 
 def main() -> None:
@@ -122,7 +146,8 @@ def main() -> None:
                     for k, runner in enumerate(runners):
                         candidate = Candidate(template.importance, template.reconstruct, template.selection)
                         work, _ = runner.run(candidate, budget)
-                        folds.append({"kl": candidate.kl, "md": candidate.md, "loss": candidate.loss, "seconds": candidate.seconds})
+                        folds.append({"kl": candidate.kl, "md": candidate.md, "loss": candidate.loss, "losses": candidate.losses,
+                                      "seconds": candidate.seconds})
                         if k == 0:
                             row = {**dataclasses.asdict(candidate), "label": candidate.label, **measured(work)}
                         del work
@@ -145,9 +170,8 @@ def main() -> None:
                       + f"  {row['seconds']:.0f} s", flush=True)
             if not rows:
                 continue
-            # what importance="auto" keeps, under its default rank (the distance, screened by the held-out loss)
-            fields = {f.name for f in dataclasses.fields(Candidate)}
-            chosen = choose([Candidate(**{k: v for k, v in row.items() if k in fields}) for row in rows], SEARCH.rank, SEARCH.loss_tolerance)
+            # what importance="auto" keeps under its default settings (its folds as far as measured here)
+            chosen, _ = searched_choice(rows)
             best = max(row[metric] for row in rows)
             reference = dense if metric == "test" else dense_dev
             rho = spearmanr([-row["distance"] for row in rows], [row[metric] for row in rows]).statistic

@@ -7,12 +7,14 @@ Settings (each but "auto" with `importance` set to the criterion of the row):
 - auto (not in the default run, no criterion): `OptinConfig(mac_constraint=b)` with nothing set, `importance="auto"`:
   the recipe search picks the criterion and the repair (`prune_model`); the repair column names both.
 - library: `OptinConfig(mac_constraint=b, importance=criterion)`, nothing else set (128 images scored,
-  `reconstruct="auto"`: the family's first repair, the refit for ConvNeXt and Swin, the BatchNorm means for ResNet).
+  `reconstruct="auto"`: the family's first repair, the refit for ConvNeXt and Swin, the BatchNorm means for ResNet;
+  since `prune_channels=None` became the default, a ResNet scored by optin or random also cuts its residual widths,
+  and "auto" then refits: the RESULTS rows for ResNet "library" were measured before, with the widths kept).
 - none: the same, `reconstruct="none"`.
 - recipe: recipes/digits-resnet.yaml's optin settings (every calibration image scored, channels alone, exact counts,
   `reconstruct="weights"`, `allocation="refit"`).
 - channels (ResNet only, not in the default run): the library setting with `prune_channels=True` (coupled residual
-  channels, the BatchNorm repair).
+  channels; the BatchNorm repair when the RESULTS rows were measured, the refit under "auto" now).
 
 Development folds (`--split dev`): two halves of the 256 calibration images; each setting scores and repairs on
 one half (all 128 of its images: every setting scores the same ones) and is judged on the other; no test image is

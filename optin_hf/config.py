@@ -43,6 +43,8 @@ class OptinConfig:
     `prune_channels=True` (ResNet) also prunes each stage's residual width: a channel tied by the residual adds
     (the block outputs, the shortcut convs, the next stage's input; the stem's with the first stage's) goes in
     every one of them at once, scored by the masked run that zeroes it in them all (`optin_hf.channel_search`).
+    `prune_channels=None` (the default) does so where the family has them and the other settings allow it
+    (`channel_search.channels_by_default`), and `reconstruct="auto"` then runs the refit; False never does.
     `uniform_layers=True` makes every layer keep the same number of heads (KV groups) and FFN neurons,
     the best common counts under the budget: a decoder LLM's slim checkpoint is then its family's
     standard config, which plain transformers (and serving engines with no per-layer sizes) load.
@@ -108,7 +110,7 @@ class OptinConfig:
     mac_constraint: float = 0.6
     prune_heads: bool = True
     prune_neurons: bool = True
-    prune_channels: bool = False
+    prune_channels: bool | None = None
     num_samples: int = 128
     batch_size: int = 32
     max_length: int = 128

@@ -17,6 +17,7 @@ from torch import nn
 
 from .allocate import check_budget, choose_masks
 from .arch import ArchAdapter, check_model, require
+from .channel_search import channels_by_default
 from .checkpoint import MAX_SHARD_SIZE, save_pruned
 from .config import OptinConfig
 from .criteria import AUTO_IMPORTANCE
@@ -29,8 +30,8 @@ from .macs import CostModel
 from .masks import PruningMasks, check_masks
 from .reconstruct import Reconstruction, reconstruct, unslim
 from .recipe_search import (
-    SEARCHED_CRITERIA, HeldOut, RecipeSearch, calibration_examples, candidates, choose, distance, held_out_run,
-    screened, search_base, split_examples,
+    SEARCHED_CRITERIA, HeldOut, RecipeSearch, add_fold, calibration_examples, candidates, choose, contenders, distance,
+    held_out_run, label_aware, search_base, split_examples, within,
 )
 from .result import PruningResult, attach_result, pruning_result, result_of_pruning
 from .search_record import RECORD_KEY, Candidate, SearchRecord
@@ -58,6 +59,8 @@ class OptinPruner:
         # A vision model's MACs are counted at this (height, width): the config's, else the calibration images'.
         self.image_size: tuple[int, int] | None = tuple(self.config.image_size) if self.config.image_size else None
         self.timings: dict[str, float] = {}
+        # the repair asked for where `prune_channels` was left to its default (None where it was named)
+        self.default_channels_repair: str | None = None
 
     def _batches(
         self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer, labels: bool = False
@@ -128,9 +131,14 @@ class OptinPruner:
         """Replace `reconstruct="auto"` in this pruner's config by the repair it runs on `model`'s family, so the
         result and the saved config record the repair used."""
         c = self.config
+        if c.prune_channels is None:  # the default: residual channels cut where the family and settings allow it
+            self.default_channels_repair = c.reconstruct  # the repair asked for, resolved again if no data judges them
+            c = self.config = dataclasses.replace(c, prune_channels=channels_by_default(c, adapter, model.config, _offloaded(model)))
         if c.reconstruct != "auto":
             return
         mode = adapter.capabilities.auto_repair(refit=c.prune_steps > 1 or c.selection == "refit")
+        if c.prune_channels and adapter.supports("weights"):  # the refit repairs the convs reading cut channels best
+            mode = "weights"
         if c.selection == "refit" and mode == "none":
             raise ValueError(
                 f"selection='refit' chooses units by the error left after the refit, and the {model.config.model_type} adapter "
@@ -152,9 +160,9 @@ class OptinPruner:
             require(adapter, "tokens", model_type)
         if c.prune_channels:
             require(adapter, "channels", model_type)
-            if c.reconstruct in ("weights", "scales"):
-                raise ValueError(f"reconstruct={c.reconstruct!r} refits to the dense model's full residual widths, which "
-                                 "prune_channels=True cuts: use reconstruct='batchnorm' (or 'none'), or prune_channels=False.")
+            if c.reconstruct == "scales":  # one factor per kept unit cannot rebuild what a cut channel carried
+                raise ValueError("reconstruct='scales' cannot repair the convs reading residual channels that "
+                                 "prune_channels=True cuts: use reconstruct='weights' (or 'batchnorm'), or prune_channels=False.")
             if not getattr(CRITERIA[c.importance], "scores_channels", False):
                 scoring = [name for name in CRITERIA if getattr(CRITERIA[name], "scores_channels", False)]
                 raise ValueError(f"prune_channels=True needs residual channel scores, and importance={c.importance!r} "
@@ -248,6 +256,10 @@ class OptinPruner:
         """`compute_masks` of a model whose adapter the caller checked; `batches`: the refit's calibration batches
         where the caller read them."""
         data = replayable(data)  # each step reads it again
+        if data is None and batches is None and self.config.prune_channels and self.default_channels_repair is not None:
+            # no calibration data to judge a residual share on: the default keeps the residual widths (and its repair)
+            self.config = dataclasses.replace(self.config, prune_channels=False, reconstruct=self.default_channels_repair)
+            self._resolve_repair(model, adapter)
         if scores is None and self.scores is None and self.config.prune_steps > 1:
             return self._masks_in_steps(model, adapter, data, tokenizer, batches)
         if scores is None and self.scores is None:
@@ -464,38 +476,49 @@ class CandidateRunner:
         work = copy.deepcopy(self.model)
         pruner.prune_model(work, self.fit)
         if self.dense is not None:
-            candidate.kl, candidate.md, candidate.loss = distance(work, self.adapter, self.dense)
+            candidate.kl, candidate.md, losses = distance(work, self.adapter, self.dense)
             candidate.distance = candidate.kl + candidate.md
+            if losses is not None:
+                candidate.loss, candidate.losses = float(losses.mean()), losses.tolist()
         candidate.seconds = time.perf_counter() - began
         return work, pruner
 
 
-def measure(runners: list[CandidateRunner], candidate: Candidate, keep: bool) -> tuple[nn.Module, OptinPruner] | None:
-    """Measure `candidate` on every runner's fold: its kl, md, distance and loss become their means over the folds (each
-    fold's distance in `candidate.folds` where there are several). Returns the first fold's pruned copy and pruner
-    where `keep`, else frees each copy as the next one is made."""
-    began = time.perf_counter()
-    parts, kept = [], None
-    for runner in runners:
-        part = Candidate(candidate.importance, candidate.reconstruct, candidate.selection)
-        trial = runner.run(part)
-        if keep and kept is None:
-            kept = trial
-        del trial
-        parts.append(part)
-    candidate.kl = sum(p.kl for p in parts) / len(parts)
-    candidate.md = sum(p.md for p in parts) / len(parts)
-    candidate.distance = candidate.kl + candidate.md
-    candidate.loss = None if any(p.loss is None for p in parts) else sum(p.loss for p in parts) / len(parts)
-    candidate.folds = [p.distance for p in parts] if len(parts) > 1 else None
-    candidate.seconds = time.perf_counter() - began
-    return kept
+def measure(runner: CandidateRunner, candidate: Candidate, keep: bool) -> tuple[nn.Module, OptinPruner] | None:
+    """Measure `candidate` on `runner`'s fold, one more fold for it (`recipe_search.add_fold`). Returns the pruned copy
+    and its pruner where `keep`, else frees the copy."""
+    part = Candidate(candidate.importance, candidate.reconstruct, candidate.selection)
+    trial = runner.run(part)
+    add_fold(candidate, part)
+    return trial if keep else None
+
+
+class FoldRunners:
+    """The runner of each fold (`search.folds` splits of the calibration examples into fit and held-out ones), each
+    made when first asked for: a later fold may never be run, and making its runner runs the dense model on it."""
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, examples: list[dict[str, torch.Tensor]], base: OptinConfig,
+                 search: RecipeSearch, pruner_class: type[OptinPruner]):
+        self.model, self.adapter, self.examples, self.base, self.search = model, adapter, examples, base, search
+        self.pruner_class = pruner_class
+        self.made: dict[int, CandidateRunner] = {}
+
+    def __len__(self) -> int:
+        return self.search.folds
+
+    def __getitem__(self, fold: int) -> CandidateRunner:
+        if not 0 <= fold < len(self):
+            raise IndexError(fold)
+        if fold not in self.made:
+            fit, held = split_examples(self.examples, self.base, self.search.held_out, fold)
+            self.made[fold] = make_runner(self.model, self.adapter, fit, held, self.base, self.pruner_class)
+        return self.made[fold]
 
 
 def prepare_search(
     model: nn.Module, data: Any, tokenizer, config: OptinConfig, search: RecipeSearch, asked_repair: str,
     pruner_class: type[OptinPruner],
-) -> tuple[list[CandidateRunner], list[Candidate], list[dict[str, torch.Tensor]]]:
+) -> tuple[FoldRunners, list[Candidate], list[dict[str, torch.Tensor]]]:
     """The runners of `model`'s candidates, one per fold of `data` (`search.folds` splits into fit and held-out
     examples), the candidates, and every calibration example read; `pruner_class` prunes each candidate
     (`OptinPruner`, or the subclass that started the search)."""
@@ -506,8 +529,9 @@ def prepare_search(
     examples = calibration_examples(model, replayable(data), tokenizer, base, search.held_out,
                                     max(base.num_samples, base.reconstruct_samples if refits else 0))
     check_inputs(examples, adapter.is_vision, model.config.model_type)  # before the dense model runs on them
-    splits = [split_examples(examples, base, search.held_out, fold) for fold in range(search.folds)]
-    return [make_runner(model, adapter, fit, held, base, pruner_class) for fit, held in splits], tried, examples
+    runners = FoldRunners(model, adapter, examples, base, search, pruner_class)
+    runners[0]  # noqa: B018  (the first fold's split is checked, and its dense outputs taken, before any candidate runs)
+    return runners, tried, examples
 
 
 def make_runner(
@@ -521,10 +545,11 @@ def make_runner(
 
 def search_recipe(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=None) -> nn.Module:
     """Try `importance="auto"`'s candidates on copies of the dense `model` (left as it is) until the time budget has
-    passed; return the best-ranked candidate's pruned copy (`RecipeSearch.rank`: the closest, where labels allow among
-    those near the lowest held-out loss; re-pruned on every calibration example under `reprune`), carrying its
-    result. `pruner` then holds that run's config (the criterion and repair chosen, the record in `extra`), scores,
-    masks and refit, as if that recipe had been named."""
+    passed; return the best-ranked candidate's pruned copy (`RecipeSearch.rank`), carrying its result. Every candidate
+    is measured on the first fold; each later fold measures the candidates still in contention (`contenders`: all of
+    them under the distance), and stops once one is left. The kept copy is the chosen candidate's first-fold copy
+    (re-pruned on every calibration example under `reprune`). `pruner` then holds that run's config (the criterion and
+    repair chosen, the record in `extra`), scores, masks and refit, as if that recipe had been named."""
     start = time.perf_counter()
     search = RecipeSearch.from_config(pruner.config)
     was_training = model.training
@@ -533,17 +558,35 @@ def search_recipe(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=No
         runners, tried, examples = prepare_search(model, data, tokenizer, pruner.config, search, pruner.config.reconstruct, type(pruner))
         # a label-aware rank needs the held-out labels; without them the distance ranks, as the record says
         rank = search.rank if runners[0].dense.labels is not None else "distance"
-        record = SearchRecord(runners[0].dense.examples, len(runners[0].fit), search.max_search_time, folds=len(runners),
-                              rank=rank, tolerance=search.loss_tolerance if rank == "screened" else None)
-        copies: dict[int, tuple[nn.Module, OptinPruner]] = {}  # the measured candidates' copies that may still be kept
+        screen = rank == "screened"
+        record = SearchRecord(runners[0].dense.examples, len(runners[0].fit), search.max_search_time, folds=1, rank=rank,
+                              tolerance=search.loss_tolerance if screen else None,
+                              standard_errors=search.standard_errors if screen else None)
+        copies: dict[int, tuple[nn.Module, OptinPruner]] = {}  # first-fold copies of the candidates that may be kept
+        out_of_time = lambda: (search.max_search_time is not None  # noqa: E731
+                               and time.perf_counter() - start >= search.max_search_time)
+
+        def settle() -> None:
+            """Choose, then free each copy no later measurement can make the choice (memory: the dense model, the copies
+            kept, and the one being measured); a freed copy that is chosen after all is pruned again."""
+            record.chosen = choose(record.candidates, rank, search.loss_tolerance, search.standard_errors)
+            if not label_aware(record.candidates, rank) or rank == "loss":
+                live = {record.chosen}
+            elif len(runners) > 1:  # a later fold may yet decide between the contenders
+                live = set(contenders(record.candidates, search))
+            else:
+                live = set(within(record.candidates, search.loss_tolerance, search.standard_errors))
+            for index in [i for i in copies if i not in live | {record.chosen}]:
+                del copies[index]
+
         first_error: ValueError | None = None
         for candidate in tried:
             record.candidates.append(candidate)
-            if record.chosen is not None and search.max_search_time is not None and time.perf_counter() - start >= search.max_search_time:
+            if record.chosen is not None and out_of_time():
                 candidate.skipped = f"not tried: max_search_time={search.max_search_time:g} s had passed"
                 continue
             try:
-                trial = measure(runners, candidate, keep=not search.reprune)
+                trial = measure(runners[0], candidate, keep=not search.reprune)
             except ValueError as err:  # a criterion this model or data cannot take
                 candidate.skipped = f"failed: {err}"
                 first_error = first_error or err
@@ -551,19 +594,22 @@ def search_recipe(pruner: OptinPruner, model: nn.Module, data: Any, tokenizer=No
             if trial is not None:
                 copies[len(record.candidates) - 1] = trial
             del trial
-            record.chosen = choose(record.candidates, rank, search.loss_tolerance)
-            # Free each copy no later candidate can make the choice: all but the chosen one, or, screened by the loss,
-            # those above the lowest loss plus the tolerance (the lowest only falls). Memory: the dense model, the
-            # copies kept, and the one being measured.
-            live = set(screened(record.candidates, search.loss_tolerance)) if rank == "screened" else {record.chosen}
-            for index in [i for i in copies if i not in live]:
-                del copies[index]
+            settle()
         if record.chosen is None:
             raise first_error
-        if search.reprune:  # the chosen recipe on every calibration example, as if it had been named
-            picked = record.candidates[record.chosen]
-            final = CandidateRunner(model, runners[0].adapter, examples, None, runners[0].base, type(pruner))
-            copies = {record.chosen: final.run(Candidate(picked.importance, picked.reconstruct, picked.selection))}
+        for fold in range(1, len(runners)):
+            rivals = contenders(record.candidates, search)
+            if len(rivals) < 2 or out_of_time():
+                break
+            for index in rivals:
+                measure(runners[fold], record.candidates[index], keep=False)
+            record.folds = fold + 1
+            settle()
+        picked = record.candidates[record.chosen]
+        if search.reprune or record.chosen not in copies:  # the chosen recipe on every example, or its first fold again
+            runner = (CandidateRunner(model, runners[0].adapter, examples, None, runners[0].base, type(pruner))
+                      if search.reprune else runners[0])
+            copies = {record.chosen: runner.run(Candidate(picked.importance, picked.reconstruct, picked.selection))}
         record.kept_examples = len(examples) if search.reprune else len(runners[0].fit)
     finally:
         model.train(was_training)

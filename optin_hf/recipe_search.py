@@ -10,9 +10,10 @@ the refit's own error, `selection`; and none), and measures how far each copy's 
 dense model's on the held-out examples: the KL of the task's logits plus OPTIN's manifold distance (MD) of every
 layer's features. Neither needs a label; where the held-out examples have labels (the CLI passes them), each
 copy's task loss on them is measured too, and the closest of the candidates within a tolerance of the lowest loss
-is kept (`rank`). With `folds` the examples are split several times (disjoint held-out shares) and the mean distance
-(and loss) ranks the candidates; with `reprune` the chosen recipe then prunes the model on every calibration
-example, as naming it would. The best-ranked candidate's recipe is kept, the model pruned with it, and
+is kept (`rank`; the tolerance may add standard errors of the paired per-example loss differences). With `folds`
+the examples are split several times (disjoint held-out shares), a later fold measuring only the candidates still in
+contention, and the means over the folds rank them; with `reprune` the chosen recipe then prunes the model on every
+calibration example, as naming it would. The best-ranked candidate's recipe is kept, the model pruned with it, and
 what was tried is recorded in the config (`extra["recipe_search"]`), and so in `optin_config.json`, the report
 and the model card.
 
@@ -43,6 +44,9 @@ from .search_record import RANKS, Candidate
 
 SEARCHED_CRITERIA = ("optin", "magnitude", "fisher")  # in the order tried: the first is the one a budget of 0 keeps
 MIN_HELD_OUT = 4  # fewer held-out examples than this would rank candidates by noise
+# A later fold measures only the candidates whose held-out loss is within this many paired standard errors (or the
+# rank's own screen, if wider) of the lowest: one further behind is not expected to catch up on 64 more examples.
+CONTENTION = 2.0
 
 
 @dataclass
@@ -54,11 +58,15 @@ class RecipeSearch:
     started once this much time has passed since the search began (the first always runs, so 0 keeps
     OPTIN with the family's repair, validated); None tries every candidate. refit_selection: also try each criterion
     with the refit choosing the units (`selection="refit"`): its greedy choice costs minutes per layer on a CPU where
-    the FFN is wide (MiniLM's 1,536 neurons), so it is asked for, not tried by default. folds: how many disjoint
-    held-out shares each candidate is measured on (fold k holds out the k-th share of one seeded permutation; the mean
-    distance ranks the candidates): one share of 64 examples ranks near-equal candidates by noise, and each fold
-    re-scores and re-prunes, so k folds cost about k searches; on the text defaults' development splits a second
-    fold changed no choice, so one is the default. reprune: prune the kept model with the chosen recipe on every
+    the FFN is wide (MiniLM's 1,536 neurons), so it is asked for, not tried by default. folds: the most
+    disjoint held-out shares a candidate is measured on (fold k holds out the k-th share of one seeded permutation; each
+    fold re-scores and re-prunes, so a fold costs about one search of the candidates it measures). Every candidate is
+    measured on the first; a later fold measures only the candidates still in contention (`contenders`: under a
+    label-aware rank those within `CONTENTION` paired standard errors of the lowest held-out loss, or the rank's screen
+    if wider; under the distance, all), and none once one is left; the candidates measured on the most folds are ranked
+    by their means over them. One fold is the default: on the text defaults' development splits four folds (every
+    calibration example held out once) changed no choice of the default rank at six budgets, for about 2.7 times the
+    candidate runs (benchmarks/RESULTS.md). reprune: prune the kept model with the chosen recipe on every
     calibration example (those held out too), as naming that recipe would, rather than keep the copy pruned on the
     first fold's fit examples: one more scoring and prune, the refit sees a third more examples, and the kept model is
     exactly what naming the chosen recipe gives. Off by default: on the text defaults' development splits the chosen
@@ -66,12 +74,17 @@ class RecipeSearch:
     rank: what orders the candidates (`search_record.RANKS`) where every held-out example has a label: "screened" (the
     default): the smallest distance among the candidates whose task loss on the held-out labels (the loss Fisher
     scores with: cross-entropy for a classifier, per pixel for a segmenter) is within `loss_tolerance` (nats) of the
-    lowest; "loss": the lowest such loss; "distance": KL + MD alone. Without labels, or for a regressor (its squared
-    error has the labels' scale, which no tolerance fits), the distance ranks. The distance asks only how close a copy
-    stays to the dense model, so it cannot find a copy that is farther but better on the task; the loss of 64
-    examples alone is too noisy to rank by. Chosen on the text defaults' development splits (two seeded draws of the
-    calibration examples, 14 budgets): "screened" with 0.02 lost 1.79 points against the best candidate in all,
-    "distance" 3.51, "loss" 3.86 (worst budget: -0.47, -1.10, -1.20); it changed two of the distance's 14 choices.
+    lowest plus `standard_errors` paired standard errors of its difference from the lowest (the spread of the per-example
+    differences over the examples both were measured on, over the square root of their number); "loss": the lowest such
+    loss; "distance": KL + MD alone. Without labels, or for a regressor (its squared error has the labels' scale, which
+    no tolerance fits), the distance ranks. The distance asks only how close a copy stays to the dense model, so it
+    cannot find a copy that is farther but better on the task; the loss of 64 examples alone is too noisy to rank by.
+    Chosen on the text defaults' development splits (two seeded draws of the calibration examples, 14 budgets):
+    "screened" with 0.02 lost 1.79 points against the best candidate in all, "distance" 3.51, "loss" 3.86 (worst
+    budget: -0.47, -1.10, -1.20); it changed two of the distance's 14 choices. `standard_errors` is 0 by default: a
+    screen of one standard error alone, on four folds, lost more on the development splits than the fixed 0.02 (RESULTS):
+    between refit candidates the per-example differences agree so closely (a standard error of 0.002 nats on bbc-news
+    at 0.8) that a loss difference too small to move accuracy passes for a real one.
     """
 
     held_out: float = 0.25
@@ -81,6 +94,7 @@ class RecipeSearch:
     reprune: bool = False
     rank: str = "screened"
     loss_tolerance: float = 0.02
+    standard_errors: float = 0.0
     # Fisher (a candidate) and the held-out loss (`rank`) read labels where the data has them: the CLI then passes them.
     needs_labels = True
 
@@ -93,6 +107,8 @@ class RecipeSearch:
             raise ValueError(f"importance_options rank={self.rank!r}: give one of {', '.join(map(repr, RANKS))}.")
         if self.loss_tolerance < 0:
             raise ValueError(f"importance_options loss_tolerance={self.loss_tolerance}: give a loss difference >= 0.")
+        if self.standard_errors < 0:
+            raise ValueError(f"importance_options standard_errors={self.standard_errors}: give a number of standard errors >= 0.")
         if self.folds < 1 or self.folds * self.held_out > 1.0 + 1e-9:
             raise ValueError(f"importance_options folds={self.folds}: give 1 to {int(1 / self.held_out + 1e-9)} folds "
                              f"(disjoint held-out shares of {self.held_out:g} of the calibration examples).")
@@ -122,23 +138,23 @@ class HeldOut:
         return sum(len(next(iter(batch.values()))) for batch in self.batches)
 
 
-def _task_loss(model: nn.Module, logits: torch.Tensor | None, labels: torch.Tensor) -> float | None:
-    """The summed per-example task loss of `logits` against `labels`, as Fisher scores with it
+def _task_losses(model: nn.Module, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor | None:
+    """Each example's task loss ([batch], float64) of `logits` against `labels`, as Fisher scores with it
     (`importance.fisher.example_losses`: cross-entropy for a classifier, the mean binary cross-entropy for
     multi-label, the per-pixel cross-entropy of a segmenter); None for a regressor (a squared error in the labels'
     units, which no tolerance fits) and where the outputs are no such head's (a bare encoder, a language model's
     per-token logits)."""
     if logits is None or not ((logits.dim() == 2 and logits.shape[-1] > 1) or (logits.dim() == 4 and labels.dim() == 3)):
         return None
-    return float(example_losses(logits, labels, model.config).double().sum())
+    return example_losses(logits, labels, model.config).double().cpu()
 
 
 @torch.no_grad()
 def _run(
     model: nn.Module, adapter: ArchAdapter, batches, rows, tokens, labels: list[torch.Tensor] | None = None,
-) -> tuple[list, list[torch.Tensor], list[int], float | None]:
-    """(outputs the KL compares, each layer's normalised MD rows, each layer's tokens per example, the mean task loss
-    on `labels`, or None without them or where the head has no such loss) of `model`."""
+) -> tuple[list, list[torch.Tensor], list[int], torch.Tensor | None]:
+    """(outputs the KL compares, each layer's normalised MD rows, each layer's tokens per example, each example's task
+    loss on `labels`, or None without them or where the head has no such loss) of `model`."""
     device = next(model.parameters()).device
     per_layer: list[list[torch.Tensor]] = [[] for _ in adapter.layers_of(model)]
     layer_tokens = [0] * len(per_layer)
@@ -148,12 +164,11 @@ def _run(
             output = scoring_forward(model, batch)
             outputs.append(adapter.kl_outputs(output, batch))
             if labels is not None:
-                losses.append(_task_loss(model, adapter.logits_of(output), labels[b]))
+                losses.append(_task_losses(model, adapter.logits_of(output), labels[b]))
             for z, feature in enumerate(features):
                 per_layer[z].append(select_rows(feature, batch_rows.to(device), tokens))
                 layer_tokens[z] = feature.shape[1]
-    examples = sum(len(batch_labels) for batch_labels in labels) if labels is not None else 0
-    loss = sum(losses) / examples if losses and None not in losses else None
+    loss = torch.cat(losses) if losses and all(part is not None for part in losses) else None
     return outputs, [torch.cat(parts) for parts in per_layer], layer_tokens, loss
 
 
@@ -165,16 +180,16 @@ def held_out_run(model: nn.Module, adapter: ArchAdapter, batches: list[dict[str,
     inputs = [{k: v for k, v in batch.items() if k != "labels"} for batch in batches]
     tokens = adapter.default_seq_len(model.config, image_size_of(inputs))
     rows = md_token_rows(inputs, config.md_tokens, config.seed, tokens)
-    outputs, features, layer_tokens, loss = _run(model, adapter, inputs, rows, tokens, labels)
+    outputs, features, layer_tokens, losses = _run(model, adapter, inputs, rows, tokens, labels)
     return HeldOut(inputs, rows, tokens, [bounded(o) for o in outputs], [f @ f.T for f in features], layer_tokens,
-                   labels if loss is not None else None, loss)
+                   labels if losses is not None else None, None if losses is None else float(losses.mean()))
 
 
-def distance(pruned: nn.Module, adapter: ArchAdapter, dense: HeldOut) -> tuple[float, float, float | None]:
-    """(kl, md, loss) of the `pruned` model on the held-out examples: the mean over examples of KL(dense || pruned)
+def distance(pruned: nn.Module, adapter: ArchAdapter, dense: HeldOut) -> tuple[float, float, torch.Tensor | None]:
+    """(kl, md, losses) of the `pruned` model on the held-out examples: the mean over examples of KL(dense || pruned)
     of the task's logits (0 for a bare encoder), the mean over layers of the mean squared difference of the cosine
     Grams of their MD token rows (a layer whose tokens the pruned model dropped, vision token mode, has other rows:
-    it is compared by the KL alone), and the mean task loss on the held-out labels (None without them)."""
+    it is compared by the KL alone), and each example's task loss on the held-out labels (None without them)."""
     outputs, features, layer_tokens, loss = _run(pruned, adapter, dense.batches, dense.rows, dense.tokens, dense.labels)
     kl = float(kl_loss(dense.outputs, outputs, 1.0)) / dense.examples
     same = [z for z, n in enumerate(layer_tokens) if n == dense.layer_tokens[z]]
@@ -226,25 +241,86 @@ def candidates(config: OptinConfig, adapter: ArchAdapter, asked_repair: str, ref
     return [Candidate(name, mode, selection) for mode, selection in recipes for name in criteria]
 
 
-def choose(tried: list[Candidate], rank: str, tolerance: float) -> int | None:
-    """The index of the candidate `rank` keeps among the measured ones of `tried` (None if none was measured; the first
-    of equals). A label-aware rank falls back to the distance where a candidate has no held-out loss."""
+def add_fold(candidate: Candidate, part: Candidate) -> None:
+    """Fold `part`, `candidate`'s recipe measured on one more fold, into `candidate`: its kl, md, distance and loss
+    become their means over the folds measured (each fold's distance in `candidate.folds` from the second on), its
+    `losses` run on with the fold's, its seconds add up."""
+    n = _folds_of(candidate) if candidate.distance is not None else 0
+    mean = lambda old, new: new if n == 0 else (old * n + new) / (n + 1)  # noqa: E731
+    candidate.kl, candidate.md = mean(candidate.kl, part.kl), mean(candidate.md, part.md)
+    candidate.folds = None if n == 0 else [*(candidate.folds or [candidate.distance]), part.distance]
+    candidate.distance = candidate.kl + candidate.md
+    if part.loss is None or (n and candidate.loss is None):
+        candidate.loss = candidate.losses = None
+    else:
+        candidate.loss, candidate.losses = mean(candidate.loss, part.loss), [*(candidate.losses or []), *part.losses]
+    candidate.seconds += part.seconds
+
+
+def paired_se(a: list[float], b: list[float]) -> float:
+    """The standard error of the mean of the per-example differences a - b, over the examples both were measured on
+    (the first of each: every candidate's losses run fold by fold in the same order). 0 where fewer than two."""
+    n = min(len(a), len(b))
+    if n < 2:
+        return 0.0
+    diff = torch.tensor(a[:n], dtype=torch.float64) - torch.tensor(b[:n], dtype=torch.float64)
+    return float(diff.std() / math.sqrt(n))
+
+
+def _folds_of(candidate: Candidate) -> int:
+    return len(candidate.folds) if candidate.folds else 1
+
+
+def rivals(tried: list[Candidate]) -> list[int]:
+    """The measured candidates measured on the most folds: the ones still compared (later folds measure only the
+    candidates in contention, so one measured on fewer folds was out of it)."""
     measured = [i for i, c in enumerate(tried) if c.distance is not None]
-    if not measured:
+    most = max((_folds_of(tried[i]) for i in measured), default=0)
+    return [i for i in measured if _folds_of(tried[i]) == most]
+
+
+def within(tried: list[Candidate], tolerance: float, standard_errors: float) -> list[int]:
+    """The indices of the rival candidates (`rivals`) whose held-out loss is within `tolerance` plus `standard_errors`
+    paired standard errors (`paired_se`, against the lowest's losses) of the lowest loss; each candidate's
+    `loss_se` becomes that standard error. A difference smaller than its standard error is what another draw of the
+    held-out examples could reverse."""
+    pool = rivals(tried)
+    best = min(pool, key=lambda i: tried[i].loss)
+    kept = []
+    for i in pool:
+        tried[i].loss_se = paired_se(tried[i].losses, tried[best].losses)
+        if tried[i].loss <= tried[best].loss + tolerance + standard_errors * tried[i].loss_se:
+            kept.append(i)
+    return kept
+
+
+def label_aware(tried: list[Candidate], rank: str) -> bool:
+    """Whether `rank` reads the held-out loss: it asks for it and every measured candidate has one."""
+    return rank != "distance" and all(c.loss is not None for c in tried if c.distance is not None)
+
+
+def choose(tried: list[Candidate], rank: str, tolerance: float, standard_errors: float = 0.0) -> int | None:
+    """The index of the candidate `rank` keeps among the rival ones of `tried` (`rivals`; None if none was measured;
+    the first of equals): "screened": the smallest mean distance among those `within` the tolerance of the lowest
+    loss; "loss": the lowest loss; "distance" (and any rank where a candidate has no held-out loss): the smallest
+    distance."""
+    pool = rivals(tried)
+    if not pool:
         return None
-    if rank == "distance" or any(tried[i].loss is None for i in measured):
-        return min(measured, key=lambda i: tried[i].distance)
+    if not label_aware(tried, rank):
+        return min(pool, key=lambda i: tried[i].distance)
     if rank == "loss":
-        return min(measured, key=lambda i: tried[i].loss)
-    return min(screened(tried, tolerance), key=lambda i: tried[i].distance)
+        return min(pool, key=lambda i: tried[i].loss)
+    return min(within(tried, tolerance, standard_errors), key=lambda i: tried[i].distance)
 
 
-def screened(tried: list[Candidate], tolerance: float) -> list[int]:
-    """The indices of the measured candidates whose held-out loss is within `tolerance` of the lowest. As more are
-    measured the lowest only falls, so a candidate once outside never comes back: the search frees its copy."""
-    measured = [i for i, c in enumerate(tried) if c.distance is not None]
-    lowest = min(tried[i].loss for i in measured)
-    return [i for i in measured if tried[i].loss <= lowest + tolerance]
+def contenders(tried: list[Candidate], search: RecipeSearch) -> list[int]:
+    """The rival candidates a further fold can still decide between: under a label-aware rank those `within`
+    `CONTENTION` standard errors (or the rank's screen, if wider) of the lowest held-out loss; under the distance every
+    rival (the distance has no per-example spread to judge by)."""
+    if not label_aware(tried, search.rank):
+        return rivals(tried)
+    return within(tried, search.loss_tolerance, max(search.standard_errors, CONTENTION))
 
 
 def search_base(config: OptinConfig) -> OptinConfig:

@@ -38,6 +38,21 @@ conv's output at the channels it keeps, the same ridge toward its weights; its b
 BatchNorm's running mean (BN(Wx + b) with mean μ is BN(Wx) with mean μ - b). The artifact holds the conv's
 weight and that running mean.
 
+Cut residual channels (`OptinConfig.prune_channels`, ResNet): every conv that reads a cut residual stream (each
+block's reduce conv and projection shortcut, `ArchAdapter.channel_readers`, the first block's reading the stem's
+output) is refit first in its block, in `mode="weights"`, as the refit conv is: from the patches of the slim block's
+own input (its kept channels) to the dense conv's pre-BatchNorm output at the channels it keeps, its bias folded into
+its BatchNorm's running mean. The block's last conv is then fit to the dense pre-activation sum at the residual
+channels the block keeps (`kept_block_outputs`), and the classifier after the average pooling (`channel_classifier`)
+to the dense logits, position by position on the last map (the average of those fits is the pooled one, with many
+more rows than images). The slim stream starts from the slim model's own stem. The artifact holds those convs'
+weights and means and the classifier's `classifier.weight` / `.bias`.
+
+`mode="batchnorm"` on a model with cut residual channels runs that consumer refit first (the readers and the
+classifier only), then re-estimates the means: the means alone left the wide-stem ResNet 27.3 points down at 0.6 of
+the MACs on its development folds, the consumer refit and the means lost 0.8 there, the full refit ("weights")
+gained 0.8 (benchmarks/RESULTS.md).
+
 CNNs with BatchNorm (ResNet) can also take `mode="batchnorm"`, which refits no weight. A removed
 channel is a post-ReLU output with a positive mean, so removing it shifts the next conv's output by
 its mean times the conv's weights, and an eval-mode BatchNorm, whose running statistics are fixed,
@@ -68,6 +83,8 @@ from .arch.projection import feature_dim
 from .capture import scoring_forward
 from .engine.prefix import LayerCall, record_layer_calls
 from .engine.replay import layer_output, replay_layers
+from .least_squares import NormalEquations, map_rows, patches, solve_scales, solve_weights, theta
+from .link_refit import LINKS, copy_links, link_destination, with_links
 from .masks import PruningMasks, load_safetensors
 from .tokens import TokenMerging, merge_matched
 
@@ -184,59 +201,6 @@ class _Stream:
     call: tuple[tuple, dict] | None = None
 
 
-class _NormalEquations:
-    """AᵀA and AᵀY (A = [x, 1], or A = x for a projection without a bias) and Σ|Y|², in float64,
-    over real token rows."""
-
-    def __init__(self, width: int, hidden: int, device: torch.device, bias: bool = True):
-        self.bias = bias
-        width += int(bias)
-        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(width, hidden, dtype=torch.float64, device=device)
-        self.target_sq = torch.zeros((), dtype=torch.float64, device=device)
-
-    def add(self, x: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None) -> None:
-        """x [rows, width] and target [rows, hidden], rows in the same order; real: bool [rows] or None."""
-        x, target = x.double(), target.double()
-        if real is not None:
-            x, target = x[real], target[real]
-        a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if self.bias else x
-        self.gram += a.T @ a
-        self.cross += a.T @ target
-        self.target_sq += target.pow(2).sum()
-
-    def error(self, theta: torch.Tensor) -> float:
-        """Σ|Aθ - Y|² from the accumulated sums; θ: [width (+ 1 with a bias), hidden]."""
-        return float((theta * (self.gram @ theta)).sum() - 2 * (theta * self.cross).sum() + self.target_sq)
-
-
-def _solve_weights(eq: _NormalEquations, theta0: torch.Tensor, ridge: float) -> torch.Tensor:
-    lam = ridge * eq.gram.diagonal().mean()
-    eye = torch.eye(eq.gram.shape[0], dtype=eq.gram.dtype, device=eq.gram.device)
-    return torch.linalg.solve(eq.gram + lam * eye, eq.cross + lam * theta0)
-
-
-def _solve_scales(eq: _NormalEquations, weight: torch.Tensor, bias: torch.Tensor | None, unit: int, ridge: float) -> torch.Tensor:
-    """One factor per unit of `unit` input columns, the bias (if any) fixed: [units].
-
-    Unit u contributes z_u = W[:, u] x_u, so Σ<z_u, z_v> is the block sum of (WᵀW) ⊙ (xᵀx) and
-    Σ<z_u, Y - b> that of Σ_o W[o, j] (xᵀY - (Σx) bᵀ)[j, o]; the ridge pulls toward 1.
-    """
-    width = weight.shape[1]
-    w = weight.double()
-    xx = eq.gram[:width, :width]
-    residual = eq.cross[:width]
-    if bias is not None:
-        residual = residual - eq.gram[:width, width][:, None] * bias.double()[None, :]
-    units = torch.arange(width, device=w.device) // unit
-    pick = nn.functional.one_hot(units).to(w.dtype)  # [width, units]
-    gram = pick.T @ ((w.T @ w) * xx) @ pick
-    rhs = pick.T @ (w * residual.T).sum(0)
-    lam = ridge * gram.diagonal().mean()
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + lam * eye, rhs + lam)
-
-
 @dataclass
 class Reconstruction:
     """What a reconstruction changed. tensors: the artifact (`layers.{i}.{sublayer}.weight/bias`
@@ -250,14 +214,8 @@ class Reconstruction:
     errors: list[tuple[int, str, float, float]]
 
 
-def _theta(weight: torch.Tensor, bias: torch.Tensor | None, branch: torch.Tensor | None) -> torch.Tensor:
-    """θ [in (+ 1), out] of A θ for a weight [out, in] and its bias, times the branch factor where there is one."""
-    theta = weight.T.double() if bias is None else torch.cat([weight.T, bias[None]]).double()
-    return theta if branch is None else theta * branch.double()[None, :]
-
-
 def _refit(
-    proj: Projection, eq: _NormalEquations, mode: str, ridge: float, unit: int, key: str, tensors: dict,
+    proj: Projection, eq: NormalEquations, mode: str, ridge: float, unit: int, key: str, tensors: dict,
     branch: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Refit `proj` (in place) from its normal equations; record the artifact under `key`; the
@@ -267,9 +225,9 @@ def _refit(
     stream's units and the refit solves for the scaled projection, then divides the factor out.
     Weights are recorded as [out, in] matrices, whatever the module's own layout."""
     weight, bias = proj.weight(), proj.bias()
-    before = eq.error(_theta(weight, bias, branch))
+    before = eq.error(theta(weight, bias, branch))
     if mode == "weights":
-        solved = _solve_weights(eq, _theta(weight, bias, branch), ridge)
+        solved = solve_weights(eq, theta(weight, bias, branch), ridge)
         if branch is not None:
             solved = solved / branch.double()[None, :]
         weight = solved[: proj.in_features].T.to(weight.dtype).contiguous()
@@ -278,50 +236,109 @@ def _refit(
             bias = solved[-1].to(bias.dtype)
             tensors[f"{key}.bias"] = bias.cpu()
     elif proj.in_features:
-        scaled = _theta(weight, bias, branch)
+        scaled = theta(weight, bias, branch)
         scaled_bias = scaled[-1] if bias is not None else None
-        scale = _solve_scales(eq, scaled[: proj.in_features].T, scaled_bias, unit, ridge).to(weight.dtype)
+        scale = solve_scales(eq, scaled[: proj.in_features].T, scaled_bias, unit, ridge).to(weight.dtype)
         tensors[f"{key}.scale"] = scale.cpu()
         weight = scale_columns(weight, scale)
     else:  # scales of no column: nothing to refit (and a projection that re-parameterizes on `set` stays as it is)
         return before, before
     proj.set(weight, bias)
-    return before, eq.error(_theta(weight, bias, branch))
-
-
-def _patches(conv: nn.Conv2d, x: torch.Tensor, positions: int) -> torch.Tensor:
-    """The rows [batch * positions, in * kernel area] of `conv`'s input patches, one per output position, in the
-    order of its output map's rows (`_map_rows`); a conv with no input channel has rows of no column."""
-    if not conv.in_channels:
-        return x.new_zeros(x.shape[0] * positions, 0)
-    cols = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [B, in * k, L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-def _map_rows(y: torch.Tensor) -> torch.Tensor:
-    """A map [batch, channels, height, width] as rows [batch * positions, channels]."""
-    return y.permute(0, 2, 3, 1).reshape(y.shape[0] * y.shape[2] * y.shape[3], y.shape[1])
+    return before, eq.error(theta(weight, bias, branch))
 
 
 def refit_conv_tensors(layer: nn.Module, index: int, adapter: ArchAdapter) -> dict[str, torch.Tensor]:
     """The artifact of `layer`'s refit conv (`ArchAdapter.refit_conv`; none if the family has none): its weight and
     its BatchNorm's running mean, keyed `layers.{index}.{path}.convolution.weight` / `.normalization.running_mean`."""
-    if adapter.refit_conv is None:
-        return {}
-    conv_layer = get_submodule(layer, adapter.refit_conv)
-    key = f"layers.{index}.{adapter.refit_conv}"
+    return {} if adapter.refit_conv is None else _conv_tensors(layer, index, adapter.refit_conv)
+
+
+def _conv_tensors(layer: nn.Module, index: int, path: str) -> dict[str, torch.Tensor]:
+    """The artifact of the conv layer at `path` of `layer` (a `convolution` and its `normalization`): its weight and
+    its BatchNorm's running mean, keyed `layers.{index}.{path}.convolution.weight` / `.normalization.running_mean`."""
+    conv_layer = get_submodule(layer, path)
+    key = f"layers.{index}.{path}"
     return {f"{key}.{CONV_WEIGHT}": conv_layer.convolution.weight.detach().cpu().clone(),
             f"{key}.normalization.{RUNNING_MEAN}": conv_layer.normalization.running_mean.detach().cpu().clone()}
 
 
-def _refit_conv(conv_layer: nn.Module, eq: _NormalEquations, ridge: float) -> tuple[float, float]:
+def _cut_readers(adapter: ArchAdapter, student: nn.Module, teacher: nn.Module) -> list[str]:
+    """The paths of `student`'s conv layers that read its input with fewer channels than `teacher`'s (a cut residual
+    stream, `ArchAdapter.channel_readers`) and keep an output channel."""
+    def conv(layer: nn.Module, path: str) -> nn.Conv2d | None:
+        return getattr(get_submodule(layer, path), "convolution", None)  # an identity shortcut has none
+
+    return [path for path in adapter.channel_readers if conv(student, path) is not None
+            and conv(student, path).in_channels < conv(teacher, path).in_channels and conv(student, path).out_channels]
+
+
+def _refit_readers(
+    adapter: ArchAdapter, student: nn.Module, teacher: nn.Module, paths: list[str], streams: list[_Stream], index: int,
+    ridge: float, tensors: dict[str, torch.Tensor],
+) -> list[tuple[int, str, float, float]]:
+    """Refit the conv layers at `paths` of `student` (in place), which read a cut residual stream, from the patches of
+    the slim layer's own input to the dense conv's output at the channels each keeps (module docstring); record their
+    artifact; the calibration errors (layer, path, before, after)."""
+    layers = {path: get_submodule(student, path) for path in paths}
+    eqs = {path: NormalEquations(c.convolution.in_channels * math.prod(c.convolution.kernel_size), c.convolution.out_channels,
+                                  c.convolution.weight.device) for path, c in layers.items()}
+    kept = {path: adapter.kept_reader_outputs(student, path) for path in paths}
+    taps = {path: (get_submodule(teacher, path).convolution, "out") for path in paths}
+    for s in streams:
+        call = s.calls[index]
+        seen = _watch(taps, lambda s=s, call=call: teacher(s.teacher, *call.args, **call.kwargs))
+        for path, conv_layer in layers.items():
+            y = map_rows(seen[path][:, kept[path].to(seen[path].device)])
+            eqs[path].add(patches(conv_layer.convolution, s.student, y.shape[0] // s.student.shape[0]), y, None)
+    errors = []
+    for path, conv_layer in layers.items():
+        errors.append((index, path, *_refit_conv(conv_layer, eqs[path], ridge)))
+        tensors.update(_conv_tensors(student, index, path))
+    return errors
+
+
+def _refit_classifier(
+    model: nn.Module, dense: nn.Module, adapter: ArchAdapter, streams: list[_Stream], ridge: float, tensors: dict
+) -> list[tuple[int, str, float, float]]:
+    """Refit the classifier that reads a cut last residual group (in place), position by position on the last map
+    (module docstring); its calibration error (before, after), or nothing where it reads the whole width."""
+    linear, dense_linear = adapter.channel_classifier(model), adapter.channel_classifier(dense)
+    if linear is None or linear.in_features == dense_linear.in_features:
+        return []
+    eq = NormalEquations(linear.in_features, linear.out_features, linear.weight.device, linear.bias is not None)
+    for s in streams:
+        eq.add(map_rows(s.student), dense_linear(map_rows(s.teacher)), None)
+    last = len(adapter.layers_of(model)) - 1
+    return [(last, "classifier", *_refit(Projection(linear), eq, "weights", ridge, 1, "classifier", tensors))]
+
+
+def _refit_consumers(
+    model: nn.Module, dense: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], ridge: float
+) -> Reconstruction:
+    """The consumer refit alone (the convs reading cut residual channels, then the classifier), layer by layer on the
+    slim model's own stream: what `mode="batchnorm"` runs before it re-estimates the means (module docstring)."""
+    tensors: dict[str, torch.Tensor] = {}
+    errors: list[tuple[int, str, float, float]] = []
+    streams = _streams(dense, adapter, batches)
+    pairs = list(zip(adapter.layers_of(model), adapter.layers_of(dense)))
+    for s in streams:
+        s.student = _input_of(pairs[0][0], lambda s=s: scoring_forward(model, s.batch))
+    for i, (student, teacher) in enumerate(pairs):
+        errors += _refit_readers(adapter, student, teacher, _cut_readers(adapter, student, teacher), streams, i, ridge, tensors)
+        for s in streams:  # a ResNet's blocks chain and take no arguments beyond the map
+            s.student, s.teacher = _first(student(s.student)), _first(teacher(s.teacher))
+    errors += _refit_classifier(model, dense, adapter, streams, ridge, tensors)
+    return Reconstruction("batchnorm", tensors, errors)
+
+
+def _refit_conv(conv_layer: nn.Module, eq: NormalEquations, ridge: float) -> tuple[float, float]:
     """Refit a conv (no bias) and its BatchNorm's running mean (in place) from its normal equations over its
     input's patches; the calibration error (before, after)."""
     conv, norm = conv_layer.convolution, conv_layer.normalization
     weight = conv.weight.detach()
     theta0 = torch.cat([weight.double().flatten(1).T, weight.new_zeros(1, conv.out_channels, dtype=torch.float64)])
     before = eq.error(theta0)
-    solved = _solve_weights(eq, theta0, ridge)
+    solved = solve_weights(eq, theta0, ridge)
     conv.weight.copy_(solved[:-1].T.reshape(weight.shape).to(weight.dtype))
     norm.running_mean.sub_(solved[-1].to(norm.running_mean.dtype))
     return before, eq.error(torch.cat([conv.weight.detach().double().flatten(1).T, solved[-1:]]))
@@ -439,7 +456,9 @@ def reconstruct(
     calibration batches (see `data.prepare_calibration`). `mode="batchnorm"` re-estimates the
     BatchNorm running means instead (CNNs). `adapter` is the model's adapter where the caller has it.
     `progress=False` hides the per-layer bar (a caller that refits many trial models shows its own).
-    `refit_convs=False` leaves a family's refit conv (`ArchAdapter.refit_conv`) as it is: the output projections alone.
+    `refit_convs=False` leaves a family's refit conv (`ArchAdapter.refit_conv`) and the modules that read a stage's
+    output (`ArchAdapter.link_refits`, refit after the layers in weights mode: `optin_hf.link_refit`) as they are: the
+    output projections alone.
     """
     if mode not in REPAIRS:
         raise ValueError(f"reconstruct={mode!r} is not a repair; choose one of {list(REPAIRS)}.")
@@ -450,10 +469,22 @@ def reconstruct(
         model.eval()
         dense.eval()
         try:
-            return _recentre_batchnorms(model, dense, adapter, batches)
+            consumers = Reconstruction("batchnorm", {}, [])
+            if adapter.supports("channels") and adapter.channels_cut(model):  # the means cannot rebuild a cut channel
+                consumers = _refit_consumers(model, dense, adapter, batches, ridge)
+            repair = _recentre_batchnorms(model, dense, adapter, batches)
+            return Reconstruction("batchnorm", {**consumers.tensors, **repair.tensors}, consumers.errors + repair.errors)
         finally:
             model.train(was_training[0])
             dense.train(was_training[1])
+    if mode == "weights" and refit_convs and any(adapter.link_refits(model)):  # the layers with what reads a stage (SegFormer)
+        return with_links(model, dense, batches, ridge, adapter,
+                          lambda: reconstruct(model, dense, batches, mode, ridge, adapter, progress, refit_convs=False))
+    # residual channels cut (`prune_channels`): the convs reading them and the classifier are refit too
+    cut = adapter.supports("channels") and adapter.channels_cut(model)
+    if cut and mode != "weights":
+        raise ValueError(f"reconstruct={mode!r} fits one factor per kept unit, which cannot rebuild what the cut residual "
+                         "channels carried: use reconstruct='weights' (or 'batchnorm') with prune_channels=True.")
     merging: TokenMerging | None = getattr(model.base_model, "token_merging", None)
     was_training = (model.training, dense.training)
     model.eval()
@@ -462,6 +493,9 @@ def reconstruct(
     errors = []
     streams = _streams(dense, adapter, batches)
     pairs = list(zip(adapter.layers_of(model), adapter.layers_of(dense)))
+    if cut:  # the slim stem writes fewer channels: the slim stream starts from the slim model's own
+        for s in streams:
+            s.student = _input_of(pairs[0][0], lambda s=s: scoring_forward(model, s.batch))
     refit_attention = "attn_out" in adapter.refit_sublayers
     conv_path = adapter.refit_conv if mode == "weights" and refit_convs else None
     residual_path, residual_side = adapter.ffn_residual()
@@ -471,11 +505,11 @@ def reconstruct(
         heads = get_submodule(student, adapter.attn_out) if adapter.supports("heads") else None
         if refit_attention:
             attn, attn_scale = output_projection(adapter, student, "attn_out"), adapter.branch_scale(student, "attn_out")
-            eq = _NormalEquations(attn.in_features, attn.out_features, attn.device, attn.has_bias)
+            eq = NormalEquations(attn.in_features, attn.out_features, attn.device, attn.has_bias)
         conv_layer = get_submodule(student, conv_path) if conv_path is not None else None
         if conv_layer is not None:  # the heads' output projection, fit before its BatchNorm (module docstring)
             conv = conv_layer.convolution
-            conv_eq = _NormalEquations(conv.in_channels * math.prod(conv.kernel_size), conv.out_channels, conv.weight.device)
+            conv_eq = NormalEquations(conv.in_channels * math.prod(conv.kernel_size), conv.out_channels, conv.weight.device)
             conv_kept = adapter.kept_conv_outputs(student).to(conv.weight.device)
         dense_taps = {
             "r_ffn": (get_submodule(teacher, residual_path), residual_side),
@@ -483,6 +517,8 @@ def reconstruct(
             **({"y_attn": (get_submodule(teacher, adapter.attn_out), "out")} if refit_attention else {}),
             **({"y_conv": (get_submodule(teacher, conv_path).convolution, "out")} if conv_layer is not None else {}),
         }
+        if cut:  # the convs reading the cut residual stream, before anything they feed
+            errors += _refit_readers(adapter, student, teacher, _cut_readers(adapter, student, teacher), streams, i, ridge, tensors)
         for s in streams:
             before = s.sizes
             if merging is not None:
@@ -494,8 +530,8 @@ def reconstruct(
                 s.sizes, s.teacher = merging.sizes, _merge_like(s.teacher, before, merging)
             t = _call(teacher, s.teacher, *s.call, dense_taps)
             if conv_layer is not None:
-                y_conv = _map_rows(t["y_conv"][:, conv_kept])
-                conv_eq.add(_patches(conv, s.x, y_conv.shape[0] // s.x.shape[0]), y_conv, None)
+                y_conv = map_rows(t["y_conv"][:, conv_kept])
+                conv_eq.add(patches(conv, s.x, y_conv.shape[0] // s.x.shape[0]), y_conv, None)
             y_ffn = t["y_ffn"]
             if ffn_scale is not None:  # the dense branches as the residual adds them
                 y_ffn = y_ffn * ffn_scale.to(y_ffn.dtype)
@@ -508,6 +544,8 @@ def reconstruct(
             s.teacher = t["output"] if adapter.chained_layers or i + 1 == len(pairs) else s.calls[i + 1].hidden
             # the dense FFN sum (a ResNet block's pre-activation sum) as rows of the down projection's output
             s.target = down.rows(y_ffn) + adapter.stream_rows(teacher, "ffn_down", t["r_ffn"])
+            if cut:  # at the residual channels the slim block writes
+                s.target = s.target[:, adapter.kept_block_outputs(student).to(s.target.device)]
         if conv_layer is not None and conv.out_channels:
             errors.append((i, conv_path, *_refit_conv(conv_layer, conv_eq, ridge)))
             tensors.update(refit_conv_tensors(student, i, adapter))
@@ -515,7 +553,7 @@ def reconstruct(
             unit = adapter.layer_head_dim(student, model.config) if adapter.kept_heads(student, model.config) else 1
             errors.append((i, "attn_out", *_refit(attn, eq, mode, ridge, unit, f"layers.{i}.attn_out", tensors, attn_scale)))
 
-        eq = _NormalEquations(down.in_features, down.out_features, down.device, down.has_bias)
+        eq = NormalEquations(down.in_features, down.out_features, down.device, down.has_bias)
         residual = get_submodule(student, residual_path)
         for s in streams:  # the rest of the layer in pieces, from the heads' output: no attention rerun
             args, kwargs = s.call
@@ -535,6 +573,8 @@ def reconstruct(
             if not adapter.chained_layers and i + 1 < len(pairs):  # what the model runs between the layers
                 s.student = _next_input(model, adapter, i, s.student, s)
             s.x = s.residual = s.target = s.call = None
+    if cut:
+        errors += _refit_classifier(model, dense, adapter, streams, ridge, tensors)
     model.train(was_training[0])
     dense.train(was_training[1])
     return Reconstruction(mode, tensors, errors)
@@ -556,12 +596,21 @@ def _destination(
     it must have; a weight is an [out, in] matrix); None if nowhere."""
     layers = adapter.layers_of(model)
     parts = key.split(".")
+    if parts[0] == LINKS:  # a module that reads a stage's output (`optin_hf.link_refit`)
+        return link_destination(model, adapter, key)
+    classifier = adapter.channel_classifier(model) if adapter.supports("channels") else None
+    if classifier is not None and key in ("classifier.weight", "classifier.bias"):  # refit over cut residual channels
+        proj = Projection(classifier)
+        return (proj, "weight", (proj.out_features, proj.in_features)) if parts[1] == "weight" else (proj, "bias", (proj.out_features,))
     if len(parts) < 4 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(layers):
         return None
     layer = layers[int(parts[1])]
-    if adapter.refit_conv is not None and ".".join(parts[2:]) == f"{adapter.refit_conv}.{CONV_WEIGHT}":
-        conv = get_submodule(layer, adapter.refit_conv).convolution
-        return conv, CONV_WEIGHT, tuple(conv.weight.shape)
+    conv_paths = [adapter.refit_conv] if adapter.refit_conv is not None else []
+    conv_paths += list(adapter.channel_readers) if adapter.supports("channels") else []
+    path = ".".join(parts[2:])
+    if path.endswith(f".{CONV_WEIGHT}") and path[: -len(CONV_WEIGHT) - 1] in conv_paths:
+        conv = getattr(get_submodule(layer, path[: -len(CONV_WEIGHT) - 1]), "convolution", None)
+        return (conv, CONV_WEIGHT, tuple(conv.weight.shape)) if conv is not None else None
     if parts[-1] == RUNNING_MEAN:
         norm = dict(batch_norms(layer)).get(".".join(parts[2:-1]))
         return (norm, RUNNING_MEAN, (norm.num_features,)) if norm is not None else None
@@ -637,4 +686,5 @@ def unslim(model: nn.Module, dense: nn.Module, masks: PruningMasks, adapter: Arc
             outs = kept["ffn_down"].nonzero().flatten().to(ins.device)  # its outputs are the block's kept neurons
             target.convolution.weight.data[outs[:, None], ins[None, :]] = source.convolution.weight.detach()
             target.normalization.running_mean[outs] = source.normalization.running_mean
+    copy_links(model, copy_, adapter)
     return copy_

@@ -122,7 +122,8 @@ def measure_cuts(
             trial = copy.deepcopy(model)
             slim_model(trial, _masks(orders, units, trial_counts), adapter)
             # the output projections' refit alone: refitting ResNet's 3x3 convs too priced the cuts worse on
-            # digits-resnet's development folds, at 3x the time (benchmarks/resnet_block_refit.py); the final repair has it
+            # digits-resnet's development folds, at 3x the time (benchmarks/resnet_block_refit.py), and SegFormer's link
+            # refit (optin_hf.link_refit) chose counts that lost more on a development fold; the final repair has both
             reconstruct(trial, model, batches, mode, ridge, adapter, progress=False, refit_convs=False)
             return float(kl_loss(dense, _outputs(trial, adapter, batches), 1.0))
 

@@ -36,7 +36,8 @@ from torch import nn
 from .arch import ArchAdapter, check_model
 from .arch.projection import unit_features
 from .masks import PruningMasks
-from .reconstruct import _call, _NormalEquations, _streams, _theta, output_projection
+from .least_squares import NormalEquations, theta
+from .reconstruct import _call, _streams, output_projection
 
 MAX_ROUNDS = 256  # greedy rounds per sublayer; more removals than this go several per round
 
@@ -159,7 +160,7 @@ def select_by_refit(
             if not subs:
                 continue
             projections = {sub: output_projection(adapter, layer, sub) for sub in subs}
-            grams = {sub: _NormalEquations(p.in_features, 0, p.device, p.has_bias) for sub, p in projections.items()}
+            grams = {sub: NormalEquations(p.in_features, 0, p.device, p.has_bias) for sub, p in projections.items()}
             taps = {sub: (p.module, "in") for sub, p in projections.items()}
             for s in streams:
                 call = s.calls[i]
@@ -175,7 +176,7 @@ def select_by_refit(
                 g = geometry[i]
                 units, width = (g.heads, g.head_dim) if sub == "attn_out" else (g.neurons, 1)
                 columns = unit_columns(adapter, config, sub, units, width, proj.in_features).to(proj.device)
-                theta = _theta(proj.weight(), proj.bias(), adapter.branch_scale(layer, sub))
+                theta = theta(proj.weight(), proj.bias(), adapter.branch_scale(layer, sub))
                 removed, _ = greedy_removal(grams[sub].gram, theta, columns, pending[(i, sub)], ridge)
                 mask = heads if sub == "attn_out" else neurons
                 mask[i, :units] = True

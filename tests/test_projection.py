@@ -13,7 +13,8 @@ from transformers.pytorch_utils import Conv1D
 
 from optin_hf.arch import Projection, Slice
 from optin_hf.arch.projection import owned_norms, select_features, slice_features
-from optin_hf.reconstruct import _NormalEquations, _refit
+from optin_hf.least_squares import NormalEquations
+from optin_hf.reconstruct import _refit
 
 
 def conv1d_of(linear: nn.Linear) -> Conv1D:
@@ -114,7 +115,7 @@ def test_the_refit_solves_the_same_problem_in_every_layout_with_or_without_bias(
     x = torch.randn(200, 8)
     target = x @ torch.randn(8, 5) + (torch.randn(5) if bias else 0)
     proj = Projection(module)
-    eq = _NormalEquations(proj.in_features, proj.out_features, proj.device, proj.has_bias)
+    eq = NormalEquations(proj.in_features, proj.out_features, proj.device, proj.has_bias)
     eq.add(x, target, None)
     before, after = _refit(proj, eq, "weights", 1e-6, 1, "layers.0.ffn_down", tensors := {})
     assert after < before * 1e-3

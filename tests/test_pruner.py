@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification, OPTConfig, OPTModel
 
 from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import get_adapter
+from optin_hf.channel_search import least_widths
 from optin_hf.checkpoint import save_pruned
 from optin_hf.hooks import apply_masks
 from optin_hf.losses import KLOutputs, kl_loss
@@ -239,8 +240,12 @@ def test_an_unreachable_budget_is_refused_before_scoring_naming_the_least_reacha
     assert (f"{kept_whole}=True" in message) == (kept_whole is not None and (has_heads or kept_whole == "prune_neurons"))
     least = float(message.split("at least ")[1].split(",")[0].rstrip("."))
     dense = count_macs(model)
-    if kept_whole is None:  # what no unit owns, rounded up
-        assert least == math.ceil(adapter.fixed_macs(model) / dense * 1000) / 1000
+    if kept_whole is None:  # what no unit owns (at the narrowest residual widths tried, where they are cut), rounded up
+        fixed = adapter.fixed_macs(model)
+        if pruner.config.prune_channels:
+            widths = least_widths(adapter.channel_widths(model.config))
+            fixed = adapter.fixed_macs_at(model.config, adapter.image_size(model.config), widths)
+        assert least == math.ceil(fixed / dense * 1000) / 1000
     if least < 1:
         pruner = OptinPruner(OptinConfig(**{**family.settings, **settings, "mac_constraint": least, "importance": "random"}))
         pruner.prune_model(model, family.examples(2, 1))

@@ -19,9 +19,11 @@ from optin_hf.commands.__main__ import main
 from optin_hf.data import prepare_calibration
 from optin_hf.hub import model_card
 from optin_hf.pruner import prepare_search
-from optin_hf.recipe_search import RecipeSearch, calibration_examples, distance, held_out_run, split_examples
+from optin_hf.recipe_search import (
+    RecipeSearch, add_fold, calibration_examples, choose, distance, held_out_run, paired_se, split_examples,
+)
 from optin_hf.result import pruning_result
-from optin_hf.search_record import search_record
+from optin_hf.search_record import Candidate, search_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = dict(importance="auto", mac_constraint=0.5, num_samples=8, batch_size=4, neuron_group_size=16, reconstruct_samples=16)
@@ -199,7 +201,8 @@ def test_the_held_out_loss_screens_the_candidates_the_distance_ranks():
     chosen = record.candidates[record.chosen]
     assert (pruner.config.importance, pruner.config.reconstruct) == (chosen.importance, chosen.reconstruct)
     (runner,), _, _ = prepare_search(dense, data, None, OptinConfig(**SETTINGS), RecipeSearch(**ONE_FOLD), "auto", OptinPruner)
-    assert distance(model, runner.adapter, runner.dense) == pytest.approx((chosen.kl, chosen.md, chosen.loss), rel=1e-6)
+    kl, md, each = distance(model, runner.adapter, runner.dense)
+    assert (kl, md, float(each.mean())) == pytest.approx((chosen.kl, chosen.md, chosen.loss), rel=1e-6)
     assert "among the candidates whose task loss on the held-out labels is within 0.02 of the lowest" in record.lines()[0]
     assert f"held-out loss {chosen.loss:.5g}" in record.lines()[1 + record.chosen]
     card = str(model_card(model, "me/x", masks_only=True, base_model=None, base_revision=None))
@@ -275,8 +278,8 @@ def test_the_cli_never_holds_out_a_test_example(tmp_path, monkeypatch, capsys):
     rows = datasets.load_dataset("csv", data_files=str(tmp_path / "data.csv"), split="train")
     encode = lambda texts: {tuple(tokenizer(t, truncation=True, max_length=128)["input_ids"]) for t in texts}  # noqa: E731
     calibration_rows, test_rows = encode(rows["text"][:20]), encode(rows["text"][20:])
-    held = set(ids(seen["held"]))  # every fold's
-    assert len(held) == 5 * RecipeSearch().folds and held <= calibration_rows and not held & test_rows
+    held = set(ids(seen["held"]))  # every fold's that the search measured on
+    assert len(held) == len(seen["held"]) and len(held) % 5 == 0 and held <= calibration_rows and not held & test_rows
     assert "labels" in seen["fit"][0]  # Fisher, a candidate, reads the calibration labels
     report = json.loads((out / "optin_report.json").read_text())
     assert report["optin"]["extra"]["recipe_search"]["held_out_examples"] == 5
@@ -323,3 +326,63 @@ def test_a_refit_allocation_is_kept_and_rules_out_the_bare_candidates():
     record = search_record(pruner.config.to_dict())
     assert [c.label for c in record.candidates] == LABELS[:3] and all(c.distance is not None for c in record.candidates)
     assert pruner.config.allocation == "refit" and pruner.config.reconstruct == "weights"
+
+
+def measured(label: str, losses: list[float], distance: float, folds: int = 1) -> Candidate:
+    """A candidate as measured on `folds` folds: its per-example held-out `losses` (all folds') and mean `distance`."""
+    importance, _, repair = label.partition(" + ")
+    return Candidate(importance, repair or "none", kl=distance, md=0.0, distance=distance, loss=sum(losses) / len(losses),
+                     losses=losses, folds=[distance] * folds if folds > 1 else None)
+
+
+def test_a_loss_difference_within_its_standard_error_does_not_decide():
+    """Screened by one paired standard error, a candidate 0.03 nats behind the lowest loss stays in where the examples
+    disagree on the order (the closest of those kept), and is out where every example agrees; a fixed tolerance of
+    0.02 nats (the previous default) cannot tell the two cases apart."""
+    g = torch.Generator().manual_seed(0)
+    base = (0.5 + torch.rand(64, generator=g)).tolist()
+    noise = (torch.randn(64, generator=g) * 0.4).tolist()
+    lowest = measured("optin + weights", base, 0.010)
+    noisy = measured("fisher + weights", [b + 0.03 + e for b, e in zip(base, noise)], 0.004)  # order decided by noise
+    steady = measured("magnitude + weights", [b + 0.03 for b in base], 0.002)  # every example 0.03 worse
+    tried = [lowest, noisy, steady]
+    assert choose(tried, "screened", 0.0, 1.0) == 1  # the steady one is out though closest; the noisy one is in
+    assert steady.loss_se == pytest.approx(0.0, abs=1e-12) and noisy.loss_se == pytest.approx(0.4 / 8, rel=0.25)
+    assert paired_se(noisy.losses, lowest.losses) == pytest.approx(float(torch.tensor(noise, dtype=torch.float64).std()) / 8, rel=1e-9)
+    assert choose(tried, "screened", 0.02, 0.0) == 0  # a fixed tolerance: both out
+    assert choose(tried, "screened", 0.04, 0.0) == 2  # or both in, and the steady one (closest) kept
+    assert choose(tried, "loss", 0.0, 1.0) == 0 and choose(tried, "distance", 0.0, 1.0) == 2
+
+
+def test_folds_add_up_per_example_and_only_candidates_measured_on_the_most_folds_are_compared():
+    """A fold more averages kl, md, distance and loss, and runs the losses on; a candidate left out of a later fold
+    (out of contention) is no longer chosen, even where its one-fold figures would win."""
+    one = measured("optin + weights", [1.0, 2.0], 0.3)
+    add_fold(one, measured("optin + weights", [3.0, 4.0], 0.1))
+    assert (one.distance, one.loss, one.losses, one.folds) == (pytest.approx(0.2), 2.5, [1.0, 2.0, 3.0, 4.0], [0.3, 0.1])
+    dropped = measured("optin", [0.1, 0.2], 0.001)  # closest and lowest, but measured on the first fold only
+    assert choose([one, dropped], "screened", 0.0, 1.0) == 0 and choose([one, dropped], "distance", 0.0, 1.0) == 0
+
+
+def test_later_folds_measure_the_candidates_in_contention_and_keep_the_first_folds_copy():
+    """On labelled data with 4 folds every candidate is measured on the first fold, a later one only while it is within
+    two standard errors of the lowest loss (each measured on a prefix of the folds), the choice is made among those
+    measured on the most folds, and the kept model is the chosen candidate's first-fold copy; the record says how many
+    folds each had. The held-out examples of every fold are calibration examples."""
+    dense, data = tiny_model("bert"), labelled(32)
+    model = copy.deepcopy(dense)
+    pruner = OptinPruner(OptinConfig(**SETTINGS, importance_options={"folds": 4, "loss_tolerance": 0.0, "standard_errors": 1.0}))
+    pruner.prune_model(model, data)
+    record = search_record(pruner.config.to_dict())
+    counts = [len(c.folds) if c.folds else 1 for c in record.candidates]
+    assert record.folds == max(counts) > 1 and min(counts) == 1  # the bare candidates fell out after the first fold
+    assert all(c.distance == pytest.approx(sum(c.folds) / len(c.folds)) for c in record.candidates if c.folds)
+    assert counts[record.chosen] == record.folds
+    chosen = record.candidates[record.chosen]
+    runners, _, _ = prepare_search(dense, data, None, OptinConfig(**SETTINGS), RecipeSearch(folds=4), "auto", OptinPruner)
+    kl, md, _ = distance(model, runners[0].adapter, runners[0].dense)
+    assert kl + md == pytest.approx(chosen.folds[0], rel=1e-6)  # the first fold's copy was kept
+    assert f"optin + weights {counts[0]} folds" in record.lines()[0] and "1 standard error of the lowest" in record.lines()[0]
+    assert "losses" not in pruner.config.extra["recipe_search"]["candidates"][0]  # per-example losses are not saved
+    calibration_ids = set(ids(data))
+    assert all(set(ids(split(data, fold)[1])) <= calibration_ids for fold in range(4))

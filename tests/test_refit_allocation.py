@@ -18,7 +18,9 @@ from optin_hf.capture import scoring_forward
 from optin_hf.losses import kl_loss
 from optin_hf.macs import CostModel, MacCosts
 from optin_hf.refit_allocation import _Cut, _depths, _keep, allocate_by_refit, allocate_cuts, ladder, measure_cuts, unit_orders
+from optin_hf.reconstruct import reconstruct
 from optin_hf.result import pruning_result
+from optin_hf.slim import slim_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,6 +80,17 @@ def _scored_segformer():
     return model, adapter, images, units, orders, batches
 
 
+def _refit_kl(model, adapter, masks: PruningMasks, batches) -> float:
+    """The KL from `model` of its copy slimmed to `masks` with its layers refit on `batches`: what a cut is priced at
+    (the link refit of the final repair is left out of the pricing: on the digit-scenes SegFormer's harder development
+    fold it chose other counts that lost more, benchmarks/RESULTS.md)."""
+    pruned = slim_model(copy.deepcopy(model), masks, adapter)
+    reconstruct(pruned, model, batches, "weights", 1e-3, adapter, progress=False, refit_convs=False)
+    with torch.no_grad():
+        return float(kl_loss([adapter.kl_outputs(scoring_forward(model, b), b) for b in batches],
+                             [adapter.kl_outputs(scoring_forward(pruned, b), b) for b in batches], 1.0))
+
+
 def test_each_measured_loss_is_the_kl_of_that_cut_pruned_and_refit():
     model, adapter, images, units, orders, batches = _scored_segformer()
     cuts = measure_cuts(model, adapter, orders, units, batches, "weights", 1e-3)
@@ -86,12 +99,8 @@ def test_each_measured_loss_is_the_kl_of_that_cut_pruned_and_refit():
     neuron_mask = units.neuron_mask.clone()
     neuron_mask[1] = False
     neuron_mask[1, orders["neuron"][1, : cut.kept[2]]] = True
-    pruned = copy.deepcopy(model)
-    OptinPruner(OptinConfig(**SETTINGS)).prune_model(pruned, images, masks=units.with_masks(units.head_mask, neuron_mask))
-    with torch.no_grad():
-        kl = kl_loss([adapter.kl_outputs(scoring_forward(model, b), b) for b in batches],
-                     [adapter.kl_outputs(scoring_forward(pruned, b), b) for b in batches], 1.0)
-    assert cut.loss[2] == pytest.approx(float(kl), rel=1e-6) and cut.loss[2] > 0
+    kl = _refit_kl(model, adapter, units.with_masks(units.head_mask, neuron_mask), batches)
+    assert cut.loss[2] == pytest.approx(kl, rel=1e-6) and cut.loss[2] > 0
 
 
 def test_a_segformer_pruned_with_refit_allocation_meets_its_budget():
@@ -154,11 +163,7 @@ def test_a_cut_measured_from_given_counts_adds_its_loss_to_theirs():
     def kl_at(heads: list[int], neurons: list[int]) -> float:
         masks = units.with_masks(*(torch.stack([_keep(orders[kind][i], k, w) for i, k in enumerate(counts)])
                                    for kind, counts, w in (("head", heads, 2), ("neuron", neurons, 32))))
-        pruned = copy.deepcopy(model)
-        OptinPruner(OptinConfig(**SETTINGS)).prune_model(pruned, images, masks=masks)
-        with torch.no_grad():
-            return float(kl_loss([adapter.kl_outputs(scoring_forward(model, b), b) for b in batches],
-                                 [adapter.kl_outputs(scoring_forward(pruned, b), b) for b in batches], 1.0))
+        return _refit_kl(model, adapter, masks, batches)
 
     assert cut.loss[2] == pytest.approx(kl_at([1, 2, 1], [32, 8, 32]) - kl_at([1, 2, 1], [32, 16, 32]), rel=1e-5, abs=1e-9)
 

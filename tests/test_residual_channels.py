@@ -119,16 +119,35 @@ def test_the_search_meets_the_budget_at_the_share_the_judge_prefers(prefer):
 
     masks = allocate_with_channels(scores, costs, costs.uniform()[0], budget, allocate, judge, units=costs.units,
                                    neurons_multiple_of=1)
-    assert len(judged) == len(SHARES) and all(0.98 * budget <= costs.masked(m) <= budget for m in judged)
+    # every share for all groups, then the stem's alone at each share below the one chosen (none below the least)
+    assert len(judged) == (2 * len(SHARES) - 1 if prefer == "all" else len(SHARES))
+    # each under the budget, and close to it unless the residual widths left room for every head and neuron
+    assert all(costs.masked(m) <= budget for m in judged)
+    assert all(costs.masked(m) >= 0.98 * budget or (m.head_mask.sum(), m.neuron_mask.sum()) == (
+        costs.units.head_mask.sum(), costs.units.neuron_mask.sum()) for m in judged)
     if prefer == "all":  # every channel kept: the masks of the search without channels
         plain = allocate(scores.head_scores, scores.neuron_scores, costs.at(costs.uniform()), budget, units=costs.units,
                          neurons_multiple_of=1)
         assert masks.channel_mask.all()
         assert torch.equal(masks.head_mask, plain.head_mask) and torch.equal(masks.neuron_mask, plain.neuron_mask)
-    else:  # half of every group, its best channels by score
-        assert masks.channels_per_group(widths) == (2, 16, 32)
+    else:  # the least share of every group, its best channels by score
+        assert masks.channels_per_group(widths) == tuple(max(1, round(min(SHARES) * w)) for w in widths)
         for keep, part in zip(masks.channel_keeps(widths), scores.channel_scores.split(list(widths))):
             assert set(keep.tolist()) == set(part.argsort(descending=True)[: len(keep)].tolist())
+
+
+def test_the_stem_is_cut_apart_when_the_judge_prefers_it():
+    """A judge that wants the stem narrow and the stages whole gets the least stem share with every stage channel."""
+    costs, scores = costs_and_scores(1.0)
+    widths = RESNET.channel_widths(costs.config)
+
+    def judge(masks: PruningMasks) -> float:
+        stem, *stages = masks.channels_per_group(widths)
+        return stem - 10 * sum(stages)
+
+    masks = allocate_with_channels(scores, costs, costs.uniform()[0], 0.9 * costs.dense(), allocate, judge,
+                                   units=costs.units, neurons_multiple_of=1)
+    assert masks.channels_per_group(widths) == (max(1, round(min(SHARES) * widths[0])), *widths[1:])
 
 
 def test_prune_repair_save_and_reload(tmp_path):
@@ -154,21 +173,25 @@ def test_prune_repair_save_and_reload(tmp_path):
 
 def test_only_channels_pruned_is_repaired_too():
     """Masks that keep every head and neuron and cut residual channels (the stem's too): every block's input changed,
-    so the BatchNorm repair re-estimates the means of every block, from the first."""
+    so the BatchNorm repair refits the convs reading the cut channels and the classifier (`test_channel_refit`), then
+    re-estimates the means of every block, from the first."""
     dense = TINY.build()
     model = slim_model(TINY.build(), channel_masks(dense))
     plain = logits(model)
     batches = prepare_calibration(TINY.examples(16, 1), num_samples=16, batch_size=8, max_length=64)
     repair = reconstruct(model, dense, batches, "batchnorm")
-    assert {key.split(".")[1] for key in repair.tensors} == {"0", "1", "2"}
-    assert all(before > after == 0.0 for _, _, before, after in repair.errors)
+    assert {key.split(".")[1] for key in repair.tensors if key.startswith("layers.")} == {"0", "1", "2"}
+    assert {"classifier.weight", "layers.0.layer.0.convolution.weight", "layers.2.shortcut.convolution.weight"} <= set(repair.tensors)
+    means = [(before, after) for _, path, before, after in repair.errors if path not in ("layer.0", "shortcut", "classifier")]
+    assert means and all(before > after == 0.0 for before, after in means)
+    assert all(before > after for _, _, before, after in repair.errors)
     assert not torch.equal(logits(model), plain)
 
 
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"reconstruct": "weights"}, "reconstruct='weights' refits to the dense model's full residual widths"),
+        ({"reconstruct": "scales"}, "reconstruct='scales' cannot repair the convs reading residual channels"),
         ({"importance": "magnitude"}, "prune_channels=True needs residual channel scores, and importance='magnitude'"),
     ],
 )

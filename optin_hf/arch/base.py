@@ -359,6 +359,12 @@ class ArchAdapter:
         nonlinearity before the residual adds it (ResNet's 3x3 conv, then BatchNorm and ReLU) leaves it out."""
         return ("attn_out", "ffn_down") if self.supports("heads") else ("ffn_down",)
 
+    def link_refits(self, model: nn.Module) -> tuple[list[str], list[str]]:
+        """The modules (paths from the task model) that read a stage's output where the layers do not chain, which the
+        weights refit fits after the layers (`optin_hf.link_refit`): (the later stages' input convs, in stage order;
+        the task head's per-stage readers). None here; SegFormer's."""
+        return [], []
+
     @property
     def refit_conv(self) -> str | None:
         """A conv layer (its `convolution`, the heads' output projection `attn_out`, then its BatchNorm

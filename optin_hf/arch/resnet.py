@@ -17,7 +17,8 @@ and the shortcut projections. Not counted: BatchNorms, ReLUs, the max and averag
 the residual additions and the classifier. Map sizes follow the image size: the calibration
 images' (a ResNet config states none; `count_macs(model, image_size=...)` counts a dense model).
 
-Coupled residual channels (`OptinConfig.prune_channels=True`, off by default): a stage's residual width
+Coupled residual channels (`OptinConfig.prune_channels`; the default, None, turns them on where the settings allow,
+`channel_search.channels_by_default`): a stage's residual width
 is tied by its residual adds, so channel c of it is one unit in every block output of the stage, the
 shortcut conv and last conv (with their BatchNorms) that write it, and every reduce conv, next shortcut
 conv and the classifier that read it; the stem's output is one more group, tied to the first stage's where
@@ -25,8 +26,12 @@ that stage adds it as it is (`channel_groups`). `slim_channels` cuts a channel f
 MAC formulas take the kept widths (`channels=`): a head costs per kept input channel, a neuron per kept
 output channel, the stem per kept filter and a shortcut conv per kept (input, output) pair. Scored by the
 run that zeroes the channel in every output that carries it (`channel_carriers`,
-`optin_hf.importance.residual_channels`); the allocation is `optin_hf.channel_search`. On digits-resnet it
-lost accuracy on the development folds at every budget (benchmarks/cnn_repair_dev.py), so it stays opt-in.
+`optin_hf.importance.residual_channels`); the allocation is `optin_hf.channel_search`. The convs that read a cut
+residual stream (`channel_readers`: each block's reduce conv and projection shortcut) and the classifier are refit
+by least squares (`optin_hf.reconstruct`): with the BatchNorm means alone, cutting residual widths lost accuracy on
+both digits ResNets' development folds; with that refit, the wide-stem ResNet (44% of its MACs fixed) kept its dense
+accuracy down to 0.5 of the MACs (benchmarks/resnet_channel_refit.py). digits-resnet's recipe keeps its refit
+allocation, which runs without them.
 
 The fast engine runs a block in pieces. The heads' output (the 3x3 conv's input) is finished into the
 FFN input, which carries two maps stacked along the channels: the 3x3 conv layer's output (the last
@@ -43,7 +48,8 @@ but its own output is linear in its weights: it is fit by least squares from the
 slim block's input to the dense 3x3 conv's output at the channels it keeps
 (`ChannelConv.kept_outputs`), its bias folded into its BatchNorm's running mean. A cut of the reduce
 channels reaches the sum only through that conv, which the last conv's refit cannot undo
-(`benchmarks/resnet_block_refit.py`). `reconstruct="batchnorm"`, the default repair (`"auto"`), re-estimates the
+(`benchmarks/resnet_block_refit.py`). `reconstruct="batchnorm"`, the default repair (`"auto"`) where the residual
+widths stay (where they are cut, "auto" is the refit), re-estimates the
 running means of the BatchNorms after the pruned convs instead (`optin_hf.reconstruct`): on a
 development split of digits-resnet it kept more accuracy at 0.6 and 0.5 of the MACs than the refit,
 whose closer features (a lower squared error of the pooled features, on held-out images too) did
@@ -409,6 +415,31 @@ class ResNetAdapter(ArchAdapter):
             carriers[group][0].extend(sites[site])
         return carriers
 
+    def channels_cut(self, model: nn.Module) -> bool:
+        """Whether `model` (dense or slim) lost residual channels: some group is narrower than the config's."""
+        return self.kept_channels(model) != self.channel_widths(model.config)
+
+    @property
+    def channel_readers(self) -> tuple[str, ...]:
+        """The conv layers (a `convolution` and its `normalization`) of a block that read the block's input, which a
+        cut residual stream starves: the reduce conv and the projection shortcut (`reconstruct`'s consumer refit)."""
+        return ("layer.0", "shortcut")
+
+    def kept_reader_outputs(self, layer: nn.Module, path: str) -> torch.Tensor:
+        """The dense output channels that the (slim) conv layer at `path` (a `channel_readers` one) keeps."""
+        return kept_outputs(get_submodule(layer, path).convolution)
+
+    def kept_block_outputs(self, layer: nn.Module) -> torch.Tensor:
+        """The dense residual channels a (slim) block writes, in its order: its last conv's kept outputs."""
+        return kept_outputs(layer.layer[2].convolution)
+
+    def channel_classifier(self, model: nn.Module) -> nn.Linear | None:
+        """The Linear classifier reading the average-pooled last residual group (None: no such head). Pooling is an
+        average, so the classifier is refit as a 1x1 conv on the last block's map (`reconstruct`)."""
+        head = getattr(model, "classifier", None)
+        linear = head[-1] if isinstance(head, nn.Sequential) and len(head) else None
+        return linear if isinstance(linear, nn.Linear) else None
+
     def slim_channels(self, model: nn.Module, keep: list[torch.Tensor]) -> None:
         """Keep channels `keep[g]` of each group g, in place: the stem's filters, each stage's block outputs (last
         conv and shortcut, with their BatchNorms), and every conv and the classifier reading them."""
@@ -423,15 +454,14 @@ class ResNetAdapter(ArchAdapter):
                     _slim_inputs(block, "shortcut.convolution", into)
                     _slim_outputs(block.shortcut, out)
                 into = out
-        head = getattr(model, "classifier", None)
-        linear = head[-1] if isinstance(head, nn.Sequential) and len(head) else None
-        if isinstance(linear, nn.Linear):
+        linear = self.channel_classifier(model)
+        if linear is not None:
             last = keep[groups[-1]].to(linear.weight.device)
             new = nn.Linear(len(last), linear.out_features, bias=linear.bias is not None, device="meta")
             new.weight = nn.Parameter(_select(linear.weight, 1, last), requires_grad=linear.weight.requires_grad)
             if linear.bias is not None:
                 new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
-            head[-1] = new
+            model.classifier[-1] = new
 
 
 RESNET = ResNetAdapter(

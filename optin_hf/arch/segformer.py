@@ -25,7 +25,8 @@ conv needs them). The layers do not chain (each stage ends in a LayerNorm, and t
 with its patch embedding) and the decode head reads every stage, so the fast engine and the refit
 run the model's own forward around the layers they replay (`ArchAdapter.chained_layers`). The
 refits fit the attention output projection and the Mix-FFN's dense2 (fc2), both on tokens in map
-order, as ViT's.
+order, as ViT's. The weights refit then fits what reads a stage's output (`link_refits`, `optin_hf.link_refit`): the
+later stages' patch-embedding convs and the decode head's per-stage projections.
 """
 
 from __future__ import annotations
@@ -114,6 +115,13 @@ class SegformerAdapter(ArchAdapter):
         if conv.bias is not None:
             new.bias = nn.Parameter(conv.bias.detach().index_select(0, index).clone(), requires_grad=conv.bias.requires_grad)
         get_submodule(layer, "mlp.dwconv").dwconv = new
+
+    def link_refits(self, model: nn.Module) -> tuple[list[str], list[str]]:
+        """The later stages' patch-embedding convs, and the decode head's per-stage projections (a segmenter's)."""
+        prefix = "" if model.base_model is model else f"{model.base_model_prefix}."
+        stages = range(model.config.num_encoder_blocks)
+        return ([f"{prefix}{self.layers}.{s}.patch_embeddings.proj" for s in stages if s],
+                [f"decode_head.linear_projections.{s}.proj" for s in stages] if hasattr(model, "decode_head") else [])
 
     def default_seq_len(self, config, image_size: ImageSize | None = None) -> int:
         """Tokens of the first stage's map; later stages hold fewer, see `head_macs`."""

@@ -10,7 +10,15 @@ once per layer, then a cheap correction), then the task head; for the reference 
 model over the padded batches. Each layer is charged its own measured time, so the cheap late
 stages of a ragged family (Swin's, a CNN's, SegFormer's, whose first stage holds 16 times the
 tokens of its second) are not charged as its first; and only real candidates are counted: a layer
-narrower than the widest runs its own units (`layer_units`), never the padding of the masks.
+narrower than the widest runs its own units (`layer_units`), never the padding of the masks. Each
+residual channel a ResNet's scoring cuts (`prune_channels`) is one more candidate, of the reference
+engine's cost on either engine: the whole model with that channel zeroed (`channel_runs`).
+
+A layer-streamed model (`engine.streaming`) reads each offloaded layer's weights for each forward
+that runs it. The timed forward holds each such layer `resident` for its run, so its load is timed
+apart from its compute; the load is then charged per forward that runs the layer (a reference
+candidate's every batch; a fast-engine stack of candidates, `stacked_variants`), not per candidate:
+the timed forward's whole layer time, charged to every candidate, overstated a streamed run.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,7 +38,9 @@ from ..arch.base import LayerGeometry
 from ..capture import scoring_forward
 from ..data import image_size_of
 from ..losses import bounded, kl_loss, later_layers, md_loss
+from .fast import auto_variants, bytes_per_variant
 from .run import engine_for, gather, grouped, precision, process_state
+from .streaming import is_streamed, resident
 
 # An engine's real token-layers per second as a fraction of a padded dense forward's, measured
 # with one thread on MiniLM (benchmarks/RESULTS.md, "Search speed"): fast 0.78 on BBC News
@@ -50,7 +61,9 @@ class DenseTiming:
     tokens are its first stage's): `seconds` in all, `layers[j]` of them in layer j, `before` before the
     first layer (the embeddings; the rest, after the last layer, is the task head). `positions[j]`: the
     positions per example of layer j's output (a later stage's smaller map; None where unknown). `md_s`:
-    one MD comparison of `md_rows` rows of `md_width` features; `kl_s`: the KL of the batch's outputs."""
+    one MD comparison of `md_rows` rows of `md_width` features; `kl_s`: the KL of the batch's outputs.
+    `loads[j]`: of the forward's time, what bringing layer j's offloaded weights in and dropping them took
+    (layer-streamed, `engine.streaming`; empty: every layer held in memory), apart from `layers[j]`, its compute."""
 
     seconds: float
     layers: list[float]
@@ -62,6 +75,7 @@ class DenseTiming:
     md_rows: int = 1
     md_width: int = 1
     kl_s: float = 0.0
+    loads: list[float] = field(default_factory=list)
 
     @classmethod
     def uniform(cls, seconds: float, num_layers: int, examples: int, tokens: int) -> DenseTiming:
@@ -70,7 +84,7 @@ class DenseTiming:
 
     @property
     def after(self) -> float:
-        return max(self.seconds - self.before - sum(self.layers), 0.0)
+        return max(self.seconds - self.before - sum(self.layers) - sum(self.loads), 0.0)
 
 
 @dataclass
@@ -86,6 +100,12 @@ class ScoringCost:
     units: each layer's own units of each kind scored ({"head": [12, 12, ...], "neuron": [1536, ...]},
     `layer_units`): a narrower layer of a ragged family (Swin's, a CNN's stages) runs fewer candidates.
     widths[j]: the features of layer j that MD compares; md_tokens: the rows it compares at most.
+    channels: (first layer that reads it, width) of each residual channel group scored (`prune_channels`): each of
+    its channels is one masked run of the whole model over the padded batches, as a reference-engine candidate,
+    judged from that layer on (`importance.residual_channels`), whatever the engine and the neuron grouping.
+    layer_load_s[j]: seconds to bring layer j's offloaded weights in and drop them (layer-streamed; empty: none
+    offloaded), paid once per forward that runs the layer, whatever its tokens: a reference candidate's every
+    batch, a fast-engine stack of `variants` candidates of one layer (`run.chunks`) per forward over a batch.
     """
 
     token_layer_s: list[float]
@@ -100,6 +120,9 @@ class ScoringCost:
     widths: list[int]
     md_tokens: int
     positions: list[int] | None = None
+    channels: list[tuple[int, int]] = field(default_factory=list)
+    layer_load_s: list[float] = field(default_factory=list)
+    variants: int = 1
 
     @property
     def num_layers(self) -> int:
@@ -111,29 +134,42 @@ class ScoringCost:
         return {kind: [grouped({kind: n}, groups)[kind] for n in counts] for kind, counts in self.units.items()}
 
     def num_candidates(self, neuron_group_size: int) -> int:
-        return sum(sum(counts) for counts in self.candidates(neuron_group_size).values())
+        """Masked runs of every kind: each layer's heads and neuron groups, and every residual channel."""
+        units = sum(sum(counts) for counts in self.candidates(neuron_group_size).values())
+        return units + sum(width for _, width in self.channels)
 
     def seconds(self, num_samples: int, neuron_group_size: int) -> float:
         real = self.real_tokens[:num_samples]
-        if self.engine == "reference":  # batches padded to their longest example
-            tokens = sum(len(real[i : i + self.batch_size]) * max(real[i : i + self.batch_size])
-                         for i in range(0, len(real), self.batch_size))
-        else:  # the fast engine packs text examples: it computes real tokens only
-            tokens = sum(real)
+        # a reference run's batches are padded to their longest example; the fast engine packs text examples: it
+        # computes real tokens only
+        padded = sum(len(real[i : i + self.batch_size]) * max(real[i : i + self.batch_size])
+                     for i in range(0, len(real), self.batch_size))
+        tokens = padded if self.engine == "reference" else sum(real)
         rows = min(self.md_tokens, sum(real))
         # MD at layer j: its rows (as many distinct positions as the layer holds at most) squared, times its features
         md = [self.md_s * width * min(rows, len(real) * self.positions[j] if self.positions else rows) ** 2
               for j, width in enumerate(self.widths)]
+        batches = -(-len(real) // self.batch_size)
+        loads = self.layer_load_s or [0.0] * self.num_layers
         total = 0.0
         for kind, counts in self.candidates(neuron_group_size).items():
             for layer, count in enumerate(counts):
                 if self.engine == "reference":  # the whole model, embeddings included
                     forward = tokens * (self.token_before_s + sum(self.token_layer_s))
+                    streamed = count * batches * sum(loads)
                 else:
                     forward = tokens * sum(self.token_layer_s[layer + (kind == "neuron"):])
+                    # a stack holds its own layer (a neuron's twice: its down projection read, then its finish), then
+                    # runs each later one
+                    held = sum(loads[layer:]) + (loads[layer] if kind == "neuron" else 0.0)
+                    streamed = -(-count // self.variants) * batches * held
                 forward += len(real) * self.example_after_s
                 losses = sum(md[z] for z in later_layers(layer, self.num_layers))
-                total += count * (forward / THROUGHPUT[self.engine] + losses + len(real) * self.example_kl_s)
+                total += count * (forward / THROUGHPUT[self.engine] + losses + len(real) * self.example_kl_s) + streamed
+        whole = padded * (self.token_before_s + sum(self.token_layer_s)) + len(real) * self.example_after_s
+        for first, width in self.channels:  # the layer before the first reader: MD from the first reader on
+            losses = sum(md[z] for z in later_layers(first - 1, self.num_layers))
+            total += width * (whole / THROUGHPUT["reference"] + losses + len(real) * self.example_kl_s)
         return total
 
 
@@ -191,16 +227,25 @@ def time_dense(
     process_state(device)
     layers = adapter.layers_of(model)
     scoring_forward(model, {k: v[:1] for k, v in batch.items()})
-    marks: list[float] = []  # the start and the end of each layer, in the order they run
+    marks: list[float] = []  # each layer's start, weights held, compute done and end, in the order they run
     sizes: list[int | None] = []  # the elements of each layer's output
+    holding = ExitStack()  # an offloaded layer's weights, held `resident` for its forward: the load timed apart
+    # only an offloaded model (weights on the meta device) has layers to hold: others never enter `streaming`
+    offloaded = any(p.is_meta for p in model.parameters())
+    streamed = {id(layer) for layer in layers if is_streamed(layer)} if offloaded else set()
 
     def started(module: nn.Module, args) -> None:
+        marks.append(_clock(device))
+        if id(module) in streamed:
+            holding.enter_context(resident(module))
         marks.append(_clock(device))
 
     def finished(module: nn.Module, args, output) -> None:
         marks.append(_clock(device))
         first = output if torch.is_tensor(output) else output[0] if isinstance(output, (tuple, list)) else None
         sizes.append(first.numel() if torch.is_tensor(first) else None)
+        holding.close()
+        marks.append(_clock(device))
 
     handles = [hook for layer in layers for hook in (layer.register_forward_pre_hook(started), layer.register_forward_hook(finished))]
     runs: list[tuple[float, list[float], float]] = []
@@ -212,15 +257,18 @@ def time_dense(
             output = scoring_forward(model, batch)
             runs.append((start, list(marks), _clock(device)))
     finally:
+        holding.close()
         for handle in handles:
             handle.remove()
     start, marks, end = sorted(runs, key=lambda run: run[2] - run[0])[len(runs) // 2]
     _, padded = token_counts([batch], tokens_per_image)
     examples = next(iter(batch.values())).shape[0]
-    if len(marks) == 2 * len(layers):
+    if len(marks) == 4 * len(layers):
         positions = [None if size is None else size // (examples * width) for size, width in zip(sizes, widths)]
-        timing = DenseTiming(end - start, [b - a for a, b in zip(marks[::2], marks[1::2])], marks[0] - start, examples, padded,
-                             positions)
+        begun, held, done, ended = marks[::4], marks[1::4], marks[2::4], marks[3::4]
+        loads = [(b - a) + (d - c) if id(layer) in streamed else 0.0 for layer, a, b, c, d in zip(layers, begun, held, done, ended)]
+        timing = DenseTiming(end - start, [d - a - load for a, d, load in zip(begun, ended, loads)], marks[0] - start, examples,
+                             padded, positions, loads=loads if streamed else [])
     else:  # a layer ran more than once, or not at all: its share is unknown, every layer gets an even one
         timing = DenseTiming.uniform(end - start, len(layers), examples, padded)
 
@@ -231,26 +279,54 @@ def time_dense(
     dense = bounded(adapter.kl_outputs(output, batch))
     timing.kl_s = _median_s(lambda: float(kl_loss([dense], [adapter.kl_outputs(output, batch)], temperature)), device)
 
-    values = [timing.seconds, timing.before, timing.md_s, timing.kl_s, *timing.layers]
+    values = [timing.seconds, timing.before, timing.md_s, timing.kl_s, *timing.layers, *timing.loads]
     seconds, before, timing.md_s, timing.kl_s, *per_layer = gather(values)[: len(values)]
-    timing.seconds, timing.before, timing.layers = seconds, before, per_layer
+    timing.seconds, timing.before = seconds, before
+    timing.layers, timing.loads = per_layer[: len(timing.layers)], per_layer[len(timing.layers) :]
     return timing
 
 
 def scoring_cost(
     timing: DenseTiming, batches: list[dict[str, torch.Tensor]], tokens_per_image: int | None, batch_size: int,
     units: dict[str, list[int]], engine: str, widths: Sequence[int], md_tokens: int,
+    channels: Sequence[tuple[int, int]] = (), variants: int = 1,
 ) -> ScoringCost:
-    """The cost model of scoring `units` (per layer, `layer_units`) on `batches`, from `timing`, one dense
-    forward over the first of them; MD compares `widths[j]` features of layer j on at most `md_tokens` rows."""
+    """The cost model of scoring `units` (per layer, `layer_units`) and the residual `channels` ((first reader, width)
+    per group, `channel_runs`) on `batches`, from `timing`, one dense forward over the first of them; MD compares
+    `widths[j]` features of layer j on at most `md_tokens` rows. `variants`: the fast engine's candidates per stacked
+    forward (`stacked_variants`), over which a streamed layer's load is shared."""
     real, _ = token_counts(batches, tokens_per_image)
     tokens, examples = max(timing.tokens, 1), max(timing.examples, 1)
     md_s = timing.md_s / (timing.md_rows**2 * timing.md_width)
     known = tokens_per_image is not None and timing.positions is not None and None not in timing.positions
     return ScoringCost(
         [s / tokens for s in timing.layers], timing.before / tokens, timing.after / examples, md_s, timing.kl_s / examples,
-        real, batch_size, units, engine, list(widths), md_tokens, list(timing.positions) if known else None,
+        real, batch_size, units, engine, list(widths), md_tokens, list(timing.positions) if known else None, list(channels),
+        list(timing.loads), variants,
     )
+
+
+def stacked_variants(model: nn.Module, adapter: ArchAdapter, timing: DenseTiming, config) -> int:
+    """The candidates the fast engine stacks in one forward (`FastRunner.variants`): `config.variants_per_batch`, or
+    what fits the device, sized as the engine sizes it, for a batch shaped like the timed one."""
+    if config.variants_per_batch:
+        return config.variants_per_batch
+    examples = max(timing.examples, 1)
+    tokens = max(timing.tokens // examples, 1)
+    geometry = adapter.layer_geometry(model.config)
+    per_variant = bytes_per_variant(examples, tokens, max(g.hidden for g in geometry), adapter.intermediate_size(model.config),
+                                    adapter.num_heads(model.config), len(geometry), config.md_tokens)
+    return auto_variants(next(model.parameters()).device, per_variant, examples * tokens)
+
+
+def channel_runs(model: nn.Module, adapter: ArchAdapter, config) -> list[tuple[int, int]]:
+    """(first layer that reads it, width) of each residual channel group that scoring runs a masked run per channel
+    of: every group under `config.prune_channels` (resolved: the pruner's), none otherwise. A criterion that plans its
+    scoring (`masked_units`: OPTIN) scores channels by such runs (`importance.residual_channels`)."""
+    if not config.prune_channels:
+        return []
+    carriers = adapter.channel_carriers(model)
+    return [(first, width) for (_, first), width in zip(carriers, adapter.channel_widths(model.config))]
 
 
 def scoring_ladder(num_samples: int, neuron_group_size: int, intermediate: int | None) -> list[tuple[int, int]]:
@@ -334,9 +410,10 @@ def plan_scoring(cost: ScoringCost, neuron_group_size: int, budget_s: float | No
 def plan_model_scoring(
     model: nn.Module, adapter: ArchAdapter, units: dict[str, int], batches: list[dict[str, torch.Tensor]], config
 ) -> tuple[ScoringPlan, DenseTiming]:
-    """The plan of scoring the masked `units` of `model` ({"head": 12, ...}, `ImportanceCriterion.masked_units`) on
-    `batches` with `config`'s engine, precision, neuron grouping and `max_scoring_time`, and the timed dense forward
-    over the first batch it is estimated from; the main process says it (each process would say the same)."""
+    """The plan of scoring the masked `units` of `model` ({"head": 12, ...}, `ImportanceCriterion.masked_units`), and its
+    residual channels under `config.prune_channels` (`channel_runs`), on `batches` with `config`'s engine, precision,
+    neuron grouping and `max_scoring_time`, and the timed dense forward over the first batch it is estimated from; the
+    main process says it (each process would say the same)."""
     device = next(model.parameters()).device
     geometry = adapter.layer_geometry(model.config)
     widths = [g.hidden for g in geometry]  # the features MD compares
@@ -344,8 +421,10 @@ def plan_model_scoring(
     md_rows = min(config.md_tokens, sum(token_counts(batches, tokens)[0]))
     with precision(device, getattr(torch, config.dtype)):
         timing = time_dense(model, adapter, batches[0], tokens, md_rows, widths, config.temperature)
+    variants = stacked_variants(model, adapter, timing, config) if timing.loads else 1  # only loads are shared by a stack
     cost = scoring_cost(timing, batches, tokens, config.batch_size, layer_units(units, geometry),
-                        engine_for(model, adapter, config), widths, config.md_tokens)
+                        engine_for(model, adapter, config), widths, config.md_tokens, channel_runs(model, adapter, config),
+                        variants=variants)
     plan = plan_scoring(cost, config.neuron_group_size, config.max_scoring_time, device.type)
     if process_state(device).is_main_process:
         tqdm.write(str(plan), file=sys.stderr)

@@ -1,0 +1,83 @@
+"""Ridge least squares from accumulated normal equations: what every refit solves (`optin_hf.reconstruct` for the
+layers, `optin_hf.link_refit` for the modules between them, `optin_hf.refit_selection` for the units to keep).
+
+Each refit accumulates AᵀA and AᵀY over calibration rows in float64, so its memory is the width squared,
+whatever the number of rows, and the error of any θ follows in closed form."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class NormalEquations:
+    """AᵀA and AᵀY (A = [x, 1], or A = x for a projection without a bias) and Σ|Y|², in float64,
+    over real token rows."""
+
+    def __init__(self, width: int, hidden: int, device: torch.device, bias: bool = True):
+        self.bias = bias
+        width += int(bias)
+        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(width, hidden, dtype=torch.float64, device=device)
+        self.target_sq = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None) -> None:
+        """x [rows, width] and target [rows, hidden], rows in the same order; real: bool [rows] or None."""
+        x, target = x.double(), target.double()
+        if real is not None:
+            x, target = x[real], target[real]
+        a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if self.bias else x
+        self.gram += a.T @ a
+        self.cross += a.T @ target
+        self.target_sq += target.pow(2).sum()
+
+    def error(self, theta: torch.Tensor) -> float:
+        """Σ|Aθ - Y|² from the accumulated sums; θ: [width (+ 1 with a bias), hidden]."""
+        return float((theta * (self.gram @ theta)).sum() - 2 * (theta * self.cross).sum() + self.target_sq)
+
+
+def solve_weights(eq: NormalEquations, theta0: torch.Tensor, ridge: float) -> torch.Tensor:
+    lam = ridge * eq.gram.diagonal().mean()
+    eye = torch.eye(eq.gram.shape[0], dtype=eq.gram.dtype, device=eq.gram.device)
+    return torch.linalg.solve(eq.gram + lam * eye, eq.cross + lam * theta0)
+
+
+def solve_scales(eq: NormalEquations, weight: torch.Tensor, bias: torch.Tensor | None, unit: int, ridge: float) -> torch.Tensor:
+    """One factor per unit of `unit` input columns, the bias (if any) fixed: [units].
+
+    Unit u contributes z_u = W[:, u] x_u, so Σ<z_u, z_v> is the block sum of (WᵀW) ⊙ (xᵀx) and
+    Σ<z_u, Y - b> that of Σ_o W[o, j] (xᵀY - (Σx) bᵀ)[j, o]; the ridge pulls toward 1.
+    """
+    width = weight.shape[1]
+    w = weight.double()
+    xx = eq.gram[:width, :width]
+    residual = eq.cross[:width]
+    if bias is not None:
+        residual = residual - eq.gram[:width, width][:, None] * bias.double()[None, :]
+    units = torch.arange(width, device=w.device) // unit
+    pick = nn.functional.one_hot(units).to(w.dtype)  # [width, units]
+    gram = pick.T @ ((w.T @ w) * xx) @ pick
+    rhs = pick.T @ (w * residual.T).sum(0)
+    lam = ridge * gram.diagonal().mean()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + lam * eye, rhs + lam)
+
+
+def theta(weight: torch.Tensor, bias: torch.Tensor | None, branch: torch.Tensor | None) -> torch.Tensor:
+    """θ [in (+ 1), out] of A θ for a weight [out, in] and its bias, times the branch factor where there is one."""
+    theta = weight.T.double() if bias is None else torch.cat([weight.T, bias[None]]).double()
+    return theta if branch is None else theta * branch.double()[None, :]
+
+
+def patches(conv: nn.Conv2d, x: torch.Tensor, positions: int) -> torch.Tensor:
+    """The rows [batch * positions, in * kernel area] of `conv`'s input patches, one per output position, in the
+    order of its output map's rows (`map_rows`); a conv with no input channel has rows of no column."""
+    if not conv.in_channels:
+        return x.new_zeros(x.shape[0] * positions, 0)
+    cols = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [B, in * k, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def map_rows(y: torch.Tensor) -> torch.Tensor:
+    """A map [batch, channels, height, width] as rows [batch * positions, channels]."""
+    return y.permute(0, 2, 3, 1).reshape(y.shape[0] * y.shape[2] * y.shape[3], y.shape[1])
