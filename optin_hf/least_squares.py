@@ -63,7 +63,7 @@ def solve_scales(eq: NormalEquations, weight: torch.Tensor, bias: torch.Tensor |
     return torch.linalg.solve(gram + lam * eye, rhs + lam)
 
 
-def theta(weight: torch.Tensor, bias: torch.Tensor | None, branch: torch.Tensor | None) -> torch.Tensor:
+def stacked_theta(weight: torch.Tensor, bias: torch.Tensor | None, branch: torch.Tensor | None) -> torch.Tensor:
     """θ [in (+ 1), out] of A θ for a weight [out, in] and its bias, times the branch factor where there is one."""
     theta = weight.T.double() if bias is None else torch.cat([weight.T, bias[None]]).double()
     return theta if branch is None else theta * branch.double()[None, :]

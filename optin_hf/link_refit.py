@@ -27,6 +27,7 @@ from torch import nn
 
 from .arch import ArchAdapter
 from .capture import scoring_forward
+from .least_squares import NormalEquations, map_rows, patches, solve_weights, stacked_theta
 
 if TYPE_CHECKING:  # reconstruct imports this module: the type only, for the annotations
     from .reconstruct import Reconstruction
@@ -110,7 +111,7 @@ def refit_links(
         dense.train(was_training[1])
     tensors, errors = {}, []
     for path, link in links.items():
-        theta0 = theta(link.weight(), link.bias(), None)
+        theta0 = stacked_theta(link.weight(), link.bias(), None)
         before = eqs[path].error(theta0)
         solved = solve_weights(eqs[path], theta0, ridge)
         weight = solved[: link.in_features].T.to(link.module.weight.dtype).contiguous()
@@ -119,7 +120,7 @@ def refit_links(
         tensors[f"{LINKS}.{path}.weight"] = weight.cpu()
         if bias is not None:
             tensors[f"{LINKS}.{path}.bias"] = bias.cpu()
-        errors.append((-1, path, before, eqs[path].error(theta(link.weight(), link.bias(), None))))
+        errors.append((-1, path, before, eqs[path].error(stacked_theta(link.weight(), link.bias(), None))))
     return tensors, errors
 
 

@@ -83,7 +83,7 @@ from .arch.projection import feature_dim
 from .capture import scoring_forward
 from .engine.prefix import LayerCall, record_layer_calls
 from .engine.replay import layer_output, replay_layers
-from .least_squares import NormalEquations, map_rows, patches, solve_scales, solve_weights, theta
+from .least_squares import NormalEquations, map_rows, patches, solve_scales, solve_weights, stacked_theta
 from .link_refit import LINKS, copy_links, link_destination, with_links
 from .masks import PruningMasks, load_safetensors
 from .tokens import TokenMerging, merge_matched
@@ -225,9 +225,9 @@ def _refit(
     stream's units and the refit solves for the scaled projection, then divides the factor out.
     Weights are recorded as [out, in] matrices, whatever the module's own layout."""
     weight, bias = proj.weight(), proj.bias()
-    before = eq.error(theta(weight, bias, branch))
+    before = eq.error(stacked_theta(weight, bias, branch))
     if mode == "weights":
-        solved = solve_weights(eq, theta(weight, bias, branch), ridge)
+        solved = solve_weights(eq, stacked_theta(weight, bias, branch), ridge)
         if branch is not None:
             solved = solved / branch.double()[None, :]
         weight = solved[: proj.in_features].T.to(weight.dtype).contiguous()
@@ -236,7 +236,7 @@ def _refit(
             bias = solved[-1].to(bias.dtype)
             tensors[f"{key}.bias"] = bias.cpu()
     elif proj.in_features:
-        scaled = theta(weight, bias, branch)
+        scaled = stacked_theta(weight, bias, branch)
         scaled_bias = scaled[-1] if bias is not None else None
         scale = solve_scales(eq, scaled[: proj.in_features].T, scaled_bias, unit, ridge).to(weight.dtype)
         tensors[f"{key}.scale"] = scale.cpu()
@@ -244,7 +244,7 @@ def _refit(
     else:  # scales of no column: nothing to refit (and a projection that re-parameterizes on `set` stays as it is)
         return before, before
     proj.set(weight, bias)
-    return before, eq.error(theta(weight, bias, branch))
+    return before, eq.error(stacked_theta(weight, bias, branch))
 
 
 def refit_conv_tensors(layer: nn.Module, index: int, adapter: ArchAdapter) -> dict[str, torch.Tensor]:

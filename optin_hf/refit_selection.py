@@ -36,7 +36,7 @@ from torch import nn
 from .arch import ArchAdapter, check_model
 from .arch.projection import unit_features
 from .masks import PruningMasks
-from .least_squares import NormalEquations, theta
+from .least_squares import NormalEquations, stacked_theta
 from .reconstruct import _call, _streams, output_projection
 
 MAX_ROUNDS = 256  # greedy rounds per sublayer; more removals than this go several per round
@@ -176,7 +176,7 @@ def select_by_refit(
                 g = geometry[i]
                 units, width = (g.heads, g.head_dim) if sub == "attn_out" else (g.neurons, 1)
                 columns = unit_columns(adapter, config, sub, units, width, proj.in_features).to(proj.device)
-                theta = theta(proj.weight(), proj.bias(), adapter.branch_scale(layer, sub))
+                theta = stacked_theta(proj.weight(), proj.bias(), adapter.branch_scale(layer, sub))
                 removed, _ = greedy_removal(grams[sub].gram, theta, columns, pending[(i, sub)], ridge)
                 mask = heads if sub == "attn_out" else neurons
                 mask[i, :units] = True
