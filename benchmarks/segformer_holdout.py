@@ -38,7 +38,7 @@ from transformers import SegformerForSemanticSegmentation
 from optin_hf import OptinConfig, OptinPruner
 from optin_hf.arch.segformer import SegformerAdapter
 from optin_hf.search_record import RECORD_KEY, SearchRecord
-from optin_hf.tasks.defaults.scenes import CANVAS, INK, LABEL_NAMES, SCALE, read_digit_scenes
+from optin_hf.tasks.defaults.scenes import CANVAS, INK, LABEL_NAMES, SCALE, free_box, read_digit_scenes
 from optin_hf.tasks.defaults.train import SegformerHParams, train_segformer
 from optin_hf.tasks.recipes import default_recipe
 from optin_hf.tasks.report import kept_per_layer, mean_iou_on
@@ -69,12 +69,8 @@ def scene(rng: np.random.Generator, images: np.ndarray, digits: np.ndarray, pool
     label = np.zeros((CANVAS, CANVAS), dtype=np.int64)
     taken = np.zeros((CANVAS, CANVAS), dtype=bool)
     for k, index in enumerate(rng.choice(pool, size=3, replace=False)):
-        for _ in range(50):
-            top, left = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
-            box = (slice(top, top + side), slice(left, left + side))
-            if not taken[box].any():
-                break
-        else:
+        box = free_box(rng, taken, side)
+        if box is None:
             continue
         digit = np.kron(images[index], np.ones((SCALE, SCALE), dtype=np.float32))
         brightness = DISTRACTOR if k == 2 else float(rng.uniform(*BRIGHTNESS))

@@ -63,6 +63,17 @@ def read_digit_scenes(train: int = 2000, calibration: int = 128, test: int = 300
                        duplicates_removed=len(images) - len(keep))
 
 
+def free_box(rng: np.random.Generator, taken: np.ndarray, side: int) -> tuple[slice, slice] | None:
+    """A `side` x `side` place on the canvas that overlaps nothing `taken`, drawn at random; None after 50 tries (a
+    free place is almost always found in a few)."""
+    for _ in range(50):
+        top, left = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
+        box = (slice(top, top + side), slice(left, left + side))
+        if not taken[box].any():
+            return box
+    return None
+
+
 def make_scene(rng: np.random.Generator, images: np.ndarray, digits: np.ndarray, pool: list[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """One scene: ([CANVAS, CANVAS] image in [0, 1], [CANVAS, CANVAS] int64 labels, the indices of
     the digits drawn) with 2 to 4 digits of `pool` (indices into `images`), placed where they do not overlap."""
@@ -72,12 +83,8 @@ def make_scene(rng: np.random.Generator, images: np.ndarray, digits: np.ndarray,
     taken = np.zeros((CANVAS, CANVAS), dtype=bool)
     drawn = []
     for index in rng.choice(pool, size=int(rng.integers(2, 5)), replace=False):
-        for _ in range(50):  # a free place is almost always found in a few tries
-            top, left = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
-            box = (slice(top, top + side), slice(left, left + side))
-            if not taken[box].any():
-                break
-        else:
+        box = free_box(rng, taken, side)
+        if box is None:
             continue
         digit = np.kron(images[index], np.ones((SCALE, SCALE), dtype=np.float32))
         image[box] = digit
