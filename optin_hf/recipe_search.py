@@ -246,7 +246,9 @@ def add_fold(candidate: Candidate, part: Candidate) -> None:
     become their means over the folds measured (each fold's distance in `candidate.folds` from the second on), its
     `losses` run on with the fold's, its seconds add up."""
     n = _folds_of(candidate) if candidate.distance is not None else 0
-    mean = lambda old, new: new if n == 0 else (old * n + new) / (n + 1)  # noqa: E731
+    def mean(old: float, new: float) -> float:  # over the n folds so far and this one
+        return new if n == 0 else (old * n + new) / (n + 1)
+
     candidate.kl, candidate.md = mean(candidate.kl, part.kl), mean(candidate.md, part.md)
     candidate.folds = None if n == 0 else [*(candidate.folds or [candidate.distance]), part.distance]
     candidate.distance = candidate.kl + candidate.md

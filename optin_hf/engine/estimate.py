@@ -17,7 +17,7 @@ engine's cost on either engine: the whole model with that channel zeroed (`chann
 A layer-streamed model (`engine.streaming`) reads each offloaded layer's weights for each forward
 that runs it. The timed forward holds each such layer `resident` for its run, so its load is timed
 apart from its compute; the load is then charged per forward that runs the layer (a reference
-candidate's every batch; a fast-engine stack of candidates, `stacked_variants`), not per candidate:
+candidate's every batch; a fast-engine stack of candidates, `timed_variants`), not per candidate:
 the timed forward's whole layer time, charged to every candidate, overstated a streamed run.
 """
 
@@ -38,7 +38,7 @@ from ..arch.base import LayerGeometry
 from ..capture import scoring_forward
 from ..data import image_size_of
 from ..losses import bounded, kl_loss, later_layers, md_loss
-from .fast import auto_variants, bytes_per_variant
+from .fast import stacked_variants
 from .run import engine_for, gather, grouped, precision, process_state
 from .streaming import is_streamed, resident
 
@@ -294,7 +294,7 @@ def scoring_cost(
     """The cost model of scoring `units` (per layer, `layer_units`) and the residual `channels` ((first reader, width)
     per group, `channel_runs`) on `batches`, from `timing`, one dense forward over the first of them; MD compares
     `widths[j]` features of layer j on at most `md_tokens` rows. `variants`: the fast engine's candidates per stacked
-    forward (`stacked_variants`), over which a streamed layer's load is shared."""
+    forward (`timed_variants`), over which a streamed layer's load is shared."""
     real, _ = token_counts(batches, tokens_per_image)
     tokens, examples = max(timing.tokens, 1), max(timing.examples, 1)
     md_s = timing.md_s / (timing.md_rows**2 * timing.md_width)
@@ -306,17 +306,14 @@ def scoring_cost(
     )
 
 
-def stacked_variants(model: nn.Module, adapter: ArchAdapter, timing: DenseTiming, config) -> int:
+def timed_variants(model: nn.Module, adapter: ArchAdapter, timing: DenseTiming, config) -> int:
     """The candidates the fast engine stacks in one forward (`FastRunner.variants`): `config.variants_per_batch`, or
-    what fits the device, sized as the engine sizes it, for a batch shaped like the timed one."""
+    what fits the device (`fast.stacked_variants`), for a batch shaped like the timed one."""
     if config.variants_per_batch:
         return config.variants_per_batch
     examples = max(timing.examples, 1)
     tokens = max(timing.tokens // examples, 1)
-    geometry = adapter.layer_geometry(model.config)
-    per_variant = bytes_per_variant(examples, tokens, max(g.hidden for g in geometry), adapter.intermediate_size(model.config),
-                                    adapter.num_heads(model.config), len(geometry), config.md_tokens)
-    return auto_variants(next(model.parameters()).device, per_variant, examples * tokens)
+    return stacked_variants(adapter, model.config, examples, tokens, config.md_tokens, next(model.parameters()).device)
 
 
 def channel_runs(model: nn.Module, adapter: ArchAdapter, config) -> list[tuple[int, int]]:
@@ -421,7 +418,7 @@ def plan_model_scoring(
     md_rows = min(config.md_tokens, sum(token_counts(batches, tokens)[0]))
     with precision(device, getattr(torch, config.dtype)):
         timing = time_dense(model, adapter, batches[0], tokens, md_rows, widths, config.temperature)
-    variants = stacked_variants(model, adapter, timing, config) if timing.loads else 1  # only loads are shared by a stack
+    variants = timed_variants(model, adapter, timing, config) if timing.loads else 1  # only loads are shared by a stack
     cost = scoring_cost(timing, batches, tokens, config.batch_size, layer_units(units, geometry),
                         engine_for(model, adapter, config), widths, config.md_tokens, channel_runs(model, adapter, config),
                         variants=variants)

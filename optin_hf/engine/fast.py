@@ -87,6 +87,15 @@ def auto_variants(device: torch.device, per_variant: int, tokens_per_variant: in
     return max(1, min(by_memory, by_speed))
 
 
+def stacked_variants(adapter: ArchAdapter, config, examples: int, tokens: int, md_tokens: int, device: torch.device) -> int:
+    """The candidates the fast engine stacks in one forward over `examples` of `tokens` each (`FastRunner.variants`
+    when `variants_per_batch` is unset): what fits `device` (`auto_variants`); the estimate sizes its stacks alike."""
+    geometry = adapter.layer_geometry(config)
+    per_variant = bytes_per_variant(examples, tokens, max(g.hidden for g in geometry),  # a staged model's config may name none
+                                    adapter.intermediate_size(config), adapter.num_heads(config), len(geometry), md_tokens)
+    return auto_variants(device, per_variant, examples * tokens)
+
+
 def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -202,17 +211,7 @@ class FastRunner:
         shapes = [(c[0].hidden.shape[0], c[0].hidden.shape[1] if c[0].hidden.dim() == 3 else c[0].hidden[0, 0].numel())
                   for c in self.calls]
         batch, tokens = max(shapes, key=lambda shape: shape[0] * shape[1])
-        config = self.model.config
-        per_variant = bytes_per_variant(
-            batch,
-            tokens,
-            max(g.hidden for g in self.adapter.layer_geometry(config)),  # a staged model's config may name none
-            self.adapter.intermediate_size(config),
-            self.adapter.num_heads(config),
-            len(self.layers),
-            md_tokens,
-        )
-        return auto_variants(self.device, per_variant, batch * tokens)
+        return stacked_variants(self.adapter, self.model.config, batch, tokens, md_tokens, self.device)
 
     @torch.no_grad()
     def _check_replay(self, tolerance: float) -> None:
