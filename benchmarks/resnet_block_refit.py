@@ -8,8 +8,8 @@ Repairs (`--repairs`): `library`, the library's `reconstruct="weights"` (per blo
 then the last 1x1 conv); `projections`, the last 1x1 convs alone (`refit_convs=False`, the library's refit before
 the 3x3 refit); `wide`, the prototype that chose the 3x3 refit (the 1x1 refit, the 3x3 convs block by block, the 1x1
 refit again); `inner-bn`. The refit allocation's cuts are measured with any of them (`--allocation-repair`; the
-library measures them with `projections`). `--split test` reads the test split (once per setting chosen here on
-the development folds).
+library measures them with `projections`). `--extra-train N` also refits (and measures the cuts) on N training
+images. `--split test` reads the test split (once per setting chosen here on the development folds).
 
     PYTHONPATH=.:benchmarks nice -n 10 python benchmarks/resnet_block_refit.py [--budgets 0.6 0.5] [--rounds 1] [--scores-dir DIR]
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from datasets import concatenate_datasets
 from torch import nn
 
 from optin_hf import OptinConfig, OptinPruner
@@ -36,6 +37,9 @@ from optin_hf.macs import CostModel
 from optin_hf.refit_allocation import allocate_by_refit
 from optin_hf.slim import slim_model
 from optin_hf.tasks.defaults import load_default
+from optin_hf.tasks.defaults.corpora import CORPORA
+from optin_hf.tasks.defaults.registry import RECIPES
+from optin_hf.tasks.defaults.splits import make_splits
 from optin_hf.tasks.report import split_accuracy
 
 from cnn_repair_dev import dev_losses
@@ -139,6 +143,13 @@ def wide_repair(model: nn.Module, dense: nn.Module, batches: list[dict], mode: s
 REPAIRS = {"library": library, "projections": projections, "wide": wide_repair, "inner-bn": bn_repair}
 
 
+def training_images(count: int):
+    """The first `count` images of digits-resnet's training split (never a calibration or test image): more images
+    for the refit and the allocation's cuts without another split or another trained model."""
+    recipe = RECIPES["digits-resnet"]
+    return make_splits(CORPORA[recipe.corpus](**recipe.corpus_options), recipe.split).train.select(range(count))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.5])
@@ -150,6 +161,9 @@ def main() -> None:
                              "alone; wide: the prototype (1x1, 3x3, 1x1); inner-bn: the 1x1 refit, each block's first "
                              "two BatchNorms re-centred, the 1x1 refit again")
     parser.add_argument("--scores-dir", help="cnn_repair_dev.py's --scores-dir (the same fold scores)")
+    parser.add_argument("--extra-train", type=int, default=0,
+                        help="also refit (and measure the allocation's cuts) on this many training images; scoring "
+                             "stays on the fold's calibration images")
     parser.add_argument("--split", choices=["development", "test"], default="development",
                         help="test: scored and repaired on all 256 calibration images (the recipe's), judged on the test split")
     args = parser.parse_args()
@@ -162,9 +176,11 @@ def main() -> None:
     judged = sum(len(dev) for _, dev in folds)
     correct: dict = {}
     for fold, (fit, dev) in enumerate(folds):
-        batches = prepare_calibration(fit, None, num_samples=len(fit), batch_size=32, max_length=128)
+        refit_on = fit if not args.extra_train else concatenate_datasets([fit, training_images(args.extra_train)])
+        batches = prepare_calibration(refit_on, None, num_samples=len(refit_on), batch_size=32, max_length=128)
         pruner = OptinPruner(OptinConfig(num_samples=args.scored_images, neuron_group_size=1, neurons_multiple_of=1,
-                                         importance="optin", reconstruct="none", seed=0))
+                                         importance="optin", reconstruct="none", seed=0,
+                                         prune_channels=False))  # the recipe keeps the widths
         cached = args.scores_dir and Path(args.scores_dir) / f"optin-{args.scored_images}{'-test' if args.split == 'test' else ''}-fold{fold}.safetensors"
         if cached and cached.is_file():
             scores = ImportanceScores.load(cached)
