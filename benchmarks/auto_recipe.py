@@ -124,7 +124,7 @@ def main() -> None:
         dense_dev = split_accuracy(task.model, dev, task.processor) if dev is not None else None
         start = time.perf_counter()
         adapter = check_model(task.model)
-        tried = candidates(base, adapter, "auto", args.refit_selection)
+        tried = candidates(base, adapter, task.model.config, "auto", args.refit_selection)
         examples = calibration_examples(task.model, replayable(data), task.processor, base, HELD_OUT, wanted)
         splits = [split_examples(examples, base, HELD_OUT, fold) for fold in range(args.folds)]
         runners = [make_runner(task.model, adapter, fit, held, base, OptinPruner) for fit, held in splits]

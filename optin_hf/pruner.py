@@ -17,7 +17,7 @@ from torch import nn
 
 from .allocate import check_budget, choose_masks
 from .arch import ArchAdapter, check_model, require
-from .channel_search import channels_by_default
+from .auto_settings import resolve_defaults
 from .checkpoint import MAX_SHARD_SIZE, save_pruned
 from .config import OptinConfig
 from .criteria import AUTO_IMPORTANCE
@@ -133,23 +133,20 @@ class OptinPruner:
         c = self.config
         if c.prune_channels is None:  # the default: residual channels cut where the family and settings allow it
             self.default_channels_repair = c.reconstruct  # the repair asked for, resolved again if no data judges them
-            c = self.config = dataclasses.replace(c, prune_channels=channels_by_default(c, adapter, model.config, _offloaded(model)))
-        if c.reconstruct != "auto":
-            return
-        mode = adapter.capabilities.auto_repair(refit=c.prune_steps > 1 or c.selection == "refit")
-        if c.prune_channels and adapter.supports("weights"):  # the refit repairs the convs reading cut channels best
-            mode = "weights"
-        if c.selection == "refit" and mode == "none":
+        # the one place that decides (the recipe search's candidates resolve theirs with it too)
+        asked, c = c.reconstruct, resolve_defaults(c, adapter, model.config, _offloaded(model))
+        mode = c.reconstruct
+        if asked == "auto" and c.selection == "refit" and mode == "none":
             raise ValueError(
                 f"selection='refit' chooses units by the error left after the refit, and the {model.config.model_type} adapter "
                 f"declares no refit (it supports: {', '.join(adapter.capabilities.supported())}): set selection='scores'."
             )
-        if c.prune_steps > 1 and mode == "none":
+        if asked == "auto" and c.prune_steps > 1 and mode == "none":
             raise ValueError(
                 f"prune_steps={c.prune_steps} re-scores a refit model between steps, and the {model.config.model_type} adapter "
                 f"declares no refit (it supports: {', '.join(adapter.capabilities.supported())}): set prune_steps=1."
             )
-        self.config = dataclasses.replace(c, reconstruct=mode)
+        self.config = c
 
     def _refuse(self, model: nn.Module, adapter: ArchAdapter, repair: bool) -> None:
         """Raise if `model` is already pruned or this config asks for what `adapter` does not declare."""
@@ -466,8 +463,9 @@ class CandidateRunner:
         scorer, scores = self.scores(candidate.importance)
         # The scorer's config holds what a scoring time budget picked (fewer examples, coarser neuron groups).
         steps = self.base.prune_steps if candidate.reconstruct != "none" else 1
+        # prune_channels as asked (the default: resolved by this candidate's settings, as its repair was, not the scorer's)
         changes = dict(reconstruct=candidate.reconstruct, selection=candidate.selection, prune_steps=steps, allocation=self.base.allocation,
-                       allocation_rounds=self.base.allocation_rounds)
+                       allocation_rounds=self.base.allocation_rounds, prune_channels=self.base.prune_channels)
         pruner = self.pruner_class(dataclasses.replace(scorer.config, **changes, mac_constraint=mac_constraint or self.base.mac_constraint))
         pruner.seq_len, pruner.image_size, pruner.plan = scorer.seq_len, scorer.image_size, scorer.plan
         if steps == 1:  # allocated from the shared scores (then re-chosen by the refit under selection="refit")
@@ -524,7 +522,7 @@ def prepare_search(
     (`OptinPruner`, or the subclass that started the search)."""
     base = search_base(config)
     adapter = check_model(model)
-    tried = candidates(base, adapter, asked_repair, search.refit_selection)
+    tried = candidates(base, adapter, model.config, asked_repair, search.refit_selection)
     refits = any(c.reconstruct != "none" for c in tried)
     examples = calibration_examples(model, replayable(data), tokenizer, base, search.held_out,
                                     max(base.num_samples, base.reconstruct_samples if refits else 0))

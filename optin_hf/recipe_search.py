@@ -5,8 +5,9 @@ No single recipe wins everywhere once the refit repairs the slim model (issue 25
 OPTIN + refit on a ViT at 0.5 of the MACs, Fisher without refit beats both on a text classifier at 0.8), and a
 user cannot know which one fits their model. So the search holds out a seeded share of the calibration
 examples (the data passed to the pruner, never a test split), scores each criterion once on the rest, prunes a
-copy of the dense model with each criterion x repair (the family's refit, with the units chosen by the scores or by
-the refit's own error, `selection`; and none), and measures how far each copy's outputs are from the
+copy of the dense model with each criterion x repair (the one naming that criterion resolves, `candidates`: the
+family's refit, or on a ResNet the BatchNorm repair where the residual widths stay, with the units chosen by the scores
+or by the refit's own error, `selection`; and none), and measures how far each copy's outputs are from the
 dense model's on the held-out examples: the KL of the task's logits plus OPTIN's manifold distance (MD) of every
 layer's features. Neither needs a label; where the held-out examples have labels (the CLI passes them), each
 copy's task loss on them is measured too, and the closest of the candidates within a tolerance of the lowest loss
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter
+from .auto_settings import resolve_defaults
 from .capture import md_token_rows, scoring_forward, select_rows
 from .config import OptinConfig
 from .criteria import CRITERIA
@@ -56,7 +58,7 @@ class RecipeSearch:
     held_out: the share of the calibration examples kept apart to measure the candidates on (at least
     MIN_HELD_OUT of them); the others are scored and refit on. max_search_time (seconds): no candidate is
     started once this much time has passed since the search began (the first always runs, so 0 keeps
-    OPTIN with the family's repair, validated); None tries every candidate. refit_selection: also try each criterion
+    OPTIN with its repair, validated); None tries every candidate. refit_selection: also try each criterion
     with the refit choosing the units (`selection="refit"`): its greedy choice costs minutes per layer on a CPU where
     the FFN is wide (MiniLM's 1,536 neurons), so it is asked for, not tried by default. folds: the most
     disjoint held-out shares a candidate is measured on (fold k holds out the k-th share of one seeded permutation; each
@@ -226,19 +228,29 @@ def split_examples(
     return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
 
 
-def candidates(config: OptinConfig, adapter: ArchAdapter, asked_repair: str, refit_selection: bool = False) -> list[Candidate]:
-    """The recipes to try, in order: each criterion (those that score tokens, in token mode) with the family's repair,
-    then, with `refit_selection`, with the refit choosing the units (`selection="refit"`, where the repair is a refit
-    and the selection was not named), then without a repair (unless the config's selection or allocation is the
-    refit's, which needs one); with a named repair, only it. The first is the recipe a budget of 0 keeps."""
+def candidates(
+    config: OptinConfig, adapter: ArchAdapter, model_config, asked_repair: str, refit_selection: bool = False,
+) -> list[Candidate]:
+    """The recipes to try, in order: each criterion (those that score tokens, in token mode) with its repair, then, with
+    `refit_selection`, with the refit choosing the units (`selection="refit"`, where its repair is a refit and the
+    selection was not named), then without a repair (unless the config's selection or allocation is the refit's, which
+    needs one); with a named repair, only it. Under "auto" each candidate's repair is the one its own pruner resolves
+    (`auto_settings.resolve_defaults` for that criterion and selection on a model of `model_config`): on a ResNet
+    OPTIN's candidate cuts the residual channels by default and is refit ("weights"), while Magnitude's and Fisher's
+    keep the widths and take the family's first repair ("batchnorm"). The first is the recipe a budget of 0 keeps."""
     criteria = [name for name in SEARCHED_CRITERIA if not config.prune_tokens or getattr(CRITERIA[name], "scores_tokens", False)]
-    repair = adapter.capabilities.auto_repair(refit=config.prune_steps > 1) if asked_repair == "auto" else asked_repair
-    searched = refit_selection and repair in ("weights", "scales") and config.selection == "scores"
-    selections = ["scores", "refit"] if searched else [config.selection]
-    recipes = [(repair, selection) for selection in selections]
-    if asked_repair == "auto" and repair != "none" and config.selection == "scores" and config.allocation == "scores":
-        recipes.append(("none", "scores"))  # a unit choice or per-layer counts by the refit need one: no bare candidate
-    return [Candidate(name, mode, selection) for mode, selection in recipes for name in criteria]
+
+    def recipe(name: str, selection: str, repair: str) -> Candidate:
+        asked = dataclasses.replace(config, importance=name, selection=selection, reconstruct=repair)
+        return Candidate(name, resolve_defaults(asked, adapter, model_config).reconstruct, selection)
+
+    tried = [recipe(name, config.selection, asked_repair) for name in criteria]
+    if refit_selection and config.selection == "scores":
+        tried += [c for c in (recipe(name, "refit", asked_repair) for name in criteria) if c.reconstruct in ("weights", "scales")]
+    if asked_repair == "auto" and config.selection == "scores" and config.allocation == "scores":
+        # a unit choice or per-layer counts by the refit need one: no bare candidate then
+        tried += [Candidate(c.importance, "none") for c in tried[:len(criteria)] if c.reconstruct != "none"]
+    return tried
 
 
 def add_fold(candidate: Candidate, part: Candidate) -> None:

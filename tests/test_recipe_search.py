@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from tiny import batch, calibration, random_images, tiny_llm, tiny_model, tiny_segformer
+from tiny import batch, calibration, family, random_images, tiny_llm, tiny_model, tiny_segformer
 from tiny_task import trained_text_model, write_csv
 from transformers import BertForSequenceClassification
 
@@ -20,7 +20,8 @@ from optin_hf.data import prepare_calibration
 from optin_hf.hub import model_card
 from optin_hf.pruner import prepare_search
 from optin_hf.recipe_search import (
-    RecipeSearch, add_fold, calibration_examples, choose, distance, held_out_run, paired_se, split_examples,
+    RecipeSearch, add_fold, calibration_examples, candidates, choose, distance, held_out_run, paired_se, search_base,
+    split_examples,
 )
 from optin_hf.result import pruning_result
 from optin_hf.search_record import Candidate, search_record
@@ -231,6 +232,61 @@ def test_a_named_repair_limits_the_search_to_it():
     pruner.prune_model(model, data)
     record = search_record(pruner.config.to_dict())
     assert [c.label for c in record.candidates] == ["optin", "magnitude", "fisher"] and pruner.config.reconstruct == "none"
+
+
+RESNET_LABELS = ["optin + weights", "magnitude + batchnorm", "fisher + batchnorm", "optin", "magnitude", "fisher"]
+
+
+@pytest.mark.parametrize(("model_type", "labels"), [
+    ("resnet", [*RESNET_LABELS[:3], "optin + weights (refit selection)", "magnitude + weights (refit selection)",
+                "fisher + weights (refit selection)", *RESNET_LABELS[3:]]),
+    ("bert", WITH_REFIT_SELECTION),
+])
+def test_each_candidate_takes_the_repair_its_own_pruner_resolves(model_type, labels):
+    """Under reconstruct="auto" a candidate's repair is what naming its criterion and selection resolves to: on a
+    ResNet OPTIN cuts the residual channels by default and is refit, Magnitude and Fisher keep the widths and take the
+    BatchNorm repair, the refit's unit choice (which keeps the widths) takes the refit; a text model's are all the
+    refit, as before."""
+    tiny = family(model_type)
+    model, data = tiny.build(), tiny.examples(8, 1)
+    base = search_base(OptinConfig(mac_constraint=0.6))
+    tried = candidates(base, check_model(model), model.config, "auto", refit_selection=True)
+    assert [c.label for c in tried] == labels
+    for candidate in [c for c in tried if c.reconstruct != "none"]:
+        sizes = {k: v for k, v in tiny.settings.items() if k in ("num_samples", "batch_size", "neuron_group_size")}
+        named = OptinPruner(OptinConfig(**sizes, mac_constraint=0.6, importance=candidate.importance, selection=candidate.selection))
+        named.prune_model(copy.deepcopy(model), data)
+        assert named.config.reconstruct == candidate.reconstruct == named.reconstruction.mode, candidate.label
+
+
+def test_a_resnets_default_search_refits_the_optin_candidate_that_cuts_its_channels(tmp_path):
+    """`OptinConfig(mac_constraint=0.6)` on a ResNet: the record names each candidate's repair, and the OPTIN
+    candidate (the first: a time budget of 0 keeps it) cuts the residual channels and is refit with "weights", which
+    the kept model, its saved config and its card say."""
+    tiny = family("resnet")
+    model = tiny.build()
+    widths = check_model(model).channel_widths(model.config)
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, importance_options={"max_search_time": 0.0}))
+    pruner.prune_model(model, tiny.examples(16, 1))
+    record = search_record(pruner.config.to_dict())
+    assert [c.label for c in record.candidates] == RESNET_LABELS and record.chosen == 0
+    assert pruner.config.prune_channels and pruner.config.reconstruct == "weights" == pruner.reconstruction.mode
+    assert sum(check_model(model).kept_channels(model)) < sum(widths)  # residual channels were cut
+    pruner.save(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "optin_config.json").read_text())["reconstruct"] == "weights"
+    card = str(model_card(model, "me/x", masks_only=True, base_model=None, base_revision=None))
+    assert all(f"| {label}" in card for label in RESNET_LABELS)
+
+
+def test_a_named_repair_is_every_candidates_on_a_resnet():
+    """reconstruct="batchnorm" named: OPTIN's candidate cuts the channels and is repaired as named, not refit."""
+    tiny = family("resnet")
+    model = tiny.build()
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, reconstruct="batchnorm"))
+    pruner.prune_model(model, tiny.examples(16, 1))
+    record = search_record(pruner.config.to_dict())
+    assert [c.label for c in record.candidates] == ["optin + batchnorm", "magnitude + batchnorm", "fisher + batchnorm"]
+    assert pruner.config.reconstruct == "batchnorm" == pruner.reconstruction.mode
 
 
 def test_a_time_budget_of_zero_measures_the_first_candidate_only():
