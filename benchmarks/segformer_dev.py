@@ -150,7 +150,7 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 miou = mean_iou_on(model, evaluation)
                 heads, neurons = kept_per_layer(model)
-                cells.append(f"@{budget}: {miou:.3f} ({100 * (miou - dense):+.1f}) heads {heads} neurons {neurons} {seconds:.0f}s")
+                cells.append(f"@{budget}: {miou:.4f} ({100 * (miou - dense):+.2f}) heads {heads} neurons {neurons} {seconds:.0f}s")
             print(f"{label:24} draw {draw}  " + "  ".join(cells), flush=True)
 
 
