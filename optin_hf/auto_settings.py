@@ -15,7 +15,8 @@ def resolve_defaults(config: OptinConfig, adapter: ArchAdapter, model_config, of
     """`config` as a pruner runs it on a model of `model_config` (`adapter`'s family; `offloaded`: its weights
     streamed): `prune_channels=None` becomes whether residual channels are cut (`channels_by_default`), then
     `reconstruct="auto"` the family's strongest repair for those settings: its first declared one
-    (`Capabilities.auto_repair`, a refit where the model is re-scored between steps or the refit chooses the units),
+    (`Capabilities.auto_repair`, a refit where the model is re-scored between steps or the refit chooses the units or
+    counts them per layer),
     except that where residual channels are cut it is the refit ("weights") where declared: the refit rebuilds the convs
     that read the cut channels, and the BatchNorm means alone leave more of the cut's loss (benchmarks/RESULTS.md,
     "Coupled residual channels with the consumer refit")."""
@@ -23,7 +24,8 @@ def resolve_defaults(config: OptinConfig, adapter: ArchAdapter, model_config, of
     if c.prune_channels is None:
         c = dataclasses.replace(c, prune_channels=channels_by_default(c, adapter, model_config, offloaded))
     if c.reconstruct == "auto":
-        mode = adapter.capabilities.auto_repair(refit=c.prune_steps > 1 or c.selection == "refit")
+        # re-scoring a refit model, choosing units or counting them by the refit's error all need a refit
+        mode = adapter.capabilities.auto_repair(refit=c.prune_steps > 1 or c.selection == "refit" or c.allocation == "refit")
         if c.prune_channels and adapter.supports("weights"):
             mode = "weights"
         c = dataclasses.replace(c, reconstruct=mode)

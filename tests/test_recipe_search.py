@@ -289,6 +289,22 @@ def test_a_named_repair_is_every_candidates_on_a_resnet():
     assert pruner.config.reconstruct == "batchnorm" == pruner.reconstruction.mode
 
 
+@pytest.mark.parametrize("importance", ["optin", "auto"])
+def test_a_refit_allocation_on_a_resnet_resolves_auto_to_the_refit(importance):
+    """allocation='refit' counts units by the loss the refit leaves, so reconstruct="auto" on a ResNet (whose first
+    repair, "batchnorm", runs no refit) resolves to "weights", named criterion or searched; it was refused, naming a
+    reconstruct='batchnorm' the user never set."""
+    tiny = family("resnet")
+    model = tiny.build()
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.6, importance=importance, allocation="refit",
+                                     importance_options={"max_search_time": 0.0} if importance == "auto" else {}))
+    pruner.prune_model(model, tiny.examples(16, 1))
+    assert pruner.config.allocation == "refit" and pruner.config.reconstruct == "weights" == pruner.reconstruction.mode
+    if importance == "auto":
+        assert [c.label for c in search_record(pruner.config.to_dict()).candidates] == [
+            "optin + weights", "magnitude + weights", "fisher + weights"]
+
+
 def test_a_time_budget_of_zero_measures_the_first_candidate_only():
     model, data = tiny_model("bert"), calibration("bert", 16)
     pruner = OptinPruner(OptinConfig(**SETTINGS, importance_options={"max_search_time": 0.0}))
