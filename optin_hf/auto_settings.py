@@ -15,18 +15,37 @@ def resolve_defaults(config: OptinConfig, adapter: ArchAdapter, model_config, of
     """`config` as a pruner runs it on a model of `model_config` (`adapter`'s family; `offloaded`: its weights
     streamed): `prune_channels=None` becomes whether residual channels are cut (`channels_by_default`), then
     `reconstruct="auto"` the family's strongest repair for those settings: its first declared one
-    (`Capabilities.auto_repair`, a refit where the model is re-scored between steps or the refit chooses the units or
-    counts them per layer),
-    except that where residual channels are cut it is the refit ("weights") where declared: the refit rebuilds the convs
-    that read the cut channels, and the BatchNorm means alone leave more of the cut's loss (benchmarks/RESULTS.md,
-    "Coupled residual channels with the consumer refit")."""
+    (`Capabilities.auto_repair`; a refit where the settings need one: `_needs_refit`), except that where residual
+    channels are cut it is the refit ("weights") where declared: the refit rebuilds the convs that read the cut
+    channels, and the BatchNorm means alone leave more of the cut's loss (benchmarks/RESULTS.md, "Coupled residual
+    channels with the consumer refit"). Raises where the settings need a refit and the family declares none."""
     c = config
     if c.prune_channels is None:
         c = dataclasses.replace(c, prune_channels=channels_by_default(c, adapter, model_config, offloaded))
-    if c.reconstruct == "auto":
-        # re-scoring a refit model, choosing units or counting them by the refit's error all need a refit
-        mode = adapter.capabilities.auto_repair(refit=c.prune_steps > 1 or c.selection == "refit" or c.allocation == "refit")
-        if c.prune_channels and adapter.supports("weights"):
-            mode = "weights"
-        c = dataclasses.replace(c, reconstruct=mode)
-    return c
+    if c.reconstruct != "auto":
+        return c
+    needs = _needs_refit(c)
+    mode = adapter.capabilities.auto_repair(refit=needs is not None)
+    if c.prune_channels and adapter.supports("weights"):
+        mode = "weights"
+    if needs is not None and mode == "none":
+        raise ValueError(f"{needs}, and the {model_config.model_type} adapter declares no refit (it supports: "
+                         f"{', '.join(adapter.capabilities.supported())}): {_WITHOUT_REFIT[needs.split('=')[0]]}.")
+    return dataclasses.replace(c, reconstruct=mode)
+
+
+# the setting that needs a refit -> how to do without one
+_WITHOUT_REFIT = {"prune_steps": "set prune_steps=1", "selection": "set selection='scores'",
+                  "allocation": "set allocation='scores'"}
+
+
+def _needs_refit(config: OptinConfig) -> str | None:
+    """Why `config`'s settings need a refit (re-scoring a refit model between steps, choosing units or counting them
+    per layer by the refit's error), or None."""
+    if config.prune_steps > 1:
+        return f"prune_steps={config.prune_steps} re-scores a refit model between steps"
+    if config.selection == "refit":
+        return "selection='refit' chooses units by the error left after the refit"
+    if config.allocation == "refit":
+        return "allocation='refit' counts units per layer by the error left after the refit"
+    return None

@@ -94,8 +94,8 @@ class OptinConfig:
     recipe alike: a string is never read as a bool or a number, a bool is not an int, an int is a
     float, NaN and infinity are refused, and None is taken only by the fields typed `| None`.
     `importance="auto"` (the default) chooses the recipe: optin, magnitude and fisher, each with the repair
-    `reconstruct="auto"` resolves for it (`optin_hf.auto_settings`) and without one, prune copies of the model, and the one whose pruned model stays closest to the dense model on
-    held-out calibration examples is kept (`optin_hf.recipe_search`), since no single recipe is best on every model.
+    `reconstruct="auto"` resolves for it (`optin_hf.auto_settings`) and without one, prune copies of the model, and
+    the one whose pruned model stays closest to the dense model on held-out calibration examples is kept (`optin_hf.recipe_search`), since no single recipe is best on every model.
     The pruner's config then names the criterion and repair chosen, with the search's record in `extra`, so the saved
     config says what pruned the model. Any other value names a registered criterion
     (`optin_hf.criteria`), checked without importing it, and is used as named ("optin": the paper's).

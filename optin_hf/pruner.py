@@ -133,20 +133,7 @@ class OptinPruner:
         c = self.config
         if c.prune_channels is None:  # the default: residual channels cut where the family and settings allow it
             self.default_channels_repair = c.reconstruct  # the repair asked for, resolved again if no data judges them
-        # the one place that decides (the recipe search's candidates resolve theirs with it too)
-        asked, c = c.reconstruct, resolve_defaults(c, adapter, model.config, _offloaded(model))
-        mode = c.reconstruct
-        if asked == "auto" and c.selection == "refit" and mode == "none":
-            raise ValueError(
-                f"selection='refit' chooses units by the error left after the refit, and the {model.config.model_type} adapter "
-                f"declares no refit (it supports: {', '.join(adapter.capabilities.supported())}): set selection='scores'."
-            )
-        if asked == "auto" and c.prune_steps > 1 and mode == "none":
-            raise ValueError(
-                f"prune_steps={c.prune_steps} re-scores a refit model between steps, and the {model.config.model_type} adapter "
-                f"declares no refit (it supports: {', '.join(adapter.capabilities.supported())}): set prune_steps=1."
-            )
-        self.config = c
+        self.config = resolve_defaults(c, adapter, model.config, _offloaded(model))  # the search's candidates too
 
     def _refuse(self, model: nn.Module, adapter: ArchAdapter, repair: bool) -> None:
         """Raise if `model` is already pruned or this config asks for what `adapter` does not declare."""
