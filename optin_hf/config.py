@@ -69,6 +69,10 @@ class OptinConfig:
     the dense model's sums (`optin_hf.reconstruct`); "scales" fits one factor per kept unit
     (PTF's mask tuning); "batchnorm" (CNNs with BatchNorm: ResNet) re-estimates the BatchNorm
     running means of the slim model instead; "none" keeps the base weights of the kept units.
+    `reconstruct_inputs=True` makes the weights refit fit each sublayer's input projections first (query, key and
+    value; the FFN's up and gate, at the units kept), from the slim model's own input of each to the dense model's
+    output of the same rows, so the drift that earlier layers' pruning left in the stream is corrected where it enters
+    the sublayer too (families that declare it: `Capabilities.inputs`; a larger artifact, a longer refit).
     `prune_steps=k` makes the search see the repair: each step removes 1/k of the MAC cut,
     reconstructs, and re-scores the remaining units on the repaired model (k scoring runs).
     `selection` says which units each layer drops, the allocation having said how many: "scores" (the default)
@@ -138,6 +142,7 @@ class OptinConfig:
     reconstruct: str = "auto"
     reconstruct_samples: int = 256
     reconstruct_ridge: float = 1e-3
+    reconstruct_inputs: bool = False
     prune_steps: int = 1
     selection: str = "scores"
     allocation: str = "scores"
@@ -203,6 +208,13 @@ class OptinConfig:
             raise ValueError(f"reconstruct={self.reconstruct!r} is unknown; choose one of {list(RECONSTRUCT_MODES)}.")
         if self.prune_steps > 1 and self.prune_tokens:
             raise ValueError(f"prune_steps={self.prune_steps} is for heads and neurons; token mode (prune_tokens=True) prunes in one step.")
+        if self.reconstruct_inputs and self.reconstruct not in ("auto", "weights"):
+            raise ValueError(f"reconstruct_inputs=True refits input projections within the weights refit, which "
+                             f"reconstruct={self.reconstruct!r} does not run: set reconstruct='weights' (or 'auto'), or "
+                             "reconstruct_inputs=False.")
+        if self.reconstruct_inputs and self.prune_tokens:
+            raise ValueError("reconstruct_inputs=True pairs each input projection's rows in the slim and the dense model, "
+                             "which token mode's merges make differ: set reconstruct_inputs=False, or prune_tokens=False.")
         if self.prune_steps > 1 and self.reconstruct == "batchnorm":
             raise ValueError(f"prune_steps={self.prune_steps} re-scores a refit model between steps, which reconstruct='batchnorm' does not give: set prune_steps=1.")
         if self.prune_steps > 1 and self.reconstruct == "none":

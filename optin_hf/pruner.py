@@ -282,7 +282,8 @@ class OptinPruner:
                                      select=last)  # the refit's unit choice for the final masks only
                 if not last:
                     work = slim_model(copy.deepcopy(model), masks, adapter)
-                    reconstruct(work, model, batches, c.reconstruct, c.reconstruct_ridge, adapter)
+                    reconstruct(work, model, batches, c.reconstruct, c.reconstruct_ridge, adapter, inputs=c.reconstruct_inputs,
+                                masks=masks)
                     current = unslim(work, model, masks, adapter)
         finally:
             self.config = dataclasses.replace(self.config, checkpoint_dir=c.checkpoint_dir)  # as given, for the saved config
@@ -335,7 +336,8 @@ class OptinPruner:
         slim_model(model, masks, adapter)
         if dense is not None:
             start = time.perf_counter()
-            self.reconstruction = reconstruct(model, dense, batches, c.reconstruct, c.reconstruct_ridge, adapter)
+            self.reconstruction = reconstruct(model, dense, batches, c.reconstruct, c.reconstruct_ridge, adapter,
+                                              inputs=c.reconstruct_inputs, masks=masks)
             self.timings["reconstruction_s"] = time.perf_counter() - start
         counted = dataclasses.replace(self.config, image_size=list(self.image_size) if self.image_size else None)
         attach_result(model, result_of_pruning(model, counted, masks, self.seq_len, self.reconstruction))
@@ -432,8 +434,9 @@ class CandidateRunner:
         """The dense model's scores by criterion `name` and the pruner that computed them (a failure: raised again)."""
         if name not in self.scored:
             # scoring only: no repair, so neither the refit's unit choice nor its per-layer counts (they need one)
-            scorer = self.pruner_class(dataclasses.replace(self.base, importance=name, reconstruct="none", prune_steps=1,
-                                                           selection="scores", allocation="scores", allocation_rounds=1))
+            scorer = self.pruner_class(dataclasses.replace(self.base, importance=name, reconstruct="none", reconstruct_inputs=False,
+                                                           prune_steps=1, selection="scores", allocation="scores",
+                                                           allocation_rounds=1))
             try:
                 self.scored[name] = (scorer, scorer.compute_scores(self.model, self.fit))
             except ValueError as err:  # a criterion this model or data cannot take: Fisher on a regressor without labels
@@ -450,8 +453,11 @@ class CandidateRunner:
         scorer, scores = self.scores(candidate.importance)
         # The scorer's config holds what a scoring time budget picked (fewer examples, coarser neuron groups).
         steps = self.base.prune_steps if candidate.reconstruct != "none" else 1
+        # the input projections refit where the candidate's repair is the weights refit it belongs to
+        inputs = self.base.reconstruct_inputs and candidate.reconstruct == "weights"
         # prune_channels as asked (the default: resolved by this candidate's settings, as its repair was, not the scorer's)
-        changes = dict(reconstruct=candidate.reconstruct, selection=candidate.selection, prune_steps=steps, allocation=self.base.allocation,
+        changes = dict(reconstruct=candidate.reconstruct, reconstruct_inputs=inputs, selection=candidate.selection,
+                       prune_steps=steps, allocation=self.base.allocation,
                        allocation_rounds=self.base.allocation_rounds, prune_channels=self.base.prune_channels)
         pruner = self.pruner_class(dataclasses.replace(scorer.config, **changes, mac_constraint=mac_constraint or self.base.mac_constraint))
         pruner.seq_len, pruner.image_size, pruner.plan = scorer.seq_len, scorer.image_size, scorer.plan

@@ -8,7 +8,8 @@ run); what every adapter must do is checked here once:
 - the slim model computes what the masked dense model computes, and runs the kept units;
 - save and reload: a folder, a full Hub repo and a masks-only one;
 - the fast engine's scores equal the reference engine's (exactly, where the family falls back to it);
-- each repair the family takes lowers its sublayers' error, and changes nothing where nothing is pruned;
+- each repair the family takes lowers its sublayers' error, and changes nothing where nothing is pruned; so does the
+  input projections' refit (`reconstruct_inputs`), whose artifact reloads masks-only;
 - refusals match the declared capabilities (`ArchAdapter.capabilities`): what a family declares is accepted,
   what it does not is refused before any scoring, with the one message `optin_hf.arch.refusal` words.
 A family registered with `register_adapter` joins by that registration alone
@@ -35,6 +36,7 @@ from transformers.pytorch_utils import Conv1D
 from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs, register_adapter
 from optin_hf.arch import ADAPTERS, FEATURES, REPAIRS, check_model, get_submodule, refusal
 from optin_hf.arch.base import num_features
+from optin_hf.arch.projection import Projection, slice_features
 from optin_hf.arch.bert import BERT
 from optin_hf.capture import scoring_forward
 from optin_hf.data import prepare_calibration
@@ -42,7 +44,7 @@ from optin_hf.engine.run import engine_for
 from optin_hf.hooks import apply_masks
 from optin_hf.importance.residual_channels import zero_channel
 from optin_hf.losses import kl_loss
-from optin_hf.reconstruct import batch_norms, output_projection, reconstruct
+from optin_hf.reconstruct import apply_reconstruction, batch_norms, output_projection, reconstruct
 from optin_hf.recipe_search import SEARCHED_CRITERIA
 from optin_hf.search_record import search_record
 from optin_hf.slim import slim_model
@@ -57,6 +59,7 @@ ASKS = {
     "heads": {"prune_neurons": False},
     "neurons": {"prune_heads": False},
     "channels": {"prune_channels": True},
+    "inputs": {"reconstruct_inputs": True, "reconstruct": "auto"},
 }
 assert set(ASKS) | {"fast_engine"} == set(FEATURES)  # a new capability gets its request here
 
@@ -394,6 +397,73 @@ def check_refit(model_type: str, mode: str) -> None:
         assert before == pytest.approx(errors[(i, sub)][1], rel=1e-3)
 
 
+def input_errors(model: nn.Module, dense: nn.Module, data: list[dict], masks: PruningMasks, original: nn.Module) -> dict:
+    """(layer, input projection path) -> (error with the refit projection, error with `original`'s, the plain slim
+    model's) on the real tokens, from plain forwards: the projection's input is `model`'s own, the target the dense
+    twin's output at the features the slim one keeps."""
+    adapter = check_model(dense)
+    seen: dict = {}
+    handles, parts = [], {}
+
+    def keep_first(key: tuple, value: torch.Tensor) -> None:  # a hook returning a value would replace it
+        seen.setdefault(key, value)
+
+    for i, (slim_layer, dense_layer) in enumerate(zip(adapter.layers_of(model), adapter.layers_of(dense), strict=True)):
+        for sub, keep in (("attn_out", masks.head_mask[i]), ("ffn_down", masks.neuron_mask[i])):
+            keep = keep.nonzero().flatten()
+            width = adapter.layer_head_dim(dense_layer, dense.config) if sub == "attn_out" else 1
+            for part in adapter.input_slices(dense_layer, dense.config, sub) if len(keep) else ():
+                target = get_submodule(dense_layer, part.path)
+                parts[(i, part.path)] = slice_features(target, part, keep, width)
+                handles.append(get_submodule(slim_layer, part.path).register_forward_pre_hook(
+                    lambda m, args, key=(i, part.path): keep_first(("x", key), args[0])))
+                handles.append(target.register_forward_hook(lambda m, args, out, key=(i, part.path): keep_first(("y", key), out)))
+    originals = {key: Projection(get_submodule(adapter.layers_of(original)[key[0]], key[1])) for key in parts}
+    errors = {key: [0.0, 0.0] for key in parts}
+    try:
+        with torch.no_grad():
+            for batch in data:
+                seen.clear()
+                scoring_forward(model, batch)
+                scoring_forward(dense, batch)
+                real = batch["attention_mask"].reshape(-1).bool() if "attention_mask" in batch else None
+                for key, kept in parts.items():
+                    proj = Projection(get_submodule(adapter.layers_of(model)[key[0]], key[1]))
+                    x, y = proj.rows(seen[("x", key)]), Projection(proj.module).rows(seen[("y", key)])[:, kept]
+                    rows = real if real is not None and real.numel() == x.shape[0] else slice(None)
+                    for j, p in enumerate((proj, originals[key])):
+                        errors[key][j] += float((p.module(x[rows]) - y[rows]).double().pow(2).sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return errors
+
+
+def check_input_refit(model_type: str) -> None:
+    """`reconstruct_inputs`: each input projection ends closer to its dense twin's output (on the refit model's own
+    inputs) than the plain slim one is, its bookkeeping agrees with plain forwards, the output projections are still
+    refit, and the artifact alone rebuilds the refit model from the plain slim one."""
+    tiny = family(model_type)
+    dense = tiny.build()
+    tiny.eager(dense)
+    masks = random_masks(dense)
+    data = prepare_calibration(tiny.examples(16, 1), num_samples=16, batch_size=8, max_length=64)
+    model, plain = slim_model(copy.deepcopy(dense), masks), slim_model(copy.deepcopy(dense), masks)
+    result = reconstruct(model, dense, data, "weights", inputs=True, masks=masks)
+    errors = input_errors(model, dense, data, masks, plain)
+    logged = [e for e in result.errors if e[1].startswith("inputs.")]
+    assert {(i, path) for i, name, *_ in logged for path in name.removeprefix("inputs.").split("+")} == set(errors)
+    for i, name, before, after in logged:
+        group = [errors[(i, path)] for path in name.removeprefix("inputs.").split("+")]
+        assert after == pytest.approx(sum(e[0] for e in group), rel=1e-3, abs=1e-6), (i, name)
+        assert before == pytest.approx(sum(e[1] for e in group), rel=1e-3, abs=1e-6), (i, name)
+    assert all(after <= before * (1 + 1e-9) for *_, before, after in logged) and any(a < b for *_, b, a in logged)
+    assert {sub for _, sub, *_ in result.errors} >= set(ADAPTERS[model_type].refit_sublayers)
+    apply_reconstruction(plain, result.tensors)
+    for got, want in zip(outputs(plain, tiny), outputs(model, tiny), strict=True):
+        assert torch.equal(got, want)
+
+
 def check_nothing_pruned(model_type: str, mode: str) -> None:
     """With every unit kept, the repair changes nothing: the ridge pulls the refit toward the weights the kept
     units had, which fit the dense sums exactly (what is left is the float64 solve's rounding), and no BatchNorm
@@ -401,8 +471,10 @@ def check_nothing_pruned(model_type: str, mode: str) -> None:
     tiny = family(model_type)
     dense = tiny.build()
     data = prepare_calibration(tiny.examples(8, 1), num_samples=8, batch_size=4, max_length=64)
-    model = slim_model(copy.deepcopy(dense), PruningMasks.full(dense.config))
-    reconstruct(model, dense, data, mode)
+    full = PruningMasks.full(dense.config)
+    model = slim_model(copy.deepcopy(dense), full)
+    inputs = mode == "weights" and ADAPTERS[model_type].supports("inputs")  # the input projections' refit too
+    reconstruct(model, dense, data, mode, inputs=inputs, masks=full)
     for got, want in zip(outputs(model, tiny), outputs(dense, tiny), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -479,6 +551,11 @@ def test_each_refit_lowers_its_sublayers_error(model_type, mode):
 @pytest.mark.parametrize(("model_type", "mode"), [(t, m) for t in MODEL_TYPES for m in refit_modes(t)])
 def test_a_repair_with_nothing_pruned_changes_nothing(model_type, mode):
     check_nothing_pruned(model_type, mode)
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if ADAPTERS[t].supports("inputs")])
+def test_the_input_refit_lowers_each_input_projections_error_and_reapplies(model_type):
+    check_input_refit(model_type)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

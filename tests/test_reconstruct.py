@@ -7,11 +7,13 @@ import copy
 
 import pytest
 import torch
-from tiny import ARCHS, batch, calibration, output, tiny_model
+from huggingface_hub import create_repo, upload_folder
+from tiny import ARCHS, batch, calibration, family, output, tiny_model
 
 from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import check_model
 from optin_hf.data import prepare_calibration
+from optin_hf.hooks import apply_masks
 from optin_hf.reconstruct import apply_reconstruction, reconstruct, unslim
 from optin_hf.slim import slim_model
 
@@ -137,3 +139,60 @@ def test_pruning_in_steps_keeps_a_subset_of_each_step_and_meets_the_budget() -> 
     base = count_macs(model, pruner.seq_len)
     pruner.prune_model(model, data, masks=masks)
     assert 0.98 * 0.5 * base <= count_macs(model, pruner.seq_len) <= 0.5 * base
+
+
+def test_unslim_carries_the_refit_input_projections() -> None:
+    """After the input refit, the wide copy the scoring engine runs computes what the slim model computes: the refit
+    query/key/value and intermediate rows sit at the features they keep."""
+    dense, masks = tiny_model("bert"), random_masks(tiny_model("bert"))
+    model = slim_model(copy.deepcopy(dense), masks)
+    result = reconstruct(model, dense, batches("bert"), "weights", inputs=True, masks=masks)
+    assert any(".inputs." in key for key in result.tensors)
+    inputs = batch("bert")
+    with apply_masks(wide := unslim(model, dense, masks), check_model(dense), masks.head_mask.float(), masks.neuron_mask.float()):
+        torch.testing.assert_close(output(wide, inputs), output(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_the_input_refit_needs_the_weights_refit_and_no_token_merging() -> None:
+    with pytest.raises(ValueError, match=r"reconstruct_inputs=True .* reconstruct='scales' does not run: set reconstruct='weights'"):
+        OptinConfig(reconstruct="scales", reconstruct_inputs=True)
+    with pytest.raises(ValueError, match="reconstruct_inputs=True .* token mode's merges .* prune_tokens=False"):
+        OptinConfig(reconstruct_inputs=True, prune_tokens=True)
+    dense, masks = tiny_model("bert"), random_masks(tiny_model("bert"))
+    with pytest.raises(ValueError, match="inputs=True .* pass mode='weights' and masks"):
+        reconstruct(slim_model(copy.deepcopy(dense), masks), dense, batches("bert"), "weights", inputs=True)
+
+
+def test_the_search_refits_the_input_projections_of_the_weights_candidates() -> None:
+    """Under importance="auto" each candidate whose repair is the weights refit runs the input refit the config asks
+    for: the kept run's artifact holds the input projections and its config says so."""
+    model = tiny_model("bert")
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.5, seq_len=12, reconstruct="weights", reconstruct_inputs=True))
+    pruner.prune_model(model, calibration("bert", 24))
+    assert pruner.config.reconstruct == "weights" and pruner.config.reconstruct_inputs
+    assert any(".inputs." in key for key in pruner.reconstruction.tensors)
+
+
+def test_the_input_refit_reloads_masks_only_from_the_hub_and_generates_the_same_tokens(hub_server, tmp_path) -> None:
+    """A Llama (grouped KV heads, a gated MLP) pruned with the input refit, pushed masks-only naming its base on the
+    (local) Hub: the reload applies the refit input projections, so logits and greedy tokens equal the pruned model's."""
+    tiny = family("llama")
+    dense = tiny.build()
+    dense.save_pretrained(tmp_path / "base")
+    base_id = create_repo("tiny-llama").repo_id
+    upload_folder(repo_id=base_id, folder_path=tmp_path / "base")
+    model = type(dense).from_pretrained(base_id).eval()
+    tiny.eager(model)
+    pruner = OptinPruner(OptinConfig(**{**tiny.settings, "importance": "magnitude", "reconstruct": "weights",
+                                        "reconstruct_inputs": True}))
+    pruner.prune_model(model, tiny.examples(4, 1))
+    keys = [key for key in pruner.reconstruction.tensors if ".inputs." in key]
+    assert any("q_proj" in key for key in keys) and any("gate_proj" in key for key in keys)
+    repo = pruner.push_to_hub(model, "tiny-llama-optin").repo_url.repo_id
+    loaded = AutoOptinModel.from_pretrained(repo)
+    tiny.eager(loaded)
+    prompts = torch.randint(5, 60, (2, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(loaded(prompts).logits, model(prompts).logits)
+        greedy = dict(max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompts))
+        assert torch.equal(loaded.generate(prompts, **greedy), model.generate(prompts, **greedy))

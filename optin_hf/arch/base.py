@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..losses import KLOutputs
 from .capabilities import Capabilities, Feature
@@ -267,6 +268,14 @@ class ArchAdapter:
     def neuron_slices(self, config=None) -> tuple[Slice, ...]:
         """What an FFN neuron owns: its up-projection row and its down-projection column."""
         return (Slice(self.ffn_up, "out"), Slice(self.ffn_down, "in"))
+
+    def input_slices(self, layer: nn.Module, config, sublayer: str) -> tuple[Slice, ...]:
+        """The input projections of `sublayer` ("attn_out": the heads' query, key and value; "ffn_down": the FFN's up
+        and gate), which `reconstruct_inputs` refits: the output-side slices of its units that are Linear or Conv1D
+        layers, each a linear map of its own input (a depthwise conv after the up projection, SegFormer's, is not)."""
+        slices = self.head_slices(config) if sublayer == "attn_out" else self.neuron_slices(config)
+        return tuple(part for part in slices
+                     if part.side == "out" and isinstance(get_submodule(layer, part.path), (nn.Linear, Conv1D)))
 
     def slim_heads(self, layer: nn.Module, keep: torch.Tensor, config) -> None:
         """Keep only heads `keep` (sorted indices) of `layer`, in place.

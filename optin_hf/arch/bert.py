@@ -44,7 +44,7 @@ BERT = ArchAdapter(
     finish_attention=_finish_attention,
     feed_forward=_feed_forward,
     finish_feed_forward=_finish_feed_forward,
-    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales")),
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True),
     classifiers={
         "BertForSequenceClassification": _bert_classifier,
         "RobertaForSequenceClassification": _roberta_classifier,

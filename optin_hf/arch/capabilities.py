@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Repair = Literal["weights", "scales", "batchnorm"]
-Feature = Literal["fast_engine", "weights", "scales", "batchnorm", "tokens", "heads", "neurons", "channels"]
+Feature = Literal["fast_engine", "weights", "scales", "batchnorm", "inputs", "tokens", "heads", "neurons", "channels"]
 REPAIRS: tuple[Repair, ...] = ("weights", "scales", "batchnorm")
-FEATURES: tuple[Feature, ...] = ("fast_engine", *REPAIRS, "tokens", "heads", "neurons", "channels")
+FEATURES: tuple[Feature, ...] = ("fast_engine", *REPAIRS, "inputs", "tokens", "heads", "neurons", "channels")
 
 _REFIT = (
     "refits each layer's output projections through the adapter's layer pieces "
@@ -26,6 +26,8 @@ _ASKED_BY: dict[str, tuple[str, str]] = {
     "fast_engine": ("engine='fast'", "starts inside a layer through the adapter's layer pieces (finish_attention, feed_forward)"),
     "weights": ("reconstruct='weights'", _REFIT),
     "scales": ("reconstruct='scales'", _REFIT),
+    "inputs": ("reconstruct_inputs=True", "refits each sublayer's input projections (query, key and value; the FFN's up "
+               "and gate) as linear maps of the sublayer's input, which needs them to be Linear or Conv1D layers"),
     "batchnorm": ("reconstruct='batchnorm'", "re-estimates the running means of the BatchNorms after the pruned convs"),
     "tokens": ("prune_tokens=True", "reduces image tokens by merging a ViT token sequence, its class token(s) kept apart"),
     "heads": ("prune_heads=True with prune_neurons=False", "prunes heads only"),
@@ -43,6 +45,9 @@ class Capabilities:
     repairs: the `reconstruct` modes besides "none" it takes, strongest first (`reconstruct="auto"` uses
     the first, `auto_repair`): "weights" and "scales" refit the output projections through the three
     layer pieces; "batchnorm" re-estimates the running means of the BatchNorms after the pruned convs (ResNet).
+    inputs: the weights refit can refit each sublayer's input projections too (`reconstruct_inputs=True`): the
+    output-side slices of `head_slices` / `neuron_slices` that are Linear or Conv1D layers, each read as a linear map
+    of its own input (needs "weights" among the repairs).
     tokens: token mode (`prune_tokens=True`): a ViT token sequence with class token(s) to keep apart.
     heads, neurons: the kinds of unit its layers have (ConvNeXt has no heads).
     channels: coupled residual channels (`prune_channels=True`): the adapter gives `channel_widths(config)` (the
@@ -53,6 +58,7 @@ class Capabilities:
 
     fast_engine: bool = False
     repairs: tuple[Repair, ...] = ()
+    inputs: bool = False
     tokens: bool = False
     heads: bool = True
     neurons: bool = True
@@ -62,6 +68,9 @@ class Capabilities:
         unknown = [mode for mode in self.repairs if mode not in REPAIRS]
         if unknown:
             raise ValueError(f"Capabilities(repairs={self.repairs!r}) names {unknown}: the repairs are {list(REPAIRS)}.")
+        if self.inputs and "weights" not in self.repairs:
+            raise ValueError("Capabilities(inputs=True) refits input projections within the weights refit: declare "
+                             "repairs=('weights', ...) too.")
         if not (self.heads or self.neurons):
             raise ValueError("Capabilities(heads=False, neurons=False) leaves nothing to prune: declare one kind of unit.")
 
@@ -80,6 +89,7 @@ class Capabilities:
         """The declared features, named by the settings that ask for them."""
         names = ["engine='fast'"] if self.fast_engine else []
         names += [f"reconstruct={mode!r}" for mode in self.repairs] + ["reconstruct='none'"]
+        names += ["reconstruct_inputs=True"] if self.inputs else []
         names += ["prune_tokens=True"] if self.tokens else []
         names += ["prune_channels=True"] if self.channels else []
         return names + [kind for kind in ("heads", "neurons") if getattr(self, kind)]
@@ -105,4 +115,6 @@ class Capabilities:
             return f"it needs a {' or '.join(supporters)} model, not {model_type!r}; or set prune_tokens=False"
         if feature == "channels":
             return "set prune_channels=False (its residual widths stay whole)"
+        if feature == "inputs":
+            return "set reconstruct_inputs=False (the output projections are still refit)"
         return "set prune_neurons=True" if feature == "heads" else "set prune_heads=True"

@@ -83,6 +83,6 @@ DINOV2 = Dinov2Adapter(
     finish_attention=_finish_attention,
     feed_forward=_feed_forward,
     finish_feed_forward=_finish_feed_forward,
-    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales")),  # token mode: see the module docstring
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True),  # token mode: see the module docstring
     classifiers={"Dinov2ForImageClassification": _cls_and_mean_classifier},
 )

@@ -119,6 +119,6 @@ LLAMA = GroupedQueryAdapter(
     unit_names=("KV groups", "MLP channels"),
     fixed_parts="the LM head",
     packs_examples=False,  # causal attention and rotary positions: examples are never laid end to end
-    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales")),
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True),
     classifiers={f"{name}ForCausalLM": lm_head_classifier("norm") for name in ("Llama", "Mistral", "Qwen2", "Qwen3")},
 )

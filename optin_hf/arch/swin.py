@@ -177,5 +177,5 @@ SWIN = SwinAdapter(
     feed_forward=_feed_forward,
     finish_feed_forward=_finish_feed_forward,
     chained_layers=False,  # patch mergings between stages: see the module docstring
-    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales")),  # no token mode
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True),  # no token mode
 )

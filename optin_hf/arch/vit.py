@@ -42,7 +42,7 @@ VIT = ArchAdapter(
     feed_forward=_feed_forward,
     finish_feed_forward=_finish_feed_forward,
     # token mode merges patches and keeps the class token apart; DeiT (below) inherits all of it
-    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), tokens=True),
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True, tokens=True),
     classifiers={"ViTForImageClassification": _cls_classifier},
 )
 
