@@ -69,6 +69,19 @@ def stacked_theta(weight: torch.Tensor, bias: torch.Tensor | None, branch: torch
     return theta if branch is None else theta * branch.double()[None, :]
 
 
+def write_solved(target, theta: torch.Tensor, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a solved θ [in (+ 1), out] into `target` (an output projection, or anything with its `in_features`,
+    `weight()` [out, in], `bias()` and `set()`), in the target's dtype, and record the written weight (and bias, where
+    the target has one) under `key` in the refit's artifact `tensors`."""
+    weight, bias = target.weight(), target.bias()
+    weight = theta[: target.in_features].T.to(weight.dtype).contiguous()
+    bias = theta[-1].to(bias.dtype) if bias is not None else None
+    target.set(weight, bias)
+    tensors[f"{key}.weight"] = weight.cpu()
+    if bias is not None:
+        tensors[f"{key}.bias"] = bias.cpu()
+
+
 def patches(conv: nn.Conv2d, x: torch.Tensor, positions: int) -> torch.Tensor:
     """The rows [batch * positions, in * kernel area] of `conv`'s input patches, one per output position, in the
     order of its output map's rows (`map_rows`); a conv with no input channel has rows of no column."""

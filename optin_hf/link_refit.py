@@ -27,7 +27,7 @@ from torch import nn
 
 from .arch import ArchAdapter
 from .capture import scoring_forward
-from .least_squares import NormalEquations, map_rows, patches, solve_weights, stacked_theta
+from .least_squares import NormalEquations, map_rows, patches, solve_weights, stacked_theta, write_solved
 
 if TYPE_CHECKING:  # reconstruct imports this module: the type only, for the annotations
     from .reconstruct import Reconstruction
@@ -113,13 +113,7 @@ def refit_links(
     for path, link in links.items():
         theta0 = stacked_theta(link.weight(), link.bias(), None)
         before = eqs[path].error(theta0)
-        solved = solve_weights(eqs[path], theta0, ridge)
-        weight = solved[: link.in_features].T.to(link.module.weight.dtype).contiguous()
-        bias = solved[-1].to(link.module.bias.dtype) if link.module.bias is not None else None
-        link.set(weight, bias)
-        tensors[f"{LINKS}.{path}.weight"] = weight.cpu()
-        if bias is not None:
-            tensors[f"{LINKS}.{path}.bias"] = bias.cpu()
+        write_solved(link, solve_weights(eqs[path], theta0, ridge), f"{LINKS}.{path}", tensors)
         errors.append((-1, path, before, eqs[path].error(stacked_theta(link.weight(), link.bias(), None))))
     return tensors, errors
 

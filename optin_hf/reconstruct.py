@@ -92,7 +92,7 @@ from .arch.projection import feature_dim, slice_features
 from .capture import scoring_forward
 from .engine.prefix import LayerCall, record_layer_calls
 from .engine.replay import layer_output, replay_layers
-from .least_squares import NormalEquations, map_rows, patches, solve_scales, solve_weights, stacked_theta
+from .least_squares import NormalEquations, map_rows, patches, solve_scales, solve_weights, stacked_theta, write_solved
 from .link_refit import LINKS, copy_links, link_destination, with_links
 from .masks import PruningMasks, load_safetensors
 from .tokens import TokenMerging, merge_matched
@@ -240,21 +240,15 @@ def _refit(
     before = eq.error(stacked_theta(weight, bias, branch))
     if mode == "weights":
         solved = solve_weights(eq, stacked_theta(weight, bias, branch), ridge)
-        if branch is not None:
-            solved = solved / branch.double()[None, :]
-        weight = solved[: proj.in_features].T.to(weight.dtype).contiguous()
-        tensors[f"{key}.weight"] = weight.cpu()
-        if bias is not None:
-            bias = solved[-1].to(bias.dtype)
-            tensors[f"{key}.bias"] = bias.cpu()
-    elif proj.in_features:
-        scaled = stacked_theta(weight, bias, branch)
-        scaled_bias = scaled[-1] if bias is not None else None
-        scale = solve_scales(eq, scaled[: proj.in_features].T, scaled_bias, unit, ridge).to(weight.dtype)
-        tensors[f"{key}.scale"] = scale.cpu()
-        weight = scale_columns(weight, scale)
-    else:  # scales of no column: nothing to refit (and a projection that re-parameterizes on `set` stays as it is)
+        write_solved(proj, solved if branch is None else solved / branch.double()[None, :], key, tensors)
+        return before, eq.error(stacked_theta(proj.weight(), proj.bias(), branch))
+    if not proj.in_features:  # scales of no column: nothing to refit (a projection that re-parameterizes on `set` stays)
         return before, before
+    scaled = stacked_theta(weight, bias, branch)
+    scaled_bias = scaled[-1] if bias is not None else None
+    scale = solve_scales(eq, scaled[: proj.in_features].T, scaled_bias, unit, ridge).to(weight.dtype)
+    tensors[f"{key}.scale"] = scale.cpu()
+    weight = scale_columns(weight, scale)
     proj.set(weight, bias)
     return before, eq.error(stacked_theta(weight, bias, branch))
 
@@ -310,13 +304,7 @@ def _refit_inputs(
         solved = solve_weights(eq, theta0, ridge)
         errors.append((index, "inputs." + "+".join(group), eq.error(theta0), eq.error(solved)))
         for path, proj, theta in zip(group, projs, solved.split([proj.out_features for proj in projs], dim=1)):
-            weight, bias = proj.weight(), proj.bias()
-            weight = theta[: proj.in_features].T.to(weight.dtype).contiguous()
-            bias = theta[-1].to(bias.dtype) if bias is not None else None
-            proj.set(weight, bias)
-            tensors[f"layers.{index}.{INPUTS}.{path}.weight"] = weight.cpu()
-            if bias is not None:
-                tensors[f"layers.{index}.{INPUTS}.{path}.bias"] = bias.cpu()
+            write_solved(proj, theta, f"layers.{index}.{INPUTS}.{path}", tensors)
     return errors
 
 
