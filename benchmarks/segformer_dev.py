@@ -20,9 +20,14 @@ A variant with `selection: refit` re-chooses the units at the refit allocation's
 recipe loses about what it loses on the test split, where fold 0 loses less. `--evaluation-scenes N` judges on N
 scenes (300 by default; 1000 make the figures steadier). `--price-links` prices each cut of the refit allocation with the
 link refit too (`optin_hf.link_refit`), as the final repair runs it; the library prices the cuts with the layers' refit.
+A variant with `reconstruct_inputs: true` refits the input projections too, in the refit allocation's cuts as in the
+final repair (as the library does). `--repair label=JSON` (repeatable) repairs the variant's masks once more per label
+with those settings over the variant's final repair, the allocation run once: `inputs={"reconstruct_inputs": true}` gives
+the input refit in the final repair alone, on the very same units (the masks were chosen without it).
 
     python benchmarks/segformer_dev.py [--budgets 0.6 0.5] [--draws 0 1 2] [--variant label=JSON ...] [--split test]
         [--levels 4] [--held-out 0] [--calibration-scenes 128] [--fold 0] [--evaluation-scenes 300] [--price-links]
+        [--repair label=JSON ...]
 """
 
 from __future__ import annotations
@@ -80,7 +85,8 @@ def refit_counts(pruner: OptinPruner, model, scores, data, held_out: int = 0, li
         refit_allocation.reconstruct = lambda trial, dense, _, *args, **kwargs: library(trial, dense, fit, *args, **kwargs)
     try:
         cuts = measure_cuts(model, adapter, orders, costs.units, batches, reconstruct, c.reconstruct_ridge,
-                            prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of)
+                            prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of,
+                            inputs=c.reconstruct_inputs)
     finally:
         refit_allocation.reconstruct = library
     at = costs.at(costs.uniform(pruner.seq_len))
@@ -96,7 +102,8 @@ def ladder(pruner: OptinPruner, model, scores, data, steps: int):
     at, dense = costs.at(costs.uniform(pruner.seq_len)), costs.dense(pruner.seq_len)
     return lambda budget: allocate_by_refit(model, adapter, scores.head_scores, scores.neuron_scores, at, costs.units, budget * dense,
                                             batches, c.reconstruct, c.reconstruct_ridge, prune_heads=c.prune_heads,
-                                            prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of, rounds=steps)
+                                            prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of, rounds=steps,
+                                            inputs=c.reconstruct_inputs)
 
 
 def main() -> None:
@@ -111,6 +118,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="allocation: refit in this many rounds (1: the library's)")
     parser.add_argument("--held-out", type=int, default=0, help="allocation: refit judged on every N-th calibration batch, refit on the rest")
     parser.add_argument("--price-links", action="store_true", help="allocation: refit prices each cut with the link refit too")
+    parser.add_argument("--repair", action="append", default=[],
+                        help='label=JSON final-repair settings tried on the same masks, e.g. \'inputs={"reconstruct_inputs": true}\'')
     parser.add_argument("--levels", type=int, default=refit_allocation.LEVELS, help="measured depths per (layer, kind) of allocation: refit")
     args = parser.parse_args()
     refit_allocation.LEVELS = args.levels  # read by measure_cuts (a library constant: this compares finer depths)
@@ -134,24 +143,31 @@ def main() -> None:
             if base.get("allocation") == "refit":  # in rounds: down a ladder of budgets (allocation_rounds)
                 counts = (ladder(scorer, task.model, scores, data, args.rounds) if args.rounds > 1
                           else refit_counts(scorer, task.model, scores, data, args.held_out, args.price_links))
-            cells = []
+            repairs = [("", {})] + [(f"+{name}", json.loads(extra)) for name, extra in (r.split("=", 1) for r in args.repair)]
+            cells = {name: [] for name, _ in repairs}
             for budget in args.budgets:
-                model = copy.deepcopy(task.model)
                 pruner = OptinPruner(OptinConfig.from_dict({**base, "mac_constraint": budget, "seq_len": scorer.seq_len}))
                 start = time.perf_counter()
                 if counts is not None:
                     masks = counts(budget)
                     if base.get("selection") == "refit":  # prune_model re-chooses only the masks it allocates itself
-                        batches = pruner._reconstruction_batches(model, check_model(model), data, None)
-                        masks = select_by_refit(model, masks, batches, pruner.config.reconstruct_ridge)
+                        batches = pruner._reconstruction_batches(task.model, check_model(task.model), data, None)
+                        masks = select_by_refit(task.model, masks, batches, pruner.config.reconstruct_ridge)
                 else:
-                    masks = pruner.compute_masks(model, scores=scores) if scores is not None else None
-                pruner.prune_model(model, data, masks=masks)
-                seconds = time.perf_counter() - start
-                miou = mean_iou_on(model, evaluation)
-                heads, neurons = kept_per_layer(model)
-                cells.append(f"@{budget}: {miou:.4f} ({100 * (miou - dense):+.2f}) heads {heads} neurons {neurons} {seconds:.0f}s")
-            print(f"{label:24} draw {draw}  " + "  ".join(cells), flush=True)
+                    masks = pruner.compute_masks(task.model, scores=scores) if scores is not None else None
+                masks_s = time.perf_counter() - start
+                for name, extra in repairs:  # the same masks, each final repair
+                    model = copy.deepcopy(task.model)
+                    repairer = OptinPruner(OptinConfig.from_dict({**base, **extra, "mac_constraint": budget, "seq_len": scorer.seq_len}))
+                    start = time.perf_counter()
+                    repairer.prune_model(model, data, masks=copy.deepcopy(masks))
+                    seconds = time.perf_counter() - start
+                    miou = mean_iou_on(model, evaluation)
+                    heads, neurons = kept_per_layer(model)
+                    cells[name].append(f"@{budget}: {miou:.4f} ({100 * (miou - dense):+.2f}) heads {heads} neurons {neurons} "
+                                       f"masks {masks_s:.0f}s, repair {seconds:.1f}s")
+            for name, _ in repairs:
+                print(f"{label + name:24} draw {draw}  " + "  ".join(cells[name]), flush=True)
 
 
 if __name__ == "__main__":

@@ -552,7 +552,7 @@ def choose_masks(
         start = time.perf_counter()
         masks = allocate_by_refit(
             model, costs.adapter, scores.head_scores, scores.neuron_scores, costs.at(costs.uniform(seq_len)), costs.units,
-            budget, batches, c.reconstruct, c.reconstruct_ridge, rounds=c.allocation_rounds, **kw,
+            budget, batches, c.reconstruct, c.reconstruct_ridge, rounds=c.allocation_rounds, inputs=c.reconstruct_inputs, **kw,
         )
         timings["allocation_s"] = time.perf_counter() - start
     if select and c.selection == "refit":  # the allocation's counts, its units re-chosen by the error the refit leaves

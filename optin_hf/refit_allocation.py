@@ -102,12 +102,14 @@ def measure_cuts(
     prune_neurons: bool = True,
     neurons_multiple_of: int = 1,
     start: dict[str, list[int]] | None = None,
+    inputs: bool = False,
 ) -> list[_Cut]:
     """Each (layer, kind)'s loss curve: the dense `model` with that kind of that layer cut alone to each depth
     (its units ranked by `orders[kind]`, [layers, width] best first), slimmed, refit (`mode`, `ridge`) on
     `batches`, and its KL from the dense outputs on them measured. Independent of the budget.
     `start`: per-kind kept counts ([layers] each) that every other layer stays at and each cut deepens from
-    (None: every unit); each loss is then what the cut adds to the loss of the model slimmed to `start`."""
+    (None: every unit); each loss is then what the cut adds to the loss of the model slimmed to `start`.
+    `inputs`: the refit fits the input projections too (`OptinConfig.reconstruct_inputs`), as the final repair will."""
     counts = start or _all_counts(units)
     steps = {"head": 1, "neuron": max(1, neurons_multiple_of)}
     cuts = [_Cut(kind, layer, width, steps[kind], _depths(width, steps[kind]), [0.0])
@@ -120,11 +122,15 @@ def measure_cuts(
 
         def loss(trial_counts: dict[str, list[int]]) -> float:
             trial = copy.deepcopy(model)
-            slim_model(trial, _masks(orders, units, trial_counts), adapter)
-            # the output projections' refit alone: refitting ResNet's 3x3 convs too priced the cuts worse on
-            # digits-resnet's development folds, at 3x the time (benchmarks/resnet_block_refit.py), and SegFormer's link
-            # refit (optin_hf.link_refit) chose counts that lost more on a development fold; the final repair has both
-            reconstruct(trial, model, batches, mode, ridge, adapter, progress=False, refit_convs=False)
+            masks = _masks(orders, units, trial_counts)
+            slim_model(trial, masks, adapter)
+            # no refit conv, no link refit: refitting ResNet's 3x3 convs too priced the cuts worse on digits-resnet's
+            # development folds, at 3x the time (benchmarks/resnet_block_refit.py), and SegFormer's link refit
+            # (optin_hf.link_refit) chose counts that lost more on a development fold; the final repair has both. The
+            # input projections' refit (`inputs`) is priced as the final repair runs it: on the digit-scenes SegFormer's
+            # development folds that chose counts that lost less (benchmarks/RESULTS.md, s33)
+            reconstruct(trial, model, batches, mode, ridge, adapter, progress=False, refit_convs=False, inputs=inputs,
+                        masks=masks)
             return float(kl_loss(dense, _outputs(trial, adapter, batches), 1.0))
 
         base = 0.0 if start is None else loss(counts)
@@ -191,16 +197,17 @@ def allocate_by_refit(
     prune_neurons: bool = True,
     neurons_multiple_of: int = 1,
     rounds: int = 1,
+    inputs: bool = False,
 ) -> PruningMasks:
     """Masks of the dense `model` within `budget` MACs (at `costs`), their per-layer counts chosen by the loss
     left after the `mode` refit on `batches` (see the module docstring), the units within a layer by the scores.
     `rounds`: measured rounds down a ladder of budgets to `budget` (1: every cut measured from the dense model;
-    `OptinConfig.allocation_rounds`, checked there)."""
+    `OptinConfig.allocation_rounds`, checked there). `inputs`: each cut's refit fits the input projections too."""
     orders = unit_orders(head_scores, neuron_scores, units)
     full, start = _all_counts(units), None
     for step in ladder(costs.macs(full["head"], full["neuron"]), budget, rounds):
         cuts = measure_cuts(model, adapter, orders, units, batches, mode, ridge, prune_heads=prune_heads,
-                            prune_neurons=prune_neurons, neurons_multiple_of=neurons_multiple_of, start=start)
+                            prune_neurons=prune_neurons, neurons_multiple_of=neurons_multiple_of, start=start, inputs=inputs)
         masks = allocate_cuts(cuts, orders, costs, units, step, start)
         start = {"head": masks.head_mask.sum(1).tolist(), "neuron": masks.neuron_mask.sum(1).tolist()}
     return masks

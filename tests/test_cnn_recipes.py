@@ -1,18 +1,26 @@
 """The digits-resnet and digit-scenes-segformer recipes' repair settings on tiny models of their families.
 
 digits-resnet counts each block's channels by the loss left after the refit, in two measured rounds (ragged stages:
-8 and 16 inner channels); digit-scenes-segformer also re-chooses the units at those counts by the refit's error. Both must meet
-their budget, keep the counts the refit allocation chose, and record what ran."""
+8 and 16 inner channels); digit-scenes-segformer also re-chooses the units at those counts by the refit's error, and refits
+the input projections too, in the allocation's priced cuts as in the final repair. Both must meet their budget, keep the
+counts the refit allocation chose, and record what ran."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import random_images, tiny_cnn, tiny_segformer
 
-from optin_hf import OptinConfig, OptinPruner, count_macs
+from optin_hf import OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import check_model
+from optin_hf.capture import scoring_forward
+from optin_hf.losses import kl_loss
+from optin_hf.reconstruct import reconstruct
+from optin_hf.refit_allocation import measure_cuts, unit_orders
+from optin_hf.slim import slim_model
 from optin_hf.result import pruning_result
 from optin_hf.tasks.recipes import load_recipe
 
@@ -61,3 +69,35 @@ def test_the_segformer_recipe_re_chooses_units_at_the_refit_allocations_counts()
     assert pruner.masks.neuron_mask.sum(1).tolist() == allocated.masks.neuron_mask.sum(1).tolist()
     assert pruning_result(model).config.selection == "refit"
     assert pruner.timings["selection_s"] > 0
+    # the recipe's input refit ran and its projections are in the artifact
+    assert pruning_result(model).config.reconstruct_inputs
+    assert any(".inputs." in key for key in pruner.reconstruction.tensors)
+
+
+def test_the_segformer_recipe_prices_its_allocations_cuts_with_the_input_refit():
+    settings = _recipe("digit-scenes-segformer")
+    assert settings["reconstruct_inputs"] and settings["allocation"] == "refit"
+    model, images = tiny_segformer(), random_images(8, seed=3)
+    adapter = check_model(model)
+    pruner = OptinPruner(OptinConfig(**settings))
+    scores = pruner.compute_scores(model, images)
+    units = PruningMasks.full(model.config, adapter)
+    orders = unit_orders(scores.head_scores, scores.neuron_scores, units)
+    batches = pruner._reconstruction_batches(model, adapter, images, None)
+    cuts = measure_cuts(model, adapter, orders, units, batches, "weights", 1e-3, inputs=True)
+    # layer 0's Mix-FFN cut to half: the later layers read a drifted stream, which their input projections' refit fits
+    cut = next(c for c in cuts if c.kind == "neuron" and c.layer == 0)
+    neuron_mask = units.neuron_mask.clone()
+    neuron_mask[0] = False
+    neuron_mask[0, orders["neuron"][0, : cut.kept[2]]] = True
+    masks = units.with_masks(units.head_mask, neuron_mask)
+
+    def refit_kl(inputs: bool) -> float:
+        pruned = slim_model(copy.deepcopy(model), masks, adapter)
+        reconstruct(pruned, model, batches, "weights", 1e-3, adapter, progress=False, refit_convs=False, inputs=inputs, masks=masks)
+        with torch.no_grad():
+            return float(kl_loss([adapter.kl_outputs(scoring_forward(model, b), b) for b in batches],
+                                 [adapter.kl_outputs(scoring_forward(pruned, b), b) for b in batches], 1.0))
+
+    assert cut.loss[2] == pytest.approx(refit_kl(True), rel=1e-6)
+    assert cut.loss[2] != pytest.approx(refit_kl(False), rel=1e-3)
