@@ -9,11 +9,13 @@ windows of 128 tokens spread evenly over them). One seed (the recipe's).
 
     nice -n 10 python benchmarks/llm_quality.py [--budgets 0.8 0.6 0.5] [--criteria optin flap wanda_sp] [--speed]
         [--reconstruct weights none] [--selection scores refit] [--layouts per-layer uniform] [--scores-dir DIR]
+        [--reconstruct-samples N] [--inputs | --no-inputs]
 
 `--selection refit` adds the rows that re-choose each layer's units by the error the refit leaves
 (`OptinConfig(selection="refit")`, at the allocation's counts); `--layouts` which allocations run (per-layer, and
 `uniform_layers`: OPTIN's rows, and FLAP's and Wanda-sp's with the refit selection, the recipe's setting with their
-scores); `--scores-dir` keeps each criterion's scores there and reads them back, so that runs
+scores); `--inputs` makes the refit rows refit each sublayer's input projections too (`reconstruct_inputs`; default:
+the recipe's); `--scores-dir` keeps each criterion's scores there and reads them back, so that runs
 in parallel processes (one row set each) score once.
 
 `--dev N --lambdas 10 1 0.1` instead measures OPTIN + refit at each balance weight `lambda_contribution` (the raw
@@ -87,6 +89,8 @@ def main() -> None:
                         help="with --dev: measure each pruned model on the held-out plays too, after the development plays")
     parser.add_argument("--reconstruct-samples", type=int, metavar="N", help="refit on N windows (default: the recipe's)")
     parser.add_argument("--reconstruct", nargs="+", default=["weights", "none"], help="the rows' repairs to run")
+    parser.add_argument("--inputs", action=argparse.BooleanOptionalAction,
+                        help="the refit rows also refit q/k/v and gate/up first (reconstruct_inputs; default: the recipe's)")
     parser.add_argument("--selection", nargs="+", default=["scores"], choices=["scores", "refit"], help="the rows' unit choices to run")
     parser.add_argument("--layouts", nargs="+", default=["per-layer", "uniform"], choices=["per-layer", "uniform"])
     parser.add_argument("--scores-dir", help="keep each criterion's scores here and read them back")
@@ -97,6 +101,8 @@ def main() -> None:
     recipe = default_recipe(NAME).optin
     if args.reconstruct_samples:
         recipe = dataclasses.replace(recipe, reconstruct_samples=args.reconstruct_samples)
+    if args.inputs is not None:
+        recipe = dataclasses.replace(recipe, reconstruct_inputs=args.inputs)
     base = {**recipe.to_dict(), "max_scoring_time": None}
     wanted = max(recipe.num_samples, recipe.reconstruct_samples)
     calibration = calibration_windows(task.calibration, "text", task.processor, recipe.max_length, wanted, recipe.seed)
@@ -110,7 +116,8 @@ def main() -> None:
         lambda_rows(task, calibration, held_out, base, args.budgets, args.lambdas)
         return
     print(f"{NAME}: {len(calibration)} calibration windows of {recipe.max_length} tokens (scoring reads the first "
-          f"{recipe.num_samples}, the refit {recipe.reconstruct_samples}); {len(held_out)} held-out windows of "
+          f"{recipe.num_samples}, the refit {recipe.reconstruct_samples}, input refit {recipe.reconstruct_inputs}); "
+          f"{len(held_out)} held-out windows of "
           f"{held_out.shape[1]} tokens; {torch.get_num_threads()} torch threads", flush=True)
     start = time.perf_counter()
     dense = perplexity(task.model, held_out)
@@ -131,7 +138,7 @@ def main() -> None:
         results = []
         for budget in args.budgets:
             settings = {**base, "importance": criterion, "mac_constraint": budget, "reconstruct": mode, "uniform_layers": uniform,
-                        "selection": selection}
+                        "selection": selection, "reconstruct_inputs": recipe.reconstruct_inputs and mode == "weights"}
             pruner = OptinPruner(OptinConfig.from_dict(settings))
             model = copy.deepcopy(task.model)
             start = time.perf_counter()
