@@ -556,6 +556,9 @@ def reconstruct(
         raise ValueError(f"reconstruct={mode!r} fits one factor per kept unit, which cannot rebuild what the cut residual "
                          "channels carried: use reconstruct='weights' (or 'batchnorm') with prune_channels=True.")
     merging: TokenMerging | None = getattr(model.base_model, "token_merging", None)
+    if inputs and merging is not None:
+        raise ValueError("inputs=True pairs each input projection's rows in the slim and the dense model, which token "
+                         "merging makes differ: refit this token-merged model with inputs=False.")
     was_training = (model.training, dense.training)
     model.eval()
     dense.eval()

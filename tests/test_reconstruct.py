@@ -79,6 +79,8 @@ def test_token_merged_vit_is_refit_on_the_same_tokens() -> None:
     model = slim_model(copy.deepcopy(dense), pruned)
     result = reconstruct(model, dense, batches("vit"), "weights")
     assert all(after <= before for _, _, before, after in result.errors)
+    with pytest.raises(ValueError, match="inputs=True .* token merging .* inputs=False"):
+        reconstruct(model, dense, batches("vit"), "weights", inputs=True, masks=pruned)
 
 
 @pytest.mark.parametrize("mode", ["weights", "scales"])
