@@ -291,7 +291,10 @@ def _refit_inputs(
         if not groups:  # which projections read the very same tensor
             for path in inputs:
                 group = next((g for g in groups if x[g[0]] is x[path] and inputs[g[0]].proj.has_bias == inputs[path].proj.has_bias), None)
-                group.append(path) if group is not None else groups.append([path])
+                if group is None:
+                    groups.append([path])
+                else:
+                    group.append(path)
             eqs = [NormalEquations(inputs[g[0]].proj.in_features, sum(len(inputs[p].kept) for p in g), inputs[g[0]].proj.device,
                                    inputs[g[0]].proj.has_bias) for g in groups]
         for group, eq in zip(groups, eqs):
@@ -804,15 +807,13 @@ def unslim(model: nn.Module, dense: nn.Module, masks: PruningMasks, adapter: Arc
         if adapter.supports("inputs"):  # the input projections at the features they keep (refit or not)
             for sub, keep in (("attn_out", masks.head_mask[i]), ("ffn_down", masks.neuron_mask[i])):
                 keep = keep.nonzero().flatten()
-                width = adapter.layer_head_dim(layer, dense.config) if sub == "attn_out" else 1
-                for part in adapter.input_slices(layer, dense.config, sub) if len(keep) else ():
-                    source, target = Projection(get_submodule(slim_layer, part.path)), Projection(get_submodule(layer, part.path))
-                    rows = slice_features(target.module, part, keep, width).to(target.device)
+                for x in _inputs_of(adapter, slim_layer, layer, dense.config, sub, keep).values() if len(keep) else ():
+                    target = Projection(x.dense)
                     weight, bias = target.weight().clone(), target.bias()
-                    weight[rows] = source.weight()
+                    weight[x.kept] = x.proj.weight()
                     if bias is not None:
                         bias = bias.clone()
-                        bias[rows] = source.bias()
+                        bias[x.kept] = x.proj.bias()
                     target.set(weight, bias)
     copy_links(model, copy_, adapter)
     return copy_
