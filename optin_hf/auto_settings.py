@@ -18,18 +18,21 @@ def resolve_defaults(config: OptinConfig, adapter: ArchAdapter, model_config, of
     (`Capabilities.auto_repair`; a refit where the settings need one: `_needs_refit`), except that where residual
     channels are cut it is the refit ("weights") where declared: the refit rebuilds the convs that read the cut
     channels, and the BatchNorm means alone leave more of the cut's loss (benchmarks/RESULTS.md, "Coupled residual
-    channels with the consumer refit"); and the refit where input projections are to be refit too (`reconstruct_inputs`).
-    Raises where the settings need a refit, or input projections refit, and the family declares none."""
+    channels with the consumer refit"); and the refit where input projections or a ResNet's readers are to be refit too (`reconstruct_inputs`,
+    `reconstruct_readers`).
+    Raises where the settings need a refit, or input projections or readers refit, and the family declares none."""
     c = config
     if c.prune_channels is None:
         c = dataclasses.replace(c, prune_channels=channels_by_default(c, adapter, model_config, offloaded))
     if c.reconstruct_inputs:
         require(adapter, "inputs", model_config.model_type)
+    if c.reconstruct_readers:
+        require(adapter, "readers", model_config.model_type)
     if c.reconstruct != "auto":
         return c
     needs = _needs_refit(c)
     mode = adapter.capabilities.auto_repair(refit=needs is not None)
-    if (c.prune_channels or c.reconstruct_inputs) and adapter.supports("weights"):
+    if (c.prune_channels or c.reconstruct_inputs or c.reconstruct_readers) and adapter.supports("weights"):
         mode = "weights"
     if needs is not None and mode == "none":
         raise ValueError(f"{needs}, and the {model_config.model_type} adapter declares no refit (it supports: "

@@ -73,6 +73,8 @@ class OptinConfig:
     value; the FFN's up and gate, at the units kept), from the slim model's own input of each to the dense model's
     output of the same rows, so the drift that earlier layers' pruning left in the stream is corrected where it enters
     the sublayer too (families that declare it: `Capabilities.inputs`; a larger artifact, a longer refit).
+    `reconstruct_readers=True` (ResNet) makes it refit, with the residual widths kept, each block's reduce conv and
+    projection shortcut (from the slim block's own input) and the classifier (from the pooled features) as well.
     `prune_steps=k` makes the search see the repair: each step removes 1/k of the MAC cut,
     reconstructs, and re-scores the remaining units on the repaired model (k scoring runs).
     `selection` says which units each layer drops, the allocation having said how many: "scores" (the default)
@@ -143,6 +145,7 @@ class OptinConfig:
     reconstruct_samples: int = 256
     reconstruct_ridge: float = 1e-3
     reconstruct_inputs: bool = False
+    reconstruct_readers: bool = False
     prune_steps: int = 1
     selection: str = "scores"
     allocation: str = "scores"
@@ -212,6 +215,9 @@ class OptinConfig:
             raise ValueError(f"reconstruct_inputs=True refits input projections within the weights refit, which "
                              f"reconstruct={self.reconstruct!r} does not run: set reconstruct='weights' (or 'auto'), or "
                              "reconstruct_inputs=False.")
+        if self.reconstruct_readers and self.reconstruct not in ("auto", "weights"):
+            raise ValueError(f"reconstruct_readers=True refits convs within the weights refit, which reconstruct="
+                             f"{self.reconstruct!r} does not run: set reconstruct='weights', or reconstruct_readers=False.")
         if self.reconstruct_inputs and self.prune_tokens:
             raise ValueError("reconstruct_inputs=True pairs each input projection's rows in the slim and the dense model, "
                              "which token mode's merges make differ: set reconstruct_inputs=False, or prune_tokens=False.")

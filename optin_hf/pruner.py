@@ -283,7 +283,7 @@ class OptinPruner:
                 if not last:
                     work = slim_model(copy.deepcopy(model), masks, adapter)
                     reconstruct(work, model, batches, c.reconstruct, c.reconstruct_ridge, adapter, inputs=c.reconstruct_inputs,
-                                masks=masks)
+                                masks=masks, readers=c.reconstruct_readers)
                     current = unslim(work, model, masks, adapter)
         finally:
             self.config = dataclasses.replace(self.config, checkpoint_dir=c.checkpoint_dir)  # as given, for the saved config
@@ -337,7 +337,7 @@ class OptinPruner:
         if dense is not None:
             start = time.perf_counter()
             self.reconstruction = reconstruct(model, dense, batches, c.reconstruct, c.reconstruct_ridge, adapter,
-                                              inputs=c.reconstruct_inputs, masks=masks)
+                                              inputs=c.reconstruct_inputs, masks=masks, readers=c.reconstruct_readers)
             self.timings["reconstruction_s"] = time.perf_counter() - start
         counted = dataclasses.replace(self.config, image_size=list(self.image_size) if self.image_size else None)
         attach_result(model, result_of_pruning(model, counted, masks, self.seq_len, self.reconstruction))

@@ -19,7 +19,8 @@ from torch import nn
 from .arch import ArchAdapter, check_model, get_adapter
 from .config import OptinConfig
 from .masks import MASKS_NAME, PruningMasks, load_safetensors
-from .reconstruct import RECONSTRUCTION_NAME, Reconstruction, batchnorm_means, output_projection, refit_conv_tensors
+from .reconstruct import (RECONSTRUCTION_NAME, Reconstruction, batchnorm_means, output_projection, reader_tensors,
+                          refit_conv_tensors)
 
 RESULT_ATTRIBUTE = "optin_result"
 
@@ -126,4 +127,4 @@ def _output_projections(model: nn.Module, adapter: ArchAdapter | None) -> dict[s
             if proj.has_bias:
                 tensors[f"layers.{i}.{sublayer}.bias"] = proj.bias().cpu().clone()
         tensors.update(refit_conv_tensors(layer, i, adapter))  # ResNet's 3x3 conv and its BatchNorm's means
-    return tensors
+    return {**tensors, **reader_tensors(model, adapter)}  # and its reduce convs, shortcuts and classifier

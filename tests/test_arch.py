@@ -118,6 +118,7 @@ def test_duplicate_registration_needs_exist_ok():
     ({"feed_forward": None}, r"The bert adapter declares Capabilities\(fast_engine=True\) but gives no feed_forward"),
     ({"finish_feed_forward": None}, r"Capabilities\(repairs with 'weights'\) but gives no finish_feed_forward"),
     ({"capabilities": Capabilities(tokens=True)}, r"Capabilities\(tokens=True\) but gives no patch_embedding"),
+    ({"capabilities": Capabilities(repairs=("weights",), readers=True)}, r"Capabilities\(readers=True\) but gives no refit_conv"),
     ({"attn_out": ""}, r"Capabilities\(heads=True, the default\) but gives no attn_out"),
     ({"capabilities": Capabilities(heads=False)},
      r"declares Capabilities\(heads=False\) but names attention modules \(attn_core, query, key, value, attn_out\)"),
@@ -131,6 +132,7 @@ def test_a_declared_capability_needs_the_fields_that_back_it(changes, message):
 @pytest.mark.parametrize(("declared", "message"), [
     ({"repairs": ("bias",)}, r"names \['bias'\]: the repairs are \['weights', 'scales', 'batchnorm'\]"),
     ({"heads": False, "neurons": False}, "leaves nothing to prune"),
+    ({"readers": True}, r"Capabilities\(readers=True\) refits convs within the weights refit"),
 ])
 def test_a_capability_declaration_names_only_known_features(declared, message):
     with pytest.raises(ValueError, match=message):

@@ -1,8 +1,9 @@
 """The digits-resnet and digit-scenes-segformer recipes' repair settings on tiny models of their families.
 
 digits-resnet counts each block's channels by the loss left after the refit, in two measured rounds (ragged stages:
-8 and 16 inner channels); digit-scenes-segformer also re-chooses the units at those counts by the refit's error, and refits
-the input projections too, in the allocation's priced cuts as in the final repair. Both must meet their budget, keep the
+8 and 16 inner channels), and refits the convs reading each block's input and the classifier too;
+digit-scenes-segformer also re-chooses the units at those counts by the refit's error, and refits the input
+projections too, in the allocation's priced cuts as in the final repair. Both must meet their budget, keep the
 counts the refit allocation chose, and record what ran."""
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def _recipe(name: str) -> dict:
 def test_the_resnet_recipe_refits_and_counts_by_the_refit_on_ragged_stages():
     settings = _recipe("digits-resnet")
     assert (settings["reconstruct"], settings["allocation"], settings["allocation_rounds"]) == ("weights", "refit", 2)
+    assert settings["reconstruct_readers"]
     model = tiny_cnn("resnet")
     dense = count_macs(model, image_size=32)
     pruner = OptinPruner(OptinConfig(**settings))
@@ -45,8 +47,11 @@ def test_the_resnet_recipe_refits_and_counts_by_the_refit_on_ragged_stages():
     assert count_macs(model) <= 0.6 * dense * (1 + 1e-9)
     config = pruning_result(model).config
     assert (config.allocation, config.allocation_rounds, config.reconstruct) == ("refit", 2, "weights")
+    # the widths kept, each block's reduce conv and the classifier were refit too, and the artifact carries them
+    assert config.reconstruct_readers and {"classifier.weight", "layers.2.layer.0.convolution.weight"} <= pruner.reconstruction.tensors.keys()
     assert pruner.timings["allocation_s"] > 0
     adapter = check_model(model)
+    assert not adapter.channels_cut(model)  # the refit allocation keeps the residual widths
     # the stages' blocks are 8, 8 and 16 channels wide: the slim blocks keep what the masks say, within their own width
     kept = [adapter.kept_heads(layer, model.config) for layer in adapter.layers_of(model)]
     assert kept == pruner.masks.head_mask.sum(1).tolist() and all(k <= width for k, width in zip(kept, (8, 8, 16)))

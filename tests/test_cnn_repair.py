@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks
-from optin_hf.arch import check_model
+from optin_hf.arch import check_model, get_submodule
 from optin_hf.arch.resnet import ConvBatchNorm
 from optin_hf.checkpoint import save_pruned
 from optin_hf.data import prepare_calibration
@@ -51,8 +51,10 @@ def masks_of(model: nn.Module) -> PruningMasks:
 
 
 def pruned(repair: str, base: nn.Module | None = None) -> tuple[nn.Module, OptinPruner]:
+    """Pruned by `masks_of` and repaired by `repair` ("readers": the weights refit with `reconstruct_readers`)."""
     model = copy.deepcopy(base) if base is not None else trained_resnet()
-    pruner = OptinPruner(OptinConfig(**{**SETTINGS, "reconstruct": repair}))
+    settings = {"reconstruct": "weights", "reconstruct_readers": True} if repair == "readers" else {"reconstruct": repair}
+    pruner = OptinPruner(OptinConfig(**{**SETTINGS, **settings}))
     pruner.prune_model(model, CALIBRATION if repair != "none" else None, masks=masks_of(model))
     return model, pruner
 
@@ -100,10 +102,11 @@ def test_the_repair_brings_the_features_back_toward_the_dense_model():
     assert feature_error(repaired, dense) < 0.5 * feature_error(plain, dense)
 
 
-@pytest.mark.parametrize("repair", ["batchnorm", "weights"])
+@pytest.mark.parametrize("repair", ["batchnorm", "weights", "readers"])
 @pytest.mark.parametrize("masks_only", [False, True])
 def test_save_and_load_reproduce_the_repaired_model(masks_only, repair, tmp_path):
-    """The BatchNorm repair's running means, and the refit's 3x3 and last convs with their BatchNorms, reload."""
+    """The BatchNorm repair's running means, and the refit's 3x3 and last convs with their BatchNorms (with
+    `reconstruct_readers`, its reduce convs, shortcuts and classifier too), reload."""
     base = trained_resnet()
     base.save_pretrained(tmp_path / "base")  # the base a masks-only checkpoint names
     base = type(base).from_pretrained(tmp_path / "base").eval()
@@ -174,6 +177,24 @@ def test_a_cnn_refit_with_nothing_pruned_changes_nothing(family, mode):
                                        atol=1e-6, rtol=1e-5)
 
 
+def test_the_readers_refit_with_nothing_pruned_changes_nothing_and_other_families_are_refused():
+    dense = trained_resnet()
+    model = slim_model(copy.deepcopy(dense), PruningMasks.full(dense.config))
+    data = prepare_calibration(CALIBRATION, num_samples=16, batch_size=8, max_length=64)
+    result = reconstruct(model, dense, data, "weights", readers=True)
+    assert {sub for _, sub, _, _ in result.errors} >= {"layer.0", "shortcut", "classifier"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=PIXELS).logits, dense(pixel_values=PIXELS).logits, atol=1e-5, rtol=1e-5)
+    for name, value in dense.state_dict().items():  # the readers and the classifier fit to the weights they had
+        if name.endswith(("layer.0.convolution.weight", "shortcut.convolution.weight", "classifier.1.weight")):
+            torch.testing.assert_close(model.state_dict()[name], value, atol=1e-5, rtol=1e-4)
+    convnext = tiny_cnn("convnext")
+    with pytest.raises(ValueError, match="reconstruct_readers=True.*the convnext adapter does not give"):
+        reconstruct(slim_model(copy.deepcopy(convnext), PruningMasks.full(convnext.config)), convnext, data, "weights", readers=True)
+    with pytest.raises(ValueError, match="set reconstruct='weights', or reconstruct_readers=False"):
+        OptinConfig(reconstruct="batchnorm", reconstruct_readers=True)
+
+
 @torch.no_grad()
 def conv_errors(model: nn.Module, dense: nn.Module, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, float]:
     """Block -> Σ over the calibration images of |W x + (μ₀ - μ) - y|² for its 3x3 conv: x its input in `model`, y the
@@ -227,6 +248,81 @@ def test_a_resnet_refit_fits_each_3x3_conv_then_the_last_conv_and_their_batchnor
     assert feature_error(model, dense) < feature_error(plain, dense) / 2
 
 
+def readers_of(model: nn.Module) -> list[tuple[str, ...]]:
+    """Per block, the convs reading its input: the reduce conv, and the shortcut where it is a conv."""
+    return [tuple(p for p in ("layer.0", "shortcut") if hasattr(get_submodule(layer, p), "convolution"))
+            for layer in check_model(model).layers_of(model)]
+
+
+@torch.no_grad()
+def reader_errors(model: nn.Module, dense: nn.Module, weights: dict) -> dict:
+    """(block, path) -> Σ over the calibration images of |W x + (μ₀ - μ) - y|² for a conv reading the block's input, x
+    its input in `model`, y the dense conv's output at the channels it keeps, (W, μ) = `weights[block, path]`, μ₀ the
+    dense mean there; "classifier" -> Σ |A p + b - logits_dense|², p `model`'s pooled features, (A, b) =
+    `weights["classifier"]`: what the refit fits, measured from plain forwards."""
+    adapter = check_model(model)
+    seen: dict = {}
+    handles = [get_submodule(layer, path).convolution.register_forward_pre_hook(
+        lambda m, a, key=(tag, i, path): seen.setdefault(key, a[0]))
+        for tag, net in (("p", model), ("d", dense)) for i, layer in enumerate(adapter.layers_of(net)) for path in readers_of(net)[i]]
+    pixels = torch.stack([ex["pixel_values"] for ex in CALIBRATION])
+    pooled, dense_logits = model.base_model(pixel_values=pixels).pooler_output.flatten(1), dense(pixel_values=pixels).logits
+    for handle in handles:
+        handle.remove()
+    errors = {}
+    for i, (layer, dense_layer) in enumerate(zip(adapter.layers_of(model), adapter.layers_of(dense))):
+        for path in readers_of(model)[i]:
+            conv, dense_conv_layer = get_submodule(layer, path).convolution, get_submodule(dense_layer, path)
+            kept = adapter.kept_reader_outputs(layer, path)
+            weight, mean = weights[i, path]
+            fit = nn.functional.conv2d(seen["p", i, path], weight, None, conv.stride, conv.padding) - mean[:, None, None]
+            target = dense_conv_layer.convolution(seen["d", i, path])[:, kept] - dense_conv_layer.normalization.running_mean[kept, None, None]
+            errors[i, path] = float((fit - target).double().pow(2).sum())
+    weight, bias = weights["classifier"]
+    errors["classifier"] = float((pooled @ weight.T + bias - dense_logits).double().pow(2).sum())
+    return errors
+
+
+def test_the_readers_refit_lowers_the_errors_of_the_convs_reading_each_block_and_of_the_classifier():
+    """`readers=True` (`reconstruct_readers`), the widths kept: per block, first each reduce conv and projection shortcut,
+    fit from the slim block's own input to the dense conv's output at the channels it keeps; the classifier last, from
+    the pooled features to the dense logits. Each one's calibration error, measured from plain forwards of the refit
+    model with its refit weights against the weights it had, falls, and is what the refit recorded; the artifact
+    carries them."""
+    dense = trained_resnet()
+    model, plain = (slim_model(copy.deepcopy(dense), masks_of(dense)) for _ in range(2))
+    result = reconstruct(model, dense, prepare_calibration(CALIBRATION, num_samples=16, batch_size=8, max_length=64), "weights",
+                         readers=True)
+    readers = readers_of(model)
+    assert any("shortcut" in r for r in readers)  # a projection shortcut is among them
+    assert [(i, sub) for i, sub, _, _ in result.errors] == [
+        (i, sub) for i in range(3) for sub in (*readers[i], "layer.1", "ffn_down")] + [(2, "classifier")]
+    assert {key.split(".", 2)[2] if key.startswith("layers.") else key for key in result.tensors} == {
+        "ffn_down.weight", "ffn_down.bias", "layer.1.convolution.weight", "layer.1.normalization.running_mean",
+        "layer.0.convolution.weight", "layer.0.normalization.running_mean", "shortcut.convolution.weight",
+        "shortcut.normalization.running_mean", "classifier.weight", "classifier.bias"}
+    fresh = slim_model(copy.deepcopy(dense), masks_of(dense))
+    apply_reconstruction(fresh, result.tensors)
+    with torch.no_grad():
+        assert torch.equal(fresh(pixel_values=PIXELS).logits, model(pixel_values=PIXELS).logits)
+
+    def weights(net: nn.Module) -> dict:
+        layers = check_model(net).layers_of(net)
+        convs = {(i, p): (get_submodule(layers[i], p).convolution.weight, get_submodule(layers[i], p).normalization.running_mean)
+                 for i, paths in enumerate(readers_of(net)) for p in paths}
+        return {**convs, "classifier": (net.classifier[-1].weight, net.classifier[-1].bias)}
+
+    with torch.no_grad():
+        after, before = reader_errors(model, dense, weights(model)), reader_errors(model, dense, weights(plain))
+    recorded = {(i, sub) if sub != "classifier" else sub: (b, a) for i, sub, b, a in result.errors if sub in ("layer.0", "shortcut", "classifier")}
+    assert recorded.keys() == after.keys()
+    # block 0 keeps every channel, so blocks 0 and 1 read the dense stream: their readers fit exactly before and after
+    assert all(before[i, p] < 1e-6 and after[i, p] < 1e-6 for i in (0, 1) for p in readers_of(model)[i])
+    for key in [(2, "layer.0"), (2, "shortcut"), "classifier"]:  # those reading what block 1's cut moved
+        assert after[key] < 0.9 * before[key], (key, after[key], before[key])
+        assert recorded[key] == (pytest.approx(before[key], rel=1e-3), pytest.approx(after[key], rel=1e-3)), key
+
+
 @torch.no_grad()
 def test_convnext_rows_of_the_channels_first_stream_line_up_with_pwconv2s():
     """The block adds λ ⊙ pwconv2's output (channels last) to its channels-first input: row r of the stream as
@@ -249,13 +345,16 @@ def test_batchnorm_repair_in_steps_is_refused():
         OptinConfig(reconstruct="batchnorm", prune_steps=2)
 
 
-def test_a_resnet_refit_unslimmed_computes_what_the_slim_model_computes():
+@pytest.mark.parametrize("readers", [False, True])
+def test_a_resnet_refit_unslimmed_computes_what_the_slim_model_computes(readers):
     """Pruning in steps re-scores the refit model in dense shapes (`unslim`): the 3x3 conv carries its refit filters
-    at its kept (reduce, 3x3) channels and its BatchNorm its refit means, and the removed reduce channels' inputs are cut."""
+    at its kept (reduce, 3x3) channels and its BatchNorm its refit means, and the removed reduce channels' inputs are cut;
+    with `readers`, the reduce convs at their kept channels, the shortcuts and the classifier carry theirs."""
     dense = trained_resnet()
     masks = masks_of(dense)
     model = slim_model(copy.deepcopy(dense), masks)
-    reconstruct(model, dense, prepare_calibration(CALIBRATION, num_samples=16, batch_size=8, max_length=64), "weights")
+    reconstruct(model, dense, prepare_calibration(CALIBRATION, num_samples=16, batch_size=8, max_length=64), "weights",
+                readers=readers)
     with torch.no_grad():
         torch.testing.assert_close(unslim(model, dense, masks)(pixel_values=PIXELS).logits, model(pixel_values=PIXELS).logits,
                                    atol=1e-5, rtol=1e-5)

@@ -60,6 +60,7 @@ ASKS = {
     "neurons": {"prune_heads": False},
     "channels": {"prune_channels": True},
     "inputs": {"reconstruct_inputs": True, "reconstruct": "auto"},
+    "readers": {"reconstruct_readers": True, "reconstruct": "auto"},
 }
 assert set(ASKS) | {"fast_engine"} == set(FEATURES)  # a new capability gets its request here
 

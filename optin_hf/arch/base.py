@@ -195,6 +195,8 @@ class ArchAdapter:
         for mode in [mode for mode in ("weights", "scales") if mode in declared.repairs]:
             needs += [(f"repairs with {mode!r}", name, getattr(self, name))
                       for name in ("finish_attention", "feed_forward", "finish_feed_forward")]
+        if declared.readers:  # the readers are refit inside the weights refit's conv path
+            needs += [("readers=True", "refit_conv", self.refit_conv)]
         if declared.tokens:
             needs += [("tokens=True", "patch_embedding", self.patch_embedding),
                       ("tokens=True", "num_prefix_tokens", self.num_prefix_tokens or None)]

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Repair = Literal["weights", "scales", "batchnorm"]
-Feature = Literal["fast_engine", "weights", "scales", "batchnorm", "inputs", "tokens", "heads", "neurons", "channels"]
+Feature = Literal["fast_engine", "weights", "scales", "batchnorm", "inputs", "readers", "tokens", "heads", "neurons", "channels"]
 REPAIRS: tuple[Repair, ...] = ("weights", "scales", "batchnorm")
-FEATURES: tuple[Feature, ...] = ("fast_engine", *REPAIRS, "inputs", "tokens", "heads", "neurons", "channels")
+FEATURES: tuple[Feature, ...] = ("fast_engine", *REPAIRS, "inputs", "readers", "tokens", "heads", "neurons", "channels")
 
 _REFIT = (
     "refits each layer's output projections through the adapter's layer pieces "
@@ -28,6 +28,8 @@ _ASKED_BY: dict[str, tuple[str, str]] = {
     "scales": ("reconstruct='scales'", _REFIT),
     "inputs": ("reconstruct_inputs=True", "refits each sublayer's input projections (query, key and value; the FFN's up "
                "and gate) as linear maps of the sublayer's input, which needs them to be Linear or Conv1D layers"),
+    "readers": ("reconstruct_readers=True", "refits the convs that read each block's input (its reduce conv and projection "
+                "shortcut) and the classifier, which needs a ResNet's blocks"),
     "batchnorm": ("reconstruct='batchnorm'", "re-estimates the running means of the BatchNorms after the pruned convs"),
     "tokens": ("prune_tokens=True", "reduces image tokens by merging a ViT token sequence, its class token(s) kept apart"),
     "heads": ("prune_heads=True with prune_neurons=False", "prunes heads only"),
@@ -48,6 +50,8 @@ class Capabilities:
     inputs: the weights refit can refit each sublayer's input projections too (`reconstruct_inputs=True`): the
     output-side slices of `head_slices` / `neuron_slices` that are Linear or Conv1D layers, each read as a linear map
     of its own input (needs "weights" among the repairs).
+    readers: the weights refit can refit the convs that read each block's input and the classifier too, the residual
+    widths cut or kept (`reconstruct_readers=True`; ResNet: `ArchAdapter.channel_readers`, needs "weights").
     tokens: token mode (`prune_tokens=True`): a ViT token sequence with class token(s) to keep apart.
     heads, neurons: the kinds of unit its layers have (ConvNeXt has no heads).
     channels: coupled residual channels (`prune_channels=True`): the adapter gives `channel_widths(config)` (the
@@ -59,6 +63,7 @@ class Capabilities:
     fast_engine: bool = False
     repairs: tuple[Repair, ...] = ()
     inputs: bool = False
+    readers: bool = False
     tokens: bool = False
     heads: bool = True
     neurons: bool = True
@@ -70,6 +75,9 @@ class Capabilities:
             raise ValueError(f"Capabilities(repairs={self.repairs!r}) names {unknown}: the repairs are {list(REPAIRS)}.")
         if self.inputs and "weights" not in self.repairs:
             raise ValueError("Capabilities(inputs=True) refits input projections within the weights refit: declare "
+                             "repairs=('weights', ...) too.")
+        if self.readers and "weights" not in self.repairs:
+            raise ValueError("Capabilities(readers=True) refits convs within the weights refit: declare "
                              "repairs=('weights', ...) too.")
         if not (self.heads or self.neurons):
             raise ValueError("Capabilities(heads=False, neurons=False) leaves nothing to prune: declare one kind of unit.")

@@ -31,7 +31,8 @@ residual stream (`channel_readers`: each block's reduce conv and projection shor
 by least squares (`optin_hf.reconstruct`): with the BatchNorm means alone, cutting residual widths lost accuracy on
 both digits ResNets' development folds; with that refit, the wide-stem ResNet (44% of its MACs fixed) kept its dense
 accuracy down to 0.5 of the MACs (benchmarks/resnet_channel_refit.py). digits-resnet's recipe keeps its refit
-allocation, which runs without them.
+allocation, which runs without them, and refits those convs and the classifier with the widths kept
+(`OptinConfig.reconstruct_readers`).
 
 The fast engine runs a block in pieces. The heads' output (the 3x3 conv's input) is finished into the
 FFN input, which carries two maps stacked along the channels: the 3x3 conv layer's output (the last
@@ -488,5 +489,5 @@ RESNET = ResNetAdapter(
     classifiers={"ResNetForImageClassification": _pooled_classifier},
     # the BatchNorm repair first (reconstruct="auto"): on a development split of digits-resnet it kept more
     # accuracy at 0.6 and 0.5 than the refit (benchmarks/cnn_repair_dev.py)
-    capabilities=Capabilities(fast_engine=True, repairs=("batchnorm", "weights", "scales"), channels=True),
+    capabilities=Capabilities(fast_engine=True, repairs=("batchnorm", "weights", "scales"), readers=True, channels=True),
 )
