@@ -435,6 +435,7 @@ class CandidateRunner:
         if name not in self.scored:
             # scoring only: no repair, so neither the refit's unit choice nor its per-layer counts (they need one)
             scorer = self.pruner_class(dataclasses.replace(self.base, importance=name, reconstruct="none", reconstruct_inputs=False,
+                                                           reconstruct_readers=False,
                                                            prune_steps=1, selection="scores", allocation="scores",
                                                            allocation_rounds=1))
             try:
@@ -453,10 +454,11 @@ class CandidateRunner:
         scorer, scores = self.scores(candidate.importance)
         # The scorer's config holds what a scoring time budget picked (fewer examples, coarser neuron groups).
         steps = self.base.prune_steps if candidate.reconstruct != "none" else 1
-        # the input projections refit where the candidate's repair is the weights refit it belongs to
+        # the input projections (a ResNet's readers) refit where the candidate's repair is the weights refit they belong to
         inputs = self.base.reconstruct_inputs and candidate.reconstruct == "weights"
+        readers = self.base.reconstruct_readers and candidate.reconstruct == "weights"
         # prune_channels as asked (the default: resolved by this candidate's settings, as its repair was, not the scorer's)
-        changes = dict(reconstruct=candidate.reconstruct, reconstruct_inputs=inputs, selection=candidate.selection,
+        changes = dict(reconstruct=candidate.reconstruct, reconstruct_inputs=inputs, reconstruct_readers=readers, selection=candidate.selection,
                        prune_steps=steps, allocation=self.base.allocation,
                        allocation_rounds=self.base.allocation_rounds, prune_channels=self.base.prune_channels)
         pruner = self.pruner_class(dataclasses.replace(scorer.config, **changes, mac_constraint=mac_constraint or self.base.mac_constraint))

@@ -18,6 +18,7 @@ from optin_hf.arch.resnet import ConvBatchNorm
 from optin_hf.checkpoint import save_pruned
 from optin_hf.data import prepare_calibration
 from optin_hf.reconstruct import apply_reconstruction, batch_norms, reconstruct, unslim
+from optin_hf.search_record import search_record
 from optin_hf.slim import slim_model
 from tiny import random_images as images, tiny_cnn, tiny_model
 
@@ -193,6 +194,21 @@ def test_the_readers_refit_with_nothing_pruned_changes_nothing_and_other_familie
         reconstruct(slim_model(copy.deepcopy(convnext), PruningMasks.full(convnext.config)), convnext, data, "weights", readers=True)
     with pytest.raises(ValueError, match="set reconstruct='weights', or reconstruct_readers=False"):
         OptinConfig(reconstruct="batchnorm", reconstruct_readers=True)
+
+
+def test_the_search_refits_the_readers_of_its_weights_candidates_only():
+    """Under importance="auto", `reconstruct_readers` makes every repaired candidate the weights refit (as it makes
+    `reconstruct="auto"`), which runs the readers' refit (the kept one's artifact holds the classifier refit with the
+    widths kept); the scoring and the candidates without a repair run without it (a config asking for it is refused)."""
+    model = trained_resnet()
+    pruner = OptinPruner(OptinConfig(mac_constraint=0.7, reconstruct_readers=True, prune_channels=False, reconstruct_samples=16,
+                                     batch_size=4, neurons_multiple_of=1))
+    pruner.prune_model(model, images(32, 2))
+    record = search_record(pruner.config.to_dict())
+    tried = {(c.importance, c.reconstruct) for c in record.candidates}
+    assert {repair for _, repair in tried} == {"weights", "none"} and all(c.distance is not None for c in record.candidates)
+    assert pruner.config.reconstruct == "weights" and pruner.config.reconstruct_readers
+    assert "classifier.weight" in pruner.reconstruction.tensors and not check_model(model).channels_cut(model)
 
 
 @torch.no_grad()
