@@ -12,7 +12,8 @@ Settings (each but "auto" with `importance` set to the criterion of the row):
   and "auto" then refits: the RESULTS rows for ResNet "library" were measured before, with the widths kept).
 - none: the same, `reconstruct="none"`.
 - recipe: recipes/digits-resnet.yaml's optin settings (every calibration image scored, channels alone, exact counts,
-  `reconstruct="weights"`, `allocation="refit"`).
+  `reconstruct="weights"`, `allocation="refit"`, its `allocation_rounds`, and on a ResNet its `reconstruct_readers`;
+  the RESULTS rows measured before 2026-12-06 evening ran one round without the readers' refit).
 - channels (ResNet only, not in the default run): the library setting with `prune_channels=True` (coupled residual
   channels; the BatchNorm repair when the RESULTS rows were measured, the refit under "auto" now).
 
@@ -127,14 +128,16 @@ def trained(family: str, train, names: list[str], data: str = "digits") -> PreTr
     return cls.from_pretrained(folder).eval()
 
 
-def settings(name: str, criterion: str) -> dict:
-    """The OptinConfig fields of a setting (see the module docstring), mac_constraint left out."""
+def settings(name: str, criterion: str, model) -> dict:
+    """The OptinConfig fields of a setting (see the module docstring) for `model`, mac_constraint left out."""
     if name == "auto":
         return {}
     if name == "recipe":
         recipe = default_recipe("digits-resnet").optin.to_dict()
-        fields = {k: recipe[k] for k in ("num_samples", "neuron_group_size", "neurons_multiple_of", "reconstruct", "allocation", "seed")}
-        return {**fields, "importance": criterion}
+        names = ["num_samples", "neuron_group_size", "neurons_multiple_of", "reconstruct", "allocation", "allocation_rounds", "seed"]
+        if check_model(model).supports("readers"):  # the ResNet recipe's readers' refit, where the family has one
+            names.append("reconstruct_readers")
+        return {**{k: recipe[k] for k in names}, "importance": criterion}
     extra = {"none": {"reconstruct": "none"}, "channels": {"prune_channels": True}}.get(name, {})
     return {"importance": criterion, **extra}
 
@@ -149,7 +152,7 @@ def run_fold(model, fit, judged, budgets, criterion: str, names: tuple[str, ...]
     """{(setting, budget): (accuracy on `judged`, kept units, repair run, seconds)}: `model` pruned on `fit`."""
     out, scores = {}, {}
     for name in names:
-        fields = settings(name, criterion)
+        fields = settings(name, criterion, model)
         scored = min(fields.get("num_samples", OptinConfig.num_samples), len(fit))
         key = (scored, fields.get("neuron_group_size", 1), name == "channels")  # one scoring per images, grouping, channels
         for budget in budgets:
