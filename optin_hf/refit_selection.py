@@ -62,7 +62,8 @@ def unit_columns(adapter: ArchAdapter, config, sublayer: str, units: int, width:
 
 
 def greedy_removal(
-    gram: torch.Tensor, theta: torch.Tensor, columns: torch.Tensor, remove: int, ridge: float, rounds: int = MAX_ROUNDS
+    gram: torch.Tensor, theta: torch.Tensor, columns: torch.Tensor, remove: int, ridge: float, rounds: int = MAX_ROUNDS,
+    trace: list[tuple[int, float]] | None = None,
 ) -> tuple[list[int], float]:
     """Which `remove` units to drop, greedily by the post-refit error, and that error's increase.
 
@@ -74,7 +75,9 @@ def greedy_removal(
     G⁻¹ is never copied or shrunk: after the rounds so far it is H₀ - L Lᵀ (H₀ = the first inverse), each
     round appending the columns G⁻¹_:R chol(G⁻¹_RR)⁻ᵀ of its dropped rows R to L, so a round costs
     O(rows · (removed so far + out) · |R|) for G⁻¹_:R, θ and the units' diagonal blocks, not O(rows²) copies.
-    Dropped rows end with zero θ and G⁻¹ rows; their units are out of the running.
+    Dropped rows end with zero θ and G⁻¹ rows; their units are out of the running. `trace`, where given, gets
+    (units removed so far, error increase so far) after every round: the layer's post-refit error curve
+    (`benchmarks/llm_allocation_dev.py` allocates per-layer counts from it).
     """
     g = gram.double()
     ridge_term = ridge * g.diagonal().mean()
@@ -112,6 +115,8 @@ def greedy_removal(
         gone_units[picked] = True
         blocks[gone_units] = torch.eye(width, dtype=blocks.dtype, device=blocks.device)  # zero now: kept solvable
         removed += picked.tolist()
+        if trace is not None:
+            trace.append((len(removed), increase))
     return removed, increase
 
 

@@ -100,6 +100,19 @@ def test_several_removals_per_round_keep_the_exact_joint_update() -> None:
     assert exact == pytest.approx(refit_error(x, theta, columns, one_each), rel=1e-6)
 
 
+@pytest.mark.parametrize("rounds", [9, 3])
+def test_the_trace_is_the_post_refit_error_after_every_round(rounds: int) -> None:
+    """`trace` records the error curve a per-layer allocation reads: after each round, the units removed so far and
+    the error an independent refit leaves without them; the last entry is the returned increase."""
+    x, theta, columns = layer(1, 12, 2)
+    trace: list[tuple[int, float]] = []
+    removed, increase = greedy_removal(gram(x), theta, columns, 9, RIDGE, rounds=rounds, trace=trace)
+    assert [count for count, _ in trace] == ([3, 6, 9] if rounds == 3 else list(range(1, 10)))
+    for count, error in trace:
+        assert error == pytest.approx(refit_error(x, theta, columns, removed[:count]), rel=1e-6)
+    assert trace[-1] == (9, increase)
+
+
 def shrinking_greedy(gram: torch.Tensor, theta: torch.Tensor, columns: torch.Tensor, remove: int, ridge: float,
                      rounds: int) -> tuple[list[int], float]:
     """The greedy OBS removal written the direct way (the implementation before the in-place factor): each round
