@@ -73,8 +73,9 @@ class OptinConfig:
     value; the FFN's up and gate, at the units kept), from the slim model's own input of each to the dense model's
     output of the same rows, so the drift that earlier layers' pruning left in the stream is corrected where it enters
     the sublayer too (families that declare it: `Capabilities.inputs`; a larger artifact, a longer refit).
-    `reconstruct_readers=True` (ResNet) makes it refit, with the residual widths kept, each block's reduce conv and
-    projection shortcut (from the slim block's own input) and the classifier (from the pooled features) as well.
+    `reconstruct_readers=True` (families that declare it: `Capabilities.readers`, ResNet) makes it refit each block's
+    reduce conv and projection shortcut (from the slim block's own input) and the classifier (from the pooled features)
+    as well, also where the residual widths are kept (the consumer refit of cut widths refits them anyway).
     `prune_steps=k` makes the search see the repair: each step removes 1/k of the MAC cut,
     reconstructs, and re-scores the remaining units on the repaired model (k scoring runs).
     `selection` says which units each layer drops, the allocation having said how many: "scores" (the default)
