@@ -329,6 +329,28 @@ def test_every_optin_flag_is_unset_unless_given():
     assert {name: value for name, value in flags.items() if value is not None} == {}
 
 
+def test_a_repair_flag_drops_the_recipe_settings_that_need_the_refit_and_keeps_the_flags_given():
+    """digits-resnet's recipe refits with its readers and counts by the refit in two rounds: `--reconstruct batchnorm`
+    takes them away with the refit (each would be refused with it), while a flag given for one of them is kept."""
+    parser = build_parser("optin-hf")
+
+    def config(*flags: str) -> OptinConfig:
+        return commands_jobs.optin_config(parser.parse_args(["prune", "--default", "digits-resnet", *flags]))
+
+    recipe = config()
+    assert (recipe.reconstruct, recipe.reconstruct_readers, recipe.allocation, recipe.allocation_rounds) == ("weights", True, "refit", 2)
+    plain = config("--reconstruct", "batchnorm")
+    assert (plain.reconstruct, plain.reconstruct_readers, plain.allocation, plain.allocation_rounds) == ("batchnorm", False, "scores", 1)
+    assert dataclasses.replace(plain, reconstruct="weights", reconstruct_readers=True, allocation="refit", allocation_rounds=2) == recipe
+    scored = config("--allocation", "scores")  # the refit stays, the rounds of the refit allocation go
+    assert (scored.reconstruct, scored.reconstruct_readers, scored.allocation_rounds) == ("weights", True, 1)
+    assert not config("--no-reconstruct-readers").reconstruct_readers
+    with pytest.raises(ValueError, match="allocation='refit' counts units by the loss left after the refit"):
+        config("--reconstruct", "batchnorm", "--allocation", "refit")
+    args = parser.parse_args(["prune", "--model", "m", "--dataset", "d.csv", "--reconstruct-inputs"])
+    assert commands_jobs.optin_config(args).reconstruct_inputs
+
+
 @pytest.fixture
 def tilt_registered(monkeypatch):
     """A third-party criterion with a setting of its own (test_importance's), registered for one test."""

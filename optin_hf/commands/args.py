@@ -118,6 +118,12 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help="after slimming, refit each sublayer's output projection by least squares (weights), one "
                        "factor per kept unit (scales), re-estimate the BatchNorm means of a ResNet (batchnorm), or "
                        f"not at all (default: {OptinConfig.reconstruct})")
+    optin.add_argument("--reconstruct-inputs", action=argparse.BooleanOptionalAction, default=None,
+                       help="with the weights refit, refit each sublayer's input projections too (query/key/value, the FFN's "
+                       f"up and gate; transformer families) (default: {OptinConfig.reconstruct_inputs}; an embedded default: its recipe's)")
+    optin.add_argument("--reconstruct-readers", action=argparse.BooleanOptionalAction, default=None,
+                       help="with the weights refit, refit each ResNet block's reduce conv and projection shortcut and the "
+                       f"classifier too (default: {OptinConfig.reconstruct_readers}; an embedded default: its recipe's)")
     optin.add_argument("--reconstruct-samples", type=int, default=None, metavar="N",
                        help=f"calibration examples the reconstruction fits on (default: {OptinConfig.reconstruct_samples})")
     optin.add_argument("--checkpoint-dir", metavar="DIR",
