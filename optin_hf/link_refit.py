@@ -155,6 +155,18 @@ def link_destination(model: nn.Module, adapter: ArchAdapter, key: str) -> tuple[
     return link, "weight", (link.out_features, link.in_features)
 
 
+def link_tensors(model: nn.Module, adapter: ArchAdapter) -> dict[str, torch.Tensor]:
+    """The artifact of the slim `model`'s links (`links.{path}.weight` / `.bias`), as it holds them: what a loaded full
+    checkpoint carries of them, to save again masks-only."""
+    tensors = {}
+    for path in link_paths(adapter, model):
+        link = Link(model.get_submodule(path))
+        tensors[f"{LINKS}.{path}.weight"] = link.weight().cpu().clone(memory_format=torch.contiguous_format)
+        if link.bias() is not None:
+            tensors[f"{LINKS}.{path}.bias"] = link.bias().cpu().clone()
+    return tensors
+
+
 @torch.no_grad()
 def copy_links(source: nn.Module, target: nn.Module, adapter: ArchAdapter) -> None:
     """Give `target` (a dense copy) `source`'s refit links: their shapes do not change with the masks."""

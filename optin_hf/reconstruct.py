@@ -333,6 +333,19 @@ def _conv_tensors(layer: nn.Module, index: int, path: str) -> dict[str, torch.Te
             f"{key}.normalization.{RUNNING_MEAN}": conv_layer.normalization.running_mean.detach().cpu().clone()}
 
 
+def input_tensors(model: nn.Module, adapter: ArchAdapter) -> dict[str, torch.Tensor]:
+    """The artifact of the slim `model`'s input projections (`layers.{i}.inputs.{path}.weight` / `.bias`), as it holds
+    them: what a loaded full checkpoint pruned with `reconstruct_inputs` carries of them, to save again masks-only."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(adapter.layers_of(model)):
+        for path in sorted(_input_paths(adapter, layer, model.config)):
+            proj = Projection(get_submodule(layer, path))
+            tensors[f"layers.{i}.{INPUTS}.{path}.weight"] = proj.weight().cpu().clone(memory_format=torch.contiguous_format)  # Conv1D's [out, in] is a view
+            if proj.has_bias:
+                tensors[f"layers.{i}.{INPUTS}.{path}.bias"] = proj.bias().cpu().clone()
+    return tensors
+
+
 def reader_tensors(model: nn.Module, adapter: ArchAdapter) -> dict[str, torch.Tensor]:
     """The artifact of a ResNet's convs that read each block's input (`channel_readers`) and its classifier, as the
     slim `model` holds them (refit or not): what a loaded full checkpoint carries of them, to save again masks-only."""

@@ -18,9 +18,10 @@ from torch import nn
 
 from .arch import ArchAdapter, check_model, get_adapter
 from .config import OptinConfig
+from .link_refit import link_tensors
 from .masks import MASKS_NAME, PruningMasks, load_safetensors
-from .reconstruct import (RECONSTRUCTION_NAME, Reconstruction, batchnorm_means, output_projection, reader_tensors,
-                          refit_conv_tensors)
+from .reconstruct import (RECONSTRUCTION_NAME, Reconstruction, batchnorm_means, input_tensors, output_projection,
+                          reader_tensors, refit_conv_tensors)
 
 RESULT_ATTRIBUTE = "optin_result"
 
@@ -111,20 +112,23 @@ def read_result(folder: str | Path, model: nn.Module, adapter: ArchAdapter | Non
     elif config.reconstruct == "batchnorm":
         reconstruction = Reconstruction("batchnorm", batchnorm_means(model, adapter), [])
     elif config.reconstruct != "none":
-        reconstruction = Reconstruction("weights", _output_projections(model, adapter), [])
+        reconstruction = Reconstruction("weights", _refit_tensors(model, adapter, config.reconstruct_inputs), [])
     return PruningResult(config, masks, reconstruction)
 
 
-def _output_projections(model: nn.Module, adapter: ArchAdapter | None) -> dict[str, torch.Tensor]:
-    """Every output projection's weight ([out, in]) and bias, and a refit conv's weight and means, keyed as a
-    "weights" reconstruction keys them."""
+def _refit_tensors(model: nn.Module, adapter: ArchAdapter | None, inputs: bool) -> dict[str, torch.Tensor]:
+    """Every tensor a "weights" reconstruction may have written, keyed as it keys them: each output projection's
+    weight ([out, in]) and bias, a refit conv's weight and means, a ResNet's readers and classifier, the links
+    (SegFormer), and with `inputs` (`reconstruct_inputs`) the input projections."""
     adapter = adapter or check_model(model)
     tensors = {}
     for i, layer in enumerate(adapter.layers_of(model)):
         for sublayer in adapter.refit_sublayers:
             proj = output_projection(adapter, layer, sublayer)
-            tensors[f"layers.{i}.{sublayer}.weight"] = proj.weight().cpu().clone()
+            tensors[f"layers.{i}.{sublayer}.weight"] = proj.weight().cpu().clone(memory_format=torch.contiguous_format)  # Conv1D's [out, in] is a view
             if proj.has_bias:
                 tensors[f"layers.{i}.{sublayer}.bias"] = proj.bias().cpu().clone()
         tensors.update(refit_conv_tensors(layer, i, adapter))  # ResNet's 3x3 conv and its BatchNorm's means
-    return {**tensors, **reader_tensors(model, adapter)}  # and its reduce convs, shortcuts and classifier
+    tensors.update(reader_tensors(model, adapter))
+    tensors.update(link_tensors(model, adapter))
+    return {**tensors, **(input_tensors(model, adapter) if inputs else {})}

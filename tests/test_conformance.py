@@ -39,6 +39,7 @@ from optin_hf.arch.base import num_features
 from optin_hf.arch.projection import Projection, slice_features
 from optin_hf.arch.bert import BERT
 from optin_hf.capture import scoring_forward
+from optin_hf.checkpoint import save_pruned
 from optin_hf.data import prepare_calibration
 from optin_hf.engine.run import engine_for
 from optin_hf.hooks import apply_masks
@@ -174,7 +175,8 @@ def check_channels(model_type: str) -> None:
 
 def check_save_and_reload(model_type: str, tmp_path: Path) -> None:
     """A folder, and on the (fake) Hub a full repo and a masks-only one naming its base: each loads the slim model,
-    repaired by the family's first repair (so the masks-only artifact must carry the refit or the new means)."""
+    repaired by the family's first repair (so the masks-only artifact must carry the refit or the new means); the
+    loaded folder saved again masks-only loads it too."""
     tiny = family(model_type)
     dense = tiny.build()
     dense.save_pretrained(tmp_path / "base")
@@ -201,6 +203,12 @@ def check_save_and_reload(model_type: str, tmp_path: Path) -> None:
         assert parameters(loaded) == slim_size
         for got, want in zip(outputs(loaded, tiny), expected, strict=True):
             assert torch.equal(got, want), source
+    # a loaded full checkpoint saves again masks-only: its weights give back the repair's artifact
+    save_pruned(AutoOptinModel.from_pretrained(tmp_path / "slim"), tmp_path / "again", masks_only=True)
+    again = AutoOptinModel.from_pretrained(tmp_path / "again")
+    tiny.eager(again)
+    for got, want in zip(outputs(again, tiny), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert PruningMasks.load(tmp_path / "slim" / "optin_masks.safetensors").heads_per_layer() == pruner.masks.heads_per_layer()
 
 
@@ -465,6 +473,26 @@ def check_input_refit(model_type: str) -> None:
         assert torch.equal(got, want)
 
 
+def check_input_refit_saved_again(model_type: str, tmp_path: Path) -> None:
+    """A full checkpoint pruned with `reconstruct_inputs`, loaded and saved again masks-only, still carries the refit
+    input projections: the masks-only reload over the base gives the pruned model's outputs."""
+    tiny = family(model_type)
+    dense = tiny.build()
+    dense.save_pretrained(tmp_path / "base")
+    model = type(dense).from_pretrained(tmp_path / "base").eval()  # name_or_path is the base folder
+    tiny.eager(model)
+    pruner = OptinPruner(OptinConfig(**{**tiny.settings, "importance": "magnitude", "reconstruct": "weights",
+                                        "reconstruct_inputs": True}))
+    pruner.prune_model(model, tiny.examples(4, 1))
+    pruner.save(model, tmp_path / "full")  # the full slim checkpoint
+    loaded = AutoOptinModel.from_pretrained(tmp_path / "full")
+    save_pruned(loaded, tmp_path / "again", masks_only=True)
+    again = AutoOptinModel.from_pretrained(tmp_path / "again")
+    tiny.eager(again)
+    for got, want in zip(outputs(again, tiny), outputs(model, tiny), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def check_nothing_pruned(model_type: str, mode: str) -> None:
     """With every unit kept, the repair changes nothing: the ridge pulls the refit toward the weights the kept
     units had, which fit the dense sums exactly (what is left is the float64 solve's rounding), and no BatchNorm
@@ -557,6 +585,11 @@ def test_a_repair_with_nothing_pruned_changes_nothing(model_type, mode):
 @pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if ADAPTERS[t].supports("inputs")])
 def test_the_input_refit_lowers_each_input_projections_error_and_reapplies(model_type):
     check_input_refit(model_type)
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if ADAPTERS[t].supports("inputs")])
+def test_the_input_refit_survives_a_masks_only_save_of_a_loaded_checkpoint(model_type, tmp_path: Path):
+    check_input_refit_saved_again(model_type, tmp_path)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
