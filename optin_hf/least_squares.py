@@ -77,9 +77,15 @@ def write_solved(target, theta: torch.Tensor, key: str, tensors: dict[str, torch
     weight = theta[: target.in_features].T.to(weight.dtype).contiguous()
     bias = theta[-1].to(bias.dtype) if bias is not None else None
     target.set(weight, bias)
-    tensors[f"{key}.weight"] = weight.cpu()
+    record(tensors, key, weight, bias)
+
+
+def record(tensors: dict[str, torch.Tensor], key: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Record a weight [out, in] (and its bias, where there is one) under `key` in an artifact `tensors`: copies on
+    the CPU, the weight contiguous (a Conv1D's [out, in] is a transposed view, which safetensors does not save)."""
+    tensors[f"{key}.weight"] = weight.detach().cpu().clone(memory_format=torch.contiguous_format)
     if bias is not None:
-        tensors[f"{key}.bias"] = bias.cpu()
+        tensors[f"{key}.bias"] = bias.detach().cpu().clone()
 
 
 def patches(conv: nn.Conv2d, x: torch.Tensor, positions: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .arch import ArchAdapter
 from .capture import scoring_forward
-from .least_squares import NormalEquations, map_rows, patches, solve_weights, stacked_theta, write_solved
+from .least_squares import NormalEquations, map_rows, patches, record, solve_weights, stacked_theta, write_solved
 
 if TYPE_CHECKING:  # reconstruct imports this module: the type only, for the annotations
     from .reconstruct import Reconstruction
@@ -161,9 +161,7 @@ def link_tensors(model: nn.Module, adapter: ArchAdapter) -> dict[str, torch.Tens
     tensors = {}
     for path in link_paths(adapter, model):
         link = Link(model.get_submodule(path))
-        tensors[f"{LINKS}.{path}.weight"] = link.weight().cpu().clone(memory_format=torch.contiguous_format)
-        if link.bias() is not None:
-            tensors[f"{LINKS}.{path}.bias"] = link.bias().cpu().clone()
+        record(tensors, f"{LINKS}.{path}", link.weight(), link.bias())
     return tensors
 
 

@@ -455,8 +455,8 @@ class CandidateRunner:
         # The scorer's config holds what a scoring time budget picked (fewer examples, coarser neuron groups).
         steps = self.base.prune_steps if candidate.reconstruct != "none" else 1
         # the input projections (a ResNet's readers) refit where the candidate's repair is the weights refit they belong to
-        inputs = self.base.reconstruct_inputs and candidate.reconstruct == "weights"
-        readers = self.base.reconstruct_readers and candidate.reconstruct == "weights"
+        weights = candidate.reconstruct == "weights"
+        inputs, readers = self.base.reconstruct_inputs and weights, self.base.reconstruct_readers and weights
         # prune_channels as asked (the default: resolved by this candidate's settings, as its repair was, not the scorer's)
         changes = dict(reconstruct=candidate.reconstruct, reconstruct_inputs=inputs, reconstruct_readers=readers, selection=candidate.selection,
                        prune_steps=steps, allocation=self.base.allocation,

@@ -99,7 +99,8 @@ from .arch.projection import feature_dim, slice_features
 from .capture import scoring_forward
 from .engine.prefix import LayerCall, record_layer_calls
 from .engine.replay import layer_output, replay_layers
-from .least_squares import NormalEquations, map_rows, patches, solve_scales, solve_weights, stacked_theta, write_solved
+from .least_squares import (NormalEquations, map_rows, patches, record, solve_scales, solve_weights, stacked_theta,
+                            write_solved)
 from .link_refit import LINKS, copy_links, link_destination, with_links
 from .masks import PruningMasks, load_safetensors
 from .tokens import TokenMerging, merge_matched
@@ -340,9 +341,7 @@ def input_tensors(model: nn.Module, adapter: ArchAdapter) -> dict[str, torch.Ten
     for i, layer in enumerate(adapter.layers_of(model)):
         for path in sorted(_input_paths(adapter, layer, model.config)):
             proj = Projection(get_submodule(layer, path))
-            tensors[f"layers.{i}.{INPUTS}.{path}.weight"] = proj.weight().cpu().clone(memory_format=torch.contiguous_format)  # Conv1D's [out, in] is a view
-            if proj.has_bias:
-                tensors[f"layers.{i}.{INPUTS}.{path}.bias"] = proj.bias().cpu().clone()
+            record(tensors, f"layers.{i}.{INPUTS}.{path}", proj.weight(), proj.bias())
     return tensors
 
 
@@ -353,20 +352,18 @@ def reader_tensors(model: nn.Module, adapter: ArchAdapter) -> dict[str, torch.Te
         return {}
     tensors: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(adapter.layers_of(model)):
-        for path in _cut_readers(adapter, layer, layer, every=True):
+        for path in _readers(adapter, layer, layer, every=True):
             tensors.update(_conv_tensors(layer, i, path))
     linear = adapter.channel_classifier(model)
     if linear is not None:
-        tensors["classifier.weight"] = linear.weight.detach().cpu().clone()
-        if linear.bias is not None:
-            tensors["classifier.bias"] = linear.bias.detach().cpu().clone()
+        record(tensors, "classifier", linear.weight, linear.bias)
     return tensors
 
 
-def _cut_readers(adapter: ArchAdapter, student: nn.Module, teacher: nn.Module, every: bool = False) -> list[str]:
-    """The paths of `student`'s conv layers that read its input with fewer channels than `teacher`'s (a cut residual
-    stream, `ArchAdapter.channel_readers`) and keep an output channel; `every`: all the readers that keep one (the
-    widths kept, where their input drifted all the same)."""
+def _readers(adapter: ArchAdapter, student: nn.Module, teacher: nn.Module, every: bool = False) -> list[str]:
+    """The paths of `student`'s conv layers that read the block's input (`ArchAdapter.channel_readers`) and keep an
+    output channel: those that read it with fewer channels than `teacher`'s (a cut residual stream), or with `every`
+    all of them (`reconstruct_readers`: the widths kept, where their input drifted all the same)."""
     def conv(layer: nn.Module, path: str) -> nn.Conv2d | None:
         return getattr(get_submodule(layer, path), "convolution", None)  # an identity shortcut has none
 
@@ -432,7 +429,7 @@ def _refit_consumers(
     for s in streams:
         s.student = _input_of(pairs[0][0], lambda s=s: scoring_forward(model, s.batch))
     for i, (student, teacher) in enumerate(pairs):
-        errors += _refit_readers(adapter, student, teacher, _cut_readers(adapter, student, teacher), streams, i, ridge, tensors)
+        errors += _refit_readers(adapter, student, teacher, _readers(adapter, student, teacher), streams, i, ridge, tensors)
         for s in streams:  # a ResNet's blocks chain and take no arguments beyond the map
             s.student, s.teacher = _first(student(s.student)), _first(teacher(s.teacher))
     errors += _refit_classifier(model, dense, adapter, streams, ridge, tensors)
@@ -644,7 +641,7 @@ def reconstruct(
             **({"y_conv": (get_submodule(teacher, conv_path).convolution, "out")} if conv_layer is not None else {}),
         }
         if cut or readers:  # the convs reading the (cut) residual stream, before anything they feed
-            errors += _refit_readers(adapter, student, teacher, _cut_readers(adapter, student, teacher, every=readers), streams,
+            errors += _refit_readers(adapter, student, teacher, _readers(adapter, student, teacher, every=readers), streams,
                                      i, ridge, tensors)
         # the units the layer keeps, as `slim_model` cut them
         keep = (masks.head_mask[i].nonzero().flatten(), masks.neuron_mask[i].nonzero().flatten()) if inputs else None
@@ -858,7 +855,7 @@ def unslim(model: nn.Module, dense: nn.Module, masks: PruningMasks, adapter: Arc
             target.convolution.weight.data[outs[:, None], ins[None, :]] = source.convolution.weight.detach()
             target.normalization.running_mean[outs] = source.normalization.running_mean
         if readers:  # at the channels each keeps (the reduce conv: the kept heads)
-            for path in _cut_readers(adapter, slim_layer, layer, every=True):
+            for path in _readers(adapter, slim_layer, layer, every=True):
                 source, target = get_submodule(slim_layer, path), get_submodule(layer, path)
                 outs = adapter.kept_reader_outputs(slim_layer, path).to(target.convolution.weight.device)
                 target.convolution.weight.data[outs] = source.convolution.weight.detach()

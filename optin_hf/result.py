@@ -18,6 +18,7 @@ from torch import nn
 
 from .arch import ArchAdapter, check_model, get_adapter
 from .config import OptinConfig
+from .least_squares import record
 from .link_refit import link_tensors
 from .masks import MASKS_NAME, PruningMasks, load_safetensors
 from .reconstruct import (RECONSTRUCTION_NAME, Reconstruction, batchnorm_means, input_tensors, output_projection,
@@ -125,9 +126,7 @@ def _refit_tensors(model: nn.Module, adapter: ArchAdapter | None, inputs: bool) 
     for i, layer in enumerate(adapter.layers_of(model)):
         for sublayer in adapter.refit_sublayers:
             proj = output_projection(adapter, layer, sublayer)
-            tensors[f"layers.{i}.{sublayer}.weight"] = proj.weight().cpu().clone(memory_format=torch.contiguous_format)  # Conv1D's [out, in] is a view
-            if proj.has_bias:
-                tensors[f"layers.{i}.{sublayer}.bias"] = proj.bias().cpu().clone()
+            record(tensors, f"layers.{i}.{sublayer}", proj.weight(), proj.bias())
         tensors.update(refit_conv_tensors(layer, i, adapter))  # ResNet's 3x3 conv and its BatchNorm's means
     tensors.update(reader_tensors(model, adapter))
     tensors.update(link_tensors(model, adapter))
