@@ -218,7 +218,7 @@ def main() -> None:
     recipe = default_recipe(NAME).optin
     base = {**recipe.to_dict(), "max_scoring_time": None}
     registry = RECIPES[NAME]
-    development = CORPORA[registry.corpus]().unused(registry.split).select(range(4))
+    development = CORPORA[registry.corpus]().development(registry.split)
     windows = evaluation_windows(development, "text", task.processor, task.eval_window, 32)
 
     def perplexity(model) -> float:

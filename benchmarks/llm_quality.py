@@ -109,7 +109,7 @@ def main() -> None:
     held_out = test = evaluation_windows(task.test, "text", task.processor, task.eval_window, task.max_eval_samples)
     if args.dev:
         registry = RECIPES[NAME]
-        development = CORPORA[registry.corpus]().unused(registry.split).select(range(4))
+        development = CORPORA[registry.corpus]().development(registry.split)
         print(f"development plays: {development['play']}")
         held_out = evaluation_windows(development, "text", task.processor, task.eval_window, args.dev)
     if args.lambdas:

@@ -15,6 +15,8 @@ reads (benchmarks/RESULTS.md, "Intercept, readers' refit and more windows"):
   the library's refit of the same masks gives the same development perplexity (78.295 at 768 windows).
 
 Every fit is the refit's ridge least squares toward the module's own weights (`least_squares.solve_weights`).
+The windows are drawn from the default's calibration plays: 30 since s35 (the rows of RESULTS before it read the 4
+calibration plays of then; "Calibration windows from 30 plays" there).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/llm_repair_dev.py --windows 768 --variants plain readers
 """
@@ -132,7 +134,7 @@ def main() -> None:
     task = load_default(NAME)
     dense = task.model.eval()
     registry = RECIPES[NAME]
-    development = CORPORA[registry.corpus]().unused(registry.split).select(range(4))
+    development = CORPORA[registry.corpus]().development(registry.split)
     windows = evaluation_windows(development, "text", task.processor, task.eval_window, args.dev)
 
     def perplexity(model: nn.Module) -> float:

@@ -279,7 +279,7 @@ def test_the_plays_read_as_plain_scripts():
     assert plain_text(markdown) == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO\nWho's there?\n\nExeunt."
 
 
-def test_the_held_out_plays_share_no_line_with_the_calibration_plays():
+def test_the_held_out_and_development_plays_share_no_line_with_the_calibration_plays():
     from optin_hf.tasks.defaults.corpora import CORPORA
     from optin_hf.tasks.defaults.registry import RECIPES
     from optin_hf.tasks.defaults.splits import make_splits
@@ -287,10 +287,15 @@ def test_the_held_out_plays_share_no_line_with_the_calibration_plays():
     recipe = RECIPES["shakespeare-smollm2"]
     plays = CORPORA[recipe.corpus]()
     splits = make_splits(plays, recipe.split)
-    assert (len(splits.test), len(splits.calibration), len(splits.train)) == (4, 4, 0)
+    development = plays.development(recipe.split)
+    assert (len(splits.test), len(development), len(splits.calibration), len(splits.train)) == (4, 4, 30, 0)
     assert not set(splits.test["play"]) & set(splits.calibration["play"])
-    calibration_lines = {line for text in splits.calibration["text"] for line in text.splitlines() if len(line) > 30}
-    assert not [line for text in splits.test["text"] for line in text.splitlines() if line in calibration_lines]
+    assert not set(development["play"]) & (set(splits.calibration["play"]) | set(splits.test["play"]))
+    # scene headings ("SCENE IV. Another part of the forest.") recur across plays; the speeches must not
+    calibration_lines = {line for text in splits.calibration["text"] for line in text.splitlines()
+                         if len(line) > 30 and not line.startswith("SCENE")}
+    for held_out in (splits.test, development):
+        assert not [line for text in held_out["text"] for line in text.splitlines() if line in calibration_lines]
     assert make_splits(CORPORA[recipe.corpus](), recipe.split).test.to_dict() == splits.test.to_dict()
 
 
@@ -361,3 +366,14 @@ def test_llm_recipe_prepares_wikitext2_windows(name, monkeypatch):
     windows = evaluation_windows(data.evaluation, data.columns.inputs[0], loaded.processor, 32, None)
     nll, tokens = negative_log_likelihood(loaded.model, windows)
     assert metric.compute([nll], [tokens])["perplexity"] > 1
+
+
+def test_a_play_split_names_a_missing_or_repeated_play_clearly():
+    from optin_hf.tasks.defaults.corpora import CORPORA
+    from optin_hf.tasks.defaults.plays import PlaySplit
+
+    plays = CORPORA["shakespeare"]()
+    with pytest.raises(ValueError, match="No play \\['comedies/hamlet'\\].*genre/title"):
+        plays.splits(PlaySplit(test=("comedies/hamlet",), development=()))
+    with pytest.raises(ValueError, match="named twice"):
+        plays.splits(PlaySplit(test=("tragedies/hamlet",), development=("tragedies/hamlet",)))

