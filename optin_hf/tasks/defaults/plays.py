@@ -53,22 +53,27 @@ class Plays:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def pools(self, split: PlaySplit) -> dict[str, list[int]]:
-        """Play indices per split, in the package's order: the named test plays, and every play neither named
-        for the test nor for development as calibration (the development plays are in no split)."""
+    def _index(self, split: PlaySplit) -> dict[str, int]:
+        """Each play's index by title, once the split's titles are checked: every one a play, none named twice."""
         index = {title: i for i, title in enumerate(self.titles)}
         named = [*split.test, *split.development]
         if missing := [title for title in named if title not in index]:
             raise ValueError(f"No play {missing} among the {len(self.titles)} plays: name them as genre/title, e.g. {self.titles[0]!r}.")
         if len(set(named)) < len(named):
             raise ValueError(f"A play is named twice in {split}: the test and development plays must be disjoint.")
-        test = sorted(index[title] for title in split.test)
-        return {"test": test, "calibration": [i for i in range(len(self.titles)) if self.titles[i] not in named], "train": []}
+        return index
+
+    def pools(self, split: PlaySplit) -> dict[str, list[int]]:
+        """Play indices per split, in the package's order: the named test plays, and every play neither named
+        for the test nor for development as calibration (the development plays are in no split)."""
+        index, named = self._index(split), {*split.test, *split.development}
+        return {"test": sorted(index[title] for title in split.test),
+                "calibration": [i for i, title in enumerate(self.titles) if title not in named], "train": []}
 
     def development(self, split: PlaySplit) -> Dataset:
         """The development plays, in the order named: text that shares no play with any split."""
-        self.pools(split)  # the titles checked
-        rows = [self.titles.index(title) for title in split.development]
+        index = self._index(split)
+        rows = [index[title] for title in split.development]
         return Dataset.from_dict({"text": [self.texts[i] for i in rows], "play": [self.titles[i] for i in rows]}, features=FEATURES)
 
     def splits(self, split: PlaySplit) -> Splits:
