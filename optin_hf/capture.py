@@ -35,14 +35,18 @@ class DenseCapture:
     tokens: int | None = None
 
 
-def scoring_forward(model: nn.Module, batch: Mapping[str, torch.Tensor]):
+def scoring_forward(model: nn.Module, batch: Mapping[str, torch.Tensor], logits: bool = True):
     """The model's forward on `batch` (moved to the model's device), as every scoring run calls
     it: with `use_cache=False` where the forward takes it, since a scoring run never decodes on,
-    and a kept key/value cache would only hold memory."""
+    and a kept key/value cache would only hold memory. `logits=False`: a causal LM computes its
+    logits at the last position only (a run that reads the layers, not the output)."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items()}
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    takes = inspect.signature(model.forward).parameters
+    if "use_cache" in takes:
         inputs["use_cache"] = False
+    if not logits and "logits_to_keep" in takes:
+        inputs["logits_to_keep"] = 1
     return model(**inputs)
 
 

@@ -22,6 +22,7 @@ from .checkpoint import MAX_SHARD_SIZE, save_pruned
 from .config import OptinConfig
 from .criteria import AUTO_IMPORTANCE
 from .data import average_length, check_inputs, image_size_of, prepare_calibration, replayable
+from .dense_calls import CalibrationBatches
 from .engine.estimate import ScoringPlan, plan_model_scoring
 from .engine.streaming import STREAMED_CRITERIA, check_streaming
 from .hub import CardMetrics, push_to_hub
@@ -80,11 +81,12 @@ class OptinPruner:
     def _reconstruction_batches(
         self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer
     ) -> list[dict[str, torch.Tensor]]:
-        """The first `reconstruct_samples` examples of `data` (those scoring reads are among them)."""
+        """The first `reconstruct_samples` examples of `data` (those scoring reads are among them), keeping the dense
+        run over them that the refit selection records for the refit (`dense_calls`)."""
         c = self.config
-        batches = prepare_calibration(
+        batches = CalibrationBatches(prepare_calibration(
             data, tokenizer, num_samples=c.reconstruct_samples, batch_size=c.batch_size, max_length=c.max_length, config=model.config
-        )
+        ))
         check_inputs(batches, adapter.is_vision, model.config.model_type)
         if self.config.image_size is None:  # given masks, the refit's images are the only ones read
             self.image_size = image_size_of(batches)

@@ -97,7 +97,8 @@ from tqdm.auto import tqdm
 from .arch import REPAIRS, ArchAdapter, Projection, check_model, get_submodule, require
 from .arch.projection import feature_dim, slice_features
 from .capture import scoring_forward
-from .engine.prefix import LayerCall, record_layer_calls
+from .dense_calls import dense_calls
+from .engine.prefix import LayerCall
 from .engine.replay import layer_output, replay_layers
 from .least_squares import (NormalEquations, map_rows, patches, record, solve_scales, solve_weights, stacked_theta,
                             write_solved)
@@ -454,19 +455,13 @@ def scale_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return weight * scale.to(weight.dtype).repeat_interleave(weight.shape[1] // max(len(scale), 1))[None, :]
 
 
-def _streams(teacher: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]]) -> list[_Stream]:
-    """Each batch's dense run: layer 0's input, where the pruned model starts too, and every layer's
+def _streams(
+    teacher: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], progress: bool = True
+) -> list[_Stream]:
+    """Each batch's dense run (`dense_calls`): layer 0's input, where the pruned model starts too, and every layer's
     call arguments (a Swin stage's map size, SegFormer's height and width), replayed for both models."""
-    device = next(teacher.parameters()).device
-    streams = []
-    for batch in batches:
-        with record_layer_calls(teacher, adapter, heads=False) as calls:
-            scoring_forward(teacher, batch)  # no KV cache: the recorded calls are replayed many times
-        [layer_calls] = calls
-        hidden = layer_calls[0].hidden
-        real = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
-        streams.append(_Stream(hidden, hidden, batch, layer_calls, real))
-    return streams
+    return [_Stream(run.calls[0].hidden, run.calls[0].hidden, run.batch, run.calls, run.real)
+            for run in dense_calls(teacher, adapter, batches, progress)]
 
 
 def _next_input(model: nn.Module, adapter: ArchAdapter, layer: int, output: torch.Tensor, stream: _Stream) -> torch.Tensor:
@@ -613,7 +608,7 @@ def reconstruct(
     dense.eval()
     tensors: dict[str, torch.Tensor] = {}
     errors = []
-    streams = _streams(dense, adapter, batches)
+    streams = _streams(dense, adapter, batches, progress)
     pairs = list(zip(adapter.layers_of(model), adapter.layers_of(dense)))
     if cut:  # the slim stem writes fewer channels: the slim stream starts from the slim model's own
         for s in streams:
