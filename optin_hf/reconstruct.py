@@ -206,7 +206,7 @@ class _Stream:
     target: the dense FFN sum of the layer in progress, as rows of the down projection's output; call: the
     layer's arguments as the pruned layer received them (after its own pre-hooks: a token merge); x: the
     pruned model's input of the projection being refit; residual: its FFN input (`finish_attention`'s output);
-    dense_ffn: the dense model's FFN input, where the FFN's input projections are refit.
+    dense: what the dense layer's run saw (`_call`), where the input projections are refit.
     """
 
     student: torch.Tensor
@@ -219,7 +219,7 @@ class _Stream:
     x: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     call: tuple[tuple, dict] | None = None
-    dense_ffn: torch.Tensor | None = None
+    dense: dict | None = None
 
 
 @dataclass
@@ -640,12 +640,16 @@ def reconstruct(
                                      i, ridge, tensors)
         # the units the layer keeps, as `slim_model` cut them
         keep = (masks.head_mask[i].nonzero().flatten(), masks.neuron_mask[i].nonzero().flatten()) if inputs else None
-        if inputs and heads is not None and len(keep[0]):  # the heads' input projections, before the heads run
-            attn_inputs = _inputs_of(adapter, student, teacher, dense.config, "attn_out", keep[0])
+        if inputs:  # the dense layer runs once, for its sums and its input projections' outputs (keyed "in:" + path)
+            attn_inputs = _inputs_of(adapter, student, teacher, dense.config, "attn_out", keep[0]) if heads is not None and len(keep[0]) else {}
+            ffn_inputs = _inputs_of(adapter, student, teacher, dense.config, "ffn_down", keep[1]) if len(keep[1]) else {}
+            input_taps = {f"in:{p}": (x.dense, "out") for p, x in {**attn_inputs, **ffn_inputs}.items()}
+            for s in streams:  # no token merging here (refused above): the student's call is the recorded one
+                s.dense = _call(teacher, s.teacher, s.calls[i].args, s.calls[i].kwargs, {**dense_taps, **input_taps})
+        if inputs and attn_inputs:  # the heads' input projections, before the heads run
             seen = ((_watch({p: (get_submodule(student, p), "in") for p in attn_inputs},
                             lambda s=s: student(s.student, *s.calls[i].args, **s.calls[i].kwargs)),
-                     _watch({p: (x.dense, "out") for p, x in attn_inputs.items()},
-                            lambda s=s: teacher(s.teacher, *s.calls[i].args, **s.calls[i].kwargs)), s.real) for s in streams)
+                     {p: s.dense[f"in:{p}"] for p in attn_inputs}, s.real) for s in streams)
             errors += _refit_inputs(attn_inputs, seen, ridge, i, tensors)
         for s in streams:
             before = s.sizes
@@ -656,9 +660,7 @@ def reconstruct(
             s.student, s.x, s.call = seen["layer"], seen.get("x"), seen["layer_args"]
             if merging is not None:
                 s.sizes, s.teacher = merging.sizes, _merge_like(s.teacher, before, merging)
-            t = _call(teacher, s.teacher, *s.call, dense_taps)
-            if inputs:  # where the dense FFN's input projections are read from
-                s.dense_ffn = t["r_ffn"].clone()
+            t = s.dense if inputs else _call(teacher, s.teacher, *s.call, dense_taps)
             if conv_layer is not None:
                 y_conv = map_rows(t["y_conv"][:, conv_kept])
                 conv_eq.add(patches(conv, s.x, y_conv.shape[0] // s.x.shape[0]), y_conv, None)
@@ -683,8 +685,7 @@ def reconstruct(
             unit = adapter.layer_head_dim(student, model.config) if adapter.kept_heads(student, model.config) else 1
             errors.append((i, "attn_out", *_refit(attn, eq, mode, ridge, unit, f"layers.{i}.attn_out", tensors, attn_scale)))
 
-        if inputs and len(keep[1]):  # the FFN's input projections, from the slim FFN input the attention's refit left
-            ffn_inputs = _inputs_of(adapter, student, teacher, dense.config, "ffn_down", keep[1])
+        if inputs and ffn_inputs:  # the FFN's input projections, from the slim FFN input the attention's refit left
 
             def ffn_input(s: _Stream) -> dict[str, torch.Tensor]:
                 args, kwargs = s.call
@@ -692,9 +693,7 @@ def reconstruct(
                 return _watch({p: (get_submodule(student, p), "in") for p in ffn_inputs},
                               lambda: adapter.feed_forward(student, residual, *args, **kwargs))
 
-            seen = ((ffn_input(s), _watch({p: (x.dense, "out") for p, x in ffn_inputs.items()},
-                                          lambda s=s: adapter.feed_forward(teacher, s.dense_ffn, *s.call[0], **s.call[1])),
-                     s.real) for s in streams)
+            seen = ((ffn_input(s), {p: s.dense[f"in:{p}"] for p in ffn_inputs}, s.real) for s in streams)
             errors += _refit_inputs(ffn_inputs, seen, ridge, i, tensors)
         eq = NormalEquations(down.in_features, down.out_features, down.device, down.has_bias)
         residual = get_submodule(student, residual_path)
@@ -715,7 +714,7 @@ def reconstruct(
             s.student = adapter.finish_feed_forward(student, down(s.x), s.residual, *args, **kwargs)
             if not adapter.chained_layers and i + 1 < len(pairs):  # what the model runs between the layers
                 s.student = _next_input(model, adapter, i, s.student, s)
-            s.x = s.residual = s.target = s.call = s.dense_ffn = None
+            s.x = s.residual = s.target = s.call = s.dense = None
     if cut or readers:
         errors += _refit_classifier(model, dense, adapter, streams, ridge, tensors, every=readers)
     model.train(was_training[0])
