@@ -6,11 +6,15 @@ selects units by the refit and then refits runs the dense model over them once: 
 forward over 49k tokens, about a minute on 2 cores. The recording is reused only for a model with the same weights (a
 float64 sum per tensor; the refit's dense model is the selection's, deep-copied before slimming); any other model is
 recorded anew. The forward skips what no layer call needs: a causal LM's logits are computed for one position only.
+A caller that reads more of the run than the layer calls (the selection's Grams of its projections' inputs) observes
+the recording as it is made (`observe`), instead of running the layers again.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -44,23 +48,25 @@ def weights_sum(model: nn.Module) -> tuple[float, ...]:
 
 
 def dense_calls(
-    model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], progress: bool = True
+    model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]], progress: bool = True,
+    observe: Callable[[torch.Tensor | None], AbstractContextManager] | None = None,
 ) -> list[DenseCalls]:
     """Every layer's call in `model`'s run over each batch (no KV cache: the calls are replayed many times); kept on
     `batches` when they are `CalibrationBatches`, and read from there for a model with the same weights. `progress`:
-    a bar over the batches."""
+    a bar over the batches. `observe(real)`, where given, is entered around each batch's forward (its real-token rows
+    as the argument), so its hooks see the run; the run is then made anew, never read from `batches`."""
     key = weights_sum(model) if isinstance(batches, CalibrationBatches) else None
-    if key is not None and batches.recorded is not None and batches.recorded[0] == key:
+    if observe is None and key is not None and batches.recorded is not None and batches.recorded[0] == key:
         return batches.recorded[1]
     if isinstance(batches, CalibrationBatches):
         batches.recorded = None  # another model's recording: freed before this one is made
     device = next(model.parameters()).device
     runs = []
     for batch in tqdm(batches, desc="Dense run", unit="batch", disable=not progress):
-        with record_layer_calls(model, adapter, heads=False) as calls:
+        real = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
+        with record_layer_calls(model, adapter, heads=False) as calls, (observe or (lambda _: nullcontext()))(real):
             scoring_forward(model, batch, logits=False)
         [layer_calls] = calls
-        real = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
         runs.append(DenseCalls(batch, layer_calls, real))
     if key is not None:
         batches.recorded = (key, runs)

@@ -23,23 +23,28 @@ that grows by the removed rows' columns each round (`greedy_removal`), never cop
 touches θ and the removed columns, not all n² entries (SmolLM2's 1,536-channel layer: 1.5 CPU s, was 5).
 
 The Grams come from the dense model's own calibration stream (every layer's input as the dense model
-computes it), so all layers are chosen independently, before slimming; the refit then runs as usual.
+computes it), so all layers are chosen independently, before slimming; the refit then runs as usual. They are
+accumulated by hooks during the one dense run over the calibration batches that the refit reads again
+(`optin_hf.dense_calls`): no layer runs twice for them.
 Sublayers the family does not refit (`ArchAdapter.refit_sublayers`: ResNet's 3x3 conv) keep the
 allocation's choice, as do layers that keep all or none of a kind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchAdapter, check_model
+from .arch import ArchAdapter, Projection, check_model
 from .arch.projection import unit_features
 from .masks import PruningMasks
 from .least_squares import NormalEquations, stacked_theta
 from .dense_calls import dense_calls
-from .reconstruct import _call, output_projection
+from .reconstruct import output_projection
 
 MAX_ROUNDS = 256  # greedy rounds per sublayer; more removals than this go several per round
 
@@ -146,6 +151,40 @@ def _pending(masks: PruningMasks, adapter: ArchAdapter, config) -> dict[tuple[in
     return pending
 
 
+@contextmanager
+def _gram_hooks(
+    adapter: ArchAdapter, layers: list[nn.Module], projections: dict[tuple[int, str], Projection],
+    grams: dict[tuple[int, str], NormalEquations], real: torch.Tensor | None,
+) -> Iterator[None]:
+    """While one dense batch runs: add each projection's input rows (attention outputs in token order, padding
+    windows dropped, as the refit pairs them: Swin) at the real tokens `real` to its Gram."""
+    calls: dict[int, tuple[tuple, dict]] = {}
+
+    def enter(i: int):
+        def hook(module, args, kwargs):
+            calls[i] = (tuple(args[1:]), dict(kwargs))
+
+        return hook
+
+    def add(i: int, sub: str, proj: Projection):
+        def hook(module, args):
+            x = args[0]
+            if sub == "attn_out":
+                x = adapter.token_order(layers[i], x, *calls[i][0], **calls[i][1])
+            rows = proj.rows(x)
+            grams[(i, sub)].add(rows, rows.new_zeros(rows.shape[0], 0), real)  # only the Gram: no target
+
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(enter(i), with_kwargs=True) for i in {i for i, _ in projections}]
+    handles += [p.module.register_forward_pre_hook(add(i, sub, p)) for (i, sub), p in projections.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def select_by_refit(
     model: nn.Module,
@@ -167,35 +206,20 @@ def select_by_refit(
     was_training = model.training
     model.eval()
     try:
-        streams = dense_calls(model, adapter, batches)
+        layers = adapter.layers_of(model)
+        projections = {(i, sub): output_projection(adapter, layers[i], sub) for i, sub in pending}
+        grams = {key: NormalEquations(p.in_features, 0, p.device, p.has_bias) for key, p in projections.items()}
+        dense_calls(model, adapter, batches, observe=lambda real: _gram_hooks(adapter, layers, projections, grams, real))
         geometry = adapter.layer_geometry(config)
-        for i, layer in enumerate(tqdm(adapter.layers_of(model), desc="Refit selection", unit="layer")):
-            subs = [sub for sub, _ in KINDS if (i, sub) in pending]
-            if not subs:
-                continue
-            projections = {sub: output_projection(adapter, layer, sub) for sub in subs}
-            grams = {sub: NormalEquations(p.in_features, 0, p.device, p.has_bias) for sub, p in projections.items()}
-            taps = {sub: (p.module, "in") for sub, p in projections.items()}
-            for s in streams:
-                call = s.calls[i]
-                seen = _call(layer, call.hidden, call.args, call.kwargs, taps, stop=subs[-1])
-                for sub, proj in projections.items():
-                    x = seen[sub]
-                    if sub == "attn_out":  # rows in token order, padding windows dropped (Swin), as the refit pairs them
-                        args, kwargs = seen["layer_args"]
-                        x = adapter.token_order(layer, x, *args, **kwargs)
-                    rows = proj.rows(x)
-                    grams[sub].add(rows, rows.new_zeros(rows.shape[0], 0), s.real)  # only the Gram: no target
-            for sub, proj in projections.items():
-                g = geometry[i]
-                units, width = (g.heads, g.head_dim) if sub == "attn_out" else (g.neurons, 1)
-                columns = unit_columns(adapter, config, sub, units, width, proj.in_features).to(proj.device)
-                theta = stacked_theta(proj.weight(), proj.bias(), adapter.branch_scale(layer, sub))
-                removed, _ = greedy_removal(grams[sub].gram, theta, columns, pending[(i, sub)], ridge)
-                mask = heads if sub == "attn_out" else neurons
-                mask[i, :units] = True
-                mask[i, removed] = False
-            del grams
+        for (i, sub), proj in tqdm(projections.items(), desc="Refit selection", unit="sublayer"):
+            g = geometry[i]
+            units, width = (g.heads, g.head_dim) if sub == "attn_out" else (g.neurons, 1)
+            columns = unit_columns(adapter, config, sub, units, width, proj.in_features).to(proj.device)
+            theta = stacked_theta(proj.weight(), proj.bias(), adapter.branch_scale(layers[i], sub))
+            removed, _ = greedy_removal(grams.pop((i, sub)).gram, theta, columns, pending[(i, sub)], ridge)
+            mask = heads if sub == "attn_out" else neurons
+            mask[i, :units] = True
+            mask[i, removed] = False
     finally:
         model.train(was_training)
     return masks.with_masks(heads, neurons, masks.token_schedule)
