@@ -2,11 +2,13 @@
 
 Checked on a tiny grouped-query Llama: the recorded layer inputs are the model's own hidden states (its logits skipped);
 the refit reads the selection's recording for a deep copy of the model and gives exactly the refit of a fresh one; a
-changed weight is recorded anew; and the pruner records the dense run once for selection and refit together."""
+changed weight is recorded anew; an observer sees every batch of a new run; and the pruner records the dense run
+once for selection and refit together."""
 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -96,3 +98,36 @@ def test_the_pruner_runs_the_dense_model_once_for_selection_and_refit(monkeypatc
     pruner.prune_model(model, FAMILIES["llama"].examples(8, 1))
     assert pruner.reconstruction.mode == "weights"
     assert len(recordings) == 2  # 8 examples in batches of 4, each run once
+
+
+def test_an_observer_sees_every_batch_of_a_new_run_and_the_run_is_kept() -> None:
+    """`observe` is entered around each batch's forward with its real-token rows; a recording already kept for the
+    same weights is not read then (the observer would miss it), and the new one is kept for the refit."""
+    model = FAMILIES["llama"].build()
+    adapter = check_model(model)
+    batches = llama_batches()
+    first = dense_calls(model, adapter, batches)
+    down = model.model.layers[1].mlp.down_proj
+    seen, inputs = [], []
+
+    @contextmanager
+    def observe(real):
+        seen.append(real)
+        handle = down.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    again = dense_calls(model, adapter, batches, observe=observe)
+    assert again is not first and batches.recorded[1] is again
+    assert len(seen) == len(inputs) == len(batches)
+    for real, run in zip(seen, again):
+        assert torch.equal(real, run.real)
+    for batch, observed in zip(batches, inputs):  # what the hook saw is the input of a plain forward
+        plain = []
+        handle = down.register_forward_pre_hook(lambda m, args: plain.append(args[0]))
+        with torch.no_grad():
+            model(**batch)
+        handle.remove()
+        assert torch.equal(observed, plain[0])
