@@ -55,16 +55,17 @@ def dense_calls(
     `batches` when they are `CalibrationBatches`, and read from there for a model with the same weights. `progress`:
     a bar over the batches. `observe(real)`, where given, is entered around each batch's forward (its real-token rows
     as the argument), so its hooks see the run; the run is then made anew, never read from `batches`."""
-    key = weights_sum(model) if isinstance(batches, CalibrationBatches) else None
-    if observe is None and key is not None and batches.recorded is not None and batches.recorded[0] == key:
-        return batches.recorded[1]
+    key = None
     if isinstance(batches, CalibrationBatches):
-        batches.recorded = None  # another model's recording: freed before this one is made
+        key = weights_sum(model)
+        if observe is None and batches.recorded is not None and batches.recorded[0] == key:
+            return batches.recorded[1]
+        batches.recorded = None  # another model's (or an observed) run: freed before this one is made
     device = next(model.parameters()).device
     runs = []
     for batch in tqdm(batches, desc="Dense run", unit="batch", disable=not progress):
         real = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
-        with record_layer_calls(model, adapter, heads=False) as calls, (observe or (lambda _: nullcontext()))(real):
+        with record_layer_calls(model, adapter, heads=False) as calls, observe(real) if observe else nullcontext():
             scoring_forward(model, batch, logits=False)
         [layer_calls] = calls
         runs.append(DenseCalls(batch, layer_calls, real))
