@@ -14,10 +14,13 @@ where they relieve most (`refit_allocation._give_back`), with the errors made co
 - `token`: each token's rows divided by the RMS of its residual stream at the layer's input before the Gram, so the
   curve sums every token's relative perturbation (SmolLM2's residual energy is dominated by a few tokens' massive
   activations from layer 12 on: x457 there);
+- `optin`: the plain Gram's curves times each layer's transfer factor from the recipe's OPTIN scores (the median over
+  the layer's scored units of their balanced score per unit of the error their removal leaves unrefit at the
+  projection's output, `transfer_factors`; `--optin-scores` keeps the scores);
 - `flap`: no curve, FLAP's own per-layer counts (its scores' budget search, `--scores-dir`; a diagnostic);
 - `uniform`: the recipe's counts at 0.8 (3 KV groups, 1,000 channels), to compare selections.
 
-Units: where the curves were computed in this run with `token`, the plain-Gram refit selection at the chosen counts
+Units: where the curves were computed in this run, the plain-Gram refit selection at the chosen counts
 (`select_by_refit`'s greedy on the kept plain Grams); otherwise (curves read from `--curves`) each curve's greedy
 prefix (the plain Gram's for `output`/`residual`, the relative one's for `token`). `--kinds neuron` keeps every KV
 group. The model is then slimmed and repaired as the recipe does (`OptinPruner.prune_model`: 768 refit windows, the
@@ -25,6 +28,7 @@ input refit) and measured on the 4 development plays that neither the calibratio
 (benchmarks/RESULTS.md, "Per-layer counts from the post-refit error curves").
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/llm_allocation_dev.py --norms token --budgets 0.8 0.6 --curves C.json
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/llm_allocation_dev.py --norms optin --budgets 0.8 --optin-scores S.safetensors
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class Curve:
     trace: list[tuple[int, float]]
     output_energy: float
     residual_energy: float
+    transfer: float = 1.0  # `optin`: the layer's OPTIN score per unit of unrefit output error (`transfer_factors`)
 
 
 @torch.no_grad()
@@ -122,6 +127,27 @@ def curves(dense, batches, ridge: float, least: dict[str, int], weighted: bool =
     return out
 
 
+def transfer_factors(found: dict[tuple[int, str], Curve], plain: dict, scores: ImportanceScores) -> None:
+    """Each layer's OPTIN score per unit of unrefit output error, set on its curves (`Curve.transfer`): for every scored
+    unit of the layer (a KV group; a group of neurons, which share one score value), its balanced score over
+    tr(θ_Rᵀ X_Rᵀ X_R θ_R), the error its removal alone leaves at the projection's output before any refit; the median
+    over the layer's units of both kinds. A curve times it estimates what the post-refit error costs downstream."""
+    ratios: dict[int, list[float]] = {}
+    for (i, kind), (gram, theta, columns) in plain.items():
+        row = (scores.head_scores if kind == "head" else scores.neuron_scores)[i].double()
+        groups = [torch.nonzero(row == v).flatten() for v in torch.unique(row)] if kind == "neuron" else \
+            [torch.tensor([u]) for u in range(len(row))]
+        for units in groups:
+            r = columns[units].flatten()
+            error = float((theta[r] * (gram[r][:, r] @ theta[r])).sum())
+            if error > 0:
+                ratios.setdefault(i, []).append(float(row[units].sum()) / error)
+    for (i, kind), c in found.items():
+        c.transfer = float(torch.tensor(ratios[i]).median())
+    print("transfer factors: " + " ".join(f"{i}:{float(torch.tensor(r).median()):.3g}" for i, r in sorted(ratios.items())),
+          flush=True)
+
+
 def allocation(found: dict[tuple[int, str], Curve], norm: str, dense, budget: float, seq_len: int,
                kinds: tuple[str, ...] = ("head", "neuron"), least_groups: int = 1) -> PruningMasks:
     """Per-layer counts from the normalised curves within `budget` MACs: the segments of every curve's lower convex
@@ -136,7 +162,7 @@ def allocation(found: dict[tuple[int, str], Curve], norm: str, dense, budget: fl
     for (i, kind), c in found.items():
         if kind not in kinds:  # that kind stays whole in every layer
             continue
-        scale = {"output": c.output_energy, "residual": c.residual_energy, "token": 1.0}[norm]
+        scale = {"output": c.output_energy, "residual": c.residual_energy, "token": 1.0, "optin": 1 / c.transfer}[norm]
         least = least_groups if kind == "head" else 0  # a curve read from a file may reach deeper than asked now
         kept = [c.width] + [c.width - r for r, _ in c.trace if c.width - r >= least]
         loss = [0.0] + [e / scale for r, e in c.trace if c.width - r >= least]
@@ -204,12 +230,13 @@ def reselect(plain: dict, counts: PruningMasks, ridge: float) -> PruningMasks:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--norms", nargs="+", default=["token"], choices=["residual", "output", "token", "flap", "uniform"])
+    parser.add_argument("--norms", nargs="+", default=["token"], choices=["residual", "output", "token", "optin", "flap", "uniform"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.8])
     parser.add_argument("--least-groups", type=int, default=1, help="KV groups every layer keeps at least")
     parser.add_argument("--least-channels", type=int, default=64, help="MLP channels every layer keeps at least")
     parser.add_argument("--kinds", nargs="+", default=["head", "neuron"], help="the kinds the allocation cuts")
     parser.add_argument("--curves", help="a JSON file of the curves: read if it exists, else written")
+    parser.add_argument("--optin-scores", help="the recipe's OPTIN scores (norm optin): read if the file exists, else written")
     parser.add_argument("--scores-dir", default="/tmp/s30/llm/scores", help="FLAP's scores (norm flap)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -241,6 +268,19 @@ def main() -> None:
         if args.curves:
             Path(args.curves).write_text(json.dumps({f"{i} {k}": dataclasses.asdict(c) for (i, k), c in found.items()}))
     print(f"curves: {time.perf_counter() - start:.0f} s wall", flush=True)
+    if "optin" in args.norms:
+        if not plain:
+            raise SystemExit("--norms optin needs the plain Grams of this run: no --curves file to read")
+        if args.optin_scores and Path(args.optin_scores).exists():
+            scores = ImportanceScores.load(args.optin_scores)
+        else:
+            scorer = OptinPruner(OptinConfig.from_dict({**base, "mac_constraint": args.budgets[0]}))
+            start = time.perf_counter()
+            scores = scorer.compute_scores(dense, calibration)
+            print(f"OPTIN scores: {time.perf_counter() - start:.0f} s wall", flush=True)
+            if args.optin_scores:
+                scores.save(args.optin_scores)
+        transfer_factors(found, plain, scores)
     del batches
     dense_macs = count_macs(dense, recipe.seq_len)
     dense_parameters = sum(p.numel() for p in dense.parameters())
