@@ -26,7 +26,9 @@ touches θ and the removed columns, not all n² entries (SmolLM2's 1,536-channel
 The Grams come from the dense model's own calibration stream (every layer's input as the dense model
 computes it), so all layers are chosen independently, before slimming; the refit then runs as usual. They are
 accumulated by hooks during the one dense run over the calibration batches that the refit reads again
-(`optin_hf.dense_calls`): no layer runs twice for them.
+(`optin_hf.dense_calls`): no layer runs twice for them. Where every sublayer's float64 Gram would not fit in
+`GRAM_MEMORY` together (a CUDA device: a quarter of its free memory), they are accumulated a group of sublayers at a
+time, one dense run per group: Llama-3.1-8B's would take 57 GB at once (SmolLM2's 0.65 GB).
 Sublayers the family does not refit (`ArchAdapter.refit_sublayers`: ResNet's 3x3 conv) keep the
 allocation's choice, as do layers that keep all or none of a kind.
 """
@@ -48,6 +50,7 @@ from .dense_calls import dense_calls
 from .reconstruct import output_projection
 
 MAX_ROUNDS = 256  # greedy rounds per sublayer; more removals than this go several per round
+GRAM_MEMORY = 4 * 2**30  # bytes of float64 Grams accumulated at once on a CPU (`gram_groups`)
 
 KINDS = (("attn_out", "head"), ("ffn_down", "neuron"))  # refit sublayer -> the unit whose columns it reads
 
@@ -186,6 +189,22 @@ def _gram_hooks(
             handle.remove()
 
 
+def gram_groups(projections: dict[tuple[int, str], Projection], device: torch.device) -> list[list[tuple[int, str]]]:
+    """The sublayers in groups whose float64 Grams fit in memory together, in order: `GRAM_MEMORY` on a CPU, a
+    quarter of the free memory on a CUDA device (each group holds at least one)."""
+    budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else GRAM_MEMORY
+    groups: list[list[tuple[int, str]]] = [[]]
+    held = 0
+    for key, proj in projections.items():
+        size = 8 * (proj.in_features + int(proj.has_bias)) ** 2
+        if groups[-1] and held + size > budget:
+            groups.append([])
+            held = 0
+        groups[-1].append(key)
+        held += size
+    return groups
+
+
 @torch.no_grad()
 def select_by_refit(
     model: nn.Module,
@@ -209,18 +228,22 @@ def select_by_refit(
     try:
         layers = adapter.layers_of(model)
         projections = {(i, sub): output_projection(adapter, layers[i], sub) for i, sub in pending}
-        grams = {key: NormalEquations(p.in_features, 0, p.device, p.has_bias) for key, p in projections.items()}
-        dense_calls(model, adapter, batches, observe=lambda real: _gram_hooks(adapter, layers, projections, grams, real))
         geometry = adapter.layer_geometry(config)
-        for (i, sub), proj in tqdm(projections.items(), desc="Refit selection", unit="sublayer"):
-            g = geometry[i]
-            units, width = (g.heads, g.head_dim) if sub == "attn_out" else (g.neurons, 1)
-            columns = unit_columns(adapter, config, sub, units, width, proj.in_features).to(proj.device)
-            theta = stacked_theta(proj.weight(), proj.bias(), adapter.branch_scale(layers[i], sub))
-            removed, _ = greedy_removal(grams.pop((i, sub)).gram, theta, columns, pending[(i, sub)], ridge)
-            mask = heads if sub == "attn_out" else neurons
-            mask[i, :units] = True
-            mask[i, removed] = False
+        with tqdm(total=len(projections), desc="Refit selection", unit="sublayer") as bar:
+            for group in gram_groups(projections, next(model.parameters()).device):
+                part = {key: projections[key] for key in group}
+                grams = {key: NormalEquations(p.in_features, 0, p.device, p.has_bias) for key, p in part.items()}
+                dense_calls(model, adapter, batches, observe=lambda real: _gram_hooks(adapter, layers, part, grams, real))
+                for (i, sub), proj in part.items():
+                    g = geometry[i]
+                    units, width = (g.heads, g.head_dim) if sub == "attn_out" else (g.neurons, 1)
+                    columns = unit_columns(adapter, config, sub, units, width, proj.in_features).to(proj.device)
+                    theta = stacked_theta(proj.weight(), proj.bias(), adapter.branch_scale(layers[i], sub))
+                    removed, _ = greedy_removal(grams.pop((i, sub)).gram, theta, columns, pending[(i, sub)], ridge)
+                    mask = heads if sub == "attn_out" else neurons
+                    mask[i, :units] = True
+                    mask[i, removed] = False
+                    bar.update()
     finally:
         model.train(was_training)
     return masks.with_masks(heads, neurons, masks.token_schedule)

@@ -18,6 +18,7 @@ from optin_hf.arch import check_model, get_submodule
 from optin_hf.commands.args import build_parser
 from optin_hf.commands.jobs import optin_config
 from optin_hf.data import prepare_calibration
+import optin_hf.refit_selection as refit_selection_module
 from optin_hf.refit_selection import greedy_removal, select_by_refit, unit_columns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -181,6 +182,36 @@ def test_counts_stay_and_layers_keeping_all_or_none_are_left_alone() -> None:
     assert selected.neurons_per_layer() == masks.neurons_per_layer()
     assert torch.equal(selected.head_mask[:2], masks.head_mask[:2])
     assert not torch.equal(selected.neuron_mask, masks.neuron_mask)  # random masks are not the refit's choice
+
+
+def test_grams_too_large_together_are_accumulated_a_group_at_a_time_with_the_same_choice(monkeypatch) -> None:
+    """Where the sublayers' Grams would not fit in memory together (Llama-3.1-8B's: 57 GB), each group of them gets
+    its own dense run; the choice is the one-run choice, and the last run is kept for the refit."""
+    model = FAMILIES["llama"].build()
+    masks = half_masks(model)
+    whole = select_by_refit(model, masks, batches("llama"))
+    runs = []
+    dense_calls = refit_selection_module.dense_calls
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return dense_calls(*args, **kwargs)
+
+    monkeypatch.setattr(refit_selection_module, "dense_calls", counted)
+    config = model.config
+    one = 8 * config.intermediate_size ** 2  # room for one FFN Gram (or a few attention Grams) at a time
+    monkeypatch.setattr(refit_selection_module, "GRAM_MEMORY", one)
+    apart = select_by_refit(model, masks, batches("llama"))
+    assert torch.equal(apart.head_mask, whole.head_mask) and torch.equal(apart.neuron_mask, whole.neuron_mask)
+
+    def cut(mask):  # sublayers whose layer keeps some but not all of its units: the ones the selection fits
+        kept = mask.sum(1)
+        return int(((kept > 0) & (kept < mask.shape[1])).sum())
+
+    attention, ffn = cut(masks.head_mask), cut(masks.neuron_mask)
+    per_group = one // (8 * config.hidden_size ** 2)  # attention Grams that fit together
+    assert attention > 0 and per_group == 2
+    assert len(runs) == -(-attention // per_group) + ffn > 1  # the attention sublayers come first, then the FFNs
 
 
 def test_refit_selection_lowers_the_refit_error_at_the_same_counts() -> None:
