@@ -54,6 +54,25 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture
+def count_calls(monkeypatch: pytest.MonkeyPatch):
+    """`count_calls(owner, name)` wraps `owner.name` for the test, each call going through and appending 1 to the list
+    it returns: how often the code under test ran it."""
+
+    def count(owner, name: str) -> list[int]:
+        calls: list[int] = []
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+        return calls
+
+    return count
+
+
+@pytest.fixture
 def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     """A fresh ``FakeHub`` that this process's huggingface_hub talks to, with an empty per-test cache.
 

@@ -82,15 +82,8 @@ def test_a_changed_weight_is_recorded_anew() -> None:
     assert not torch.equal(second[0].calls[1].hidden, first[0].calls[1].hidden)
 
 
-def test_the_pruner_runs_the_dense_model_once_for_selection_and_refit(monkeypatch) -> None:
-    recordings = []
-    record = dense_calls_module.record_layer_calls
-
-    def counted(*args, **kwargs):
-        recordings.append(1)
-        return record(*args, **kwargs)
-
-    monkeypatch.setattr(dense_calls_module, "record_layer_calls", counted)
+def test_the_pruner_runs_the_dense_model_once_for_selection_and_refit(count_calls) -> None:
+    recordings = count_calls(dense_calls_module, "record_layer_calls")
     model = FAMILIES["llama"].build()
     config = OptinConfig(importance="magnitude", mac_constraint=0.7, selection="refit", reconstruct="weights",
                          num_samples=8, reconstruct_samples=8, batch_size=4)

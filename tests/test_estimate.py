@@ -25,19 +25,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_the_plan_counts_the_candidates_the_engine_runs(name, monkeypatch):
+def test_the_plan_counts_the_candidates_the_engine_runs(name, monkeypatch, count_calls):
     """The printed count is each layer's own heads and neuron groups, as the engine runs them: for a ragged family
     (Swin's, a CNN's, SegFormer's stages) fewer than the widest layer's times the layers; and every residual channel
     a ResNet's default cuts, one masked run each."""
     family = FAMILIES[name]
-    ran = []
-    channel_run = residual_channels.masked_run_losses
-
-    def counting_channel(*args, **kwargs):
-        ran.append(1)
-        return channel_run(*args, **kwargs)
-
-    monkeypatch.setattr(residual_channels, "masked_run_losses", counting_channel)
+    ran = count_calls(residual_channels, "masked_run_losses")
     for runner in (FastRunner, ReferenceRunner):
         original = runner.run
 

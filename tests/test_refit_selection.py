@@ -184,20 +184,13 @@ def test_counts_stay_and_layers_keeping_all_or_none_are_left_alone() -> None:
     assert not torch.equal(selected.neuron_mask, masks.neuron_mask)  # random masks are not the refit's choice
 
 
-def test_grams_too_large_together_are_accumulated_a_group_at_a_time_with_the_same_choice(monkeypatch) -> None:
+def test_grams_too_large_together_are_accumulated_a_group_at_a_time_with_the_same_choice(monkeypatch, count_calls) -> None:
     """Where the sublayers' Grams would not fit in memory together (Llama-3.1-8B's: 57 GB), each group of them gets
     its own dense run; the choice is the one-run choice, and the last run is kept for the refit."""
     model = FAMILIES["llama"].build()
     masks = half_masks(model)
     whole = select_by_refit(model, masks, batches("llama"))
-    runs = []
-    dense_calls = refit_selection_module.dense_calls
-
-    def counted(*args, **kwargs):
-        runs.append(1)
-        return dense_calls(*args, **kwargs)
-
-    monkeypatch.setattr(refit_selection_module, "dense_calls", counted)
+    runs = count_calls(refit_selection_module, "dense_calls")
     config = model.config
     one = 8 * config.intermediate_size ** 2  # room for one FFN Gram (or a few attention Grams) at a time
     monkeypatch.setattr(refit_selection_module, "GRAM_MEMORY", one)
