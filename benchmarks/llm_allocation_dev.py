@@ -17,6 +17,9 @@ where they relieve most (`refit_allocation._give_back`), with the errors made co
 - `optin`: the plain Gram's curves times each layer's transfer factor from the recipe's OPTIN scores (the median over
   the layer's scored units of their balanced score per unit of the error their removal leaves unrefit at the
   projection's output, `transfer_factors`; `--optin-scores` keeps the scores);
+- `kl`: the `token` curves times each layer's factor from OPTIN's raw KL term alone (its MD sums every later layer's
+  distortion, so it favours early layers by construction): the median over the layer's scored units of their KL per
+  unit of unrefit error on the relative Gram (`kl_factors`; `--optin-scores` then keeps the raw KL and neuron order);
 - `flap`: no curve, FLAP's own per-layer counts (its scores' budget search, `--scores-dir`; a diagnostic);
 - `uniform`: the recipe's counts at 0.8 (3 KV groups, 1,000 channels), to compare selections.
 
@@ -114,7 +117,7 @@ def curves(dense, batches, ridge: float, least: dict[str, int], weighted: bool =
             theta = stacked_theta(proj.weight(), proj.bias(), adapter.branch_scale(layer, sub)).double()
             gram = relative[sub].gram if weighted else grams[sub].gram
             if keep is not None:
-                keep[(i, kind)] = (grams[sub].gram, theta, columns)
+                keep[(i, kind)] = (grams[sub].gram, theta, columns, relative[sub].gram if weighted else None)
             trace: list[tuple[int, float]] = []
             depth = units - least[kind]
             # about two units a round, as the recipe's selection removes 536 channels in 256 rounds
@@ -133,7 +136,7 @@ def transfer_factors(found: dict[tuple[int, str], Curve], plain: dict, scores: I
     tr(θ_Rᵀ X_Rᵀ X_R θ_R), the error its removal alone leaves at the projection's output before any refit; the median
     over the layer's units of both kinds. A curve times it estimates what the post-refit error costs downstream."""
     ratios: dict[int, list[float]] = {}
-    for (i, kind), (gram, theta, columns) in plain.items():
+    for (i, kind), (gram, theta, columns, _) in plain.items():
         row = (scores.head_scores if kind == "head" else scores.neuron_scores)[i].double()
         groups = [torch.nonzero(row == v).flatten() for v in torch.unique(row)] if kind == "neuron" else \
             [torch.tensor([u]) for u in range(len(row))]
@@ -146,6 +149,50 @@ def transfer_factors(found: dict[tuple[int, str], Curve], plain: dict, scores: I
         c.transfer = float(torch.tensor(ratios[i]).median())
     print("transfer factors: " + " ".join(f"{i}:{float(torch.tensor(r).median()):.3g}" for i, r in sorted(ratios.items())),
           flush=True)
+
+
+def kl_factors(found: dict[tuple[int, str], Curve], plain: dict, raw: dict[str, torch.Tensor]) -> None:
+    """`transfer_factors` with OPTIN's raw KL term alone over the relative Gram's unrefit error (`kl`): `raw` holds the
+    scoring's KL per head (KV group) and per neuron group [layers, groups], and the neurons' order by output energy
+    (group j of a layer: places 256 j ... 256 (j + 1) - 1 of its order)."""
+    ratios: dict[int, list[float]] = {}
+    for (i, kind), (_, theta, columns, relative) in plain.items():
+        kl = raw[f"{kind}_kl"][i].double()
+        size = -(-columns.shape[0] // kl.numel())
+        members = [torch.tensor([u]) for u in range(kl.numel())] if kind == "head" else \
+            [raw["neuron_order"][i, j * size:(j + 1) * size] for j in range(kl.numel())]
+        for j, units in enumerate(members):
+            r = columns[units].flatten()
+            error = float((theta[r] * (relative[r][:, r] @ theta[r])).sum())
+            if error > 0 and kl[j] > 0:
+                ratios.setdefault(i, []).append(float(kl[j]) / error)
+    for (i, kind), c in found.items():
+        c.transfer = float(torch.tensor(ratios[i]).median())
+    print("KL factors: " + " ".join(f"{i}:{float(torch.tensor(r).median()):.3g}" for i, r in sorted(ratios.items())),
+          flush=True)
+
+
+def raw_kl(base: dict, budget: float, dense, calibration) -> dict[str, torch.Tensor]:
+    """The recipe's OPTIN scoring, keeping its raw KL terms (before `balance` mixes them with MD) and its neuron order."""
+    import optin_hf.importance.optin as optin_module
+
+    seen: dict[str, torch.Tensor] = {}
+    balance, order = optin_module.balance, optin_module.neuron_energy_order
+
+    def keep_kl(md, kl, lam):
+        seen["head_kl" if "head_kl" not in seen else "neuron_kl"] = kl.clone()
+        return balance(md, kl, lam)
+
+    def keep_order(*args):
+        seen["neuron_order"] = order(*args)
+        return seen["neuron_order"]
+
+    optin_module.balance, optin_module.neuron_energy_order = keep_kl, keep_order
+    try:
+        OptinPruner(OptinConfig.from_dict({**base, "mac_constraint": budget})).compute_scores(dense, calibration)
+    finally:
+        optin_module.balance, optin_module.neuron_energy_order = balance, order
+    return seen
 
 
 def allocation(found: dict[tuple[int, str], Curve], norm: str, dense, budget: float, seq_len: int,
@@ -162,7 +209,8 @@ def allocation(found: dict[tuple[int, str], Curve], norm: str, dense, budget: fl
     for (i, kind), c in found.items():
         if kind not in kinds:  # that kind stays whole in every layer
             continue
-        scale = {"output": c.output_energy, "residual": c.residual_energy, "token": 1.0, "optin": 1 / c.transfer}[norm]
+        scale = {"output": c.output_energy, "residual": c.residual_energy, "token": 1.0, "optin": 1 / c.transfer,
+                 "kl": 1 / c.transfer}[norm]
         least = least_groups if kind == "head" else 0  # a curve read from a file may reach deeper than asked now
         kept = [c.width] + [c.width - r for r, _ in c.trace if c.width - r >= least]
         loss = [0.0] + [e / scale for r, e in c.trace if c.width - r >= least]
@@ -218,7 +266,7 @@ def select(found: dict[tuple[int, str], Curve], counts: PruningMasks) -> Pruning
 def reselect(plain: dict, counts: PruningMasks, ridge: float) -> PruningMasks:
     """`select_by_refit` at `counts`' per-layer counts, from the kept plain Grams."""
     heads, neurons = counts.head_mask.clone(), counts.neuron_mask.clone()
-    for (i, kind), (gram, theta, columns) in plain.items():
+    for (i, kind), (gram, theta, columns, _) in plain.items():
         mask = heads if kind == "head" else neurons
         kept = int(mask[i].sum())
         mask[i] = True
@@ -230,7 +278,7 @@ def reselect(plain: dict, counts: PruningMasks, ridge: float) -> PruningMasks:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--norms", nargs="+", default=["token"], choices=["residual", "output", "token", "optin", "flap", "uniform"])
+    parser.add_argument("--norms", nargs="+", default=["token"], choices=["residual", "output", "token", "optin", "kl", "flap", "uniform"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.8])
     parser.add_argument("--least-groups", type=int, default=1, help="KV groups every layer keeps at least")
     parser.add_argument("--least-channels", type=int, default=64, help="MLP channels every layer keeps at least")
@@ -262,7 +310,7 @@ def main() -> None:
     if args.curves and Path(args.curves).exists():
         found = {(int(k.split()[0]), k.split()[1]): Curve(**v) for k, v in json.loads(Path(args.curves).read_text()).items()}
     else:
-        weighted = "token" in args.norms
+        weighted = "token" in args.norms or "kl" in args.norms
         found = curves(dense, batches, recipe.reconstruct_ridge, {"head": args.least_groups, "neuron": args.least_channels},
                        weighted, plain)
         if args.curves:
@@ -281,6 +329,20 @@ def main() -> None:
             if args.optin_scores:
                 scores.save(args.optin_scores)
         transfer_factors(found, plain, scores)
+    if "kl" in args.norms:
+        if not plain:
+            raise SystemExit("--norms kl needs the Grams of this run: no --curves file to read")
+        if args.optin_scores and Path(args.optin_scores).exists():
+            from safetensors.torch import load_file
+            raw = load_file(args.optin_scores)
+        else:
+            start = time.perf_counter()
+            raw = raw_kl(base, args.budgets[0], dense, calibration)
+            print(f"OPTIN scores (raw KL kept): {time.perf_counter() - start:.0f} s wall", flush=True)
+            if args.optin_scores:
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in raw.items()}, args.optin_scores)
+        kl_factors(found, plain, raw)
     del batches
     dense_macs = count_macs(dense, recipe.seq_len)
     dense_parameters = sum(p.numel() for p in dense.parameters())
