@@ -283,14 +283,18 @@ def main() -> None:
     parser.add_argument("--least-groups", type=int, default=1, help="KV groups every layer keeps at least")
     parser.add_argument("--least-channels", type=int, default=64, help="MLP channels every layer keeps at least")
     parser.add_argument("--kinds", nargs="+", default=["head", "neuron"], help="the kinds the allocation cuts")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two runs side by side)")
+    parser.add_argument("--windows", type=int, help="refit windows (the curves and the refit read them; default: the recipe's)")
     parser.add_argument("--curves", help="a JSON file of the curves: read if it exists, else written")
     parser.add_argument("--optin-scores", help="the recipe's OPTIN scores (norm optin): read if the file exists, else written")
     parser.add_argument("--scores-dir", default="/tmp/s30/llm/scores", help="FLAP's scores (norm flap)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     task = load_default(NAME)
     dense = task.model.eval()
     recipe = default_recipe(NAME).optin
+    if args.windows:
+        recipe = dataclasses.replace(recipe, reconstruct_samples=args.windows)
     base = {**recipe.to_dict(), "max_scoring_time": None}
     registry = RECIPES[NAME]
     development = CORPORA[registry.corpus]().development(registry.split)

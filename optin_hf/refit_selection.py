@@ -115,8 +115,10 @@ def greedy_removal(
             continue
         rows = unit_rows(theta)  # [units, w, out]
         # tr(θ_gᵀ ((G⁻¹)_gg)⁻¹ θ_g) as <((G⁻¹)_gg)⁻¹, θ_g θ_gᵀ>: the batched w x w inverse is cheap, a batched
-        # solve against the out-wide θ_g (one LU per unit) was most of a round
-        costs = (torch.linalg.inv(blocks) * (rows @ rows.mT)).sum((1, 2)).masked_fill(gone_units, float("inf"))
+        # solve against the out-wide θ_g (one LU per unit) was most of a round. The blocks are SPD, so by Cholesky:
+        # torch 2.13's batched LU inverse (MKL) hangs on 2+ threads for blocks of 192 (SmolLM2's KV groups)
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(blocks))
+        costs = (inverse * (rows @ rows.mT)).sum((1, 2)).masked_fill(gone_units, float("inf"))
         picked = costs.topk(count, largest=False).indices
         gone = columns[picked].flatten()
         # the joint OBS step for the dropped rows R: θ -= G⁻¹_:R (G⁻¹_RR)⁻¹ θ_R, G⁻¹ -= G⁻¹_:R (G⁻¹_RR)⁻¹ G⁻¹_R:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -172,6 +174,26 @@ def half_masks(model, seed: int = 0) -> PruningMasks:
     neurons = torch.rand(full.neuron_mask.shape, generator=g) > 0.5
     heads[0], heads[1] = True, False
     return full.with_masks(heads, neurons)
+
+
+def test_wide_units_are_chosen_on_two_threads_as_on_one() -> None:
+    """Units of 192 columns (SmolLM2's KV groups): torch 2.13's batched LU inverse hung on 2 threads there (MKL's
+    DLASWP error), which a pruning to 0.5 of the MACs met; run apart, so a hang fails instead of stalling the suite."""
+    script = """
+import torch
+from optin_hf.refit_selection import greedy_removal
+torch.manual_seed(0)
+x, theta = torch.randn(1024, 576, dtype=torch.float64), torch.randn(576, 64, dtype=torch.float64)
+columns = torch.arange(576).view(3, 192)
+chosen = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    chosen.append(greedy_removal(x.T @ x, theta, columns, 2, 1e-3)[0])
+print(chosen[0] == chosen[1], len(chosen[1]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "2"]
 
 
 def test_counts_stay_and_layers_keeping_all_or_none_are_left_alone() -> None:
