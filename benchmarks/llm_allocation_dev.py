@@ -130,6 +130,14 @@ def curves(dense, batches, ridge: float, least: dict[str, int], weighted: bool =
     return out
 
 
+def set_medians(found: dict[tuple[int, str], Curve], ratios: dict[int, list[float]], label: str) -> None:
+    """Each layer's median ratio as its curves' `transfer`, printed under `label`."""
+    medians = {i: float(torch.tensor(r).median()) for i, r in ratios.items()}
+    for (i, _), c in found.items():
+        c.transfer = medians[i]
+    print(f"{label}: " + " ".join(f"{i}:{m:.3g}" for i, m in sorted(medians.items())), flush=True)
+
+
 def transfer_factors(found: dict[tuple[int, str], Curve], plain: dict, scores: ImportanceScores) -> None:
     """Each layer's OPTIN score per unit of unrefit output error, set on its curves (`Curve.transfer`): for every scored
     unit of the layer (a KV group; a group of neurons, which share one score value), its balanced score over
@@ -145,10 +153,7 @@ def transfer_factors(found: dict[tuple[int, str], Curve], plain: dict, scores: I
             error = float((theta[r] * (gram[r][:, r] @ theta[r])).sum())
             if error > 0:
                 ratios.setdefault(i, []).append(float(row[units].sum()) / error)
-    for (i, kind), c in found.items():
-        c.transfer = float(torch.tensor(ratios[i]).median())
-    print("transfer factors: " + " ".join(f"{i}:{float(torch.tensor(r).median()):.3g}" for i, r in sorted(ratios.items())),
-          flush=True)
+    set_medians(found, ratios, "transfer factors")
 
 
 def kl_factors(found: dict[tuple[int, str], Curve], plain: dict, raw: dict[str, torch.Tensor]) -> None:
@@ -166,10 +171,7 @@ def kl_factors(found: dict[tuple[int, str], Curve], plain: dict, raw: dict[str, 
             error = float((theta[r] * (relative[r][:, r] @ theta[r])).sum())
             if error > 0 and kl[j] > 0:
                 ratios.setdefault(i, []).append(float(kl[j]) / error)
-    for (i, kind), c in found.items():
-        c.transfer = float(torch.tensor(ratios[i]).median())
-    print("KL factors: " + " ".join(f"{i}:{float(torch.tensor(r).median()):.3g}" for i, r in sorted(ratios.items())),
-          flush=True)
+    set_medians(found, ratios, "KL factors")
 
 
 def raw_kl(base: dict, budget: float, dense, calibration) -> dict[str, torch.Tensor]:

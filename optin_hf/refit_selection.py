@@ -47,6 +47,7 @@ from .arch.projection import unit_features
 from .masks import PruningMasks
 from .least_squares import NormalEquations, stacked_theta
 from .dense_calls import dense_calls
+from .engine.fast import free_memory
 from .reconstruct import output_projection
 
 MAX_ROUNDS = 256  # greedy rounds per sublayer; more removals than this go several per round
@@ -194,7 +195,7 @@ def _gram_hooks(
 def gram_groups(projections: dict[tuple[int, str], Projection], device: torch.device) -> list[list[tuple[int, str]]]:
     """The sublayers in groups whose float64 Grams fit in memory together, in order: `GRAM_MEMORY` on a CPU, a
     quarter of the free memory on a CUDA device (each group holds at least one)."""
-    budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else GRAM_MEMORY
+    budget = free_memory(device) // 4 if device.type == "cuda" else GRAM_MEMORY
     groups: list[list[tuple[int, str]]] = [[]]
     held = 0
     for key, proj in projections.items():
