@@ -13,6 +13,15 @@ reads (benchmarks/RESULTS.md, "Intercept, readers' refit and more windows"):
   from the dense one layer by layer, and the readers are linear in the normed stream. `attnreaders` / `mlpreaders`:
   one side only. Variants combine with "+" (`readers+bias`). Built since as `OptinConfig(reconstruct_inputs=True)`:
   the library's refit of the same masks gives the same development perplexity (78.295 at 768 windows).
+- `sequential`: the MLP channels are chosen inside the loop rather than before it: each layer's `down_proj` normal
+  equations are taken on the slim stream at every channel (after the readers, if any, are fit on every row), and the
+  refit selection's OBS greedy keeps the mask's count of channels from the full-width least-squares fit
+  (`keep_channels`); the dense-stream selection chooses from the dense model's own Gram. Not built (s38, RESULTS).
+- `relative`: the output projections' fits weigh each token's row by 1 / RMS² of the dense residual stream they
+  rebuild: every reader downstream (the next RMSNorm, the final norm) sees a token's error relative to its stream,
+  and the first token of every window carries a stream about 100x the others' (SmolLM2's attention sink, layers
+  5-29), so the plain fit spends most of its squared error there. With `sequential` the selection reads the same
+  weighted equations.
 
 Every fit is the refit's ridge least squares toward the module's own weights (`least_squares.solve_weights`).
 The windows are drawn from the default's calibration plays: 30 since s35 (the rows of RESULTS before it read the 4
@@ -36,7 +45,7 @@ from optin_hf.data import prepare_calibration
 from optin_hf.least_squares import NormalEquations, solve_weights
 from optin_hf.masks import PruningMasks
 from optin_hf.reconstruct import _streams
-from optin_hf.refit_selection import select_by_refit
+from optin_hf.refit_selection import greedy_removal, select_by_refit
 from optin_hf.slim import slim_model
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA
@@ -44,7 +53,7 @@ from optin_hf.tasks.defaults.registry import RECIPES
 from optin_hf.tasks.windows import calibration_windows, evaluation_windows, negative_log_likelihood
 
 NAME = "shakespeare-smollm2"
-PARTS = {"plain", "bias", "readers", "attnreaders", "mlpreaders"}
+PARTS = {"plain", "bias", "readers", "attnreaders", "mlpreaders", "sequential", "relative"}
 
 
 def fit(eq: NormalEquations, linear: nn.Linear, ridge: float) -> None:
@@ -74,11 +83,54 @@ def fit_readers(readers: dict[str, nn.Linear], dense: dict[str, nn.Linear], pair
         fit(eq, readers[name], ridge)
 
 
+def keep_channels(mlp: nn.Module, eq: NormalEquations, keep: int, ridge: float) -> torch.Tensor:
+    """The `keep` channels of a full-width `mlp` whose `down_proj` refit leaves the least error, chosen by the OBS
+    greedy on the slim stream's normal equations `eq` (no bias): from the full-width fit θ* the error of dropping rows
+    R and refitting the rest rises by θ*_Rᵀ ((G⁻¹)_RR)⁻¹ θ*_R, as for the dense selection (whose θ* is θ₀); `mlp` is
+    cut to them in place (gate/up rows, down_proj columns)."""
+    down = mlp.down_proj
+    theta = solve_weights(eq, down.weight.detach().T.double(), ridge)
+    columns = torch.arange(down.in_features)[:, None]
+    removed, _ = greedy_removal(eq.gram, theta, columns, down.in_features - keep, ridge)
+    kept = torch.ones(down.in_features, dtype=torch.bool)
+    kept[removed] = False
+    kept = kept.nonzero().flatten()
+    for name in ("gate_proj", "up_proj"):
+        lin = getattr(mlp, name)
+        setattr(mlp, name, cut(lin, rows=kept))
+    mlp.down_proj = cut(down, columns=kept)
+    return kept
+
+
+def cut(linear: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
+    """A copy of a bias-free `linear` with only `rows` (outputs) or `columns` (inputs)."""
+    weight = linear.weight.detach()
+    weight = weight[rows] if rows is not None else weight[:, columns]
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    new.weight.data = weight.clone()
+    return new
+
+
+def sub_equations(eq: NormalEquations, kept: torch.Tensor) -> NormalEquations:
+    """`eq` (no bias) restricted to the input columns `kept`."""
+    sub = NormalEquations(len(kept), eq.cross.shape[1], eq.gram.device, False)
+    sub.gram, sub.cross, sub.target_sq = eq.gram[kept][:, kept], eq.cross[kept], eq.target_sq
+    return sub
+
+
 @torch.no_grad()
 def refit(slim: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list, ridge: float, bias: bool,
-          readers: set[str]) -> None:
-    """The layer-by-layer refit of a slim Llama (module docstring), in place; `readers`: "attn" and/or "mlp"."""
+          readers: set[str], sequential: bool = False, relative: bool = False) -> None:
+    """The layer-by-layer refit of a slim Llama (module docstring), in place; `readers`: "attn" and/or "mlp".
+    `sequential`: `slim` still has every MLP channel, and each layer keeps `masks`' count of them, chosen in the loop
+    on the slim stream (`keep_channels`) after its readers are fit on every row. `relative`: each token's row of the
+    output projections' fits weighted by 1 / RMS² of the dense stream it rebuilds (module docstring)."""
     streams = _streams(dense, check_model(dense), batches)
+
+    def weight(stream: torch.Tensor) -> torch.Tensor:  # [rows, 1]: the square root of each row's weight
+        rows = stream.flatten(0, 1)
+        return rows.pow(2).mean(-1, keepdim=True).rsqrt() if relative else rows.new_ones(rows.shape[0], 1)
+
     for i, (student, teacher) in enumerate(zip(slim.model.layers, dense.model.layers)):
         attn, dense_attn = student.self_attn, teacher.self_attn
         if "attn" in readers:  # every KV group is kept at 0.8: all q/k/v rows
@@ -94,13 +146,14 @@ def refit(slim: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list,
             hook.remove()
             dense_out = dense_attn(hidden_states=teacher.input_layernorm(s.teacher), **s.calls[i].kwargs)[0]
             s.x, s.target = seen["x"], s.teacher + dense_out  # the dense residual after attention
-            eq.add(s.x.flatten(0, 1), (s.target - s.student).flatten(0, 1), s.real)
+            w = weight(s.target)
+            eq.add(s.x.flatten(0, 1) * w, (s.target - s.student).flatten(0, 1) * w, s.real)
         fit(eq, attn.o_proj, ridge)
         for s in streams:
             s.residual = s.student + attn.o_proj(s.x)
         mlp, dense_mlp = student.mlp, teacher.mlp
         if "mlp" in readers:
-            kept = masks.neuron_mask[i].nonzero().flatten()
+            kept = None if sequential else masks.neuron_mask[i].nonzero().flatten()
             names = ("gate_proj", "up_proj")
             fit_readers({n: getattr(mlp, n) for n in names}, {n: getattr(dense_mlp, n) for n in names},
                         [(student.post_attention_layernorm(s.residual).flatten(0, 1),
@@ -110,7 +163,13 @@ def refit(slim: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list,
             normed = student.post_attention_layernorm(s.residual)
             s.x = nn.functional.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed)
             s.teacher = s.target + dense_mlp(teacher.post_attention_layernorm(s.target))
-            eq.add(s.x.flatten(0, 1), (s.teacher - s.residual).flatten(0, 1), s.real)
+            w = weight(s.teacher)
+            eq.add(s.x.flatten(0, 1) * w, (s.teacher - s.residual).flatten(0, 1) * w, s.real)
+        if sequential:
+            kept = keep_channels(mlp, eq, int(masks.neuron_mask[i].sum()), ridge)
+            eq = sub_equations(eq, kept)
+            for s in streams:
+                s.x = s.x[..., kept]
         fit(eq, mlp.down_proj, ridge)
         for s in streams:
             s.student = s.residual + mlp.down_proj(s.x)
@@ -126,11 +185,12 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=3, help="KV groups every layer keeps")
     parser.add_argument("--channels", type=int, default=1000, help="MLP channels every layer keeps")
     parser.add_argument("--variants", nargs="+", default=["plain"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the rows of RESULTS before s38)")
     args = parser.parse_args()
     for variant in args.variants:
         if not set(variant.split("+")) <= PARTS:
             parser.error(f"variant {variant!r}: combine {sorted(PARTS)} with '+'")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     task = load_default(NAME)
     dense = task.model.eval()
     registry = RECIPES[NAME]
@@ -159,8 +219,11 @@ def main() -> None:
         readers |= {"attn"} if "attnreaders" in parts else set()
         readers |= {"mlp"} if "mlpreaders" in parts else set()
         start = time.perf_counter()
-        slim = slim_model(copy.deepcopy(dense), masks)
-        refit(slim, dense, masks, batches, args.ridge, "bias" in parts, readers)
+        if "sequential" in parts:  # every channel kept until the loop chooses (3 KV groups: the attention is whole)
+            slim = slim_model(copy.deepcopy(dense), masks.with_masks(masks.head_mask, torch.ones_like(masks.neuron_mask)))
+        else:
+            slim = slim_model(copy.deepcopy(dense), masks)
+        refit(slim, dense, masks, batches, args.ridge, "bias" in parts, readers, "sequential" in parts, "relative" in parts)
         print(f"{variant} ({args.windows} windows, ridge {args.ridge:g}): dev perplexity {perplexity(slim):.3f}, "
               f"slim + refit {time.perf_counter() - start:.0f} s", flush=True)
 
