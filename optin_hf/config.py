@@ -243,8 +243,12 @@ class OptinConfig:
                 "allocation='refit' counts heads and neurons per layer in one step, which prune_tokens, uniform_layers, "
                 "prune_steps > 1 and prune_channels do not: set allocation='scores', or turn those off."
             )
-        if not self.reconstruct_ridge >= 0.0:
+        if not (math.isfinite(self.reconstruct_ridge) and self.reconstruct_ridge >= 0.0):
             raise ValueError(f"reconstruct_ridge={self.reconstruct_ridge} must be a finite number >= 0 (relative to the Gram's mean diagonal).")
+        if self.reconstruct_ridge == 0.0 and self.selection == "refit":
+            raise ValueError("selection='refit' inverts each sublayer's Gram matrix, which reconstruct_ridge=0 leaves singular "
+                             "wherever a unit never varies on the calibration data: set reconstruct_ridge > 0 (the default "
+                             "is 1e-3), or selection='scores'.")
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len={self.seq_len} must be positive (or None to measure it on the data).")
         if self.image_size is not None and (

@@ -36,10 +36,20 @@ class NormalEquations:
         return float((theta * (self.gram @ theta)).sum() - 2 * (theta * self.cross).sum() + self.target_sq)
 
 
+def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_θ θᵀGθ - 2θᵀ·rhs + λ|θ - start|² with λ = ridge · mean(diag G). Where λ is 0 (`reconstruct_ridge=0`, or
+    inputs that are all zero) a Gram with a feature that never varies on the calibration data, or with more features
+    than calibration rows, is singular: the solution is then the one that moves least from `start` (its limit as
+    λ -> 0), not an error or a blow-up."""
+    lam = ridge * gram.diagonal().mean()
+    if lam > 0:
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return torch.linalg.solve(gram + lam * eye, rhs + lam * start)
+    return start + torch.linalg.pinv(gram, hermitian=True) @ (rhs - gram @ start)
+
+
 def solve_weights(eq: NormalEquations, theta0: torch.Tensor, ridge: float) -> torch.Tensor:
-    lam = ridge * eq.gram.diagonal().mean()
-    eye = torch.eye(eq.gram.shape[0], dtype=eq.gram.dtype, device=eq.gram.device)
-    return torch.linalg.solve(eq.gram + lam * eye, eq.cross + lam * theta0)
+    return ridge_solve(eq.gram, eq.cross, theta0, ridge)
 
 
 def solve_scales(eq: NormalEquations, weight: torch.Tensor, bias: torch.Tensor | None, unit: int, ridge: float) -> torch.Tensor:
@@ -58,9 +68,7 @@ def solve_scales(eq: NormalEquations, weight: torch.Tensor, bias: torch.Tensor |
     pick = nn.functional.one_hot(units).to(w.dtype)  # [width, units]
     gram = pick.T @ ((w.T @ w) * xx) @ pick
     rhs = pick.T @ (w * residual.T).sum(0)
-    lam = ridge * gram.diagonal().mean()
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + lam * eye, rhs + lam)
+    return ridge_solve(gram, rhs, torch.ones_like(rhs), ridge)
 
 
 def stacked_theta(weight: torch.Tensor, bias: torch.Tensor | None, branch: torch.Tensor | None) -> torch.Tensor:

@@ -219,6 +219,9 @@ def select_by_refit(
     """Masks with `masks`' per-layer counts, each refit sublayer's units chosen by the greedy post-refit error
     (module docstring) on the dense `model`'s calibration `batches` (padded, as `reconstruct` takes them);
     `ridge`: the refit's (`OptinConfig.reconstruct_ridge`). `adapter`: the model's, where the caller has it."""
+    if not ridge > 0:
+        raise ValueError(f"select_by_refit inverts each sublayer's Gram matrix, which ridge={ridge} leaves singular "
+                         "wherever a unit never varies on the calibration data: pass ridge > 0 (the refit's default is 1e-3).")
     adapter = adapter or check_model(model)
     config = model.config
     masks.check_fits(config, adapter)

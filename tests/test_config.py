@@ -34,6 +34,8 @@ def test_round_trip_dict_and_json(tmp_path):
         ({"reconstruct": "bias"}, "reconstruct='bias' is unknown"),
         ({"reconstruct_ridge": -1.0}, "reconstruct_ridge=-1.0 must be a finite number"),
         ({"reconstruct_ridge": float("nan")}, "reconstruct_ridge=nan must be a finite number"),
+        ({"reconstruct_ridge": float("inf")}, "reconstruct_ridge=inf must be a finite number"),
+        ({"reconstruct_ridge": 0.0, "selection": "refit", "reconstruct": "weights"}, "selection='refit' inverts .* reconstruct_ridge > 0"),
         ({"reconstruct_samples": 0}, "reconstruct_samples=0 must be a positive"),
         ({"prune_steps": 2, "reconstruct": "none"}, "prune_steps=2 re-scores a reconstructed model"),
         ({"prune_steps": 2, "prune_tokens": True}, "token mode .* prunes in one step"),

@@ -46,6 +46,26 @@ def test_nothing_pruned_reproduces_the_dense_model(arch: str, mode: str) -> None
     torch.testing.assert_close(output(model, inputs), output(dense, inputs), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["weights", "scales"])
+def test_ridge_zero_with_a_dead_unit_moves_it_least(mode: str) -> None:
+    # reconstruct_ridge=0 with a kept neuron that never fires: its column of the Gram is zero, so the normal equations
+    # are singular. The refit takes the least-squares solution nearest the old weights (the ridge's limit), neither an
+    # error nor a blow-up: the dead neuron's down-projection column (or scale) stays, no error rises, outputs are finite.
+    dense = tiny_model("bert")
+    with torch.no_grad():
+        up = dense.bert.encoder.layer[0].intermediate.dense
+        up.weight[3], up.bias[3] = 0.0, -100.0  # GELU(-100) is 0 on every token
+    masks = random_masks(dense)
+    masks.neuron_mask[0, 3] = True
+    model = slim_model(copy.deepcopy(dense), masks)
+    dead = masks.neuron_mask[0].nonzero().flatten().tolist().index(3)
+    column = model.bert.encoder.layer[0].output.dense.weight[:, dead].clone()
+    result = reconstruct(model, dense, batches("bert"), mode, ridge=0.0)
+    torch.testing.assert_close(model.bert.encoder.layer[0].output.dense.weight[:, dead], column)
+    assert all(after <= before * (1 + 1e-6) + 1e-9 for *_, before, after in result.errors)
+    assert torch.isfinite(output(model, batch("bert"))).all()
+
+
 def test_scales_refit_only_rescales_kept_units() -> None:
     dense = tiny_model("bert")
     model = slim_model(copy.deepcopy(dense), random_masks(dense))
