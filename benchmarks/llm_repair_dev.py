@@ -19,8 +19,8 @@ reads (benchmarks/RESULTS.md, "Intercept, readers' refit and more windows"):
   (`keep_channels`); the dense-stream selection chooses from the dense model's own Gram. Not built (s38, RESULTS).
 - `relative`: the output projections' fits weigh each token's row by 1 / RMS² of the dense residual stream they
   rebuild: every reader downstream (the next RMSNorm, the final norm) sees a token's error relative to its stream,
-  and the first token of every window carries a stream about 100x the others' (SmolLM2's attention sink, layers
-  5-29), so the plain fit spends most of its squared error there. With `sequential` the selection reads the same
+  and the first token of every window carries a stream 50-160x the median token's in layers 15-25 (8-13x in layers 5
+  and 29: SmolLM2's attention sink), so the plain fit spends most of its squared error there. With `sequential` the selection reads the same
   weighted equations.
 
 Every fit is the refit's ridge least squares toward the module's own weights (`least_squares.solve_weights`).
