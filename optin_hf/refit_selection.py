@@ -92,7 +92,9 @@ def greedy_removal(
     (`benchmarks/llm_allocation_dev.py` allocates per-layer counts from it).
     """
     g = gram.double()
-    ridge_term = ridge * g.diagonal().mean()
+    # a Gram of zeros (inputs that are zero on every calibration token: every choice leaves the same error) would be
+    # singular; the ridge alone then ranks the units by their weights
+    ridge_term = ridge * g.diagonal().mean() if g.diagonal().any() else g.new_tensor(ridge)
     start = torch.linalg.inv(g + ridge_term * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
     theta = theta.to(torch.float64, memory_format=torch.contiguous_format, copy=True)  # row-major: rows are units
     units, width = columns.shape

@@ -93,6 +93,17 @@ def test_greedy_beats_dropping_the_smallest_weights() -> None:
     assert greedy < 0.9 * smallest  # 18% less on these seeds
 
 
+def test_inputs_that_are_all_zero_drop_the_smallest_weights() -> None:
+    """A projection without a bias whose inputs are zero on every calibration token has a Gram of zeros: no choice
+    changes the refit's error, the greedy does not fail on the singular matrix, and the ridge alone drops the units of
+    least weight."""
+    _, theta, columns = layer(0, 6, 2)
+    theta = theta[:-1]  # no bias row
+    removed, increase = greedy_removal(torch.zeros(12, 12, dtype=torch.float64), theta, columns, 3, RIDGE)
+    norms = theta[columns].pow(2).sum((1, 2))
+    assert sorted(removed) == sorted(norms.argsort()[:3].tolist()) and increase >= 0
+
+
 def test_several_removals_per_round_keep_the_exact_joint_update() -> None:
     """More removals than rounds: each round drops a block together, and the predicted error is still the refit's."""
     x, theta, columns = layer(0, 12, 1)
