@@ -41,6 +41,10 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, ridg
     inputs that are all zero) a Gram with a feature that never varies on the calibration data, or with more features
     than calibration rows, is singular: the solution is then the one that moves least from `start` (its limit as
     λ -> 0), not an error or a blow-up."""
+    if not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
+        raise ValueError("The refit's calibration activations are not finite (inf or NaN: an overflow, as float16 weights "
+                         "can give), so no least squares can be fit to them: run the model in float32 or bfloat16, or set "
+                         "reconstruct='none'.")
     lam = ridge * gram.diagonal().mean()
     if lam > 0:
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)

@@ -66,6 +66,16 @@ def test_ridge_zero_with_a_dead_unit_moves_it_least(mode: str) -> None:
     assert torch.isfinite(output(model, batch("bert"))).all()
 
 
+def test_activations_that_overflow_are_one_clear_error() -> None:
+    # An overflow in the forward (inf, then NaN) would solve to NaN weights: refused, naming the cause and the fix.
+    dense = tiny_model("bert")
+    with torch.no_grad():
+        dense.bert.encoder.layer[1].intermediate.dense.weight[0, 0] = float("inf")
+    model = slim_model(copy.deepcopy(dense), random_masks(dense))
+    with pytest.raises(ValueError, match="activations are not finite .* float32 or bfloat16"):
+        reconstruct(model, dense, batches("bert"), "weights")
+
+
 def test_scales_refit_only_rescales_kept_units() -> None:
     dense = tiny_model("bert")
     model = slim_model(copy.deepcopy(dense), random_masks(dense))
