@@ -53,24 +53,29 @@ from optin_hf.tasks.defaults.registry import RECIPES
 from optin_hf.tasks.windows import calibration_windows, evaluation_windows, negative_log_likelihood
 
 NAME = "shakespeare-smollm2"
-PARTS = {"plain", "bias", "readers", "attnreaders", "mlpreaders", "sequential", "relative"}
+PARTS = {"plain", "bias", "readers", "attnreaders", "mlpreaders", "sequential", "relative", "colridge"}
 
 
-def fit(eq: NormalEquations, linear: nn.Linear, ridge: float) -> None:
+def fit(eq: NormalEquations, linear: nn.Linear, ridge: float, column_ridge: float | None = None) -> None:
     """Refit `linear` (in place) from its normal equations, with a bias where `eq` has the constant column (a zero
-    one added where the module has none)."""
+    one added where the module has none). `column_ridge` r: each column's ridge r · G_ii (`colridge`) instead of the
+    library's ridge · mean(diag G)."""
     theta0 = linear.weight.detach().T.double()
     if eq.bias:
         bias = linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
         theta0 = torch.cat([theta0, bias.double()[None]])
-    solved = solve_weights(eq, theta0, ridge)
+    if column_ridge is None:
+        solved = solve_weights(eq, theta0, ridge)
+    else:
+        lam = column_ridge * eq.gram.diagonal()
+        solved = torch.linalg.solve(eq.gram + torch.diag(lam), eq.cross + lam[:, None] * theta0)
     linear.weight.data = solved[: linear.in_features].T.float().contiguous()
     if eq.bias:
         linear.bias = nn.Parameter(solved[-1].float())
 
 
 def fit_readers(readers: dict[str, nn.Linear], dense: dict[str, nn.Linear], pairs: list, rows: torch.Tensor | None,
-                ridge: float) -> None:
+                ridge: float, column_ridge: float | None) -> None:
     """Fit each slim reader from the slim normed input to its dense twin's output (at `rows`, None: all) over
     `pairs` of (slim input, dense input, real-token mask)."""
     width = next(iter(readers.values())).in_features
@@ -80,7 +85,7 @@ def fit_readers(readers: dict[str, nn.Linear], dense: dict[str, nn.Linear], pair
             target = dense[name](dense_in)
             eq.add(slim_in, target if rows is None else target[:, rows], real)
     for name, eq in eqs.items():
-        fit(eq, readers[name], ridge)
+        fit(eq, readers[name], ridge, column_ridge)
 
 
 def keep_channels(mlp: nn.Module, eq: NormalEquations, keep: int, ridge: float) -> torch.Tensor:
@@ -113,18 +118,19 @@ def cut(linear: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tens
 
 def sub_equations(eq: NormalEquations, kept: torch.Tensor) -> NormalEquations:
     """`eq` (no bias) restricted to the input columns `kept`."""
-    sub = NormalEquations(len(kept), eq.cross.shape[1], eq.gram.device, False)
-    sub.gram, sub.cross, sub.target_sq = eq.gram[kept][:, kept], eq.cross[kept], eq.target_sq
+    sub = NormalEquations(len(kept), eq.residual_cross.shape[1], eq.gram.device, False, eq.start[kept])
+    sub.gram, sub.residual_cross, sub.residual_sq = eq.gram[kept][:, kept], eq.residual_cross[kept], eq.residual_sq
     return sub
 
 
 @torch.no_grad()
 def refit(slim: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list, ridge: float, bias: bool,
-          readers: set[str], sequential: bool = False, relative: bool = False) -> None:
+          readers: set[str], sequential: bool = False, relative: bool = False, column_ridge: float | None = None) -> None:
     """The layer-by-layer refit of a slim Llama (module docstring), in place; `readers`: "attn" and/or "mlp".
     `sequential`: `slim` still has every MLP channel, and each layer keeps `masks`' count of them, chosen in the loop
     on the slim stream (`keep_channels`) after its readers are fit on every row. `relative`: each token's row of the
-    output projections' fits weighted by 1 / RMS² of the dense stream it rebuilds (module docstring)."""
+    output projections' fits weighted by 1 / RMS² of the dense stream it rebuilds (module docstring). `column_ridge`:
+    every fit's ridge per column (`fit`)."""
     streams = _streams(dense, check_model(dense), batches)
 
     def weight(stream: torch.Tensor) -> torch.Tensor:  # [rows, 1]: the square root of each row's weight
@@ -137,7 +143,7 @@ def refit(slim: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list,
             names = ("q_proj", "k_proj", "v_proj")
             fit_readers({n: getattr(attn, n) for n in names}, {n: getattr(dense_attn, n) for n in names},
                         [(student.input_layernorm(s.student).flatten(0, 1), teacher.input_layernorm(s.teacher).flatten(0, 1),
-                          s.real) for s in streams], None, ridge)
+                          s.real) for s in streams], None, ridge, column_ridge)
         eq = NormalEquations(attn.o_proj.in_features, attn.o_proj.out_features, attn.o_proj.weight.device, bias)
         for s in streams:
             seen = {}
@@ -148,7 +154,7 @@ def refit(slim: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list,
             s.x, s.target = seen["x"], s.teacher + dense_out  # the dense residual after attention
             w = weight(s.target)
             eq.add(s.x.flatten(0, 1) * w, (s.target - s.student).flatten(0, 1) * w, s.real)
-        fit(eq, attn.o_proj, ridge)
+        fit(eq, attn.o_proj, ridge, column_ridge)
         for s in streams:
             s.residual = s.student + attn.o_proj(s.x)
         mlp, dense_mlp = student.mlp, teacher.mlp
@@ -157,7 +163,8 @@ def refit(slim: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list,
             names = ("gate_proj", "up_proj")
             fit_readers({n: getattr(mlp, n) for n in names}, {n: getattr(dense_mlp, n) for n in names},
                         [(student.post_attention_layernorm(s.residual).flatten(0, 1),
-                          teacher.post_attention_layernorm(s.target).flatten(0, 1), s.real) for s in streams], kept, ridge)
+                          teacher.post_attention_layernorm(s.target).flatten(0, 1), s.real) for s in streams], kept, ridge,
+                        column_ridge)
         eq = NormalEquations(mlp.down_proj.in_features, mlp.down_proj.out_features, mlp.down_proj.weight.device, bias)
         for s in streams:
             normed = student.post_attention_layernorm(s.residual)
@@ -170,7 +177,7 @@ def refit(slim: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list,
             eq = sub_equations(eq, kept)
             for s in streams:
                 s.x = s.x[..., kept]
-        fit(eq, mlp.down_proj, ridge)
+        fit(eq, mlp.down_proj, ridge, column_ridge)
         for s in streams:
             s.student = s.residual + mlp.down_proj(s.x)
             s.x = s.residual = s.target = None
@@ -185,6 +192,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=3, help="KV groups every layer keeps")
     parser.add_argument("--channels", type=int, default=1000, help="MLP channels every layer keeps")
     parser.add_argument("--variants", nargs="+", default=["plain"])
+    parser.add_argument("--column-ridge", type=float, default=1e-3, help="r of `colridge`: each column's ridge r · G_ii")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the rows of RESULTS before s38)")
     args = parser.parse_args()
     for variant in args.variants:
@@ -223,7 +231,8 @@ def main() -> None:
             slim = slim_model(copy.deepcopy(dense), masks.with_masks(masks.head_mask, torch.ones_like(masks.neuron_mask)))
         else:
             slim = slim_model(copy.deepcopy(dense), masks)
-        refit(slim, dense, masks, batches, args.ridge, "bias" in parts, readers, "sequential" in parts, "relative" in parts)
+        refit(slim, dense, masks, batches, args.ridge, "bias" in parts, readers, "sequential" in parts, "relative" in parts,
+              args.column_ridge if "colridge" in parts else None)
         print(f"{variant} ({args.windows} windows, ridge {args.ridge:g}): dev perplexity {perplexity(slim):.3f}, "
               f"slim + refit {time.perf_counter() - start:.0f} s", flush=True)
 

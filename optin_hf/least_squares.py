@@ -1,8 +1,8 @@
 """Ridge least squares from accumulated normal equations: what every refit solves (`optin_hf.reconstruct` for the
 layers, `optin_hf.link_refit` for the modules between them, `optin_hf.refit_selection` for the units to keep).
 
-Each refit accumulates AᵀA and AᵀY over calibration rows in float64, so its memory is the width squared,
-whatever the number of rows, and the error of any θ follows in closed form."""
+Each refit accumulates AᵀA and AᵀY over calibration rows in float64 (`NormalEquations`), so its memory is the width
+squared, whatever the number of rows, and the error of any θ follows in closed form."""
 
 from __future__ import annotations
 
@@ -11,29 +11,47 @@ from torch import nn
 
 
 class NormalEquations:
-    """AᵀA and AᵀY (A = [x, 1], or A = x for a projection without a bias) and Σ|Y|², in float64,
-    over real token rows."""
+    """AᵀA, Aᵀ(Y - Aθ₀) and |Y - Aθ₀|² (A = [x, 1], or A = x for a projection without a bias) in float64, over real
+    token rows, where θ₀ (`start`: the weights the refit starts from, zeros where None) is fixed when they are built.
 
-    def __init__(self, width: int, hidden: int, device: torch.device, bias: bool = True):
+    Each batch's products are taken in float32 (float64 inputs stay float64) and summed into the float64 totals:
+    half the time of float64 products. Taken against the residual Y - Aθ₀ rather than Y, their rounding is relative
+    to what θ₀ leaves unexplained, not to Y: a refit with nothing to repair still returns θ₀ (to 1e-7 of Y), and
+    the small errors left after a refit are still resolved (`error`)."""
+
+    def __init__(self, width: int, hidden: int, device: torch.device, bias: bool = True, start: torch.Tensor | None = None):
         self.bias = bias
         width += int(bias)
+        zeros = start is None
+        self.start = torch.zeros(width, hidden, dtype=torch.float64, device=device) if zeros else start.to(device, torch.float64)
+        self._start_rows = None if zeros else {}  # θ₀ in each input dtype seen, for the per-batch residual
         self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(width, hidden, dtype=torch.float64, device=device)
-        self.target_sq = torch.zeros((), dtype=torch.float64, device=device)
+        self.residual_cross = torch.zeros(width, hidden, dtype=torch.float64, device=device)
+        self.residual_sq = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None) -> None:
         """x [rows, width] and target [rows, hidden], rows in the same order; real: bool [rows] or None."""
-        x, target = x.double(), target.double()
         if real is not None:
             x, target = x[real], target[real]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x, target = x.to(dtype), target.to(dtype)
         a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if self.bias else x
-        self.gram += a.T @ a
-        self.cross += a.T @ target
-        self.target_sq += target.pow(2).sum()
+        if self._start_rows is not None:
+            start = self._start_rows.setdefault(dtype, self.start.to(dtype))
+            target = target - a @ start
+        self.gram += (a.T @ a).double()
+        self.residual_cross += (a.T @ target).double()
+        self.residual_sq += target.pow(2).sum(dtype=torch.float64)
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """AᵀY."""
+        return self.residual_cross + self.gram @ self.start
 
     def error(self, theta: torch.Tensor) -> float:
         """Σ|Aθ - Y|² from the accumulated sums; θ: [width (+ 1 with a bias), hidden]."""
-        return float((theta * (self.gram @ theta)).sum() - 2 * (theta * self.cross).sum() + self.target_sq)
+        delta = theta - self.start
+        return float((delta * (self.gram @ delta)).sum() - 2 * (delta * self.residual_cross).sum() + self.residual_sq)
 
 
 def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -53,7 +71,10 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, ridg
 
 
 def solve_weights(eq: NormalEquations, theta0: torch.Tensor, ridge: float) -> torch.Tensor:
-    return ridge_solve(eq.gram, eq.cross, theta0, ridge)
+    """The ridge fit toward `theta0`, solved for its change from `theta0` (on Aᵀ(Y - Aθ₀)): where θ₀ leaves nothing
+    to repair the change is exactly zero, not θ₀'s rounding through the solve."""
+    residual = eq.residual_cross + eq.gram @ (eq.start - theta0)
+    return theta0 + ridge_solve(eq.gram, residual, torch.zeros_like(theta0), ridge)
 
 
 def solve_scales(eq: NormalEquations, weight: torch.Tensor, bias: torch.Tensor | None, unit: int, ridge: float) -> torch.Tensor:

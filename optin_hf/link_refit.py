@@ -88,8 +88,8 @@ def refit_links(
     module's output in `dense` on `batches`, in one pass (none of them may feed another); (the artifact, the
     calibration errors (-1, path, before, after))."""
     links = {path: Link(model.get_submodule(path)) for path in paths}
-    eqs = {path: NormalEquations(link.in_features, link.out_features, link.device, link.module.bias is not None)
-           for path, link in links.items()}
+    eqs = {path: NormalEquations(link.in_features, link.out_features, link.device, link.module.bias is not None,
+                                 stacked_theta(link.weight(), link.bias(), None)) for path, link in links.items()}
     seen: dict[str, dict[str, torch.Tensor]] = {"in": {}, "out": {}}
     hooks = [model.get_submodule(path).register_forward_pre_hook(lambda m, args, p=path: seen["in"].__setitem__(p, args[0]))
              for path in paths]

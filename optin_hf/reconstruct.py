@@ -13,8 +13,8 @@ From the first layer up, attention then FFN, with the pruned model already refit
   per-channel layer scale λ multiplies the branch (DINOv2, `ArchAdapter.branch_scale`), the fit is
   of λ ⊙ (W x_p + b) to `(λ ⊙ (W x_d + b) + r_d) - r_p`: the scaled projection is solved for and λ
   divided out, so the residual drift counts as (r_d - r_p) / λ in the projection's own units.
-- `AᵀA` and `AᵀY` are accumulated in float64 batch by batch, so memory does not grow with the
-  calibration size, and the refit solves `(AᵀA + λI) θ = AᵀY + λ θ₀` with
+- `AᵀA` and `AᵀY` are accumulated in float64 batch by batch (`least_squares.NormalEquations`), so memory does
+  not grow with the calibration size, and the refit solves `(AᵀA + λI) θ = AᵀY + λ θ₀` with
   `λ = ridge · mean(diag(AᵀA))`: a ridge toward the weights the kept units had (θ₀), so a
   small calibration set moves them little, nothing pruned changes nothing, and the refit's
   error on the calibration data never exceeds θ₀'s.
@@ -305,19 +305,24 @@ def _refit_inputs(
                 else:
                     group.append(path)
             eqs = [NormalEquations(inputs[g[0]].proj.in_features, sum(len(inputs[p].kept) for p in g), inputs[g[0]].proj.device,
-                                   inputs[g[0]].proj.has_bias) for g in groups]
+                                   inputs[g[0]].proj.has_bias, _group_theta(inputs, g)) for g in groups]
         for group, eq in zip(groups, eqs):
             target = torch.cat([Projection(inputs[p].dense).rows(y[p])[:, inputs[p].kept] for p in group], dim=1)
             eq.add(inputs[group[0]].proj.rows(x[group[0]]), target, real)
     errors = []
     for group, eq in zip(groups, eqs):
         projs = [inputs[p].proj for p in group]
-        theta0 = torch.cat([stacked_theta(proj.weight(), proj.bias(), None) for proj in projs], dim=1)
+        theta0 = _group_theta(inputs, group)
         solved = solve_weights(eq, theta0, ridge)
         errors.append((index, "inputs." + "+".join(group), eq.error(theta0), eq.error(solved)))
         for path, proj, theta in zip(group, projs, solved.split([proj.out_features for proj in projs], dim=1)):
             write_solved(proj, theta, f"layers.{index}.{INPUTS}.{path}", tensors)
     return errors
+
+
+def _group_theta(inputs: dict[str, _Input], group: list[str]) -> torch.Tensor:
+    """θ₀ of input projections that share one Gram, side by side [in (+ 1), their outputs]."""
+    return torch.cat([stacked_theta(inputs[p].proj.weight(), inputs[p].proj.bias(), None) for p in group], dim=1)
 
 
 def refit_conv_tensors(layer: nn.Module, index: int, adapter: ArchAdapter) -> dict[str, torch.Tensor]:
@@ -381,7 +386,7 @@ def _refit_readers(
     artifact; the calibration errors (layer, path, before, after)."""
     layers = {path: get_submodule(student, path) for path in paths}
     eqs = {path: NormalEquations(c.convolution.in_channels * math.prod(c.convolution.kernel_size), c.convolution.out_channels,
-                                  c.convolution.weight.device) for path, c in layers.items()}
+                                  c.convolution.weight.device, start=_conv_theta(c.convolution)) for path, c in layers.items()}
     kept = {path: adapter.kept_reader_outputs(student, path) for path in paths}
     taps = {path: (get_submodule(teacher, path).convolution, "out") for path in paths}
     for s in streams:
@@ -408,14 +413,16 @@ def _refit_classifier(
     whole = linear is not None and linear.in_features == dense_linear.in_features
     if linear is None or (whole and not every):
         return []
-    eq = NormalEquations(linear.in_features, linear.out_features, linear.weight.device, linear.bias is not None)
+    classifier = Projection(linear)
+    eq = NormalEquations(linear.in_features, linear.out_features, linear.weight.device, linear.bias is not None,
+                         stacked_theta(classifier.weight(), classifier.bias(), None))
     for s in streams:
         if whole:  # the logits the model computes (digits-resnet's development judge: benchmarks/RESULTS.md)
             eq.add(s.student.mean((2, 3)), dense_linear(s.teacher.mean((2, 3))), None)
         else:
             eq.add(map_rows(s.student), dense_linear(map_rows(s.teacher)), None)
     last = len(adapter.layers_of(model)) - 1
-    return [(last, "classifier", *_refit(Projection(linear), eq, "weights", ridge, 1, "classifier", tensors))]
+    return [(last, "classifier", *_refit(classifier, eq, "weights", ridge, 1, "classifier", tensors))]
 
 
 def _refit_consumers(
@@ -441,13 +448,19 @@ def _refit_conv(conv_layer: nn.Module, eq: NormalEquations, ridge: float) -> tup
     """Refit a conv (no bias) and its BatchNorm's running mean (in place) from its normal equations over its
     input's patches; the calibration error (before, after)."""
     conv, norm = conv_layer.convolution, conv_layer.normalization
-    weight = conv.weight.detach()
-    theta0 = torch.cat([weight.double().flatten(1).T, weight.new_zeros(1, conv.out_channels, dtype=torch.float64)])
+    theta0 = _conv_theta(conv)
     before = eq.error(theta0)
     solved = solve_weights(eq, theta0, ridge)
-    conv.weight.copy_(solved[:-1].T.reshape(weight.shape).to(weight.dtype))
+    conv.weight.copy_(solved[:-1].T.reshape(conv.weight.shape).to(conv.weight.dtype))
     norm.running_mean.sub_(solved[-1].to(norm.running_mean.dtype))
     return before, eq.error(torch.cat([conv.weight.detach().double().flatten(1).T, solved[-1:]]))
+
+
+def _conv_theta(conv: nn.Conv2d) -> torch.Tensor:
+    """θ [in · kernel area + 1, out] of a bias-free conv over its patches, the constant column's row (the bias the
+    refit folds into the BatchNorm's mean) zero."""
+    weight = conv.weight.detach()
+    return torch.cat([weight.double().flatten(1).T, weight.new_zeros(1, conv.out_channels, dtype=torch.float64)])
 
 
 def scale_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -623,11 +636,13 @@ def reconstruct(
         heads = get_submodule(student, adapter.attn_out) if adapter.supports("heads") else None
         if refit_attention:
             attn, attn_scale = output_projection(adapter, student, "attn_out"), adapter.branch_scale(student, "attn_out")
-            eq = NormalEquations(attn.in_features, attn.out_features, attn.device, attn.has_bias)
+            eq = NormalEquations(attn.in_features, attn.out_features, attn.device, attn.has_bias,
+                                 stacked_theta(attn.weight(), attn.bias(), attn_scale))
         conv_layer = get_submodule(student, conv_path) if conv_path is not None else None
         if conv_layer is not None:  # the heads' output projection, fit before its BatchNorm (module docstring)
             conv = conv_layer.convolution
-            conv_eq = NormalEquations(conv.in_channels * math.prod(conv.kernel_size), conv.out_channels, conv.weight.device)
+            conv_eq = NormalEquations(conv.in_channels * math.prod(conv.kernel_size), conv.out_channels, conv.weight.device,
+                                      start=_conv_theta(conv))
             conv_kept = adapter.kept_conv_outputs(student).to(conv.weight.device)
         dense_taps = {
             "r_ffn": (get_submodule(teacher, residual_path), residual_side),
@@ -695,7 +710,8 @@ def reconstruct(
 
             seen = ((ffn_input(s), {p: s.dense[f"in:{p}"] for p in ffn_inputs}, s.real) for s in streams)
             errors += _refit_inputs(ffn_inputs, seen, ridge, i, tensors)
-        eq = NormalEquations(down.in_features, down.out_features, down.device, down.has_bias)
+        eq = NormalEquations(down.in_features, down.out_features, down.device, down.has_bias,
+                             stacked_theta(down.weight(), down.bias(), ffn_scale))
         residual = get_submodule(student, residual_path)
         for s in streams:  # the rest of the layer in pieces, from the heads' output: no attention rerun
             args, kwargs = s.call
