@@ -23,6 +23,11 @@ reads (benchmarks/RESULTS.md, "Intercept, readers' refit and more windows"):
   and 29: SmolLM2's attention sink), so the plain fit spends most of its squared error there. With `sequential` the selection reads the same
   weighted equations.
 
+- `colridge`: every fit's ridge per column, λ_i = r · G_ii (`--column-ridge r`), instead of the library's
+  ridge · mean(diag G): where SmolLM2 has massive channels the mean is theirs (layer 11's `down_proj` input: mean /
+  median diagonal 4,829, 97% of its channels below 1e-3 of the mean), so the library's ridge all but freezes that
+  layer's other channels at their weights. Not built (s39, RESULTS: r = 1e-3 and 3e-3 both worse).
+
 Every fit is the refit's ridge least squares toward the module's own weights (`least_squares.solve_weights`).
 The windows are drawn from the default's calibration plays: 30 since s35 (the rows of RESULTS before it read the 4
 calibration plays of then; "Calibration windows from 30 plays" there).

@@ -14,10 +14,11 @@ class NormalEquations:
     """AᵀA, Aᵀ(Y - Aθ₀) and |Y - Aθ₀|² (A = [x, 1], or A = x for a projection without a bias) in float64, over real
     token rows, where θ₀ (`start`: the weights the refit starts from, zeros where None) is fixed when they are built.
 
-    Each batch's products are taken in float32 (float64 inputs stay float64) and summed into the float64 totals:
-    half the time of float64 products. Taken against the residual Y - Aθ₀ rather than Y, their rounding is relative
-    to what θ₀ leaves unexplained, not to Y: a refit with nothing to repair still returns θ₀ (to 1e-7 of Y), and
-    the small errors left after a refit are still resolved (`error`)."""
+    Each batch's products are taken in float32 (float64 inputs stay float64) and summed into the float64 totals.
+    They are taken against the residual Y - Aθ₀ rather than Y, so their rounding is relative to what θ₀ leaves
+    unexplained, not to Y: a refit with nothing to repair returns θ₀ exactly, and the small errors left after a refit
+    are still resolved (`error`). The residual costs one more float32 product (Aθ₀), so the sums take about 80% of the
+    float64 products' time (the language-model default's refit: 85 -> 80 s on 256 windows, benchmarks/RESULTS.md)."""
 
     def __init__(self, width: int, hidden: int, device: torch.device, bias: bool = True, start: torch.Tensor | None = None):
         self.bias = bias
