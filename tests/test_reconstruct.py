@@ -228,3 +228,26 @@ def test_the_input_refit_reloads_masks_only_from_the_hub_and_generates_the_same_
         assert torch.equal(loaded(prompts).logits, model(prompts).logits)
         greedy = dict(max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompts))
         assert torch.equal(loaded.generate(prompts, **greedy), model.generate(prompts, **greedy))
+
+
+def test_float32_sums_resolve_a_small_residual_next_to_a_large_target():
+    """The refit's sums are float32 per batch, taken against the residual Y - Aθ₀: where θ₀ (float32 weights, as a
+    model's) explains Y up to a residual 2e-4 of it, the error of θ₀ and the refit's change are still those of a
+    float64 least squares (float32 sums of Y itself put θ₀'s error 3.4% off here: Y's rounding swamps the residual's
+    square)."""
+    from optin_hf.least_squares import NormalEquations, solve_weights
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 32, generator=gen) * 10
+    theta0 = torch.randn(33, 8, generator=gen).double()  # 32 weights and a bias row
+    a = torch.cat([x.double(), torch.ones(4096, 1, dtype=torch.float64)], dim=1)
+    y = a @ theta0 + 1e-2 * torch.randn(4096, 8, generator=gen, dtype=torch.float64)  # |Y| about 60
+    eq = NormalEquations(32, 8, x.device, bias=True, start=theta0)
+    for rows in torch.arange(4096).split(1024):
+        eq.add(x[rows], y[rows].float(), None)
+    residual = y.float().double() - a @ theta0  # the target as the model hands it over, in float32
+    assert eq.error(theta0) == pytest.approx(float(residual.pow(2).sum()), rel=1e-3)
+    exact = torch.linalg.solve(a.T @ a + 1e-3 * (a.T @ a).diagonal().mean() * torch.eye(33, dtype=torch.float64),
+                               a.T @ residual)
+    change = solve_weights(eq, theta0, 1e-3) - theta0
+    assert float((change - exact).norm() / exact.norm()) < 0.01
