@@ -38,8 +38,9 @@ class NormalEquations:
         x, target = x.to(dtype), target.to(dtype)
         a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if self.bias else x
         if self._start_rows is not None:
-            start = self._start_rows.setdefault(dtype, self.start.to(dtype))
-            target = target - a @ start
+            if dtype not in self._start_rows:
+                self._start_rows[dtype] = self.start.to(dtype)
+            target = target - a @ self._start_rows[dtype]
         self.gram += (a.T @ a).double()
         self.residual_cross += (a.T @ target).double()
         self.residual_sq += target.pow(2).sum(dtype=torch.float64)
