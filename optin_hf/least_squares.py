@@ -56,6 +56,44 @@ class NormalEquations:
         return float((delta * (self.gram @ delta)).sum() - 2 * (delta * self.residual_cross).sum() + self.residual_sq)
 
 
+class DriftEquations:
+    """The normal equations of a fit from x to a linear map of another input, x_d θ_d (an input projection's dense
+    twin on the dense stream), kept as three width² sums: AᵀA, AᵀΔ and ΔᵀΔ with Δ = [x_d - x, 0] (A = [x, 1], or x
+    without a bias). Their cost does not grow with θ_d's outputs (the sums of `NormalEquations` would be as wide as
+    the 2,000 gate and up rows a SmolLM2 layer keeps), and where nothing drifted (x_d = x, θ_d = θ₀) they are exactly
+    zero but AᵀA, so the fit returns θ₀."""
+
+    def __init__(self, width: int, device: torch.device, bias: bool = True):
+        self.bias = bias
+        width += int(bias)
+        self.gram, self.cross, self.drift = (torch.zeros(width, width, dtype=torch.float64, device=device) for _ in range(3))
+
+    def add(self, x: torch.Tensor, x_dense: torch.Tensor, real: torch.Tensor | None) -> None:
+        """x and x_dense [rows, width], rows in the same order; real: bool [rows] or None. Products in float32, as
+        `NormalEquations.add`."""
+        if real is not None:
+            x, x_dense = x[real], x_dense[real]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.to(dtype)
+        drift = x_dense.to(dtype) - x
+        a, d = (torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1), torch.cat([drift, drift.new_zeros(x.shape[0], 1)], dim=1)) \
+            if self.bias else (x, drift)
+        self.gram += (a.T @ a).double()
+        self.cross += (a.T @ d).double()
+        self.drift += (d.T @ d).double()
+
+    def equations(self, theta_dense: torch.Tensor, start: torch.Tensor) -> NormalEquations:
+        """The normal equations toward the target x_d θ_d from the fit's start θ₀ (both [width (+ 1), outputs]): the
+        residual is Δθ_d + A(θ_d - θ₀)."""
+        theta_dense, gap = theta_dense.double(), (theta_dense - start).double()
+        eq = NormalEquations(self.gram.shape[0] - int(self.bias), theta_dense.shape[1], self.gram.device, self.bias, start)
+        eq.gram = self.gram
+        eq.residual_cross = self.cross @ theta_dense + self.gram @ gap
+        eq.residual_sq = ((theta_dense * (self.drift @ theta_dense)).sum() + 2 * (theta_dense * (self.cross.T @ gap)).sum()
+                          + (gap * (self.gram @ gap)).sum())
+        return eq
+
+
 def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, ridge: float) -> torch.Tensor:
     """argmin_θ θᵀGθ - 2θᵀ·rhs + λ|θ - start|² with λ = ridge · mean(diag G). Where λ is 0 (`reconstruct_ridge=0`, or
     inputs that are all zero) a Gram with a feature that never varies on the calibration data, or with more features

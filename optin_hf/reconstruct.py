@@ -27,7 +27,8 @@ slim stream drifts from the dense one layer by layer, and what a sublayer comput
 value; its FFN's up and gate) is linear in its own input. So before each output projection is refit, each input
 projection (`ArchAdapter.input_slices`) is fit, in the same ridge least squares toward its own weights, from its input
 in the slim model (the attention's refit already done, for the FFN's) to the dense twin's output at the features it
-keeps; those reading one tensor share one Gram. The artifact holds them as `layers.{i}.inputs.{path}.weight` / `.bias`.
+keeps; those reading one tensor share one Gram, and their sums need only the two inputs (`least_squares.DriftEquations`).
+The artifact holds them as `layers.{i}.inputs.{path}.weight` / `.bias`.
 On the language-model default this gained 1.0-1.2% of perplexity at 0.8 of the MACs on its development plays
 (benchmarks/RESULTS.md).
 
@@ -100,8 +101,8 @@ from .capture import scoring_forward
 from .dense_calls import dense_calls
 from .engine.prefix import LayerCall
 from .engine.replay import layer_output, replay_layers
-from .least_squares import (NormalEquations, map_rows, patches, record, solve_scales, solve_weights, stacked_theta,
-                            write_solved)
+from .least_squares import (DriftEquations, NormalEquations, map_rows, patches, record, solve_scales, solve_weights,
+                            stacked_theta, write_solved)
 from .link_refit import LINKS, copy_links, link_destination, with_links
 from .masks import PruningMasks, load_safetensors
 from .tokens import TokenMerging, merge_matched
@@ -290,13 +291,14 @@ def _refit_inputs(
     tensors: dict[str, torch.Tensor],
 ) -> list[tuple[int, str, float, float]]:
     """Refit the input projections `inputs` (in place, `mode="weights"`) from what `seen` yields per calibration batch:
-    (each one's input in the slim model, each dense twin's output, the real-token rows or None), the slim input to the
+    (each one's input in the slim model, each dense twin's input, the real-token rows or None), the slim input to the
     dense output at the kept features; record their artifact (`layers.{index}.inputs.{path}.weight` / `.bias`). The
-    projections that read one input tensor with the same bias (query, key, value) share one Gram matrix. The
-    calibration errors (layer, "inputs." + their paths joined by "+", before, after)."""
+    projections that read one input tensor with the same bias (query, key, value) share one set of sums
+    (`DriftEquations`: the dense output is the twin's weights on its input, so the sums need only the two inputs).
+    The calibration errors (layer, "inputs." + their paths joined by "+", before, after)."""
     groups: list[list[str]] = []
-    eqs: list[NormalEquations] = []
-    for x, y, real in seen:
+    sums: list[DriftEquations] = []
+    for x, x_dense, real in seen:
         if not groups:  # which projections read the very same tensor
             for path in inputs:
                 group = next((g for g in groups if x[g[0]] is x[path] and inputs[g[0]].proj.has_bias == inputs[path].proj.has_bias), None)
@@ -304,15 +306,18 @@ def _refit_inputs(
                     groups.append([path])
                 else:
                     group.append(path)
-            eqs = [NormalEquations(inputs[g[0]].proj.in_features, sum(len(inputs[p].kept) for p in g), inputs[g[0]].proj.device,
-                                   inputs[g[0]].proj.has_bias, _group_theta(inputs, g)) for g in groups]
-        for group, eq in zip(groups, eqs):
-            target = torch.cat([Projection(inputs[p].dense).rows(y[p])[:, inputs[p].kept] for p in group], dim=1)
-            eq.add(inputs[group[0]].proj.rows(x[group[0]]), target, real)
+            sums = [DriftEquations(inputs[g[0]].proj.in_features, inputs[g[0]].proj.device, inputs[g[0]].proj.has_bias)
+                    for g in groups]
+        for group, drift in zip(groups, sums):
+            if any(x_dense[p] is not x_dense[group[0]] for p in group):
+                raise RuntimeError(f"the dense twins of {group} read different tensors where their slim ones share one")
+            first = inputs[group[0]].proj
+            drift.add(first.rows(x[group[0]]), first.rows(x_dense[group[0]]), real)
     errors = []
-    for group, eq in zip(groups, eqs):
+    for group, drift in zip(groups, sums):
         projs = [inputs[p].proj for p in group]
         theta0 = _group_theta(inputs, group)
+        eq = drift.equations(torch.cat([_dense_theta(inputs[p]) for p in group], dim=1), theta0)
         solved = solve_weights(eq, theta0, ridge)
         errors.append((index, "inputs." + "+".join(group), eq.error(theta0), eq.error(solved)))
         for path, proj, theta in zip(group, projs, solved.split([proj.out_features for proj in projs], dim=1)):
@@ -320,8 +325,15 @@ def _refit_inputs(
     return errors
 
 
+def _dense_theta(part: _Input) -> torch.Tensor:
+    """θ [in (+ 1), kept outputs] of an input projection's dense twin at the features the slim one keeps."""
+    dense = Projection(part.dense)
+    bias = dense.bias()
+    return stacked_theta(dense.weight()[part.kept], bias[part.kept] if bias is not None else None, None)
+
+
 def _group_theta(inputs: dict[str, _Input], group: list[str]) -> torch.Tensor:
-    """θ₀ of input projections that share one Gram, side by side [in (+ 1), their outputs]."""
+    """θ₀ of input projections that share one set of sums, side by side [in (+ 1), their outputs]."""
     return torch.cat([stacked_theta(inputs[p].proj.weight(), inputs[p].proj.bias(), None) for p in group], dim=1)
 
 
@@ -655,10 +667,10 @@ def reconstruct(
                                      i, ridge, tensors)
         # the units the layer keeps, as `slim_model` cut them
         keep = (masks.head_mask[i].nonzero().flatten(), masks.neuron_mask[i].nonzero().flatten()) if inputs else None
-        if inputs:  # the dense layer runs once, for its sums and its input projections' outputs (keyed "in:" + path)
+        if inputs:  # the dense layer runs once, for its sums and its input projections' inputs (keyed "in:" + path)
             attn_inputs = _inputs_of(adapter, student, teacher, dense.config, "attn_out", keep[0]) if heads is not None and len(keep[0]) else {}
             ffn_inputs = _inputs_of(adapter, student, teacher, dense.config, "ffn_down", keep[1]) if len(keep[1]) else {}
-            input_taps = {f"in:{p}": (x.dense, "out") for p, x in {**attn_inputs, **ffn_inputs}.items()}
+            input_taps = {f"in:{p}": (x.dense, "in") for p, x in {**attn_inputs, **ffn_inputs}.items()}
             for s in streams:  # no token merging here (refused above): the student's call is the recorded one
                 s.dense = _call(teacher, s.teacher, s.calls[i].args, s.calls[i].kwargs, {**dense_taps, **input_taps})
         if inputs and attn_inputs:  # the heads' input projections, before the heads run

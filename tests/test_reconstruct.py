@@ -251,3 +251,33 @@ def test_float32_sums_resolve_a_small_residual_next_to_a_large_target():
                                a.T @ residual)
     change = solve_weights(eq, theta0, 1e-3) - theta0
     assert float((change - exact).norm() / exact.norm()) < 0.01
+
+
+def test_drift_sums_give_the_normal_equations_of_the_dense_twins_output():
+    """The input refit's sums (`DriftEquations`: AᵀA, AᵀΔ, ΔᵀΔ of the slim input and its drift from the dense one) give
+    the normal equations of a fit to the dense twin's output x_d θ_d, from a start θ₀ that differs from θ_d (a model
+    refit before): the same AᵀY, the same error for any θ and the same solution as float64 sums of that output; and
+    where nothing drifted (x_d = x, θ_d = θ₀) the fit returns θ₀ exactly."""
+    from optin_hf.least_squares import DriftEquations, NormalEquations, solve_weights
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 12, generator=gen)
+    x_dense = x + 0.1 * torch.randn(512, 12, generator=gen)
+    real = torch.rand(512, generator=gen) > 0.2
+    theta_dense = torch.randn(13, 5, generator=gen).double()  # 12 weights and a bias row
+    theta0 = theta_dense + 0.05 * torch.randn(13, 5, generator=gen, dtype=torch.float64)
+    drift = DriftEquations(12, x.device, bias=True)
+    for rows in torch.arange(512).split(128):
+        drift.add(x[rows], x_dense[rows], real[rows])
+    eq = drift.equations(theta_dense, theta0)
+    a = torch.cat([x.double(), torch.ones(512, 1, dtype=torch.float64)], dim=1)[real]
+    y = torch.cat([x_dense.double(), torch.ones(512, 1, dtype=torch.float64)], dim=1)[real] @ theta_dense
+    reference = NormalEquations(12, 5, x.device, bias=True)
+    reference.gram, reference.residual_cross, reference.residual_sq = a.T @ a, a.T @ y, y.pow(2).sum()
+    torch.testing.assert_close(eq.cross, reference.cross, rtol=1e-5, atol=1e-4)
+    for theta in (theta0, theta_dense, torch.zeros_like(theta0)):
+        assert eq.error(theta) == pytest.approx(reference.error(theta), rel=1e-5)
+    torch.testing.assert_close(solve_weights(eq, theta0, 1e-3), solve_weights(reference, theta0, 1e-3), rtol=1e-5, atol=1e-6)
+    still = DriftEquations(12, x.device, bias=True)
+    still.add(x, x, None)
+    assert torch.equal(solve_weights(still.equations(theta0, theta0), theta0, 1e-3), theta0)
