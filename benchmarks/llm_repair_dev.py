@@ -191,6 +191,8 @@ def refit(slim: nn.Module, dense: nn.Module, masks: PruningMasks, batches: list,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--windows", type=int, default=512, help="refit windows (the selection reads the same)")
+    parser.add_argument("--selection-windows", type=int, metavar="N",
+                        help="the refit selection's Grams on the first N refit windows only (default: all)")
     parser.add_argument("--length", type=int, default=64, help="tokens per refit window")
     parser.add_argument("--ridge", type=float, default=1e-3)
     parser.add_argument("--dev", type=int, default=32, help="development windows of 128 tokens")
@@ -223,9 +225,10 @@ def main() -> None:
     heads[:, args.groups:] = False
     neurons[:, args.channels:] = False  # the counts only: the selection re-chooses every unit
     start = time.perf_counter()
-    masks = select_by_refit(dense, full.with_masks(heads, neurons), batches, args.ridge)
-    print(f"refit selection at {args.groups} KV groups, {args.channels} channels: {time.perf_counter() - start:.0f} s",
-          flush=True)
+    chosen_on = batches if args.selection_windows is None else batches[: -(-args.selection_windows // 32)]
+    masks = select_by_refit(dense, full.with_masks(heads, neurons), chosen_on, args.ridge)
+    print(f"refit selection at {args.groups} KV groups, {args.channels} channels on {len(chosen_on)} batches: "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
     for variant in args.variants:
         parts = set(variant.split("+"))
         readers = {"attn", "mlp"} if "readers" in parts else set()
