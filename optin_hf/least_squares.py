@@ -18,7 +18,7 @@ class NormalEquations:
     They are taken against the residual Y - Aθ₀ rather than Y, so their rounding is relative to what θ₀ leaves
     unexplained, not to Y: a refit with nothing to repair returns θ₀ exactly, and the small errors left after a refit
     are still resolved (`error`). The residual costs one more float32 product (Aθ₀), so the sums take about 80% of the
-    float64 products' time (the language-model default's refit: 85 -> 80 s on 256 windows, benchmarks/RESULTS.md)."""
+    float64 products' time (measured on the language-model default's refit, benchmarks/RESULTS.md, s39)."""
 
     def __init__(self, width: int, hidden: int, device: torch.device, bias: bool = True, start: torch.Tensor | None = None):
         self.bias = bias
