@@ -87,7 +87,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +194,53 @@ def _watch(taps: dict[str, tuple[nn.Module, str]], run: Callable[[], object]) ->
 def _input_of(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
     """The first input `module` receives while `run()` runs; the run stops there."""
     return _watch({"x": (module, "in")}, run)["x"]
+
+
+@contextmanager
+def _skipped(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Inside: each of these Linear / Conv1D `modules` returns zeros of its output's shape instead of its product (its
+    forward hooks still fire). For a `_watch` of input projections' inputs: a sublayer's input projections never read
+    each other's outputs, and what is computed from them is not watched, so their products would be thrown away (on
+    the language-model default, a query and a key product per layer and batch, and a gate product twice)."""
+    saved = []
+    for module in modules:
+        width = Projection(module).out_features
+        saved.append((module, module.__dict__.get("forward")))  # an accelerate hook's forward is put back
+        module.forward = lambda x, *args, width=width, **kwargs: x.new_zeros(*x.shape[:-1], width)
+    try:
+        yield
+    finally:
+        for module, forward in saved:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def _watch_inputs(modules: dict[str, nn.Module], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """The first input each of `modules` (a sublayer's input projections, by path) receives while `run()` runs;
+    their products skipped (`_skipped`), the run stopped once every one fired."""
+    with _skipped(modules.values()):
+        return _watch({path: (module, "in") for path, module in modules.items()}, run)
+
+
+def _dense_layer(
+    layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, taps: dict, whole: bool,
+    skip: Iterable[nn.Module] = (),
+) -> dict:
+    """What the dense `layer`'s run on `hidden` saw: the whole run (`_call`, its output included), or where `whole` is
+    False the taps alone, the run stopped once every one fired and the products of `skip` (input projections that no
+    tap reads after) left out (`_skipped`)."""
+    if whole:
+        return _call(layer, hidden, args, kwargs, taps)
+    with _skipped(skip):
+        return _watch(taps, lambda: layer(hidden, *args, **kwargs))
+
+
+def _recorded_output(calls: list[LayerCall], index: int) -> torch.Tensor:
+    """Layer `index`'s output in the recorded dense run: its own where recorded (the last layer, or layers that do not
+    chain), else the next layer's input."""
+    return calls[index].output if calls[index].output is not None else calls[index + 1].hidden
 
 
 @dataclass
@@ -656,9 +704,12 @@ def reconstruct(
             conv_eq = NormalEquations(conv.in_channels * math.prod(conv.kernel_size), conv.out_channels, conv.weight.device,
                                       start=_conv_theta(conv))
             conv_kept = adapter.kept_conv_outputs(student).to(conv.weight.device)
+        # where the layer outputs its FFN sum, that target is read off the recorded dense run and the dense FFN does
+        # not run (not where the slim stream merges tokens or cuts channels, or a conv is refit: their own targets)
+        recorded_sum = adapter.output_is_ffn_sum and merging is None and not cut and conv_layer is None
         dense_taps = {
             "r_ffn": (get_submodule(teacher, residual_path), residual_side),
-            "y_ffn": (output_projection(adapter, teacher, "ffn_down").output_module, "out"),
+            **({} if recorded_sum else {"y_ffn": (output_projection(adapter, teacher, "ffn_down").output_module, "out")}),
             **({"y_attn": (get_submodule(teacher, adapter.attn_out), "out")} if refit_attention else {}),
             **({"y_conv": (get_submodule(teacher, conv_path).convolution, "out")} if conv_layer is not None else {}),
         }
@@ -672,10 +723,11 @@ def reconstruct(
             ffn_inputs = _inputs_of(adapter, student, teacher, dense.config, "ffn_down", keep[1]) if len(keep[1]) else {}
             input_taps = {f"in:{p}": (x.dense, "in") for p, x in {**attn_inputs, **ffn_inputs}.items()}
             for s in streams:  # no token merging here (refused above): the student's call is the recorded one
-                s.dense = _call(teacher, s.teacher, s.calls[i].args, s.calls[i].kwargs, {**dense_taps, **input_taps})
+                s.dense = _dense_layer(teacher, s.teacher, s.calls[i].args, s.calls[i].kwargs, {**dense_taps, **input_taps},
+                                       not recorded_sum, [x.dense for x in ffn_inputs.values()])
         if inputs and attn_inputs:  # the heads' input projections, before the heads run
-            seen = ((_watch({p: (get_submodule(student, p), "in") for p in attn_inputs},
-                            lambda s=s: student(s.student, *s.calls[i].args, **s.calls[i].kwargs)),
+            seen = ((_watch_inputs({p: get_submodule(student, p) for p in attn_inputs},
+                                   lambda s=s: student(s.student, *s.calls[i].args, **s.calls[i].kwargs)),
                      {p: s.dense[f"in:{p}"] for p in attn_inputs}, s.real) for s in streams)
             errors += _refit_inputs(attn_inputs, seen, ridge, i, tensors)
         for s in streams:
@@ -687,22 +739,24 @@ def reconstruct(
             s.student, s.x, s.call = seen["layer"], seen.get("x"), seen["layer_args"]
             if merging is not None:
                 s.sizes, s.teacher = merging.sizes, _merge_like(s.teacher, before, merging)
-            t = s.dense if inputs else _call(teacher, s.teacher, *s.call, dense_taps)
+            t = s.dense if inputs else _dense_layer(teacher, s.teacher, *s.call, dense_taps, not recorded_sum)
             if conv_layer is not None:
                 y_conv = map_rows(t["y_conv"][:, conv_kept])
                 conv_eq.add(patches(conv, s.x, y_conv.shape[0] // s.x.shape[0]), y_conv, None)
-            y_ffn = t["y_ffn"]
-            if ffn_scale is not None:  # the dense branches as the residual adds them
-                y_ffn = y_ffn * ffn_scale.to(y_ffn.dtype)
             if refit_attention:
                 y_attn = t["y_attn"] if attn_scale is None else t["y_attn"] * attn_scale.to(t["y_attn"].dtype)
                 # rows in the residual's token order (Swin runs the projection on its windows' rows)
                 args, kwargs = s.call
                 x, y_attn = adapter.token_order(student, s.x, *args, **kwargs), adapter.token_order(teacher, y_attn, *args, **kwargs)
                 eq.add(attn.rows(x), attn.rows(y_attn + s.teacher - s.student), s.real)
-            s.teacher = t["output"] if adapter.chained_layers or i + 1 == len(pairs) else s.calls[i + 1].hidden
+            output = _recorded_output(s.calls, i) if recorded_sum else t["output"]
+            s.teacher = output if adapter.chained_layers or i + 1 == len(pairs) else s.calls[i + 1].hidden
             # the dense FFN sum (a ResNet block's pre-activation sum) as rows of the down projection's output
-            s.target = down.rows(y_ffn) + adapter.stream_rows(teacher, "ffn_down", t["r_ffn"])
+            if recorded_sum:
+                s.target = adapter.stream_rows(teacher, "ffn_down", output)
+            else:
+                y_ffn = t["y_ffn"] if ffn_scale is None else t["y_ffn"] * ffn_scale.to(t["y_ffn"].dtype)  # as the residual adds it
+                s.target = down.rows(y_ffn) + adapter.stream_rows(teacher, "ffn_down", t["r_ffn"])
             if cut:  # at the residual channels the slim block writes
                 s.target = s.target[:, adapter.kept_block_outputs(student).to(s.target.device)]
         if conv_layer is not None and conv.out_channels:
@@ -716,9 +770,9 @@ def reconstruct(
 
             def ffn_input(s: _Stream) -> dict[str, torch.Tensor]:
                 args, kwargs = s.call
-                residual = adapter.finish_attention(student, s.x, s.student, *args, **kwargs)
-                return _watch({p: (get_submodule(student, p), "in") for p in ffn_inputs},
-                              lambda: adapter.feed_forward(student, residual, *args, **kwargs))
+                s.residual = adapter.finish_attention(student, s.x, s.student, *args, **kwargs)  # the FFN's refit reuses it
+                return _watch_inputs({p: get_submodule(student, p) for p in ffn_inputs},
+                                     lambda: adapter.feed_forward(student, s.residual, *args, **kwargs))
 
             seen = ((ffn_input(s), {p: s.dense[f"in:{p}"] for p in ffn_inputs}, s.real) for s in streams)
             errors += _refit_inputs(ffn_inputs, seen, ridge, i, tensors)
@@ -729,7 +783,8 @@ def reconstruct(
             args, kwargs = s.call
 
             def run(s=s, args=args, kwargs=kwargs) -> None:
-                s.residual = adapter.finish_attention(student, s.x, s.student, *args, **kwargs)
+                if s.residual is None:  # else the FFN input refit's watch computed it, from the same refit attention
+                    s.residual = adapter.finish_attention(student, s.x, s.student, *args, **kwargs)
                 adapter.feed_forward(student, s.residual, *args, **kwargs)
 
             seen = _watch({"x": (down.module, "in"), "r": (residual, residual_side)}, run)

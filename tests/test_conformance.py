@@ -45,6 +45,7 @@ from optin_hf.engine.run import engine_for
 from optin_hf.hooks import apply_masks
 from optin_hf.importance.residual_channels import zero_channel
 from optin_hf.losses import kl_loss
+from optin_hf import reconstruct as reconstruct_module
 from optin_hf.reconstruct import apply_reconstruction, batch_norms, output_projection, reconstruct
 from optin_hf.recipe_search import SEARCHED_CRITERIA
 from optin_hf.search_record import search_record
@@ -493,6 +494,54 @@ def check_input_refit_saved_again(model_type: str, tmp_path: Path) -> None:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def check_output_is_ffn_sum(model_type: str) -> None:
+    """`output_is_ffn_sum`, where a family declares it, is true: each dense layer's output is its FFN residual plus
+    the down projection's output (as `ArchAdapter.stream_rows` rows), bit for bit, as the refit reads that target
+    off the recorded dense run."""
+    tiny = family(model_type)
+    dense = tiny.build().eval()
+    adapter = check_model(dense)
+    path, side = adapter.ffn_residual()
+    seen: dict = {}
+    handles = []
+    for i, layer in enumerate(adapter.layers_of(dense)):
+        residual, down = get_submodule(layer, path), output_projection(adapter, layer, "ffn_down")
+        handles.append(residual.register_forward_pre_hook(lambda m, args, i=i: seen.setdefault(("r", i), args[0]))
+                       if side == "in" else residual.register_forward_hook(lambda m, a, out, i=i: seen.setdefault(("r", i), out)))
+        handles.append(down.output_module.register_forward_hook(lambda m, a, out, i=i: seen.setdefault(("y", i), out)))
+        handles.append(layer.register_forward_hook(lambda m, a, out, i=i: seen.setdefault(("out", i), out)))
+    try:
+        outputs(dense, tiny)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, layer in enumerate(adapter.layers_of(dense)):
+        out = seen[("out", i)]
+        out = out[0] if isinstance(out, tuple) else out
+        rows = output_projection(adapter, layer, "ffn_down").rows(seen[("y", i)])
+        assert torch.equal(adapter.stream_rows(layer, "ffn_down", out), rows + adapter.stream_rows(layer, "ffn_down", seen[("r", i)])), i
+
+
+def check_refit_shortcuts(model_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights refit's two shortcuts change no result: its FFN target read off the recorded dense run
+    (`output_is_ffn_sum`) and its watches of input projections' inputs without their products (`_skipped`) give the
+    same artifact and errors as rerunning the dense FFN and computing every product."""
+    tiny = family(model_type)
+    dense = tiny.build()
+    tiny.eager(dense)
+    masks = random_masks(dense)
+    data = prepare_calibration(tiny.examples(16, 1), num_samples=16, batch_size=8, max_length=64)
+    inputs = ADAPTERS[model_type].supports("inputs")
+    fast = reconstruct(slim_model(copy.deepcopy(dense), masks), dense, data, "weights", inputs=inputs, masks=masks)
+    monkeypatch.setattr(reconstruct_module, "_skipped", lambda modules: nullcontext())
+    adapter = dataclasses.replace(check_model(dense), output_is_ffn_sum=False)
+    plain = reconstruct(slim_model(copy.deepcopy(dense), masks), dense, data, "weights", adapter=adapter, inputs=inputs, masks=masks)
+    assert fast.tensors.keys() == plain.tensors.keys()
+    for key, value in fast.tensors.items():
+        assert torch.equal(value, plain.tensors[key]), key
+    assert fast.errors == plain.errors
+
+
 def check_nothing_pruned(model_type: str, mode: str) -> None:
     """With every unit kept, the repair changes nothing: the ridge pulls the refit toward the weights the kept
     units had, which fit the dense sums exactly (what is left is the float64 solve's rounding), and no BatchNorm
@@ -590,6 +639,16 @@ def test_the_input_refit_lowers_each_input_projections_error_and_reapplies(model
 @pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if ADAPTERS[t].supports("inputs")])
 def test_the_input_refit_survives_a_masks_only_save_of_a_loaded_checkpoint(model_type, tmp_path: Path):
     check_input_refit_saved_again(model_type, tmp_path)
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if ADAPTERS[t].output_is_ffn_sum])
+def test_a_declared_output_is_the_ffn_sum(model_type):
+    check_output_is_ffn_sum(model_type)
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if ADAPTERS[t].supports("weights")])
+def test_the_refit_shortcuts_change_nothing(model_type, monkeypatch):
+    check_refit_shortcuts(model_type, monkeypatch)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -135,6 +135,9 @@ class ArchAdapter:
     refit then run the model's own forward around the layers they replay (`engine.replay`), so
     it needs no `classifiers`. `token_order` pairs the attention output projection's rows with
     the residual's where the layer runs that projection on other rows (Swin's windows).
+    `output_is_ffn_sum`: the layer's output is its FFN sum, the FFN residual plus the down projection's output
+    with nothing after (a pre-norm layer: Llama, GPT-2), so the weights refit reads that target off the recorded
+    dense run instead of rerunning the dense FFN (a post-norm layer, BERT, normalises the sum: False there).
 
     The geometry methods below (`head_slices`, `slim_heads`, `head_macs`, their neuron twins)
     hold the standard multi-head attention and two-matrix FFN; a family that differs (KV heads
@@ -169,6 +172,7 @@ class ArchAdapter:
     finish_feed_forward: FinishFeedForward | None = None
     classifiers: Mapping[str, Classifier] = field(default_factory=dict, hash=False, compare=False)
     chained_layers: bool = True
+    output_is_ffn_sum: bool = False
     unit_names: tuple[str, str] = ("attention heads", "FFN neurons")  # what the report calls a head and a neuron
     fixed_parts: str = "the patch embedding"  # what `fixed_macs` counts, as an unreachable budget's error names it
     # Text examples may be laid end to end in one row by the fast engine (positions embedded before layer 0,

@@ -98,6 +98,7 @@ GPT2 = GPT2Adapter(
     unit_names=("attention heads", "MLP neurons"),
     fixed_parts="the LM head",
     packs_examples=False,  # causal attention: examples are never laid end to end
+    output_is_ffn_sum=True,  # pre-norm: the layer returns the residual plus the MLP's output
     capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True),
     classifiers={"GPT2LMHeadModel": lm_head_classifier("ln_f")},
 )

@@ -119,6 +119,7 @@ LLAMA = GroupedQueryAdapter(
     unit_names=("KV groups", "MLP channels"),
     fixed_parts="the LM head",
     packs_examples=False,  # causal attention and rotary positions: examples are never laid end to end
+    output_is_ffn_sum=True,  # pre-norm: the layer returns the residual plus the MLP's output
     capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True),
     classifiers={f"{name}ForCausalLM": lm_head_classifier("norm") for name in ("Llama", "Mistral", "Qwen2", "Qwen3")},
 )
