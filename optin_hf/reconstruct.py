@@ -32,6 +32,12 @@ The artifact holds them as `layers.{i}.inputs.{path}.weight` / `.bias`.
 On the language-model default this gained 1.0-1.2% of perplexity at 0.8 of the MACs on its development plays
 (benchmarks/RESULTS.md).
 
+The dense side of each layer starts from the dense run recorded once for the refit selection and the refit
+(`dense_calls`). Where a layer outputs its FFN sum (`ArchAdapter.output_is_ffn_sum`: pre-norm Llama and GPT-2 layers)
+that recorded output is the FFN's target, so the dense layer reruns only up to its FFN input; and a watch of input
+projections' inputs skips their products (`_skipped`). Neither changes a result (the conformance suite compares both
+ways bit for bit); on the language-model default they took the refit from 160 s to 112 s (benchmarks/RESULTS.md, s40).
+
 Token-merged ViTs: the dense stream is merged with the pruned model's own matches, so both
 streams hold the same tokens.
 
