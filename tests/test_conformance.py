@@ -10,6 +10,9 @@ run); what every adapter must do is checked here once:
 - the fast engine's scores equal the reference engine's (exactly, where the family falls back to it);
 - each repair the family takes lowers its sublayers' error, and changes nothing where nothing is pruned; so does the
   input projections' refit (`reconstruct_inputs`), whose artifact reloads masks-only;
+- the weights refit's shortcuts (the FFN target read off the recorded dense run where a family declares
+  `output_is_ffn_sum`, which must then be true; input projections' products skipped where only their inputs are
+  watched) give the same artifact bit for bit;
 - refusals match the declared capabilities (`ArchAdapter.capabilities`): what a family declares is accepted,
   what it does not is refused before any scoring, with the one message `optin_hf.arch.refusal` words.
 A family registered with `register_adapter` joins by that registration alone
@@ -34,6 +37,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from optin_hf import AutoOptinModel, OptinConfig, OptinPruner, PruningMasks, count_macs, register_adapter
+from optin_hf import reconstruct as reconstruct_module
 from optin_hf.arch import ADAPTERS, FEATURES, REPAIRS, check_model, get_submodule, refusal
 from optin_hf.arch.base import num_features
 from optin_hf.arch.projection import Projection, slice_features
@@ -45,7 +49,6 @@ from optin_hf.engine.run import engine_for
 from optin_hf.hooks import apply_masks
 from optin_hf.importance.residual_channels import zero_channel
 from optin_hf.losses import kl_loss
-from optin_hf import reconstruct as reconstruct_module
 from optin_hf.reconstruct import apply_reconstruction, batch_norms, output_projection, reconstruct
 from optin_hf.recipe_search import SEARCHED_CRITERIA
 from optin_hf.search_record import search_record
