@@ -1,8 +1,9 @@
 """Ridge least squares from accumulated normal equations: what every refit solves (`optin_hf.reconstruct` for the
 layers, `optin_hf.link_refit` for the modules between them, `optin_hf.refit_selection` for the units to keep).
 
-Each refit accumulates AᵀA and AᵀY over calibration rows in float64 (`NormalEquations`), so its memory is the width
-squared, whatever the number of rows, and the error of any θ follows in closed form."""
+Each refit accumulates AᵀA and AᵀY over calibration rows into float64 sums (`NormalEquations`, from float32 products
+against the residual of the weights it starts from), so its memory is the width squared, whatever the number of rows,
+and the error of any θ follows in closed form."""
 
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ From the first layer up, attention then FFN, with the pruned model already refit
   per-channel layer scale λ multiplies the branch (DINOv2, `ArchAdapter.branch_scale`), the fit is
   of λ ⊙ (W x_p + b) to `(λ ⊙ (W x_d + b) + r_d) - r_p`: the scaled projection is solved for and λ
   divided out, so the residual drift counts as (r_d - r_p) / λ in the projection's own units.
-- `AᵀA` and `AᵀY` are accumulated in float64 batch by batch (`least_squares.NormalEquations`), so memory does
-  not grow with the calibration size, and the refit solves `(AᵀA + λI) θ = AᵀY + λ θ₀` with
-  `λ = ridge · mean(diag(AᵀA))`: a ridge toward the weights the kept units had (θ₀), so a
+- `AᵀA` and `AᵀY` are accumulated batch by batch into float64 sums (`least_squares.NormalEquations`: float32
+  products against the residual of θ₀), so memory does not grow with the calibration size, and the refit solves
+  `(AᵀA + λI) θ = AᵀY + λ θ₀` with `λ = ridge · mean(diag(AᵀA))`: a ridge toward the weights the kept units had (θ₀), so a
   small calibration set moves them little, nothing pruned changes nothing, and the refit's
   error on the calibration data never exceeds θ₀'s.
 - `mode="weights"` refits the weight and bias (K-prune's knowledge-preserving weight tuning);
