@@ -30,11 +30,13 @@ import argparse
 import copy
 import dataclasses
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from optin_hf import ImportanceScores, OptinConfig, OptinPruner, count_macs
 from optin_hf.tasks.defaults import load_default
@@ -42,7 +44,7 @@ from optin_hf.tasks.defaults.corpora import CORPORA
 from optin_hf.tasks.defaults.registry import RECIPES
 from optin_hf.tasks.generation import tokens_per_second
 from optin_hf.tasks.recipes import default_recipe
-from optin_hf.tasks.windows import calibration_windows, evaluation_windows, negative_log_likelihood
+from optin_hf.tasks.windows import calibration_windows, evaluation_windows, negative_log_likelihood, spread, window_losses
 
 NAME = "shakespeare-smollm2"
 # (criterion, reconstruction, uniform_layers, selection): the rows of the table, in order.
@@ -78,6 +80,28 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
     return math.exp(nll / tokens)
 
 
+class WindowLosses:
+    """`--per-window DIR`: each model reads `count` windows spread evenly over each split's plays and the table's own
+    windows, each window's loss kept in DIR/<label>.safetensors (`benchmarks/window_bootstrap.py` compares two such
+    files); the table's perplexities are taken from its own windows (`spread`: the same as without the option)."""
+
+    def __init__(self, folder: str, splits: dict[str, tuple[torch.Tensor, int]], count: int):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.splits = {}  # name -> (the windows read, which of them the table reads)
+        for name, (every, table) in splits.items():
+            picked = torch.cat([spread(len(every), count), spread(len(every), table)]).unique()
+            self.splits[name] = (every[picked], torch.isin(picked, spread(len(every), table)))
+
+    def measure(self, model: torch.nn.Module, label: str) -> dict[str, float]:
+        """Each split's perplexity on the table's windows, after saving every read window's loss under `label`."""
+        losses = {name: window_losses(model, windows) for name, (windows, _) in self.splits.items()}
+        save_file({**losses, **{f"{name}_table": table for name, (_, table) in self.splits.items()}},
+                  self.folder / f"{label}.safetensors")
+        return {name: math.exp(float(losses[name][table].mean()) / (windows.shape[1] - 1))
+                for name, (windows, table) in self.splits.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.8, 0.6])
@@ -94,6 +118,10 @@ def main() -> None:
     parser.add_argument("--selection", nargs="+", default=["scores"], choices=["scores", "refit"], help="the rows' unit choices to run")
     parser.add_argument("--layouts", nargs="+", default=["per-layer", "uniform"], choices=["per-layer", "uniform"])
     parser.add_argument("--scores-dir", help="keep each criterion's scores here and read them back")
+    parser.add_argument("--per-window", metavar="DIR", help="also read --per-window-count windows of each measured split, "
+                        "each window's loss kept in DIR (`WindowLosses`; benchmarks/window_bootstrap.py compares two rows)")
+    parser.add_argument("--per-window-count", type=int, default=512, metavar="N",
+                        help="windows per split with --per-window (the 4 test plays have 1,193; 0.2 s each on 2 threads)")
     args = parser.parse_args()
     if args.then_test and not args.dev:
         parser.error("--then-test measures the held-out plays after --dev N's development plays: give --dev N")
@@ -112,6 +140,20 @@ def main() -> None:
         development = CORPORA[registry.corpus]().development(registry.split)
         print(f"development plays: {development['play']}")
         held_out = evaluation_windows(development, "text", task.processor, task.eval_window, args.dev)
+    splits = {}
+    if args.per_window and args.dev:
+        splits["development"] = (evaluation_windows(development, "text", task.processor, task.eval_window, None), args.dev)
+    if args.per_window and (args.then_test or not args.dev):
+        splits["test"] = (evaluation_windows(task.test, "text", task.processor, task.eval_window, None), task.max_eval_samples)
+    per_window = WindowLosses(args.per_window, splits, args.per_window_count) if splits else None
+
+    def measure(model: torch.nn.Module, label: str) -> tuple[float, float | None]:
+        """Perplexity on the table's held-out windows, and on the test plays' with --then-test."""
+        if per_window is not None:
+            found = per_window.measure(model, label)
+            return found["development" if args.dev else "test"], found.get("test") if args.then_test else None
+        return perplexity(model, held_out), perplexity(model, test) if args.then_test else None
+
     if args.lambdas:
         lambda_rows(task, calibration, held_out, base, args.budgets, args.lambdas)
         return
@@ -120,10 +162,9 @@ def main() -> None:
           f"{len(held_out)} held-out windows of "
           f"{held_out.shape[1]} tokens; {torch.get_num_threads()} torch threads", flush=True)
     start = time.perf_counter()
-    dense = perplexity(task.model, held_out)
+    dense, dense_test = measure(task.model, "dense")
     dense_macs, dense_parameters = count_macs(task.model, recipe.seq_len), sum(p.numel() for p in task.model.parameters())
     print(f"dense perplexity {dense:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    dense_test = perplexity(task.model, test) if args.then_test else None
     rows, scores, scoring_s = [], {}, {}
     layouts = {"per-layer": False, "uniform": True}
     wanted_rows = [r for r in ROWS if r[0] in args.criteria and r[1] in args.reconstruct and r[3] in args.selection
@@ -145,9 +186,9 @@ def main() -> None:
             masks = pruner.compute_masks(model, calibration, scores=scores[criterion])  # applies selection="refit" too
             pruner.prune_model(model, calibration, masks=masks)
             seconds = time.perf_counter() - start
-            value = perplexity(model, held_out)
-            if dense_test is not None:  # the same model, measured once on the held-out plays after the development ones
-                tested = perplexity(model, test)
+            name = row_label(criterion, mode, uniform, selection)
+            value, tested = measure(model, f"{re.sub('[^a-z0-9]+', '-', name)}@{budget}")
+            if tested is not None:  # the same model, measured once on the held-out plays after the development ones
                 print(f"{row_label(criterion, mode, uniform, selection):40} @{budget}: held-out test perplexity {tested:.3f} "
                       f"({100 * (tested / dense_test - 1):+.1f}% of dense {dense_test:.3f})", flush=True)
             macs = count_macs(model, recipe.seq_len) / dense_macs
@@ -157,7 +198,6 @@ def main() -> None:
                 measured = tokens_per_second({"dense": task.model, "pruned": model}, recipe.seq_len)
                 speeds = {k: measured["pruned"][k] / measured["dense"][k] for k in measured["dense"] if not k.endswith("_s")}
             results.append((budget, value, macs, removed, speeds))
-            name = row_label(criterion, mode, uniform, selection)
             print(f"{name:40} @{budget}: perplexity {value:.3f} ({100 * (value / dense - 1):+.1f}%), MACs x{macs:.3f}, "
                   f"{100 * removed:.1f}% of the parameters removed, slim+refit {seconds:.0f} s"
                   + (f", tokens/s pruned/dense {speeds}" if speeds else ""), flush=True)

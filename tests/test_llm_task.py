@@ -29,7 +29,9 @@ from optin_hf.tasks.defaults.plays import plain_text
 from optin_hf.tasks.metrics import load_metric
 from optin_hf.tasks.recipes import DEFAULT_RECIPES, load_recipe
 from optin_hf.tasks.task_data import DataSpec, load_task_data
-from optin_hf.tasks.windows import calibration_windows, check_window, cut_windows, evaluation_windows, negative_log_likelihood, token_stream
+from optin_hf.tasks.windows import (
+    calibration_windows, check_window, cut_windows, evaluation_windows, negative_log_likelihood, token_stream, window_losses,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LLM_RECIPES = ("llama-3.1-8b-wikitext2-128", "llama-3.1-8b-wikitext2-2048", "qwen2.5-7b-wikitext2-128", "qwen2.5-7b-wikitext2-2048")
@@ -195,6 +197,8 @@ def test_perplexity_is_the_standard_windowed_protocol():
     assert math.isclose(nll / tokens, sum(losses_hf) / len(losses_hf), rel_tol=1e-5)
     values = load_metric("perplexity").compute([nll], [tokens])
     assert math.isclose(values["perplexity"], math.exp(sum(losses_hf) / len(losses_hf)), rel_tol=1e-5)
+    each = window_losses(model, windows)  # window by window: transformers' mean loss times the 11 predicted tokens
+    assert torch.allclose(each, torch.tensor(losses_hf, dtype=torch.float64) * 11, rtol=1e-5)
 
 
 def test_language_model_data_errors_name_the_fix(tmp_path):

@@ -109,23 +109,34 @@ def evaluation_windows(dataset: Any, column: str, tokenizer: Any, length: int, m
     if len(windows) == 0:
         raise ValueError(f"The evaluation text is shorter than one window of {length} tokens: give more text or a "
                          "shorter window.")
-    if max_windows is None or max_windows >= len(windows):
-        return windows
-    picked = torch.linspace(0, len(windows) - 1, max_windows).round().long().unique()
-    return windows[picked]
+    return windows[spread(len(windows), max_windows)]
+
+
+def spread(count: int, max_windows: int | None) -> torch.Tensor:
+    """Which of `count` windows `evaluation_windows` keeps: all, or `max_windows` evenly spread (first and last in)."""
+    if max_windows is None or max_windows >= count:
+        return torch.arange(count)
+    return torch.linspace(0, count - 1, max_windows).round().long().unique()
 
 
 @torch.no_grad()
-def negative_log_likelihood(model: nn.Module, windows: torch.Tensor) -> tuple[float, int]:
-    """(summed negative log-likelihood in nats, predicted tokens) of `model` over `windows`
-    [windows, length]: each window predicts its tokens 2..length from those before it."""
+def window_losses(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """[windows] float64: each window's summed negative log-likelihood in nats of its tokens 2..length, each
+    predicted from those before it (per window, so that two models can be compared window by window)."""
     model.eval()
     device = next(model.parameters()).device
     vocabulary = model.get_output_embeddings().weight.shape[0]
     batch = max(1, EVAL_LOGITS // (windows.shape[1] * vocabulary))
-    total = 0.0
+    losses = []
     for chunk in windows.split(batch):
         ids = chunk.to(device)
         logits = model(input_ids=ids, use_cache=False).logits
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
-    return total, windows.shape[0] * (windows.shape[1] - 1)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+        losses.append(nll.view(ids.shape[0], -1).double().sum(1).cpu())
+    return torch.cat(losses)
+
+
+def negative_log_likelihood(model: nn.Module, windows: torch.Tensor) -> tuple[float, int]:
+    """(summed negative log-likelihood in nats, predicted tokens) of `model` over `windows`
+    [windows, length]: each window predicts its tokens 2..length from those before it."""
+    return float(window_losses(model, windows).sum()), windows.shape[0] * (windows.shape[1] - 1)
