@@ -9,7 +9,7 @@ windows of 128 tokens spread evenly over them). One seed (the recipe's).
 
     nice -n 10 python benchmarks/llm_quality.py [--budgets 0.8 0.6 0.5] [--criteria optin flap wanda_sp] [--speed]
         [--reconstruct weights none] [--selection scores refit] [--layouts per-layer uniform] [--scores-dir DIR]
-        [--reconstruct-samples N] [--inputs | --no-inputs]
+        [--reconstruct-samples N] [--inputs | --no-inputs] [--per-window DIR [--per-window-count 512]]
 
 `--selection refit` adds the rows that re-choose each layer's units by the error the refit leaves
 (`OptinConfig(selection="refit")`, at the allocation's counts); `--layouts` which allocations run (per-layer, and
@@ -17,6 +17,10 @@ windows of 128 tokens spread evenly over them). One seed (the recipe's).
 scores); `--inputs` makes the refit rows refit each sublayer's input projections too (`reconstruct_inputs`; default:
 the recipe's); `--scores-dir` keeps each criterion's scores there and reads them back, so that runs
 in parallel processes (one row set each) score once.
+
+`--per-window DIR` keeps each model's loss on every window it reads (512 spread over each split's plays besides the
+table's own) for `benchmarks/window_bootstrap.py`, which says how far a difference between two rows outruns the
+windows' noise.
 
 `--dev N --lambdas 10 1 0.1` instead measures OPTIN + refit at each balance weight `lambda_contribution` (the raw
 losses are computed once) on N windows of 4 development plays, which neither the calibration nor the held-out
@@ -36,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from optin_hf import ImportanceScores, OptinConfig, OptinPruner, count_macs
 from optin_hf.tasks.defaults import load_default
@@ -93,11 +97,16 @@ class WindowLosses:
             picked = torch.cat([spread(len(every), count), spread(len(every), table)]).unique()
             self.splits[name] = (every[picked], torch.isin(picked, spread(len(every), table)))
 
-    def measure(self, model: torch.nn.Module, label: str) -> dict[str, float]:
-        """Each split's perplexity on the table's windows, after saving every read window's loss under `label`."""
-        losses = {name: window_losses(model, windows) for name, (windows, _) in self.splits.items()}
-        save_file({**losses, **{f"{name}_table": table for name, (_, table) in self.splits.items()}},
-                  self.folder / f"{label}.safetensors")
+    def measure(self, model: torch.nn.Module, label: str, reuse: bool = False) -> dict[str, float]:
+        """Each split's perplexity on the table's windows, after saving every read window's loss under `label`
+        (`reuse`: read back where an earlier run saved the same windows' losses, as for the unchanged dense model)."""
+        path = self.folder / f"{label}.safetensors"
+        kept = load_file(path) if reuse and path.exists() else {}
+        if all(name in kept and torch.equal(kept[f"{name}_table"], table) for name, (_, table) in self.splits.items()):
+            losses = {name: kept[name] for name in self.splits}
+        else:
+            losses = {name: window_losses(model, windows) for name, (windows, _) in self.splits.items()}
+            save_file({**losses, **{f"{name}_table": table for name, (_, table) in self.splits.items()}}, path)
         return {name: math.exp(float(losses[name][table].mean()) / (windows.shape[1] - 1))
                 for name, (windows, table) in self.splits.items()}
 
@@ -150,7 +159,7 @@ def main() -> None:
     def measure(model: torch.nn.Module, label: str) -> tuple[float, float | None]:
         """Perplexity on the table's held-out windows, and on the test plays' with --then-test."""
         if per_window is not None:
-            found = per_window.measure(model, label)
+            found = per_window.measure(model, label, reuse=label == "dense")
             return found["development" if args.dev else "test"], found.get("test") if args.then_test else None
         return perplexity(model, held_out), perplexity(model, test) if args.then_test else None
 
