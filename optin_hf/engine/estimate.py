@@ -1,9 +1,8 @@
 """How long scoring will take on this machine, and which calibration size and neuron grouping
 fit a time budget.
 
-The dense forward over the first calibration batch is timed (the cost grows with the tokens,
-and timing all of them would take a good share of a short budget; three runs where they are short,
-`_again`), each layer's part of it apart
+One dense forward over the first calibration batch is timed (the cost grows with the tokens,
+and timing all of them would take a good share of a short budget), each layer's part of it apart
 (`time_dense`), and so are the losses each candidate pays (one MD Gram comparison, the KL). A
 candidate then costs what it reruns over the examples' tokens, and its losses: for the fast
 engine layers i..N-1 for a head of layer i and i+1..N-1 for a neuron (its own layer's FFN runs
@@ -54,12 +53,6 @@ MAX_NEURON_GROUP = 128
 # run of a small model takes milliseconds, which a busy machine's scheduler can double.
 MIN_TIMED_S = 0.05
 TIMED_RUNS = 5
-# Every forward is timed at least MIN_TIMED_RUNS times while the runs add up to less than REPEAT_TIMED_S, the
-# lower median kept: one slow run then moves nothing (SmolLM2's single timed forward took 1.0 s in one
-# command and 0.5 s in the next, and the estimate doubled with it); a model whose forward alone takes
-# longer is timed once, as re-running it would cost a share of the budget being planned.
-MIN_TIMED_RUNS = 3
-REPEAT_TIMED_S = 5.0
 
 
 @dataclass
@@ -220,20 +213,13 @@ def _median_s(run, device: torch.device) -> float:
     return sorted(seconds)[len(seconds) // 2]
 
 
-def _again(timed_s: float, runs: int) -> bool:
-    """Whether the dense forward is timed once more, after `runs` runs that took `timed_s` seconds in all."""
-    if runs >= TIMED_RUNS:
-        return False
-    return timed_s < MIN_TIMED_S or (runs < MIN_TIMED_RUNS and timed_s < REPEAT_TIMED_S)
-
-
 @torch.no_grad()
 def time_dense(
     model: nn.Module, adapter: ArchAdapter, batch: dict[str, torch.Tensor], tokens_per_image: int | None,
     md_rows: int, widths: Sequence[int], temperature: float,
 ) -> DenseTiming:
-    """One dense forward over `batch` (after a one-example warm-up; repeated while short, `_again`, the lower
-    median run kept), timed in all and in each of `adapter`'s layers (whose outputs have `widths[j]` features), and
+    """One dense forward over `batch` (after a one-example warm-up; repeated while short, the median run
+    kept), timed in all and in each of `adapter`'s layers (whose outputs have `widths[j]` features), and
     the losses a candidate pays on it: one MD comparison of `md_rows` rows of the widest layer's
     features, the KL of its outputs. The main process's timings on every process, so that all of them
     pick the same setting."""
@@ -264,7 +250,7 @@ def time_dense(
     handles = [hook for layer in layers for hook in (layer.register_forward_pre_hook(started), layer.register_forward_hook(finished))]
     runs: list[tuple[float, list[float], float]] = []
     try:
-        while not runs or _again(sum(end - start for start, _, end in runs), len(runs)):
+        while not runs or (sum(end - start for start, _, end in runs) < MIN_TIMED_S and len(runs) < TIMED_RUNS):
             marks.clear()
             sizes.clear()
             start = _clock(device)
@@ -274,7 +260,7 @@ def time_dense(
         holding.close()
         for handle in handles:
             handle.remove()
-    start, marks, end = sorted(runs, key=lambda run: run[2] - run[0])[(len(runs) - 1) // 2]
+    start, marks, end = sorted(runs, key=lambda run: run[2] - run[0])[len(runs) // 2]
     _, padded = token_counts([batch], tokens_per_image)
     examples = next(iter(batch.values())).shape[0]
     if len(marks) == 4 * len(layers):
