@@ -126,6 +126,8 @@ def main() -> None:
                         help="the refit rows also refit q/k/v and gate/up first (reconstruct_inputs; default: the recipe's)")
     parser.add_argument("--selection", nargs="+", default=["scores"], choices=["scores", "refit"], help="the rows' unit choices to run")
     parser.add_argument("--layouts", nargs="+", default=["per-layer", "uniform"], choices=["per-layer", "uniform"])
+    parser.add_argument("--allocation", default="scores", choices=["scores", "fluctuation"],
+                        help="the per-layer rows' counts: the scores' budget search, or `allocation='fluctuation'`")
     parser.add_argument("--scores-dir", help="keep each criterion's scores here and read them back")
     parser.add_argument("--per-window", metavar="DIR", help="also read --per-window-count windows of each measured split, "
                         "each window's loss kept in DIR (`WindowLosses`; benchmarks/window_bootstrap.py compares two rows)")
@@ -187,18 +189,20 @@ def main() -> None:
             print(f"{criterion} scored in {scoring_s[criterion]:.0f} s", flush=True)
         results = []
         for budget in args.budgets:
+            allocation = "scores" if uniform else args.allocation
             settings = {**base, "importance": criterion, "mac_constraint": budget, "reconstruct": mode, "uniform_layers": uniform,
-                        "selection": selection, "reconstruct_inputs": recipe.reconstruct_inputs and mode == "weights"}
+                        "selection": selection, "reconstruct_inputs": recipe.reconstruct_inputs and mode == "weights",
+                        "allocation": allocation}
             pruner = OptinPruner(OptinConfig.from_dict(settings))
             model = copy.deepcopy(task.model)
             start = time.perf_counter()
             masks = pruner.compute_masks(model, calibration, scores=scores[criterion])  # applies selection="refit" too
             pruner.prune_model(model, calibration, masks=masks)
             seconds = time.perf_counter() - start
-            name = row_label(criterion, mode, uniform, selection)
+            name = row_label(criterion, mode, uniform, selection) + ("" if allocation == "scores" else f", {allocation} allocation")
             value, tested = measure(model, f"{re.sub('[^a-z0-9]+', '-', name)}@{budget}")
             if tested is not None:  # the same model, measured once on the held-out plays after the development ones
-                print(f"{row_label(criterion, mode, uniform, selection):40} @{budget}: held-out test perplexity {tested:.3f} "
+                print(f"{name:40} @{budget}: held-out test perplexity {tested:.3f} "
                       f"({100 * (tested / dense_test - 1):+.1f}% of dense {dense_test:.3f})", flush=True)
             macs = count_macs(model, recipe.seq_len) / dense_macs
             removed = 1 - sum(p.numel() for p in model.parameters()) / dense_parameters
@@ -210,7 +214,7 @@ def main() -> None:
             print(f"{name:40} @{budget}: perplexity {value:.3f} ({100 * (value / dense - 1):+.1f}%), MACs x{macs:.3f}, "
                   f"{100 * removed:.1f}% of the parameters removed, slim+refit {seconds:.0f} s"
                   + (f", tokens/s pruned/dense {speeds}" if speeds else ""), flush=True)
-        rows.append((row_label(criterion, mode, uniform, selection), results))
+        rows.append((name, results))
     print("\n| criterion | dense | " + " | ".join(f"@{b} MACs" for b in args.budgets) + " |")
     print("|---|---|" + "---|" * len(args.budgets))
     for label, results in rows:

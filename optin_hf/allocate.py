@@ -5,7 +5,8 @@ how many tokens each layer holds.
 over the scores (`allocate`, `allocate_uniform`, `allocate_with_tokens`, below); the options that
 measure candidate masks on calibration data live in their own modules and are reached only from
 here: the residual share (`channel_search`, `prune_channels`), the per-layer counts by the loss left
-after the refit (`refit_allocation`, `allocation="refit"`), the units by the error the refit leaves
+after the refit (`refit_allocation`, `allocation="refit"`) or by FLAP's standardized fluctuation
+(`fluctuation_allocation`, `allocation="fluctuation"`), the units by the error the refit leaves
 (`refit_selection`, `selection="refit"`).
 """
 
@@ -23,6 +24,7 @@ from .config import OptinConfig
 from .importance import ImportanceScores
 from .macs import CostModel, MacCosts
 from .masks import PruningMasks
+from .fluctuation_allocation import SHAPE_AT, best_by_scores, fluctuation_ranking, scaled_counts
 from .refit_allocation import allocate_by_refit
 from .refit_selection import select_by_refit
 
@@ -546,6 +548,28 @@ def choose_masks(
     # it cannot reach before the refit's many slim-and-refit runs.
     masks = _by_scores(model, scores, costs, seq_len, c, budget, batches, units=costs.units, **kw)
     timings: dict[str, float] = {}
+    if c.allocation == "fluctuation":
+        if batches is None:
+            raise ValueError("allocation='fluctuation' measures FLAP's fluctuation on calibration data: pass data (or set "
+                             "allocation='scores').")
+        widths = [sorted(set(present.sum(1).tolist())) for present in costs.units.present()]
+        if len(widths[0]) > 1 or len(widths[1]) > 1:
+            raise ValueError(
+                f"allocation='fluctuation' starts from one split of heads and neurons for every layer, and this model's "
+                f"layers differ (heads {widths[0]}, neurons {widths[1]} per layer: a pruned model?): set allocation='scores'."
+            )
+        start = time.perf_counter()
+        at = costs.at(costs.uniform(seq_len))
+        split = allocate_uniform(scores.head_scores, scores.neuron_scores, at, budget, units=costs.units, **kw)
+        reading = max(budget, SHAPE_AT * costs.dense(seq_len))  # where the shape is read (module docstring)
+        shape_split = allocate_uniform(scores.head_scores, scores.neuron_scores, at, reading, units=costs.units, **kw)
+        ranking = fluctuation_ranking(model, costs.adapter, shape_split, at, costs.units, batches, c.num_samples,
+                                      c.allocation_band, c.neurons_multiple_of)
+        shape = allocate(*ranking, at, reading, units=costs.units, **kw).neuron_mask.sum(1)
+        if reading > budget:  # deeper than the reading point: the shape scaled to the budget's uniform split
+            shape = scaled_counts(shape, int(split.neuron_mask.sum()), split.neuron_mask.shape[1], c.neurons_multiple_of)
+        masks = best_by_scores(scores, costs.units, split.head_mask.sum(1), shape)
+        timings["allocation_s"] = time.perf_counter() - start
     if c.allocation == "refit":
         if batches is None:
             raise ValueError("allocation='refit' measures refit cuts on calibration data: pass data (or set allocation='scores').")

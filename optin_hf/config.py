@@ -22,7 +22,7 @@ ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 RECONSTRUCT_MODES = ("auto", "weights", "scales", "batchnorm", "none")
 SELECTIONS = ("scores", "refit")  # which units a layer drops, given how many (`selection`)
-ALLOCATIONS = ("scores", "refit")  # how many units each layer keeps (`allocation`)
+ALLOCATIONS = ("scores", "refit", "fluctuation")  # how many units each layer keeps (`allocation`)
 SCALE_RANGE = (1e-100, 1e100)  # temperature, lambda_contribution: their float64 products stay finite
 INT64 = 2**63  # integer settings reach torch (seeds, sizes, counts) as int64
 
@@ -87,6 +87,9 @@ class OptinConfig:
     importance scores; "refit" by the loss left after the refit, each layer's heads and neurons cut alone to a
     few depths, refit and measured on the calibration data (`optin_hf.refit_allocation`: layers x kinds x 4
     slim-and-refit runs, for small models whose refit repairs some layers far better than others).
+    "fluctuation" keeps the heads of the uniform search's split in every layer and spreads the neurons that leaves
+    over layers by FLAP's standardized fluctuation, each layer within `allocation_band` x its width of the uniform
+    count (`optin_hf.fluctuation_allocation`: one dense pass over the scoring's windows).
     `allocation_rounds=k` runs that measurement k times down a ladder of budgets, each round's cuts measured
     from the counts the previous round left, so cuts that interact are priced together (k times the cost).
 
@@ -151,6 +154,7 @@ class OptinConfig:
     selection: str = "scores"
     allocation: str = "scores"
     allocation_rounds: int = 1
+    allocation_band: float = 0.2
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     base_model_class: str | None = None
@@ -235,13 +239,18 @@ class OptinConfig:
                     f"{name}='refit' {what} by the loss left after the refit, which reconstruct={self.reconstruct!r} does not "
                     f"run: set reconstruct='weights' (or 'scales', or 'auto'), or {name}='scores'."
                 )
+        if not (math.isfinite(self.allocation_band) and self.allocation_band >= 0.0):
+            raise ValueError(f"allocation_band={self.allocation_band} must be a finite fraction >= 0 of a layer's neurons.")
+        if self.allocation_band != 0.2 and self.allocation != "fluctuation":
+            raise ValueError(f"allocation_band={self.allocation_band} bounds the fluctuation allocation's counts: set "
+                             "allocation='fluctuation', or leave allocation_band at 0.2.")
         if self.allocation_rounds > 1 and self.allocation != "refit":
             raise ValueError(f"allocation_rounds={self.allocation_rounds} repeats the refit allocation's measurement: set "
                              "allocation='refit', or allocation_rounds=1.")
-        if self.allocation == "refit" and (self.prune_tokens or self.uniform_layers or self.prune_steps > 1 or self.prune_channels):
+        if self.allocation != "scores" and (self.prune_tokens or self.uniform_layers or self.prune_steps > 1 or self.prune_channels):
             raise ValueError(
-                "allocation='refit' counts heads and neurons per layer in one step, which prune_tokens, uniform_layers, "
-                "prune_steps > 1 and prune_channels do not: set allocation='scores', or turn those off."
+                f"allocation={self.allocation!r} counts heads and neurons per layer in one step, which prune_tokens, "
+                "uniform_layers, prune_steps > 1 and prune_channels do not: set allocation='scores', or turn those off."
             )
         if not (math.isfinite(self.reconstruct_ridge) and self.reconstruct_ridge >= 0.0):
             raise ValueError(f"reconstruct_ridge={self.reconstruct_ridge} must be a finite number >= 0 (relative to the Gram's mean diagonal).")

@@ -255,7 +255,7 @@ class OptinPruner:
         elif data is not None and (self.config.seq_len is None or (adapter.is_vision and self.config.image_size is None)):
             self._batches(model, adapter, data, tokenizer)
         c = self.config
-        measured = c.prune_channels or c.allocation == "refit" or c.selection == "refit"
+        measured = c.prune_channels or c.allocation != "scores" or c.selection == "refit"
         if batches is None and measured and data is not None:  # the options the search measures on calibration data
             batches = self._reconstruction_batches(model, adapter, data, tokenizer)
         self.masks = self._choose(model, adapter, scores, c.mac_constraint, batches, select=True)

@@ -135,8 +135,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help="which units each layer drops, given how many: the worst-scored (scores) or those whose removal "
                        f"the refit repairs best (refit; needs a refit repair) (default: {OptinConfig.selection})")
     optin.add_argument("--allocation", choices=ALLOCATIONS, default=None,
-                       help="how many units each layer keeps: by the scores (scores) or by the loss each layer's cuts leave "
-                       f"after the refit, measured (refit; small models) (default: {OptinConfig.allocation})")
+                       help="how many units each layer keeps: by the scores (scores), by the loss each layer's cuts leave "
+                       "after the refit, measured (refit; small models), or the uniform split's heads with the neurons spread "
+                       f"over layers by FLAP's fluctuation (fluctuation) (default: {OptinConfig.allocation})")
     parser.add_argument("--device", help="where to prune and time, e.g. cpu or cuda (default: cuda if available)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="DIR", help="folder for the pruned model and report (default: <name>-optin-<F>)")

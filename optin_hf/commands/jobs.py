@@ -99,8 +99,10 @@ def _without_the_refit(recipe: OptinConfig, given: dict[str, Any]) -> dict[str, 
     if reconstruct not in ("auto", "weights"):  # the input projections and the readers are refit within the weights refit
         dropped.update(reconstruct_inputs=False, reconstruct_readers=False)
     if reconstruct not in ("auto", "weights", "scales"):  # choosing or counting units by the refit needs one
-        dropped.update(selection="scores", allocation="scores")
-        allocation = given.get("allocation", "scores")
+        dropped["selection"] = "scores"
+        if allocation == "refit":
+            dropped["allocation"] = "scores"
+            allocation = given.get("allocation", "scores")
     if allocation != "refit":
         dropped["allocation_rounds"] = 1
     return {name: value for name, value in dropped.items() if name not in given}

@@ -47,6 +47,24 @@ def standardized(values: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
 
 
+@torch.no_grad()
+def standardized_fluctuation(
+    model: nn.Module, adapter: ArchAdapter, batches: list[dict[str, torch.Tensor]]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, each head's and each FFN neuron's fluctuation metric standardized within the layer (module
+    docstring; a family without heads: empty head rows), measured on `batches`."""
+    heads, neurons = [], []
+    for layer, seen in zip(adapter.layers_of(model), input_statistics(model, adapter, batches)):
+        down = get_submodule(layer, adapter.ffn_down)
+        neurons.append(standardized(seen["ffn_down"].variance * column_squares(down)))
+        if "attn_out" not in seen:  # a family without heads
+            heads.append(torch.zeros(0, dtype=torch.float64))
+            continue
+        fluctuation = (seen["attn_out"].variance * column_squares(get_submodule(layer, adapter.attn_out))).pow(2)
+        heads.append(per_unit(standardized(fluctuation), adapter.layer_head_dim(layer, model.config), "mean"))
+    return heads, neurons
+
+
 @dataclass(frozen=True)
 class FlapImportance(ConfiguredImportance):
     """FLAP's fluctuation scores (module docstring); no setting of its own."""
@@ -55,16 +73,7 @@ class FlapImportance(ConfiguredImportance):
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, adapter: ArchAdapter, batches, config: OptinConfig) -> ImportanceScores:
-        stats = input_statistics(model, adapter, batches)
-        heads, neurons = [], []
-        for layer, seen in zip(adapter.layers_of(model), stats):
-            down = get_submodule(layer, adapter.ffn_down)
-            neurons.append(standardized(seen["ffn_down"].variance * column_squares(down)))
-            if "attn_out" not in seen:  # a family without heads
-                heads.append(torch.zeros(0, dtype=torch.float64))
-                continue
-            fluctuation = (seen["attn_out"].variance * column_squares(get_submodule(layer, adapter.attn_out))).pow(2)
-            heads.append(per_unit(standardized(fluctuation), adapter.layer_head_dim(layer, model.config), "mean"))
+        heads, neurons = standardized_fluctuation(model, adapter, batches)
         kinds = list(zip((padded(heads, adapter.num_heads(model.config)), padded(neurons, adapter.intermediate_size(model.config))),
                          PruningMasks.full(model.config, adapter).present()))
         # one shift for heads and neurons alike keeps their joint ranking; times each unit's MACs, the budget
