@@ -21,10 +21,10 @@ from torch import nn
 
 from .channel_search import allocate_with_channels, channel_judge, least_widths
 from .config import OptinConfig
+from .fluctuation_allocation import SHAPE_AT, best_by_scores, fluctuation_ranking, scaled_counts
 from .importance import ImportanceScores
 from .macs import CostModel, MacCosts
 from .masks import PruningMasks
-from .fluctuation_allocation import SHAPE_AT, best_by_scores, fluctuation_ranking, scaled_counts
 from .refit_allocation import allocate_by_refit
 from .refit_selection import select_by_refit
 

@@ -89,7 +89,8 @@ class OptinConfig:
     slim-and-refit runs, for small models whose refit repairs some layers far better than others).
     "fluctuation" keeps the heads of the uniform search's split in every layer and spreads the neurons that leaves
     over layers by FLAP's standardized fluctuation, each layer within `allocation_band` x its width of the uniform
-    count (`optin_hf.fluctuation_allocation`: one dense pass over the scoring's windows).
+    count, the shape read at 0.8 of the MACs and scaled to the budget (`optin_hf.fluctuation_allocation`: one dense
+    pass over the scoring's windows; models whose layers have equal widths).
     `allocation_rounds=k` runs that measurement k times down a ladder of budgets, each round's cuts measured
     from the counts the previous round left, so cuts that interact are priced together (k times the cost).
 

@@ -439,7 +439,7 @@ class CandidateRunner:
             scorer = self.pruner_class(dataclasses.replace(self.base, importance=name, reconstruct="none", reconstruct_inputs=False,
                                                            reconstruct_readers=False,
                                                            prune_steps=1, selection="scores", allocation="scores",
-                                                           allocation_rounds=1))
+                                                           allocation_rounds=1, allocation_band=OptinConfig.allocation_band))
             try:
                 self.scored[name] = (scorer, scorer.compute_scores(self.model, self.fit))
             except ValueError as err:  # a criterion this model or data cannot take: Fisher on a regressor without labels
@@ -461,8 +461,8 @@ class CandidateRunner:
         inputs, readers = self.base.reconstruct_inputs and weights, self.base.reconstruct_readers and weights
         # prune_channels as asked (the default: resolved by this candidate's settings, as its repair was, not the scorer's)
         changes = dict(reconstruct=candidate.reconstruct, reconstruct_inputs=inputs, reconstruct_readers=readers, selection=candidate.selection,
-                       prune_steps=steps, allocation=self.base.allocation,
-                       allocation_rounds=self.base.allocation_rounds, prune_channels=self.base.prune_channels)
+                       prune_steps=steps, allocation=self.base.allocation, allocation_rounds=self.base.allocation_rounds,
+                       allocation_band=self.base.allocation_band, prune_channels=self.base.prune_channels)
         pruner = self.pruner_class(dataclasses.replace(scorer.config, **changes, mac_constraint=mac_constraint or self.base.mac_constraint))
         pruner.seq_len, pruner.image_size, pruner.plan = scorer.seq_len, scorer.image_size, scorer.plan
         if steps == 1:  # allocated from the shared scores (then re-chosen by the refit under selection="refit")

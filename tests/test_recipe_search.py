@@ -400,6 +400,18 @@ def test_a_refit_allocation_is_kept_and_rules_out_the_bare_candidates():
     assert pruner.config.allocation == "refit" and pruner.config.reconstruct == "weights"
 
 
+def test_a_fluctuation_allocation_and_its_band_are_kept_by_every_candidate():
+    """allocation='fluctuation' with its own band: the scoring runs without it (its band reset with it, or the
+    scorer's config would be refused) and every candidate, so the kept model, allocates with it."""
+    model, data = tiny_model("bert"), calibration("bert", 8)
+    pruner = OptinPruner(OptinConfig(**{**SETTINGS, "num_samples": 4}, allocation="fluctuation", allocation_band=0.05,
+                                     importance_options=ONE_FOLD))
+    pruner.prune_model(model, data)
+    assert all(c.distance is not None for c in search_record(pruner.config.to_dict()).candidates)
+    assert (pruner.config.allocation, pruner.config.allocation_band) == ("fluctuation", 0.05)
+    assert pruner.timings["allocation_s"] > 0
+
+
 def measured(label: str, losses: list[float], distance: float, folds: int = 1) -> Candidate:
     """A candidate as measured on `folds` folds: its per-example held-out `losses` (all folds') and mean `distance`."""
     importance, _, repair = label.partition(" + ")
