@@ -149,7 +149,7 @@ def allocate_uniform(
     `neurons_multiple_of` neurons, so the slim model is a standard config; n is a multiple of it (or all).
     """
     units = units or PruningMasks(torch.ones_like(head_scores, dtype=torch.bool), torch.ones_like(neuron_scores, dtype=torch.bool))
-    widths = [sorted(set(present.sum(1).tolist())) for present in units.present()]
+    widths = _widths(units)
     if len(widths[0]) > 1 or len(widths[1]) > 1:
         raise ValueError(
             f"uniform_layers=True keeps the same counts in every layer, and this model's layers differ (heads "
@@ -186,6 +186,11 @@ def allocate_uniform(
     head_mask.scatter_(1, keep[0], True)
     neuron_mask.scatter_(1, keep[1], True)
     return units.with_masks(head_mask, neuron_mask)
+
+
+def _widths(units: PruningMasks) -> list[list[int]]:
+    """The distinct per-layer widths of heads and of neurons ([heads], [neurons]): one each where layers are equal."""
+    return [sorted(set(present.sum(1).tolist())) for present in units.present()]
 
 
 def _open_blocks(scores: torch.Tensor, kept: torch.Tensor, present: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -544,31 +549,16 @@ def choose_masks(
     check_budget(costs, c, seq_len, mac_constraint)
     budget = mac_constraint * costs.dense(seq_len)
     kw = dict(prune_heads=c.prune_heads, prune_neurons=c.prune_neurons, neurons_multiple_of=c.neurons_multiple_of)
-    # The scores' search runs under allocation="refit" too: it refuses scores that cannot rank and a budget
-    # it cannot reach before the refit's many slim-and-refit runs.
+    # The scores' search runs under the other allocations too: it refuses scores that cannot rank and a budget
+    # it cannot reach before their measurements (the refit's many slim-and-refit runs).
     masks = _by_scores(model, scores, costs, seq_len, c, budget, batches, units=costs.units, **kw)
     timings: dict[str, float] = {}
     if c.allocation == "fluctuation":
         if batches is None:
             raise ValueError("allocation='fluctuation' measures FLAP's fluctuation on calibration data: pass data (or set "
                              "allocation='scores').")
-        widths = [sorted(set(present.sum(1).tolist())) for present in costs.units.present()]
-        if len(widths[0]) > 1 or len(widths[1]) > 1:
-            raise ValueError(
-                f"allocation='fluctuation' starts from one split of heads and neurons for every layer, and this model's "
-                f"layers differ (heads {widths[0]}, neurons {widths[1]} per layer: a pruned model?): set allocation='scores'."
-            )
         start = time.perf_counter()
-        at = costs.at(costs.uniform(seq_len))
-        split = allocate_uniform(scores.head_scores, scores.neuron_scores, at, budget, units=costs.units, **kw)
-        reading = max(budget, SHAPE_AT * costs.dense(seq_len))  # where the shape is read (module docstring)
-        shape_split = allocate_uniform(scores.head_scores, scores.neuron_scores, at, reading, units=costs.units, **kw)
-        ranking = fluctuation_ranking(model, costs.adapter, shape_split, at, costs.units, batches, c.num_samples,
-                                      c.allocation_band, c.neurons_multiple_of)
-        shape = allocate(*ranking, at, reading, units=costs.units, **kw).neuron_mask.sum(1)
-        if reading > budget:  # deeper than the reading point: the shape scaled to the budget's uniform split
-            shape = scaled_counts(shape, int(split.neuron_mask.sum()), split.neuron_mask.shape[1], c.neurons_multiple_of)
-        masks = best_by_scores(scores, costs.units, split.head_mask.sum(1), shape)
+        masks = _by_fluctuation(model, scores, costs, seq_len, c, budget, batches, **kw)
         timings["allocation_s"] = time.perf_counter() - start
     if c.allocation == "refit":
         if batches is None:
@@ -587,6 +577,32 @@ def choose_masks(
         masks = select_by_refit(model, masks, batches, c.reconstruct_ridge, costs.adapter)
         timings["selection_s"] = time.perf_counter() - start
     return masks, timings
+
+
+def _by_fluctuation(
+    model: nn.Module, scores: ImportanceScores, costs: CostModel, seq_len: float, config: OptinConfig, budget: float,
+    batches: list[dict[str, torch.Tensor]], **kw: Any,
+) -> PruningMasks:
+    """`choose_masks` under `allocation="fluctuation"` (`optin_hf.fluctuation_allocation`): the uniform split's heads,
+    the neurons in the fluctuation's shape read at SHAPE_AT of the MACs (or the budget, where milder), scaled to the
+    budget's uniform split; each layer's kept units its best by `scores` (`kw`: the searches' settings)."""
+    widths = _widths(costs.units)
+    if len(widths[0]) > 1 or len(widths[1]) > 1:
+        raise ValueError(
+            f"allocation='fluctuation' starts from one split of heads and neurons for every layer, and this model's "
+            f"layers differ (heads {widths[0]}, neurons {widths[1]} per layer: a pruned model?): set allocation='scores'."
+        )
+    at = costs.at(costs.uniform(seq_len))
+    split = allocate_uniform(scores.head_scores, scores.neuron_scores, at, budget, units=costs.units, **kw)
+    reading = max(budget, SHAPE_AT * costs.dense(seq_len))
+    shape_split = split if reading == budget else allocate_uniform(
+        scores.head_scores, scores.neuron_scores, at, reading, units=costs.units, **kw)
+    ranking = fluctuation_ranking(model, costs.adapter, shape_split, at, costs.units, batches, config.num_samples,
+                                  config.allocation_band, config.neurons_multiple_of)
+    shape = allocate(*ranking, at, reading, units=costs.units, **kw).neuron_mask.sum(1)
+    if reading > budget:
+        shape = scaled_counts(shape, int(split.neuron_mask.sum()), split.neuron_mask.shape[1], config.neurons_multiple_of)
+    return best_by_scores(scores, costs.units, split.head_mask.sum(1), shape)
 
 
 def _by_scores(
