@@ -64,7 +64,8 @@ def dense_calls(
     device = next(model.parameters()).device
     runs = []
     for batch in tqdm(batches, desc="Dense run", unit="batch", disable=not progress):
-        real = batch["attention_mask"].reshape(-1).bool().to(device) if "attention_mask" in batch else None
+        real = batch["attention_mask"].reshape(-1).bool() if "attention_mask" in batch else None
+        real = None if real is None or real.all() else real.to(device)  # no padding: the refits' sums read every row
         with record_layer_calls(model, adapter, heads=False) as calls, observe(real) if observe else nullcontext():
             scoring_forward(model, batch, logits=False)
         [layer_calls] = calls

@@ -281,3 +281,15 @@ def test_drift_sums_give_the_normal_equations_of_the_dense_twins_output():
     still = DriftEquations(12, x.device, bias=True)
     still.add(x, x, None)
     assert torch.equal(solve_weights(still.equations(theta0, theta0), theta0, 1e-3), theta0)
+
+
+@pytest.mark.parametrize("width", [100, 577, 1537])
+def test_the_gram_from_its_upper_blocks_is_the_full_product(width: int) -> None:
+    """`least_squares.gram` (the refits' AᵀA, from the upper block triangle above 256 columns, in unequal blocks at
+    577 and 1,537) is exactly symmetric and equals the float64 product up to float32 rounding."""
+    from optin_hf.least_squares import gram
+
+    a = torch.randn(300, width, generator=torch.Generator().manual_seed(width))
+    g = gram(a)
+    assert torch.equal(g, g.T)
+    torch.testing.assert_close(g.double(), a.double().T @ a.double(), rtol=1e-5, atol=1e-3)
