@@ -24,19 +24,18 @@ from .latency import median, synthetic_inputs, time_models
 TOKEN_BATCHES = (1, 16)
 PROMPT_TOKENS = 16
 GENERATED_TOKENS = 32
-WARMUP_TOKENS = 4  # new tokens of the untimed warm-up: it runs the prompt and cached steps, not the whole decode
 RUNS = 3
 
 
-def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int = GENERATED_TOKENS) -> None:
+def _generate(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
     config = model.config
     pad = config.pad_token_id if config.pad_token_id is not None else 0
-    settings = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+    settings = GenerationConfig(max_new_tokens=GENERATED_TOKENS, min_new_tokens=GENERATED_TOKENS, do_sample=False,
                                 pad_token_id=pad, eos_token_id=None)
     out = model.generate(**inputs, generation_config=settings)
-    if out.shape[1] != inputs["input_ids"].shape[1] + new_tokens:
+    if out.shape[1] != inputs["input_ids"].shape[1] + GENERATED_TOKENS:
         raise RuntimeError(f"{type(model).__name__}.generate gave {out.shape[1] - inputs['input_ids'].shape[1]} new tokens, "
-                           f"not {new_tokens}.")
+                           f"not {GENERATED_TOKENS}.")
     if out.is_cuda:
         torch.cuda.synchronize()
 
@@ -44,12 +43,12 @@ def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int
 @torch.no_grad()
 def _time_generation(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], runs: int,
                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds of `_generate` per model, `runs` each after one short warm-up (WARMUP_TOKENS), in turns."""
+    """Seconds of `_generate` per model, `runs` each after one warm-up, in turns."""
     placed = {}
     for name, model in models.items():
         model.eval()
         placed[name] = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}
-        _generate(model, placed[name], WARMUP_TOKENS)
+        _generate(model, placed[name])
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(runs):
         for name, model in models.items():
