@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from optin_hf import ImportanceScores, OptinConfig, OptinPruner, count_macs
-from optin_hf import allocate as allocate_module
+from optin_hf import fluctuation_allocation
 from optin_hf.tasks.defaults import load_default
 from optin_hf.tasks.defaults.corpora import CORPORA
 from optin_hf.tasks.defaults.registry import RECIPES
@@ -143,7 +143,7 @@ def main() -> None:
                         help="windows per split with --per-window (the 4 test plays have 1,193; 0.2 s each on 2 threads)")
     args = parser.parse_args()
     if args.shape_at is not None:
-        allocate_module.SHAPE_AT = args.shape_at  # what `choose_masks` reads
+        fluctuation_allocation.SHAPE_AT = args.shape_at  # what its `reading_point` reads
     if args.then_test and not args.dev:
         parser.error("--then-test measures the held-out plays after --dev N's development plays: give --dev N")
     task = load_default(NAME)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .channel_search import allocate_with_channels, channel_judge, least_widths
 from .config import OptinConfig
-from .fluctuation_allocation import SHAPE_AT, best_by_scores, fluctuation_ranking, scaled_counts
+from .fluctuation_allocation import best_by_scores, fluctuation_ranking, reading_point, scaled_counts
 from .importance import ImportanceScores
 from .macs import CostModel, MacCosts
 from .masks import PruningMasks
@@ -584,7 +584,7 @@ def _by_fluctuation(
     batches: list[dict[str, torch.Tensor]], **kw: Any,
 ) -> PruningMasks:
     """`choose_masks` under `allocation="fluctuation"` (`optin_hf.fluctuation_allocation`): the uniform split's heads,
-    the neurons in the fluctuation's shape read at SHAPE_AT of the MACs (or the budget, where milder), scaled to the
+    the neurons in the fluctuation's shape read at its reading point (`reading_point`), scaled to the
     budget's uniform split; each layer's kept units its best by `scores` (`kw`: the searches' settings)."""
     widths = _widths(costs.units)
     if len(widths[0]) > 1 or len(widths[1]) > 1:
@@ -594,7 +594,7 @@ def _by_fluctuation(
         )
     at = costs.at(costs.uniform(seq_len))
     split = allocate_uniform(scores.head_scores, scores.neuron_scores, at, budget, units=costs.units, **kw)
-    reading = max(budget, SHAPE_AT * costs.dense(seq_len))
+    reading = reading_point(budget, costs.dense(seq_len))
     shape_split = split if reading == budget else allocate_uniform(
         scores.head_scores, scores.neuron_scores, at, reading, units=costs.units, **kw)
     ranking = fluctuation_ranking(model, costs.adapter, shape_split, at, costs.units, batches, config.num_samples,

@@ -242,9 +242,9 @@ class OptinConfig:
                 )
         if not (math.isfinite(self.allocation_band) and self.allocation_band >= 0.0):
             raise ValueError(f"allocation_band={self.allocation_band} must be a finite fraction >= 0 of a layer's neurons.")
-        if self.allocation_band != 0.2 and self.allocation != "fluctuation":
+        if self.allocation_band != type(self).allocation_band and self.allocation != "fluctuation":
             raise ValueError(f"allocation_band={self.allocation_band} bounds the fluctuation allocation's counts: set "
-                             "allocation='fluctuation', or leave allocation_band at 0.2.")
+                             f"allocation='fluctuation', or leave allocation_band at {type(self).allocation_band}.")
         if self.allocation_rounds > 1 and self.allocation != "refit":
             raise ValueError(f"allocation_rounds={self.allocation_rounds} repeats the refit allocation's measurement: set "
                              "allocation='refit', or allocation_rounds=1.")

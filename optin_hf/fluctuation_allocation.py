@@ -38,6 +38,11 @@ from .masks import PruningMasks
 SHAPE_AT = 0.8  # the fraction of the MACs at which the shape is read (or the budget, where milder)
 
 
+def reading_point(budget: float, dense: float) -> float:
+    """The MACs at which the shape is read: SHAPE_AT of the dense model's `dense`, or `budget` where milder."""
+    return max(budget, SHAPE_AT * dense)
+
+
 def fluctuation_ranking(
     model: nn.Module, adapter: ArchAdapter, split: PruningMasks, costs: MacCosts, units: PruningMasks,
     batches: list[dict[str, torch.Tensor]], windows: int, band: float, multiple: int = 1,
