@@ -1,6 +1,7 @@
 """The causal-LM task: token windows, perplexity, the bounded-memory KL, the CLI run on a tiny Llama, the
 Shakespeare/SmolLM2 default and the LLM recipes (their data preparation on stand-ins: they need the network)."""
 
+import dataclasses
 import importlib.util
 import math
 import random
@@ -383,3 +384,29 @@ def test_a_play_split_names_a_missing_or_repeated_play_clearly():
         plays.splits(PlaySplit(test=("comedies/hamlet",), development=()))
     with pytest.raises(ValueError, match="named twice"):
         plays.splits(PlaySplit(test=("tragedies/hamlet",), development=("tragedies/hamlet",)))
+
+
+@pytest.mark.parametrize("name", LLM_RECIPES)
+def test_llm_recipe_prunes_with_its_own_method_on_a_stand_in(name, monkeypatch, tmp_path):
+    """The recipe's whole method (input refit, the refit's unit selection, the fluctuation allocation) runs through the
+    real workflow on a tiny bfloat16 model of the recipe's family (the Hub checkpoints' dtype, which transformers loads
+    them in); only the sizes shrink to the stand-in's."""
+    family_model = "qwen2" if name.startswith("qwen") else "llama"  # Qwen2's q/k/v biases go through the input refit
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, config=None, split=None, **kwargs: wikitext(split))
+    monkeypatch.setattr(workflow, "load_model", lambda model_name, task=None, processor=None:
+                        (tiny_llm(family_model).to(torch.bfloat16), tokenizer(), task))
+    job = load_recipe(REPO / "recipes" / f"{name}.yaml")
+    method = {key: getattr(job.optin, key) for key in ("allocation", "selection", "reconstruct", "reconstruct_inputs", "dtype")}
+    assert method == {"allocation": "fluctuation", "selection": "refit", "reconstruct": "weights", "reconstruct_inputs": True,
+                      "dtype": "bfloat16"}
+    sizes = dict(num_samples=8, reconstruct_samples=16, batch_size=4, max_length=16, seq_len=16, neuron_group_size=4,
+                 max_scoring_time=None)
+    job = dataclasses.replace(job, optin=dataclasses.replace(job.optin, **sizes), output=tmp_path / "pruned",
+                              data=dataclasses.replace(job.data, eval_window=16))
+    report = workflow.run_prune(job).to_dict()
+    assert {key: report["optin"][key] for key in method} == method
+    assert report["timings"]["selection_s"] > 0 and report["timings"]["reconstruction_s"] > 0  # both ran
+    assert report["stats"]["pruned"]["macs"] <= job.optin.mac_constraint * report["stats"]["dense"]["macs"] * (1 + 1e-6)
+    assert math.isfinite(report["stats"]["pruned"]["metrics"]["perplexity"])
+    reloaded = AutoOptinModel.from_pretrained(tmp_path / "pruned")
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
