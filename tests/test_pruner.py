@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from tiny import ARCHS, FAMILIES, batch, calibration, output, tiny_model
+from tiny import ARCHS, FAMILIES, batch, calibration, family, output, tiny_model
 from transformers import AutoModelForSequenceClassification, OPTConfig, OPTModel
 
 from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, PruningMasks, count_macs
@@ -264,6 +264,41 @@ def test_saving_before_pruning_is_refused(tmp_path):
         OptinPruner().save(tiny_model("bert"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
+
+
+@pytest.mark.parametrize("arch, settings", [("bert", {}), ("llama", {"reconstruct_inputs": True, "selection": "refit"})])
+def test_a_dense_copy_given_to_prune_model_is_the_refits_and_is_left_as_it_is(monkeypatch, arch, settings):
+    """`dense=` spares the pruner its own copy of the model: the same slim model, bit for bit, no copy made, and
+    the given copy unchanged."""
+    import copy
+
+    import optin_hf.pruner
+
+    tiny = family(arch)
+    config = OptinConfig(**{**tiny.settings, "importance": "magnitude", "reconstruct": "weights", **settings})
+    data = tiny.examples(4, 1)
+    own, shared = tiny.build(), tiny.build()
+    dense = copy.deepcopy(shared)
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    OptinPruner(config).prune_model(own, data)
+    copies = []
+    monkeypatch.setattr(optin_hf.pruner.copy, "deepcopy", lambda x, *a: copies.append(x) or copy.deepcopy(x, *a))
+    OptinPruner(config).prune_model(shared, data, dense=dense)
+    assert not copies
+    assert own.state_dict().keys() == shared.state_dict().keys()
+    assert all(torch.equal(own.state_dict()[k], shared.state_dict()[k]) for k in own.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+
+
+def test_a_dense_copy_that_is_not_the_models_is_refused():
+    model, other = tiny_model("bert"), tiny_model("bert")
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    macs = count_macs(model, 16)
+    for dense in (other, model):
+        with pytest.raises(ValueError, match="dense= must be an unpruned copy"):
+            OptinPruner(OptinConfig(importance="magnitude", reconstruct="weights")).prune_model(model, calibration("bert"), dense=dense)
+    assert count_macs(model, 16) == macs  # nothing slimmed
 
 
 @pytest.mark.parametrize("importance, steps", [("optin", 1), ("magnitude", 2)])

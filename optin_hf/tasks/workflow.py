@@ -299,7 +299,7 @@ def run_prune(job: PruneJob) -> Report:
     dense = copy.deepcopy(model)
     pruner = OptinPruner(config)
     start = time.perf_counter()
-    pruner.prune_model(model, calibration)
+    pruner.prune_model(model, calibration, dense=dense)  # the report's dense copy is the refit's too
     timings = {"total_s": time.perf_counter() - start, **pruner.timings}
     pruner.save(model, job.output, overwrite=job.overwrite)
     if loaded.processor is not None:
