@@ -336,9 +336,10 @@ def test_the_readers_refit_lowers_the_errors_of_the_convs_reading_each_block_and
     assert all(before[i, p] < 1e-6 and after[i, p] < 1e-6 for i in (0, 1) for p in readers_of(model)[i])
     for key in [(2, "layer.0"), (2, "shortcut"), "classifier"]:  # those reading what block 1's cut moved
         assert after[key] < 0.9 * before[key], (key, after[key], before[key])
-        # the refit's sums are float32 per batch: its errors resolve to about 1e-7 of the error it started from
+        # the refit's sums are float32 per batch: its errors resolve to about 1e-7 of the error it started from (the
+        # classifier's 1.1e-7 on an AMD EPYC's BLAS, so within 3e-7)
         assert recorded[key] == (pytest.approx(before[key], rel=1e-3),
-                                 pytest.approx(after[key], rel=1e-3, abs=1e-7 * before[key])), key
+                                 pytest.approx(after[key], rel=1e-3, abs=3e-7 * before[key])), key
 
 
 @torch.no_grad()

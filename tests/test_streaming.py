@@ -38,7 +38,7 @@ def test_streamed_scores_and_masks_equal_the_in_memory_run(tmp_path, name):
     memory, folder = _saved(tmp_path, name)
     streamed = _streamed(tmp_path, folder)
     assert _bytes(streamed.parameters()) < _bytes(memory.parameters())  # the layers are really on disk
-    settings = family(name).settings
+    settings = {**family(name).settings, "allocation": "scores"}  # what the default is on an offloaded model
     examples = family(name).examples(4, 1)
     pruners = {how: OptinPruner(OptinConfig(**settings)) for how in ("memory", "streamed")}
     masks = {how: pruners[how].compute_masks(model, examples) for how, model in (("memory", memory), ("streamed", streamed))}
@@ -135,3 +135,6 @@ def test_what_streaming_cannot_run_is_refused_with_the_fix(tmp_path):
         OptinPruner(OptinConfig(**{**settings, "importance": "magnitude"})).compute_scores(streamed, examples)
     with pytest.raises(ValueError, match="checkpoint_dir="):
         OptinPruner(OptinConfig(**settings, checkpoint_dir=str(tmp_path / "losses"))).compute_scores(streamed, examples)
+    # the fluctuation's dense pass runs the model in memory: named, it is refused; the default takes the scores there
+    with pytest.raises(ValueError, match="allocation='fluctuation' is not supported with layer-streamed scoring"):
+        OptinPruner(OptinConfig(**settings, allocation="fluctuation")).compute_masks(streamed, examples)

@@ -102,9 +102,10 @@ def check_streaming(model: nn.Module, adapter: ArchAdapter, config, repair: bool
             f"importance={config.importance!r} reads weights or gradients that this model keeps offloaded "
             f"(layer-streamed); streamed scoring runs {' or '.join(map(repr, STREAMED_CRITERIA))}, or load the model in memory."
         )
-    # These read weights (fingerprints, token merging, refits, residual widths) or slim between steps.
+    # These read weights (fingerprints, token merging, refits, residual widths, a per-layer allocation's dense pass) or
+    # slim between steps. allocation="auto" is "scores" here (`auto_settings.auto_allocation`).
     unsupported = (("checkpoint_dir", None), ("prune_tokens", False), ("prune_steps", 1), ("prune_channels", False),
-                   ("selection", "scores"))
+                   ("selection", "scores"), ("allocation", "scores"))
     for setting, unset in unsupported:
         if getattr(config, setting, unset) != unset:
             raise ValueError(
