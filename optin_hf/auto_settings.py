@@ -1,5 +1,5 @@
-"""What the model-dependent defaults of `OptinConfig` mean for one model: `prune_channels=None` and
-`reconstruct="auto"`. One place decides them, so the pruner (`OptinPruner._resolve_repair`) and the recipe search's
+"""What the model-dependent defaults of `OptinConfig` mean for one model: `allocation="auto"`, `prune_channels=None`
+and `reconstruct="auto"`. One place decides them, so the pruner (`OptinPruner._resolve_repair`) and the recipe search's
 candidates (`recipe_search.candidates`) agree: each candidate records the repair its pruner then runs."""
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ def resolve_defaults(config: OptinConfig, adapter: ArchAdapter, model_config, of
     channels, and the BatchNorm means alone leave more of the cut's loss (benchmarks/RESULTS.md, "Coupled residual
     channels with the consumer refit"); and the refit where input projections or a ResNet's readers are to be refit too (`reconstruct_inputs`,
     `reconstruct_readers`).
+    `allocation="auto"` is resolved first, to the family's own (`Capabilities.allocation`) unless the settings rule a
+    per-layer allocation out (`auto_allocation`).
     Raises where the settings need a refit, or input projections or readers refit, and the family declares none."""
     c = config
+    if c.allocation == "auto":
+        c = dataclasses.replace(c, allocation=auto_allocation(c, adapter, offloaded))
     if c.prune_channels is None:
         c = dataclasses.replace(c, prune_channels=channels_by_default(c, adapter, model_config, offloaded))
     if c.reconstruct_inputs:
@@ -38,6 +42,18 @@ def resolve_defaults(config: OptinConfig, adapter: ArchAdapter, model_config, of
         raise ValueError(f"{needs}, and the {model_config.model_type} adapter declares no refit (it supports: "
                          f"{', '.join(adapter.capabilities.supported())}): {_WITHOUT_REFIT[needs.split('=')[0]]}.")
     return dataclasses.replace(c, reconstruct=mode)
+
+
+def auto_allocation(config: OptinConfig, adapter: ArchAdapter, offloaded: bool = False) -> str:
+    """What `allocation="auto"` counts units per layer by: the family's own allocation (`Capabilities.allocation`), or
+    the scores' budget search where the settings rule a per-layer allocation out (`OptinConfig`'s check: token mode,
+    uniform layers, steps, residual channels), leave it nothing to spread (the fluctuation spreads neurons), or the
+    model's layers are offloaded (the fluctuation's dense pass runs the model in memory). Without calibration data the
+    pruner falls back to the scores too (`OptinPruner.compute_masks`)."""
+    c = config
+    if c.prune_tokens or c.uniform_layers or c.prune_steps > 1 or c.prune_channels or not c.prune_neurons or offloaded:
+        return "scores"
+    return adapter.capabilities.allocation
 
 
 # the setting that needs a refit -> how to do without one

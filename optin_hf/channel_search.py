@@ -65,7 +65,7 @@ def channels_by_default(config: OptinConfig, adapter: ArchAdapter, model_config,
         return None
     return bool(adapter.supports("channels") and not offloaded and getattr(CRITERIA[c.importance], "scores_channels", False)
                 and sum(adapter.channel_widths(model_config)) <= MAX_DEFAULT_CHANNELS
-                and c.reconstruct != "scales" and c.allocation == "scores" and c.selection == "scores"
+                and c.reconstruct != "scales" and c.allocation in ("auto", "scores") and c.selection == "scores"
                 and not (c.prune_tokens or c.uniform_layers or c.prune_steps > 1))
 
 

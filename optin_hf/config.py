@@ -22,7 +22,7 @@ ENGINES = ("fast", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 RECONSTRUCT_MODES = ("auto", "weights", "scales", "batchnorm", "none")
 SELECTIONS = ("scores", "refit")  # which units a layer drops, given how many (`selection`)
-ALLOCATIONS = ("scores", "refit", "fluctuation")  # how many units each layer keeps (`allocation`)
+ALLOCATIONS = ("auto", "scores", "refit", "fluctuation")  # how many units each layer keeps (`allocation`)
 SCALE_RANGE = (1e-100, 1e100)  # temperature, lambda_contribution: their float64 products stay finite
 INT64 = 2**63  # integer settings reach torch (seeds, sizes, counts) as int64
 
@@ -83,10 +83,13 @@ class OptinConfig:
     after refitting the rest (the OBS / Schur-complement update on the dense model's calibration Grams,
     `optin_hf.refit_selection`). "refit" needs a refit repair (`reconstruct="weights"` or "scales"; "auto"
     then picks one) and applies to masks the pruner allocates, not to masks given to `prune_model`.
-    `allocation` says how many units each layer keeps: "scores" (the default) the budget search over the
-    importance scores; "refit" by the loss left after the refit, each layer's heads and neurons cut alone to a
-    few depths, refit and measured on the calibration data (`optin_hf.refit_allocation`: layers x kinds x 4
-    slim-and-refit runs, for small models whose refit repairs some layers far better than others).
+    `allocation` says how many units each layer keeps: "auto" (the default) the family's own
+    (`Capabilities.allocation`: "fluctuation" for the Llama family's decoders, "scores" elsewhere, and "scores" wherever
+    the settings rule a per-layer allocation out, the layers are offloaded or no data is given to measure on:
+    `auto_settings.auto_allocation`); "scores" the budget search over the importance scores; "refit" by the loss left
+    after the refit, each layer's heads and neurons cut alone to a few depths, refit and measured on the calibration
+    data (`optin_hf.refit_allocation`: layers x kinds x 4 slim-and-refit runs, for small models whose refit repairs
+    some layers far better than others).
     "fluctuation" keeps the heads of the uniform search's split in every layer and spreads the neurons that leaves
     over layers by FLAP's standardized fluctuation, each layer within `allocation_band` x its width of the uniform
     count, the shape read at 0.8 of the MACs and scaled to the budget (`optin_hf.fluctuation_allocation`: one dense
@@ -153,7 +156,7 @@ class OptinConfig:
     reconstruct_readers: bool = False
     prune_steps: int = 1
     selection: str = "scores"
-    allocation: str = "scores"
+    allocation: str = "auto"
     allocation_rounds: int = 1
     allocation_band: float = 0.2
     base_model_name_or_path: str | None = None
@@ -248,7 +251,7 @@ class OptinConfig:
         if self.allocation_rounds > 1 and self.allocation != "refit":
             raise ValueError(f"allocation_rounds={self.allocation_rounds} repeats the refit allocation's measurement: set "
                              "allocation='refit', or allocation_rounds=1.")
-        if self.allocation != "scores" and (self.prune_tokens or self.uniform_layers or self.prune_steps > 1 or self.prune_channels):
+        if self.allocation not in ("auto", "scores") and (self.prune_tokens or self.uniform_layers or self.prune_steps > 1 or self.prune_channels):
             raise ValueError(
                 f"allocation={self.allocation!r} counts heads and neurons per layer in one step, which prune_tokens, "
                 "uniform_layers, prune_steps > 1 and prune_channels do not: set allocation='scores', or turn those off."

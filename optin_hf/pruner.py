@@ -62,6 +62,7 @@ class OptinPruner:
         self.timings: dict[str, float] = {}
         # the repair asked for where `prune_channels` was left to its default (None where it was named)
         self.default_channels_repair: str | None = None
+        self.default_allocation = self.config.allocation == "auto"  # left to the family: the scores where no data measures
 
     def _batches(
         self, model: nn.Module, adapter: ArchAdapter, data: Any, tokenizer, labels: bool = False
@@ -246,6 +247,9 @@ class OptinPruner:
             # no calibration data to judge a residual share on: the default keeps the residual widths (and its repair)
             self.config = dataclasses.replace(self.config, prune_channels=False, reconstruct=self.default_channels_repair)
             self._resolve_repair(model, adapter)
+        if data is None and batches is None and self.default_allocation and self.config.allocation == "fluctuation":
+            # no calibration data for the fluctuation's dense pass: the default counts by the scores
+            self.config = dataclasses.replace(self.config, allocation="scores")
         if scores is None and self.scores is None and self.config.prune_steps > 1:
             return self._masks_in_steps(model, adapter, data, tokenizer, batches)
         if scores is None and self.scores is None:

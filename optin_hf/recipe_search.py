@@ -247,7 +247,7 @@ def candidates(
     tried = [recipe(name, config.selection, asked_repair) for name in criteria]
     if refit_selection and config.selection == "scores":
         tried += [c for c in (recipe(name, "refit", asked_repair) for name in criteria) if c.reconstruct in ("weights", "scales")]
-    if asked_repair == "auto" and config.selection == "scores" and config.allocation == "scores":
+    if asked_repair == "auto" and config.selection == "scores" and config.allocation != "refit":
         # a unit choice or per-layer counts by the refit need one: no bare candidate then
         tried += [Candidate(c.importance, "none") for c in tried[:len(criteria)] if c.reconstruct != "none"]
     return tried

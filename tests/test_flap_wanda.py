@@ -87,7 +87,8 @@ def test_scores_are_per_unit_times_its_macs(importance):
     channel's MACs here) is not dropped for its size alone. Each kind keeps its best, and Wanda-sp's quantiles
     cut every layer to within one unit of the same share."""
     model = tiny_llm("llama")
-    pruner = OptinPruner(OptinConfig(**{**LLAMA.settings, "importance": importance, "neurons_multiple_of": 1}))
+    pruner = OptinPruner(OptinConfig(**{**LLAMA.settings, "importance": importance, "neurons_multiple_of": 1,
+                                        "allocation": "scores"}))  # FLAP's and Wanda-sp's own allocation
     masks = pruner.compute_masks(model, LLAMA.examples(6, 1))
     costs = CostModel.of(model).at([pruner.seq_len] * 3)
     assert float(costs.head[0]) > 15 * float(costs.neuron[0])

@@ -144,3 +144,44 @@ def test_every_family_with_equal_layers_takes_it_and_meets_its_budget(name):
     slim = slim_model(copy.deepcopy(model), masks)
     macs = count_macs(slim, chosen.seq_len) / count_macs(model, chosen.seq_len)
     assert 0.55 <= macs <= chosen.settings["mac_constraint"] + 1e-6
+
+
+@pytest.mark.parametrize("name, expected", [("llama", "fluctuation"), ("qwen2", "fluctuation"), ("gpt2", "scores"),
+                                            ("bert", "scores")])
+def test_the_default_allocation_is_the_familys_own_and_the_config_names_it(name, expected, tmp_path):
+    """allocation="auto" (the default) runs the family's declared allocation: the very masks of naming it, and the
+    pruner's config, and so the saved one, name what ran."""
+    chosen = family(name)
+    settings = {**chosen.settings, "neurons_multiple_of": 1}
+    assert OptinConfig(**settings).allocation == "auto"
+    data = chosen.examples(4, 1)
+    default, named = OptinPruner(OptinConfig(**settings)), OptinPruner(OptinConfig(**settings, allocation=expected))
+    masks = default.compute_masks(chosen.build(), data)
+    assert same(masks, named.compute_masks(chosen.build(), data))
+    assert default.config.allocation == expected
+    model = chosen.build()
+    default.prune_model(model, data, masks=masks)
+    default.save(model, tmp_path / "pruned")
+    assert OptinConfig.from_pretrained(tmp_path / "pruned").allocation == expected
+
+
+@pytest.mark.parametrize("settings", [{"uniform_layers": True}, {"prune_neurons": False},
+                                      {"prune_steps": 2, "reconstruct": "weights"}])
+def test_the_default_allocation_is_the_scores_where_the_settings_rule_a_per_layer_one_out(settings):
+    """Settings that a per-layer allocation refuses (or leave the fluctuation no neurons to spread) take the scores'
+    search under "auto" on a Llama, where naming "fluctuation" would be refused."""
+    pruner = OptinPruner(OptinConfig(**{**SETTINGS, **settings}))
+    masks = pruner.compute_masks(tiny_llm("llama"), DATA)
+    assert pruner.config.allocation == "scores"
+    assert same(masks, OptinPruner(OptinConfig(**{**SETTINGS, **settings, "allocation": "scores"})).compute_masks(tiny_llm("llama"), DATA))
+
+
+def same(a, b) -> bool:
+    return torch.equal(a.head_mask, b.head_mask) and torch.equal(a.neuron_mask, b.neuron_mask)
+
+
+def test_a_family_declares_only_an_allocation_that_needs_no_refit():
+    from optin_hf.arch.capabilities import Capabilities
+
+    with pytest.raises(ValueError, match="'scores' or 'fluctuation'"):
+        Capabilities(allocation="refit")

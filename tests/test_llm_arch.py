@@ -179,7 +179,7 @@ def test_a_uniform_checkpoint_loads_in_plain_transformers(name, settings, tmp_pa
 
 def test_a_per_layer_checkpoint_keeps_its_guard_against_plain_transformers(tmp_path):
     model = tiny_llm("llama")
-    pruner = OptinPruner(OptinConfig(**{**family("llama").settings, "importance": "magnitude"}))
+    pruner = OptinPruner(OptinConfig(**{**family("llama").settings, "importance": "magnitude", "allocation": "scores"}))
     pruner.prune_model(model, family("llama").examples(4, 1))
     assert len(set(pruner.masks.neurons_per_layer())) > 1
     pruner.save(model, tmp_path / "slim")

@@ -402,12 +402,14 @@ def test_a_refit_allocation_is_kept_and_rules_out_the_bare_candidates():
 
 def test_a_fluctuation_allocation_and_its_band_are_kept_by_every_candidate():
     """allocation='fluctuation' with its own band: the scoring runs without it (its band reset with it, or the
-    scorer's config would be refused) and every candidate, so the kept model, allocates with it."""
+    scorer's config would be refused) and every candidate, so the kept model, allocates with it. It runs no refit,
+    so the bare candidates are tried too."""
     model, data = tiny_model("bert"), calibration("bert", 8)
     pruner = OptinPruner(OptinConfig(**{**SETTINGS, "num_samples": 4}, allocation="fluctuation", allocation_band=0.05,
                                      importance_options=ONE_FOLD))
     pruner.prune_model(model, data)
-    assert all(c.distance is not None for c in search_record(pruner.config.to_dict()).candidates)
+    record = search_record(pruner.config.to_dict())
+    assert [c.label for c in record.candidates] == LABELS and all(c.distance is not None for c in record.candidates)
     assert (pruner.config.allocation, pruner.config.allocation_band) == ("fluctuation", 0.05)
     assert pruner.timings["allocation_s"] > 0
 

@@ -58,6 +58,10 @@ class Capabilities:
     width of each group of channels tied by residual adds), `kept_channels(model)`, `channel_carriers(model)`
     (the modules whose outputs carry each group, and the first layer reading it) and `slim_channels(model, keep)`,
     and its MAC formulas take the groups' widths (`channels=`; ResNet).
+    allocation: what `allocation="auto"` counts units per layer by, where the settings allow a per-layer allocation
+    (`auto_settings.resolve_defaults`): "scores" (OPTIN's budget search), or "fluctuation" (FLAP's, for decoders whose
+    layers have equal widths: on SmolLM2 OPTIN's own per-layer counts cut the last layers' MLPs to a sixth and lost
+    far more, benchmarks/RESULTS.md, s41-s42).
     """
 
     fast_engine: bool = False
@@ -68,8 +72,11 @@ class Capabilities:
     heads: bool = True
     neurons: bool = True
     channels: bool = False
+    allocation: Literal["scores", "fluctuation"] = "scores"
 
     def __post_init__(self) -> None:
+        if self.allocation not in ("scores", "fluctuation"):
+            raise ValueError(f"Capabilities(allocation={self.allocation!r}): a family's own allocation is 'scores' or 'fluctuation'.")
         unknown = [mode for mode in self.repairs if mode not in REPAIRS]
         if unknown:
             raise ValueError(f"Capabilities(repairs={self.repairs!r}) names {unknown}: the repairs are {list(REPAIRS)}.")

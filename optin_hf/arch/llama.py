@@ -120,6 +120,6 @@ LLAMA = GroupedQueryAdapter(
     fixed_parts="the LM head",
     packs_examples=False,  # causal attention and rotary positions: examples are never laid end to end
     output_is_ffn_sum=True,  # pre-norm: the layer returns the residual plus the MLP's output
-    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True),
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True, allocation="fluctuation"),
     classifiers={f"{name}ForCausalLM": lm_head_classifier("norm") for name in ("Llama", "Mistral", "Qwen2", "Qwen3")},
 )
