@@ -46,12 +46,11 @@ def resolve_defaults(config: OptinConfig, adapter: ArchAdapter, model_config, of
 
 def auto_allocation(config: OptinConfig, adapter: ArchAdapter, offloaded: bool = False) -> str:
     """What `allocation="auto"` counts units per layer by: the family's own allocation (`Capabilities.allocation`), or
-    the scores' budget search where the settings rule a per-layer allocation out (`OptinConfig`'s check: token mode,
-    uniform layers, steps, residual channels), leave it nothing to spread (the fluctuation spreads neurons), or the
-    model's layers are offloaded (the fluctuation's dense pass runs the model in memory). Without calibration data the
-    pruner falls back to the scores too (`OptinPruner.compute_masks`)."""
-    c = config
-    if c.prune_tokens or c.uniform_layers or c.prune_steps > 1 or c.prune_channels or not c.prune_neurons or offloaded:
+    the scores' budget search where the settings rule a per-layer allocation out (`OptinConfig.counts_per_layer`),
+    leave it nothing to spread (the fluctuation spreads neurons), or the model's layers are offloaded (the
+    fluctuation's dense pass runs the model in memory). Without calibration data the pruner falls back to the scores
+    too (`OptinPruner.compute_masks`)."""
+    if not config.counts_per_layer() or not config.prune_neurons or offloaded:
         return "scores"
     return adapter.capabilities.allocation
 

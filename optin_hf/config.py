@@ -251,7 +251,7 @@ class OptinConfig:
         if self.allocation_rounds > 1 and self.allocation != "refit":
             raise ValueError(f"allocation_rounds={self.allocation_rounds} repeats the refit allocation's measurement: set "
                              "allocation='refit', or allocation_rounds=1.")
-        if self.allocation not in ("auto", "scores") and (self.prune_tokens or self.uniform_layers or self.prune_steps > 1 or self.prune_channels):
+        if self.allocation not in ("auto", "scores") and not self.counts_per_layer():
             raise ValueError(
                 f"allocation={self.allocation!r} counts heads and neurons per layer in one step, which prune_tokens, "
                 "uniform_layers, prune_steps > 1 and prune_channels do not: set allocation='scores', or turn those off."
@@ -268,6 +268,11 @@ class OptinConfig:
             len(self.image_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.image_size)
         ):
             raise ValueError(f"image_size={self.image_size!r} must be [height, width], two positive integers (or None: the calibration images').")
+
+    def counts_per_layer(self) -> bool:
+        """Whether a per-layer allocation ("refit", "fluctuation") can count this config's units: one step, with no
+        token mode, uniform layers or residual channels (`allocation="auto"` is "scores" otherwise)."""
+        return not (self.prune_tokens or self.uniform_layers or self.prune_steps > 1 or self.prune_channels)
 
     def resolved_token_cut_share(self) -> float:
         """The heads-and-neurons share of the MAC cut in token mode: the given one, or a seeded draw."""
