@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .arch import ArchAdapter
 from .capture import scoring_forward
 from .engine.prefix import LayerCall, record_layer_calls
+from .memory import release_freed_memory
 
 
 @dataclass
@@ -70,6 +71,7 @@ def dense_calls(
             scoring_forward(model, batch, logits=False)
         [layer_calls] = calls
         runs.append(DenseCalls(batch, layer_calls, real))
+    release_freed_memory()  # the forwards' activations that the recording does not keep
     if key is not None:
         batches.recorded = (key, runs)
     return runs

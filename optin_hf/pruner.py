@@ -29,6 +29,7 @@ from .hub import CardMetrics, push_to_hub
 from .importance import CRITERIA, ImportanceScores, criterion_from_config
 from .macs import CostModel
 from .masks import PruningMasks, check_masks
+from .memory import release_freed_memory
 from .reconstruct import Reconstruction, reconstruct, unslim
 from .recipe_search import (
     SEARCHED_CRITERIA, HeldOut, RecipeSearch, add_fold, calibration_examples, candidates, choose, contenders, distance,
@@ -203,6 +204,7 @@ class OptinPruner:
         finally:
             model.train(was_training)
         self.timings["scoring_s"] = time.perf_counter() - start
+        release_freed_memory()  # the masked passes' activations
         return self.scores
 
     def _plan_scoring(self, model: nn.Module, adapter, units: dict[str, int], batches: list[dict[str, torch.Tensor]]) -> bool:

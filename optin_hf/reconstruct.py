@@ -112,6 +112,7 @@ from .least_squares import (DriftEquations, NormalEquations, map_rows, patches, 
                             stacked_theta, write_solved)
 from .link_refit import LINKS, copy_links, link_destination, with_links
 from .masks import PruningMasks, load_safetensors
+from .memory import release_freed_memory
 from .tokens import TokenMerging, merge_matched
 
 RECONSTRUCTION_NAME = "optin_reconstruction.safetensors"
@@ -804,6 +805,7 @@ def reconstruct(
             if not adapter.chained_layers and i + 1 < len(pairs):  # what the model runs between the layers
                 s.student = _next_input(model, adapter, i, s.student, s)
             s.x = s.residual = s.target = s.call = s.dense = None
+        release_freed_memory()  # this layer's sums and activations, before the next layer's are made
     if cut or readers:
         errors += _refit_classifier(model, dense, adapter, streams, ridge, tensors, every=readers)
     model.train(was_training[0])

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from .arch import ArchAdapter, Projection, check_model
 from .arch.projection import unit_features
 from .masks import PruningMasks
+from .memory import release_freed_memory
 from .least_squares import NormalEquations, stacked_theta
 from .dense_calls import dense_calls
 from .engine.fast import free_memory
@@ -252,6 +253,7 @@ def select_by_refit(
                     mask[i, :units] = True
                     mask[i, removed] = False
                     bar.update()
+                release_freed_memory()  # the group's Grams and greedy factors
     finally:
         model.train(was_training)
     return masks.with_masks(heads, neurons, masks.token_schedule)
