@@ -71,7 +71,7 @@ def dense_calls(
             scoring_forward(model, batch, logits=False)
         [layer_calls] = calls
         runs.append(DenseCalls(batch, layer_calls, real))
-    release_freed_memory()  # the forwards' activations that the recording does not keep
+        release_freed_memory()  # the forward's activations that the recording does not keep, before the next batch's
     if key is not None:
         batches.recorded = (key, runs)
     return runs

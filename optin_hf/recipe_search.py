@@ -59,8 +59,10 @@ class RecipeSearch:
     MIN_HELD_OUT of them); the others are scored and refit on. max_search_time (seconds): no candidate is
     started once this much time has passed since the search began (the first always runs, so 0 keeps
     OPTIN with its repair, validated); None tries every candidate. refit_selection: also try each criterion
-    with the refit choosing the units (`selection="refit"`): its greedy choice costs minutes per layer on a CPU where
-    the FFN is wide (MiniLM's 1,536 neurons), so it is asked for, not tried by default. folds: the most
+    with the refit choosing the units (`selection="refit"`, a few seconds more per candidate on MiniLM). Asked for, not
+    tried by default: each criterion's refit-selected copy kept more development examples on the text defaults, but
+    among them the search kept a worse copy at two of 13 budgets (a low loss on the held-out examples that did not
+    carry over; benchmarks/RESULTS.md, s45). folds: the most
     disjoint held-out shares a candidate is measured on (fold k holds out the k-th share of one seeded permutation; each
     fold re-scores and re-prunes, so a fold costs about one search of the candidates it measures). Every candidate is
     measured on the first; a later fold measures only the candidates still in contention (`contenders`: under a
