@@ -23,3 +23,23 @@ def test_release_freed_memory_returns_what_glibc_kept_and_leaves_live_tensors():
     assert release_freed_memory()
     assert kept - rss() > 300e6  # most of the 400 MB freed is resident until trimmed, and returned by it
     assert all(bool((t == i).all()) for i, t in enumerate(small))
+
+
+def test_the_pruner_hands_memory_back_after_scoring_each_dense_batch_each_selection_group_and_each_refit_layer(count_calls):
+    import optin_hf.dense_calls
+    import optin_hf.pruner
+    import optin_hf.reconstruct
+    import optin_hf.refit_selection
+    from tiny import FAMILIES
+
+    from optin_hf import OptinConfig, OptinPruner
+
+    owners = (optin_hf.pruner, optin_hf.dense_calls, optin_hf.refit_selection, optin_hf.reconstruct)
+    trims = {owner.__name__.split(".")[-1]: count_calls(owner, "release_freed_memory") for owner in owners}
+    model = FAMILIES["llama"].build()
+    config = OptinConfig(importance="magnitude", mac_constraint=0.7, selection="refit", reconstruct="weights",
+                         num_samples=8, reconstruct_samples=8, batch_size=4)
+    OptinPruner(config).prune_model(model, FAMILIES["llama"].examples(8, 1))
+    layers = model.config.num_hidden_layers
+    assert {name: len(calls) for name, calls in trims.items()} == {
+        "pruner": 1, "dense_calls": 2, "refit_selection": 1, "reconstruct": layers}  # 8 examples in batches of 4
