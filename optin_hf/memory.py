@@ -4,8 +4,9 @@ glibc's malloc raises its mmap threshold to the size of the largest mapped block
 multi-MB tensors are freed, later tensors of that size come from its heap, and what is freed there stays in the
 process's resident memory: on the language-model default about 5.8 GB of its 16.3 GB peak was such memory, not live
 tensors (`benchmarks/RESULTS.md`, "Where the peak RSS goes"). A fixed low threshold returns it but maps every tensor
-afresh (47% slower there); `release_freed_memory` instead asks glibc to return the free pages once, where a phase or
-a layer's refit has ended (`malloc_trim`), and the next phase faults in only what it uses.
+afresh (47% slower there); `release_freed_memory` instead asks glibc to return the free pages where the scoring, a
+recorded batch of the dense run, a refit-selection group or a layer's refit has ended (`malloc_trim`), and what
+follows faults in only what it uses: the default's peak 16.2 -> 10.6 GB, its pruning 8% slower in one comparison.
 """
 
 from __future__ import annotations

@@ -3,8 +3,13 @@
 import psutil
 import pytest
 import torch
+from tiny import FAMILIES
 
-from optin_hf import memory
+import optin_hf.dense_calls
+import optin_hf.pruner
+import optin_hf.reconstruct
+import optin_hf.refit_selection
+from optin_hf import OptinConfig, OptinPruner, memory
 from optin_hf.memory import release_freed_memory
 
 
@@ -24,14 +29,6 @@ def test_release_freed_memory_returns_what_glibc_kept_and_leaves_live_tensors():
 
 
 def test_the_pruner_hands_memory_back_after_scoring_each_dense_batch_each_selection_group_and_each_refit_layer(count_calls):
-    import optin_hf.dense_calls
-    import optin_hf.pruner
-    import optin_hf.reconstruct
-    import optin_hf.refit_selection
-    from tiny import FAMILIES
-
-    from optin_hf import OptinConfig, OptinPruner
-
     owners = (optin_hf.pruner, optin_hf.dense_calls, optin_hf.refit_selection, optin_hf.reconstruct)
     trims = {owner.__name__.split(".")[-1]: count_calls(owner, "release_freed_memory") for owner in owners}
     model = FAMILIES["llama"].build()
