@@ -12,6 +12,7 @@ from tiny import family, tiny_llm
 
 from optin_hf import OptinConfig, OptinPruner, count_macs
 from optin_hf.arch import check_model
+from optin_hf.arch.capabilities import Capabilities
 from optin_hf.data import prepare_calibration
 from optin_hf.fluctuation_allocation import SHAPE_AT, scaled_counts
 from optin_hf.importance.flap import standardized_fluctuation
@@ -181,7 +182,5 @@ def same(a, b) -> bool:
 
 
 def test_a_family_declares_only_an_allocation_that_needs_no_refit():
-    from optin_hf.arch.capabilities import Capabilities
-
     with pytest.raises(ValueError, match="'scores' or 'fluctuation'"):
         Capabilities(allocation="refit")

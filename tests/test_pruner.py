@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import math
 import os
@@ -7,6 +8,7 @@ import torch
 from tiny import ARCHS, FAMILIES, batch, calibration, family, output, tiny_model
 from transformers import AutoModelForSequenceClassification, OPTConfig, OPTModel
 
+import optin_hf.pruner
 from optin_hf import AutoOptinModel, ImportanceScores, OptinConfig, OptinPruner, PruningMasks, count_macs
 from optin_hf.arch import get_adapter
 from optin_hf.channel_search import least_widths
@@ -270,10 +272,6 @@ def test_saving_before_pruning_is_refused(tmp_path):
 def test_a_dense_copy_given_to_prune_model_is_the_refits_and_is_left_as_it_is(monkeypatch, arch, settings):
     """`dense=` spares the pruner its own copy of the model: the same slim model, bit for bit, no copy made, and
     the given copy unchanged."""
-    import copy
-
-    import optin_hf.pruner
-
     tiny = family(arch)
     config = OptinConfig(**{**tiny.settings, "importance": "magnitude", "reconstruct": "weights", **settings})
     data = tiny.examples(4, 1)
