@@ -10,6 +10,10 @@ from .arch import ArchAdapter, require
 from .channel_search import channels_by_default
 from .config import OptinConfig
 
+# The most layers a model may have for `allocation="auto"` to be the refit's where it is the family's own (SegFormer-b0
+# and b1 have 8): it slims and refits the whole model layers x kinds x 4 times (ConvNeXt-T's 18 blocks: 72 refits).
+MAX_REFIT_ALLOCATION_LAYERS = 8
+
 
 def resolve_defaults(config: OptinConfig, adapter: ArchAdapter, model_config, offloaded: bool = False) -> OptinConfig:
     """`config` as a pruner runs it on a model of `model_config` (`adapter`'s family; `offloaded`: its weights
@@ -25,7 +29,7 @@ def resolve_defaults(config: OptinConfig, adapter: ArchAdapter, model_config, of
     Raises where the settings need a refit, or input projections or readers refit, and the family declares none."""
     c = config
     if c.allocation == "auto":
-        c = dataclasses.replace(c, allocation=auto_allocation(c, adapter, offloaded))
+        c = dataclasses.replace(c, allocation=auto_allocation(c, adapter, model_config, offloaded))
     if c.prune_channels is None:
         c = dataclasses.replace(c, prune_channels=channels_by_default(c, adapter, model_config, offloaded))
     if c.reconstruct_inputs:
@@ -44,15 +48,22 @@ def resolve_defaults(config: OptinConfig, adapter: ArchAdapter, model_config, of
     return dataclasses.replace(c, reconstruct=mode)
 
 
-def auto_allocation(config: OptinConfig, adapter: ArchAdapter, offloaded: bool = False) -> str:
+def auto_allocation(config: OptinConfig, adapter: ArchAdapter, model_config, offloaded: bool = False) -> str:
     """What `allocation="auto"` counts units per layer by: the family's own allocation (`Capabilities.allocation`), or
-    the scores' budget search where the settings rule a per-layer allocation out (`OptinConfig.counts_per_layer`),
-    leave it nothing to spread (the fluctuation spreads neurons), or the model's layers are offloaded (the
-    fluctuation's dense pass runs the model in memory). Without calibration data the pruner falls back to the scores
-    too (`OptinPruner.compute_masks`)."""
-    if not config.counts_per_layer() or not config.prune_neurons or offloaded:
+    the scores' budget search where the settings rule a per-layer allocation out (`OptinConfig.counts_per_layer`) or
+    the model's layers are offloaded (a per-layer allocation runs the model in memory); where the fluctuation has no
+    neurons to spread; and where the refit's has no refit to measure by (a named repair that is not one) or the model
+    has more than `MAX_REFIT_ALLOCATION_LAYERS` layers (it slims and refits the whole model layers x kinds x 4 times).
+    Without calibration data the pruner falls back to the scores too (`OptinPruner.compute_masks`)."""
+    own = adapter.capabilities.allocation
+    if not config.counts_per_layer() or offloaded:
         return "scores"
-    return adapter.capabilities.allocation
+    if own == "fluctuation" and not config.prune_neurons:
+        return "scores"
+    if own == "refit" and (config.reconstruct in ("none", "batchnorm")
+                           or len(adapter.layer_geometry(model_config)) > MAX_REFIT_ALLOCATION_LAYERS):
+        return "scores"
+    return own
 
 
 # the setting that needs a refit -> how to do without one

@@ -181,6 +181,9 @@ def same(a, b) -> bool:
     return torch.equal(a.head_mask, b.head_mask) and torch.equal(a.neuron_mask, b.neuron_mask)
 
 
-def test_a_family_declares_only_an_allocation_that_needs_no_refit():
-    with pytest.raises(ValueError, match="'scores' or 'fluctuation'"):
-        Capabilities(allocation="refit")
+def test_a_family_declares_a_known_allocation_and_the_refit_s_only_with_a_refit():
+    with pytest.raises(ValueError, match="'scores', 'fluctuation' or 'refit'"):
+        Capabilities(allocation="uniform")
+    with pytest.raises(ValueError, match="counts units by the loss the refit leaves: declare repairs=\\('weights', ...\\)"):
+        Capabilities(allocation="refit", repairs=("batchnorm",))
+    assert Capabilities(allocation="refit", repairs=("batchnorm", "weights")).allocation == "refit"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny import FAMILIES, calibration, random_images, tiny_model, tiny_segformer
 
-from optin_hf import OptinConfig, OptinPruner, PruningMasks, count_macs
+from optin_hf import OptinConfig, OptinPruner, PruningMasks, auto_settings, count_macs
 from optin_hf.arch import check_model
 from optin_hf.capture import scoring_forward
 from optin_hf.losses import kl_loss
@@ -203,3 +203,40 @@ def test_the_recipe_search_prunes_its_candidates_in_the_configs_rounds():
     pruner.prune_model(tiny_model("bert"), calibration("bert", 8))
     assert (pruner.config.allocation, pruner.config.allocation_rounds) == ("refit", 2)
     assert pruner.timings["allocation_s"] > 0
+
+
+def _same(a: PruningMasks, b: PruningMasks) -> bool:
+    return torch.equal(a.head_mask, b.head_mask) and torch.equal(a.neuron_mask, b.neuron_mask) and a.channel_mask is b.channel_mask is None
+
+
+@pytest.mark.parametrize("model_type", ["convnext", "segformer"])
+def test_the_cnn_and_segmentation_families_count_by_the_refit_by_default(model_type, monkeypatch):
+    """allocation="auto" on a small model of a family that declares the refit's allocation counts by it, with the very
+    masks naming it gives; the scores count where the repair named is not a refit,
+    where the model has more layers than MAX_REFIT_ALLOCATION_LAYERS, and where no data is given to refit on."""
+    tiny = FAMILIES[model_type]
+    settings = {**tiny.settings, "reconstruct": "auto"}
+    data = tiny.examples(16, 1)
+    auto = OptinPruner(OptinConfig(**settings))
+    masks = auto.compute_masks(tiny.build(), data)
+    assert (auto.config.allocation, auto.config.reconstruct) == ("refit", "weights")
+    assert _same(masks, OptinPruner(OptinConfig(**settings, allocation="refit")).compute_masks(tiny.build(), data))
+    assert auto.timings["allocation_s"] > 0  # the refit's measurement ran
+    bare = OptinPruner(OptinConfig(**{**settings, "reconstruct": "none"}))
+    bare.compute_masks(tiny.build(), data)
+    assert bare.config.allocation == "scores"
+    blind = OptinPruner(OptinConfig(**settings))
+    blind.compute_masks(tiny.build(), scores=auto.scores)
+    assert blind.config.allocation == "scores"
+    layers = len(check_model(tiny.build()).layer_geometry(tiny.build().config))
+    monkeypatch.setattr(auto_settings, "MAX_REFIT_ALLOCATION_LAYERS", layers - 1)
+    deep = OptinPruner(OptinConfig(**settings))
+    deep.compute_masks(tiny.build(), data)
+    assert deep.config.allocation == "scores"
+
+
+def test_the_other_families_count_by_their_scores_by_default():
+    for model_type in ("bert", "vit", "swin", "resnet"):
+        pruner = OptinPruner(OptinConfig(**{**FAMILIES[model_type].settings, "reconstruct": "auto"}))
+        pruner.compute_masks(FAMILIES[model_type].build(), FAMILIES[model_type].examples(8, 1))
+        assert pruner.config.allocation == "scores", model_type

@@ -59,9 +59,14 @@ class Capabilities:
     (the modules whose outputs carry each group, and the first layer reading it) and `slim_channels(model, keep)`,
     and its MAC formulas take the groups' widths (`channels=`; ResNet).
     allocation: what `allocation="auto"` counts units per layer by, where the settings allow a per-layer allocation
-    (`auto_settings.resolve_defaults`): "scores" (OPTIN's budget search), or "fluctuation" (FLAP's, for decoders whose
+    (`auto_settings.resolve_defaults`): "scores" (OPTIN's budget search), "fluctuation" (FLAP's, for decoders whose
     layers have equal widths: on SmolLM2 OPTIN's own per-layer counts cut the last layers' MLPs to a sixth and lost
-    far more, benchmarks/RESULTS.md, s41-s42).
+    far more, benchmarks/RESULTS.md, s41-s42), or "refit" (by the loss the refit leaves: ConvNeXt and SegFormer, where
+    scores taken before the refit empty blocks the refit cannot rebuild; on the development splits of a cluttered-digits
+    ConvNeXt and a harder-scenes SegFormer trained here, `OptinConfig(mac_constraint=0.5)` lost 12.5 points and 5.1
+    mIoU points with the scores' counts, 0.4 and +0.2 with the refit's, benchmarks/RESULTS.md, s46; not ResNet, whose
+    wide stem needs its residual channels cut, which a per-layer allocation does not do). "refit" needs a refit repair,
+    and "auto" runs it where the repair is a refit and the model is small (`auto_settings.auto_allocation`).
     """
 
     fast_engine: bool = False
@@ -72,11 +77,15 @@ class Capabilities:
     heads: bool = True
     neurons: bool = True
     channels: bool = False
-    allocation: Literal["scores", "fluctuation"] = "scores"
+    allocation: Literal["scores", "fluctuation", "refit"] = "scores"
 
     def __post_init__(self) -> None:
-        if self.allocation not in ("scores", "fluctuation"):
-            raise ValueError(f"Capabilities(allocation={self.allocation!r}): a family's own allocation is 'scores' or 'fluctuation'.")
+        if self.allocation not in ("scores", "fluctuation", "refit"):
+            raise ValueError(f"Capabilities(allocation={self.allocation!r}): a family's own allocation is 'scores', "
+                             "'fluctuation' or 'refit'.")
+        if self.allocation == "refit" and not {"weights", "scales"} & set(self.repairs):
+            raise ValueError("Capabilities(allocation='refit') counts units by the loss the refit leaves: declare "
+                             "repairs=('weights', ...) too.")
         unknown = [mode for mode in self.repairs if mode not in REPAIRS]
         if unknown:
             raise ValueError(f"Capabilities(repairs={self.repairs!r}) names {unknown}: the repairs are {list(REPAIRS)}.")

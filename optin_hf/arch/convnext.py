@@ -145,5 +145,5 @@ CONVNEXT = ConvNextAdapter(
     feed_forward=_feed_forward,
     finish_feed_forward=_finish_feed_forward,
     chained_layers=False,  # a stage's downsampling runs between its first block and the block before
-    capabilities=Capabilities(heads=False, fast_engine=True, repairs=("weights", "scales"), inputs=True),  # MLP channels only
+    capabilities=Capabilities(heads=False, fast_engine=True, repairs=("weights", "scales"), inputs=True, allocation="refit"),  # MLP channels only
 )

@@ -187,5 +187,5 @@ SEGFORMER = SegformerAdapter(
     feed_forward=_feed_forward,
     finish_feed_forward=_finish_feed_forward,
     chained_layers=False,  # stage norms and patch embeddings between stages, a decode head on every stage
-    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True),  # no token mode
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True, allocation="refit"),  # no token mode
 )
