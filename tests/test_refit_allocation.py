@@ -212,8 +212,8 @@ def _same(a: PruningMasks, b: PruningMasks) -> bool:
 @pytest.mark.parametrize("model_type", ["convnext", "segformer"])
 def test_the_cnn_and_segmentation_families_count_by_the_refit_by_default(model_type, monkeypatch):
     """allocation="auto" on a small model of a family that declares the refit's allocation counts by it, with the very
-    masks naming it gives; the scores count where the repair named is not a refit,
-    where the model has more layers than MAX_REFIT_ALLOCATION_LAYERS, and where no data is given to refit on."""
+    masks naming it gives; the scores count where the repair named is not a refit, where the model has more layers
+    than MAX_REFIT_ALLOCATION_LAYERS, and where no data is given to refit on."""
     tiny = FAMILIES[model_type]
     settings = {**tiny.settings, "reconstruct": "auto"}
     data = tiny.examples(16, 1)
