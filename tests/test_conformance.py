@@ -219,7 +219,8 @@ def check_save_and_reload(model_type: str, tmp_path: Path) -> None:
 def check_default_config(model_type: str, tmp_path: Path) -> None:
     """`OptinConfig(mac_constraint=0.6)` and nothing else prunes the family: importance="auto" tries each searched
     criterion with a declared repair (the one naming it resolves, never "none") and without one, every candidate is
-    measured, the result and the saved config name the recipe chosen, and the reload gives the slim model's outputs."""
+    measured, the result and the saved config name the recipe chosen (and the allocation the family declares), and the
+    reload gives the slim model's outputs."""
     tiny = family(model_type)
     model = tiny.build()
     tiny.eager(model)
@@ -232,6 +233,9 @@ def check_default_config(model_type: str, tmp_path: Path) -> None:
     assert all(ADAPTERS[model_type].supports(mode) for mode in repairs[:searched])
     assert all(c.distance is not None for c in record.candidates), record.lines()
     assert (pruner.config.importance, pruner.config.reconstruct) == (chosen.importance, chosen.reconstruct)
+    # allocation="auto" counts by the family's declared allocation (the refit's needs the chosen recipe to refit)
+    declared = ADAPTERS[model_type].capabilities.allocation
+    assert pruner.config.allocation == ("scores" if declared == "refit" and chosen.reconstruct == "none" else declared)
     assert model.config.optin.get("reconstruct", "none") == chosen.reconstruct  # config.json names a repair that ran
     assert (pruner.reconstruction.mode if pruner.reconstruction else "none") == chosen.reconstruct
     assert count_macs(model, pruner.seq_len) <= 0.6 * count_macs(tiny.build(), pruner.seq_len) * (1 + 1e-9)
