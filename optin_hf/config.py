@@ -84,8 +84,8 @@ class OptinConfig:
     `optin_hf.refit_selection`). "refit" needs a refit repair (`reconstruct="weights"` or "scales"; "auto"
     then picks one) and applies to masks the pruner allocates, not to masks given to `prune_model`.
     `allocation` says how many units each layer keeps: "auto" (the default) the family's own
-    (`Capabilities.allocation`: "fluctuation" for the Llama family's decoders, "refit" for ConvNeXt and SegFormer models
-    of at most 8 layers whose repair is a refit, "scores" elsewhere, and "scores" wherever the settings rule a
+    (`Capabilities.allocation`: "fluctuation" for the Llama family's decoders, "refit" for ConvNeXt, SegFormer and ViT
+    models of at most 8 layers whose repair is a refit, "scores" elsewhere, and "scores" wherever the settings rule a
     per-layer allocation out, the layers are offloaded or no data is given to measure on:
     `auto_settings.auto_allocation`); "scores" the budget search over the importance scores; "refit" by the loss left
     after the refit, each layer's heads and neurons cut alone to a few depths, refit and measured on the calibration

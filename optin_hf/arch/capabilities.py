@@ -61,10 +61,11 @@ class Capabilities:
     allocation: what `allocation="auto"` counts units per layer by, where the settings allow a per-layer allocation
     (`auto_settings.resolve_defaults`): "scores" (OPTIN's budget search), "fluctuation" (FLAP's, for decoders whose
     layers have equal widths: on SmolLM2 OPTIN's own per-layer counts cut the last layers' MLPs to a sixth and lost
-    far more, benchmarks/RESULTS.md, s41-s42), or "refit" (by the loss the refit leaves: ConvNeXt and SegFormer, where
-    scores taken before the refit empty blocks the refit cannot rebuild; on the development splits of a cluttered-digits
-    ConvNeXt and a harder-scenes SegFormer trained here, `OptinConfig(mac_constraint=0.5)` lost 12.5 points and 5.1
-    mIoU points with the scores' counts, 0.4 and +0.2 with the refit's, benchmarks/RESULTS.md, s46; not ResNet, whose
+    far more, benchmarks/RESULTS.md, s41-s42), or "refit" (by the loss the refit leaves: ConvNeXt, SegFormer and ViT,
+    where scores taken before the refit empty blocks the refit cannot rebuild; on the development splits of a
+    cluttered-digits ConvNeXt, a harder-scenes SegFormer and a cluttered-digits ViT trained here,
+    `OptinConfig(mac_constraint=0.5)` lost 12.5 points, 5.1 mIoU points and 13.7 points with the scores' counts, 0.4,
+    +0.2 and 8.6 with the refit's, benchmarks/RESULTS.md, s46; not ResNet, whose
     wide stem needs its residual channels cut, which a per-layer allocation does not do). "refit" needs a refit repair,
     and "auto" runs it where the repair is a refit and the model is small (`auto_settings.auto_allocation`).
     """

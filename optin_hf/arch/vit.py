@@ -41,8 +41,9 @@ VIT = ArchAdapter(
     finish_attention=_finish_attention,
     feed_forward=_feed_forward,
     finish_feed_forward=_finish_feed_forward,
-    # token mode merges patches and keeps the class token apart; DeiT (below) inherits all of it
-    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True, tokens=True),
+    # token mode merges patches and keeps the class token apart; the refit counts a small ViT's units (RESULTS, s46);
+    # DeiT (below) inherits all of it
+    capabilities=Capabilities(fast_engine=True, repairs=("weights", "scales"), inputs=True, tokens=True, allocation="refit"),
     classifiers={"ViTForImageClassification": _cls_classifier},
 )
 

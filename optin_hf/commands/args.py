@@ -139,7 +139,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        f"standard config (replaces a recipe's per-layer allocation) (default: {OptinConfig.uniform_layers})")
     optin.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                        help="how many units each layer keeps: the family's own (auto: fluctuation for Llama-family "
-                       "decoders, refit for small ConvNeXt and SegFormer models, else scores), by the scores (scores), "
+                       "decoders, refit for small ConvNeXt, SegFormer and ViT models, else scores), by the scores (scores), "
                        "by the loss each layer's cuts leave after the refit, measured (refit; small models), or the uniform "
                        "split's heads with the neurons spread over layers by FLAP's fluctuation (fluctuation) "
                        f"(default: {OptinConfig.allocation})")
