@@ -210,7 +210,7 @@ def _same(a: PruningMasks, b: PruningMasks) -> bool:
 
 
 @pytest.mark.parametrize("model_type", ["convnext", "segformer", "vit"])
-def test_the_cnn_and_segmentation_families_count_by_the_refit_by_default(model_type, monkeypatch):
+def test_the_families_declaring_the_refit_allocation_count_by_it_by_default(model_type, monkeypatch):
     """allocation="auto" on a small model of a family that declares the refit's allocation counts by it, with the very
     masks naming it gives; the scores count where the repair named is not a refit, where the model has more layers
     than MAX_REFIT_ALLOCATION_LAYERS, and where no data is given to refit on."""
