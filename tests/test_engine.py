@@ -352,7 +352,8 @@ def test_neuron_runs_compute_their_layers_ffn_once_and_match_the_full_path(arch)
     config = OptinConfig(**WORKER_CONFIG)
     shortcut = FastRunner(model, adapter, batches, config)
     no_shortcut = dataclasses.replace(  # a refit needs finish_feed_forward: the declaration drops the repairs with it
-        adapter, finish_feed_forward=None, capabilities=dataclasses.replace(adapter.capabilities, repairs=(), inputs=False)
+        adapter, finish_feed_forward=None,  # (and the refit's allocation, which needs one)
+        capabilities=dataclasses.replace(adapter.capabilities, repairs=(), inputs=False, allocation="scores"),
     )
     full = FastRunner(model, no_shortcut, batches, config)
     masks = (torch.rand(5, 48, generator=torch.Generator().manual_seed(0)) > 0.2).float()
