@@ -52,8 +52,9 @@ def auto_allocation(config: OptinConfig, adapter: ArchAdapter, model_config, off
     """What `allocation="auto"` counts units per layer by: the family's own allocation (`Capabilities.allocation`), or
     the scores' budget search where the settings rule a per-layer allocation out (`OptinConfig.counts_per_layer`) or
     the model's layers are offloaded (a per-layer allocation runs the model in memory); where the fluctuation has no
-    neurons to spread; and where the refit allocation has no refit to measure by (a named repair that is not one) or the model
-    has more than `MAX_REFIT_ALLOCATION_LAYERS` layers (it slims and refits the whole model layers x kinds x 4 times).
+    neurons to spread; and where the refit allocation has no refit to measure by (a named repair that is not one, as
+    `OptinConfig` refuses for a named "refit") or the model has more than `MAX_REFIT_ALLOCATION_LAYERS` layers (it
+    slims and refits the whole model layers x kinds x 4 times).
     Without calibration data the pruner falls back to the scores too (`OptinPruner.compute_masks`)."""
     own = adapter.capabilities.allocation
     if not config.counts_per_layer() or offloaded:

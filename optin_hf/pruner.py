@@ -249,8 +249,8 @@ class OptinPruner:
             # no calibration data to judge a residual share on: the default keeps the residual widths (and its repair)
             self.config = dataclasses.replace(self.config, prune_channels=False, reconstruct=self.default_channels_repair)
             self._resolve_repair(model, adapter)
-        if data is None and batches is None and self.default_allocation and self.config.allocation in ("fluctuation", "refit"):
-            # no calibration data for the fluctuation's dense pass or the refit: the default counts by the scores
+        if data is None and batches is None and self.default_allocation and self.config.allocation != "scores":
+            # no data for a per-layer allocation (the fluctuation's dense pass, the refit's cuts): the default counts by the scores
             self.config = dataclasses.replace(self.config, allocation="scores")
         if scores is None and self.scores is None and self.config.prune_steps > 1:
             return self._masks_in_steps(model, adapter, data, tokenizer, batches)

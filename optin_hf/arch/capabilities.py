@@ -84,7 +84,7 @@ class Capabilities:
         if self.allocation not in ("scores", "fluctuation", "refit"):
             raise ValueError(f"Capabilities(allocation={self.allocation!r}): a family's own allocation is 'scores', "
                              "'fluctuation' or 'refit'.")
-        if self.allocation == "refit" and not {"weights", "scales"} & set(self.repairs):
+        if self.allocation == "refit" and self.auto_repair(refit=True) == "none":
             raise ValueError("Capabilities(allocation='refit') counts units by the loss the refit leaves: declare "
                              "repairs=('weights', ...) too.")
         unknown = [mode for mode in self.repairs if mode not in REPAIRS]
